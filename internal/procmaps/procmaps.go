@@ -1,0 +1,204 @@
+// Package procmaps reads a process's memory map (/proc/PID/maps) and opens the
+// files behind it the way the process sees them: through /proc/PID/root, so a
+// process in another mount namespace (a container) resolves to its own files.
+package procmaps
+
+import (
+	"bufio"
+	"bytes"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+)
+
+// ProcRoot is the procfs mount. The Kubernetes agent points it at the host's
+// /proc when it runs inside its own container.
+var ProcRoot = "/proc"
+
+// FileID identifies a mapped file independently of the path it was reached by.
+type FileID struct {
+	Dev   uint64 // device number as the kernel prints it in maps (major<<8|minor packed by Mkdev)
+	Inode uint64
+}
+
+func (id FileID) String() string { return fmt.Sprintf("%x:%d", id.Dev, id.Inode) }
+
+// Mapping is one line of /proc/PID/maps.
+type Mapping struct {
+	Start, End uint64 // virtual address range [Start, End)
+	Perms      string // "r-xp" etc.
+	Offset     uint64 // file offset of Start
+	DevMajor   uint32
+	DevMinor   uint32
+	Inode      uint64
+	Path       string // path as seen inside the process's mount namespace; "" for anonymous
+}
+
+// Exec reports whether the mapping is executable.
+func (m *Mapping) Exec() bool { return len(m.Perms) > 2 && m.Perms[2] == 'x' }
+
+// IsFile reports whether the mapping is backed by a regular file.
+func (m *Mapping) IsFile() bool {
+	return m.Inode != 0 && strings.HasPrefix(m.Path, "/")
+}
+
+// ID is the (device, inode) pair of the backing file.
+func (m *Mapping) ID() FileID {
+	return FileID{Dev: uint64(m.DevMajor)<<20 | uint64(m.DevMinor), Inode: m.Inode}
+}
+
+// Read parses /proc/PID/maps.
+func Read(pid int) ([]Mapping, error) {
+	data, err := os.ReadFile(filepath.Join(ProcRoot, strconv.Itoa(pid), "maps"))
+	if err != nil {
+		if errors.Is(err, fs.ErrNotExist) {
+			return nil, fmt.Errorf("process %d not found (no %s/%d/maps): %w", pid, ProcRoot, pid, err)
+		}
+		return nil, fmt.Errorf("read maps of process %d: %w", pid, err)
+	}
+	return Parse(data)
+}
+
+// Parse parses the contents of a maps file.
+func Parse(data []byte) ([]Mapping, error) {
+	var out []Mapping
+	sc := bufio.NewScanner(bytes.NewReader(data))
+	sc.Buffer(make([]byte, 0, 64*1024), 1024*1024)
+	for sc.Scan() {
+		line := sc.Text()
+		if line == "" {
+			continue
+		}
+		m, err := parseLine(line)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, m)
+	}
+	return out, sc.Err()
+}
+
+func parseLine(line string) (Mapping, error) {
+	var m Mapping
+	// address perms offset dev inode [path]
+	f := strings.Fields(line)
+	if len(f) < 5 {
+		return m, fmt.Errorf("malformed maps line %q", line)
+	}
+	addr := strings.SplitN(f[0], "-", 2)
+	if len(addr) != 2 {
+		return m, fmt.Errorf("malformed address range in %q", line)
+	}
+	var err error
+	if m.Start, err = strconv.ParseUint(addr[0], 16, 64); err != nil {
+		return m, fmt.Errorf("maps line %q: %w", line, err)
+	}
+	if m.End, err = strconv.ParseUint(addr[1], 16, 64); err != nil {
+		return m, fmt.Errorf("maps line %q: %w", line, err)
+	}
+	m.Perms = f[1]
+	if m.Offset, err = strconv.ParseUint(f[2], 16, 64); err != nil {
+		return m, fmt.Errorf("maps line %q: %w", line, err)
+	}
+	dev := strings.SplitN(f[3], ":", 2)
+	if len(dev) == 2 {
+		maj, _ := strconv.ParseUint(dev[0], 16, 32)
+		min, _ := strconv.ParseUint(dev[1], 16, 32)
+		m.DevMajor, m.DevMinor = uint32(maj), uint32(min)
+	}
+	if m.Inode, err = strconv.ParseUint(f[4], 10, 64); err != nil {
+		return m, fmt.Errorf("maps line %q: %w", line, err)
+	}
+	if len(f) > 5 {
+		// The path is everything after the inode column; it may contain spaces.
+		idx := strings.Index(line, f[4]+" ")
+		if idx >= 0 {
+			m.Path = strings.TrimSpace(line[idx+len(f[4]):])
+		} else {
+			m.Path = strings.Join(f[5:], " ")
+		}
+		m.Path = strings.TrimSuffix(m.Path, " (deleted)")
+	}
+	return m, nil
+}
+
+// HostPath is the path through which memprof (in the host mount namespace)
+// reaches a file that process pid maps at path p.
+func HostPath(pid int, p string) string {
+	return filepath.Join(ProcRoot, strconv.Itoa(pid), "root", p)
+}
+
+// Open opens the file behind a mapping of process pid. It tries the process's
+// root first (right for containers) and falls back to /proc/PID/map_files,
+// which works even when the path was deleted or replaced. The returned file is
+// checked to be the very (device, inode) the process maps.
+func Open(pid int, m *Mapping) (*os.File, error) {
+	if !m.IsFile() {
+		return nil, fmt.Errorf("mapping %x-%x is not file backed", m.Start, m.End)
+	}
+	candidates := []string{
+		HostPath(pid, m.Path),
+		filepath.Join(ProcRoot, strconv.Itoa(pid), "map_files", fmt.Sprintf("%x-%x", m.Start, m.End)),
+	}
+	var firstErr error
+	for _, c := range candidates {
+		f, err := os.Open(c)
+		if err != nil {
+			if firstErr == nil {
+				firstErr = err
+			}
+			continue
+		}
+		if ino, ok := InodeOf(f); ok && ino != m.Inode {
+			f.Close()
+			if firstErr == nil {
+				firstErr = fmt.Errorf("%s is inode %d, process %d maps inode %d", c, ino, pid, m.Inode)
+			}
+			continue
+		}
+		return f, nil
+	}
+	return nil, fmt.Errorf("open %s of process %d: %w", m.Path, pid, firstErr)
+}
+
+// Processes lists the pids in ProcRoot.
+func Processes() ([]int, error) {
+	ents, err := os.ReadDir(ProcRoot)
+	if err != nil {
+		return nil, err
+	}
+	var pids []int
+	for _, e := range ents {
+		if pid, err := strconv.Atoi(e.Name()); err == nil {
+			pids = append(pids, pid)
+		}
+	}
+	return pids, nil
+}
+
+// Comm returns the command name of pid ("" if gone).
+func Comm(pid int) string {
+	b, err := os.ReadFile(filepath.Join(ProcRoot, strconv.Itoa(pid), "comm"))
+	if err != nil {
+		return ""
+	}
+	return strings.TrimSpace(string(b))
+}
+
+// Alive reports whether pid exists and is not a zombie.
+func Alive(pid int) bool {
+	b, err := os.ReadFile(filepath.Join(ProcRoot, strconv.Itoa(pid), "stat"))
+	if err != nil {
+		return false
+	}
+	// state follows the ") " that closes comm
+	i := bytes.LastIndexByte(b, ')')
+	if i < 0 || i+2 >= len(b) {
+		return false
+	}
+	return b[i+2] != 'Z' && b[i+2] != 'X'
+}
