@@ -1,0 +1,113 @@
+package pprofout
+
+import (
+	"bytes"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/google/pprof/profile"
+)
+
+// Write builds p and writes it to w as a gzipped pprof protobuf.
+func Write(w io.Writer, p *Profile) error {
+	pp, err := Build(p)
+	if err != nil {
+		return err
+	}
+	if err := pp.Write(w); err != nil {
+		return fmt.Errorf("pprofout: write profile: %w", err)
+	}
+	return nil
+}
+
+// WriteFile builds p and writes it to path atomically: the profile is written
+// to a temporary file in the same directory, synced and renamed over path.
+// On any error no file is left behind and an existing file at path is
+// unchanged.
+func WriteFile(path string, p *Profile) (err error) {
+	pp, err := Build(p)
+	if err != nil {
+		return err
+	}
+	var buf bytes.Buffer
+	if err := pp.Write(&buf); err != nil {
+		return fmt.Errorf("pprofout: encode profile for %s: %w", path, err)
+	}
+	dir, base := filepath.Split(path)
+	if dir == "" {
+		dir = "."
+	}
+	tmp, err := os.CreateTemp(dir, "."+base+".tmp-*")
+	if err != nil {
+		return fmt.Errorf("pprofout: create temporary file for %s: %w", path, err)
+	}
+	tmpName := tmp.Name()
+	defer func() {
+		if err != nil {
+			tmp.Close()
+			os.Remove(tmpName)
+		}
+	}()
+	if _, err = tmp.Write(buf.Bytes()); err != nil {
+		return fmt.Errorf("pprofout: write temporary file %s: %w", tmpName, err)
+	}
+	if err = tmp.Chmod(0o644); err != nil {
+		return fmt.Errorf("pprofout: chmod temporary file %s: %w", tmpName, err)
+	}
+	if err = tmp.Sync(); err != nil {
+		return fmt.Errorf("pprofout: sync temporary file %s: %w", tmpName, err)
+	}
+	if err = tmp.Close(); err != nil {
+		return fmt.Errorf("pprofout: close temporary file %s: %w", tmpName, err)
+	}
+	if err = os.Rename(tmpName, path); err != nil {
+		return fmt.Errorf("pprofout: rename %s to %s: %w", tmpName, path, err)
+	}
+	return nil
+}
+
+// ReadFile reads a pprof profile (gzipped or not) from path.
+func ReadFile(path string) (*profile.Profile, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("pprofout: read profile: %w", err)
+	}
+	if len(data) == 0 {
+		return nil, fmt.Errorf("pprofout: %s is not a pprof profile: file is empty", path)
+	}
+	p, err := profile.ParseData(data)
+	if err != nil {
+		return nil, fmt.Errorf("pprofout: %s is not a pprof profile: %w", path, err)
+	}
+	if len(p.SampleType) == 0 {
+		return nil, fmt.Errorf("pprofout: %s is not a pprof profile: it has no sample types", path)
+	}
+	return p, nil
+}
+
+// metaPrefix starts every machine-readable comment.
+const metaPrefix = "memprof: "
+
+// MetaComment returns a profile comment carrying a machine-readable figure,
+// "memprof: key=value". key must not contain '=' or whitespace.
+func MetaComment(key, value string) string {
+	return metaPrefix + key + "=" + value
+}
+
+// CommentValue returns the value of the first comment of p made by
+// MetaComment with key, and whether there was one.
+func CommentValue(p *profile.Profile, key string) (string, bool) {
+	if p == nil {
+		return "", false
+	}
+	prefix := metaPrefix + key + "="
+	for _, c := range p.Comments {
+		if v, ok := strings.CutPrefix(c, prefix); ok {
+			return v, true
+		}
+	}
+	return "", false
+}
