@@ -1,0 +1,315 @@
+package symbolize
+
+import (
+	"debug/dwarf"
+	"sort"
+
+	"github.com/memprof/memprof/pprofout"
+)
+
+// lineRow is one row of a DWARF line table.
+type lineRow struct {
+	addr uint64
+	file uint32 // index into dwTables.strs
+	line uint32
+	end  bool // end of a sequence: addresses from here on are not covered
+}
+
+// funcNode is a subprogram (top level) or an inlined subroutine (child) with
+// one of its PC ranges.
+type funcNode struct {
+	low, high uint64
+	name      uint32 // raw name, index into strs
+	callFile  uint32 // for inlined subroutines: call site
+	callLine  uint32
+	children  []*funcNode
+}
+
+// dwTables are an object's DWARF line rows and function/inline trees, sorted
+// for binary search.
+type dwTables struct {
+	strs  []string
+	rows  []lineRow
+	funcs []*funcNode // top level, sorted by low
+	bytes int64
+}
+
+type tableBuilder struct {
+	d       *dwarf.Data
+	t       *dwTables
+	strIdx  map[string]uint32
+	names   map[dwarf.Offset]string
+	resolve *dwarf.Reader
+}
+
+func (b *tableBuilder) str(s string) uint32 {
+	if i, ok := b.strIdx[s]; ok {
+		return i
+	}
+	i := uint32(len(b.t.strs))
+	b.t.strs = append(b.t.strs, s)
+	b.strIdx[s] = i
+	b.t.bytes += int64(len(s)) + 16
+	return i
+}
+
+// buildTables reads every compilation unit's line table and subprogram /
+// inlined-subroutine tree.
+func buildTables(d *dwarf.Data) (*dwTables, error) {
+	b := &tableBuilder{d: d, t: &dwTables{}, strIdx: map[string]uint32{}, names: map[dwarf.Offset]string{}, resolve: d.Reader()}
+	b.str("")
+	r := d.Reader()
+	for {
+		cu, err := r.Next()
+		if err != nil {
+			return nil, err
+		}
+		if cu == nil {
+			break
+		}
+		if cu.Tag != dwarf.TagCompileUnit && cu.Tag != dwarf.TagPartialUnit {
+			r.SkipChildren()
+			continue
+		}
+		var files []uint32
+		lr, err := d.LineReader(cu)
+		if err == nil && lr != nil {
+			var le dwarf.LineEntry
+			for {
+				if err := lr.Next(&le); err != nil {
+					break // io.EOF, or a corrupt table: keep the rows read so far
+				}
+				fi := uint32(0)
+				if le.File != nil {
+					fi = b.str(le.File.Name)
+				}
+				b.t.rows = append(b.t.rows, lineRow{addr: le.Address, file: fi, line: uint32(le.Line), end: le.EndSequence})
+			}
+			for _, f := range lr.Files() {
+				if f == nil {
+					files = append(files, 0)
+				} else {
+					files = append(files, b.str(f.Name))
+				}
+			}
+		}
+		if !cu.Children {
+			continue
+		}
+		if err := b.walkCU(r, files); err != nil {
+			return nil, err
+		}
+	}
+	t := b.t
+	sort.SliceStable(t.rows, func(i, j int) bool {
+		if t.rows[i].addr != t.rows[j].addr {
+			return t.rows[i].addr < t.rows[j].addr
+		}
+		return t.rows[i].end && !t.rows[j].end // sequence ends before starts at the same address
+	})
+	sort.Slice(t.funcs, func(i, j int) bool { return t.funcs[i].low < t.funcs[j].low })
+	t.bytes += int64(len(t.rows))*24 + int64(len(t.funcs))*64
+	return t, nil
+}
+
+// dwLevel holds, for each open DWARF entry with children, the function nodes
+// it created (none for entries that are not functions).
+type dwLevel struct{ nodes []*funcNode }
+
+// walkCU reads the entries of one compilation unit (r is positioned after the
+// CU entry), building function nodes.
+func (b *tableBuilder) walkCU(r *dwarf.Reader, files []uint32) error {
+	stack := []dwLevel{{}}
+	for len(stack) > 0 {
+		e, err := r.Next()
+		if err != nil {
+			return err
+		}
+		if e == nil {
+			return nil
+		}
+		if e.Tag == 0 {
+			stack = stack[:len(stack)-1]
+			continue
+		}
+		var nodes []*funcNode
+		switch e.Tag {
+		case dwarf.TagSubprogram, dwarf.TagInlinedSubroutine:
+			ranges, _ := b.d.Ranges(e)
+			if len(ranges) == 0 {
+				break
+			}
+			name := b.str(b.entryName(e))
+			var cf, cl uint32
+			if e.Tag == dwarf.TagInlinedSubroutine {
+				if v, ok := e.Val(dwarf.AttrCallFile).(int64); ok && v >= 0 && int(v) < len(files) {
+					cf = files[v]
+				}
+				if v, ok := e.Val(dwarf.AttrCallLine).(int64); ok {
+					cl = uint32(v)
+				}
+			}
+			parents := nearestFuncs(stack)
+			for _, rg := range ranges {
+				if rg[1] <= rg[0] {
+					continue
+				}
+				n := &funcNode{low: rg[0], high: rg[1], name: name, callFile: cf, callLine: cl}
+				nodes = append(nodes, n)
+				attached := false
+				if e.Tag == dwarf.TagInlinedSubroutine {
+					for _, p := range parents {
+						if n.low >= p.low && n.low < p.high {
+							p.children = append(p.children, n)
+							attached = true
+							break
+						}
+					}
+				}
+				if !attached && e.Tag == dwarf.TagSubprogram {
+					b.t.funcs = append(b.t.funcs, n)
+				}
+				b.t.bytes += 64
+			}
+		}
+		if e.Children {
+			stack = append(stack, dwLevel{nodes: nodes})
+		}
+	}
+	return nil
+}
+
+// nearestFuncs returns the function nodes of the innermost enclosing entry
+// that created any.
+func nearestFuncs(stack []dwLevel) []*funcNode {
+	for i := len(stack) - 1; i >= 0; i-- {
+		if len(stack[i].nodes) > 0 {
+			return stack[i].nodes
+		}
+	}
+	return nil
+}
+
+// entryName returns the raw (linkage if any) name of a subprogram or inlined
+// subroutine, following abstract origins and specifications.
+func (b *tableBuilder) entryName(e *dwarf.Entry) string {
+	var plain string
+	for depth := 0; e != nil && depth < 8; depth++ {
+		if s, ok := e.Val(dwarf.AttrLinkageName).(string); ok && s != "" {
+			return s
+		}
+		if s, ok := e.Val(0x2007).(string); ok && s != "" { // DW_AT_MIPS_linkage_name
+			return s
+		}
+		if s, ok := e.Val(dwarf.AttrName).(string); ok && s != "" && plain == "" {
+			plain = s
+		}
+		var ref dwarf.Offset
+		if o, ok := e.Val(dwarf.AttrAbstractOrigin).(dwarf.Offset); ok {
+			ref = o
+		} else if o, ok := e.Val(dwarf.AttrSpecification).(dwarf.Offset); ok {
+			ref = o
+		} else {
+			break
+		}
+		if n, ok := b.names[ref]; ok {
+			if n != "" {
+				return n
+			}
+			break
+		}
+		b.resolve.Seek(ref)
+		next, err := b.resolve.Next()
+		if err != nil || next == nil {
+			break
+		}
+		n := b.entryName(next)
+		b.names[ref] = n
+		if n != "" {
+			return n
+		}
+		break
+	}
+	return plain
+}
+
+// lookupLine returns the file and line of pc from the line table.
+func (t *dwTables) lookupLine(pc uint64) (string, int64, bool) {
+	i := sort.Search(len(t.rows), func(i int) bool { return t.rows[i].addr > pc }) - 1
+	if i < 0 || t.rows[i].end {
+		return "", 0, false
+	}
+	r := t.rows[i]
+	return t.strs[r.file], int64(r.line), true
+}
+
+// lookupFuncs returns the chain of functions covering pc, outermost first.
+func (t *dwTables) lookupFuncs(pc uint64) []*funcNode {
+	i := sort.Search(len(t.funcs), func(i int) bool { return t.funcs[i].low > pc }) - 1
+	var top *funcNode
+	for j := i; j >= 0 && j > i-8; j-- {
+		if f := t.funcs[j]; pc >= f.low && pc < f.high {
+			top = f
+			break
+		}
+	}
+	if top == nil {
+		return nil
+	}
+	chain := []*funcNode{top}
+	for cur := top; ; {
+		var next *funcNode
+		for _, c := range cur.children {
+			if pc >= c.low && pc < c.high {
+				next = c
+				break
+			}
+		}
+		if next == nil {
+			break
+		}
+		chain = append(chain, next)
+		cur = next
+	}
+	return chain
+}
+
+// lines symbolizes pc (an ELF virtual address) into pprof lines, innermost
+// first. It returns nil when the object knows nothing about pc.
+func (o *object) lines(pc uint64, t *dwTables) []pprofout.Line {
+	if t != nil {
+		file, line, hasLine := t.lookupLine(pc)
+		chain := t.lookupFuncs(pc)
+		if len(chain) > 0 {
+			out := make([]pprofout.Line, 0, len(chain))
+			for k := len(chain) - 1; k >= 0; k-- {
+				n := chain[k]
+				raw := t.strs[n.name]
+				if raw == "" && k == 0 {
+					if s, ok := o.lookupSymbol(pc); ok {
+						raw = s.name
+					}
+				}
+				l := pprofout.Line{Function: o.demangle(raw), SystemName: raw}
+				if hasLine {
+					l.File, l.Line = file, line
+				}
+				out = append(out, l)
+				file, line, hasLine = t.strs[n.callFile], int64(n.callLine), n.callFile != 0
+			}
+			return out
+		}
+		if s, ok := o.lookupSymbol(pc); ok {
+			l := pprofout.Line{Function: o.demangle(s.name), SystemName: s.name}
+			if hasLine {
+				l.File, l.Line = file, line
+			}
+			return []pprofout.Line{l}
+		}
+		return nil
+	}
+	if s, ok := o.lookupSymbol(pc); ok {
+		return []pprofout.Line{{Function: o.demangle(s.name), SystemName: s.name}}
+	}
+	return nil
+}

@@ -1,0 +1,409 @@
+package symbolize
+
+import (
+	"bytes"
+	"debug/elf"
+	"encoding/binary"
+	"encoding/hex"
+	"fmt"
+	"hash/crc32"
+	"io"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+	"sync/atomic"
+
+	"github.com/ianlancetaylor/demangle"
+	"github.com/memprof/memprof/internal/procmaps"
+)
+
+// objKey identifies a parsed object in the cache: by GNU build ID when the
+// file has one, else by the (device, inode) of the file.
+type objKey struct {
+	buildID string
+	id      procmaps.FileID
+}
+
+func (k objKey) String() string {
+	if k.buildID != "" {
+		return "build-id " + k.buildID
+	}
+	return "file " + k.id.String()
+}
+
+// segment is one PT_LOAD program header.
+type segment struct {
+	vaddr, off, filesz uint64
+}
+
+// symbol is one function symbol of an object.
+type symbol struct {
+	addr, size uint64
+	name       string
+	global     bool
+}
+
+// object is a parsed ELF file: load segments, function symbols and
+// (lazily) DWARF line and inline tables.
+type object struct {
+	key      objKey
+	buildID  string
+	exec     bool // ET_EXEC (non-PIE)
+	segs     []segment
+	syms     []symbol // sorted by addr
+	symBytes int64
+
+	// DWARF is read and turned into tables on first use, from the file the
+	// caller holds open (the mapped file, or its separate debug file).
+	hasDW     bool
+	dwInDebug bool
+	dwMu      sync.Mutex
+	dwDone    bool
+	tables    *dwTables
+	dwErr     error
+	// tablesBytes is the size of tables once built, readable without dwMu
+	// (a build can take a while and Stats must not wait for it).
+	tablesBytes atomic.Int64
+
+	demangled sync.Map // raw name -> demangled name
+}
+
+// hasLines reports whether DWARF line info is available.
+func (o *object) hasLines() bool { return o.hasDW }
+
+// approxBytes is an estimate of the memory the object holds.
+func (o *object) approxBytes() int64 {
+	n := int64(256) + o.symBytes + int64(len(o.segs))*24
+	n += o.tablesBytes.Load()
+	return n
+}
+
+// fileToVaddr converts a file offset into the ELF virtual address space of
+// the object through its PT_LOAD program headers.
+func (o *object) fileToVaddr(off uint64) (uint64, bool) {
+	for _, s := range o.segs {
+		if off >= s.off && off < s.off+s.filesz {
+			return off - s.off + s.vaddr, true
+		}
+	}
+	return 0, false
+}
+
+// readBuildID returns the hex GNU build ID of f, "" if none.
+func readBuildID(f *elf.File) string {
+	for _, s := range f.Sections {
+		if s.Type != elf.SHT_NOTE {
+			continue
+		}
+		if id := buildIDFromNotes(s.Open(), f.ByteOrder); id != "" {
+			return id
+		}
+	}
+	for _, p := range f.Progs {
+		if p.Type != elf.PT_NOTE {
+			continue
+		}
+		if id := buildIDFromNotes(p.Open(), f.ByteOrder); id != "" {
+			return id
+		}
+	}
+	return ""
+}
+
+func buildIDFromNotes(r io.Reader, bo binary.ByteOrder) string {
+	data, err := io.ReadAll(io.LimitReader(r, 1<<20))
+	if err != nil && len(data) == 0 {
+		return ""
+	}
+	for len(data) >= 12 {
+		namesz := uint64(bo.Uint32(data[0:4]))
+		descsz := uint64(bo.Uint32(data[4:8]))
+		typ := bo.Uint32(data[8:12])
+		data = data[12:]
+		nameEnd := (namesz + 3) &^ 3
+		descEnd := (descsz + 3) &^ 3
+		if uint64(len(data)) < nameEnd+descsz {
+			return ""
+		}
+		name := data[:namesz]
+		desc := data[nameEnd : nameEnd+descsz]
+		if typ == ntGNUBuildID && bytes.Equal(bytes.TrimRight(name, "\x00"), []byte("GNU")) {
+			return hex.EncodeToString(desc)
+		}
+		if uint64(len(data)) < nameEnd+descEnd {
+			return ""
+		}
+		data = data[nameEnd+descEnd:]
+	}
+	return ""
+}
+
+// debugLink returns the .gnu_debuglink file name and CRC of f.
+func debugLink(f *elf.File) (string, uint32, bool) {
+	s := f.Section(".gnu_debuglink")
+	if s == nil {
+		return "", 0, false
+	}
+	data, err := s.Data()
+	if err != nil {
+		return "", 0, false
+	}
+	i := bytes.IndexByte(data, 0)
+	if i <= 0 {
+		return "", 0, false
+	}
+	name := string(data[:i])
+	off := (i + 4) &^ 3
+	if off+4 > len(data) {
+		return "", 0, false
+	}
+	return name, f.ByteOrder.Uint32(data[off : off+4]), true
+}
+
+// fileCRC is the CRC-32 (the zlib polynomial, as GNU debuglink uses) of a whole file.
+func fileCRC(path string) (uint32, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return 0, err
+	}
+	defer f.Close()
+	h := crc32.NewIEEE()
+	if _, err := io.Copy(h, f); err != nil {
+		return 0, err
+	}
+	return h.Sum32(), nil
+}
+
+// hasDebugInfo reports whether f carries DWARF line info.
+func hasDebugInfo(f *elf.File) bool {
+	s := f.Section(".debug_info")
+	if s == nil {
+		s = f.Section(".zdebug_info")
+	}
+	return s != nil && s.Type != elf.SHT_NOBITS && s.Size > 0
+}
+
+func hasSymtab(f *elf.File) bool {
+	s := f.SectionByType(elf.SHT_SYMTAB)
+	return s != nil && s.Size > 0
+}
+
+// findDebugFile looks for the separate debug file of an object whose path in
+// its process is procPath. roots are the path prefixes to try in order (the
+// process's /proc/PID/root first, then "" for the host). Candidates are
+// checked: a build-ID match, or the debuglink CRC.
+func findDebugFile(f *elf.File, buildID, procPath string, roots, debugDirs []string) (*os.File, string) {
+	if buildID != "" && len(buildID) > 2 {
+		rel := filepath.Join(".build-id", buildID[:2], buildID[2:]+".debug")
+		for _, root := range roots {
+			for _, dir := range debugDirs {
+				p := filepath.Join(root, dir, rel)
+				if df := openDebugCandidate(p, buildID, 0, false); df != nil {
+					return df, p
+				}
+			}
+		}
+	}
+	name, crc, ok := debugLink(f)
+	if !ok || strings.Contains(name, "/") {
+		return nil, ""
+	}
+	dir := filepath.Dir(procPath)
+	rels := []string{filepath.Join(dir, name), filepath.Join(dir, ".debug", name)}
+	for _, dd := range debugDirs {
+		rels = append(rels, filepath.Join(dd, dir, name))
+	}
+	for _, root := range roots {
+		for _, r := range rels {
+			p := filepath.Join(root, r)
+			if df := openDebugCandidate(p, buildID, crc, true); df != nil {
+				return df, p
+			}
+		}
+	}
+	return nil, ""
+}
+
+// openDebugCandidate opens p if it is an ELF debug file matching the object:
+// same build ID (when both have one) and, for a debuglink, the right CRC.
+func openDebugCandidate(p, buildID string, crc uint32, checkCRC bool) *os.File {
+	st, err := os.Stat(p)
+	if err != nil || !st.Mode().IsRegular() {
+		return nil
+	}
+	if checkCRC {
+		got, err := fileCRC(p)
+		if err != nil || got != crc {
+			return nil
+		}
+	}
+	df, err := os.Open(p)
+	if err != nil {
+		return nil
+	}
+	ef, err := elf.NewFile(df)
+	if err != nil {
+		df.Close()
+		return nil
+	}
+	if id := readBuildID(ef); buildID != "" && id != "" && id != buildID {
+		df.Close()
+		return nil
+	}
+	return df
+}
+
+// loadObject parses the mapped file f (and its separate debug file dbg, if
+// any) into an object.
+func loadObject(key objKey, f, dbg io.ReaderAt, name string) (*object, error) {
+	ef, err := elf.NewFile(f)
+	if err != nil {
+		return nil, fmt.Errorf("parse ELF %s: %w", name, err)
+	}
+	o := &object{key: key, buildID: key.buildID, exec: ef.Type == elf.ET_EXEC}
+	for _, p := range ef.Progs {
+		if p.Type == elf.PT_LOAD {
+			o.segs = append(o.segs, segment{vaddr: p.Vaddr, off: p.Off, filesz: p.Filesz})
+		}
+	}
+	var def *elf.File
+	if dbg != nil {
+		def, err = elf.NewFile(dbg)
+		if err != nil {
+			def = nil
+		}
+	}
+	// Symbols: .symtab of the file, else of the debug file, plus .dynsym.
+	var syms []elf.Symbol
+	if s, err := ef.Symbols(); err == nil && len(s) > 0 {
+		syms = s
+	} else if def != nil {
+		if s, err := def.Symbols(); err == nil {
+			syms = s
+		}
+	}
+	if ds, err := ef.DynamicSymbols(); err == nil {
+		syms = append(syms, ds...)
+	}
+	o.setSymbols(syms)
+	// DWARF: the file's own, else the debug file's.
+	switch {
+	case hasDebugInfo(ef):
+		o.hasDW = true
+	case def != nil && hasDebugInfo(def):
+		o.hasDW, o.dwInDebug = true, true
+	}
+	return o, nil
+}
+
+// dwTables returns the object's DWARF tables, building them on first use
+// from f (the mapped file) or dbg (its debug file). It returns nil when the
+// object has no DWARF or it cannot be read.
+func (o *object) dwTables(f, dbg io.ReaderAt) *dwTables {
+	if !o.hasDW {
+		return nil
+	}
+	o.dwMu.Lock()
+	defer o.dwMu.Unlock()
+	if o.dwDone {
+		return o.tables
+	}
+	src := f
+	if o.dwInDebug {
+		src = dbg
+	}
+	if src == nil {
+		return nil // this caller lacks the file; another may have it
+	}
+	o.dwDone = true
+	ef, err := elf.NewFile(src)
+	if err != nil {
+		o.dwErr = err
+		return nil
+	}
+	d, err := ef.DWARF()
+	if err != nil {
+		o.dwErr = err
+		return nil
+	}
+	// The tables keep what lookups need; the raw DWARF is dropped.
+	o.tables, o.dwErr = buildTables(d)
+	if o.tables != nil {
+		o.tablesBytes.Store(o.tables.bytes)
+	}
+	return o.tables
+}
+
+func (o *object) setSymbols(in []elf.Symbol) {
+	seen := make(map[[2]uint64]int, len(in))
+	out := make([]symbol, 0, len(in))
+	for _, s := range in {
+		if elf.ST_TYPE(s.Info) != elf.STT_FUNC && elf.ST_TYPE(s.Info) != elf.STT_GNU_IFUNC {
+			continue
+		}
+		if s.Value == 0 || s.Section == elf.SHN_UNDEF || s.Name == "" {
+			continue
+		}
+		name := s.Name
+		if i := strings.Index(name, "@"); i > 0 { // strip symbol versions
+			name = name[:i]
+		}
+		g := elf.ST_BIND(s.Info) == elf.STB_GLOBAL
+		k := [2]uint64{s.Value, s.Size}
+		if j, ok := seen[k]; ok {
+			if g && !out[j].global {
+				out[j].name, out[j].global = name, true
+			}
+			continue
+		}
+		seen[k] = len(out)
+		out = append(out, symbol{addr: s.Value, size: s.Size, name: name, global: g})
+	}
+	sort.Slice(out, func(i, j int) bool {
+		if out[i].addr != out[j].addr {
+			return out[i].addr < out[j].addr
+		}
+		return out[i].size > out[j].size
+	})
+	o.syms = out
+	o.symBytes = int64(len(out)) * 48
+	for _, s := range out {
+		o.symBytes += int64(len(s.name))
+	}
+}
+
+// lookupSymbol returns the function symbol enclosing pc.
+func (o *object) lookupSymbol(pc uint64) (symbol, bool) {
+	i := sort.Search(len(o.syms), func(i int) bool { return o.syms[i].addr > pc }) - 1
+	// Walk back over a few nested or neighbouring symbols to find one whose
+	// extent covers pc; a sizeless symbol is accepted only as the closest one.
+	for j := i; j >= 0 && j > i-16; j-- {
+		s := o.syms[j]
+		if pc < s.addr+s.size {
+			return s, true
+		}
+		if s.size == 0 && j == i {
+			return s, true
+		}
+	}
+	return symbol{}, false
+}
+
+// demangle returns the readable (pprof style: parameters dropped) name of a
+// raw symbol name.
+func (o *object) demangle(raw string) string {
+	if !strings.HasPrefix(raw, "_Z") {
+		return raw
+	}
+	if v, ok := o.demangled.Load(raw); ok {
+		return v.(string)
+	}
+	d := demangle.Filter(raw, demangle.NoParams, demangle.NoEnclosingParams, demangle.NoClones)
+	o.demangled.Store(raw, d)
+	return d
+}
+
+// ntGNUBuildID is the note type of a GNU build ID (NT_GNU_BUILD_ID).
+const ntGNUBuildID = 3
