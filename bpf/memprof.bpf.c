@@ -1,0 +1,467 @@
+//go:build ignore
+
+// SPDX-License-Identifier: GPL-2.0
+//
+// memprof's BPF side: uprobes on the allocator's entry points and returns
+// record a Poisson byte sample of allocations with their user stacks, keep
+// the sampled blocks that are still live keyed by (process, address), and the
+// oom:mark_victim tracepoint reports OOM kills.
+//
+// Hot path budget: every malloc and free of a target runs an entry program and
+// every allocating call a return program. The fast path of each is one task
+// storage lookup and a few arithmetic instructions; map writes and the stack
+// walk happen only for sampled allocations (one per ~512 KiB by default).
+
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_tracing.h>
+#include <bpf/bpf_core_read.h>
+
+#include "memprof.h"
+
+char LICENSE[] SEC("license") = "GPL";
+
+// Set by the loader before load.
+const volatile __u32 sample_all = 0;	// 1: every allocation is sampled (--sample-rate 1)
+const volatile __u32 stack_copy = 0;	// 1: copy the raw user stack for userspace unwinding
+// Exposes enum counter and enum call_kind to the generated Go types.
+const volatile enum counter nr_counters = NR_COUNTERS;
+const volatile enum call_kind max_kind = K_XALLOCX;
+// Exposes the event layout to the generated Go types.
+const struct oom_event *unused_oom_event __attribute__((unused));
+
+// Exponential gaps (bytes) between samples, filled by userspace with
+// quantiles of Exp(mean = rate); one is picked at random after each sample.
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, GAP_TABLE_SIZE);
+	__type(key, __u32);
+	__type(value, __u64);
+} gaps SEC(".maps");
+
+// Per-thread allocator-call state, freed by the kernel with the task.
+struct {
+	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct thread_state);
+} threads SEC(".maps");
+
+// Sampled blocks that are still live.
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_LIVE);
+	__type(key, struct live_key);
+	__type(value, struct live_block);
+} live SEC(".maps");
+
+// Sampled allocations during the window per (process, stack, size).
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_ALLOC_BUCKETS);
+	__type(key, struct alloc_key);
+	__type(value, __u64);
+} allocs SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_STACK_TRACE);
+	__uint(max_entries, MAX_STACKS);
+	__uint(key_size, sizeof(__u32));
+	__uint(value_size, MAX_STACK_DEPTH * sizeof(__u64));
+} stacks SEC(".maps");
+
+// Counters (probe hits, samples, and every cause of a lost event), per CPU.
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, NR_COUNTERS);
+	__type(key, __u32);
+	__type(value, __u64);
+} counters SEC(".maps");
+
+// Events for userspace: OOM kills and raw stack copies.
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 1 << 22);
+} events SEC(".maps");
+
+static __always_inline void count(__u32 idx)
+{
+	__u64 *c = bpf_map_lookup_elem(&counters, &idx);
+	if (c)
+		(*c)++;
+}
+
+static __always_inline __u64 memcg_id(struct task_struct *task)
+{
+	// The memory controller's cgroup: the v1 memory hierarchy on hybrid
+	// hosts, the unified hierarchy on pure cgroup v2 hosts.
+	int id = bpf_core_enum_value(enum cgroup_subsys_id, memory_cgrp_id);
+	if (id < 0 || id >= CGROUP_SUBSYS_COUNT)
+		return 0;
+	return BPF_CORE_READ(task, cgroups, subsys[id], cgroup, kn, id);
+}
+
+// mul_overflows computes a*b in 32-bit halves (BPF has no 128-bit multiply).
+static __always_inline int mul_overflows(__u64 a, __u64 b, __u64 *out)
+{
+	if (a < b) {
+		__u64 t = a;
+		a = b;
+		b = t;
+	}
+	// now b <= a
+	if (b >> 32)
+		return 1;
+	__u64 hi = (a >> 32) * b;
+	if (hi >> 32)
+		return 1;
+	__u64 lo = (a & 0xffffffffULL) * b;
+	__u64 total = (hi << 32) + lo;
+	if (total < lo)
+		return 1;
+	*out = total;
+	return 0;
+}
+
+static __always_inline struct thread_state *thread(void)
+{
+	struct task_struct *task = bpf_get_current_task_btf();
+	return bpf_task_storage_get(&threads, task, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
+}
+
+// drop_stale pops pending calls whose frame is already gone (a return probe
+// that never fired: longjmp out of the allocator, uretprobe depth limit).
+// Their stack pointer lies below the current one.
+static __always_inline void drop_stale(struct thread_state *ts, __u64 sp)
+{
+#pragma unroll
+	for (int i = 0; i < MAX_NESTING; i++) {
+		__u32 d = ts->depth;
+		if (d == 0 || d > MAX_NESTING)
+			break;
+		if (ts->pending[(d - 1) & (MAX_NESTING - 1)].sp >= sp)
+			break;
+		ts->depth = d - 1;
+		count(C_MISSED_RETURN);
+	}
+}
+
+// sampled decides, Poisson by bytes, whether an allocation of size bytes is
+// sampled.
+static __always_inline int sampled(struct thread_state *ts, __u64 size)
+{
+	if (sample_all)
+		return 1;
+	if (ts->countdown > (__s64)size) {
+		ts->countdown -= size;
+		return 0;
+	}
+	__u32 idx = bpf_get_prandom_u32() & (GAP_TABLE_SIZE - 1);
+	__u64 *gap = bpf_map_lookup_elem(&gaps, &idx);
+	ts->countdown = gap ? *gap : 0;
+	return 1;
+}
+
+// enter records an allocator call. Calls nested inside another allocator
+// call of the same thread (reallocarray -> realloc, an allocator calling its
+// own public entry points) are left to the outermost call, so nothing is
+// counted twice and the outer call's pending state is never overwritten.
+static __always_inline void enter(struct pt_regs *ctx, __u8 kind, __u64 size, __u64 ptr)
+{
+	struct thread_state *ts = thread();
+	if (!ts) {
+		count(C_NO_THREAD_STATE);
+		return;
+	}
+	__u64 sp = PT_REGS_SP(ctx);
+	drop_stale(ts, sp);
+	__u32 d = ts->depth;
+	if (d >= MAX_NESTING) {
+		count(C_NESTING_OVERFLOW);
+		return;
+	}
+	if (d > 0) {
+		count(C_NESTED);
+		return;
+	}
+	struct pending *p = &ts->pending[d & (MAX_NESTING - 1)];
+	p->sp = sp;
+	p->kind = kind;
+	p->size = size;
+	p->ptr = ptr;
+	p->sampled = kind == K_XALLOCX ? 0 : sampled(ts, size);
+	ts->depth = d + 1;
+}
+
+static __always_inline void untrack(__u32 tgid, __u64 ptr)
+{
+	struct live_key k = {.tgid = tgid, .addr = ptr};
+	bpf_map_delete_elem(&live, &k);
+}
+
+static __always_inline void track(struct pt_regs *ctx, __u32 tgid, __u64 ptr, __u64 size)
+{
+	count(C_SAMPLES);
+	__s64 sid = bpf_get_stackid(ctx, &stacks, BPF_F_USER_STACK);
+	if (sid < 0) {
+		count(sid == -EEXIST ? C_STACK_COLLISION : C_STACK_LOST);
+		sid = STACK_UNKNOWN;
+	}
+	struct alloc_key ak = {.tgid = tgid, .stack_id = sid, .size = size};
+	__u64 *n = bpf_map_lookup_elem(&allocs, &ak);
+	if (n) {
+		__sync_fetch_and_add(n, 1);
+	} else {
+		__u64 one = 1;
+		if (bpf_map_update_elem(&allocs, &ak, &one, BPF_NOEXIST) != 0) {
+			n = bpf_map_lookup_elem(&allocs, &ak);
+			if (n)
+				__sync_fetch_and_add(n, 1);
+			else
+				count(C_ALLOCS_FULL);
+		}
+	}
+	struct task_struct *task = bpf_get_current_task_btf();
+	struct live_key k = {.tgid = tgid, .addr = ptr};
+	struct live_block b = {
+		.size = size,
+		.stack_id = sid,
+		.memcg = memcg_id(task),
+		.cgroup = bpf_get_current_cgroup_id(),
+		.ts = bpf_ktime_get_ns(),
+	};
+	if (bpf_map_update_elem(&live, &k, &b, BPF_ANY) != 0)
+		count(C_LIVE_FULL);
+}
+
+// ---- entry probes -------------------------------------------------------
+
+SEC("uprobe")
+int BPF_KPROBE(malloc_enter, __u64 size)
+{
+	count(C_CALLS);
+	enter(ctx, K_PTR, size, 0);
+	return 0;
+}
+
+SEC("uprobe")
+int BPF_KPROBE(calloc_enter, __u64 n, __u64 size)
+{
+	count(C_CALLS);
+	__u64 total;
+	if (mul_overflows(n, size, &total)) // calloc fails
+		total = 0;
+	enter(ctx, K_PTR, total, 0);
+	return 0;
+}
+
+SEC("uprobe")
+int BPF_KPROBE(memalign_enter, __u64 align, __u64 size)
+{
+	count(C_CALLS);
+	enter(ctx, K_PTR, size, 0);
+	return 0;
+}
+
+SEC("uprobe")
+int BPF_KPROBE(posix_memalign_enter, __u64 memptr, __u64 align, __u64 size)
+{
+	count(C_CALLS);
+	enter(ctx, K_MEMPTR, size, memptr);
+	return 0;
+}
+
+SEC("uprobe")
+int BPF_KPROBE(realloc_enter, __u64 ptr, __u64 size)
+{
+	count(C_CALLS);
+	enter(ctx, K_REALLOC, size, ptr);
+	return 0;
+}
+
+SEC("uprobe")
+int BPF_KPROBE(reallocarray_enter, __u64 ptr, __u64 n, __u64 size)
+{
+	count(C_CALLS);
+	__u64 total;
+	if (mul_overflows(n, size, &total)) // the call fails and keeps the block
+		total = ~0ULL;
+	enter(ctx, K_REALLOC, total, ptr);
+	return 0;
+}
+
+SEC("uprobe")
+int BPF_KPROBE(xallocx_enter, __u64 ptr)
+{
+	count(C_CALLS);
+	enter(ctx, K_XALLOCX, 0, ptr);
+	return 0;
+}
+
+// free and its kin (operator delete, dallocx, sdallocx). A free nested in
+// another allocator call belongs to that call.
+SEC("uprobe")
+int BPF_KPROBE(free_enter, __u64 ptr)
+{
+	count(C_FREES);
+	if (!ptr)
+		return 0;
+	struct thread_state *ts = thread();
+	if (ts) {
+		drop_stale(ts, PT_REGS_SP(ctx));
+		if (ts->depth > 0) {
+			count(C_NESTED);
+			return 0;
+		}
+	}
+	untrack(bpf_get_current_pid_tgid() >> 32, ptr);
+	return 0;
+}
+
+// ---- return probe -------------------------------------------------------
+
+SEC("uretprobe")
+int BPF_KRETPROBE(alloc_return, __u64 ret)
+{
+	struct thread_state *ts = thread();
+	if (!ts)
+		return 0;
+	// At return the stack pointer is one slot above the one at entry.
+	__u64 sp = PT_REGS_SP(ctx) - 8;
+	drop_stale(ts, sp);
+	__u32 d = ts->depth;
+	if (d == 0 || d > MAX_NESTING)
+		return 0;
+	struct pending *p = &ts->pending[(d - 1) & (MAX_NESTING - 1)];
+	if (p->sp != sp)
+		return 0; // a nested call we did not record
+	ts->depth = d - 1;
+
+	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	__u64 ptr = ret;
+	switch (p->kind) {
+	case K_MEMPTR:
+		// posix_memalign returns 0 and stores the block through memptr.
+		if ((int)ret != 0)
+			return 0;
+		if (bpf_probe_read_user(&ptr, sizeof(ptr), (void *)p->ptr) != 0) {
+			count(C_READ_FAILED);
+			return 0;
+		}
+		break;
+	case K_REALLOC:
+		if (ret == 0) {
+			// realloc(p, 0) frees p and returns NULL; any other NULL
+			// is a failure that leaves the old block alone.
+			if (p->size == 0 && p->ptr)
+				untrack(tgid, p->ptr);
+			return 0;
+		}
+		if (p->ptr)
+			untrack(tgid, p->ptr);
+		break;
+	case K_XALLOCX: {
+		// Resized in place to ret bytes: keep the block's stack, new size.
+		struct live_key k = {.tgid = tgid, .addr = p->ptr};
+		struct live_block *b = bpf_map_lookup_elem(&live, &k);
+		if (b)
+			b->size = ret;
+		return 0;
+	}
+	default:
+		break;
+	}
+	if (ptr == 0 || !p->sampled)
+		return 0;
+	track(ctx, tgid, ptr, p->size);
+	return 0;
+}
+
+// ---- OOM kills ----------------------------------------------------------
+
+// Where the tracepoint passes the victim's task (6.8+, tp_btf needs no
+// tracefs): everything is read from the task itself.
+SEC("tp_btf/mark_victim")
+int BPF_PROG(oom_mark_victim_btf, struct task_struct *task)
+{
+	struct oom_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	if (!e) {
+		count(C_EVENTS_LOST);
+		return 0;
+	}
+	__builtin_memset(e, 0, sizeof(*e));
+	e->type = EV_OOM;
+	e->pid = BPF_CORE_READ(task, tgid);
+	e->ts = bpf_ktime_get_ns();
+	e->memcg = memcg_id(task);
+	e->cgroup = BPF_CORE_READ(task, cgroups, dfl_cgrp, kn, id);
+	BPF_CORE_READ_STR_INTO(&e->comm, task, comm);
+	e->oom_score_adj = BPF_CORE_READ(task, signal, oom_score_adj);
+	e->have_score = 1;
+	struct mm_struct *mm = BPF_CORE_READ(task, mm);
+	if (mm) {
+		// The counters' global part: per-CPU deltas not yet folded in
+		// (a few hundred KiB at most) are missed. Pages -> KiB.
+		e->anon_rss = BPF_CORE_READ(mm, rss_stat[MM_ANONPAGES].count) * 4;
+		e->file_rss = BPF_CORE_READ(mm, rss_stat[MM_FILEPAGES].count) * 4;
+		e->shmem_rss = BPF_CORE_READ(mm, rss_stat[MM_SHMEMPAGES].count) * 4;
+		e->total_vm = BPF_CORE_READ(mm, total_vm);
+		e->have_rss = 1;
+	}
+	struct task_struct *cur = bpf_get_current_task_btf();
+	e->trigger_memcg = memcg_id(cur);
+	e->trigger_pid = bpf_get_current_pid_tgid() >> 32;
+	bpf_ringbuf_submit(e, 0);
+	return 0;
+}
+
+// The classic tracepoint, for kernels whose mark_victim passes only the pid:
+// fields beyond pid are read only where this kernel's BTF has them, the
+// victim's cgroups come from /proc in userspace.
+SEC("tracepoint/oom/mark_victim")
+int oom_mark_victim(struct trace_event_raw_mark_victim *tp)
+{
+	struct oom_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	if (!e) {
+		count(C_EVENTS_LOST);
+		return 0;
+	}
+	__builtin_memset(e, 0, sizeof(*e));
+	e->type = EV_OOM;
+	e->pid = BPF_CORE_READ(tp, pid);
+	e->ts = bpf_ktime_get_ns();
+	if (bpf_core_field_exists(tp->anon_rss)) {
+		e->total_vm = BPF_CORE_READ(tp, total_vm);
+		e->anon_rss = BPF_CORE_READ(tp, anon_rss);
+		e->file_rss = BPF_CORE_READ(tp, file_rss);
+		e->shmem_rss = BPF_CORE_READ(tp, shmem_rss);
+		e->have_rss = 1;
+	}
+	if (bpf_core_field_exists(tp->oom_score_adj)) {
+		e->oom_score_adj = BPF_CORE_READ(tp, oom_score_adj);
+		e->have_score = 1;
+	}
+	// The task running here is the one whose allocation hit the limit.
+	struct task_struct *task = bpf_get_current_task_btf();
+	e->trigger_memcg = memcg_id(task);
+	e->trigger_pid = bpf_get_current_pid_tgid() >> 32;
+	bpf_ringbuf_submit(e, 0);
+	return 0;
+}
+
+// ---- empty probes -------------------------------------------------------
+
+// Attached by `make bench` at the same sites as the real programs: they
+// measure the floor every uprobe pays (the trap), against which memprof's own
+// cost is judged.
+SEC("uprobe")
+int empty_enter(struct pt_regs *ctx)
+{
+	return 0;
+}
+
+SEC("uretprobe")
+int empty_return(struct pt_regs *ctx)
+{
+	return 0;
+}

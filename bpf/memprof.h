@@ -1,0 +1,103 @@
+// SPDX-License-Identifier: GPL-2.0
+// Types shared by memprof.bpf.c and, through bpf2go, the Go loader.
+#ifndef MEMPROF_H
+#define MEMPROF_H
+
+#define GAP_TABLE_SIZE 4096	 // power of two
+#define MAX_NESTING 4		 // power of two: allocator calls nested per thread
+#define MAX_LIVE 262144		 // sampled live blocks across all targets
+#define MAX_ALLOC_BUCKETS 65536	 // (process, stack, size) buckets
+#define MAX_STACKS 32768
+#define MAX_STACK_DEPTH 127
+#define STACK_UNKNOWN 0xffffffff
+
+#ifndef EEXIST
+#define EEXIST 17
+#endif
+
+// Pending call kinds.
+enum call_kind {
+	K_PTR = 1,	// returns the block (malloc, calloc, new, memalign, ...)
+	K_MEMPTR = 2,	// posix_memalign: returns 0, block stored through ptr
+	K_REALLOC = 3,	// realloc, reallocarray, rallocx: ptr is the old block
+	K_XALLOCX = 4,	// jemalloc xallocx: resizes ptr in place, returns size
+};
+
+// Counter indexes (see internal/memprof for their names).
+enum counter {
+	C_CALLS = 0,		// allocating calls seen
+	C_FREES,		// free-like calls seen
+	C_SAMPLES,		// sampled allocations tracked
+	C_NESTED,		// calls nested in another allocator call (left to the outer)
+	C_MISSED_RETURN,	// pending calls whose return probe never fired
+	C_NESTING_OVERFLOW,	// nesting deeper than MAX_NESTING: call lost
+	C_NO_THREAD_STATE,	// task storage unavailable: call lost
+	C_LIVE_FULL,		// live map full: sampled block lost
+	C_ALLOCS_FULL,		// alloc bucket map full: sample's alloc count lost
+	C_STACK_COLLISION,	// stack map hash collision: stack lost
+	C_STACK_LOST,		// other stack walk failure
+	C_READ_FAILED,		// user memory read failed (posix_memalign result)
+	C_EVENTS_LOST,		// ring buffer full
+	NR_COUNTERS,
+};
+
+struct pending {
+	__u64 sp;	// stack pointer at entry: identifies the call at return
+	__u64 size;
+	__u64 ptr;	// old block (realloc) or result slot (posix_memalign)
+	__u8 kind;
+	__u8 sampled;
+	__u8 _pad[6];
+};
+
+struct thread_state {
+	__s64 countdown; // bytes until the next sample
+	__u32 depth;
+	__u32 _pad;
+	struct pending pending[MAX_NESTING];
+};
+
+struct live_key {
+	__u32 tgid;
+	__u32 _pad;
+	__u64 addr;
+};
+
+struct live_block {
+	__u64 size;
+	__u64 memcg;	// kernfs id of the memory controller's cgroup (v1 memcg on hybrid hosts)
+	__u64 cgroup;	// cgroup v2 id
+	__u64 ts;	// ktime of the allocation
+	__u32 stack_id;
+	__u32 _pad;
+};
+
+struct alloc_key {
+	__u32 tgid;
+	__u32 stack_id;
+	__u64 size;
+};
+
+enum event_type {
+	EV_OOM = 1,
+};
+
+struct oom_event {
+	__u32 type;
+	__u32 pid;		// victim (thread group id)
+	__u64 ts;
+	__u64 total_vm;		// pages
+	__u64 anon_rss;		// KiB
+	__u64 file_rss;		// KiB
+	__u64 shmem_rss;	// KiB
+	__u64 memcg;		// victim's memory cgroup id (0: unknown, classic tracepoint)
+	__u64 cgroup;		// victim's cgroup v2 id (0: unknown)
+	__u64 trigger_memcg;	// memory cgroup of the task whose allocation triggered the OOM
+	__u32 trigger_pid;
+	__s16 oom_score_adj;
+	__u8 have_rss;
+	__u8 have_score;
+	char comm[16];
+};
+
+#endif

@@ -1,0 +1,343 @@
+package attach
+
+import (
+	"debug/elf"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+
+	"github.com/memprof/memprof/internal/procmaps"
+)
+
+// Programs are the loaded BPF programs to attach: one entry program per kind
+// and the shared return program.
+type Programs struct {
+	Enter  map[Kind]*ebpf.Program
+	Return *ebpf.Program
+}
+
+// Object is an allocator object (library or executable) and its probe sites.
+type Object struct {
+	ID    procmaps.FileID
+	Path  string // as the target maps it
+	Sites []Site
+	// Allocator names the allocator family: "glibc", "jemalloc", "libstdc++"
+	// (operator new/delete over another allocator) or "static" (an allocator
+	// linked into the executable).
+	Allocator string
+}
+
+// Probed counts the sites that get probes (thunks excluded).
+func (o *Object) Probed() (entries, emulated int) {
+	for _, s := range o.Sites {
+		if s.Thunk {
+			continue
+		}
+		entries++
+		if s.Emulated {
+			emulated++
+		}
+	}
+	return
+}
+
+// Attacher attaches the programs to the allocator objects of target
+// processes. Each object file is parsed once per (device, inode) whatever
+// the path or process it was reached through; probes are per process (the
+// kernel only plants breakpoints in the targets' address spaces).
+type Attacher struct {
+	progs Programs
+
+	mu      sync.Mutex
+	objects map[procmaps.FileID]*objectEntry
+	procs   map[int]*procState
+}
+
+type objectEntry struct {
+	obj *Object // nil when the file is not an allocator
+	err error
+}
+
+type procState struct {
+	files map[procmaps.FileID]bool
+	links []link.Link
+}
+
+// New returns an Attacher for the loaded programs.
+func New(p Programs) *Attacher {
+	return &Attacher{progs: p, objects: map[procmaps.FileID]*objectEntry{}, procs: map[int]*procState{}}
+}
+
+// ErrNoAllocator is returned when a process maps no allocator memprof knows.
+var ErrNoAllocator = errors.New("no allocator found")
+
+// Process attaches to every allocator object process pid maps that is not
+// attached yet (call it again to pick up libraries loaded later with
+// dlopen). It returns the objects newly attached.
+func (a *Attacher) Process(pid int) ([]*Object, error) {
+	maps, err := procmaps.Read(pid)
+	if err != nil {
+		return nil, err
+	}
+	var added []*Object
+	seen := map[procmaps.FileID]bool{}
+	for i := range maps {
+		m := &maps[i]
+		if !m.Exec() || !m.IsFile() || seen[m.ID()] {
+			continue
+		}
+		seen[m.ID()] = true
+		if a.attachedTo(pid, m.ID()) {
+			continue
+		}
+		obj, err := a.object(m.ID(), m.Path, func() (*os.File, error) { return procmaps.Open(pid, m) })
+		if err != nil {
+			return added, err
+		}
+		if obj == nil {
+			continue
+		}
+		if err := a.attach(pid, obj, procmaps.HostPath(pid, m.Path), mapFilesPath(pid, m)); err != nil {
+			return added, err
+		}
+		added = append(added, obj)
+	}
+	if len(added) == 0 && !a.hasAny(pid) {
+		return nil, fmt.Errorf("process %d (%s): %w: it maps none of glibc's libc.so.6, libjemalloc.so.2 or an executable with malloc/free linked in (Go, JVM and other runtimes with their own heaps are not covered)", pid, procmaps.Comm(pid), ErrNoAllocator)
+	}
+	return added, nil
+}
+
+// Files attaches to objects given by host path for process pid before they
+// are mapped: used to start a command with the probes in place (the kernel
+// plants the breakpoints when the process maps the file after exec).
+func (a *Attacher) Files(pid int, paths []string) ([]*Object, error) {
+	var added []*Object
+	for _, p := range paths {
+		id, err := procmaps.StatID(p)
+		if err != nil {
+			return added, fmt.Errorf("stat %s: %w", p, err)
+		}
+		if a.attachedTo(pid, id) {
+			continue
+		}
+		obj, err := a.object(id, p, func() (*os.File, error) { return os.Open(p) })
+		if err != nil {
+			return added, err
+		}
+		if obj == nil {
+			continue
+		}
+		if err := a.attach(pid, obj, p, ""); err != nil {
+			return added, err
+		}
+		added = append(added, obj)
+	}
+	return added, nil
+}
+
+func (a *Attacher) attachedTo(pid int, id procmaps.FileID) bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	ps := a.procs[pid]
+	return ps != nil && ps.files[id]
+}
+
+func (a *Attacher) hasAny(pid int) bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	ps := a.procs[pid]
+	return ps != nil && len(ps.files) > 0
+}
+
+// object returns the parsed allocator object for a file, parsing it on
+// first sight; nil (and no error) when the file defines no allocator.
+func (a *Attacher) object(id procmaps.FileID, path string, open func() (*os.File, error)) (*Object, error) {
+	a.mu.Lock()
+	if e, ok := a.objects[id]; ok {
+		a.mu.Unlock()
+		return e.obj, e.err
+	}
+	a.mu.Unlock()
+
+	obj, err := parseObject(id, path, open)
+	a.mu.Lock()
+	a.objects[id] = &objectEntry{obj: obj, err: err}
+	a.mu.Unlock()
+	return obj, err
+}
+
+func parseObject(id procmaps.FileID, path string, open func() (*os.File, error)) (*Object, error) {
+	f, err := open()
+	if err != nil {
+		// An object we cannot read is not an allocator we can probe; the
+		// caller reports "no allocator" if nothing else is found.
+		return nil, nil
+	}
+	defer f.Close()
+	ef, err := elf.NewFile(f)
+	if err != nil {
+		return nil, nil
+	}
+	defer ef.Close()
+	sites, err := FindSites(ef)
+	if err != nil {
+		return nil, fmt.Errorf("find allocator functions in %s: %w", path, err)
+	}
+	if len(sites) == 0 {
+		return nil, nil
+	}
+	obj := &Object{ID: id, Path: path, Sites: sites, Allocator: allocatorName(path, sites)}
+	if obj.Allocator == "" {
+		return nil, nil
+	}
+	return obj, nil
+}
+
+// allocatorName classifies an object by what it exports. A library that
+// defines only a stray allocator-named symbol but not malloc and free is
+// ignored, except libstdc++'s operator new/delete.
+func allocatorName(path string, sites []Site) string {
+	has := map[string]bool{}
+	for _, s := range sites {
+		has[s.Symbol] = true
+	}
+	base := filepath.Base(path)
+	switch {
+	case strings.HasPrefix(base, "libjemalloc"):
+		return "jemalloc"
+	case strings.HasPrefix(base, "libc.so") || strings.HasPrefix(base, "libc-"):
+		return "glibc"
+	case strings.HasPrefix(base, "libstdc++"):
+		if has["_Znwm"] {
+			return "libstdc++"
+		}
+		return ""
+	case has["malloc"] && has["free"]:
+		if has["mallocx"] {
+			return "jemalloc"
+		}
+		if strings.HasSuffix(base, ".so") || strings.Contains(base, ".so.") {
+			return "malloc-library"
+		}
+		return "static"
+	}
+	return ""
+}
+
+func mapFilesPath(pid int, m *procmaps.Mapping) string {
+	return filepath.Join(procmaps.ProcRoot, fmt.Sprint(pid), "map_files", fmt.Sprintf("%x-%x", m.Start, m.End))
+}
+
+// attach plants the probes of one object for one process. path is how the
+// kernel finds the file (through the process's root); alt, if set, is tried
+// when path does not lead to the same file.
+func (a *Attacher) attach(pid int, obj *Object, path, alt string) error {
+	ex, err := link.OpenExecutable(path)
+	if err != nil && alt != "" {
+		ex, err = link.OpenExecutable(alt)
+	}
+	if err != nil {
+		return fmt.Errorf("open %s for uprobes: %w", obj.Path, err)
+	}
+	var links []link.Link
+	fail := func(err error) error {
+		for _, l := range links {
+			l.Close()
+		}
+		return err
+	}
+	for _, s := range obj.Sites {
+		if s.Thunk {
+			continue
+		}
+		prog := a.progs.Enter[s.Kind]
+		if prog == nil {
+			return fail(fmt.Errorf("no BPF program for %s", s.Kind))
+		}
+		opts := &link.UprobeOptions{Address: s.FileOffset, Offset: s.Offset, PID: pid}
+		l, err := ex.Uprobe(s.Symbol, prog, opts)
+		if err != nil {
+			return fail(attachError(pid, obj, s, err))
+		}
+		links = append(links, l)
+		if s.Kind.Returns() {
+			l, err := ex.Uretprobe(s.Symbol, a.progs.Return, opts)
+			if err != nil {
+				return fail(attachError(pid, obj, s, err))
+			}
+			links = append(links, l)
+		}
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	ps := a.procs[pid]
+	if ps == nil {
+		ps = &procState{files: map[procmaps.FileID]bool{}}
+		a.procs[pid] = ps
+	}
+	ps.files[obj.ID] = true
+	ps.links = append(ps.links, links...)
+	return nil
+}
+
+func attachError(pid int, obj *Object, s Site, err error) error {
+	hint := ""
+	switch {
+	case errors.Is(err, os.ErrPermission):
+		hint = " (needs root, or CAP_PERFMON and CAP_BPF with CAP_SYS_ADMIN for uprobes)"
+	case errors.Is(err, os.ErrNotExist):
+		hint = " (process exited, or the kernel lacks CONFIG_UPROBE_EVENTS)"
+	}
+	return fmt.Errorf("attach uprobe to %s+%#x in %s for process %d: %w%s", s.Symbol, s.Offset, obj.Path, pid, err, hint)
+}
+
+// Detach removes the probes of one process.
+func (a *Attacher) Detach(pid int) {
+	a.mu.Lock()
+	ps := a.procs[pid]
+	delete(a.procs, pid)
+	a.mu.Unlock()
+	if ps != nil {
+		for _, l := range ps.links {
+			l.Close()
+		}
+	}
+}
+
+// Attached lists the processes with probes, sorted.
+func (a *Attacher) Attached() []int {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	var pids []int
+	for pid := range a.procs {
+		pids = append(pids, pid)
+	}
+	sort.Ints(pids)
+	return pids
+}
+
+// Links counts the probes in place.
+func (a *Attacher) Links() int {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	n := 0
+	for _, ps := range a.procs {
+		n += len(ps.links)
+	}
+	return n
+}
+
+// Close detaches everything.
+func (a *Attacher) Close() {
+	for _, pid := range a.Attached() {
+		a.Detach(pid)
+	}
+}

@@ -1,0 +1,253 @@
+// Package bpfload checks that the kernel can run memprof, loads the BPF
+// programs of package bpf with the session's settings, and reads their
+// counters and events.
+package bpfload
+
+import (
+	"errors"
+	"fmt"
+	"math"
+	"math/rand/v2"
+	"os"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/btf"
+	"github.com/cilium/ebpf/features"
+	"github.com/cilium/ebpf/link"
+	"github.com/cilium/ebpf/rlimit"
+	"golang.org/x/sys/unix"
+
+	mbpf "github.com/memprof/memprof/bpf"
+	"github.com/memprof/memprof/internal/attach"
+)
+
+// GapTableSize mirrors GAP_TABLE_SIZE in bpf/memprof.h.
+const GapTableSize = 4096
+
+// Options are the load-time settings.
+type Options struct {
+	SampleRate uint64 // mean bytes between samples; 1 = every allocation
+}
+
+// Objects are the loaded programs and maps.
+type Objects struct {
+	mbpf.MemprofObjects
+	Features Features
+	oomLinks []link.Link
+}
+
+// Features says which kernel paths are in use.
+type Features struct {
+	Kernel      string
+	RingBuffer  bool
+	UprobeMulti bool
+	OOMTaskBTF  bool // tp_btf/mark_victim with the victim's task (6.8+)
+}
+
+func (f Features) String() string {
+	s := fmt.Sprintf("kernel %s; per-call uprobes via perf events, PID-filtered", f.Kernel)
+	if f.UprobeMulti {
+		s += " (uprobe_multi available, not needed)"
+	}
+	if f.OOMTaskBTF {
+		s += "; OOM victims via tp_btf/mark_victim"
+	} else {
+		s += "; OOM victims via tracepoint oom/mark_victim (pid only, cgroups from /proc)"
+	}
+	return s
+}
+
+// Check verifies the prerequisites and says exactly what is missing.
+func Check() error {
+	if os.Geteuid() != 0 {
+		if err := checkCaps(); err != nil {
+			return err
+		}
+	}
+	if _, err := btf.LoadKernelSpec(); err != nil {
+		return fmt.Errorf("kernel BTF not available (%v): memprof needs a kernel built with CONFIG_DEBUG_INFO_BTF=y (/sys/kernel/btf/vmlinux), Linux 5.15 or newer", err)
+	}
+	if _, err := os.Stat("/sys/bus/event_source/devices/uprobe"); err != nil {
+		return fmt.Errorf("uprobes not available (no /sys/bus/event_source/devices/uprobe): the kernel needs CONFIG_UPROBE_EVENTS=y")
+	}
+	return nil
+}
+
+// Load loads the programs with the session's sample rate.
+func Load(opts Options) (*Objects, error) {
+	if err := Check(); err != nil {
+		return nil, err
+	}
+	if err := rlimit.RemoveMemlock(); err != nil {
+		return nil, fmt.Errorf("raise RLIMIT_MEMLOCK: %w (needs CAP_SYS_RESOURCE on kernels before 5.11)", err)
+	}
+	spec, err := mbpf.LoadMemprof()
+	if err != nil {
+		return nil, fmt.Errorf("read embedded BPF object: %w", err)
+	}
+	if opts.SampleRate <= 1 {
+		if err := spec.Variables["sample_all"].Set(uint32(1)); err != nil {
+			return nil, err
+		}
+	}
+	feats := detect()
+	// Only one of the two OOM programs can load on a given kernel. The
+	// other's slot gets a copy of the empty probe (so the generated object
+	// struct can be assigned) which is closed right after loading.
+	unused := "oom_mark_victim_btf"
+	if feats.OOMTaskBTF {
+		unused = "oom_mark_victim"
+	}
+	placeholder := spec.Programs["empty_enter"].Copy()
+	placeholder.Name = unused
+	spec.Programs[unused] = placeholder
+	o := &Objects{Features: feats}
+	if err := spec.LoadAndAssign(&o.MemprofObjects, nil); err != nil {
+		var ve *ebpf.VerifierError
+		if errors.As(err, &ve) {
+			return nil, fmt.Errorf("the kernel's verifier rejected memprof's BPF programs: %+v", ve)
+		}
+		if errors.Is(err, os.ErrPermission) {
+			return nil, fmt.Errorf("load BPF programs: %w: run as root or grant CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN", err)
+		}
+		return nil, fmt.Errorf("load BPF programs: %w", err)
+	}
+	if feats.OOMTaskBTF {
+		o.OomMarkVictim.Close()
+		o.OomMarkVictim = nil
+	} else {
+		o.OomMarkVictimBtf.Close()
+		o.OomMarkVictimBtf = nil
+	}
+	if err := o.SetRate(opts.SampleRate); err != nil {
+		o.Close()
+		return nil, err
+	}
+	return o, nil
+}
+
+func detect() Features {
+	f := Features{Kernel: kernelRelease(), RingBuffer: features.HaveMapType(ebpf.RingBuf) == nil}
+	f.UprobeMulti = features.HaveProgramType(ebpf.Kprobe) == nil && haveUprobeMulti()
+	if spec, err := btf.LoadKernelSpec(); err == nil {
+		var fn *btf.Typedef
+		if err := spec.TypeByName("btf_trace_mark_victim", &fn); err == nil {
+			if ptr, ok := fn.Type.(*btf.Pointer); ok {
+				if proto, ok := ptr.Target.(*btf.FuncProto); ok && len(proto.Params) >= 2 {
+					if p, ok := proto.Params[1].Type.(*btf.Pointer); ok {
+						if s, ok := p.Target.(*btf.Struct); ok && s.Name == "task_struct" {
+							f.OOMTaskBTF = true
+						}
+					}
+				}
+			}
+		}
+	}
+	return f
+}
+
+func haveUprobeMulti() bool {
+	return features.HaveBPFLinkUprobeMulti() == nil
+}
+
+func kernelRelease() string {
+	b, err := os.ReadFile("/proc/sys/kernel/osrelease")
+	if err != nil {
+		return "unknown"
+	}
+	return string(trimNL(b))
+}
+
+func trimNL(b []byte) []byte {
+	for len(b) > 0 && (b[len(b)-1] == '\n' || b[len(b)-1] == ' ') {
+		b = b[:len(b)-1]
+	}
+	return b
+}
+
+// SetRate fills the table of exponential gaps for a mean of rate bytes:
+// stratified quantiles of Exp(rate), one picked at random after each sample,
+// so gaps follow the exponential distribution and sampling is a Poisson
+// process over allocated bytes.
+func (o *Objects) SetRate(rate uint64) error {
+	keys := make([]uint32, GapTableSize)
+	vals := make([]uint64, GapTableSize)
+	for i := range keys {
+		keys[i] = uint32(i)
+		if rate > 1 {
+			u := (float64(i) + 0.5) / GapTableSize
+			vals[i] = uint64(math.Round(-math.Log(1-u) * float64(rate)))
+		}
+	}
+	rand.Shuffle(len(vals), func(i, j int) { vals[i], vals[j] = vals[j], vals[i] })
+	if _, err := o.Gaps.BatchUpdate(keys, vals, nil); err != nil {
+		for i := range keys {
+			if err := o.Gaps.Update(keys[i], vals[i], ebpf.UpdateAny); err != nil {
+				return fmt.Errorf("fill sampling gap table: %w", err)
+			}
+		}
+	}
+	return nil
+}
+
+// Programs returns the programs to attach to allocator functions.
+func (o *Objects) Programs() attach.Programs {
+	return attach.Programs{
+		Enter: map[attach.Kind]*ebpf.Program{
+			attach.Malloc:        o.MallocEnter,
+			attach.Calloc:        o.CallocEnter,
+			attach.Memalign:      o.MemalignEnter,
+			attach.PosixMemalign: o.PosixMemalignEnter,
+			attach.Realloc:       o.ReallocEnter,
+			attach.Reallocarray:  o.ReallocarrayEnter,
+			attach.Xallocx:       o.XallocxEnter,
+			attach.Free:          o.FreeEnter,
+		},
+		Return: o.AllocReturn,
+	}
+}
+
+// EmptyPrograms returns programs that do nothing, attached at the same sites
+// by the benchmark to measure the cost of the traps alone.
+func (o *Objects) EmptyPrograms() attach.Programs {
+	p := attach.Programs{Enter: map[attach.Kind]*ebpf.Program{}, Return: o.EmptyReturn}
+	for k := attach.Malloc; k <= attach.Free; k++ {
+		p.Enter[k] = o.EmptyEnter
+	}
+	return p
+}
+
+// AttachOOM attaches the OOM program (host-wide: it fires once per OOM
+// kill): the BTF-typed one where the kernel passes the victim's task, else
+// the classic tracepoint, mounting tracefs if nothing has.
+func (o *Objects) AttachOOM() error {
+	if o.OomMarkVictimBtf != nil {
+		l, err := link.AttachTracing(link.TracingOptions{Program: o.OomMarkVictimBtf})
+		if err != nil {
+			return fmt.Errorf("attach tp_btf/mark_victim: %w", err)
+		}
+		o.oomLinks = append(o.oomLinks, l)
+		return nil
+	}
+	l, err := link.Tracepoint("oom", "mark_victim", o.OomMarkVictim, nil)
+	if err != nil && mountTracefs() == nil {
+		l, err = link.Tracepoint("oom", "mark_victim", o.OomMarkVictim, nil)
+	}
+	if err != nil {
+		return fmt.Errorf("attach tracepoint oom:mark_victim: %w (mount tracefs at /sys/kernel/tracing)", err)
+	}
+	o.oomLinks = append(o.oomLinks, l)
+	return nil
+}
+
+func mountTracefs() error {
+	return unix.Mount("tracefs", "/sys/kernel/tracing", "tracefs", 0, "")
+}
+
+// Close detaches the OOM programs and frees the maps and programs.
+func (o *Objects) Close() error {
+	for _, l := range o.oomLinks {
+		l.Close()
+	}
+	return o.MemprofObjects.Close()
+}

@@ -1,0 +1,116 @@
+package bpfload
+
+import (
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+
+	mbpf "github.com/memprof/memprof/bpf"
+)
+
+// Counters are the BPF side's event counts summed over CPUs.
+type Counters struct {
+	Calls, Frees, Samples uint64
+	Nested                uint64 // calls inside another allocator call, left to the outer one
+	// Lost events by cause.
+	MissedReturn, NestingOverflow, NoThreadState, LiveFull, AllocsFull,
+	StackCollision, StackLost, ReadFailed, EventsLost uint64
+}
+
+// Lost lists the non-zero loss causes with their counts, for summaries and
+// profile comments. Nothing the BPF side drops goes unreported.
+func (c Counters) Lost() map[string]uint64 {
+	m := map[string]uint64{}
+	add := func(k string, v uint64) {
+		if v > 0 {
+			m[k] = v
+		}
+	}
+	add("missed_return_probe", c.MissedReturn)
+	add("nesting_overflow", c.NestingOverflow)
+	add("no_thread_state", c.NoThreadState)
+	add("live_map_full", c.LiveFull)
+	add("alloc_map_full", c.AllocsFull)
+	add("stack_collision", c.StackCollision)
+	add("stack_walk_failed", c.StackLost)
+	add("user_read_failed", c.ReadFailed)
+	add("ringbuf_full", c.EventsLost)
+	return m
+}
+
+// ReadCounters sums the per-CPU counters.
+func (o *Objects) ReadCounters() (Counters, error) {
+	var c Counters
+	get := func(idx mbpf.MemprofCounter) (uint64, error) {
+		var per []uint64
+		if err := o.MemprofObjects.Counters.Lookup(uint32(idx), &per); err != nil {
+			return 0, fmt.Errorf("read BPF counter %d: %w", idx, err)
+		}
+		var sum uint64
+		for _, v := range per {
+			sum += v
+		}
+		return sum, nil
+	}
+	fields := []struct {
+		idx mbpf.MemprofCounter
+		dst *uint64
+	}{
+		{mbpf.MemprofCounterC_CALLS, &c.Calls},
+		{mbpf.MemprofCounterC_FREES, &c.Frees},
+		{mbpf.MemprofCounterC_SAMPLES, &c.Samples},
+		{mbpf.MemprofCounterC_NESTED, &c.Nested},
+		{mbpf.MemprofCounterC_MISSED_RETURN, &c.MissedReturn},
+		{mbpf.MemprofCounterC_NESTING_OVERFLOW, &c.NestingOverflow},
+		{mbpf.MemprofCounterC_NO_THREAD_STATE, &c.NoThreadState},
+		{mbpf.MemprofCounterC_LIVE_FULL, &c.LiveFull},
+		{mbpf.MemprofCounterC_ALLOCS_FULL, &c.AllocsFull},
+		{mbpf.MemprofCounterC_STACK_COLLISION, &c.StackCollision},
+		{mbpf.MemprofCounterC_STACK_LOST, &c.StackLost},
+		{mbpf.MemprofCounterC_READ_FAILED, &c.ReadFailed},
+		{mbpf.MemprofCounterC_EVENTS_LOST, &c.EventsLost},
+	}
+	for _, f := range fields {
+		v, err := get(f.idx)
+		if err != nil {
+			return c, err
+		}
+		*f.dst = v
+	}
+	return c, nil
+}
+
+// Capability numbers (linux/capability.h).
+const (
+	capSysAdmin = 21
+	capPerfmon  = 38
+	capBPF      = 39
+)
+
+// checkCaps names the capabilities a non-root memprof lacks.
+func checkCaps() error {
+	b, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		return fmt.Errorf("read own capabilities: %w", err)
+	}
+	var eff uint64
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "CapEff:"); ok {
+			eff, _ = strconv.ParseUint(strings.TrimSpace(v), 16, 64)
+		}
+	}
+	var missing []string
+	for _, c := range []struct {
+		bit  uint
+		name string
+	}{{capBPF, "CAP_BPF"}, {capPerfmon, "CAP_PERFMON"}, {capSysAdmin, "CAP_SYS_ADMIN"}} {
+		if eff&(1<<c.bit) == 0 {
+			missing = append(missing, c.name)
+		}
+	}
+	if len(missing) > 0 {
+		return fmt.Errorf("memprof needs root or the capabilities %s (missing: %s): BPF programs, uprobes on other processes and reading their memory maps require them", "CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN", strings.Join(missing, ", "))
+	}
+	return nil
+}

@@ -1,0 +1,217 @@
+// Package heap reads the BPF side's sampled state — live blocks, per-bucket
+// allocation counts and stacks — and aggregates it per (process, stack,
+// block size), the unit pprof heap profiles are unsampled by.
+package heap
+
+import (
+	"errors"
+	"fmt"
+	"sort"
+
+	"github.com/cilium/ebpf"
+
+	mbpf "github.com/memprof/memprof/bpf"
+)
+
+// Key identifies a bucket.
+type Key struct {
+	Pid     uint32
+	StackID uint32
+	Size    uint64
+}
+
+// Bucket holds sampled counts of one (process, stack, size).
+type Bucket struct {
+	Key
+	AllocCount uint64 // sampled allocations since the start of the window
+	InuseCount uint64 // sampled blocks live now (or at the process's exit)
+}
+
+// Snapshot is the sampled heap state of some processes at one moment.
+type Snapshot struct {
+	Buckets []Bucket
+	Stacks  map[uint32][]uint64 // stack id -> return addresses, leaf first
+	// Memcg is, per process, the memory cgroup id its live blocks were
+	// allocated in (the most common one).
+	Memcg map[uint32]uint64
+}
+
+// StackUnknown is the stack id of samples whose stack walk failed.
+const StackUnknown = 0xffffffff
+
+// Maps are the BPF maps a Reader reads.
+type Maps struct {
+	Live, Allocs, Stacks *ebpf.Map
+}
+
+// FromObjects picks the maps out of the loaded objects.
+func FromObjects(o *mbpf.MemprofObjects) Maps {
+	return Maps{Live: o.Live, Allocs: o.Allocs, Stacks: o.Stacks}
+}
+
+// Read aggregates the state of the processes keep selects (nil: all).
+func Read(m Maps, keep func(pid uint32) bool) (*Snapshot, error) {
+	if keep == nil {
+		keep = func(uint32) bool { return true }
+	}
+	buckets := map[Key]*Bucket{}
+	get := func(k Key) *Bucket {
+		b := buckets[k]
+		if b == nil {
+			b = &Bucket{Key: k}
+			buckets[k] = b
+		}
+		return b
+	}
+	memcgVotes := map[uint32]map[uint64]int{}
+
+	var ak mbpf.MemprofAllocKey
+	var n uint64
+	it := m.Allocs.Iterate()
+	for it.Next(&ak, &n) {
+		if !keep(ak.Tgid) {
+			continue
+		}
+		get(Key{ak.Tgid, ak.StackId, ak.Size}).AllocCount += n
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("read allocation buckets: %w", err)
+	}
+
+	var lk mbpf.MemprofLiveKey
+	var lb mbpf.MemprofLiveBlock
+	it = m.Live.Iterate()
+	for it.Next(&lk, &lb) {
+		if !keep(lk.Tgid) {
+			continue
+		}
+		b := get(Key{lk.Tgid, lb.StackId, lb.Size})
+		b.InuseCount++
+		if memcgVotes[lk.Tgid] == nil {
+			memcgVotes[lk.Tgid] = map[uint64]int{}
+		}
+		memcgVotes[lk.Tgid][lb.Memcg]++
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("read live blocks: %w", err)
+	}
+
+	s := &Snapshot{Stacks: map[uint32][]uint64{}, Memcg: map[uint32]uint64{}}
+	for pid, votes := range memcgVotes {
+		best, bestN := uint64(0), -1
+		for id, n := range votes {
+			if n > bestN {
+				best, bestN = id, n
+			}
+		}
+		s.Memcg[pid] = best
+	}
+	for _, b := range buckets {
+		// A block resized by xallocx can be live without an alloc count of
+		// its new size; it was still allocated in the window.
+		if b.AllocCount < b.InuseCount {
+			b.AllocCount = b.InuseCount
+		}
+		s.Buckets = append(s.Buckets, *b)
+		if _, ok := s.Stacks[b.StackID]; !ok && b.StackID != StackUnknown {
+			st, err := readStack(m.Stacks, b.StackID)
+			if err != nil {
+				return nil, err
+			}
+			s.Stacks[b.StackID] = st
+		}
+	}
+	sort.Slice(s.Buckets, func(i, j int) bool {
+		a, b := s.Buckets[i], s.Buckets[j]
+		if a.Pid != b.Pid {
+			return a.Pid < b.Pid
+		}
+		if a.StackID != b.StackID {
+			return a.StackID < b.StackID
+		}
+		return a.Size < b.Size
+	})
+	return s, nil
+}
+
+func readStack(m *ebpf.Map, id uint32) ([]uint64, error) {
+	var raw [127]uint64
+	if err := m.Lookup(id, &raw); err != nil {
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			return nil, nil
+		}
+		return nil, fmt.Errorf("read stack %d: %w", id, err)
+	}
+	n := 0
+	for n < len(raw) && raw[n] != 0 {
+		n++
+	}
+	return append([]uint64(nil), raw[:n]...), nil
+}
+
+// Forget deletes a process's entries from the live and allocation maps
+// (after it exited and its state was read), so the maps' capacity is
+// reclaimed. It returns how many entries were removed.
+func Forget(m Maps, pid uint32) (int, error) {
+	removed := 0
+	var lk mbpf.MemprofLiveKey
+	var lb mbpf.MemprofLiveBlock
+	var liveKeys []mbpf.MemprofLiveKey
+	it := m.Live.Iterate()
+	for it.Next(&lk, &lb) {
+		if lk.Tgid == pid {
+			liveKeys = append(liveKeys, lk)
+		}
+	}
+	for _, k := range liveKeys {
+		if m.Live.Delete(k) == nil {
+			removed++
+		}
+	}
+	var ak mbpf.MemprofAllocKey
+	var n uint64
+	var allocKeys []mbpf.MemprofAllocKey
+	it = m.Allocs.Iterate()
+	for it.Next(&ak, &n) {
+		if ak.Tgid == pid {
+			allocKeys = append(allocKeys, ak)
+		}
+	}
+	for _, k := range allocKeys {
+		if m.Allocs.Delete(k) == nil {
+			removed++
+		}
+	}
+	return removed, nil
+}
+
+// Merge adds the buckets and stacks of other into s (used to fold in the
+// frozen state of processes that exited during the window).
+func (s *Snapshot) Merge(other *Snapshot) {
+	if other == nil {
+		return
+	}
+	s.Buckets = append(s.Buckets, other.Buckets...)
+	for id, st := range other.Stacks {
+		if _, ok := s.Stacks[id]; !ok {
+			s.Stacks[id] = st
+		}
+	}
+	for pid, id := range other.Memcg {
+		s.Memcg[pid] = id
+	}
+}
+
+// Totals sums sampled counts of the snapshot (raw, not unsampled).
+func (s *Snapshot) Pids() []uint32 {
+	seen := map[uint32]bool{}
+	var out []uint32
+	for _, b := range s.Buckets {
+		if !seen[b.Pid] {
+			seen[b.Pid] = true
+			out = append(out, b.Pid)
+		}
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i] < out[j] })
+	return out
+}

@@ -1,0 +1,195 @@
+package recorder
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"time"
+
+	"github.com/cilium/ebpf/ringbuf"
+	"github.com/google/pprof/profile"
+
+	mbpf "github.com/memprof/memprof/bpf"
+	"github.com/memprof/memprof/internal/frag"
+	"github.com/memprof/memprof/internal/oom"
+	"github.com/memprof/memprof/internal/procmaps"
+	"github.com/memprof/memprof/pprofout"
+)
+
+// OOMKill is one OOM kill seen by the session.
+type OOMKill struct {
+	Victim oom.Victim
+	Target bool // the victim was being profiled
+	// Profile is the victim's heap as it stood at the kill (nil when the
+	// victim was not a target).
+	Profile *pprofout.Profile
+	// Allocator of the victim, for the fragmentation verdict.
+	Allocator frag.Allocator
+}
+
+// startOOM attaches the OOM programs and starts reading their events.
+func (s *Session) startOOM() error {
+	if err := s.objs.AttachOOM(); err != nil {
+		return err
+	}
+	rd, err := ringbuf.NewReader(s.objs.Events)
+	if err != nil {
+		return fmt.Errorf("open BPF ring buffer: %w", err)
+	}
+	s.oomStop = func() { rd.Close() }
+	go func() {
+		for {
+			rec, err := rd.Read()
+			if err != nil {
+				if errors.Is(err, ringbuf.ErrClosed) {
+					return
+				}
+				s.recordErr(fmt.Errorf("read BPF events: %w", err))
+				continue
+			}
+			var ev mbpf.MemprofOomEvent
+			if err := binary.Read(bytes.NewReader(rec.RawSample), binary.LittleEndian, &ev); err != nil {
+				s.recordErr(fmt.Errorf("decode OOM event: %w", err))
+				continue
+			}
+			s.handleOOM(ev)
+		}
+	}()
+	return nil
+}
+
+func (s *Session) handleOOM(ev mbpf.MemprofOomEvent) {
+	pid := int(ev.Pid)
+	v := oom.Victim{Time: time.Now(), Pid: pid, MemcgID: ev.Memcg, CgroupID: ev.Cgroup, Comm: cString(ev.Comm[:])}
+	if v.MemcgID == 0 && !procmaps.Alive(pid) {
+		// Classic tracepoint and the victim is gone already: the cgroup
+		// where the OOM was triggered is the best evidence left.
+		v.MemcgID = ev.TriggerMemcg
+	}
+	if ev.HaveRss != 0 {
+		// The tracepoint reports RSS in KiB.
+		v.AnonRSS, v.FileRSS, v.ShmemRSS = ev.AnonRss*1024, ev.FileRss*1024, ev.ShmemRss*1024
+	}
+	if ev.HaveScore != 0 {
+		v.OOMScoreAdj = int(ev.OomScoreAdj)
+	}
+	s.mu.Lock()
+	t := s.procs[pid]
+	s.mu.Unlock()
+	if v.Comm == "" {
+		if t != nil {
+			v.Comm = t.comm
+		} else {
+			v.Comm = procmaps.Comm(pid)
+		}
+	}
+	kill := &OOMKill{Victim: v, Allocator: frag.Unknown}
+	if t != nil && !t.exited {
+		kill.Target = true
+		t.oomed = true
+		kill.Allocator = t.allocator
+		snap := s.freeze(pid, "was OOM-killed")
+		if snap != nil {
+			p, err := s.profileOf(snap, func(p uint32) bool { return p == uint32(pid) })
+			if err == nil {
+				p.Start = v.Time
+				p.Duration = 0
+				p.Comments = append(p.Comments, "memprof: heap of OOM victim "+strconv.Itoa(pid)+" ("+v.Comm+") at the kill")
+				kill.Profile = p
+			}
+		}
+	} else if !s.opts.AllOOMs {
+		return
+	}
+	if s.opts.OOM != nil {
+		s.opts.OOM(kill)
+	}
+}
+
+func cString(b []int8) string {
+	var out []byte
+	for _, c := range b {
+		if c == 0 {
+			break
+		}
+		out = append(out, byte(c))
+	}
+	return string(out)
+}
+
+// WriteOOM writes the post-mortem of a kill into dir: the victim's heap
+// profile (oom-<time>-<comm>-<pid>.pb.gz) when it was a target, and the
+// report as .json and .txt. It returns the paths written.
+func WriteOOM(k *OOMKill, dir string) ([]string, error) {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, fmt.Errorf("create OOM directory %s: %w", dir, err)
+	}
+	r := oom.New(k.Victim)
+	base := oom.FileBase(k.Victim.Time, k.Victim.Comm, k.Victim.Pid)
+	var written []string
+	if k.Profile != nil {
+		if r.CgroupPath != "" {
+			for i := range k.Profile.Samples {
+				k.Profile.Samples[i].Labels["cgroup"] = r.CgroupPath
+			}
+		}
+		built, err := pprofout.Build(k.Profile)
+		if err != nil {
+			return nil, fmt.Errorf("build OOM profile: %w", err)
+		}
+		live := inuseBytes(built)
+		v := frag.Assess(k.Allocator, k.Victim.AnonRSS, uint64(live), nil)
+		r.Fragmentation = &v
+		k.Profile.Comments = append(k.Profile.Comments, fragComments(v)...)
+		path := filepath.Join(dir, base+".pb.gz")
+		if err := pprofout.WriteFile(path, k.Profile); err != nil {
+			return nil, err
+		}
+		r.ProfilePath = path
+		written = append(written, path)
+		if rows, err := pprofout.Top(built, "inuse_space", 10); err == nil {
+			r.TopStacks = rows
+		}
+	} else {
+		r.Notes = append(r.Notes, "the victim was not being profiled: no heap profile")
+	}
+	j, t, err := r.WriteFiles(dir, base)
+	if err != nil {
+		return written, err
+	}
+	return append(written, j, t), nil
+}
+
+// inuseBytes sums the inuse_space values of a built profile.
+func inuseBytes(p *profile.Profile) int64 {
+	idx := -1
+	for i, st := range p.SampleType {
+		if st.Type == "inuse_space" {
+			idx = i
+		}
+	}
+	if idx < 0 {
+		return 0
+	}
+	var sum int64
+	for _, smp := range p.Sample {
+		sum += smp.Value[idx]
+	}
+	return sum
+}
+
+// fragComments records a verdict's figures in profile comments.
+func fragComments(v frag.Verdict) []string {
+	return []string{
+		pprofout.MetaComment("allocator", string(v.Allocator)),
+		pprofout.MetaComment("rss_anon", strconv.FormatUint(v.RSS, 10)),
+		pprofout.MetaComment("live_estimate", strconv.FormatUint(v.Live, 10)),
+		pprofout.MetaComment("frag_ratio", strconv.FormatFloat(v.Ratio, 'f', 3, 64)),
+		pprofout.MetaComment("frag_excess", strconv.FormatInt(v.Excess, 10)),
+		pprofout.MetaComment("frag_verdict", v.Summary),
+	}
+}
