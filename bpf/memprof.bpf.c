@@ -70,6 +70,16 @@ struct {
 	__uint(value_size, MAX_STACK_DEPTH * sizeof(__u64));
 } stacks SEC(".maps");
 
+// Allocator calls per process (probe hits), for rates and the overhead
+// budget. Threads add their count here every CALLS_FLUSH calls and at each
+// sample, so the hot path only touches its own task storage.
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, MAX_PROCS);
+	__type(key, __u32);
+	__type(value, __u64);
+} proc_calls SEC(".maps");
+
 // Counters (probe hits, samples, and every cause of a lost event), per CPU.
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -129,6 +139,26 @@ static __always_inline struct thread_state *thread(void)
 	return bpf_task_storage_get(&threads, task, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
 }
 
+// flush_calls adds the thread's pending call count to its process's.
+static __always_inline void flush_calls(struct thread_state *ts)
+{
+	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	__u64 n = ts->calls;
+	ts->calls = 0;
+	__u64 *c = bpf_map_lookup_elem(&proc_calls, &tgid);
+	if (c) {
+		__sync_fetch_and_add(c, n);
+		return;
+	}
+	bpf_map_update_elem(&proc_calls, &tgid, &n, BPF_NOEXIST);
+}
+
+static __always_inline void count_call(struct thread_state *ts)
+{
+	if (++ts->calls >= CALLS_FLUSH)
+		flush_calls(ts);
+}
+
 // drop_stale pops pending calls whose frame is already gone (a return probe
 // that never fired: longjmp out of the allocator, uretprobe depth limit).
 // Their stack pointer lies below the current one.
@@ -146,19 +176,27 @@ static __always_inline void drop_stale(struct thread_state *ts, __u64 sp)
 	}
 }
 
+// gap draws the distance in bytes to the next sample.
+static __always_inline __s64 gap(void)
+{
+	__u32 idx = bpf_get_prandom_u32() & (GAP_TABLE_SIZE - 1);
+	__u64 *g = bpf_map_lookup_elem(&gaps, &idx);
+	return g && *g ? *g : 1;
+}
+
 // sampled decides, Poisson by bytes, whether an allocation of size bytes is
 // sampled.
 static __always_inline int sampled(struct thread_state *ts, __u64 size)
 {
 	if (sample_all)
 		return 1;
+	if (ts->countdown == 0) // a new thread: start at a random point
+		ts->countdown = gap();
 	if (ts->countdown > (__s64)size) {
 		ts->countdown -= size;
 		return 0;
 	}
-	__u32 idx = bpf_get_prandom_u32() & (GAP_TABLE_SIZE - 1);
-	__u64 *gap = bpf_map_lookup_elem(&gaps, &idx);
-	ts->countdown = gap ? *gap : 0;
+	ts->countdown = gap();
 	return 1;
 }
 
@@ -173,6 +211,7 @@ static __always_inline void enter(struct pt_regs *ctx, __u8 kind, __u64 size, __
 		count(C_NO_THREAD_STATE);
 		return;
 	}
+	count_call(ts);
 	__u64 sp = PT_REGS_SP(ctx);
 	drop_stale(ts, sp);
 	__u32 d = ts->depth;
@@ -308,6 +347,7 @@ int BPF_KPROBE(free_enter, __u64 ptr)
 		return 0;
 	struct thread_state *ts = thread();
 	if (ts) {
+		count_call(ts);
 		drop_stale(ts, PT_REGS_SP(ctx));
 		if (ts->depth > 0) {
 			count(C_NESTED);
@@ -373,6 +413,7 @@ int BPF_KRETPROBE(alloc_return, __u64 ret)
 	}
 	if (ptr == 0 || !p->sampled)
 		return 0;
+	flush_calls(ts);
 	track(ctx, tgid, ptr, p->size);
 	return 0;
 }

@@ -8,6 +8,7 @@
 #define MAX_LIVE 262144		 // sampled live blocks across all targets
 #define MAX_ALLOC_BUCKETS 65536	 // (process, stack, size) buckets
 #define MAX_STACKS 32768
+#define MAX_PROCS 16384		 // processes with a call count
 #define MAX_STACK_DEPTH 127
 #define STACK_UNKNOWN 0xffffffff
 
@@ -50,10 +51,12 @@ struct pending {
 	__u8 _pad[6];
 };
 
+#define CALLS_FLUSH 4096	// per-thread calls counted before they are added to the process's count
+
 struct thread_state {
 	__s64 countdown; // bytes until the next sample
 	__u32 depth;
-	__u32 _pad;
+	__u32 calls;	 // allocator calls not yet added to proc_calls
 	struct pending pending[MAX_NESTING];
 };
 

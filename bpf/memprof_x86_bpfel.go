@@ -88,7 +88,7 @@ type MemprofThreadState struct {
 	_         structs.HostLayout
 	Countdown int64
 	Depth     uint32
-	Pad       uint32
+	Calls     uint32
 	Pending   [4]struct {
 		_       structs.HostLayout
 		Sp      uint64
@@ -109,6 +109,7 @@ const (
 	MemprofMapEvents              = "events"
 	MemprofMapGaps                = "gaps"
 	MemprofMapLive                = "live"
+	MemprofMapProcCalls           = "proc_calls"
 	MemprofMapStacks              = "stacks"
 	MemprofMapThreads             = "threads"
 	MemprofProgAllocReturn        = "alloc_return"
@@ -192,13 +193,14 @@ type MemprofProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type MemprofMapSpecs struct {
-	Allocs   *ebpf.MapSpec `ebpf:"allocs"`
-	Counters *ebpf.MapSpec `ebpf:"counters"`
-	Events   *ebpf.MapSpec `ebpf:"events"`
-	Gaps     *ebpf.MapSpec `ebpf:"gaps"`
-	Live     *ebpf.MapSpec `ebpf:"live"`
-	Stacks   *ebpf.MapSpec `ebpf:"stacks"`
-	Threads  *ebpf.MapSpec `ebpf:"threads"`
+	Allocs    *ebpf.MapSpec `ebpf:"allocs"`
+	Counters  *ebpf.MapSpec `ebpf:"counters"`
+	Events    *ebpf.MapSpec `ebpf:"events"`
+	Gaps      *ebpf.MapSpec `ebpf:"gaps"`
+	Live      *ebpf.MapSpec `ebpf:"live"`
+	ProcCalls *ebpf.MapSpec `ebpf:"proc_calls"`
+	Stacks    *ebpf.MapSpec `ebpf:"stacks"`
+	Threads   *ebpf.MapSpec `ebpf:"threads"`
 }
 
 // MemprofVariableSpecs contains global variables before they are loaded into the kernel.
@@ -232,13 +234,14 @@ func (o *MemprofObjects) Close() error {
 //
 // It can be passed to LoadMemprofObjects or ebpf.CollectionSpec.LoadAndAssign.
 type MemprofMaps struct {
-	Allocs   *ebpf.Map `ebpf:"allocs"`
-	Counters *ebpf.Map `ebpf:"counters"`
-	Events   *ebpf.Map `ebpf:"events"`
-	Gaps     *ebpf.Map `ebpf:"gaps"`
-	Live     *ebpf.Map `ebpf:"live"`
-	Stacks   *ebpf.Map `ebpf:"stacks"`
-	Threads  *ebpf.Map `ebpf:"threads"`
+	Allocs    *ebpf.Map `ebpf:"allocs"`
+	Counters  *ebpf.Map `ebpf:"counters"`
+	Events    *ebpf.Map `ebpf:"events"`
+	Gaps      *ebpf.Map `ebpf:"gaps"`
+	Live      *ebpf.Map `ebpf:"live"`
+	ProcCalls *ebpf.Map `ebpf:"proc_calls"`
+	Stacks    *ebpf.Map `ebpf:"stacks"`
+	Threads   *ebpf.Map `ebpf:"threads"`
 }
 
 func (m *MemprofMaps) Close() error {
@@ -248,6 +251,7 @@ func (m *MemprofMaps) Close() error {
 		m.Events,
 		m.Gaps,
 		m.Live,
+		m.ProcCalls,
 		m.Stacks,
 		m.Threads,
 	)

@@ -12,6 +12,8 @@
  *   je_allocated je_resident                  from jemalloc's mallctl, when
  *                                             jemalloc is LD_PRELOADed
  *   live_requested                            bytes the program holds
+ * With FRAG_WAIT set in the environment it first prints "waiting" and waits
+ * for a line, so a profiler can attach before the first allocation.
  * then "ready", and blocks until stdin is closed or a line arrives.
  */
 #define _GNU_SOURCE
@@ -59,6 +61,14 @@ int main(int argc, char **argv)
 	size_t n = strtoull(argv[2], NULL, 0);
 	g_size = strtoull(argv[3], NULL, 0);
 	size_t live = 0;
+	if (getenv("FRAG_WAIT")) {
+		/* let a profiler attach before the first allocation */
+		char go[16];
+		printf("waiting\n");
+		fflush(stdout);
+		if (!fgets(go, sizeof go, stdin))
+			return 3;
+	}
 
 	if (strcmp(mode, "threads") == 0) {
 		pthread_t *th = calloc(n, sizeof *th);

@@ -114,3 +114,25 @@ func checkCaps() error {
 	}
 	return nil
 }
+
+// ProcCalls returns the allocator calls counted per process (probe hits).
+// Threads add their count every few thousand calls and at each sample, so
+// the figure trails the truth by at most CALLS_FLUSH calls per thread.
+func (o *Objects) ProcCalls() (map[uint32]uint64, error) {
+	out := map[uint32]uint64{}
+	var k uint32
+	var v uint64
+	it := o.MemprofObjects.ProcCalls.Iterate()
+	for it.Next(&k, &v) {
+		out[k] = v
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("read per-process call counts: %w", err)
+	}
+	return out, nil
+}
+
+// ForgetProc drops a process's call count (after it exited).
+func (o *Objects) ForgetProc(pid uint32) {
+	o.MemprofObjects.ProcCalls.Delete(pid)
+}

@@ -57,7 +57,7 @@ func Assess(a Allocator, rss, live uint64, pm *ProcessMem) Verdict {
 		v.Summary = fmt.Sprintf("high fragmentation: %s of anonymous RSS holds %s of live %s allocations (ratio %.2f, %s not in use)",
 			human(rss), human(live), a, v.Ratio, human(uint64(v.Excess)))
 		v.Advice = advice(a, pm)
-	case v.Ratio < 1:
+	case v.Ratio < 0.95:
 		v.Summary = fmt.Sprintf("ratio %.2f (RSS %s below live %s): part of the heap is swapped out or never touched, or the live estimate is high (sampling error)", v.Ratio, human(rss), human(live))
 	case v.Ratio > AlarmRatio:
 		v.Summary = fmt.Sprintf("ratio %.2f but only %s not in use (alarm needs more than %s): fine", v.Ratio, human(uint64(v.Excess)), human(AlarmExcess))

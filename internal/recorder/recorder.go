@@ -45,6 +45,12 @@ type Options struct {
 	// AllOOMs reports OOM kills of processes that are not targets too
 	// (without a heap profile).
 	AllOOMs bool
+	// DropExited discards the state of targets that exit instead of
+	// keeping it for the final profile (the agent, which runs forever).
+	DropExited bool
+	// AllowEmpty starts a session with no target yet (the agent adds
+	// cgroups as containers appear).
+	AllowEmpty bool
 }
 
 // Session is one recording.
@@ -75,11 +81,13 @@ type target struct {
 	lastMap time.Time
 	// allocator of the process, for the fragmentation verdict
 	allocator frag.Allocator
+	// exitMem is the memory state read in the exit stop of a command.
+	exitMem *frag.ProcessMem
 }
 
 // Start loads the programs and attaches to the targets.
 func Start(ctx context.Context, opts Options) (*Session, error) {
-	if len(opts.Pids) == 0 && len(opts.Cgroups) == 0 && len(opts.Command) == 0 {
+	if len(opts.Pids) == 0 && len(opts.Cgroups) == 0 && len(opts.Command) == 0 && !opts.AllowEmpty {
 		return nil, errors.New("nothing to record: give --pid, --cgroup, --pod or a command after --")
 	}
 	if opts.SampleRate == 0 {
@@ -148,6 +156,9 @@ func Start(ctx context.Context, opts Options) (*Session, error) {
 	return s, nil
 }
 
+// StartTime is when the recording started.
+func (s *Session) StartTime() time.Time { return s.start }
+
 // Features describes the kernel paths in use.
 func (s *Session) Features() bpfload.Features { return s.objs.Features }
 
@@ -199,6 +210,13 @@ func (s *Session) commandExiting(pid int) {
 	s.mu.Unlock()
 	if t != nil && t.sym != nil {
 		t.sym.Refresh()
+	}
+	if t != nil {
+		// RSS is still intact in the exit stop: keep it for the
+		// fragmentation verdict.
+		if pm, err := frag.ReadProcess(pid); err == nil {
+			t.exitMem = &pm
+		}
 	}
 	s.freeze(pid, "exited")
 }
@@ -272,7 +290,7 @@ func (s *Session) loop(ctx context.Context) {
 			return
 		case <-tick.C:
 		}
-		for _, cg := range s.opts.Cgroups {
+		for _, cg := range s.Cgroups() {
 			if _, err := s.scanCgroup(cg); err != nil {
 				s.recordErr(err)
 			}
@@ -344,13 +362,22 @@ func (s *Session) freeze(pid int, why string) *heap.Snapshot {
 	if err != nil {
 		s.recordErr(fmt.Errorf("read state of exited process %d: %w", pid, err))
 		snap = nil
-	} else {
+	} else if !s.opts.DropExited {
 		s.mu.Lock()
 		s.frozen.Merge(snap)
 		s.mu.Unlock()
 	}
 	s.att.Detach(pid)
 	heap.Forget(heap.FromObjects(&s.objs.MemprofObjects), uint32(pid))
+	s.objs.ForgetProc(uint32(pid))
+	if s.opts.DropExited {
+		s.mu.Lock()
+		delete(s.procs, pid)
+		s.mu.Unlock()
+		if t.sym != nil {
+			t.sym.Close()
+		}
+	}
 	s.opts.Notify(fmt.Sprintf("process %d (%s) %s; its heap as it stood then is kept in the profile", pid, t.comm, why))
 	return snap
 }
@@ -358,8 +385,8 @@ func (s *Session) freeze(pid int, why string) *heap.Snapshot {
 // Running reports whether any target is still alive (or, in cgroup mode,
 // whether the session should keep waiting for new processes).
 func (s *Session) Running() bool {
-	if len(s.opts.Cgroups) > 0 {
-		for _, cg := range s.opts.Cgroups {
+	if cgs := s.Cgroups(); len(cgs) > 0 {
+		for _, cg := range cgs {
 			if _, err := os.Stat(cg); err == nil {
 				return true
 			}
@@ -595,3 +622,76 @@ func allocatorOf(objs []*attach.Object) frag.Allocator {
 	}
 	return a
 }
+
+// Cgroups lists the cgroup directories being followed.
+func (s *Session) Cgroups() []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]string(nil), s.opts.Cgroups...)
+}
+
+// AddCgroup starts following a cgroup: its processes now and later.
+func (s *Session) AddCgroup(dir string) error {
+	s.mu.Lock()
+	for _, c := range s.opts.Cgroups {
+		if c == dir {
+			s.mu.Unlock()
+			return nil
+		}
+	}
+	s.opts.Cgroups = append(s.opts.Cgroups, dir)
+	s.mu.Unlock()
+	_, err := s.scanCgroup(dir)
+	return err
+}
+
+// RemoveCgroup stops following a cgroup and detaches from its processes
+// (their state is dropped).
+func (s *Session) RemoveCgroup(dir string, pids []int) {
+	s.mu.Lock()
+	kept := s.opts.Cgroups[:0]
+	for _, c := range s.opts.Cgroups {
+		if c != dir {
+			kept = append(kept, c)
+		}
+	}
+	s.opts.Cgroups = kept
+	s.mu.Unlock()
+	for _, pid := range pids {
+		s.Forget(pid)
+	}
+}
+
+// AddPid starts profiling one more process.
+func (s *Session) AddPid(pid int) error { return s.addPid(pid) }
+
+// Forget detaches from a process and drops its state (the agent's budget
+// uses it to drop a target that costs too much).
+func (s *Session) Forget(pid int) {
+	s.mu.Lock()
+	t := s.procs[pid]
+	delete(s.procs, pid)
+	s.mu.Unlock()
+	s.att.Detach(pid)
+	heap.Forget(heap.FromObjects(&s.objs.MemprofObjects), uint32(pid))
+	s.objs.ForgetProc(uint32(pid))
+	if t != nil && t.sym != nil {
+		t.sym.Close()
+	}
+}
+
+// ProcCalls returns the allocator calls counted per target process.
+func (s *Session) ProcCalls() (map[uint32]uint64, error) { return s.objs.ProcCalls() }
+
+// ProfileFor builds the profile of the processes only selects, from the
+// current state (including kept state of exited ones).
+func (s *Session) ProfileFor(only func(pid uint32) bool) (*pprofout.Profile, error) {
+	snap, err := s.Snapshot()
+	if err != nil {
+		return nil, err
+	}
+	return s.profileOf(snap, only)
+}
+
+// Attacher exposes probe statistics (links in place).
+func (s *Session) Links() int { return s.att.Links() }

@@ -1,0 +1,262 @@
+package main
+
+import (
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/urfave/cli/v2"
+	"golang.org/x/term"
+
+	"github.com/memprof/memprof/internal/podfind"
+	"github.com/memprof/memprof/internal/recorder"
+	"github.com/memprof/memprof/pprofout"
+)
+
+func recordCommand() *cli.Command {
+	return &cli.Command{
+		Name:      "record",
+		Usage:     "record a heap profile of processes, a cgroup, a pod, or a command",
+		ArgsUsage: "[-- command [args...]]",
+		Description: "Examples:\n" +
+			"  memprof record --pid 1234 --duration 30s -o heap.pb.gz\n" +
+			"  memprof record --cgroup /sys/fs/cgroup/memory/mygroup\n" +
+			"  memprof record --pod web-0 --namespace shop\n" +
+			"  memprof record -o heap.pb.gz -- ./server --port 8080\n" +
+			"Without --duration it records until the targets exit or Ctrl-C; the profile is written either way.",
+		Flags: []cli.Flag{
+			&cli.IntSliceFlag{Name: "pid", Aliases: []string{"p"}, Usage: "process to profile (repeatable)"},
+			&cli.StringSliceFlag{Name: "cgroup", Usage: "cgroup directory: every process in it, including later ones (repeatable)"},
+			&cli.StringFlag{Name: "pod", Usage: "Kubernetes pod on this node to profile"},
+			&cli.StringFlag{Name: "namespace", Aliases: []string{"n"}, Usage: "namespace of --pod (default: any, if unambiguous)"},
+			&cli.StringFlag{Name: "container", Aliases: []string{"c"}, Usage: "container of --pod (default: all)"},
+			&cli.DurationFlag{Name: "duration", Aliases: []string{"d"}, Usage: "how long to record (default: until the targets exit or Ctrl-C)"},
+			&cli.StringFlag{Name: "output", Aliases: []string{"o"}, Usage: "profile file (default memprof-<target>-<time>.pb.gz)"},
+			&cli.Uint64Flag{Name: "sample-rate", Value: recorder.DefaultSampleRate, Usage: "mean bytes between samples (Poisson); 1 records every allocation exactly"},
+			&cli.StringFlag{Name: "oom-dir", Usage: "where OOM post-mortems go (default: next to the profile)"},
+			&cli.BoolFlag{Name: "all-ooms", Usage: "also report OOM kills of processes that are not targets"},
+			&cli.IntFlag{Name: "top", Value: 10, Usage: "stacks shown in the summary"},
+			&cli.StringFlag{Name: "host-root", Value: "/", Usage: "where the host's /proc, /sys/fs/cgroup and /var/log/pods are (inside a container: the host mount)"},
+		},
+		Action: runRecord,
+	}
+}
+
+func runRecord(c *cli.Context) error {
+	opts := recorder.Options{
+		SampleRate: c.Uint64("sample-rate"),
+		Pids:       c.IntSlice("pid"),
+		Cgroups:    c.StringSlice("cgroup"),
+		Command:    c.Args().Slice(),
+		AllOOMs:    c.Bool("all-ooms"),
+	}
+	if opts.SampleRate == 0 {
+		return fmt.Errorf("--sample-rate must be at least 1 byte")
+	}
+	target := describeTarget(opts)
+	var podLabels map[string]string
+	if pod := c.String("pod"); pod != "" {
+		conts, err := podfind.Discover(c.Context, podPaths(c.String("host-root")))
+		if err != nil {
+			return fmt.Errorf("find pods on this node: %w", err)
+		}
+		sel, err := podfind.Select(conts, pod, c.String("namespace"), c.String("container"))
+		if err != nil {
+			return err
+		}
+		for _, ct := range sel {
+			dir := ct.CgroupV1Memory
+			if dir == "" {
+				dir = ct.CgroupV2
+			}
+			opts.Cgroups = append(opts.Cgroups, dir)
+		}
+		podLabels = map[string]string{"namespace": sel[0].Namespace, "pod": sel[0].Pod, "node": hostname()}
+		if len(sel) == 1 {
+			podLabels["container"] = sel[0].Name
+		}
+		target = sel[0].Namespace + "-" + sel[0].Pod
+	}
+	out := c.String("output")
+	if out == "" {
+		out = fmt.Sprintf("memprof-%s-%s.pb.gz", target, time.Now().Format("20060102-150405"))
+	}
+	oomDir := c.String("oom-dir")
+	if oomDir == "" {
+		oomDir = filepath.Dir(out)
+	}
+	stderr := os.Stderr
+	tty := term.IsTerminal(int(stderr.Fd()))
+	clearLine := func() {
+		if tty {
+			fmt.Fprint(stderr, "\r\033[K")
+		}
+	}
+	opts.Notify = func(msg string) {
+		clearLine()
+		fmt.Fprintln(stderr, "memprof:", msg)
+	}
+	opts.OOM = func(k *recorder.OOMKill) {
+		paths, err := recorder.WriteOOM(k, oomDir)
+		clearLine()
+		if err != nil {
+			fmt.Fprintf(stderr, "memprof: OOM kill of pid %d (%s): writing the post-mortem failed: %v\n", k.Victim.Pid, k.Victim.Comm, err)
+			return
+		}
+		fmt.Fprintf(stderr, "memprof: OOM KILL of pid %d (%s): post-mortem written: %s\n", k.Victim.Pid, k.Victim.Comm, strings.Join(paths, ", "))
+	}
+
+	ctx, stop := signal.NotifyContext(c.Context, os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	s, err := recorder.Start(ctx, opts)
+	if err != nil {
+		return err
+	}
+	defer s.Close()
+	fmt.Fprintf(stderr, "memprof: recording %s (sample rate %d bytes); %s\n", target, opts.SampleRate, s.Features())
+	for _, o := range s.Objects() {
+		n, emu := o.Probed()
+		fmt.Fprintf(stderr, "memprof: probing %s (%s): %d functions, %d at emulated instructions\n", o.Path, o.Allocator, n, emu)
+	}
+
+	progressDone := make(chan struct{})
+	if tty {
+		go progress(s, stderr, progressDone)
+	}
+	reason := s.Wait(ctx, c.Duration("duration"))
+	close(progressDone)
+	clearLine()
+	fmt.Fprintf(stderr, "memprof: stopped: %s after %s\n", reason, time.Since(s.StartTime()).Round(time.Millisecond))
+	return writeResult(s, out, podLabels, c.Int("top"), stderr)
+}
+
+func describeTarget(o recorder.Options) string {
+	switch {
+	case len(o.Command) > 0:
+		return filepath.Base(o.Command[0])
+	case len(o.Pids) > 0:
+		var parts []string
+		for _, p := range o.Pids {
+			parts = append(parts, strconv.Itoa(p))
+		}
+		return "pid" + strings.Join(parts, "-")
+	case len(o.Cgroups) > 0:
+		return "cgroup-" + filepath.Base(o.Cgroups[0])
+	}
+	return "none"
+}
+
+func hostname() string {
+	h, _ := os.Hostname()
+	return h
+}
+
+// progress redraws one status line on stderr each second.
+func progress(s *recorder.Session, w io.Writer, done <-chan struct{}) {
+	start := time.Now()
+	tick := time.NewTicker(time.Second)
+	defer tick.Stop()
+	for {
+		select {
+		case <-done:
+			return
+		case <-tick.C:
+		}
+		c, err := s.Counters()
+		if err != nil {
+			continue
+		}
+		live := int64(0)
+		if p, err := s.Profile(); err == nil {
+			if built, err := pprofout.Build(p); err == nil {
+				for _, v := range recorder.LiveByPid(built) {
+					live += v
+				}
+			}
+		}
+		fmt.Fprintf(w, "\r\033[K[%s] allocations seen: %d  frees: %d  samples: %d  estimated live: %s  targets: %d",
+			time.Since(start).Round(time.Second), c.Calls, c.Frees, c.Samples, pprofout.HumanBytes(live), len(s.Targets()))
+	}
+}
+
+// writeResult builds and writes the profile, then prints the summary.
+func writeResult(s *recorder.Session, out string, extraLabels map[string]string, top int, w io.Writer) error {
+	p, err := s.Profile()
+	if err != nil {
+		return fmt.Errorf("read recorded state: %w", err)
+	}
+	for i := range p.Samples {
+		for k, v := range extraLabels {
+			p.Samples[i].Labels[k] = v
+		}
+	}
+	built, err := pprofout.Build(p)
+	if err != nil {
+		return fmt.Errorf("build profile: %w", err)
+	}
+	frags := s.Fragmentation(built)
+	p.Comments = append(p.Comments, recorder.FragComments(frags)...)
+	if err := pprofout.WriteFile(out, p); err != nil {
+		return err
+	}
+	c, _ := s.Counters()
+	fmt.Fprintf(w, "\nmemprof: %d allocator calls and %d frees seen, %d sampled\n", c.Calls, c.Frees, c.Samples)
+	if lost := c.Lost(); len(lost) > 0 {
+		keys := make([]string, 0, len(lost))
+		for k := range lost {
+			keys = append(keys, k)
+		}
+		sort.Strings(keys)
+		var parts []string
+		for _, k := range keys {
+			parts = append(parts, fmt.Sprintf("%s=%d", k, lost[k]))
+		}
+		fmt.Fprintf(w, "memprof: LOST events (also in the profile's comments): %s\n", strings.Join(parts, " "))
+	} else {
+		fmt.Fprintln(w, "memprof: no events lost")
+	}
+	for _, f := range frags {
+		if f.Err != nil {
+			fmt.Fprintf(w, "fragmentation %s: %v\n", f.Scope, f.Err)
+			continue
+		}
+		fmt.Fprintf(w, "fragmentation %s: %s\n", f.Scope, f.Verdict.Summary)
+		for _, a := range f.Verdict.Advice {
+			fmt.Fprintf(w, "  advice: %s\n", a)
+		}
+	}
+	rows, err := pprofout.Top(built, "inuse_space", top)
+	if err == nil {
+		if len(rows) == 0 {
+			fmt.Fprintln(w, "\nno live sampled allocations")
+		} else {
+			fmt.Fprintf(w, "\ntop %d stacks by live bytes (inuse_space):\n", len(rows))
+			pprofout.FormatTop(w, rows, "inuse_space", 8)
+		}
+	}
+	fmt.Fprintf(w, "\nprofile written to %s\nview it with: go tool pprof -http=: %s\n", out, out)
+	return nil
+}
+
+// podPaths are the discovery paths under the host's root (memprof inside a
+// container sees the host's filesystems mounted there).
+func podPaths(root string) podfind.Paths {
+	p := podfind.DefaultPaths()
+	if root == "" || root == "/" {
+		return p
+	}
+	p.CgroupRoot = filepath.Join(root, p.CgroupRoot)
+	p.ProcRoot = filepath.Join(root, p.ProcRoot)
+	p.PodLogs = filepath.Join(root, p.PodLogs)
+	for i, sock := range p.CRISockets {
+		p.CRISockets[i] = filepath.Join(root, sock)
+	}
+	return p
+}

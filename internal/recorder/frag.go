@@ -1,0 +1,109 @@
+package recorder
+
+import (
+	"fmt"
+	"sort"
+	"strconv"
+
+	"github.com/google/pprof/profile"
+
+	"github.com/memprof/memprof/internal/cgroups"
+	"github.com/memprof/memprof/internal/frag"
+	"github.com/memprof/memprof/pprofout"
+)
+
+// FragReport is the fragmentation verdict of one process or cgroup.
+type FragReport struct {
+	Scope   string // "pid 1234 (redis-server)" or "cgroup /sys/fs/cgroup/..."
+	Verdict frag.Verdict
+	Err     error // why no verdict could be made (process gone, ...)
+}
+
+// LiveByPid sums the unsampled inuse_space of a built profile per pid label.
+func LiveByPid(p *profile.Profile) map[int]int64 {
+	idx := -1
+	for i, st := range p.SampleType {
+		if st.Type == "inuse_space" {
+			idx = i
+		}
+	}
+	out := map[int]int64{}
+	if idx < 0 {
+		return out
+	}
+	for _, s := range p.Sample {
+		if v := s.Label["pid"]; len(v) == 1 {
+			if pid, err := strconv.Atoi(v[0]); err == nil {
+				out[pid] += s.Value[idx]
+			}
+		}
+	}
+	return out
+}
+
+// Fragmentation judges every live target, and every recorded cgroup, from
+// the live bytes estimated in the built profile against RSS now. Targets
+// that exited have no RSS left to judge and are reported as such.
+func (s *Session) Fragmentation(built *profile.Profile) []FragReport {
+	live := LiveByPid(built)
+	s.mu.Lock()
+	var targets []*target
+	for _, t := range s.procs {
+		targets = append(targets, t)
+	}
+	s.mu.Unlock()
+	sort.Slice(targets, func(i, j int) bool { return targets[i].pid < targets[j].pid })
+	var out []FragReport
+	for _, t := range targets {
+		scope := fmt.Sprintf("pid %d (%s)", t.pid, t.comm)
+		if t.exited && t.exitMem != nil {
+			v := frag.Assess(t.allocator, t.exitMem.RssAnon, uint64(max(live[t.pid], 0)), t.exitMem)
+			out = append(out, FragReport{Scope: scope + " at exit", Verdict: v})
+			continue
+		}
+		if t.exited {
+			if _, ok := live[t.pid]; ok {
+				out = append(out, FragReport{Scope: scope, Err: fmt.Errorf("process exited during the recording: no RSS to compare")})
+			}
+			continue
+		}
+		v, err := frag.AssessProcess(t.pid, uint64(max(live[t.pid], 0)))
+		out = append(out, FragReport{Scope: scope, Verdict: v, Err: err})
+	}
+	for _, dir := range s.opts.Cgroups {
+		st, err := cgroups.ReadStats(dir)
+		if err != nil {
+			out = append(out, FragReport{Scope: "cgroup " + dir, Err: err})
+			continue
+		}
+		var sum int64
+		var allocs []frag.Allocator
+		for _, t := range targets {
+			if !t.exited {
+				sum += live[t.pid]
+				allocs = append(allocs, t.allocator)
+			}
+		}
+		out = append(out, FragReport{Scope: "cgroup " + dir, Verdict: frag.AssessCgroup(st, uint64(max(sum, 0)), allocs)})
+	}
+	return out
+}
+
+// FragComments records verdicts in profile comments, so `memprof report`
+// can show them from the file alone.
+func FragComments(reports []FragReport) []string {
+	var out []string
+	for _, r := range reports {
+		if r.Err != nil {
+			out = append(out, pprofout.MetaComment("frag", r.Scope+": "+r.Err.Error()))
+			continue
+		}
+		v := r.Verdict
+		out = append(out, pprofout.MetaComment("frag", fmt.Sprintf("%s: allocator=%s rss=%d live=%d ratio=%.3f excess=%d alarm=%t: %s",
+			r.Scope, v.Allocator, v.RSS, v.Live, v.Ratio, v.Excess, v.Alarm, v.Summary)))
+		for _, a := range v.Advice {
+			out = append(out, pprofout.MetaComment("frag_advice", r.Scope+": "+a))
+		}
+	}
+	return out
+}
