@@ -275,93 +275,95 @@ static __always_inline void track(struct pt_regs *ctx, __u32 tgid, __u64 ptr, __
 
 // ---- entry probes -------------------------------------------------------
 
-SEC("uprobe")
-int BPF_KPROBE(malloc_enter, __u64 size)
+// on_enter handles the entry of an allocator function of the given kind
+// (enum probe_kind, the same numbering as Go's attach.Kind). With a constant
+// kind the switch folds away.
+static __always_inline int on_enter(struct pt_regs *ctx, __u64 kind)
 {
-	count(C_CALLS);
-	enter(ctx, K_PTR, size, 0);
-	return 0;
-}
-
-SEC("uprobe")
-int BPF_KPROBE(calloc_enter, __u64 n, __u64 size)
-{
-	count(C_CALLS);
+	__u64 a1 = PT_REGS_PARM1(ctx), a2 = PT_REGS_PARM2(ctx), a3 = PT_REGS_PARM3(ctx);
 	__u64 total;
-	if (mul_overflows(n, size, &total)) // calloc fails
-		total = 0;
-	enter(ctx, K_PTR, total, 0);
-	return 0;
-}
 
-SEC("uprobe")
-int BPF_KPROBE(memalign_enter, __u64 align, __u64 size)
-{
-	count(C_CALLS);
-	enter(ctx, K_PTR, size, 0);
-	return 0;
-}
-
-SEC("uprobe")
-int BPF_KPROBE(posix_memalign_enter, __u64 memptr, __u64 align, __u64 size)
-{
-	count(C_CALLS);
-	enter(ctx, K_MEMPTR, size, memptr);
-	return 0;
-}
-
-SEC("uprobe")
-int BPF_KPROBE(realloc_enter, __u64 ptr, __u64 size)
-{
-	count(C_CALLS);
-	enter(ctx, K_REALLOC, size, ptr);
-	return 0;
-}
-
-SEC("uprobe")
-int BPF_KPROBE(reallocarray_enter, __u64 ptr, __u64 n, __u64 size)
-{
-	count(C_CALLS);
-	__u64 total;
-	if (mul_overflows(n, size, &total)) // the call fails and keeps the block
-		total = ~0ULL;
-	enter(ctx, K_REALLOC, total, ptr);
-	return 0;
-}
-
-SEC("uprobe")
-int BPF_KPROBE(xallocx_enter, __u64 ptr)
-{
-	count(C_CALLS);
-	enter(ctx, K_XALLOCX, 0, ptr);
-	return 0;
-}
-
-// free and its kin (operator delete, dallocx, sdallocx). A free nested in
-// another allocator call belongs to that call.
-SEC("uprobe")
-int BPF_KPROBE(free_enter, __u64 ptr)
-{
-	count(C_FREES);
-	if (!ptr)
-		return 0;
-	struct thread_state *ts = thread();
-	if (ts) {
-		count_call(ts);
-		drop_stale(ts, PT_REGS_SP(ctx));
-		if (ts->depth > 0) {
-			count(C_NESTED);
+	switch (kind) {
+	case P_MALLOC: // malloc(size), valloc, pvalloc, mallocx, operator new
+		count(C_CALLS);
+		enter(ctx, K_PTR, a1, 0);
+		break;
+	case P_CALLOC: // calloc(n, size)
+		count(C_CALLS);
+		if (mul_overflows(a1, a2, &total)) // calloc fails
+			total = 0;
+		enter(ctx, K_PTR, total, 0);
+		break;
+	case P_MEMALIGN: // memalign(align, size), aligned_alloc
+		count(C_CALLS);
+		enter(ctx, K_PTR, a2, 0);
+		break;
+	case P_POSIX_MEMALIGN: // posix_memalign(memptr, align, size)
+		count(C_CALLS);
+		enter(ctx, K_MEMPTR, a3, a1);
+		break;
+	case P_REALLOC: // realloc(ptr, size), rallocx
+		count(C_CALLS);
+		enter(ctx, K_REALLOC, a2, a1);
+		break;
+	case P_REALLOCARRAY: // reallocarray(ptr, n, size)
+		count(C_CALLS);
+		if (mul_overflows(a2, a3, &total)) // fails and keeps the block
+			total = ~0ULL;
+		enter(ctx, K_REALLOC, total, a1);
+		break;
+	case P_XALLOCX: // xallocx(ptr, size, extra, flags): resizes in place
+		count(C_CALLS);
+		enter(ctx, K_XALLOCX, 0, a1);
+		break;
+	case P_FREE: { // free(ptr), operator delete, dallocx, sdallocx
+		count(C_FREES);
+		if (!a1)
 			return 0;
+		struct thread_state *ts = thread();
+		if (ts) {
+			count_call(ts);
+			drop_stale(ts, PT_REGS_SP(ctx));
+			// A free nested in another allocator call belongs to it.
+			if (ts->depth > 0) {
+				count(C_NESTED);
+				return 0;
+			}
 		}
+		untrack(bpf_get_current_pid_tgid() >> 32, a1);
+		break;
 	}
-	untrack(bpf_get_current_pid_tgid() >> 32, ptr);
+	}
 	return 0;
 }
+
+// One program per kind for per-probe (perf event) attachment...
+SEC("uprobe")
+int malloc_enter(struct pt_regs *ctx) { return on_enter(ctx, P_MALLOC); }
+SEC("uprobe")
+int calloc_enter(struct pt_regs *ctx) { return on_enter(ctx, P_CALLOC); }
+SEC("uprobe")
+int memalign_enter(struct pt_regs *ctx) { return on_enter(ctx, P_MEMALIGN); }
+SEC("uprobe")
+int posix_memalign_enter(struct pt_regs *ctx) { return on_enter(ctx, P_POSIX_MEMALIGN); }
+SEC("uprobe")
+int realloc_enter(struct pt_regs *ctx) { return on_enter(ctx, P_REALLOC); }
+SEC("uprobe")
+int reallocarray_enter(struct pt_regs *ctx) { return on_enter(ctx, P_REALLOCARRAY); }
+SEC("uprobe")
+int xallocx_enter(struct pt_regs *ctx) { return on_enter(ctx, P_XALLOCX); }
+SEC("uprobe")
+int free_enter(struct pt_regs *ctx) { return on_enter(ctx, P_FREE); }
+
+// ...and one for uprobe_multi links (6.6+), where each probe's cookie is
+// its kind: a process's probes in one object are one link, attached and
+// detached with one kernel synchronization instead of one per probe.
+SEC("uprobe.multi")
+int enter_multi(struct pt_regs *ctx) { return on_enter(ctx, bpf_get_attach_cookie(ctx)); }
 
 // ---- return probe -------------------------------------------------------
 
-SEC("uretprobe")
-int BPF_KRETPROBE(alloc_return, __u64 ret)
+static __always_inline int on_return(struct pt_regs *ctx, __u64 ret)
 {
 	struct thread_state *ts = thread();
 	if (!ts)
@@ -417,6 +419,12 @@ int BPF_KRETPROBE(alloc_return, __u64 ret)
 	track(ctx, tgid, ptr, p->size);
 	return 0;
 }
+
+SEC("uretprobe")
+int alloc_return(struct pt_regs *ctx) { return on_return(ctx, PT_REGS_RC(ctx)); }
+
+SEC("uretprobe.multi")
+int return_multi(struct pt_regs *ctx) { return on_return(ctx, PT_REGS_RC(ctx)); }
 
 // ---- OOM kills ----------------------------------------------------------
 
@@ -503,6 +511,18 @@ int empty_enter(struct pt_regs *ctx)
 
 SEC("uretprobe")
 int empty_return(struct pt_regs *ctx)
+{
+	return 0;
+}
+
+SEC("uprobe.multi")
+int empty_enter_multi(struct pt_regs *ctx)
+{
+	return 0;
+}
+
+SEC("uretprobe.multi")
+int empty_return_multi(struct pt_regs *ctx)
 {
 	return 0;
 }

@@ -16,6 +16,19 @@
 #define EEXIST 17
 #endif
 
+// Allocator function kinds: the probe's cookie with uprobe_multi. Same
+// numbering as Go's attach.Kind.
+enum probe_kind {
+	P_MALLOC = 0,
+	P_CALLOC,
+	P_MEMALIGN,
+	P_POSIX_MEMALIGN,
+	P_REALLOC,
+	P_REALLOCARRAY,
+	P_XALLOCX,
+	P_FREE,
+};
+
 // Pending call kinds.
 enum call_kind {
 	K_PTR = 1,	// returns the block (malloc, calloc, new, memalign, ...)

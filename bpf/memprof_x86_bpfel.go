@@ -115,7 +115,10 @@ const (
 	MemprofProgAllocReturn        = "alloc_return"
 	MemprofProgCallocEnter        = "calloc_enter"
 	MemprofProgEmptyEnter         = "empty_enter"
+	MemprofProgEmptyEnterMulti    = "empty_enter_multi"
 	MemprofProgEmptyReturn        = "empty_return"
+	MemprofProgEmptyReturnMulti   = "empty_return_multi"
+	MemprofProgEnterMulti         = "enter_multi"
 	MemprofProgFreeEnter          = "free_enter"
 	MemprofProgMallocEnter        = "malloc_enter"
 	MemprofProgMemalignEnter      = "memalign_enter"
@@ -124,6 +127,7 @@ const (
 	MemprofProgPosixMemalignEnter = "posix_memalign_enter"
 	MemprofProgReallocEnter       = "realloc_enter"
 	MemprofProgReallocarrayEnter  = "reallocarray_enter"
+	MemprofProgReturnMulti        = "return_multi"
 	MemprofProgXallocxEnter       = "xallocx_enter"
 	MemprofVarMaxKind             = "max_kind"
 	MemprofVarNrCounters          = "nr_counters"
@@ -177,7 +181,10 @@ type MemprofProgramSpecs struct {
 	AllocReturn        *ebpf.ProgramSpec `ebpf:"alloc_return"`
 	CallocEnter        *ebpf.ProgramSpec `ebpf:"calloc_enter"`
 	EmptyEnter         *ebpf.ProgramSpec `ebpf:"empty_enter"`
+	EmptyEnterMulti    *ebpf.ProgramSpec `ebpf:"empty_enter_multi"`
 	EmptyReturn        *ebpf.ProgramSpec `ebpf:"empty_return"`
+	EmptyReturnMulti   *ebpf.ProgramSpec `ebpf:"empty_return_multi"`
+	EnterMulti         *ebpf.ProgramSpec `ebpf:"enter_multi"`
 	FreeEnter          *ebpf.ProgramSpec `ebpf:"free_enter"`
 	MallocEnter        *ebpf.ProgramSpec `ebpf:"malloc_enter"`
 	MemalignEnter      *ebpf.ProgramSpec `ebpf:"memalign_enter"`
@@ -186,6 +193,7 @@ type MemprofProgramSpecs struct {
 	PosixMemalignEnter *ebpf.ProgramSpec `ebpf:"posix_memalign_enter"`
 	ReallocEnter       *ebpf.ProgramSpec `ebpf:"realloc_enter"`
 	ReallocarrayEnter  *ebpf.ProgramSpec `ebpf:"reallocarray_enter"`
+	ReturnMulti        *ebpf.ProgramSpec `ebpf:"return_multi"`
 	XallocxEnter       *ebpf.ProgramSpec `ebpf:"xallocx_enter"`
 }
 
@@ -275,7 +283,10 @@ type MemprofPrograms struct {
 	AllocReturn        *ebpf.Program `ebpf:"alloc_return"`
 	CallocEnter        *ebpf.Program `ebpf:"calloc_enter"`
 	EmptyEnter         *ebpf.Program `ebpf:"empty_enter"`
+	EmptyEnterMulti    *ebpf.Program `ebpf:"empty_enter_multi"`
 	EmptyReturn        *ebpf.Program `ebpf:"empty_return"`
+	EmptyReturnMulti   *ebpf.Program `ebpf:"empty_return_multi"`
+	EnterMulti         *ebpf.Program `ebpf:"enter_multi"`
 	FreeEnter          *ebpf.Program `ebpf:"free_enter"`
 	MallocEnter        *ebpf.Program `ebpf:"malloc_enter"`
 	MemalignEnter      *ebpf.Program `ebpf:"memalign_enter"`
@@ -284,6 +295,7 @@ type MemprofPrograms struct {
 	PosixMemalignEnter *ebpf.Program `ebpf:"posix_memalign_enter"`
 	ReallocEnter       *ebpf.Program `ebpf:"realloc_enter"`
 	ReallocarrayEnter  *ebpf.Program `ebpf:"reallocarray_enter"`
+	ReturnMulti        *ebpf.Program `ebpf:"return_multi"`
 	XallocxEnter       *ebpf.Program `ebpf:"xallocx_enter"`
 }
 
@@ -292,7 +304,10 @@ func (p *MemprofPrograms) Close() error {
 		p.AllocReturn,
 		p.CallocEnter,
 		p.EmptyEnter,
+		p.EmptyEnterMulti,
 		p.EmptyReturn,
+		p.EmptyReturnMulti,
+		p.EnterMulti,
 		p.FreeEnter,
 		p.MallocEnter,
 		p.MemalignEnter,
@@ -301,6 +316,7 @@ func (p *MemprofPrograms) Close() error {
 		p.PosixMemalignEnter,
 		p.ReallocEnter,
 		p.ReallocarrayEnter,
+		p.ReturnMulti,
 		p.XallocxEnter,
 	)
 }

@@ -21,6 +21,10 @@ import (
 type Programs struct {
 	Enter  map[Kind]*ebpf.Program
 	Return *ebpf.Program
+	// Multi and MultiReturn, when set (Linux 6.6+), attach all probes of
+	// an object for a process as two uprobe_multi links, the kind passed
+	// as each probe's cookie.
+	Multi, MultiReturn *ebpf.Program
 }
 
 // Object is an allocator object (library or executable) and its probe sites.
@@ -54,6 +58,10 @@ func (o *Object) Probed() (entries, emulated int) {
 // kernel only plants breakpoints in the targets' address spaces).
 type Attacher struct {
 	progs Programs
+	// EntryOnly places every probe at the function's first instruction
+	// instead of the chosen emulated site (for measuring what the site
+	// choice saves).
+	EntryOnly bool
 
 	mu      sync.Mutex
 	objects map[procmaps.FileID]*objectEntry
@@ -247,12 +255,82 @@ func (a *Attacher) attach(pid int, obj *Object, path, alt string) error {
 	if err != nil {
 		return fmt.Errorf("open %s for uprobes: %w", obj.Path, err)
 	}
-	var links []link.Link
-	fail := func(err error) error {
-		for _, l := range links {
-			l.Close()
-		}
+	links, err := a.attachMulti(ex, pid, obj)
+	if err != nil {
 		return err
+	}
+	if links == nil {
+		links, err = a.attachEach(ex, pid, obj)
+		if err != nil {
+			return err
+		}
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	ps := a.procs[pid]
+	if ps == nil {
+		ps = &procState{files: map[procmaps.FileID]bool{}}
+		a.procs[pid] = ps
+	}
+	ps.files[obj.ID] = true
+	ps.links = append(ps.links, links...)
+	return nil
+}
+
+func (a *Attacher) siteOffset(s Site) uint64 {
+	if a.EntryOnly {
+		return s.FileOffset
+	}
+	return s.FileOffset + s.Offset
+}
+
+// attachMulti attaches all sites of the object as one entry and one return
+// uprobe_multi link. It returns nil links (and no error) when the kernel or
+// the programs do not support it, so the caller falls back to one perf
+// event per probe.
+func (a *Attacher) attachMulti(ex *link.Executable, pid int, obj *Object) ([]link.Link, error) {
+	if a.progs.Multi == nil || a.progs.MultiReturn == nil {
+		return nil, nil
+	}
+	var addrs, cookies, retAddrs []uint64
+	for _, s := range obj.Sites {
+		if s.Thunk {
+			continue
+		}
+		addrs = append(addrs, a.siteOffset(s))
+		cookies = append(cookies, uint64(s.Kind))
+		if s.Kind.Returns() {
+			retAddrs = append(retAddrs, a.siteOffset(s))
+		}
+	}
+	if len(addrs) == 0 {
+		return []link.Link{}, nil
+	}
+	enter, err := ex.UprobeMulti(nil, a.progs.Multi, &link.UprobeMultiOptions{Addresses: addrs, Cookies: cookies, PID: uint32(pid)})
+	if errors.Is(err, ebpf.ErrNotSupported) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, attachError(pid, obj, Site{Symbol: "uprobe_multi"}, err)
+	}
+	links := []link.Link{enter}
+	if len(retAddrs) > 0 {
+		ret, err := ex.UretprobeMulti(nil, a.progs.MultiReturn, &link.UprobeMultiOptions{Addresses: retAddrs, PID: uint32(pid)})
+		if err != nil {
+			enter.Close()
+			return nil, attachError(pid, obj, Site{Symbol: "uretprobe_multi"}, err)
+		}
+		links = append(links, ret)
+	}
+	return links, nil
+}
+
+// attachEach attaches one perf-event uprobe (and uretprobe) per site.
+func (a *Attacher) attachEach(ex *link.Executable, pid int, obj *Object) ([]link.Link, error) {
+	var links []link.Link
+	fail := func(err error) ([]link.Link, error) {
+		closeAll(links)
+		return nil, err
 	}
 	for _, s := range obj.Sites {
 		if s.Thunk {
@@ -262,7 +340,7 @@ func (a *Attacher) attach(pid int, obj *Object, path, alt string) error {
 		if prog == nil {
 			return fail(fmt.Errorf("no BPF program for %s", s.Kind))
 		}
-		opts := &link.UprobeOptions{Address: s.FileOffset, Offset: s.Offset, PID: pid}
+		opts := &link.UprobeOptions{Address: a.siteOffset(s), PID: pid}
 		l, err := ex.Uprobe(s.Symbol, prog, opts)
 		if err != nil {
 			return fail(attachError(pid, obj, s, err))
@@ -276,16 +354,7 @@ func (a *Attacher) attach(pid int, obj *Object, path, alt string) error {
 			links = append(links, l)
 		}
 	}
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	ps := a.procs[pid]
-	if ps == nil {
-		ps = &procState{files: map[procmaps.FileID]bool{}}
-		a.procs[pid] = ps
-	}
-	ps.files[obj.ID] = true
-	ps.links = append(ps.links, links...)
-	return nil
+	return links, nil
 }
 
 func attachError(pid int, obj *Object, s Site, err error) error {
@@ -306,10 +375,23 @@ func (a *Attacher) Detach(pid int) {
 	delete(a.procs, pid)
 	a.mu.Unlock()
 	if ps != nil {
-		for _, l := range ps.links {
-			l.Close()
-		}
+		closeAll(ps.links)
 	}
+}
+
+// closeAll closes links concurrently: each uprobe removal waits for an
+// SRCU grace period in the kernel (~100 ms in a VM), so closing 70 probes
+// one after another takes seconds, while the waits overlap when concurrent.
+func closeAll(links []link.Link) {
+	var wg sync.WaitGroup
+	for _, l := range links {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			l.Close()
+		}()
+	}
+	wg.Wait()
 }
 
 // Attached lists the processes with probes, sorted.
@@ -337,7 +419,12 @@ func (a *Attacher) Links() int {
 
 // Close detaches everything.
 func (a *Attacher) Close() {
-	for _, pid := range a.Attached() {
-		a.Detach(pid)
+	a.mu.Lock()
+	var links []link.Link
+	for pid, ps := range a.procs {
+		links = append(links, ps.links...)
+		delete(a.procs, pid)
 	}
+	a.mu.Unlock()
+	closeAll(links)
 }

@@ -45,9 +45,11 @@ type Features struct {
 }
 
 func (f Features) String() string {
-	s := fmt.Sprintf("kernel %s; per-call uprobes via perf events, PID-filtered", f.Kernel)
+	s := fmt.Sprintf("kernel %s; PID-filtered uprobes", f.Kernel)
 	if f.UprobeMulti {
-		s += " (uprobe_multi available, not needed)"
+		s += " via uprobe_multi links (one per object and process)"
+	} else {
+		s += " via one perf event per probe (no uprobe_multi before Linux 6.6)"
 	}
 	if f.OOMTaskBTF {
 		s += "; OOM victims via tp_btf/mark_victim"
@@ -91,16 +93,22 @@ func Load(opts Options) (*Objects, error) {
 		}
 	}
 	feats := detect()
-	// Only one of the two OOM programs can load on a given kernel. The
-	// other's slot gets a copy of the empty probe (so the generated object
-	// struct can be assigned) which is closed right after loading.
-	unused := "oom_mark_victim_btf"
+	// Programs this kernel cannot load get a copy of the empty probe in
+	// their slot (so the generated object struct can be assigned); they are
+	// closed right after loading. Only one of the two OOM programs loads on
+	// a given kernel; the uprobe_multi ones need 6.6+.
+	unused := []string{"oom_mark_victim_btf"}
 	if feats.OOMTaskBTF {
-		unused = "oom_mark_victim"
+		unused = []string{"oom_mark_victim"}
 	}
-	placeholder := spec.Programs["empty_enter"].Copy()
-	placeholder.Name = unused
-	spec.Programs[unused] = placeholder
+	if !feats.UprobeMulti {
+		unused = append(unused, "enter_multi", "return_multi", "empty_enter_multi", "empty_return_multi")
+	}
+	for _, name := range unused {
+		placeholder := spec.Programs["empty_enter"].Copy()
+		placeholder.Name = name
+		spec.Programs[name] = placeholder
+	}
 	o := &Objects{Features: feats}
 	if err := spec.LoadAndAssign(&o.MemprofObjects, nil); err != nil {
 		var ve *ebpf.VerifierError
@@ -112,12 +120,20 @@ func Load(opts Options) (*Objects, error) {
 		}
 		return nil, fmt.Errorf("load BPF programs: %w", err)
 	}
+	closeUnused := func(p **ebpf.Program) {
+		(*p).Close()
+		*p = nil
+	}
 	if feats.OOMTaskBTF {
-		o.OomMarkVictim.Close()
-		o.OomMarkVictim = nil
+		closeUnused(&o.OomMarkVictim)
 	} else {
-		o.OomMarkVictimBtf.Close()
-		o.OomMarkVictimBtf = nil
+		closeUnused(&o.OomMarkVictimBtf)
+	}
+	if !feats.UprobeMulti {
+		closeUnused(&o.EnterMulti)
+		closeUnused(&o.ReturnMulti)
+		closeUnused(&o.EmptyEnterMulti)
+		closeUnused(&o.EmptyReturnMulti)
 	}
 	if err := o.SetRate(opts.SampleRate); err != nil {
 		o.Close()
@@ -203,14 +219,17 @@ func (o *Objects) Programs() attach.Programs {
 			attach.Xallocx:       o.XallocxEnter,
 			attach.Free:          o.FreeEnter,
 		},
-		Return: o.AllocReturn,
+		Return:      o.AllocReturn,
+		Multi:       o.EnterMulti,
+		MultiReturn: o.ReturnMulti,
 	}
 }
 
 // EmptyPrograms returns programs that do nothing, attached at the same sites
 // by the benchmark to measure the cost of the traps alone.
 func (o *Objects) EmptyPrograms() attach.Programs {
-	p := attach.Programs{Enter: map[attach.Kind]*ebpf.Program{}, Return: o.EmptyReturn}
+	p := attach.Programs{Enter: map[attach.Kind]*ebpf.Program{}, Return: o.EmptyReturn,
+		Multi: o.EmptyEnterMulti, MultiReturn: o.EmptyReturnMulti}
 	for k := attach.Malloc; k <= attach.Free; k++ {
 		p.Enter[k] = o.EmptyEnter
 	}

@@ -51,6 +51,9 @@ type Options struct {
 	// AllowEmpty starts a session with no target yet (the agent adds
 	// cgroups as containers appear).
 	AllowEmpty bool
+	// PerProbeLinks attaches one perf event per probe even where the
+	// kernel has uprobe_multi (the path older kernels take).
+	PerProbeLinks bool
 }
 
 // Session is one recording.
@@ -113,10 +116,14 @@ func Start(ctx context.Context, opts Options) (*Session, error) {
 	if err != nil {
 		return nil, err
 	}
+	progs := objs.Programs()
+	if opts.PerProbeLinks {
+		progs.Multi, progs.MultiReturn = nil, nil
+	}
 	s := &Session{
 		opts:    opts,
 		objs:    objs,
-		att:     attach.New(objs.Programs()),
+		att:     attach.New(progs),
 		sym:     symbolize.NewCache(symbolize.Options{}),
 		start:   time.Now(),
 		done:    make(chan struct{}),

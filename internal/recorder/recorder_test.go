@@ -174,17 +174,24 @@ func checkExact(t *testing.T, p *profile.Profile, truth []site) {
 func TestRecordPidExact(t *testing.T) {
 	bin := testprog.Build(t, "rec_leaky.c")
 	for _, tc := range []struct {
-		name string
-		env  []string
+		name     string
+		env      []string
+		perProbe bool
 	}{
-		{"glibc", nil},
-		{"jemalloc", []string{"LD_PRELOAD=" + testprog.Jemalloc}},
+		{"glibc", nil, false},
+		{"jemalloc", []string{"LD_PRELOAD=" + testprog.Jemalloc}, false},
+		// The path kernels without uprobe_multi take.
+		{"glibc-perf-event-links", nil, true},
+		{"jemalloc-perf-event-links", []string{"LD_PRELOAD=" + testprog.Jemalloc}, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			prog := startProgram(t, bin, tc.env, "--wait-start", "--wait-end")
 			prog.expect(t, "READY")
-			p := record(t, Options{SampleRate: 1, Pids: []int{prog.cmd.Process.Pid}}, func(s *Session) {
-				if tc.name == "jemalloc" {
+			p := record(t, Options{SampleRate: 1, Pids: []int{prog.cmd.Process.Pid}, PerProbeLinks: tc.perProbe}, func(s *Session) {
+				if want := 2; !tc.perProbe && s.Links() > 2*len(s.Objects()) {
+					t.Errorf("%d links for %d objects, want at most %d per object with uprobe_multi", s.Links(), len(s.Objects()), want)
+				}
+				if tc.env != nil {
 					found := false
 					for _, o := range s.Objects() {
 						found = found || o.Allocator == "jemalloc"
