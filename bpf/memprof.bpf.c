@@ -23,12 +23,26 @@ char LICENSE[] SEC("license") = "GPL";
 
 // Set by the loader before load.
 const volatile __u32 sample_all = 0;	// 1: every allocation is sampled (--sample-rate 1)
-const volatile __u32 stack_copy = 0;	// 1: copy the raw user stack for userspace unwinding
+const volatile __u32 stack_mode = SM_FP;	// enum stack_mode
 // Exposes enum counter and enum call_kind to the generated Go types.
 const volatile enum counter nr_counters = NR_COUNTERS;
 const volatile enum call_kind max_kind = K_XALLOCX;
-// Exposes the event layout to the generated Go types.
+// Exposes the event layouts to the generated Go types.
 const struct oom_event *unused_oom_event __attribute__((unused));
+const struct stack_event *unused_stack_event __attribute__((unused));
+const volatile enum stack_mode unused_stack_mode = SM_FP;
+const volatile enum event_type unused_event_type = EV_OOM;
+
+__u32 stack_seq; // sequence of copied stacks
+
+// Processes whose stacks are copied in SM_AUTO mode (executables built
+// without frame pointers), set by userspace.
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_PROCS);
+	__type(key, __u32);
+	__type(value, __u8);
+} dwarf_procs SEC(".maps");
 
 // Exponential gaps (bytes) between samples, filled by userspace with
 // quantiles of Exp(mean = rate); one is picked at random after each sample.
@@ -91,7 +105,7 @@ struct {
 // Events for userspace: OOM kills and raw stack copies.
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, 1 << 22);
+	__uint(max_entries, 1 << 24); // 16 MiB: ~2000 stack copies in flight
 } events SEC(".maps");
 
 static __always_inline void count(__u32 idx)
@@ -235,17 +249,86 @@ static __always_inline void enter(struct pt_regs *ctx, __u8 kind, __u64 size, __
 static __always_inline void untrack(__u32 tgid, __u64 ptr)
 {
 	struct live_key k = {.tgid = tgid, .addr = ptr};
-	bpf_map_delete_elem(&live, &k);
+	// Most frees are of blocks that were not sampled: a lock-free lookup
+	// first, the delete (which takes the bucket lock) only on a hit.
+	if (bpf_map_lookup_elem(&live, &k))
+		bpf_map_delete_elem(&live, &k);
+}
+
+struct vma_end {
+	__u64 end;
+};
+
+static long vma_end_cb(struct task_struct *task, struct vm_area_struct *vma, void *ctx)
+{
+	((struct vma_end *)ctx)->end = vma->vm_end;
+	return 0;
+}
+
+// copy_stack sends the registers and the top of the user stack of a sampled
+// allocation to userspace and returns its stack id (STACK_DWARF | seq), or
+// -1 when the ring buffer is full.
+static __always_inline __s64 copy_stack(struct pt_regs *ctx, __u32 tgid, __u64 size)
+{
+	struct stack_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	if (!e) {
+		count(C_EVENTS_LOST);
+		return -1;
+	}
+	__u32 seq = __sync_fetch_and_add(&stack_seq, 1) % (STACK_DWARF - 1);
+	e->type = EV_STACK;
+	e->tgid = tgid;
+	e->seq = seq;
+	e->size = size;
+	e->ip = PT_REGS_IP(ctx);
+	e->sp = PT_REGS_SP(ctx);
+	e->bp = PT_REGS_FP(ctx);
+	// The stack may end less than STACK_COPY bytes above sp (the outermost
+	// frames of the main thread sit near its top), and a read that crosses
+	// the end fails whole: copy up to the end of sp's mapping.
+	void *sp = (void *)e->sp;
+	struct vma_end ve = {.end = 0};
+	__u64 n = STACK_COPY;
+	if (bpf_find_vma(bpf_get_current_task_btf(), e->sp, vma_end_cb, &ve, 0) == 0 && ve.end > e->sp &&
+	    ve.end - e->sp < STACK_COPY)
+		n = ve.end - e->sp;
+	n &= STACK_COPY * 2 - 1; // bounds for the verifier
+	if (n > STACK_COPY)
+		n = STACK_COPY;
+	if (n > 0 && bpf_probe_read_user(e->data, n, sp) == 0)
+		e->len = n;
+	else
+		e->len = 0;
+	bpf_ringbuf_submit(e, 0);
+	count(C_STACK_COPIES);
+	return STACK_DWARF | seq;
+}
+
+static __always_inline int wants_copy(__u32 tgid)
+{
+	if (stack_mode == SM_DWARF)
+		return 1;
+	if (stack_mode == SM_AUTO)
+		return bpf_map_lookup_elem(&dwarf_procs, &tgid) != 0;
+	return 0;
 }
 
 static __always_inline void track(struct pt_regs *ctx, __u32 tgid, __u64 ptr, __u64 size)
 {
 	count(C_SAMPLES);
-	__s64 sid = bpf_get_stackid(ctx, &stacks, BPF_F_USER_STACK);
+	__s64 sid = -1;
+	if (wants_copy(tgid))
+		sid = copy_stack(ctx, tgid, size);
 	if (sid < 0) {
-		count(sid == -EEXIST ? C_STACK_COLLISION : C_STACK_LOST);
-		sid = STACK_UNKNOWN;
+		sid = bpf_get_stackid(ctx, &stacks, BPF_F_USER_STACK);
+		if (sid < 0) {
+			count(sid == -EEXIST ? C_STACK_COLLISION : C_STACK_LOST);
+			sid = STACK_UNKNOWN;
+		}
 	}
+	// Copied stacks are counted from their events in userspace.
+	if (sid != STACK_UNKNOWN && (sid & STACK_DWARF))
+		goto live;
 	struct alloc_key ak = {.tgid = tgid, .stack_id = sid, .size = size};
 	__u64 *n = bpf_map_lookup_elem(&allocs, &ak);
 	if (n) {
@@ -260,6 +343,7 @@ static __always_inline void track(struct pt_regs *ctx, __u32 tgid, __u64 ptr, __
 				count(C_ALLOCS_FULL);
 		}
 	}
+live:;
 	struct task_struct *task = bpf_get_current_task_btf();
 	struct live_key k = {.tgid = tgid, .addr = ptr};
 	struct live_block b = {

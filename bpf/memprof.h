@@ -51,7 +51,8 @@ enum counter {
 	C_STACK_COLLISION,	// stack map hash collision: stack lost
 	C_STACK_LOST,		// other stack walk failure
 	C_READ_FAILED,		// user memory read failed (posix_memalign result)
-	C_EVENTS_LOST,		// ring buffer full
+	C_EVENTS_LOST,		// ring buffer full (OOM event, or a stack copy: then the frame-pointer stack is used)
+	C_STACK_COPIES,		// stacks copied for userspace unwinding
 	NR_COUNTERS,
 };
 
@@ -96,6 +97,29 @@ struct alloc_key {
 
 enum event_type {
 	EV_OOM = 1,
+	EV_STACK = 2,
+};
+
+#define STACK_COPY 8192		// bytes of user stack copied for userspace unwinding (perf's default for --call-graph dwarf)
+#define STACK_DWARF 0x80000000		// stack_id flag: a sequence number of a stack_event
+
+// Stack modes (the stack_mode constant).
+enum stack_mode {
+	SM_FP = 0,	// frame-pointer walk in BPF (bpf_get_stackid)
+	SM_DWARF = 1,	// copy registers and stack for every sampled allocation
+	SM_AUTO = 2,	// copy for the processes in dwarf_procs, walk frame pointers for the rest
+};
+
+// A sampled allocation's registers and top of its user stack, taken at the
+// allocator's return, for unwinding with the objects' CFI in userspace.
+struct stack_event {
+	__u32 type;
+	__u32 tgid;
+	__u32 seq;	// the live block's stack_id without the STACK_DWARF flag
+	__u32 len;	// bytes of data copied from sp
+	__u64 size;	// block size
+	__u64 ip, sp, bp;
+	__u8 data[STACK_COPY];
 };
 
 struct oom_event {

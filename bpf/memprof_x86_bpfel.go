@@ -45,7 +45,15 @@ const (
 	MemprofCounterC_STACK_LOST       MemprofCounter = 10
 	MemprofCounterC_READ_FAILED      MemprofCounter = 11
 	MemprofCounterC_EVENTS_LOST      MemprofCounter = 12
-	MemprofCounterNR_COUNTERS        MemprofCounter = 13
+	MemprofCounterC_STACK_COPIES     MemprofCounter = 13
+	MemprofCounterNR_COUNTERS        MemprofCounter = 14
+)
+
+type MemprofEventType uint32
+
+const (
+	MemprofEventTypeEV_OOM   MemprofEventType = 1
+	MemprofEventTypeEV_STACK MemprofEventType = 2
 )
 
 type MemprofLiveBlock struct {
@@ -84,6 +92,27 @@ type MemprofOomEvent struct {
 	Comm         [16]int8
 }
 
+type MemprofStackEvent struct {
+	_    structs.HostLayout
+	Type uint32
+	Tgid uint32
+	Seq  uint32
+	Len  uint32
+	Size uint64
+	Ip   uint64
+	Sp   uint64
+	Bp   uint64
+	Data [8192]uint8
+}
+
+type MemprofStackMode uint32
+
+const (
+	MemprofStackModeSM_FP    MemprofStackMode = 0
+	MemprofStackModeSM_DWARF MemprofStackMode = 1
+	MemprofStackModeSM_AUTO  MemprofStackMode = 2
+)
+
 type MemprofThreadState struct {
 	_         structs.HostLayout
 	Countdown int64
@@ -106,6 +135,7 @@ type MemprofThreadState struct {
 const (
 	MemprofMapAllocs              = "allocs"
 	MemprofMapCounters            = "counters"
+	MemprofMapDwarfProcs          = "dwarf_procs"
 	MemprofMapEvents              = "events"
 	MemprofMapGaps                = "gaps"
 	MemprofMapLive                = "live"
@@ -132,8 +162,12 @@ const (
 	MemprofVarMaxKind             = "max_kind"
 	MemprofVarNrCounters          = "nr_counters"
 	MemprofVarSampleAll           = "sample_all"
-	MemprofVarStackCopy           = "stack_copy"
+	MemprofVarStackMode           = "stack_mode"
+	MemprofVarStackSeq            = "stack_seq"
+	MemprofVarUnusedEventType     = "unused_event_type"
 	MemprofVarUnusedOomEvent      = "unused_oom_event"
+	MemprofVarUnusedStackEvent    = "unused_stack_event"
+	MemprofVarUnusedStackMode     = "unused_stack_mode"
 )
 
 // LoadMemprof returns the embedded CollectionSpec for Memprof.
@@ -201,25 +235,30 @@ type MemprofProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type MemprofMapSpecs struct {
-	Allocs    *ebpf.MapSpec `ebpf:"allocs"`
-	Counters  *ebpf.MapSpec `ebpf:"counters"`
-	Events    *ebpf.MapSpec `ebpf:"events"`
-	Gaps      *ebpf.MapSpec `ebpf:"gaps"`
-	Live      *ebpf.MapSpec `ebpf:"live"`
-	ProcCalls *ebpf.MapSpec `ebpf:"proc_calls"`
-	Stacks    *ebpf.MapSpec `ebpf:"stacks"`
-	Threads   *ebpf.MapSpec `ebpf:"threads"`
+	Allocs     *ebpf.MapSpec `ebpf:"allocs"`
+	Counters   *ebpf.MapSpec `ebpf:"counters"`
+	DwarfProcs *ebpf.MapSpec `ebpf:"dwarf_procs"`
+	Events     *ebpf.MapSpec `ebpf:"events"`
+	Gaps       *ebpf.MapSpec `ebpf:"gaps"`
+	Live       *ebpf.MapSpec `ebpf:"live"`
+	ProcCalls  *ebpf.MapSpec `ebpf:"proc_calls"`
+	Stacks     *ebpf.MapSpec `ebpf:"stacks"`
+	Threads    *ebpf.MapSpec `ebpf:"threads"`
 }
 
 // MemprofVariableSpecs contains global variables before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type MemprofVariableSpecs struct {
-	MaxKind        *ebpf.VariableSpec `ebpf:"max_kind"`
-	NrCounters     *ebpf.VariableSpec `ebpf:"nr_counters"`
-	SampleAll      *ebpf.VariableSpec `ebpf:"sample_all"`
-	StackCopy      *ebpf.VariableSpec `ebpf:"stack_copy"`
-	UnusedOomEvent *ebpf.VariableSpec `ebpf:"unused_oom_event"`
+	MaxKind          *ebpf.VariableSpec `ebpf:"max_kind"`
+	NrCounters       *ebpf.VariableSpec `ebpf:"nr_counters"`
+	SampleAll        *ebpf.VariableSpec `ebpf:"sample_all"`
+	StackMode        *ebpf.VariableSpec `ebpf:"stack_mode"`
+	StackSeq         *ebpf.VariableSpec `ebpf:"stack_seq"`
+	UnusedEventType  *ebpf.VariableSpec `ebpf:"unused_event_type"`
+	UnusedOomEvent   *ebpf.VariableSpec `ebpf:"unused_oom_event"`
+	UnusedStackEvent *ebpf.VariableSpec `ebpf:"unused_stack_event"`
+	UnusedStackMode  *ebpf.VariableSpec `ebpf:"unused_stack_mode"`
 }
 
 // MemprofObjects contains all objects after they have been loaded into the kernel.
@@ -242,20 +281,22 @@ func (o *MemprofObjects) Close() error {
 //
 // It can be passed to LoadMemprofObjects or ebpf.CollectionSpec.LoadAndAssign.
 type MemprofMaps struct {
-	Allocs    *ebpf.Map `ebpf:"allocs"`
-	Counters  *ebpf.Map `ebpf:"counters"`
-	Events    *ebpf.Map `ebpf:"events"`
-	Gaps      *ebpf.Map `ebpf:"gaps"`
-	Live      *ebpf.Map `ebpf:"live"`
-	ProcCalls *ebpf.Map `ebpf:"proc_calls"`
-	Stacks    *ebpf.Map `ebpf:"stacks"`
-	Threads   *ebpf.Map `ebpf:"threads"`
+	Allocs     *ebpf.Map `ebpf:"allocs"`
+	Counters   *ebpf.Map `ebpf:"counters"`
+	DwarfProcs *ebpf.Map `ebpf:"dwarf_procs"`
+	Events     *ebpf.Map `ebpf:"events"`
+	Gaps       *ebpf.Map `ebpf:"gaps"`
+	Live       *ebpf.Map `ebpf:"live"`
+	ProcCalls  *ebpf.Map `ebpf:"proc_calls"`
+	Stacks     *ebpf.Map `ebpf:"stacks"`
+	Threads    *ebpf.Map `ebpf:"threads"`
 }
 
 func (m *MemprofMaps) Close() error {
 	return _MemprofClose(
 		m.Allocs,
 		m.Counters,
+		m.DwarfProcs,
 		m.Events,
 		m.Gaps,
 		m.Live,
@@ -269,11 +310,15 @@ func (m *MemprofMaps) Close() error {
 //
 // It can be passed to LoadMemprofObjects or ebpf.CollectionSpec.LoadAndAssign.
 type MemprofVariables struct {
-	MaxKind        *ebpf.Variable `ebpf:"max_kind"`
-	NrCounters     *ebpf.Variable `ebpf:"nr_counters"`
-	SampleAll      *ebpf.Variable `ebpf:"sample_all"`
-	StackCopy      *ebpf.Variable `ebpf:"stack_copy"`
-	UnusedOomEvent *ebpf.Variable `ebpf:"unused_oom_event"`
+	MaxKind          *ebpf.Variable `ebpf:"max_kind"`
+	NrCounters       *ebpf.Variable `ebpf:"nr_counters"`
+	SampleAll        *ebpf.Variable `ebpf:"sample_all"`
+	StackMode        *ebpf.Variable `ebpf:"stack_mode"`
+	StackSeq         *ebpf.Variable `ebpf:"stack_seq"`
+	UnusedEventType  *ebpf.Variable `ebpf:"unused_event_type"`
+	UnusedOomEvent   *ebpf.Variable `ebpf:"unused_oom_event"`
+	UnusedStackEvent *ebpf.Variable `ebpf:"unused_stack_event"`
+	UnusedStackMode  *ebpf.Variable `ebpf:"unused_stack_mode"`
 }
 
 // MemprofPrograms contains all programs after they have been loaded into the kernel.

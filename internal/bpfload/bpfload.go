@@ -27,6 +27,10 @@ const GapTableSize = 4096
 // Options are the load-time settings.
 type Options struct {
 	SampleRate uint64 // mean bytes between samples; 1 = every allocation
+	// StackMode: mbpf.MemprofStackModeSM_FP (frame pointers in BPF),
+	// SM_DWARF (copy every sampled stack for userspace unwinding) or
+	// SM_AUTO (copy for the processes put in the DwarfProcs map).
+	StackMode mbpf.MemprofStackMode
 }
 
 // Objects are the loaded programs and maps.
@@ -91,6 +95,9 @@ func Load(opts Options) (*Objects, error) {
 		if err := spec.Variables["sample_all"].Set(uint32(1)); err != nil {
 			return nil, err
 		}
+	}
+	if err := spec.Variables["stack_mode"].Set(uint32(opts.StackMode)); err != nil {
+		return nil, err
 	}
 	feats := detect()
 	// Programs this kernel cannot load get a copy of the empty probe in

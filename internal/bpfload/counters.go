@@ -12,6 +12,7 @@ import (
 // Counters are the BPF side's event counts summed over CPUs.
 type Counters struct {
 	Calls, Frees, Samples uint64
+	StackCopies           uint64 // sampled stacks copied for userspace unwinding
 	Nested                uint64 // calls inside another allocator call, left to the outer one
 	// Lost events by cause.
 	MissedReturn, NestingOverflow, NoThreadState, LiveFull, AllocsFull,
@@ -70,6 +71,7 @@ func (o *Objects) ReadCounters() (Counters, error) {
 		{mbpf.MemprofCounterC_STACK_LOST, &c.StackLost},
 		{mbpf.MemprofCounterC_READ_FAILED, &c.ReadFailed},
 		{mbpf.MemprofCounterC_EVENTS_LOST, &c.EventsLost},
+		{mbpf.MemprofCounterC_STACK_COPIES, &c.StackCopies},
 	}
 	for _, f := range fields {
 		v, err := get(f.idx)

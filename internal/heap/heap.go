@@ -34,7 +34,17 @@ type Snapshot struct {
 	// Memcg is, per process, the memory cgroup id its live blocks were
 	// allocated in (the most common one).
 	Memcg map[uint32]uint64
+	// Truncated marks stacks whose unwinding stopped before the outermost
+	// frame.
+	Truncated map[uint32]bool
 }
+
+// CopiedStack is the flag of stack ids that are sequence numbers of stacks
+// copied for userspace unwinding (STACK_DWARF in bpf/memprof.h): their
+// stacks and allocation counts are resolved by the recorder.
+const CopiedStack = 0x80000000
+
+func copied(id uint32) bool { return id&CopiedStack != 0 && id != StackUnknown }
 
 // StackUnknown is the stack id of samples whose stack walk failed.
 const StackUnknown = 0xffffffff
@@ -107,6 +117,10 @@ func Read(m Maps, keep func(pid uint32) bool) (*Snapshot, error) {
 		s.Memcg[pid] = best
 	}
 	for _, b := range buckets {
+		if copied(b.StackID) {
+			s.Buckets = append(s.Buckets, *b)
+			continue
+		}
 		// A block resized by xallocx can be live without an alloc count of
 		// its new size; it was still allocated in the window.
 		if b.AllocCount < b.InuseCount {
@@ -200,9 +214,15 @@ func (s *Snapshot) Merge(other *Snapshot) {
 	for pid, id := range other.Memcg {
 		s.Memcg[pid] = id
 	}
+	for id := range other.Truncated {
+		if s.Truncated == nil {
+			s.Truncated = map[uint32]bool{}
+		}
+		s.Truncated[id] = true
+	}
 }
 
-// Totals sums sampled counts of the snapshot (raw, not unsampled).
+// Pids lists the processes in the snapshot.
 func (s *Snapshot) Pids() []uint32 {
 	seen := map[uint32]bool{}
 	var out []uint32

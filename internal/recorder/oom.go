@@ -40,6 +40,7 @@ func (s *Session) startOOM() error {
 	if err != nil {
 		return fmt.Errorf("open BPF ring buffer: %w", err)
 	}
+	s.events = rd
 	s.oomStop = func() { rd.Close() }
 	go func() {
 		for {
@@ -49,6 +50,17 @@ func (s *Session) startOOM() error {
 					return
 				}
 				s.recordErr(fmt.Errorf("read BPF events: %w", err))
+				continue
+			}
+			if len(rec.RawSample) < 4 {
+				continue
+			}
+			if binary.LittleEndian.Uint32(rec.RawSample) == uint32(mbpf.MemprofEventTypeEV_STACK) {
+				if s.dwarf != nil {
+					if err := s.dwarf.handle(rec.RawSample); err != nil {
+						s.recordErr(err)
+					}
+				}
 				continue
 			}
 			var ev mbpf.MemprofOomEvent

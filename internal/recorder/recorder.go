@@ -15,6 +15,9 @@ import (
 	"sync"
 	"time"
 
+	"github.com/cilium/ebpf/ringbuf"
+
+	mbpf "github.com/memprof/memprof/bpf"
 	"github.com/memprof/memprof/internal/attach"
 	"github.com/memprof/memprof/internal/bpfload"
 	"github.com/memprof/memprof/internal/cgroups"
@@ -54,6 +57,8 @@ type Options struct {
 	// PerProbeLinks attaches one perf event per probe even where the
 	// kernel has uprobe_multi (the path older kernels take).
 	PerProbeLinks bool
+	// StackMode is StackAuto (default), StackFP or StackDwarf.
+	StackMode string
 }
 
 // Session is one recording.
@@ -66,6 +71,8 @@ type Session struct {
 	cmd     *command
 	done    chan struct{}
 	oomStop func()
+	events  *ringbuf.Reader
+	dwarf   *dwarfStacks // nil in frame-pointer mode
 
 	mu      sync.Mutex
 	procs   map[int]*target
@@ -86,6 +93,8 @@ type target struct {
 	allocator frag.Allocator
 	// exitMem is the memory state read in the exit stop of a command.
 	exitMem *frag.ProcessMem
+	// dwarf: stacks are copied and unwound with CFI in userspace.
+	dwarf bool
 }
 
 // Start loads the programs and attaches to the targets.
@@ -112,7 +121,16 @@ func Start(ctx context.Context, opts Options) (*Session, error) {
 			return nil, fmt.Errorf("cgroup %s does not exist: give a directory under /sys/fs/cgroup (for example /sys/fs/cgroup/memory/<path> or /sys/fs/cgroup/<path>)", cg)
 		}
 	}
-	objs, err := bpfload.Load(bpfload.Options{SampleRate: opts.SampleRate})
+	if opts.StackMode == "" {
+		opts.StackMode = StackAuto
+	}
+	mode, ok := map[string]mbpf.MemprofStackMode{
+		StackAuto: mbpf.MemprofStackModeSM_AUTO, StackFP: mbpf.MemprofStackModeSM_FP, StackDwarf: mbpf.MemprofStackModeSM_DWARF,
+	}[opts.StackMode]
+	if !ok {
+		return nil, fmt.Errorf("unknown stack mode %q: use auto, fp or dwarf", opts.StackMode)
+	}
+	objs, err := bpfload.Load(bpfload.Options{SampleRate: opts.SampleRate, StackMode: mode})
 	if err != nil {
 		return nil, err
 	}
@@ -130,6 +148,9 @@ func Start(ctx context.Context, opts Options) (*Session, error) {
 		procs:   map[int]*target{},
 		frozen:  &heap.Snapshot{Stacks: map[uint32][]uint64{}, Memcg: map[uint32]uint64{}},
 		objects: map[procmaps.FileID]*attach.Object{},
+	}
+	if opts.StackMode != StackFP {
+		s.dwarf = newDwarfStacks()
 	}
 	if err := s.startOOM(); err != nil {
 		s.Close()
@@ -200,6 +221,7 @@ func (s *Session) attachCommand(pid int, libs []string) error {
 	}
 	s.noteObjects(objs)
 	t := &target{pid: pid, comm: procmaps.Comm(pid), cgroup: memoryCgroup(pid), allocator: allocatorOf(objs)}
+	s.setupStacks(t)
 	if sp, err := s.sym.Snapshot(pid); err == nil {
 		t.sym = sp
 	}
@@ -248,10 +270,61 @@ func (s *Session) addPid(pid int) error {
 		return err
 	}
 	t.sym = sp
+	s.setupStacks(t)
 	s.mu.Lock()
 	s.procs[pid] = t
 	s.mu.Unlock()
 	return nil
+}
+
+// setupStacks decides how the target's stacks are taken: CFI unwinding in
+// userspace (dwarf mode, or auto mode for an executable without frame
+// pointers) or the frame-pointer walk in BPF.
+func (s *Session) setupStacks(t *target) {
+	if s.dwarf == nil {
+		return
+	}
+	if s.opts.StackMode == StackAuto {
+		if hasFramePointers(t.pid) {
+			return
+		}
+		if err := s.objs.DwarfProcs.Put(uint32(t.pid), uint8(1)); err != nil {
+			s.recordErr(fmt.Errorf("process %d: enable stack copies: %w", t.pid, err))
+			return
+		}
+	}
+	if err := s.dwarf.addProcess(t.pid); err != nil {
+		s.recordErr(fmt.Errorf("process %d: prepare unwinding: %w", t.pid, err))
+	}
+	t.dwarf = true
+}
+
+// dropStacks forgets a target's unwinding state.
+func (s *Session) dropStacks(pid int) {
+	if s.dwarf == nil {
+		return
+	}
+	s.dwarf.removeProcess(pid)
+	s.objs.DwarfProcs.Delete(uint32(pid))
+}
+
+// readState reads the sampled state of the processes keep selects, with
+// copied stacks resolved.
+func (s *Session) readState(keep func(uint32) bool) (*heap.Snapshot, error) {
+	if s.events != nil {
+		// Let the event reader consume pending stack copies first.
+		for i := 0; i < 100 && s.events.AvailableBytes() > 0; i++ {
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	snap, err := heap.Read(heap.FromObjects(&s.objs.MemprofObjects), keep)
+	if err != nil {
+		return nil, err
+	}
+	if s.dwarf != nil {
+		s.dwarf.resolve(snap, keep)
+	}
+	return snap, nil
 }
 
 // scanCgroup adds the processes of a cgroup not seen yet.
@@ -323,6 +396,9 @@ func (s *Session) loop(ctx context.Context) {
 				if t.sym != nil {
 					t.sym.Refresh()
 				}
+				if t.dwarf {
+					s.dwarf.refresh(t.pid)
+				}
 				t.lastMap = time.Now()
 			}
 		}
@@ -365,7 +441,7 @@ func (s *Session) freeze(pid int, why string) *heap.Snapshot {
 	}
 	t.exited = true
 	s.mu.Unlock()
-	snap, err := heap.Read(heap.FromObjects(&s.objs.MemprofObjects), func(p uint32) bool { return p == uint32(pid) })
+	snap, err := s.readState(func(p uint32) bool { return p == uint32(pid) })
 	if err != nil {
 		s.recordErr(fmt.Errorf("read state of exited process %d: %w", pid, err))
 		snap = nil
@@ -377,6 +453,7 @@ func (s *Session) freeze(pid int, why string) *heap.Snapshot {
 	s.att.Detach(pid)
 	heap.Forget(heap.FromObjects(&s.objs.MemprofObjects), uint32(pid))
 	s.objs.ForgetProc(uint32(pid))
+	s.dropStacks(pid)
 	if s.opts.DropExited {
 		s.mu.Lock()
 		delete(s.procs, pid)
@@ -466,7 +543,7 @@ func (s *Session) Snapshot() (*heap.Snapshot, error) {
 		}
 	}
 	s.mu.Unlock()
-	snap, err := heap.Read(heap.FromObjects(&s.objs.MemprofObjects), func(p uint32) bool { return live[p] })
+	snap, err := s.readState(func(p uint32) bool { return live[p] })
 	if err != nil {
 		return nil, err
 	}
@@ -493,6 +570,7 @@ func (s *Session) profileOf(snap *heap.Snapshot, only func(pid uint32) bool) (*p
 		Duration:   time.Since(s.start),
 	}
 	unknown := &pprofout.Location{Lines: []pprofout.Line{{Function: "[stack unavailable]"}}}
+	truncated := &pprofout.Location{Lines: []pprofout.Line{{Function: "[truncated]"}}}
 	s.mu.Lock()
 	procs := map[int]*target{}
 	for pid, t := range s.procs {
@@ -510,6 +588,8 @@ func (s *Session) profileOf(snap *heap.Snapshot, only func(pid uint32) bool) (*p
 		}
 		if len(stack) == 0 {
 			stack = []*pprofout.Location{unknown}
+		} else if snap.Truncated[b.StackID] {
+			stack = append(stack[:len(stack):len(stack)], truncated)
 		}
 		labels := map[string]string{"pid": strconv.Itoa(int(b.Pid))}
 		if t != nil {
@@ -530,7 +610,13 @@ func (s *Session) profileOf(snap *heap.Snapshot, only func(pid uint32) bool) (*p
 	if err == nil {
 		p.Comments = append(p.Comments, countersComments(c)...)
 	}
-	p.Comments = append(p.Comments, pprofout.MetaComment("sample_rate", strconv.FormatUint(s.opts.SampleRate, 10)))
+	p.Comments = append(p.Comments, pprofout.MetaComment("sample_rate", strconv.FormatUint(s.opts.SampleRate, 10)),
+		pprofout.MetaComment("stack_mode", s.opts.StackMode))
+	if s.dwarf != nil {
+		u, tr := s.dwarf.stats()
+		p.Comments = append(p.Comments, pprofout.MetaComment("stacks_unwound", strconv.FormatUint(u, 10)),
+			pprofout.MetaComment("stacks_truncated", strconv.FormatUint(tr, 10)))
+	}
 	s.mu.Lock()
 	for _, e := range s.errs {
 		p.Comments = append(p.Comments, "memprof error: "+e)
@@ -682,6 +768,7 @@ func (s *Session) Forget(pid int) {
 	s.att.Detach(pid)
 	heap.Forget(heap.FromObjects(&s.objs.MemprofObjects), uint32(pid))
 	s.objs.ForgetProc(uint32(pid))
+	s.dropStacks(pid)
 	if t != nil && t.sym != nil {
 		t.sym.Close()
 	}

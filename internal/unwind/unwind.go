@@ -210,6 +210,15 @@ func (p *Process) Mappings() int {
 	return len(p.maps)
 }
 
+// Covers reports whether pc lies in an executable mapping the Process
+// knows: a walk that stopped at a pc it does not cover may complete after
+// Update with the process's current mappings.
+func (p *Process) Covers(pc uint64) bool {
+	p.mu.RLock()
+	defer p.mu.RUnlock()
+	return p.findMap(pc) != nil
+}
+
 // findMap returns the mapping containing pc (caller holds p.mu).
 func (p *Process) findMap(pc uint64) *pmap {
 	maps := p.maps

@@ -1,0 +1,300 @@
+package recorder
+
+import (
+	"debug/elf"
+	"encoding/binary"
+	"fmt"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"time"
+	"unsafe"
+
+	mbpf "github.com/memprof/memprof/bpf"
+	"github.com/memprof/memprof/internal/heap"
+	"github.com/memprof/memprof/internal/procmaps"
+	"github.com/memprof/memprof/internal/unwind"
+)
+
+// Stack modes (--stack-mode).
+const (
+	StackAuto  = "auto"  // per process: unwind with CFI when its executable has no frame pointers
+	StackFP    = "fp"    // frame-pointer walk in BPF for everything
+	StackDwarf = "dwarf" // CFI unwinding in userspace for everything
+)
+
+// stackFlag marks a live block's stack id as a copied stack's sequence
+// number (STACK_DWARF in bpf/memprof.h).
+const stackFlag = 0x80000000
+
+// maxUnwindFrames bounds an unwound stack.
+const maxUnwindFrames = 128
+
+// dwarfStacks turns copied stacks into interned stacks: each sampled
+// allocation's copy is unwound once, when its event arrives (the process
+// and its mappings are alive then), and its sequence number maps to a
+// canonical stack id shared by identical stacks.
+type dwarfStacks struct {
+	cache *unwind.Cache
+
+	mu        sync.Mutex
+	procs     map[int]*dwarfProc
+	byKey     map[string]uint32
+	stacks    map[uint32][]uint64
+	truncated map[uint32]bool
+	seqs      map[uint32]seqInfo
+	allocs    map[heap.Key]uint64 // sampled allocations per (pid, canonical stack, size)
+	next      uint32
+	gen       uint64
+	// Totals for the summary.
+	unwound, truncatedN, noProc uint64
+}
+
+type seqInfo struct {
+	id  uint32
+	gen uint64
+}
+
+type dwarfProc struct {
+	up          *unwind.Process
+	lastRefresh time.Time
+	// uncovered holds code pages that stayed outside every known mapping
+	// after a refresh (JIT code, vdso): no refresh is tried for them again.
+	uncovered map[uint64]bool
+}
+
+// shouldRefresh tells whether a walk that stopped at pc may complete with
+// fresh mappings.
+func (d *dwarfStacks) shouldRefresh(p *dwarfProc, pc uint64) bool {
+	if p.up.Covers(pc) {
+		return false
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return !p.uncovered[pc>>12] && len(p.uncovered) < 4096
+}
+
+func newDwarfStacks() *dwarfStacks {
+	return &dwarfStacks{
+		cache:     unwind.NewCache(256 << 20),
+		procs:     map[int]*dwarfProc{},
+		byKey:     map[string]uint32{},
+		stacks:    map[uint32][]uint64{},
+		truncated: map[uint32]bool{},
+		seqs:      map[uint32]seqInfo{},
+		allocs:    map[heap.Key]uint64{},
+		next:      stackFlag,
+	}
+}
+
+// addProcess prepares unwinding for pid (its mappings now).
+func (d *dwarfStacks) addProcess(pid int) error {
+	maps, err := procmaps.Read(pid)
+	if err != nil {
+		return err
+	}
+	up, err := d.cache.Process(pid, maps)
+	if up == nil {
+		return err
+	}
+	d.mu.Lock()
+	if old := d.procs[pid]; old != nil {
+		old.up.Close()
+	}
+	d.procs[pid] = &dwarfProc{up: up, lastRefresh: time.Now(), uncovered: map[uint64]bool{}}
+	d.mu.Unlock()
+	return nil
+}
+
+// refresh picks up new mappings of pid.
+func (d *dwarfStacks) refresh(pid int) {
+	d.mu.Lock()
+	p := d.procs[pid]
+	d.mu.Unlock()
+	if p == nil {
+		return
+	}
+	if maps, err := procmaps.Read(pid); err == nil {
+		p.up.Update(maps)
+		p.lastRefresh = time.Now()
+	}
+}
+
+// removeProcess forgets pid (its allocation counts go with it: they were
+// read into the frozen state, or are dropped).
+func (d *dwarfStacks) removeProcess(pid int) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if p := d.procs[pid]; p != nil {
+		p.up.Close()
+		delete(d.procs, pid)
+	}
+	for k := range d.allocs {
+		if k.Pid == uint32(pid) {
+			delete(d.allocs, k)
+		}
+	}
+}
+
+var stackEventHeader = int(unsafe.Offsetof(mbpf.MemprofStackEvent{}.Data))
+
+// handle unwinds one stack event.
+func (d *dwarfStacks) handle(raw []byte) error {
+	if len(raw) < stackEventHeader {
+		return fmt.Errorf("short stack event (%d bytes)", len(raw))
+	}
+	le := binary.LittleEndian
+	tgid := int(le.Uint32(raw[4:]))
+	seq := le.Uint32(raw[8:])
+	n := int(le.Uint32(raw[12:]))
+	size := le.Uint64(raw[16:])
+	regs := unwind.Regs{IP: le.Uint64(raw[24:]), SP: le.Uint64(raw[32:]), BP: le.Uint64(raw[40:])}
+	if n > len(raw)-stackEventHeader {
+		n = len(raw) - stackEventHeader
+	}
+	data := raw[stackEventHeader : stackEventHeader+n]
+
+	d.mu.Lock()
+	p := d.procs[tgid]
+	d.mu.Unlock()
+	var pcs []uint64
+	truncated := true
+	if p != nil {
+		pcs, truncated = p.up.Unwind(regs, data, maxUnwindFrames)
+		if truncated && len(pcs) > 0 && d.shouldRefresh(p, pcs[len(pcs)-1]) {
+			// The walk stopped in code of a mapping not known yet (a
+			// command started under memprof maps its libraries after the
+			// probes are in place; dlopen): retry with fresh mappings.
+			d.refresh(tgid)
+			pcs, truncated = p.up.Unwind(regs, data, maxUnwindFrames)
+			if truncated && len(pcs) > 0 && !p.up.Covers(pcs[len(pcs)-1]) {
+				d.mu.Lock()
+				p.uncovered[pcs[len(pcs)-1]>>12] = true
+				d.mu.Unlock()
+			}
+		}
+	} else {
+		pcs = []uint64{regs.IP}
+	}
+
+	key := stackKey(pcs, truncated)
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if p == nil {
+		d.noProc++
+	}
+	d.unwound++
+	if truncated {
+		d.truncatedN++
+	}
+	id, ok := d.byKey[key]
+	if !ok {
+		id = d.next
+		d.next++
+		d.byKey[key] = id
+		d.stacks[id] = pcs
+		if truncated {
+			d.truncated[id] = true
+		}
+	}
+	d.seqs[seq] = seqInfo{id: id, gen: d.gen}
+	d.allocs[heap.Key{Pid: uint32(tgid), StackID: id, Size: size}]++
+	return nil
+}
+
+func stackKey(pcs []uint64, truncated bool) string {
+	b := make([]byte, 0, 8*len(pcs)+1)
+	for _, pc := range pcs {
+		b = binary.LittleEndian.AppendUint64(b, pc)
+	}
+	if truncated {
+		b = append(b, 't')
+	}
+	return string(b)
+}
+
+// resolve rewrites a snapshot read from the maps: live blocks whose stack
+// id is a copied stack's sequence number get its canonical stack, and the
+// allocation counts of copied stacks (kept here, not in BPF) are added for
+// the processes keep selects. Sequence numbers of blocks no longer live are
+// forgotten.
+func (d *dwarfStacks) resolve(s *heap.Snapshot, keep func(uint32) bool) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	gen := d.gen
+	d.gen++
+	seen := map[uint32]bool{}
+	merged := map[heap.Key]*heap.Bucket{}
+	var order []heap.Key
+	add := func(k heap.Key) *heap.Bucket {
+		b := merged[k]
+		if b == nil {
+			b = &heap.Bucket{Key: k}
+			merged[k] = b
+			order = append(order, k)
+		}
+		return b
+	}
+	for _, b := range s.Buckets {
+		k := b.Key
+		if k.StackID&stackFlag != 0 && k.StackID != heap.StackUnknown {
+			seq := k.StackID &^ stackFlag
+			seen[seq] = true
+			if info, ok := d.seqs[seq]; ok {
+				k.StackID = info.id
+			} else {
+				k.StackID = heap.StackUnknown // event lost or not read yet
+			}
+		}
+		nb := add(k)
+		nb.AllocCount += b.AllocCount
+		nb.InuseCount += b.InuseCount
+	}
+	for k, n := range d.allocs {
+		if keep != nil && !keep(k.Pid) {
+			continue
+		}
+		add(k).AllocCount += n
+	}
+	s.Buckets = s.Buckets[:0]
+	for _, k := range order {
+		b := merged[k]
+		if b.AllocCount < b.InuseCount {
+			b.AllocCount = b.InuseCount
+		}
+		s.Buckets = append(s.Buckets, *b)
+		if k.StackID&stackFlag != 0 && k.StackID != heap.StackUnknown {
+			s.Stacks[k.StackID] = d.stacks[k.StackID]
+			if d.truncated[k.StackID] {
+				if s.Truncated == nil {
+					s.Truncated = map[uint32]bool{}
+				}
+				s.Truncated[k.StackID] = true
+			}
+		}
+	}
+	for seq, info := range d.seqs {
+		if !seen[seq] && info.gen < gen {
+			delete(d.seqs, seq)
+		}
+	}
+}
+
+// stats reports unwinding totals.
+func (d *dwarfStacks) stats() (unwound, truncated uint64) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.unwound, d.truncatedN
+}
+
+// hasFramePointers reports whether the executable of pid was built with
+// frame pointers (read through its root, so containers work).
+func hasFramePointers(pid int) bool {
+	exe := filepath.Join(procmaps.ProcRoot, strconv.Itoa(pid), "exe")
+	f, err := elf.Open(exe)
+	if err != nil {
+		return true
+	}
+	defer f.Close()
+	return unwind.HasFramePointers(f)
+}

@@ -1,0 +1,129 @@
+package recorder
+
+import (
+	"context"
+	"fmt"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/google/pprof/profile"
+
+	"github.com/memprof/memprof/internal/testprog"
+)
+
+// buildDeep compiles rec_deep.c and its library like distro C: -O2 without
+// frame pointers.
+func buildDeep(t *testing.T) string {
+	t.Helper()
+	dir := t.TempDir()
+	flags := []string{"-g", "-O2", "-fomit-frame-pointer"}
+	lib := exec.Command("gcc", append(flags, "-shared", "-fPIC", "-o", filepath.Join(dir, "librec_deeplib.so"), testprog.Testdata("rec_deeplib.c"))...)
+	if out, err := lib.CombinedOutput(); err != nil {
+		t.Fatalf("build library: %v\n%s", err, out)
+	}
+	bin := filepath.Join(dir, "rec_deep")
+	exe := exec.Command("gcc", append(flags, "-o", bin, testprog.Testdata("rec_deep.c"), "-L"+dir, "-lrec_deeplib", "-Wl,-rpath,"+dir)...)
+	if out, err := exe.CombinedOutput(); err != nil {
+		t.Fatalf("build rec_deep: %v\n%s", err, out)
+	}
+	return bin
+}
+
+// frames lists a sample's function names, leaf first, inlined frames
+// included.
+func frames(s *profile.Sample) []string {
+	var out []string
+	for _, loc := range s.Location {
+		for _, l := range loc.Line {
+			out = append(out, l.Function.Name)
+		}
+	}
+	return out
+}
+
+var (
+	levels   = []string{"level6", "level5", "level4", "level3", "level2", "level1", "main"}
+	deepLeak = append([]string{"deep_leak"}, levels...)
+	libChain = append([]string{"lib_alloc", "lib_mid", "lib_entry", "recurse", "recurse", "recurse", "recurse", "recurse"}, levels...)
+)
+
+func hasPrefix(got, want []string) bool {
+	if len(got) < len(want) {
+		return false
+	}
+	for i := range want {
+		if got[i] != want[i] {
+			return false
+		}
+	}
+	return true
+}
+
+// TestStacksWithoutFramePointers: binaries built with -O2
+// -fomit-frame-pointer (a deep chain, recursion, a shared library of the
+// test's own between the caller and malloc) get complete stacks up to main
+// through CFI unwinding, in auto mode (chosen because the executable has no
+// frame pointers) and forced dwarf mode; the frame-pointer walk alone does
+// not recover them.
+func TestStacksWithoutFramePointers(t *testing.T) {
+	bin := buildDeep(t)
+	for _, mode := range []string{StackAuto, StackDwarf, StackFP} {
+		t.Run(mode, func(t *testing.T) {
+			p := record(t, Options{SampleRate: 1, Command: []string{bin}, StackMode: mode}, func(s *Session) {
+				if r := s.Wait(context.Background(), 60*time.Second); r != "command exited with status 0" {
+					t.Fatalf("session ended with %q", r)
+				}
+			})
+			complete := map[string]int64{}
+			for _, smp := range p.Sample {
+				f := frames(smp)
+				for _, want := range [][]string{deepLeak, libChain} {
+					if hasPrefix(f, want) {
+						complete[want[0]] += smp.Value[3]
+					}
+				}
+			}
+			t.Logf("%s: live bytes under complete chains: %v", mode, complete)
+			if mode == StackFP {
+				// The frame-pointer walk cannot recover these stacks: this
+				// is what makes the CFI path necessary.
+				if complete["deep_leak"] == 1_024_000 && complete["lib_alloc"] == 1_024_000 {
+					t.Errorf("frame-pointer walk recovered every chain of a -fomit-frame-pointer build: the test proves nothing")
+				}
+				return
+			}
+			for _, site := range []string{"deep_leak", "lib_alloc"} {
+				if complete[site] != 1_024_000 {
+					t.Errorf("%s: %d live bytes under the complete chain up to main, want all 1024000", site, complete[site])
+				}
+			}
+			if t.Failed() {
+				for _, smp := range p.Sample {
+					t.Logf("sample %v: %s", smp.Value, strings.Join(frames(smp), " <- "))
+				}
+			}
+			if v, _ := pprofoutComment(p, "stacks_truncated"); mode != StackFP && v != "0" {
+				t.Errorf("%s truncated stacks, want 0", v)
+				for _, smp := range p.Sample {
+					if f := frames(smp); f[len(f)-1] == "[truncated]" {
+						t.Logf("truncated: %v %s", smp.Value, strings.Join(f, " <- "))
+					}
+				}
+			}
+		})
+	}
+}
+
+func pprofoutComment(p *profile.Profile, key string) (string, bool) {
+	for _, c := range p.Comments {
+		if v, ok := strings.CutPrefix(c, "memprof: "+key+"="); ok {
+			return v, true
+		}
+	}
+	return "", false
+}
+
+var _ = fmt.Sprint
