@@ -1,0 +1,521 @@
+package bench
+
+import (
+	"bufio"
+	"bytes"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"text/tabwriter"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/cilium/ebpf/ringbuf"
+
+	mbpf "github.com/memprof/memprof/bpf"
+	"github.com/memprof/memprof/internal/attach"
+	"github.com/memprof/memprof/internal/bpfload"
+	"github.com/memprof/memprof/internal/testprog"
+)
+
+var (
+	budgetFlag = flag.Duration("budget", time.Second, "timed malloc+free loop per configuration")
+	roundsFlag = flag.Int("rounds", 10, "timed rounds per configuration (the fastest is reported)")
+	sizesFlag  = flag.String("sizes", "64,4096", "block sizes in bytes, comma-separated")
+	pinFlag    = flag.Int("pin", -1, "CPU to pin the workload to (-1: no pinning)")
+)
+
+// probes says what is attached during a run.
+type probes int
+
+const (
+	noProbes probes = iota
+	emptyProbes
+	memprofProbes
+)
+
+// config is one column of the table.
+type config struct {
+	name      string // sub-benchmark name
+	column    string // summary column
+	probes    probes
+	entryOnly bool   // probes at offset 0 instead of memprof's sites
+	rate      uint64 // memprof's sample rate
+	dwarf     bool   // copy every sampled stack for userspace unwinding
+}
+
+// defaultRate is memprof's default sample rate (recorder.DefaultSampleRate;
+// not imported so the benchmark builds without the recorder's dependencies).
+const defaultRate = 512 * 1024
+
+var configs = []config{
+	{name: "1-none", column: "none", probes: noProbes},
+	{name: "2-empty-floor", column: "empty-floor", probes: emptyProbes},
+	{name: "3-empty-entry", column: "empty-entry", probes: emptyProbes, entryOnly: true},
+	{name: "4-memprof-default", column: "memprof-default", probes: memprofProbes, rate: defaultRate},
+	{name: "5-memprof-rate1", column: "memprof-rate1", probes: memprofProbes, rate: 1},
+	{name: "6-memprof-default-dwarf", column: "dwarf-default", probes: memprofProbes, rate: defaultRate, dwarf: true},
+	{name: "7-memprof-rate1-dwarf", column: "dwarf-rate1", probes: memprofProbes, rate: 1, dwarf: true},
+}
+
+var allocators = []struct {
+	name string
+	env  []string
+}{
+	{"glibc", nil},
+	{"jemalloc", []string{"LD_PRELOAD=" + testprog.Jemalloc}},
+}
+
+// results holds every measurement for the summary, by allocator, size and
+// configuration; sites the probe sites seen per allocator.
+var results = struct {
+	sync.Mutex
+	ns       map[string][]float64 // key: alloc/size/config
+	counters map[string]string    // key: alloc/size/config, memprof configs only
+	rows     []string             // alloc/size in run order
+	sites    map[string][]*attach.Object
+	order    []string // allocators in run order
+}{ns: map[string][]float64{}, counters: map[string]string{}, sites: map[string][]*attach.Object{}}
+
+func TestMain(m *testing.M) {
+	flag.Parse()
+	code := m.Run()
+	printSummary(os.Stdout)
+	os.Exit(code)
+}
+
+func sizes(tb testing.TB) []int {
+	var out []int
+	for _, f := range strings.Split(*sizesFlag, ",") {
+		n, err := strconv.Atoi(strings.TrimSpace(f))
+		if err != nil || n <= 0 {
+			tb.Fatalf("bad -sizes %q: %q is not a positive byte count", *sizesFlag, f)
+		}
+		out = append(out, n)
+	}
+	return out
+}
+
+func sizeName(n int) string {
+	if n >= 1024 && n%1024 == 0 {
+		return fmt.Sprintf("%dKiB", n/1024)
+	}
+	return fmt.Sprintf("%dB", n)
+}
+
+// BenchmarkMallocFree runs every configuration for every allocator and size.
+// Sub-benchmarks report ns/pair (ns/op is hidden: b.N is ignored).
+func BenchmarkMallocFree(b *testing.B) {
+	testprog.RequireRoot(b)
+	if _, err := os.Stat(testprog.Jemalloc); err != nil {
+		b.Fatalf("jemalloc not installed (%v): apt-get install libjemalloc2", err)
+	}
+	bin := testprog.Build(b, "bench_pairs.c", "-O2")
+	for _, al := range allocators {
+		b.Run(al.name, func(b *testing.B) {
+			for _, size := range sizes(b) {
+				b.Run(sizeName(size), func(b *testing.B) {
+					row := al.name + "/" + sizeName(size)
+					results.Lock()
+					if !contains(results.rows, row) {
+						results.rows = append(results.rows, row)
+					}
+					results.Unlock()
+					for _, c := range configs {
+						b.Run(c.name, func(b *testing.B) {
+							ns := runConfig(b, bin, al.name, al.env, size, c)
+							b.ReportMetric(0, "ns/op")
+							b.ReportMetric(ns, "ns/pair")
+							results.Lock()
+							key := row + "/" + c.column
+							results.ns[key] = append(results.ns[key], ns)
+							if c.column == "memprof-default" {
+								if floor := median(results.ns[row+"/empty-floor"]); floor > 0 {
+									b.ReportMetric(ns/floor, "x-floor")
+								}
+							}
+							results.Unlock()
+						})
+					}
+				})
+			}
+		})
+	}
+}
+
+func contains(s []string, v string) bool {
+	for _, x := range s {
+		if x == v {
+			return true
+		}
+	}
+	return false
+}
+
+// runResult is the program's RESULT line.
+type runResult struct {
+	median, min, max float64
+	pairs, total     uint64
+}
+
+// runConfig starts the program, attaches the configuration's probes while it
+// waits, lets it run and returns its median ns per pair. Everything it
+// loads or attaches is closed before it returns.
+func runConfig(b *testing.B, bin, alloc string, env []string, size int, c config) float64 {
+	what := fmt.Sprintf("%s, %d-byte blocks, %s", alloc, size, c.name)
+	var objs *bpfload.Objects
+	if c.probes != noProbes {
+		rate := c.rate
+		if rate == 0 {
+			rate = defaultRate
+		}
+		mode := mbpf.MemprofStackModeSM_FP
+		if c.dwarf {
+			mode = mbpf.MemprofStackModeSM_DWARF
+		}
+		var err error
+		objs, err = bpfload.Load(bpfload.Options{SampleRate: rate, StackMode: mode})
+		if err != nil {
+			b.Fatalf("%s: load BPF programs: %v", what, err)
+		}
+		defer objs.Close()
+		if c.dwarf {
+			// Drain the stack copies as memprof's reader would (the
+			// unwinding itself runs in memprof, not in the target: its
+			// cost is BenchmarkUnwind in internal/unwind).
+			rd, err := ringbuf.NewReader(objs.Events)
+			if err != nil {
+				b.Fatalf("%s: open ring buffer: %v", what, err)
+			}
+			defer rd.Close()
+			go func() {
+				var rec ringbuf.Record
+				for rd.ReadInto(&rec) == nil {
+				}
+			}()
+		}
+	}
+
+	prog := start(b, what, bin, env, strconv.Itoa(size), strconv.FormatInt(budgetFlag.Milliseconds(), 10), strconv.Itoa(*roundsFlag))
+	defer prog.stop()
+	if *pinFlag >= 0 {
+		var set unix.CPUSet
+		set.Set(*pinFlag)
+		if err := unix.SchedSetaffinity(prog.cmd.Process.Pid, &set); err != nil {
+			b.Fatalf("%s: pin the program to CPU %d: %v", what, *pinFlag, err)
+		}
+	}
+	prog.expect(b, "READY")
+
+	if objs != nil {
+		progs := objs.Programs()
+		if c.probes == emptyProbes {
+			progs = objs.EmptyPrograms()
+		}
+		att := attach.New(progs)
+		att.EntryOnly = c.entryOnly
+		defer func() {
+			t0 := time.Now()
+			att.Close()
+			b.Logf("%s: detach took %v", what, time.Since(t0))
+			if n := att.Links(); n != 0 {
+				b.Errorf("%s: %d probes still attached after Close", what, n)
+			}
+		}()
+		t0 := time.Now()
+		attached, err := att.Process(prog.cmd.Process.Pid)
+		if err != nil {
+			b.Fatalf("%s: attach probes to pid %d: %v", what, prog.cmd.Process.Pid, err)
+		}
+		b.Logf("%s: attach took %v (%d probes)", what, time.Since(t0), att.Links())
+		found := false
+		for _, o := range attached {
+			found = found || o.Allocator == alloc
+		}
+		if !found {
+			b.Fatalf("%s: no %s object among the attached ones (%s)", what, alloc, objectNames(attached))
+		}
+		if c.probes == emptyProbes && !c.entryOnly {
+			results.Lock()
+			if _, ok := results.sites[alloc]; !ok {
+				results.sites[alloc] = attached
+				results.order = append(results.order, alloc)
+			}
+			results.Unlock()
+		}
+	}
+
+	prog.proceed(b)
+	line := prog.expect(b, "RESULT")
+	r, err := parseResult(line)
+	if err != nil {
+		b.Fatalf("%s: %v", what, err)
+	}
+	if err := prog.wait(); err != nil {
+		b.Fatalf("%s: %v", what, err)
+	}
+	b.Logf("%s: %.1f ns/pair (fastest of %d rounds; median %.1f, slowest %.1f; %d timed pairs)", what, r.min, *roundsFlag, r.median, r.max, r.pairs)
+
+	if c.probes == memprofProbes {
+		ctr, err := objs.ReadCounters()
+		if err != nil {
+			b.Fatalf("%s: %v", what, err)
+		}
+		// Every pair made after the probes went in must have been seen:
+		// this is what proves the probes fired.
+		if ctr.Calls < r.total || ctr.Frees < r.total {
+			b.Errorf("%s: BPF saw %d allocating calls and %d frees, fewer than the %d pairs made with the probes in place", what, ctr.Calls, ctr.Frees, r.total)
+		}
+		if c.dwarf && ctr.StackCopies == 0 {
+			b.Errorf("%s: no stack copied in dwarf mode", what)
+		}
+		if c.rate == 1 && ctr.Samples < r.total {
+			b.Errorf("%s: rate 1 sampled %d allocations, fewer than the %d made", what, ctr.Samples, r.total)
+		}
+		s := fmt.Sprintf("calls %d, frees %d, samples %d, stack copies %d, nested %d, lost %v", ctr.Calls, ctr.Frees, ctr.Samples, ctr.StackCopies, ctr.Nested, ctr.Lost())
+		b.Logf("%s: BPF counters: %s", what, s)
+		results.Lock()
+		results.counters[fmt.Sprintf("%s/%s/%s", alloc, sizeName(size), c.column)] = s
+		results.Unlock()
+	}
+	return r.min
+}
+
+func objectNames(objs []*attach.Object) string {
+	var s []string
+	for _, o := range objs {
+		s = append(s, o.Path+" ("+o.Allocator+")")
+	}
+	return strings.Join(s, ", ")
+}
+
+// formatSites lists each object's probed functions with offset and whether
+// the kernel emulates the probed instruction.
+func formatSites(objs []*attach.Object) string {
+	var buf strings.Builder
+	for _, o := range objs {
+		entries, emulated := o.Probed()
+		fmt.Fprintf(&buf, "  %s [%s]: %d probed functions, %d at emulated instructions\n", o.Path, o.Allocator, entries, emulated)
+		var parts []string
+		for _, s := range o.Sites {
+			switch {
+			case s.Thunk:
+				parts = append(parts, s.Symbol+" (thunk, not probed)")
+			case s.Emulated:
+				parts = append(parts, fmt.Sprintf("%s+%#x (%s, emulated)", s.Symbol, s.Offset, s.Insn))
+			default:
+				parts = append(parts, fmt.Sprintf("%s+%#x (%s, SINGLE-STEPPED)", s.Symbol, s.Offset, s.Insn))
+			}
+		}
+		for i := 0; i < len(parts); i += 3 {
+			fmt.Fprintf(&buf, "    %s\n", strings.Join(parts[i:min(i+3, len(parts))], "; "))
+		}
+	}
+	return buf.String()
+}
+
+func parseResult(line string) (runResult, error) {
+	var r runResult
+	fields := map[string]string{}
+	for _, f := range strings.Fields(line)[1:] {
+		k, v, ok := strings.Cut(f, "=")
+		if ok {
+			fields[k] = v
+		}
+	}
+	var err error
+	num := func(k string) float64 {
+		v, e := strconv.ParseFloat(fields[k], 64)
+		if e != nil && err == nil {
+			err = fmt.Errorf("bad %s in program output %q", k, line)
+		}
+		return v
+	}
+	r.median, r.min, r.max = num("median_ns"), num("min_ns"), num("max_ns")
+	r.pairs, r.total = uint64(num("pairs")), uint64(num("total_pairs"))
+	return r, err
+}
+
+// program is a running bench_pairs.
+type program struct {
+	what   string
+	cmd    *exec.Cmd
+	stdin  io.WriteCloser
+	lines  chan string
+	stderr bytes.Buffer
+	limit  time.Duration
+	done   bool
+}
+
+func start(b *testing.B, what, bin string, env []string, args ...string) *program {
+	p := &program{what: what, cmd: exec.Command(bin, args...), lines: make(chan string, 16)}
+	p.cmd.Env = append(os.Environ(), env...)
+	p.cmd.Stderr = &p.stderr
+	p.limit = 3*(*budgetFlag) + 60*time.Second
+	var err error
+	if p.stdin, err = p.cmd.StdinPipe(); err != nil {
+		b.Fatal(err)
+	}
+	out, err := p.cmd.StdoutPipe()
+	if err != nil {
+		b.Fatal(err)
+	}
+	if err := p.cmd.Start(); err != nil {
+		b.Fatalf("%s: start %s: %v", what, bin, err)
+	}
+	go func() {
+		sc := bufio.NewScanner(out)
+		for sc.Scan() {
+			p.lines <- sc.Text()
+		}
+		close(p.lines)
+	}()
+	return p
+}
+
+// expect waits for a line starting with prefix and returns it.
+func (p *program) expect(b *testing.B, prefix string) string {
+	timeout := time.After(p.limit)
+	for {
+		select {
+		case line, ok := <-p.lines:
+			if !ok {
+				err := p.wait()
+				b.Fatalf("%s: program ended before printing %s: %v", p.what, prefix, err)
+			}
+			if strings.HasPrefix(line, prefix) {
+				return line
+			}
+		case <-timeout:
+			b.Fatalf("%s: no %s line from the program after %v", p.what, prefix, p.limit)
+		}
+	}
+}
+
+func (p *program) proceed(b *testing.B) {
+	if _, err := io.WriteString(p.stdin, "go\n"); err != nil {
+		b.Fatalf("%s: tell the program to start: %v", p.what, err)
+	}
+}
+
+func (p *program) wait() error {
+	if p.done {
+		return nil
+	}
+	p.done = true
+	p.stdin.Close()
+	for range p.lines {
+	}
+	if err := p.cmd.Wait(); err != nil {
+		return fmt.Errorf("program %v: %v; stderr: %s", p.cmd.Args, err, strings.TrimSpace(p.stderr.String()))
+	}
+	return nil
+}
+
+// stop kills the program if it is still running (after a failure).
+func (p *program) stop() {
+	if p.done {
+		return
+	}
+	p.cmd.Process.Kill()
+	p.wait()
+}
+
+func median(v []float64) float64 {
+	if len(v) == 0 {
+		return 0
+	}
+	s := append([]float64(nil), v...)
+	sort.Float64s(s)
+	if len(s)%2 == 1 {
+		return s[len(s)/2]
+	}
+	return (s[len(s)/2-1] + s[len(s)/2]) / 2
+}
+
+// printSummary writes the table: rows allocator x size, columns the
+// configurations and the ratios memprof-default / empty-floor (the target is
+// at most 1.3) and empty-entry / empty-floor (what the site choice saves).
+func printSummary(w io.Writer) {
+	results.Lock()
+	defer results.Unlock()
+	if len(results.rows) == 0 {
+		return
+	}
+	fmt.Fprintf(w, "\nmemprof bench: ns per malloc+free pair, one thread, fastest of %d rounds of %v each", *roundsFlag, *budgetFlag/time.Duration(*roundsFlag))
+	if n := len(results.ns[results.rows[0]+"/none"]); n > 1 {
+		fmt.Fprintf(w, ", median of %d runs", n)
+	}
+	fmt.Fprintf(w, "\n")
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
+	fmt.Fprint(tw, "allocator\tsize\t")
+	for _, c := range configs {
+		fmt.Fprintf(tw, "%s\t", c.column)
+	}
+	fmt.Fprint(tw, "default/floor\tdwarf-default/floor\tentry/floor\tdwarf cost/sample\t\n")
+	for _, row := range results.rows {
+		alloc, size, _ := strings.Cut(row, "/")
+		fmt.Fprintf(tw, "%s\t%s\t", alloc, size)
+		for _, c := range configs {
+			if v := median(results.ns[row+"/"+c.column]); v > 0 {
+				fmt.Fprintf(tw, "%.1f\t", v)
+			} else {
+				fmt.Fprint(tw, "-\t")
+			}
+		}
+		floor := median(results.ns[row+"/empty-floor"])
+		for _, col := range []string{"memprof-default", "dwarf-default", "empty-entry"} {
+			if v := median(results.ns[row+"/"+col]); v > 0 && floor > 0 {
+				fmt.Fprintf(tw, "%.2f\t", v/floor)
+			} else {
+				fmt.Fprint(tw, "-\t")
+			}
+		}
+		// At rate 1 every pair has one sampled allocation: the difference
+		// is what a stack copy costs the target per sample over the
+		// frame-pointer walk.
+		if d, f := median(results.ns[row+"/dwarf-rate1"]), median(results.ns[row+"/memprof-rate1"]); d > 0 && f > 0 {
+			fmt.Fprintf(tw, "%+.0f ns\t", d-f)
+		} else {
+			fmt.Fprint(tw, "-\t")
+		}
+		fmt.Fprint(tw, "\n")
+	}
+	tw.Flush()
+	fmt.Fprintln(w, "default/floor: memprof at the default 512 KiB rate over empty probes at the same sites (target <= 1.3)")
+	fmt.Fprintln(w, "dwarf-default/floor: the same with every sampled stack copied for CFI unwinding (--stack-mode dwarf)")
+	fmt.Fprintln(w, "entry/floor: empty probes at each function's first instruction over empty probes at memprof's sites")
+	fmt.Fprintln(w, "dwarf cost/sample: copying registers and 8 KiB of stack instead of the frame-pointer walk, per sampled allocation (rate-1 columns)")
+	// The sites the workload goes through (the full lists are in the
+	// 2-empty-floor logs).
+	for _, alloc := range results.order {
+		var parts []string
+		for _, o := range results.sites[alloc] {
+			if o.Allocator != alloc {
+				continue
+			}
+			for _, s := range o.Sites {
+				if s.Symbol != "malloc" && s.Symbol != "free" {
+					continue
+				}
+				em := "emulated"
+				if !s.Emulated {
+					em = "single-stepped"
+				}
+				parts = append(parts, fmt.Sprintf("%s+%#x (%s, %s)", s.Symbol, s.Offset, strings.ToLower(s.Insn), em))
+			}
+		}
+		fmt.Fprintf(w, "%s sites: %s\n", alloc, strings.Join(parts, ", "))
+	}
+	for _, alloc := range results.order {
+		fmt.Fprintf(w, "all probe sites in the %s process:\n%s", alloc, formatSites(results.sites[alloc]))
+	}
+}
