@@ -40,6 +40,7 @@ func recordCommand() *cli.Command {
 			&cli.DurationFlag{Name: "duration", Aliases: []string{"d"}, Usage: "how long to record (default: until the targets exit or Ctrl-C)"},
 			&cli.StringFlag{Name: "output", Aliases: []string{"o"}, Usage: "profile file (default memprof-<target>-<time>.pb.gz)"},
 			&cli.Uint64Flag{Name: "sample-rate", Value: recorder.DefaultSampleRate, Usage: "mean bytes between samples (Poisson); 1 records every allocation exactly"},
+			&cli.StringFlag{Name: "stack-mode", Value: recorder.StackAuto, Usage: "auto: unwind with .eh_frame for executables built without frame pointers, frame pointers otherwise; fp: frame pointers only (cheapest); dwarf: .eh_frame unwinding for everything"},
 			&cli.StringFlag{Name: "oom-dir", Usage: "where OOM post-mortems go (default: next to the profile)"},
 			&cli.BoolFlag{Name: "all-ooms", Usage: "also report OOM kills of processes that are not targets"},
 			&cli.IntFlag{Name: "top", Value: 10, Usage: "stacks shown in the summary"},
@@ -56,6 +57,7 @@ func runRecord(c *cli.Context) error {
 		Cgroups:    c.StringSlice("cgroup"),
 		Command:    c.Args().Slice(),
 		AllOOMs:    c.Bool("all-ooms"),
+		StackMode:  c.String("stack-mode"),
 	}
 	if opts.SampleRate == 0 {
 		return fmt.Errorf("--sample-rate must be at least 1 byte")
