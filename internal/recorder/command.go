@@ -19,7 +19,9 @@ import (
 // (ptrace), the probes are attached to the allocators it will load, and it
 // is let go; at its exit it stops once more (PTRACE_O_TRACEEXIT) so its
 // memory map and heap can be read before the kernel tears them down.
-// Signals it receives are passed through unchanged.
+// Signals it receives are passed through unchanged. When it execs another
+// program (env, a shell wrapper), the new program's allocators are attached
+// at that exec the same way.
 type command struct {
 	argv   []string
 	env    []string
@@ -37,7 +39,7 @@ type cmdExit struct {
 // after exec, the libraries it will map listed by path; atExit is called
 // with the child stopped in its exit, its address space still intact.
 // Both run on the tracer thread.
-func startCommand(argv []string, env []string, attach func(pid int, libs []string) error, atExit func(pid int)) (*command, error) {
+func startCommand(argv []string, env []string, attach func(pid int, libs []string, exec bool) error, atExit func(pid int)) (*command, error) {
 	if len(argv) == 0 {
 		return nil, fmt.Errorf("no command given after --")
 	}
@@ -55,7 +57,7 @@ func startCommand(argv []string, env []string, attach func(pid int, libs []strin
 	return c, nil
 }
 
-func (c *command) trace(path string, attach func(int, []string) error, atExit func(int), started chan<- error) {
+func (c *command) trace(path string, attach func(int, []string, bool) error, atExit func(int), started chan<- error) {
 	// ptrace requests must come from the thread that became the tracer.
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
@@ -76,10 +78,10 @@ func (c *command) trace(path string, attach func(int, []string) error, atExit fu
 		started <- fmt.Errorf("start %s: child did not stop at exec (%v, status %v)", path, err, ws)
 		return
 	}
-	_ = syscall.PtraceSetOptions(pid, unix.PTRACE_O_TRACEEXIT|unix.PTRACE_O_EXITKILL)
+	_ = syscall.PtraceSetOptions(pid, unix.PTRACE_O_TRACEEXIT|unix.PTRACE_O_TRACEEXEC|unix.PTRACE_O_EXITKILL)
 	libs := []string{path}
 	libs = append(libs, loadedLibraries(path, c.env)...)
-	if err := attach(pid, libs); err != nil {
+	if err := attach(pid, libs, false); err != nil {
 		syscall.Kill(pid, syscall.SIGKILL)
 		syscall.PtraceCont(pid, 0)
 		syscall.Wait4(pid, &ws, 0, nil)
@@ -115,12 +117,38 @@ func (c *command) trace(path string, attach func(int, []string) error, atExit fu
 				syscall.PtraceCont(pid, 0)
 				continue
 			}
+			if sig == syscall.SIGTRAP && ws.TrapCause() == syscall.PTRACE_EVENT_EXEC {
+				// A new program in the same process: attach to the
+				// allocators it will load before it runs.
+				exe, err := os.Readlink(fmt.Sprintf("/proc/%d/exe", pid))
+				if err == nil {
+					libs := append([]string{exe}, loadedLibraries(exe, processEnv(pid))...)
+					attach(pid, libs, true)
+				}
+				syscall.PtraceCont(pid, 0)
+				continue
+			}
 			if sig == syscall.SIGTRAP {
 				sig = 0
 			}
 			syscall.PtraceCont(pid, int(sig))
 		}
 	}
+}
+
+// processEnv reads a process's environment (NUL-separated).
+func processEnv(pid int) []string {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/environ", pid))
+	if err != nil {
+		return nil
+	}
+	var env []string
+	for _, kv := range bytes.Split(b, []byte{0}) {
+		if len(kv) > 0 {
+			env = append(env, string(kv))
+		}
+	}
+	return env
 }
 
 // loadedLibraries lists the shared objects the dynamic loader will map for

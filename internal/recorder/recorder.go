@@ -210,11 +210,38 @@ func (s *Session) noteObjects(objs []*attach.Object) {
 	}
 }
 
-// attachCommand runs with the command stopped at exec.
-func (s *Session) attachCommand(pid int, libs []string) error {
+// attachCommand runs with the command stopped at exec (the first one, or a
+// later exec of another program by the same process).
+func (s *Session) attachCommand(pid int, libs []string, reexec bool) error {
 	objs, err := s.att.Files(pid, libs)
 	if err != nil {
+		if reexec {
+			s.recordErr(fmt.Errorf("attach after exec of process %d: %w", pid, err))
+			return nil
+		}
 		return err
+	}
+	if reexec {
+		s.noteObjects(objs)
+		s.mu.Lock()
+		t := s.procs[pid]
+		s.mu.Unlock()
+		if t != nil {
+			t.comm = procmaps.Comm(pid)
+			if a := allocatorOf(objs); a != frag.Unknown {
+				t.allocator = a
+			}
+			if t.sym != nil {
+				t.sym.Refresh()
+			}
+			if t.dwarf {
+				s.dwarf.refresh(pid)
+			} else {
+				s.setupStacks(t)
+			}
+		}
+		s.opts.Notify(fmt.Sprintf("process %d now runs %s", pid, libs[0]))
+		return nil
 	}
 	if len(objs) == 0 {
 		return fmt.Errorf("command %s: %w among the libraries it loads (%v)", s.opts.Command[0], attach.ErrNoAllocator, libs)

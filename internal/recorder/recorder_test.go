@@ -402,3 +402,24 @@ func TestRecordTargetExits(t *testing.T) {
 	}
 	checkExact(t, p, leakyTruth)
 }
+
+// TestRecordCommandExecs: a command that execs the real program (env, as
+// shell wrappers do) still has it profiled from its first allocation, with
+// the allocator the new program preloads.
+func TestRecordCommandExecs(t *testing.T) {
+	bin := testprog.Build(t, "rec_leaky.c")
+	p := record(t, Options{SampleRate: 1, Command: []string{"env", "LD_PRELOAD=" + testprog.Jemalloc, bin}}, func(s *Session) {
+		if r := s.Wait(context.Background(), 60*time.Second); r != "command exited with status 0" {
+			t.Fatalf("session ended with %q", r)
+		}
+		found := false
+		for _, o := range s.Objects() {
+			found = found || o.Allocator == "jemalloc"
+		}
+		if !found {
+			t.Errorf("jemalloc, preloaded by the exec'd program, was not attached")
+		}
+	})
+	truth := append([]site{{"early_alloc", 12345, 12345}}, leakyTruth...)
+	checkExact(t, p, truth)
+}
