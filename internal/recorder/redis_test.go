@@ -134,4 +134,3 @@ func waitPort(t *testing.T, port int) {
 	}
 	t.Fatalf("nothing listens on port %d after 10s", port)
 }
-
