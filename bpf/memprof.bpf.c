@@ -255,16 +255,6 @@ static __always_inline void untrack(__u32 tgid, __u64 ptr)
 		bpf_map_delete_elem(&live, &k);
 }
 
-struct vma_end {
-	__u64 end;
-};
-
-static long vma_end_cb(struct task_struct *task, struct vm_area_struct *vma, void *ctx)
-{
-	((struct vma_end *)ctx)->end = vma->vm_end;
-	return 0;
-}
-
 // copy_stack sends the registers and the top of the user stack of a sampled
 // allocation to userspace and returns its stack id (STACK_DWARF | seq), or
 // -1 when the ring buffer is full.
@@ -283,22 +273,27 @@ static __always_inline __s64 copy_stack(struct pt_regs *ctx, __u32 tgid, __u64 s
 	e->ip = PT_REGS_IP(ctx);
 	e->sp = PT_REGS_SP(ctx);
 	e->bp = PT_REGS_FP(ctx);
-	// The stack may end less than STACK_COPY bytes above sp (the outermost
-	// frames of the main thread sit near its top), and a read that crosses
-	// the end fails whole: copy up to the end of sp's mapping.
+	// The main thread's stack may end less than STACK_COPY bytes above sp
+	// (its outermost frames sit near the top), and a read that crosses
+	// the end fails whole: copy up to mm->start_stack (where argc lies,
+	// above every frame) when that is closer. Thread stacks are followed
+	// by their thread descriptor in the same mapping. Shorter copies are
+	// tried if the read still fails.
 	void *sp = (void *)e->sp;
-	struct vma_end ve = {.end = 0};
 	__u64 n = STACK_COPY;
-	if (bpf_find_vma(bpf_get_current_task_btf(), e->sp, vma_end_cb, &ve, 0) == 0 && ve.end > e->sp &&
-	    ve.end - e->sp < STACK_COPY)
-		n = ve.end - e->sp;
+	__u64 top = BPF_CORE_READ((struct task_struct *)bpf_get_current_task_btf(), mm, start_stack);
+	if (top > e->sp && top - e->sp < STACK_COPY)
+		n = top - e->sp;
 	n &= STACK_COPY * 2 - 1; // bounds for the verifier
 	if (n > STACK_COPY)
 		n = STACK_COPY;
+	e->len = 0;
 	if (n > 0 && bpf_probe_read_user(e->data, n, sp) == 0)
 		e->len = n;
-	else
-		e->len = 0;
+	else if (bpf_probe_read_user(e->data, STACK_COPY / 4, sp) == 0)
+		e->len = STACK_COPY / 4;
+	else if (bpf_probe_read_user(e->data, STACK_COPY / 16, sp) == 0)
+		e->len = STACK_COPY / 16;
 	bpf_ringbuf_submit(e, 0);
 	count(C_STACK_COPIES);
 	return STACK_DWARF | seq;
