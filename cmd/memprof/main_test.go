@@ -1,0 +1,148 @@
+package main
+
+import (
+	"bufio"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/memprof/memprof/internal/testprog"
+	"github.com/memprof/memprof/pprofout"
+)
+
+// buildMemprof builds the command as a user gets it.
+func buildMemprof(t *testing.T) string {
+	t.Helper()
+	bin := filepath.Join(t.TempDir(), "memprof")
+	cmd := exec.Command("go", "build", "-o", bin, ".")
+	cmd.Env = append(os.Environ(), "GOFLAGS=-mod=mod")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("go build: %v\n%s", err, out)
+	}
+	return bin
+}
+
+// TestRecordAndReport runs `memprof record -- cmd` and `memprof report` the
+// way the README shows and checks what the user sees.
+func TestRecordAndReport(t *testing.T) {
+	testprog.RequireRoot(t)
+	memprof := buildMemprof(t)
+	demo := testprog.Build(t, "demo_server.c")
+	dir := t.TempDir()
+	cmd := exec.Command(memprof, "record", "--", demo)
+	cmd.Dir = dir
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("memprof record: %v\n%s", err, out)
+	}
+	s := string(out)
+	for _, want := range []string{"probing ", "command exited with status 0", "top ", "session_open", "cache_put", "view it with: go tool pprof -http=: memprof-demo_server-"} {
+		if !strings.Contains(s, want) {
+			t.Errorf("record output lacks %q:\n%s", want, s)
+		}
+	}
+	files, _ := filepath.Glob(filepath.Join(dir, "memprof-demo_server-*.pb.gz"))
+	if len(files) != 1 {
+		t.Fatalf("default output file: found %v, want one memprof-demo_server-<time>.pb.gz", files)
+	}
+	p, err := pprofout.ReadFile(files[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	rows, err := pprofout.Top(p, "inuse_space", 1)
+	if err != nil || len(rows) == 0 || !strings.HasPrefix(rows[0].Frames[0], "session_open") {
+		t.Fatalf("top live stack %v (%v), want session_open (the leak)", rows, err)
+	}
+	// session_open leaks 20000 x 4 KiB = 81.92 MB; at the default rate the
+	// estimate has a standard deviation of ~8%: allow 4 of them.
+	if v := float64(rows[0].Value); v < 0.68*81.92e6 || v > 1.32*81.92e6 {
+		t.Errorf("session_open live bytes %.0f, want 81.92 MB +-32%%", v)
+	}
+	rep, err := exec.Command(memprof, "report", "--top", "3", files[0]).CombinedOutput()
+	if err != nil {
+		t.Fatalf("memprof report: %v\n%s", err, rep)
+	}
+	for _, want := range []string{"top 2 stacks by inuse_space", "session_open", "fragmentation:", "at exit: allocator=glibc"} {
+		if !strings.Contains(string(rep), want) {
+			t.Errorf("report output lacks %q:\n%s", want, rep)
+		}
+	}
+}
+
+// TestInterruptWritesProfile: Ctrl-C (SIGINT) during a recording without
+// --duration still writes the profile.
+func TestInterruptWritesProfile(t *testing.T) {
+	testprog.RequireRoot(t)
+	memprof := buildMemprof(t)
+	leaky := testprog.Build(t, "rec_leaky.c")
+	target := exec.Command(leaky, "--wait-start", "--wait-end")
+	in, _ := target.StdinPipe()
+	outPipe, _ := target.StdoutPipe()
+	if err := target.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { target.Process.Kill(); target.Wait() })
+	r := bufio.NewReader(outPipe)
+	r.ReadString('\n') // READY
+	file := filepath.Join(t.TempDir(), "heap.pb.gz")
+	rec := exec.Command(memprof, "record", "--sample-rate", "1", "--pid", strconv.Itoa(target.Process.Pid), "-o", file)
+	var buf strings.Builder
+	rec.Stdout, rec.Stderr = &buf, &buf
+	if err := rec.Start(); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for !strings.Contains(buf.String(), "probing ") && time.Now().Before(deadline) {
+		time.Sleep(20 * time.Millisecond)
+	}
+	in.Write([]byte("go\n"))
+	r.ReadString('\n') // DONE
+	rec.Process.Signal(syscall.SIGINT)
+	if err := rec.Wait(); err != nil {
+		t.Fatalf("memprof after SIGINT: %v\n%s", err, buf.String())
+	}
+	if !strings.Contains(buf.String(), "stopped: interrupted") {
+		t.Errorf("output does not say it was interrupted:\n%s", buf.String())
+	}
+	p, err := pprofout.ReadFile(file)
+	if err != nil {
+		t.Fatalf("no profile after SIGINT: %v\n%s", err, buf.String())
+	}
+	rows, _ := pprofout.Top(p, "inuse_space", 1)
+	if len(rows) == 0 || rows[0].Value != 2097152 || !strings.HasPrefix(rows[0].Frames[0], "grow_realloc") {
+		t.Errorf("top live stack %v, want grow_realloc with 2097152 bytes (rate 1)", rows)
+	}
+}
+
+// TestUserErrors checks the messages for input a user gets wrong.
+func TestUserErrors(t *testing.T) {
+	testprog.RequireRoot(t)
+	memprof := buildMemprof(t)
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"record", "--pid", "999999999"}, "process 999999999 not found"},
+		{[]string{"record", "--cgroup", "/sys/fs/cgroup/memory/nope-memprof"}, "cgroup /sys/fs/cgroup/memory/nope-memprof does not exist"},
+		{[]string{"record"}, "nothing to record"},
+		{[]string{"record", "--sample-rate", "0", "--pid", "1"}, "--sample-rate must be at least 1"},
+		{[]string{"record", "--stack-mode", "magic", "--pid", strconv.Itoa(os.Getpid())}, "unknown stack mode"},
+		{[]string{"record", "--pod", "no-such-pod-xyz"}, "no-such-pod-xyz"},
+		{[]string{"report", "/etc/hostname"}, "is not a pprof profile"},
+		{[]string{"report"}, "exactly one profile file"},
+	} {
+		out, err := exec.Command(memprof, tc.args...).CombinedOutput()
+		if err == nil {
+			t.Errorf("memprof %v succeeded, want an error", tc.args)
+			continue
+		}
+		if !strings.Contains(string(out), tc.want) {
+			t.Errorf("memprof %v: %q, want it to say %q", tc.args, strings.TrimSpace(string(out)), tc.want)
+		}
+	}
+}
