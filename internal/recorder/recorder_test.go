@@ -214,6 +214,23 @@ func TestRecordPidExact(t *testing.T) {
 	}
 }
 
+// TestRecordStaticAllocator: glibc linked statically into the executable
+// is found in the executable itself and profiled exactly.
+func TestRecordStaticAllocator(t *testing.T) {
+	bin := testprog.Build(t, "rec_leaky.c", "-static")
+	prog := startProgram(t, bin, nil, "--wait-start", "--wait-end")
+	prog.expect(t, "READY")
+	p := record(t, Options{SampleRate: 1, Pids: []int{prog.cmd.Process.Pid}}, func(s *Session) {
+		objs := s.Objects()
+		if len(objs) != 1 || objs[0].Allocator != "static" {
+			t.Fatalf("attached objects %+v, want the executable as a static allocator", objs)
+		}
+		prog.proceed(t)
+		prog.expect(t, "DONE")
+	})
+	checkExact(t, p, leakyTruth)
+}
+
 // TestRecordCommand starts the program with the probes in place: its first
 // allocation (early_alloc, before anything else in main) is in the profile,
 // and the state at exit is kept after the process is gone.
