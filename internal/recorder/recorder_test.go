@@ -440,3 +440,46 @@ func TestRecordCommandExecs(t *testing.T) {
 	truth := append([]site{{"early_alloc", 12345, 12345}}, leakyTruth...)
 	checkExact(t, p, truth)
 }
+
+// TestOthersPayNothing: probes are planted only in the targets. Another
+// process using the same libc runs malloc+free at full speed while a target
+// is profiled, and the BPF side counts none of its calls.
+func TestOthersPayNothing(t *testing.T) {
+	leaky := testprog.Build(t, "rec_leaky.c")
+	pairs := testprog.Build(t, "bench_pairs.c", "-O2")
+	target := startProgram(t, leaky, nil, "--wait-start", "--wait-end")
+	target.expect(t, "READY")
+	other := startProgram(t, pairs, nil, "64", "300", "3")
+	other.expect(t, "READY")
+	record(t, Options{Pids: []int{target.cmd.Process.Pid}}, func(s *Session) {
+		before, _ := s.Counters()
+		other.proceed(t)
+		line := ""
+		done := make(chan struct{})
+		go func() { line, _ = other.out.ReadString('\n'); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(60 * time.Second):
+			t.Fatal("bench_pairs did not finish")
+		}
+		after, _ := s.Counters()
+		var ns float64
+		for _, f := range strings.Fields(line) {
+			if v, ok := strings.CutPrefix(f, "min_ns="); ok {
+				fmt.Sscan(v, &ns)
+			}
+		}
+		t.Logf("non-target: %.1f ns per malloc+free pair while a target is profiled; BPF calls counted meanwhile: %d", ns, after.Calls-before.Calls)
+		// A probed pair costs ~2,200 ns here, an unprobed one ~10-20 ns.
+		if ns == 0 || ns > 300 {
+			t.Errorf("non-target pays %.1f ns per pair (line %q), want < 300 ns: it is being probed", ns, line)
+		}
+		if after.Calls != before.Calls {
+			t.Errorf("BPF counted %d calls of a non-target", after.Calls-before.Calls)
+		}
+		calls, _ := s.ProcCalls()
+		if _, ok := calls[uint32(other.cmd.Process.Pid)]; ok {
+			t.Errorf("non-target pid %d has a call count", other.cmd.Process.Pid)
+		}
+	})
+}
