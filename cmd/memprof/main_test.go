@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bufio"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -80,17 +79,10 @@ func TestInterruptWritesProfile(t *testing.T) {
 	testprog.RequireRoot(t)
 	memprof := buildMemprof(t)
 	leaky := testprog.Build(t, "rec_leaky.c")
-	target := exec.Command(leaky, "--wait-start", "--wait-end")
-	in, _ := target.StdinPipe()
-	outPipe, _ := target.StdoutPipe()
-	if err := target.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { target.Process.Kill(); target.Wait() })
-	r := bufio.NewReader(outPipe)
-	r.ReadString('\n') // READY
+	target := testprog.Start(t, leaky, nil, "--wait-start", "--wait-end")
+	target.Expect(t, "READY")
 	file := filepath.Join(t.TempDir(), "heap.pb.gz")
-	rec := exec.Command(memprof, "record", "--sample-rate", "1", "--pid", strconv.Itoa(target.Process.Pid), "-o", file)
+	rec := exec.Command(memprof, "record", "--sample-rate", "1", "--pid", strconv.Itoa(target.Pid()), "-o", file)
 	var buf strings.Builder
 	rec.Stdout, rec.Stderr = &buf, &buf
 	if err := rec.Start(); err != nil {
@@ -100,8 +92,8 @@ func TestInterruptWritesProfile(t *testing.T) {
 	for !strings.Contains(buf.String(), "probing ") && time.Now().Before(deadline) {
 		time.Sleep(20 * time.Millisecond)
 	}
-	in.Write([]byte("go\n"))
-	r.ReadString('\n') // DONE
+	target.Send(t, "go")
+	target.Expect(t, "DONE")
 	rec.Process.Signal(syscall.SIGINT)
 	if err := rec.Wait(); err != nil {
 		t.Fatalf("memprof after SIGINT: %v\n%s", err, buf.String())

@@ -1,11 +1,8 @@
 package cgroups
 
 import (
-	"bufio"
 	"fmt"
-	"io"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -46,63 +43,13 @@ func newCgroup(t *testing.T, parent string, limit uint64) string {
 	return dir
 }
 
-// gated is a testdata/oom_leak process that waits on stdin before it
-// allocates, so it can be moved into a cgroup first.
-type gated struct {
-	cmd   *exec.Cmd
-	stdin io.WriteCloser
-	lines chan string
-}
-
-func startGated(t *testing.T, bin string, args ...string) *gated {
+// startGated starts a testdata/oom_leak process that waits on stdin before
+// it allocates, so it can be moved into a cgroup first.
+func startGated(t *testing.T, bin string, args ...string) *testprog.Proc {
 	t.Helper()
-	cmd := exec.Command(bin, args...)
-	in, err := cmd.StdinPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	out, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatalf("start %s: %v", bin, err)
-	}
-	g := &gated{cmd: cmd, stdin: in, lines: make(chan string, 100)}
-	go func() {
-		sc := bufio.NewScanner(out)
-		for sc.Scan() {
-			g.lines <- sc.Text()
-		}
-		close(g.lines)
-	}()
-	var once sync.Once
-	t.Cleanup(func() {
-		once.Do(func() {
-			_ = cmd.Process.Kill()
-			_ = cmd.Wait()
-		})
-	})
-	g.expect(t, "waiting")
+	g := testprog.Start(t, bin, nil, args...)
+	g.Expect(t, "waiting")
 	return g
-}
-
-func (g *gated) expect(t *testing.T, want string) {
-	t.Helper()
-	timeout := time.After(10 * time.Second)
-	for {
-		select {
-		case l, ok := <-g.lines:
-			if !ok {
-				t.Fatalf("process exited before printing %q", want)
-			}
-			if l == want {
-				return
-			}
-		case <-timeout:
-			t.Fatalf("process did not print %q within 10 s", want)
-		}
-	}
 }
 
 func TestRootAndOfProcess(t *testing.T) {
@@ -151,25 +98,25 @@ func TestStatsOfKnownProcess(t *testing.T) {
 	}
 
 	g := startGated(t, bin, "idle", fmt.Sprint(24*mib))
-	if err := AddProcess(dir, g.cmd.Process.Pid); err != nil {
+	if err := AddProcess(dir, g.Pid()); err != nil {
 		t.Fatal(err)
 	}
-	fmt.Fprintln(g.stdin, "go")
-	g.expect(t, "ready")
+	g.Send(t, "go")
+	g.Expect(t, "ready")
 
 	pids, err := Procs(dir, false)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !slices.Equal(pids, []int{g.cmd.Process.Pid}) {
-		t.Fatalf("Procs(%s) = %v, want exactly [%d]", dir, pids, g.cmd.Process.Pid)
+	if !slices.Equal(pids, []int{g.Pid()}) {
+		t.Fatalf("Procs(%s) = %v, want exactly [%d]", dir, pids, g.Pid())
 	}
-	rel, _, err := OfProcess(g.cmd.Process.Pid)
+	rel, _, err := OfProcess(g.Pid())
 	if err != nil {
 		t.Fatal(err)
 	}
 	if filepath.Join(v1, rel) != dir {
-		t.Fatalf("OfProcess(%d) v1 memory = %q, want %q below %s", g.cmd.Process.Pid, rel, strings.TrimPrefix(dir, v1), v1)
+		t.Fatalf("OfProcess(%d) v1 memory = %q, want %q below %s", g.Pid(), rel, strings.TrimPrefix(dir, v1), v1)
 	}
 	id, err := ID(dir)
 	if err != nil {
@@ -207,8 +154,8 @@ func TestStatsOfKnownProcess(t *testing.T) {
 	if _, err := os.Stat(dir); !os.IsNotExist(err) {
 		t.Fatalf("after Remove, stat %s: %v, want not-exist", dir, err)
 	}
-	err = g.cmd.Wait()
-	ws, _ := g.cmd.ProcessState.Sys().(syscall.WaitStatus)
+	err = g.Cmd.Wait()
+	ws, _ := g.Cmd.ProcessState.Sys().(syscall.WaitStatus)
 	if !ws.Signaled() || ws.Signal() != syscall.SIGKILL {
 		t.Fatalf("process left in the cgroup ended with %v, want killed by SIGKILL from Remove", err)
 	}

@@ -1,16 +1,12 @@
 package frag
 
 import (
-	"bufio"
 	"fmt"
-	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/memprof/memprof/internal/cgroups"
 	"github.com/memprof/memprof/internal/testprog"
@@ -35,57 +31,12 @@ func runFrag(t *testing.T, env []string, before func(pid int), args ...string) *
 
 func runFragBin(t *testing.T, bin string, env []string, before func(pid int), args ...string) *fragRun {
 	t.Helper()
-	cmd := exec.Command("/bin/sh", append([]string{"-c", `read x; exec "$0" "$@"`, bin}, args...)...)
-	cmd.Env = append(os.Environ(), env...)
-	in, err := cmd.StdinPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	out, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	cmd.Stderr = os.Stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		in.Close()
-		_ = cmd.Process.Kill()
-		_ = cmd.Wait()
-	})
+	p := testprog.Start(t, "/bin/sh", env, append([]string{"-c", `read x; exec "$0" "$@"`, bin}, args...)...)
 	if before != nil {
-		before(cmd.Process.Pid)
+		before(p.Pid())
 	}
-	fmt.Fprintln(in, "go")
-	r := &fragRun{pid: cmd.Process.Pid, truth: map[string]uint64{}}
-	done := make(chan error, 1)
-	go func() {
-		sc := bufio.NewScanner(out)
-		for sc.Scan() {
-			line := sc.Text()
-			if line == "ready" {
-				done <- nil
-				io.Copy(io.Discard, out)
-				return
-			}
-			k, v, ok := strings.Cut(line, "=")
-			if ok {
-				n, _ := strconv.ParseUint(v, 10, 64)
-				r.truth[k] = n
-			}
-		}
-		done <- fmt.Errorf("frag_glibc %v exited before printing ready", args)
-	}()
-	select {
-	case err := <-done:
-		if err != nil {
-			t.Fatal(err)
-		}
-	case <-time.After(20 * time.Second):
-		t.Fatalf("frag_glibc %v did not get ready within 20 s", args)
-	}
-	return r
+	p.Send(t, "go")
+	return &fragRun{pid: p.Pid(), truth: testprog.KeyValues(p.Expect(t, "ready"))}
 }
 
 // TestGlibcFragmented: 200k blocks of 256 B, every 16th kept. glibc cannot
@@ -285,18 +236,9 @@ func TestDetectGo(t *testing.T) {
 	if b, err := build.CombinedOutput(); err != nil {
 		t.Fatalf("go build of the test program: %v\n%s", err, b)
 	}
-	cmd := exec.Command(bin)
-	in, _ := cmd.StdinPipe()
-	out, _ := cmd.StdoutPipe()
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { in.Close(); _ = cmd.Process.Kill(); _ = cmd.Wait() })
-	line, err := bufio.NewReader(out).ReadString('\n')
-	if err != nil || line != "ready\n" {
-		t.Fatalf("Go test program: read %q, %v", line, err)
-	}
-	a, detail := DetectAllocator(cmd.Process.Pid, nil)
+	prog := testprog.Start(t, bin, nil)
+	prog.Expect(t, "ready")
+	a, detail := DetectAllocator(prog.Pid(), nil)
 	if a != Go || detail != bin {
 		t.Fatalf("DetectAllocator(Go program) = %s (%s), want go (%s)", a, detail, bin)
 	}

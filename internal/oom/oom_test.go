@@ -1,11 +1,8 @@
 package oom
 
 import (
-	"bufio"
 	"fmt"
-	"io"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -43,79 +40,20 @@ func newCgroup(t *testing.T, dir string, limit uint64) {
 	})
 }
 
-// started is a running process whose stdout lines arrive on lines.
-type started struct {
-	cmd   *exec.Cmd
-	stdin io.WriteCloser
-	lines chan string
-}
-
-func start(t *testing.T, name string, args ...string) *started {
-	t.Helper()
-	cmd := exec.Command(name, args...)
-	in, err := cmd.StdinPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	out, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	// stderr is dropped: the shell reports its killed job ("Killed").
-	if err := cmd.Start(); err != nil {
-		t.Fatalf("start %s: %v", name, err)
-	}
-	s := &started{cmd: cmd, stdin: in, lines: make(chan string, 1000)}
-	go func() {
-		sc := bufio.NewScanner(out)
-		for sc.Scan() {
-			s.lines <- sc.Text()
-		}
-		close(s.lines)
-	}()
-	t.Cleanup(func() {
-		in.Close()
-		_ = cmd.Process.Kill()
-		_ = cmd.Wait()
-	})
-	return s
-}
-
-// until collects lines until one starts with prefix (returned) or timeout.
-func (s *started) until(t *testing.T, prefix string, timeout time.Duration) (string, []string) {
-	t.Helper()
-	var seen []string
-	deadline := time.After(timeout)
-	for {
-		select {
-		case l, ok := <-s.lines:
-			if !ok {
-				t.Fatalf("process ended before printing %q; output: %q", prefix, seen)
-			}
-			seen = append(seen, l)
-			if strings.HasPrefix(l, prefix) {
-				return l, seen
-			}
-		case <-deadline:
-			t.Fatalf("no %q within %v; output so far: %q", prefix, timeout, seen)
-		}
-	}
-}
-
 // leakViaShell starts a shell in cgroup dir that runs oom_leak in leak mode
 // (1 MiB blocks) and reports the leaker's pid and exit status as a shell
 // sees it. It returns the leaker's pid, its exit status and the most it
 // reported leaked before it died.
-func leakViaShell(t *testing.T, bin, dir string) (pid int, exit string, leaked uint64, sh *started) {
+func leakViaShell(t *testing.T, bin, dir string) (pid int, exit string, leaked uint64, sh *testprog.Proc) {
 	t.Helper()
-	sh = start(t, "/bin/sh", "-c", `read x; echo go | "$0" leak 1048576 & echo "pid=$!"; wait $!; echo "exit=$?"; read y`, bin)
-	if err := cgroups.AddProcess(dir, sh.cmd.Process.Pid); err != nil {
+	sh = testprog.Start(t, "/bin/sh", nil, "-c", `read x; echo go | "$0" leak 1048576 & echo "pid=$!"; wait $!; echo "exit=$?"; read y`, bin)
+	if err := cgroups.AddProcess(dir, sh.Pid()); err != nil {
 		t.Fatal(err)
 	}
-	fmt.Fprintln(sh.stdin, "go")
-	l, _ := sh.until(t, "pid=", 10*time.Second)
+	sh.Send(t, "go")
+	l, _ := sh.Until(t, "pid=", 10*time.Second)
 	pid, _ = strconv.Atoi(strings.TrimPrefix(l, "pid="))
-	l, out := sh.until(t, "exit=", 30*time.Second)
+	l, out := sh.Until(t, "exit=", 30*time.Second)
 	for _, o := range out {
 		if n, ok := strings.CutPrefix(o, "leaked "); ok {
 			leaked, _ = strconv.ParseUint(n, 10, 64)
@@ -143,7 +81,7 @@ func TestCgroupLimitOOM(t *testing.T) {
 	if leaked < 40*mib || leaked > 64*mib {
 		t.Errorf("leaked %d bytes before the kill, want 40..64 MiB (limit 64 MiB, progress printed every 8 MiB)", leaked)
 	}
-	if err := sh.cmd.Process.Signal(syscall.Signal(0)); err != nil {
+	if err := sh.Cmd.Process.Signal(syscall.Signal(0)); err != nil {
 		t.Errorf("the shell in the same cgroup (1 MiB RSS) was killed too: %v; the OOM killer should pick only the leaker", err)
 	}
 
@@ -223,23 +161,23 @@ func TestOOMWithBystander(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	by := start(t, bin, "idle", strconv.Itoa(8*mib))
-	by.until(t, "waiting", 10*time.Second)
-	if err := cgroups.AddProcess(child, by.cmd.Process.Pid); err != nil {
+	by := testprog.Start(t, bin, nil, "idle", strconv.Itoa(8*mib))
+	by.Until(t, "waiting", 10*time.Second)
+	if err := cgroups.AddProcess(child, by.Pid()); err != nil {
 		t.Fatal(err)
 	}
-	fmt.Fprintln(by.stdin, "go")
-	by.until(t, "ready", 10*time.Second)
+	by.Send(t, "go")
+	by.Until(t, "ready", 10*time.Second)
 
 	pid, exit, leaked, _ := leakViaShell(t, bin, child)
 	t.Logf("leaker %d: shell status %s, %d bytes leaked", pid, exit, leaked)
 	if exit != "137" {
 		t.Fatalf("leaker exit status %s, want 137 (SIGKILL by the OOM killer)", exit)
 	}
-	if err := by.cmd.Process.Signal(syscall.Signal(0)); err != nil {
-		t.Fatalf("bystander %d died too (%v); the OOM killer should have taken only the leaker", by.cmd.Process.Pid, err)
+	if err := by.Cmd.Process.Signal(syscall.Signal(0)); err != nil {
+		t.Fatalf("bystander %d died too (%v); the OOM killer should have taken only the leaker", by.Pid(), err)
 	}
-	if st, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", by.cmd.Process.Pid)); err != nil || strings.Contains(string(st), ") Z ") {
+	if st, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", by.Pid())); err != nil || strings.Contains(string(st), ") Z ") {
 		t.Fatalf("bystander not alive after the OOM kill: %q %v", st, err)
 	}
 	procs, err := cgroups.Procs(child, false)
@@ -248,10 +186,10 @@ func TestOOMWithBystander(t *testing.T) {
 	}
 	found := false
 	for _, p := range procs {
-		found = found || p == by.cmd.Process.Pid
+		found = found || p == by.Pid()
 	}
 	if !found {
-		t.Fatalf("bystander %d not in %s any more: %v", by.cmd.Process.Pid, child, procs)
+		t.Fatalf("bystander %d not in %s any more: %v", by.Pid(), child, procs)
 	}
 
 	st, err := cgroups.ReadStats(child)
@@ -288,13 +226,13 @@ func TestHostKind(t *testing.T) {
 	bin := testprog.Build(t, "oom_leak.c")
 	dir := filepath.Join(v1, fmt.Sprintf("memprof-oom-host-%d", os.Getpid()))
 	newCgroup(t, dir, 0)
-	p := start(t, bin, "idle", strconv.Itoa(4*mib))
-	p.until(t, "waiting", 10*time.Second)
-	if err := cgroups.AddProcess(dir, p.cmd.Process.Pid); err != nil {
+	p := testprog.Start(t, bin, nil, "idle", strconv.Itoa(4*mib))
+	p.Until(t, "waiting", 10*time.Second)
+	if err := cgroups.AddProcess(dir, p.Pid()); err != nil {
 		t.Fatal(err)
 	}
-	fmt.Fprintln(p.stdin, "go")
-	p.until(t, "ready", 10*time.Second)
+	p.Send(t, "go")
+	p.Until(t, "ready", 10*time.Second)
 	st, err := cgroups.ReadStats(dir)
 	if err != nil {
 		t.Fatal(err)
@@ -306,7 +244,7 @@ func TestHostKind(t *testing.T) {
 		t.Fatalf("Classify(nil) = %s, want host", Classify(nil))
 	}
 	// The victim is found through /proc while it lives even without ids.
-	r := New(Victim{Pid: p.cmd.Process.Pid, Comm: "oom_leak"})
+	r := New(Victim{Pid: p.Pid(), Comm: "oom_leak"})
 	if r.CgroupPath != dir || r.Kind != KindHost {
 		t.Fatalf("report of a live process without ids: path %q kind %s notes %q, want %s and host", r.CgroupPath, r.Kind, r.Notes, dir)
 	}

@@ -45,11 +45,11 @@ func TestOOMPostMortem(t *testing.T) {
 	leakBin := testprog.Build(t, "oom_leak.c")
 	leakyBin := testprog.Build(t, "rec_leaky.c")
 
-	victim := startProgram(t, leakBin, nil, "leak", "1048576")
-	victim.expect(t, "waiting")
-	survivor := startProgram(t, leakyBin, nil, "--wait-start", "--wait-end")
-	survivor.expect(t, "READY")
-	for _, pid := range []int{victim.cmd.Process.Pid, survivor.cmd.Process.Pid} {
+	victim := testprog.Start(t, leakBin, nil, "leak", "1048576")
+	victim.Expect(t, "waiting")
+	survivor := testprog.Start(t, leakyBin, nil, "--wait-start", "--wait-end")
+	survivor.Expect(t, "READY")
+	for _, pid := range []int{victim.Pid(), survivor.Pid()} {
 		if err := cgroups.AddProcess(dir, pid); err != nil {
 			t.Fatal(err)
 		}
@@ -63,21 +63,21 @@ func TestOOMPostMortem(t *testing.T) {
 		}
 		kills <- paths
 	}}, func(s *Session) {
-		victim.proceed(t)
+		victim.Send(t, "go")
 		var paths []string
 		select {
 		case paths = <-kills:
 		case <-time.After(60 * time.Second):
 			t.Fatal("no OOM kill reported within 60s")
 		}
-		err := victim.cmd.Wait()
+		err := victim.Cmd.Wait()
 		if err == nil || !strings.Contains(err.Error(), "killed") {
 			t.Errorf("victim ended with %v, want killed by SIGKILL", err)
 		}
-		checkPostMortem(t, paths, victim.cmd.Process.Pid, dir, limit)
+		checkPostMortem(t, paths, victim.Pid(), dir, limit)
 		// The survivor is still recorded after the kill.
-		survivor.proceed(t)
-		survivor.expect(t, "DONE")
+		survivor.Send(t, "go")
+		survivor.Expect(t, "DONE")
 	})
 	// Only the survivor's sites: exact at rate 1.
 	checkExact(t, p, leakyTruth)
@@ -152,57 +152,34 @@ func TestOOMNotTargetIgnored(t *testing.T) {
 	dir := testCgroup(t, "oom-other", 32<<20)
 	leakBin := testprog.Build(t, "oom_leak.c")
 	leakyBin := testprog.Build(t, "rec_leaky.c")
-	target := startProgram(t, leakyBin, nil, "--wait-start", "--wait-end")
-	target.expect(t, "READY")
+	target := testprog.Start(t, leakyBin, nil, "--wait-start", "--wait-end")
+	target.Expect(t, "READY")
 	for _, all := range []bool{false, true} {
-		victim := startProgram(t, leakBin, nil, "leak", "1048576")
-		victim.expect(t, "waiting")
-		if err := cgroups.AddProcess(dir, victim.cmd.Process.Pid); err != nil {
+		victim := testprog.Start(t, leakBin, nil, "leak", "1048576")
+		victim.Expect(t, "waiting")
+		if err := cgroups.AddProcess(dir, victim.Pid()); err != nil {
 			t.Fatal(err)
 		}
 		kills := make(chan *OOMKill, 4)
-		s, err := Start(context.Background(), Options{Pids: []int{target.cmd.Process.Pid}, AllOOMs: all, OOM: func(k *OOMKill) { kills <- k }})
+		s, err := Start(context.Background(), Options{Pids: []int{target.Pid()}, AllOOMs: all, OOM: func(k *OOMKill) { kills <- k }})
 		if err != nil {
 			t.Fatal(err)
 		}
-		victim.proceed(t)
-		victim.cmd.Wait()
+		victim.Send(t, "go")
+		victim.Cmd.Wait()
 		select {
 		case k := <-kills:
 			if !all {
 				t.Errorf("OOM of non-target pid %d reported without AllOOMs", k.Victim.Pid)
-			} else if k.Target || k.Profile != nil || k.Victim.Pid != victim.cmd.Process.Pid {
-				t.Errorf("AllOOMs: got %+v, want a non-target report of pid %d without a profile", k, victim.cmd.Process.Pid)
+			} else if k.Target || k.Profile != nil || k.Victim.Pid != victim.Pid() {
+				t.Errorf("AllOOMs: got %+v, want a non-target report of pid %d without a profile", k, victim.Pid())
 			}
 		case <-time.After(3 * time.Second):
 			if all {
-				t.Errorf("AllOOMs: OOM of pid %d not reported", victim.cmd.Process.Pid)
+				t.Errorf("AllOOMs: OOM of pid %d not reported", victim.Pid())
 			}
 		}
 		s.Close()
-	}
-}
-
-// readKV reads the key=value lines a frag_glibc program prints up to "ready".
-func readKV(t *testing.T, p *started) map[string]uint64 {
-	t.Helper()
-	out := map[string]uint64{}
-	deadline := time.After(60 * time.Second)
-	for {
-		lineCh := make(chan string, 1)
-		go func() { l, _ := p.out.ReadString('\n'); lineCh <- strings.TrimSpace(l) }()
-		select {
-		case l := <-lineCh:
-			if l == "ready" {
-				return out
-			}
-			if k, v, ok := strings.Cut(l, "="); ok {
-				n, _ := strconv.ParseUint(v, 10, 64)
-				out[k] = n
-			}
-		case <-deadline:
-			t.Fatal("frag program did not get ready")
-		}
 	}
 }
 
@@ -224,13 +201,13 @@ func TestFragmentation(t *testing.T) {
 		{"glibc-little-waste", nil, []string{"keep", "200000", "256"}, false, frag.Glibc},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			prog := startProgram(t, bin, append(tc.env, "FRAG_WAIT=1"), tc.args...)
-			prog.expect(t, "waiting")
+			prog := testprog.Start(t, bin, append(tc.env, "FRAG_WAIT=1"), tc.args...)
+			prog.Expect(t, "waiting")
 			var truth map[string]uint64
 			var v frag.Verdict
-			record(t, Options{SampleRate: 1, Pids: []int{prog.cmd.Process.Pid}}, func(s *Session) {
-				prog.proceed(t)
-				truth = readKV(t, prog)
+			record(t, Options{SampleRate: 1, Pids: []int{prog.Pid()}}, func(s *Session) {
+				prog.Send(t, "go")
+				truth = testprog.KeyValues(prog.Expect(t, "ready"))
 				p, err := s.Profile()
 				if err != nil {
 					t.Fatal(err)

@@ -1,10 +1,8 @@
 package recorder
 
 import (
-	"bufio"
 	"context"
 	"fmt"
-	"io"
 	"math"
 	"os"
 	"os/exec"
@@ -37,60 +35,6 @@ var leakyTruth = []site{
 	{"thread_leak", 1_000_000, 1_000_000},
 	{"churn", 0, 40_960_000},
 	{"edge_cases", 9_000, 0},
-}
-
-// started is a test program waiting on its stdin.
-type started struct {
-	cmd   *exec.Cmd
-	stdin io.WriteCloser
-	out   *bufio.Reader
-}
-
-func startProgram(t *testing.T, bin string, env []string, args ...string) *started {
-	t.Helper()
-	cmd := exec.Command(bin, args...)
-	cmd.Env = append(os.Environ(), env...)
-	cmd.Stderr = os.Stderr
-	in, err := cmd.StdinPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	out, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		cmd.Process.Kill()
-		cmd.Wait()
-	})
-	return &started{cmd: cmd, stdin: in, out: bufio.NewReader(out)}
-}
-
-func (p *started) expect(t *testing.T, want string) {
-	t.Helper()
-	done := make(chan string, 1)
-	go func() {
-		line, _ := p.out.ReadString('\n')
-		done <- strings.TrimSpace(line)
-	}()
-	select {
-	case line := <-done:
-		if line != want {
-			t.Fatalf("program printed %q, want %q", line, want)
-		}
-	case <-time.After(60 * time.Second):
-		t.Fatalf("program did not print %q within 60s", want)
-	}
-}
-
-func (p *started) proceed(t *testing.T) {
-	t.Helper()
-	if _, err := io.WriteString(p.stdin, "go\n"); err != nil {
-		t.Fatal(err)
-	}
 }
 
 // bySite sums a sample type per immediate caller of the allocator (the
@@ -185,9 +129,9 @@ func TestRecordPidExact(t *testing.T) {
 		{"jemalloc-perf-event-links", []string{"LD_PRELOAD=" + testprog.Jemalloc}, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			prog := startProgram(t, bin, tc.env, "--wait-start", "--wait-end")
-			prog.expect(t, "READY")
-			p := record(t, Options{SampleRate: 1, Pids: []int{prog.cmd.Process.Pid}, PerProbeLinks: tc.perProbe}, func(s *Session) {
+			prog := testprog.Start(t, bin, tc.env, "--wait-start", "--wait-end")
+			prog.Expect(t, "READY")
+			p := record(t, Options{SampleRate: 1, Pids: []int{prog.Pid()}, PerProbeLinks: tc.perProbe}, func(s *Session) {
 				if want := 2; !tc.perProbe && s.Links() > 2*len(s.Objects()) {
 					t.Errorf("%d links for %d objects, want at most %d per object with uprobe_multi", s.Links(), len(s.Objects()), want)
 				}
@@ -200,14 +144,14 @@ func TestRecordPidExact(t *testing.T) {
 						t.Fatalf("jemalloc not among attached objects %v", s.Objects())
 					}
 				}
-				prog.proceed(t)
-				prog.expect(t, "DONE")
+				prog.Send(t, "go")
+				prog.Expect(t, "DONE")
 			})
 			checkExact(t, p, leakyTruth)
 			// Labels: pid and comm on every sample.
 			for _, s := range p.Sample {
-				if s.Label["pid"][0] != fmt.Sprint(prog.cmd.Process.Pid) || s.Label["comm"][0] != "rec_leaky" {
-					t.Fatalf("sample labels %v, want pid %d comm rec_leaky", s.Label, prog.cmd.Process.Pid)
+				if s.Label["pid"][0] != fmt.Sprint(prog.Pid()) || s.Label["comm"][0] != "rec_leaky" {
+					t.Fatalf("sample labels %v, want pid %d comm rec_leaky", s.Label, prog.Pid())
 				}
 			}
 		})
@@ -218,15 +162,15 @@ func TestRecordPidExact(t *testing.T) {
 // is found in the executable itself and profiled exactly.
 func TestRecordStaticAllocator(t *testing.T) {
 	bin := testprog.Build(t, "rec_leaky.c", "-static")
-	prog := startProgram(t, bin, nil, "--wait-start", "--wait-end")
-	prog.expect(t, "READY")
-	p := record(t, Options{SampleRate: 1, Pids: []int{prog.cmd.Process.Pid}}, func(s *Session) {
+	prog := testprog.Start(t, bin, nil, "--wait-start", "--wait-end")
+	prog.Expect(t, "READY")
+	p := record(t, Options{SampleRate: 1, Pids: []int{prog.Pid()}}, func(s *Session) {
 		objs := s.Objects()
 		if len(objs) != 1 || objs[0].Allocator != "static" {
 			t.Fatalf("attached objects %+v, want the executable as a static allocator", objs)
 		}
-		prog.proceed(t)
-		prog.expect(t, "DONE")
+		prog.Send(t, "go")
+		prog.Expect(t, "DONE")
 	})
 	checkExact(t, p, leakyTruth)
 }
@@ -286,11 +230,11 @@ func TestRecordCxx(t *testing.T) {
 // default 512 KiB rate on multi-MiB sites.
 func TestRecordDefaultRate(t *testing.T) {
 	bin := testprog.Build(t, "rec_leaky.c")
-	prog := startProgram(t, bin, nil, "--wait-start", "--wait-end", "--big")
-	prog.expect(t, "READY")
-	p := record(t, Options{Pids: []int{prog.cmd.Process.Pid}}, func(s *Session) {
-		prog.proceed(t)
-		prog.expect(t, "DONE")
+	prog := testprog.Start(t, bin, nil, "--wait-start", "--wait-end", "--big")
+	prog.Expect(t, "READY")
+	p := record(t, Options{Pids: []int{prog.Pid()}}, func(s *Session) {
+		prog.Send(t, "go")
+		prog.Expect(t, "DONE")
 	})
 	if p.Period != DefaultSampleRate {
 		t.Errorf("profile period %d, want %d", p.Period, DefaultSampleRate)
@@ -338,20 +282,20 @@ func TestRecordCgroup(t *testing.T) {
 	}
 	t.Cleanup(func() { cgroups.Remove(dir) })
 	bin := testprog.Build(t, "rec_leaky.c")
-	prog := startProgram(t, bin, nil, "--wait-start", "--wait-end")
-	prog.expect(t, "READY")
-	if err := cgroups.AddProcess(dir, prog.cmd.Process.Pid); err != nil {
+	prog := testprog.Start(t, bin, nil, "--wait-start", "--wait-end")
+	prog.Expect(t, "READY")
+	if err := cgroups.AddProcess(dir, prog.Pid()); err != nil {
 		t.Fatal(err)
 	}
 	var memcg uint64
 	p := record(t, Options{SampleRate: 1, Cgroups: []string{dir}}, func(s *Session) {
-		prog.proceed(t)
-		prog.expect(t, "DONE")
+		prog.Send(t, "go")
+		prog.Expect(t, "DONE")
 		snap, err := s.Snapshot()
 		if err != nil {
 			t.Fatal(err)
 		}
-		memcg = snap.Memcg[uint32(prog.cmd.Process.Pid)]
+		memcg = snap.Memcg[uint32(prog.Pid())]
 	})
 	checkExact(t, p, leakyTruth)
 	want := "/" + filepath.Base(dir)
@@ -405,13 +349,13 @@ func TestRecordErrors(t *testing.T) {
 // state in the profile.
 func TestRecordTargetExits(t *testing.T) {
 	bin := testprog.Build(t, "rec_leaky.c")
-	prog := startProgram(t, bin, nil, "--wait-start", "--wait-end")
-	prog.expect(t, "READY")
+	prog := testprog.Start(t, bin, nil, "--wait-start", "--wait-end")
+	prog.Expect(t, "READY")
 	var reason string
-	p := record(t, Options{SampleRate: 1, Pids: []int{prog.cmd.Process.Pid}}, func(s *Session) {
-		prog.proceed(t)
-		prog.expect(t, "DONE")
-		prog.proceed(t) // let it exit
+	p := record(t, Options{SampleRate: 1, Pids: []int{prog.Pid()}}, func(s *Session) {
+		prog.Send(t, "go")
+		prog.Expect(t, "DONE")
+		prog.Send(t, "go") // let it exit
 		reason = s.Wait(context.Background(), 30*time.Second)
 	})
 	if reason != "all targets exited" {
@@ -447,21 +391,14 @@ func TestRecordCommandExecs(t *testing.T) {
 func TestOthersPayNothing(t *testing.T) {
 	leaky := testprog.Build(t, "rec_leaky.c")
 	pairs := testprog.Build(t, "bench_pairs.c", "-O2")
-	target := startProgram(t, leaky, nil, "--wait-start", "--wait-end")
-	target.expect(t, "READY")
-	other := startProgram(t, pairs, nil, "64", "300", "3")
-	other.expect(t, "READY")
-	record(t, Options{Pids: []int{target.cmd.Process.Pid}}, func(s *Session) {
+	target := testprog.Start(t, leaky, nil, "--wait-start", "--wait-end")
+	target.Expect(t, "READY")
+	other := testprog.Start(t, pairs, nil, "64", "300", "3")
+	other.Expect(t, "READY")
+	record(t, Options{Pids: []int{target.Pid()}}, func(s *Session) {
 		before, _ := s.Counters()
-		other.proceed(t)
-		line := ""
-		done := make(chan struct{})
-		go func() { line, _ = other.out.ReadString('\n'); close(done) }()
-		select {
-		case <-done:
-		case <-time.After(60 * time.Second):
-			t.Fatal("bench_pairs did not finish")
-		}
+		other.Send(t, "go")
+		line, _ := other.Until(t, "RESULT", time.Minute)
 		after, _ := s.Counters()
 		var ns float64
 		for _, f := range strings.Fields(line) {
@@ -478,8 +415,8 @@ func TestOthersPayNothing(t *testing.T) {
 			t.Errorf("BPF counted %d calls of a non-target", after.Calls-before.Calls)
 		}
 		calls, _ := s.ProcCalls()
-		if _, ok := calls[uint32(other.cmd.Process.Pid)]; ok {
-			t.Errorf("non-target pid %d has a call count", other.cmd.Process.Pid)
+		if _, ok := calls[uint32(other.Pid())]; ok {
+			t.Errorf("non-target pid %d has a call count", other.Pid())
 		}
 	})
 }
