@@ -6,7 +6,7 @@ GOFLAGS   ?= -mod=mod
 export GOFLAGS
 BIN       := bin/memprof
 APT_PKGS  := clang llvm libbpf-dev bpftool gcc g++ libc6-dev libc6-dbg binutils \
-             libjemalloc2 libjemalloc-dev redis-server redis-tools runc containerd kubectl \
+             libjemalloc2 libjemalloc-dev redis-server redis-tools runc containerd \
              prometheus util-linux mount
 DEMO_DIR  := bin/demo
 
@@ -37,6 +37,9 @@ deps:
 		echo "installing:$$missing"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
+	@# kubectl (for the deploy/ kustomize test) ships with this kind of machine;
+	@# elsewhere Debian's kubernetes-client provides it.
+	@command -v kubectl >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kubernetes-client >/dev/null
 
 test:
 	$(GO) vet ./...
