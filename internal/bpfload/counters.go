@@ -6,6 +6,8 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/cilium/ebpf"
+
 	mbpf "github.com/memprof/memprof/bpf"
 )
 
@@ -137,4 +139,43 @@ func (o *Objects) ProcCalls() (map[uint32]uint64, error) {
 // ForgetProc drops a process's call count (after it exited).
 func (o *Objects) ForgetProc(pid uint32) {
 	o.MemprofObjects.ProcCalls.Delete(pid)
+}
+
+// MapStat is the occupancy of one BPF map.
+type MapStat struct {
+	Name              string
+	Entries, Capacity int
+}
+
+// MapStats counts the entries of the maps whose capacity bounds what
+// memprof can record (live blocks, allocation buckets, stacks, per-process
+// call counts). It walks their keys: call it at metrics-scrape frequency,
+// not per event.
+func (o *Objects) MapStats() []MapStat {
+	var out []MapStat
+	for _, m := range []struct {
+		name string
+		m    *ebpf.Map
+	}{
+		{"allocs", o.Allocs}, {"live", o.Live}, {"proc_calls", o.MemprofObjects.ProcCalls}, {"stacks", o.Stacks},
+	} {
+		out = append(out, MapStat{Name: m.name, Entries: countKeys(m.m), Capacity: int(m.m.MaxEntries())})
+	}
+	return out
+}
+
+func countKeys(m *ebpf.Map) int {
+	cur := make([]byte, m.KeySize())
+	next := make([]byte, m.KeySize())
+	if err := m.NextKey(nil, next); err != nil {
+		return 0
+	}
+	n := 0
+	for {
+		n++
+		copy(cur, next)
+		if err := m.NextKey(cur, next); err != nil || n > 2*int(m.MaxEntries()) {
+			return n
+		}
+	}
 }

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 	"unsafe"
@@ -287,14 +288,88 @@ func (d *dwarfStacks) stats() (unwound, truncated uint64) {
 	return d.unwound, d.truncatedN
 }
 
-// hasFramePointers reports whether the executable of pid was built with
-// frame pointers (read through its root, so containers work).
-func hasFramePointers(pid int) bool {
-	exe := filepath.Join(procmaps.ProcRoot, strconv.Itoa(pid), "exe")
-	f, err := elf.Open(exe)
+// fpCache remembers, per object file, whether it was built with frame
+// pointers (parsing its CFI to tell costs milliseconds for big objects).
+type fpCache struct {
+	mu sync.Mutex
+	m  map[procmaps.FileID]bool
+}
+
+// hasFP reports whether the object at path (a host path) keeps frame
+// pointers; unreadable objects count as having them.
+func (c *fpCache) hasFP(path string) bool {
+	id, err := procmaps.StatID(path)
 	if err != nil {
 		return true
 	}
-	defer f.Close()
-	return unwind.HasFramePointers(f)
+	c.mu.Lock()
+	v, ok := c.m[id]
+	c.mu.Unlock()
+	if ok {
+		return v
+	}
+	v = true
+	if f, err := elf.Open(path); err == nil {
+		v = unwind.HasFramePointers(f)
+		f.Close()
+	}
+	c.mu.Lock()
+	if c.m == nil {
+		c.m = map[procmaps.FileID]bool{}
+	}
+	c.m[id] = v
+	c.mu.Unlock()
+	return v
+}
+
+// cRuntime are the C and C++ runtimes' objects: their frames sit at the
+// leaf (strdup, fopen, operator new, whose return memprof probes itself) or
+// below the program's own outermost frame (thread start), where a
+// frame-pointer walk loses nothing that matters, so they do not decide the
+// stack mode.
+var cRuntime = []string{"libc.so", "libc-", "ld-linux", "libm.so", "libpthread", "libdl.so", "librt.so",
+	"libjemalloc", "libstdc++", "libgcc_s", "linux-vdso"}
+
+// needsCFI reports whether a process mapping these objects (host paths)
+// needs CFI unwinding: its executable or any library of its own was built
+// without frame pointers, so the frame-pointer walk would lose or invent
+// frames in the middle of its stacks (mixed stacks included: an executable
+// with frame pointers calling such a library, or the reverse).
+func (c *fpCache) needsCFI(paths []string) bool {
+	for _, p := range paths {
+		base := filepath.Base(p)
+		runtime := false
+		for _, r := range cRuntime {
+			runtime = runtime || strings.HasPrefix(base, r)
+		}
+		if !runtime && !c.hasFP(p) {
+			return true
+		}
+	}
+	return false
+}
+
+// objectPaths lists the host paths of the executable file mappings of pid.
+func objectPaths(pid int) []string {
+	maps, err := procmaps.Read(pid)
+	if err != nil {
+		return nil
+	}
+	seen := map[procmaps.FileID]bool{}
+	var out []string
+	for i := range maps {
+		m := &maps[i]
+		if m.Exec() && m.IsFile() && !seen[m.ID()] {
+			seen[m.ID()] = true
+			out = append(out, procmaps.HostPath(pid, m.Path))
+		}
+	}
+	return out
+}
+
+// hasFramePointers reports whether the executable of pid was built with
+// frame pointers (read through its root, so containers work).
+func hasFramePointers(pid int) bool {
+	var c fpCache
+	return c.hasFP(filepath.Join(procmaps.ProcRoot, strconv.Itoa(pid), "exe"))
 }

@@ -15,6 +15,7 @@ import (
 
 	mbpf "github.com/memprof/memprof/bpf"
 	"github.com/memprof/memprof/internal/frag"
+	"github.com/memprof/memprof/internal/heap"
 	"github.com/memprof/memprof/internal/oom"
 	"github.com/memprof/memprof/internal/procmaps"
 	"github.com/memprof/memprof/pprofout"
@@ -104,8 +105,7 @@ func (s *Session) handleOOM(ev mbpf.MemprofOomEvent) {
 		kill.Target = true
 		t.oomed = true
 		kill.Allocator = t.allocator
-		snap := s.freeze(pid, "was OOM-killed")
-		if snap != nil {
+		s.freeze(pid, "was OOM-killed", func(snap *heap.Snapshot) {
 			p, err := s.profileOf(snap, func(p uint32) bool { return p == uint32(pid) })
 			if err == nil {
 				p.Start = v.Time
@@ -113,7 +113,7 @@ func (s *Session) handleOOM(ev mbpf.MemprofOomEvent) {
 				p.Comments = append(p.Comments, "memprof: heap of OOM victim "+strconv.Itoa(pid)+" ("+v.Comm+") at the kill")
 				kill.Profile = p
 			}
-		}
+		})
 	} else if !s.opts.AllOOMs {
 		return
 	}

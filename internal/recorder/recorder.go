@@ -73,6 +73,7 @@ type Session struct {
 	oomStop func()
 	events  *ringbuf.Reader
 	dwarf   *dwarfStacks // nil in frame-pointer mode
+	fp      fpCache
 
 	mu      sync.Mutex
 	procs   map[int]*target
@@ -237,7 +238,7 @@ func (s *Session) attachCommand(pid int, libs []string, reexec bool) error {
 			if t.dwarf {
 				s.dwarf.refresh(pid)
 			} else {
-				s.setupStacks(t)
+				s.setupStacks(t, libs)
 			}
 		}
 		s.opts.Notify(fmt.Sprintf("process %d now runs %s", pid, libs[0]))
@@ -248,7 +249,7 @@ func (s *Session) attachCommand(pid int, libs []string, reexec bool) error {
 	}
 	s.noteObjects(objs)
 	t := &target{pid: pid, comm: procmaps.Comm(pid), cgroup: memoryCgroup(pid), allocator: allocatorOf(objs)}
-	s.setupStacks(t)
+	s.setupStacks(t, libs)
 	if sp, err := s.sym.Snapshot(pid); err == nil {
 		t.sym = sp
 	}
@@ -274,7 +275,7 @@ func (s *Session) commandExiting(pid int) {
 			t.exitMem = &pm
 		}
 	}
-	s.freeze(pid, "exited")
+	s.freeze(pid, "exited", nil)
 }
 
 func (s *Session) addPid(pid int) error {
@@ -297,7 +298,7 @@ func (s *Session) addPid(pid int) error {
 		return err
 	}
 	t.sym = sp
-	s.setupStacks(t)
+	s.setupStacks(t, nil)
 	s.mu.Lock()
 	s.procs[pid] = t
 	s.mu.Unlock()
@@ -305,14 +306,19 @@ func (s *Session) addPid(pid int) error {
 }
 
 // setupStacks decides how the target's stacks are taken: CFI unwinding in
-// userspace (dwarf mode, or auto mode for an executable without frame
-// pointers) or the frame-pointer walk in BPF.
-func (s *Session) setupStacks(t *target) {
-	if s.dwarf == nil {
+// userspace (dwarf mode, or auto mode when the process's own code lacks
+// frame pointers somewhere) or the frame-pointer walk in BPF. objects are
+// the host paths of what the process maps or is about to map (nil: read its
+// mappings now).
+func (s *Session) setupStacks(t *target, objects []string) {
+	if s.dwarf == nil || t.dwarf {
 		return
 	}
 	if s.opts.StackMode == StackAuto {
-		if hasFramePointers(t.pid) {
+		if objects == nil {
+			objects = objectPaths(t.pid)
+		}
+		if !s.fp.needsCFI(objects) {
 			return
 		}
 		if err := s.objs.DwarfProcs.Put(uint32(t.pid), uint8(1)); err != nil {
@@ -411,7 +417,7 @@ func (s *Session) loop(ctx context.Context) {
 				continue // the tracer sees its exit
 			}
 			if !procmaps.Alive(t.pid) {
-				s.freeze(t.pid, "exited")
+				s.freeze(t.pid, "exited", nil)
 				continue
 			}
 			if time.Since(t.lastMap) > time.Second {
@@ -425,6 +431,8 @@ func (s *Session) loop(ctx context.Context) {
 				}
 				if t.dwarf {
 					s.dwarf.refresh(t.pid)
+				} else {
+					s.setupStacks(t, nil) // a library without frame pointers loaded since?
 				}
 				t.lastMap = time.Now()
 			}
@@ -459,20 +467,24 @@ func (s *Session) liveTargets() []*target {
 
 // freeze keeps the sampled state of a target that is gone (its blocks as
 // they were at exit), detaches it and reclaims its BPF map entries.
-func (s *Session) freeze(pid int, why string) *heap.Snapshot {
+// use, if set, gets the state read at that moment while the target (and
+// its symbols) is still known, before DropExited forgets it.
+func (s *Session) freeze(pid int, why string, use func(*heap.Snapshot)) {
 	s.mu.Lock()
 	t := s.procs[pid]
 	if t == nil || t.exited {
 		s.mu.Unlock()
-		return nil
+		return
 	}
 	t.exited = true
 	s.mu.Unlock()
 	snap, err := s.readState(func(p uint32) bool { return p == uint32(pid) })
 	if err != nil {
 		s.recordErr(fmt.Errorf("read state of exited process %d: %w", pid, err))
-		snap = nil
-	} else if !s.opts.DropExited {
+	} else if use != nil {
+		use(snap)
+	}
+	if err == nil && !s.opts.DropExited {
 		s.mu.Lock()
 		s.frozen.Merge(snap)
 		s.mu.Unlock()
@@ -488,9 +500,10 @@ func (s *Session) freeze(pid int, why string) *heap.Snapshot {
 		if t.sym != nil {
 			t.sym.Close()
 		}
+		s.opts.Notify(fmt.Sprintf("process %d (%s) %s", pid, t.comm, why))
+		return
 	}
 	s.opts.Notify(fmt.Sprintf("process %d (%s) %s; its heap as it stood then is kept in the profile", pid, t.comm, why))
-	return snap
 }
 
 // Running reports whether any target is still alive (or, in cgroup mode,
@@ -543,7 +556,7 @@ func (s *Session) Wait(ctx context.Context, d time.Duration) (reason string) {
 			return "duration reached"
 		case st := <-cmdDone:
 			// The exit stop already froze the state.
-			s.freeze(s.cmd.pid, "exited")
+			s.freeze(s.cmd.pid, "exited", nil)
 			if st.signal != 0 {
 				return fmt.Sprintf("command killed by signal %d (%s)", int(st.signal), st.signal)
 			}
@@ -816,3 +829,6 @@ func (s *Session) ProfileFor(only func(pid uint32) bool) (*pprofout.Profile, err
 
 // Attacher exposes probe statistics (links in place).
 func (s *Session) Links() int { return s.att.Links() }
+
+// MapStats reports the occupancy of the BPF maps that bound the recording.
+func (s *Session) MapStats() []bpfload.MapStat { return s.objs.MapStats() }

@@ -148,6 +148,10 @@ func TestRecordPidExact(t *testing.T) {
 				prog.Expect(t, "DONE")
 			})
 			checkExact(t, p, leakyTruth)
+			// Built with frame pointers: auto mode keeps the fast path.
+			if v, _ := pprofoutComment(p, "stacks_unwound"); v != "0" {
+				t.Errorf("%s stacks copied for a program with frame pointers, want 0 (auto mode)", v)
+			}
 			// Labels: pid and comm on every sample.
 			for _, s := range p.Sample {
 				if s.Label["pid"][0] != fmt.Sprint(prog.Pid()) || s.Label["comm"][0] != "rec_leaky" {

@@ -14,18 +14,23 @@ import (
 	"github.com/memprof/memprof/internal/testprog"
 )
 
-// buildDeep compiles rec_deep.c and its library like distro C: -O2 without
-// frame pointers.
-func buildDeep(t *testing.T) string {
+const (
+	noFP   = "-fomit-frame-pointer"
+	withFP = "-fno-omit-frame-pointer"
+)
+
+// buildDeep compiles rec_deep.c and its library with -O2, each with or
+// without frame pointers (distro C has none).
+func buildDeep(t *testing.T, exeFP, libFP string) string {
 	t.Helper()
 	dir := t.TempDir()
-	flags := []string{"-g", "-O2", "-fomit-frame-pointer"}
-	lib := exec.Command("gcc", append(flags, "-shared", "-fPIC", "-o", filepath.Join(dir, "librec_deeplib.so"), testprog.Testdata("rec_deeplib.c"))...)
+	flags := []string{"-g", "-O2"}
+	lib := exec.Command("gcc", append(flags, libFP, "-shared", "-fPIC", "-o", filepath.Join(dir, "librec_deeplib.so"), testprog.Testdata("rec_deeplib.c"))...)
 	if out, err := lib.CombinedOutput(); err != nil {
 		t.Fatalf("build library: %v\n%s", err, out)
 	}
 	bin := filepath.Join(dir, "rec_deep")
-	exe := exec.Command("gcc", append(flags, "-o", bin, testprog.Testdata("rec_deep.c"), "-L"+dir, "-lrec_deeplib", "-Wl,-rpath,"+dir)...)
+	exe := exec.Command("gcc", append(flags, exeFP, "-o", bin, testprog.Testdata("rec_deep.c"), "-L"+dir, "-lrec_deeplib", "-Wl,-rpath,"+dir)...)
 	if out, err := exe.CombinedOutput(); err != nil {
 		t.Fatalf("build rec_deep: %v\n%s", err, out)
 	}
@@ -69,9 +74,20 @@ func hasPrefix(got, want []string) bool {
 // frame pointers) and forced dwarf mode; the frame-pointer walk alone does
 // not recover them.
 func TestStacksWithoutFramePointers(t *testing.T) {
-	bin := buildDeep(t)
-	for _, mode := range []string{StackAuto, StackDwarf, StackFP} {
-		t.Run(mode, func(t *testing.T) {
+	noFPs := buildDeep(t, noFP, noFP)
+	for _, tc := range []struct {
+		name, mode, bin string
+	}{
+		{"auto", StackAuto, noFPs},
+		{"dwarf", StackDwarf, noFPs},
+		{"fp", StackFP, noFPs},
+		// Mixed stacks: auto must notice the library (or the executable)
+		// without frame pointers.
+		{"auto-exe-fp-lib-none", StackAuto, buildDeep(t, withFP, noFP)},
+		{"auto-exe-none-lib-fp", StackAuto, buildDeep(t, noFP, withFP)},
+	} {
+		mode, bin := tc.mode, tc.bin
+		t.Run(tc.name, func(t *testing.T) {
 			p := record(t, Options{SampleRate: 1, Command: []string{bin}, StackMode: mode}, func(s *Session) {
 				if r := s.Wait(context.Background(), 60*time.Second); r != "command exited with status 0" {
 					t.Fatalf("session ended with %q", r)

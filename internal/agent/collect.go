@@ -1,0 +1,185 @@
+package agent
+
+import (
+	"context"
+	"time"
+
+	"github.com/memprof/memprof/internal/cgroups"
+	"github.com/memprof/memprof/pprofout"
+)
+
+// collect computes the per-container figures from one snapshot of the
+// sampled state, enforces the overhead budget and follows the processes of
+// containers in manual mode.
+func (a *Agent) collect(ctx context.Context) {
+	if ctx.Err() != nil {
+		return
+	}
+	conts := a.profiledList()
+	pidOf := map[uint32]*container{}
+	for _, c := range conts {
+		pids, err := cgroups.Procs(c.dir, true)
+		if err != nil {
+			pids = nil
+		}
+		a.mu.Lock()
+		c.pids = pids
+		manual := c.manual
+		a.mu.Unlock()
+		if manual {
+			a.addManual(c, pids)
+		}
+		for _, p := range pids {
+			pidOf[uint32(p)] = c
+		}
+	}
+
+	now := time.Now()
+	a.budget(now, pidOf)
+	// The recorder remembers processes it could not attach to (no
+	// allocator, or gone before the attach) so it does not retry them; drop
+	// those that died, so churn cannot grow that set without bound.
+	for pid := range a.s.Targets() {
+		if !alive(pid) {
+			a.s.Forget(pid)
+		}
+	}
+
+	snap, err := a.s.Snapshot()
+	if err != nil {
+		a.cfg.Logf("memprof agent: read sampled state: %v", err)
+		return
+	}
+	live := map[*container]float64{}
+	alloc := map[*container]map[uint32]float64{}
+	targets := a.s.Targets()
+	procs := map[*container]int{}
+	for pid := range targets {
+		if c := pidOf[uint32(pid)]; c != nil {
+			procs[c]++
+		}
+	}
+	for _, b := range snap.Buckets {
+		c := pidOf[b.Pid]
+		if c == nil {
+			continue
+		}
+		_, inuse := pprofout.Unsample(b.InuseCount, b.Size, a.cfg.SampleRate)
+		_, allocd := pprofout.Unsample(b.AllocCount, b.Size, a.cfg.SampleRate)
+		live[c] += float64(inuse)
+		if alloc[c] == nil {
+			alloc[c] = map[uint32]float64{}
+		}
+		alloc[c][b.Pid] += float64(allocd)
+	}
+
+	a.mu.Lock()
+	dt := now.Sub(a.lastTick).Seconds()
+	a.lastTick = now
+	a.mu.Unlock()
+	for _, c := range conts {
+		st, stErr := cgroups.ReadStats(c.dir)
+		a.mu.Lock()
+		c.live = live[c]
+		c.procs = procs[c]
+		cur := alloc[c]
+		for pid, v := range c.allocCum {
+			if _, ok := cur[pid]; !ok {
+				c.retired += v // process gone: its state was dropped
+				delete(c.allocCum, pid)
+			}
+		}
+		total := c.retired
+		for pid, v := range cur {
+			if old := c.allocCum[pid]; v < old {
+				v = old // never decreases while the process lives
+			}
+			c.allocCum[pid] = v
+			total += v
+		}
+		if dt > 0 && c.allocTot > 0 {
+			c.allocRate = max(total-c.allocTot, 0) / dt
+		}
+		c.allocTot = total
+		if stErr == nil {
+			c.rssAnon, c.haveRSS = float64(st.Anon), true
+		}
+		a.mu.Unlock()
+	}
+}
+
+// budget detaches target processes making more allocator calls per second
+// than the budget, and keeps the probe-hit rate.
+func (a *Agent) budget(now time.Time, pidOf map[uint32]*container) {
+	calls, err := a.s.ProcCalls()
+	if err != nil {
+		return
+	}
+	ctr, cerr := a.s.Counters()
+	a.mu.Lock()
+	dt := now.Sub(a.lastTick).Seconds()
+	if cerr == nil {
+		if dt > 0 && ctr.Calls >= a.lastTotal && a.lastTotal > 0 {
+			a.probeRate = float64(ctr.Calls-a.lastTotal) / dt
+		}
+		a.lastTotal = ctr.Calls
+		a.probeTotal = ctr.Calls
+	}
+	var over []uint32
+	for pid, n := range calls {
+		prev, ok := a.lastCalls[pid]
+		if ok && dt > 0 && n >= prev && a.cfg.MaxCallsPerSecond > 0 {
+			if rate := float64(n-prev) / dt; rate > a.cfg.MaxCallsPerSecond {
+				over = append(over, pid)
+				a.cfg.Logf("memprof agent: BUDGET: process %d makes %.0f allocator calls/s (budget %.0f): detaching it, it is no longer profiled", pid, rate, a.cfg.MaxCallsPerSecond)
+			}
+		}
+	}
+	// Keep only the pids the map still has (bounded by the map's size).
+	a.lastCalls = calls
+	a.mu.Unlock()
+	for _, pid := range over {
+		c := pidOf[pid]
+		a.mu.Lock()
+		a.budgetAll++
+		if c != nil {
+			a.budgetHits[c.labels]++
+			c.excluded[int(pid)] = true
+			if !c.manual {
+				// Stop the recorder from re-adding it: follow the
+				// container's processes from here on.
+				c.manual = true
+				a.s.RemoveCgroup(c.dir, nil)
+			}
+		}
+		delete(a.lastCalls, pid)
+		a.mu.Unlock()
+		a.s.Forget(int(pid))
+	}
+	// A process of a manual container re-added by a recorder poll that was
+	// under way: drop it again.
+	targets := a.s.Targets()
+	a.mu.Lock()
+	var again []int
+	for _, c := range a.profiled {
+		for pid := range c.excluded {
+			if _, ok := targets[pid]; ok {
+				again = append(again, pid)
+			}
+		}
+		for pid := range c.excluded {
+			if !alive(pid) {
+				delete(c.excluded, pid)
+			}
+		}
+		for pid := range c.skip {
+			if !alive(pid) {
+				delete(c.skip, pid)
+			}
+		}
+	}
+	a.mu.Unlock()
+	for _, pid := range again {
+		a.s.Forget(pid)
+	}
+}
