@@ -654,9 +654,15 @@ func (s *Session) profileOf(snap *heap.Snapshot, only func(pid uint32) bool) (*p
 		pprofout.MetaComment("stack_mode", s.opts.StackMode))
 	if s.dwarf != nil {
 		u, tr := s.dwarf.stats()
+		tables, bytes := s.dwarf.cache.Stats()
 		p.Comments = append(p.Comments, pprofout.MetaComment("stacks_unwound", strconv.FormatUint(u, 10)),
-			pprofout.MetaComment("stacks_truncated", strconv.FormatUint(tr, 10)))
+			pprofout.MetaComment("stacks_truncated", strconv.FormatUint(tr, 10)),
+			pprofout.MetaComment("unwind_tables", strconv.Itoa(tables)),
+			pprofout.MetaComment("unwind_table_bytes", strconv.FormatInt(bytes, 10)))
 	}
+	objects, symBytes := s.sym.Stats()
+	p.Comments = append(p.Comments, pprofout.MetaComment("symbol_objects", strconv.Itoa(objects)),
+		pprofout.MetaComment("symbol_bytes", strconv.FormatInt(symBytes, 10)))
 	s.mu.Lock()
 	for _, e := range s.errs {
 		p.Comments = append(p.Comments, "memprof error: "+e)

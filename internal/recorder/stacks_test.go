@@ -121,6 +121,16 @@ func TestStacksWithoutFramePointers(t *testing.T) {
 					t.Logf("sample %v: %s", smp.Value, strings.Join(frames(smp), " <- "))
 				}
 			}
+			if mode != StackFP {
+				// Unwind tables are bounded and reported: the executable
+				// and its library, libc (and ld.so).
+				n, _ := pprofoutComment(p, "unwind_tables")
+				b, _ := pprofoutComment(p, "unwind_table_bytes")
+				t.Logf("unwind tables: %s, %s bytes", n, b)
+				if n == "" || n == "0" || b == "" || b == "0" {
+					t.Errorf("unwind table figures missing from the profile: tables %q bytes %q", n, b)
+				}
+			}
 			if v, _ := pprofoutComment(p, "stacks_truncated"); mode != StackFP && v != "0" {
 				t.Errorf("%s truncated stacks, want 0", v)
 				for _, smp := range p.Sample {
