@@ -31,6 +31,9 @@ type Options struct {
 	// SM_DWARF (copy every sampled stack for userspace unwinding) or
 	// SM_AUTO (copy for the processes put in the DwarfProcs map).
 	StackMode mbpf.MemprofStackMode
+	// ClassicOOM uses the classic oom/mark_victim tracepoint (pid only, the
+	// path of kernels before 6.8) even where the BTF-typed one exists.
+	ClassicOOM bool
 }
 
 // Objects are the loaded programs and maps.
@@ -100,6 +103,9 @@ func Load(opts Options) (*Objects, error) {
 		return nil, err
 	}
 	feats := detect()
+	if opts.ClassicOOM {
+		feats.OOMTaskBTF = false
+	}
 	// Programs this kernel cannot load get a copy of the empty probe in
 	// their slot (so the generated object struct can be assigned); they are
 	// closed right after loading. Only one of the two OOM programs loads on
@@ -255,10 +261,15 @@ func (o *Objects) AttachOOM() error {
 		o.oomLinks = append(o.oomLinks, l)
 		return nil
 	}
-	l, err := link.Tracepoint("oom", "mark_victim", o.OomMarkVictim, nil)
-	if err != nil && mountTracefs() == nil {
-		l, err = link.Tracepoint("oom", "mark_victim", o.OomMarkVictim, nil)
+	// cilium/ebpf looks tracefs up once per process: mount it before.
+	if _, err := os.Stat("/sys/kernel/tracing/events"); err != nil {
+		if _, err := os.Stat("/sys/kernel/debug/tracing/events"); err != nil {
+			if err := mountTracefs(); err != nil {
+				return fmt.Errorf("the classic oom:mark_victim tracepoint needs tracefs, and mounting it at /sys/kernel/tracing failed: %w", err)
+			}
+		}
 	}
+	l, err := link.Tracepoint("oom", "mark_victim", o.OomMarkVictim, nil)
 	if err != nil {
 		return fmt.Errorf("attach tracepoint oom:mark_victim: %w (mount tracefs at /sys/kernel/tracing)", err)
 	}

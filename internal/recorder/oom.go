@@ -14,6 +14,7 @@ import (
 	"github.com/google/pprof/profile"
 
 	mbpf "github.com/memprof/memprof/bpf"
+	"github.com/memprof/memprof/internal/cgroups"
 	"github.com/memprof/memprof/internal/frag"
 	"github.com/memprof/memprof/internal/heap"
 	"github.com/memprof/memprof/internal/oom"
@@ -78,11 +79,6 @@ func (s *Session) startOOM() error {
 func (s *Session) handleOOM(ev mbpf.MemprofOomEvent) {
 	pid := int(ev.Pid)
 	v := oom.Victim{Time: time.Now(), Pid: pid, MemcgID: ev.Memcg, CgroupID: ev.Cgroup, Comm: cString(ev.Comm[:])}
-	if v.MemcgID == 0 && !procmaps.Alive(pid) {
-		// Classic tracepoint and the victim is gone already: the cgroup
-		// where the OOM was triggered is the best evidence left.
-		v.MemcgID = ev.TriggerMemcg
-	}
 	if ev.HaveRss != 0 {
 		// The tracepoint reports RSS in KiB.
 		v.AnonRSS, v.FileRSS, v.ShmemRSS = ev.AnonRss*1024, ev.FileRss*1024, ev.ShmemRss*1024
@@ -93,6 +89,21 @@ func (s *Session) handleOOM(ev mbpf.MemprofOomEvent) {
 	s.mu.Lock()
 	t := s.procs[pid]
 	s.mu.Unlock()
+	if v.MemcgID == 0 {
+		// The classic tracepoint names only the pid, and the victim's
+		// /proc entry no longer tells its cgroup once it is exiting: use
+		// the cgroup a target was seen in, else the memory cgroup whose
+		// charge triggered the OOM (for a cgroup-limit OOM, the limited
+		// cgroup or one below it).
+		if t != nil && t.cgroup != "" {
+			if id, err := cgroups.ID(cgroupDir(t.cgroup)); err == nil {
+				v.MemcgID = id
+			}
+		}
+		if v.MemcgID == 0 {
+			v.MemcgID = ev.TriggerMemcg
+		}
+	}
 	if v.Comm == "" {
 		if t != nil {
 			v.Comm = t.comm

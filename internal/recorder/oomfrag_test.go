@@ -39,6 +39,18 @@ func testCgroup(t *testing.T, name string, limit uint64) string {
 // and a cgroup-limit OOM; a second process in the cgroup survives and keeps
 // being recorded.
 func TestOOMPostMortem(t *testing.T) {
+	for _, classic := range []bool{false, true} {
+		name := "tp_btf"
+		if classic {
+			// The path of kernels before 6.8: the tracepoint gives the
+			// pid and RSS figures, the cgroup comes from /proc.
+			name = "classic-tracepoint"
+		}
+		t.Run(name, func(t *testing.T) { testOOMPostMortem(t, classic) })
+	}
+}
+
+func testOOMPostMortem(t *testing.T, classic bool) {
 	testprog.RequireRoot(t)
 	const limit = 64 << 20
 	dir := testCgroup(t, "oom", limit)
@@ -56,7 +68,7 @@ func TestOOMPostMortem(t *testing.T) {
 	}
 	oomDir := t.TempDir()
 	kills := make(chan []string, 4)
-	p := record(t, Options{SampleRate: 1, Cgroups: []string{dir}, OOM: func(k *OOMKill) {
+	p := record(t, Options{SampleRate: 1, Cgroups: []string{dir}, ClassicOOM: classic, OOM: func(k *OOMKill) {
 		paths, err := WriteOOM(k, oomDir)
 		if err != nil {
 			t.Errorf("write post-mortem: %v", err)

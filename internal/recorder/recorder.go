@@ -59,6 +59,9 @@ type Options struct {
 	PerProbeLinks bool
 	// StackMode is StackAuto (default), StackFP or StackDwarf.
 	StackMode string
+	// ClassicOOM takes OOM kills from the classic tracepoint (pid only, as
+	// before Linux 6.8) even where the victim's task is available.
+	ClassicOOM bool
 }
 
 // Session is one recording.
@@ -131,7 +134,7 @@ func Start(ctx context.Context, opts Options) (*Session, error) {
 	if !ok {
 		return nil, fmt.Errorf("unknown stack mode %q: use auto, fp or dwarf", opts.StackMode)
 	}
-	objs, err := bpfload.Load(bpfload.Options{SampleRate: opts.SampleRate, StackMode: mode})
+	objs, err := bpfload.Load(bpfload.Options{SampleRate: opts.SampleRate, StackMode: mode, ClassicOOM: opts.ClassicOOM})
 	if err != nil {
 		return nil, err
 	}
