@@ -31,7 +31,7 @@ func recordCommand() *cli.Command {
 			"  memprof record --pod web-0 --namespace shop\n" +
 			"  memprof record -o heap.pb.gz -- ./server --port 8080\n" +
 			"Without --duration it records until the targets exit or Ctrl-C; the profile is written either way.",
-		Flags: []cli.Flag{
+		Flags: append([]cli.Flag{
 			&cli.IntSliceFlag{Name: "pid", Aliases: []string{"p"}, Usage: "process to profile (repeatable)"},
 			&cli.StringSliceFlag{Name: "cgroup", Usage: "cgroup directory: every process in it, including later ones (repeatable)"},
 			&cli.StringFlag{Name: "pod", Usage: "Kubernetes pod on this node to profile"},
@@ -40,12 +40,11 @@ func recordCommand() *cli.Command {
 			&cli.DurationFlag{Name: "duration", Aliases: []string{"d"}, Usage: "how long to record (default: until the targets exit or Ctrl-C)"},
 			&cli.StringFlag{Name: "output", Aliases: []string{"o"}, Usage: "profile file (default memprof-<target>-<time>.pb.gz)"},
 			&cli.Uint64Flag{Name: "sample-rate", Value: recorder.DefaultSampleRate, Usage: "mean bytes between samples (Poisson); 1 records every allocation exactly"},
-			&cli.StringFlag{Name: "stack-mode", Value: recorder.StackAuto, Usage: "auto: unwind with .eh_frame for executables built without frame pointers, frame pointers otherwise; fp: frame pointers only (cheapest); dwarf: .eh_frame unwinding for everything"},
+			&cli.StringFlag{Name: "stack-mode", Value: recorder.StackAuto, Usage: "auto: .eh_frame unwinding for processes whose executable or own libraries lack frame pointers, frame-pointer walk otherwise; fp: frame pointers only (cheapest); dwarf: .eh_frame unwinding for everything"},
 			&cli.StringFlag{Name: "oom-dir", Usage: "where OOM post-mortems go (default: next to the profile)"},
 			&cli.BoolFlag{Name: "all-ooms", Usage: "also report OOM kills of processes that are not targets"},
 			&cli.IntFlag{Name: "top", Value: 10, Usage: "stacks shown in the summary"},
-			&cli.StringFlag{Name: "host-root", Value: "/", Usage: "where the host's /proc, /sys/fs/cgroup and /var/log/pods are (inside a container: the host mount)"},
-		},
+		}, podPathFlags()...),
 		Action: runRecord,
 	}
 }
@@ -65,7 +64,7 @@ func runRecord(c *cli.Context) error {
 	target := describeTarget(opts)
 	var podLabels map[string]string
 	if pod := c.String("pod"); pod != "" {
-		conts, err := podfind.Discover(c.Context, podPaths(c.String("host-root")))
+		conts, err := podfind.Discover(c.Context, podPathsFrom(c))
 		if err != nil {
 			return fmt.Errorf("find pods on this node: %w", err)
 		}
@@ -245,20 +244,4 @@ func writeResult(s *recorder.Session, out string, extraLabels map[string]string,
 	}
 	fmt.Fprintf(w, "\nprofile written to %s\nview it with: go tool pprof -http=: %s\n", out, out)
 	return nil
-}
-
-// podPaths are the discovery paths under the host's root (memprof inside a
-// container sees the host's filesystems mounted there).
-func podPaths(root string) podfind.Paths {
-	p := podfind.DefaultPaths()
-	if root == "" || root == "/" {
-		return p
-	}
-	p.CgroupRoot = filepath.Join(root, p.CgroupRoot)
-	p.ProcRoot = filepath.Join(root, p.ProcRoot)
-	p.PodLogs = filepath.Join(root, p.PodLogs)
-	for i, sock := range p.CRISockets {
-		p.CRISockets[i] = filepath.Join(root, sock)
-	}
-	return p
 }
