@@ -193,42 +193,35 @@ func nearestFuncs(stack []dwLevel) []*funcNode {
 // entryName returns the raw (linkage if any) name of a subprogram or inlined
 // subroutine, following abstract origins and specifications.
 func (b *tableBuilder) entryName(e *dwarf.Entry) string {
-	var plain string
-	for depth := 0; e != nil && depth < 8; depth++ {
-		if s, ok := e.Val(dwarf.AttrLinkageName).(string); ok && s != "" {
-			return s
+	if e == nil {
+		return ""
+	}
+	if s, ok := e.Val(dwarf.AttrLinkageName).(string); ok && s != "" {
+		return s
+	}
+	if s, ok := e.Val(0x2007).(string); ok && s != "" { // DW_AT_MIPS_linkage_name
+		return s
+	}
+	plain, _ := e.Val(dwarf.AttrName).(string)
+	// An inlined or out-of-line instance names its function through its
+	// abstract origin or specification (resolved once, cached).
+	ref, ok := e.Val(dwarf.AttrAbstractOrigin).(dwarf.Offset)
+	if !ok {
+		if ref, ok = e.Val(dwarf.AttrSpecification).(dwarf.Offset); !ok {
+			return plain
 		}
-		if s, ok := e.Val(0x2007).(string); ok && s != "" { // DW_AT_MIPS_linkage_name
-			return s
-		}
-		if s, ok := e.Val(dwarf.AttrName).(string); ok && s != "" && plain == "" {
-			plain = s
-		}
-		var ref dwarf.Offset
-		if o, ok := e.Val(dwarf.AttrAbstractOrigin).(dwarf.Offset); ok {
-			ref = o
-		} else if o, ok := e.Val(dwarf.AttrSpecification).(dwarf.Offset); ok {
-			ref = o
-		} else {
-			break
-		}
-		if n, ok := b.names[ref]; ok {
-			if n != "" {
-				return n
-			}
-			break
-		}
+	}
+	n, cached := b.names[ref]
+	if !cached {
+		b.names[ref] = "" // breaks cycles in malformed DWARF
 		b.resolve.Seek(ref)
-		next, err := b.resolve.Next()
-		if err != nil || next == nil {
-			break
+		if next, err := b.resolve.Next(); err == nil && next != nil {
+			n = b.entryName(next)
 		}
-		n := b.entryName(next)
 		b.names[ref] = n
-		if n != "" {
-			return n
-		}
-		break
+	}
+	if n != "" {
+		return n
 	}
 	return plain
 }
