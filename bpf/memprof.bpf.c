@@ -173,21 +173,20 @@ static __always_inline void count_call(struct thread_state *ts)
 		flush_calls(ts);
 }
 
-// drop_stale pops pending calls whose frame is already gone (a return probe
-// that never fired: longjmp out of the allocator, uretprobe depth limit).
-// Their stack pointer lies below the current one.
-static __always_inline void drop_stale(struct thread_state *ts, __u64 sp)
+// in_call reports whether the thread is inside a pending allocator call
+// at stack pointer sp. A pending call whose frame is already gone (its
+// return probe never fired: longjmp out of the allocator, the uretprobe
+// depth limit) has its stack pointer below sp: it is dropped and counted.
+static __always_inline int in_call(struct thread_state *ts, __u64 sp)
 {
-#pragma unroll
-	for (int i = 0; i < MAX_NESTING; i++) {
-		__u32 d = ts->depth;
-		if (d == 0 || d > MAX_NESTING)
-			break;
-		if (ts->pending[(d - 1) & (MAX_NESTING - 1)].sp >= sp)
-			break;
-		ts->depth = d - 1;
+	if (!ts->active)
+		return 0;
+	if (ts->pending.sp < sp) {
+		ts->active = 0;
 		count(C_MISSED_RETURN);
+		return 0;
 	}
+	return 1;
 }
 
 // gap draws the distance in bytes to the next sample.
@@ -227,23 +226,17 @@ static __always_inline void enter(struct pt_regs *ctx, __u8 kind, __u64 size, __
 	}
 	count_call(ts);
 	__u64 sp = PT_REGS_SP(ctx);
-	drop_stale(ts, sp);
-	__u32 d = ts->depth;
-	if (d >= MAX_NESTING) {
-		count(C_NESTING_OVERFLOW);
-		return;
-	}
-	if (d > 0) {
+	if (in_call(ts, sp)) {
 		count(C_NESTED);
 		return;
 	}
-	struct pending *p = &ts->pending[d & (MAX_NESTING - 1)];
+	struct pending *p = &ts->pending;
 	p->sp = sp;
 	p->kind = kind;
 	p->size = size;
 	p->ptr = ptr;
 	p->sampled = kind == K_XALLOCX ? 0 : sampled(ts, size);
-	ts->depth = d + 1;
+	ts->active = 1;
 }
 
 static __always_inline void untrack(__u32 tgid, __u64 ptr)
@@ -402,9 +395,8 @@ static __always_inline int on_enter(struct pt_regs *ctx, __u64 kind)
 		struct thread_state *ts = thread();
 		if (ts) {
 			count_call(ts);
-			drop_stale(ts, PT_REGS_SP(ctx));
 			// A free nested in another allocator call belongs to it.
-			if (ts->depth > 0) {
+			if (in_call(ts, PT_REGS_SP(ctx))) {
 				count(C_NESTED);
 				return 0;
 			}
@@ -449,14 +441,12 @@ static __always_inline int on_return(struct pt_regs *ctx, __u64 ret)
 		return 0;
 	// At return the stack pointer is one slot above the one at entry.
 	__u64 sp = PT_REGS_SP(ctx) - 8;
-	drop_stale(ts, sp);
-	__u32 d = ts->depth;
-	if (d == 0 || d > MAX_NESTING)
+	if (!in_call(ts, sp))
 		return 0;
-	struct pending *p = &ts->pending[(d - 1) & (MAX_NESTING - 1)];
+	struct pending *p = &ts->pending;
 	if (p->sp != sp)
-		return 0; // a nested call we did not record
-	ts->depth = d - 1;
+		return 0; // a nested call, left to the outer one
+	ts->active = 0;
 
 	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
 	__u64 ptr = ret;

@@ -4,7 +4,6 @@
 #define MEMPROF_H
 
 #define GAP_TABLE_SIZE 4096	 // power of two
-#define MAX_NESTING 4		 // power of two: allocator calls nested per thread
 #define MAX_LIVE 262144		 // sampled live blocks across all targets
 #define MAX_ALLOC_BUCKETS 65536	 // (process, stack, size) buckets
 #define MAX_STACKS 32768
@@ -44,7 +43,6 @@ enum counter {
 	C_SAMPLES,		// sampled allocations tracked
 	C_NESTED,		// calls nested in another allocator call (left to the outer)
 	C_MISSED_RETURN,	// pending calls whose return probe never fired
-	C_NESTING_OVERFLOW,	// nesting deeper than MAX_NESTING: call lost
 	C_NO_THREAD_STATE,	// task storage unavailable: call lost
 	C_LIVE_FULL,		// live map full: sampled block lost
 	C_ALLOCS_FULL,		// alloc bucket map full: sample's alloc count lost
@@ -67,11 +65,13 @@ struct pending {
 
 #define CALLS_FLUSH 4096	// per-thread calls counted before they are added to the process's count
 
+// Per-thread state. Only the outermost allocator call of a thread is
+// pending at a time: calls nested in it are left to it.
 struct thread_state {
 	__s64 countdown; // bytes until the next sample
-	__u32 depth;
+	__u32 active;	 // pending holds a call whose return has not been seen
 	__u32 calls;	 // allocator calls not yet added to proc_calls
-	struct pending pending[MAX_NESTING];
+	struct pending pending;
 };
 
 struct live_key {

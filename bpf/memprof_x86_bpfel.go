@@ -32,21 +32,20 @@ const (
 type MemprofCounter uint32
 
 const (
-	MemprofCounterC_CALLS            MemprofCounter = 0
-	MemprofCounterC_FREES            MemprofCounter = 1
-	MemprofCounterC_SAMPLES          MemprofCounter = 2
-	MemprofCounterC_NESTED           MemprofCounter = 3
-	MemprofCounterC_MISSED_RETURN    MemprofCounter = 4
-	MemprofCounterC_NESTING_OVERFLOW MemprofCounter = 5
-	MemprofCounterC_NO_THREAD_STATE  MemprofCounter = 6
-	MemprofCounterC_LIVE_FULL        MemprofCounter = 7
-	MemprofCounterC_ALLOCS_FULL      MemprofCounter = 8
-	MemprofCounterC_STACK_COLLISION  MemprofCounter = 9
-	MemprofCounterC_STACK_LOST       MemprofCounter = 10
-	MemprofCounterC_READ_FAILED      MemprofCounter = 11
-	MemprofCounterC_EVENTS_LOST      MemprofCounter = 12
-	MemprofCounterC_STACK_COPIES     MemprofCounter = 13
-	MemprofCounterNR_COUNTERS        MemprofCounter = 14
+	MemprofCounterC_CALLS           MemprofCounter = 0
+	MemprofCounterC_FREES           MemprofCounter = 1
+	MemprofCounterC_SAMPLES         MemprofCounter = 2
+	MemprofCounterC_NESTED          MemprofCounter = 3
+	MemprofCounterC_MISSED_RETURN   MemprofCounter = 4
+	MemprofCounterC_NO_THREAD_STATE MemprofCounter = 5
+	MemprofCounterC_LIVE_FULL       MemprofCounter = 6
+	MemprofCounterC_ALLOCS_FULL     MemprofCounter = 7
+	MemprofCounterC_STACK_COLLISION MemprofCounter = 8
+	MemprofCounterC_STACK_LOST      MemprofCounter = 9
+	MemprofCounterC_READ_FAILED     MemprofCounter = 10
+	MemprofCounterC_EVENTS_LOST     MemprofCounter = 11
+	MemprofCounterC_STACK_COPIES    MemprofCounter = 12
+	MemprofCounterNR_COUNTERS       MemprofCounter = 13
 )
 
 type MemprofEventType uint32
@@ -116,9 +115,9 @@ const (
 type MemprofThreadState struct {
 	_         structs.HostLayout
 	Countdown int64
-	Depth     uint32
+	Active    uint32
 	Calls     uint32
-	Pending   [4]struct {
+	Pending   struct {
 		_       structs.HostLayout
 		Sp      uint64
 		Size    uint64

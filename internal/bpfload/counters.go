@@ -17,7 +17,7 @@ type Counters struct {
 	StackCopies           uint64 // sampled stacks copied for userspace unwinding
 	Nested                uint64 // calls inside another allocator call, left to the outer one
 	// Lost events by cause.
-	MissedReturn, NestingOverflow, NoThreadState, LiveFull, AllocsFull,
+	MissedReturn, NoThreadState, LiveFull, AllocsFull,
 	StackCollision, StackLost, ReadFailed, EventsLost uint64
 }
 
@@ -31,7 +31,6 @@ func (c Counters) Lost() map[string]uint64 {
 		}
 	}
 	add("missed_return_probe", c.MissedReturn)
-	add("nesting_overflow", c.NestingOverflow)
 	add("no_thread_state", c.NoThreadState)
 	add("live_map_full", c.LiveFull)
 	add("alloc_map_full", c.AllocsFull)
@@ -65,7 +64,6 @@ func (o *Objects) ReadCounters() (Counters, error) {
 		{mbpf.MemprofCounterC_SAMPLES, &c.Samples},
 		{mbpf.MemprofCounterC_NESTED, &c.Nested},
 		{mbpf.MemprofCounterC_MISSED_RETURN, &c.MissedReturn},
-		{mbpf.MemprofCounterC_NESTING_OVERFLOW, &c.NestingOverflow},
 		{mbpf.MemprofCounterC_NO_THREAD_STATE, &c.NoThreadState},
 		{mbpf.MemprofCounterC_LIVE_FULL, &c.LiveFull},
 		{mbpf.MemprofCounterC_ALLOCS_FULL, &c.AllocsFull},
