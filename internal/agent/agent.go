@@ -25,6 +25,7 @@ import (
 	"github.com/memprof/memprof/internal/cgroups"
 	"github.com/memprof/memprof/internal/podfind"
 	"github.com/memprof/memprof/internal/recorder"
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 // AnnotationProfile is the pod annotation that selects a pod ("true").
@@ -98,7 +99,7 @@ type Agent struct {
 	token *tokenFile
 	ln    net.Listener
 	srv   *http.Server
-	start time.Time
+	reg   *prometheus.Registry // what /metrics serves
 
 	mu         sync.Mutex
 	known      map[string]*container // every container discovered, by container id
@@ -177,7 +178,6 @@ func New(cfg Config) (*Agent, error) {
 		cfg:        cfg,
 		token:      tf,
 		ln:         ln,
-		start:      time.Now(),
 		known:      map[string]*container{},
 		profiled:   map[string]*container{},
 		gone:       map[labelSet]time.Time{},
@@ -186,6 +186,7 @@ func New(cfg Config) (*Agent, error) {
 		budgetHits: map[labelSet]uint64{},
 		lastCalls:  map[uint32]uint64{},
 	}
+	a.reg = newRegistry(a)
 	a.loadOOMs()
 	a.srv = &http.Server{Handler: a.handler(), ReadHeaderTimeout: 10 * time.Second}
 	return a, nil

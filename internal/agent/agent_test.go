@@ -22,6 +22,7 @@ import (
 
 	"github.com/memprof/memprof/internal/podfind"
 	"github.com/memprof/memprof/internal/testprog"
+	"github.com/memprof/memprof/internal/testprog/kube"
 	"github.com/memprof/memprof/pprofout"
 )
 
@@ -145,7 +146,7 @@ func hasFrame(r pprofout.StackRow, fn string) bool {
 func TestAgentPods(t *testing.T) {
 	testprog.RequireRoot(t)
 	bin := testprog.Build(t, "agent_workload.c")
-	root := rootfs(t, bin)
+	root := kube.Rootfs(t, bin)
 	fsRoot := "memprof-agent-" + randHex(8)
 	t.Cleanup(func() { removeCgroupTree(t, fsRoot) })
 	logs := t.TempDir()
@@ -185,19 +186,19 @@ func TestAgentPods(t *testing.T) {
 	}
 
 	// a pod started after the agent
-	leaky := pod{ns: ns, name: "leaky", uid: newUID()}
-	lc := runContainer(t, fsRoot, root, logs, leaky, "app", 0, "/agent_workload", "leak", fmt.Sprint(leakTotal), fmt.Sprint(leakBlock))
-	waitFor(t, 10*time.Second, "the container to start", func() bool { return strings.Contains(lc.output(), "waiting") })
+	leaky := kube.Pod{Namespace: ns, Name: "leaky", UID: newUID()}
+	lc := kube.RunContainer(t, kube.RuncSpec{FSRoot: fsRoot, Pod: leaky, Name: "app", Rootfs: root, Logs: logs, Args: []string{"/agent_workload", "leak", fmt.Sprint(leakTotal), fmt.Sprint(leakBlock)}})
+	waitFor(t, 10*time.Second, "the container to start", func() bool { return strings.Contains(lc.Output(), "waiting") })
 	t0 := time.Now()
 	waitFor(t, 15*time.Second, "the agent to attach to the leaky container", func() bool {
 		c := findContainer(a, ns, "leaky")
 		return c != nil && c.Processes >= 1 && c.Container == "app"
 	})
 	t.Logf("agent attached to %s/leaky/app %s after the container started", ns, time.Since(t0).Round(time.Millisecond))
-	if err := syscall.Kill(lc.pid, syscall.SIGUSR1); err != nil {
+	if err := syscall.Kill(lc.Pid, syscall.SIGUSR1); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 10*time.Second, "the container to leak", func() bool { return strings.Contains(lc.output(), "leaked") })
+	waitFor(t, 10*time.Second, "the container to leak", func() bool { return strings.Contains(lc.Output(), "leaked") })
 	labels := map[string]string{"namespace": ns, "pod": "leaky", "container": "app", "node": "test-node"}
 	var text string
 	waitFor(t, 10*time.Second, "the live heap metric", func() bool {
@@ -327,18 +328,18 @@ func TestAgentPods(t *testing.T) {
 	}
 
 	// OOM kill of a profiled container
-	oomPod := pod{ns: ns, name: "oomer", uid: newUID()}
-	oc := runContainer(t, fsRoot, root, logs, oomPod, "hog", oomLimit, "/agent_workload", "oom", fmt.Sprint(1<<20))
+	oomPod := kube.Pod{Namespace: ns, Name: "oomer", UID: newUID()}
+	oc := kube.RunContainer(t, kube.RuncSpec{FSRoot: fsRoot, Pod: oomPod, Name: "hog", Rootfs: root, Logs: logs, MemLimit: oomLimit, Args: []string{"/agent_workload", "oom", fmt.Sprint(1 << 20)}})
 	waitFor(t, 15*time.Second, "the agent to attach to the oomer container", func() bool {
 		c := findContainer(a, ns, "oomer")
 		return c != nil && c.Processes >= 1
 	})
-	syscall.Kill(oc.pid, syscall.SIGUSR1)
+	syscall.Kill(oc.Pid, syscall.SIGUSR1)
 	// and of one that is not profiled
-	other := pod{ns: otherNS, name: "bystander", uid: newUID()}
-	xc := runContainer(t, fsRoot, root, logs, other, "hog", oomLimit, "/agent_workload", "oom", fmt.Sprint(1<<20))
-	waitFor(t, 10*time.Second, "the unprofiled container to start", func() bool { return strings.Contains(xc.output(), "waiting") })
-	syscall.Kill(xc.pid, syscall.SIGUSR1)
+	other := kube.Pod{Namespace: otherNS, Name: "bystander", UID: newUID()}
+	xc := kube.RunContainer(t, kube.RuncSpec{FSRoot: fsRoot, Pod: other, Name: "hog", Rootfs: root, Logs: logs, MemLimit: oomLimit, Args: []string{"/agent_workload", "oom", fmt.Sprint(1 << 20)}})
+	waitFor(t, 10*time.Second, "the unprofiled container to start", func() bool { return strings.Contains(xc.Output(), "waiting") })
+	syscall.Kill(xc.Pid, syscall.SIGUSR1)
 
 	var entries []OOMEntry
 	waitFor(t, 20*time.Second, "/oom to list both OOM kills", func() bool {
@@ -412,8 +413,8 @@ func TestAgentPods(t *testing.T) {
 	}
 
 	// the container goes: the agent detaches
-	lc.delete(t)
-	oc.delete(t)
+	lc.Delete(t)
+	oc.Delete(t)
 	waitFor(t, 10*time.Second, "the agent to drop the deleted containers", func() bool {
 		return findContainer(a, ns, "leaky") == nil && findContainer(a, ns, "oomer") == nil && a.TargetCount() == 0
 	})

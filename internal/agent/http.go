@@ -108,7 +108,7 @@ func (a *Agent) handler() http.Handler {
 		}
 		fmt.Fprintln(w, "ok")
 	})
-	mux.HandleFunc("GET /metrics", a.serveMetrics)
+	mux.Handle("GET /metrics", a.metricsHandler())
 	mux.Handle("GET /profiles/heap", a.auth(http.HandlerFunc(a.serveHeap)))
 	mux.Handle("GET /profiles", a.auth(http.HandlerFunc(a.serveList)))
 	mux.Handle("GET /oom", a.auth(http.HandlerFunc(a.serveOOM)))

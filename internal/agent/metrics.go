@@ -1,71 +1,12 @@
 package agent
 
 import (
-	"bufio"
-	"bytes"
-	"fmt"
-	"math"
 	"net/http"
-	"os"
-	"runtime"
-	"sort"
-	"strconv"
-	"strings"
-	"time"
 
-	"github.com/cilium/ebpf"
-	"golang.org/x/sys/unix"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 )
-
-// expo writes the Prometheus text exposition format (version 0.0.4).
-type expo struct {
-	buf  bytes.Buffer
-	seen map[string]bool
-}
-
-func (e *expo) family(name, typ, help string) {
-	if e.seen == nil {
-		e.seen = map[string]bool{}
-	}
-	if e.seen[name] {
-		return
-	}
-	e.seen[name] = true
-	fmt.Fprintf(&e.buf, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, typ)
-}
-
-func escapeLabel(v string) string {
-	v = strings.ReplaceAll(v, `\`, `\\`)
-	v = strings.ReplaceAll(v, "\n", `\n`)
-	return strings.ReplaceAll(v, `"`, `\"`)
-}
-
-// sample writes one sample; labels are name, value pairs.
-func (e *expo) sample(name string, v float64, labels ...string) {
-	e.buf.WriteString(name)
-	if len(labels) > 0 {
-		e.buf.WriteByte('{')
-		for i := 0; i+1 < len(labels); i += 2 {
-			if i > 0 {
-				e.buf.WriteByte(',')
-			}
-			fmt.Fprintf(&e.buf, `%s="%s"`, labels[i], escapeLabel(labels[i+1]))
-		}
-		e.buf.WriteByte('}')
-	}
-	e.buf.WriteByte(' ')
-	switch {
-	case math.IsNaN(v):
-		e.buf.WriteString("NaN")
-	case math.IsInf(v, 1):
-		e.buf.WriteString("+Inf")
-	case math.IsInf(v, -1):
-		e.buf.WriteString("-Inf")
-	default:
-		e.buf.WriteString(strconv.FormatFloat(v, 'g', -1, 64))
-	}
-	e.buf.WriteByte('\n')
-}
 
 // Metric names.
 const (
@@ -92,256 +33,181 @@ const (
 	MetricSaved         = "memprof_profiles_saved_total"
 )
 
-func (a *Agent) serveMetrics(w http.ResponseWriter, r *http.Request) {
-	var e expo
+// containerLabels label the per-container metrics.
+var containerLabels = []string{"namespace", "pod", "container", "node"}
+
+// metricDescs describes the agent's own metrics.
+type metricDescs struct {
+	liveHeap, allocTotal, allocRate, rssAnon, fragRatio, processes, oomKills, budgetCont *prometheus.Desc
+
+	budgetTotal, oomTotal, probeRate, probeTotal, profiled, discovered, discErrs, pushes, saved *prometheus.Desc
+
+	lost, targets, mapEntries, mapCapacity *prometheus.Desc
+}
+
+func newMetricDescs() *metricDescs {
+	c := func(name, help string) *prometheus.Desc {
+		return prometheus.NewDesc(name, help, containerLabels, nil)
+	}
+	d := func(name, help string, labels ...string) *prometheus.Desc {
+		return prometheus.NewDesc(name, help, labels, nil)
+	}
+	return &metricDescs{
+		liveHeap:   c(MetricLiveHeap, "Estimated live native heap bytes of the container (unsampled sampled live blocks)."),
+		allocTotal: c(MetricAllocTotal, "Estimated bytes allocated by the container's profiled processes since profiling started."),
+		allocRate:  c(MetricAllocRate, "Estimated allocation rate of the container, bytes per second (alloc_space deltas)."),
+		rssAnon:    c(MetricRSSAnon, "Anonymous resident memory of the container's memory cgroup (memory.stat anon / total_rss)."),
+		fragRatio:  c(MetricFragRatio, "RSS anon / estimated live heap of the container (only when the live heap is at least 1 MiB)."),
+		processes:  c(MetricProcesses, "Processes of the container being profiled."),
+		oomKills:   c(MetricOOMKills, "OOM kills seen in the container since the agent started (profiled or not)."),
+		budgetCont: c(MetricBudgetCont, "Processes of the container detached because they exceeded --max-calls-per-second."),
+
+		budgetTotal: d(MetricBudgetTotal, "Target processes detached by the overhead budget."),
+		oomTotal:    d(MetricOOMTotal, "OOM kills seen on the node, by whether the victim was profiled.", "profiled"),
+		probeRate:   d(MetricProbeRate, "Allocator probe hits per second over the last collection interval."),
+		probeTotal:  d(MetricProbeTotal, "Allocator probe hits since the agent started."),
+		profiled:    d(MetricProfiled, "Containers being profiled."),
+		discovered:  d(MetricDiscovered, "Kubernetes containers discovered on the node."),
+		discErrs:    d(MetricDiscoveryErrs, "Failed pod discoveries."),
+		pushes:      d(MetricPushes, "Profiles pushed to Pyroscope, by result.", "result"),
+		saved:       d(MetricSaved, "Periodic profiles written to --data-dir."),
+
+		lost:        d(MetricLost, "Events the BPF side dropped, by cause.", "cause"),
+		targets:     d(MetricTargets, "Processes with probes attached."),
+		mapEntries:  d(MetricMapEntries, "Entries in the agent's BPF maps (live sampled blocks, allocation buckets, stacks, per-process call counts).", "map"),
+		mapCapacity: d(MetricMapCapacity, "Capacity (max_entries) of the agent's BPF maps.", "map"),
+	}
+}
+
+// agentCollector produces the agent's metrics from its state at scrape time.
+type agentCollector struct {
+	a *Agent
+	d *metricDescs
+}
+
+// newRegistry returns the registry /metrics serves: the Go runtime and
+// process collectors and the agent's own metrics.
+func newRegistry(a *Agent) *prometheus.Registry {
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(
+		collectors.NewGoCollector(),
+		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
+		&agentCollector{a: a, d: newMetricDescs()},
+	)
+	return reg
+}
+
+func (a *Agent) metricsHandler() http.Handler {
+	return promhttp.HandlerFor(a.reg, promhttp.HandlerOpts{})
+}
+
+// Describe implements prometheus.Collector.
+func (c *agentCollector) Describe(ch chan<- *prometheus.Desc) {
+	d := c.d
+	for _, desc := range []*prometheus.Desc{
+		d.liveHeap, d.allocTotal, d.allocRate, d.rssAnon, d.fragRatio, d.processes, d.oomKills, d.budgetCont,
+		d.budgetTotal, d.oomTotal, d.probeRate, d.probeTotal, d.profiled, d.discovered, d.discErrs, d.pushes, d.saved,
+		d.lost, d.targets, d.mapEntries, d.mapCapacity,
+	} {
+		ch <- desc
+	}
+}
+
+// containerFigures are the figures of one label set (containers sharing
+// labels, e.g. a restarted container whose predecessor is still listed,
+// are added up: Prometheus refuses two series with the same labels).
+type containerFigures struct {
+	live, allocTot, allocRate, rssAnon float64
+	haveRSS                            bool
+	procs                              int
+}
+
+// Collect implements prometheus.Collector.
+func (c *agentCollector) Collect(ch chan<- prometheus.Metric) {
+	a, d := c.a, c.d
 	node := a.cfg.NodeName
-	cl := func(l labelSet) []string {
-		return []string{"namespace", l.Namespace, "pod", l.Pod, "container", l.Container, "node", node}
+	emit := func(desc *prometheus.Desc, typ prometheus.ValueType, v float64, labels ...string) {
+		// NewConstMetric fails only on label values that are not UTF-8:
+		// such a series is left out rather than fail the whole scrape.
+		if m, err := prometheus.NewConstMetric(desc, typ, v, labels...); err == nil {
+			ch <- m
+		}
 	}
+	cl := func(l labelSet) []string { return []string{l.Namespace, l.Pod, l.Container, node} }
+
 	a.mu.Lock()
-	up := a.s != nil
-	conts := make([]*container, 0, len(a.profiled))
-	for _, c := range a.profiled {
-		conts = append(conts, c)
-	}
-	sort.Slice(conts, func(i, j int) bool { return conts[i].name() < conts[j].name() })
-	e.family(MetricLiveHeap, "gauge", "Estimated live native heap bytes of the container (unsampled sampled live blocks).")
-	for _, c := range conts {
-		e.sample(MetricLiveHeap, c.live, cl(c.labels)...)
-	}
-	e.family(MetricAllocTotal, "counter", "Estimated bytes allocated by the container's profiled processes since profiling started.")
-	for _, c := range conts {
-		e.sample(MetricAllocTotal, c.allocTot, cl(c.labels)...)
-	}
-	e.family(MetricAllocRate, "gauge", "Estimated allocation rate of the container, bytes per second (alloc_space deltas).")
-	for _, c := range conts {
-		e.sample(MetricAllocRate, c.allocRate, cl(c.labels)...)
-	}
-	e.family(MetricRSSAnon, "gauge", "Anonymous resident memory of the container's memory cgroup (memory.stat anon / total_rss).")
-	for _, c := range conts {
-		if c.haveRSS {
-			e.sample(MetricRSSAnon, c.rssAnon, cl(c.labels)...)
+	s := a.s
+	figs := map[labelSet]*containerFigures{}
+	for _, ct := range a.profiled {
+		f := figs[ct.labels]
+		if f == nil {
+			f = &containerFigures{}
+			figs[ct.labels] = f
 		}
-	}
-	e.family(MetricFragRatio, "gauge", "RSS anon / estimated live heap of the container (only when the live heap is at least 1 MiB).")
-	for _, c := range conts {
-		if c.haveRSS && c.live >= 1<<20 {
-			e.sample(MetricFragRatio, c.rssAnon/c.live, cl(c.labels)...)
+		f.live += ct.live
+		f.allocTot += ct.allocTot
+		f.allocRate += ct.allocRate
+		if ct.haveRSS {
+			f.rssAnon += ct.rssAnon
+			f.haveRSS = true
 		}
+		f.procs += ct.procs
 	}
-	e.family(MetricProcesses, "gauge", "Processes of the container being profiled.")
-	for _, c := range conts {
-		e.sample(MetricProcesses, float64(c.procs), cl(c.labels)...)
+	oomKills := make(map[labelSet]uint64, len(a.oomKills))
+	for l, n := range a.oomKills {
+		oomKills[l] = n
 	}
-	e.family(MetricOOMKills, "counter", "OOM kills seen in the container since the agent started (profiled or not).")
-	keys := make([]labelSet, 0, len(a.oomKills))
-	for l := range a.oomKills {
-		keys = append(keys, l)
+	budgetHits := make(map[labelSet]uint64, len(a.budgetHits))
+	for l, n := range a.budgetHits {
+		budgetHits[l] = n
 	}
-	sort.Slice(keys, func(i, j int) bool { return fmt.Sprint(keys[i]) < fmt.Sprint(keys[j]) })
-	for _, l := range keys {
-		e.sample(MetricOOMKills, float64(a.oomKills[l]), cl(l)...)
-	}
-	e.family(MetricBudgetCont, "counter", "Processes of the container detached because they exceeded --max-calls-per-second.")
-	keys = keys[:0]
-	for l := range a.budgetHits {
-		keys = append(keys, l)
-	}
-	sort.Slice(keys, func(i, j int) bool { return fmt.Sprint(keys[i]) < fmt.Sprint(keys[j]) })
-	for _, l := range keys {
-		e.sample(MetricBudgetCont, float64(a.budgetHits[l]), cl(l)...)
-	}
-	e.family(MetricBudgetTotal, "counter", "Target processes detached by the overhead budget.")
-	e.sample(MetricBudgetTotal, float64(a.budgetAll))
-	e.family(MetricOOMTotal, "counter", "OOM kills seen on the node, by whether the victim was profiled.")
-	e.sample(MetricOOMTotal, float64(a.oomTotal[true]), "profiled", "true")
-	e.sample(MetricOOMTotal, float64(a.oomTotal[false]), "profiled", "false")
-	e.family(MetricProbeRate, "gauge", "Allocator probe hits per second over the last collection interval.")
-	e.sample(MetricProbeRate, a.probeRate)
-	e.family(MetricProbeTotal, "counter", "Allocator probe hits since the agent started.")
-	e.sample(MetricProbeTotal, float64(a.probeTotal))
-	e.family(MetricProfiled, "gauge", "Containers being profiled.")
-	e.sample(MetricProfiled, float64(len(a.profiled)))
-	e.family(MetricDiscovered, "gauge", "Kubernetes containers discovered on the node.")
-	e.sample(MetricDiscovered, float64(len(a.known)))
-	e.family(MetricDiscoveryErrs, "counter", "Failed pod discoveries.")
-	e.sample(MetricDiscoveryErrs, float64(a.discErrs))
-	e.family(MetricPushes, "counter", "Profiles pushed to Pyroscope, by result.")
-	e.sample(MetricPushes, float64(a.pushes), "result", "ok")
-	e.sample(MetricPushes, float64(a.pushErrs), "result", "error")
-	e.family(MetricSaved, "counter", "Periodic profiles written to --data-dir.")
-	e.sample(MetricSaved, float64(a.saved))
+	budgetAll, oomProfiled, oomOther := a.budgetAll, a.oomTotal[true], a.oomTotal[false]
+	probeRate, probeTotal := a.probeRate, a.probeTotal
+	nProfiled, nKnown := len(a.profiled), len(a.known)
+	discErrs, pushes, pushErrs, saved := a.discErrs, a.pushes, a.pushErrs, a.saved
 	a.mu.Unlock()
 
-	if up {
-		if c, err := a.s.Counters(); err == nil {
-			e.family(MetricLost, "counter", "Events the BPF side dropped, by cause.")
-			for _, k := range lostCauses {
-				e.sample(MetricLost, float64(c.Lost()[k]), "cause", k)
+	for l, f := range figs {
+		emit(d.liveHeap, prometheus.GaugeValue, f.live, cl(l)...)
+		emit(d.allocTotal, prometheus.CounterValue, f.allocTot, cl(l)...)
+		emit(d.allocRate, prometheus.GaugeValue, f.allocRate, cl(l)...)
+		if f.haveRSS {
+			emit(d.rssAnon, prometheus.GaugeValue, f.rssAnon, cl(l)...)
+			if f.live >= 1<<20 {
+				emit(d.fragRatio, prometheus.GaugeValue, f.rssAnon/f.live, cl(l)...)
 			}
 		}
-		e.family(MetricTargets, "gauge", "Processes with probes attached.")
-		e.sample(MetricTargets, float64(len(a.s.Targets())))
-		e.family(MetricMapEntries, "gauge", "Entries in the agent's BPF maps (live sampled blocks, allocation buckets, stacks, per-process call counts).")
-		stats := MapStats()
-		for _, m := range stats {
-			e.sample(MetricMapEntries, float64(m.Entries), "map", m.Name)
-		}
-		e.family(MetricMapCapacity, "gauge", "Capacity (max_entries) of the agent's BPF maps.")
-		for _, m := range stats {
-			e.sample(MetricMapCapacity, float64(m.Capacity), "map", m.Name)
-		}
+		emit(d.processes, prometheus.GaugeValue, float64(f.procs), cl(l)...)
 	}
-	writeProcessMetrics(&e, a.start)
+	for l, n := range oomKills {
+		emit(d.oomKills, prometheus.CounterValue, float64(n), cl(l)...)
+	}
+	for l, n := range budgetHits {
+		emit(d.budgetCont, prometheus.CounterValue, float64(n), cl(l)...)
+	}
+	emit(d.budgetTotal, prometheus.CounterValue, float64(budgetAll))
+	emit(d.oomTotal, prometheus.CounterValue, float64(oomProfiled), "true")
+	emit(d.oomTotal, prometheus.CounterValue, float64(oomOther), "false")
+	emit(d.probeRate, prometheus.GaugeValue, probeRate)
+	emit(d.probeTotal, prometheus.CounterValue, float64(probeTotal))
+	emit(d.profiled, prometheus.GaugeValue, float64(nProfiled))
+	emit(d.discovered, prometheus.GaugeValue, float64(nKnown))
+	emit(d.discErrs, prometheus.CounterValue, float64(discErrs))
+	emit(d.pushes, prometheus.CounterValue, float64(pushes), "ok")
+	emit(d.pushes, prometheus.CounterValue, float64(pushErrs), "error")
+	emit(d.saved, prometheus.CounterValue, float64(saved))
 
-	w.Header().Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
-	w.Write(e.buf.Bytes())
-}
-
-var lostCauses = []string{"missed_return_probe", "nesting_overflow", "no_thread_state", "live_map_full", "alloc_map_full",
-	"stack_collision", "stack_walk_failed", "user_read_failed", "ringbuf_full"}
-
-// writeProcessMetrics writes the agent's own CPU, memory and file
-// descriptors under the names of Prometheus' process collector.
-func writeProcessMetrics(e *expo, start time.Time) {
-	if b, err := os.ReadFile("/proc/self/stat"); err == nil {
-		s := string(b)
-		if i := strings.LastIndexByte(s, ')'); i > 0 {
-			f := strings.Fields(s[i+1:])
-			// fields after comm: state=0 ... utime=11 stime=12 ... starttime=19 vsize=20 rss=21
-			if len(f) > 21 {
-				ut, _ := strconv.ParseFloat(f[11], 64)
-				st, _ := strconv.ParseFloat(f[12], 64)
-				vs, _ := strconv.ParseFloat(f[20], 64)
-				rss, _ := strconv.ParseFloat(f[21], 64)
-				const hz = 100 // USER_HZ
-				e.family("process_cpu_seconds_total", "counter", "Total user and system CPU time spent in seconds.")
-				e.sample("process_cpu_seconds_total", (ut+st)/hz)
-				e.family("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.")
-				e.sample("process_resident_memory_bytes", rss*float64(os.Getpagesize()))
-				e.family("process_virtual_memory_bytes", "gauge", "Virtual memory size in bytes.")
-				e.sample("process_virtual_memory_bytes", vs)
-			}
+	if s == nil { // Run has not loaded the programs yet
+		return
+	}
+	if cnt, err := s.Counters(); err == nil {
+		for _, l := range cnt.Losses() {
+			emit(d.lost, prometheus.CounterValue, float64(l.Count), l.Cause)
 		}
 	}
-	if ents, err := os.ReadDir("/proc/self/fd"); err == nil {
-		e.family("process_open_fds", "gauge", "Number of open file descriptors.")
-		e.sample("process_open_fds", float64(len(ents)))
-	}
-	e.family("process_start_time_seconds", "gauge", "Start time of the agent since unix epoch in seconds.")
-	e.sample("process_start_time_seconds", float64(start.Unix()))
-	var ms runtime.MemStats
-	runtime.ReadMemStats(&ms)
-	e.family("go_memstats_heap_alloc_bytes", "gauge", "Bytes of the agent's Go heap in use.")
-	e.sample("go_memstats_heap_alloc_bytes", float64(ms.HeapAlloc))
-	e.family("go_goroutines", "gauge", "Number of goroutines.")
-	e.sample("go_goroutines", float64(runtime.NumGoroutine()))
-}
-
-// MapStat is the occupancy of one BPF map of this process.
-type MapStat struct {
-	Name              string
-	Entries, Capacity int
-}
-
-// countedMaps are the maps whose entries MapStats counts.
-var countedMaps = map[string]bool{"live": true, "allocs": true, "stacks": true, "proc_calls": true}
-
-// MapStats counts the entries of the session's BPF maps. The recorder does
-// not expose its maps, so they are found among this process's file
-// descriptors by name (the agent runs one session per process).
-func MapStats() []MapStat {
-	ents, err := os.ReadDir("/proc/self/fd")
-	if err != nil {
-		return nil
-	}
-	byName := map[string]*MapStat{}
-	seenID := map[ebpf.MapID]bool{}
-	for _, ent := range ents {
-		fd, err := strconv.Atoi(ent.Name())
-		if err != nil {
-			continue
-		}
-		link, err := os.Readlink("/proc/self/fd/" + ent.Name())
-		if err != nil || link != "anon_inode:bpf-map" {
-			continue
-		}
-		if !isBPFMap(fd) {
-			continue
-		}
-		dup, err := unix.FcntlInt(uintptr(fd), unix.F_DUPFD_CLOEXEC, 0)
-		if err != nil {
-			continue
-		}
-		m, err := ebpf.NewMapFromFD(dup)
-		if err != nil {
-			unix.Close(dup)
-			continue
-		}
-		info, err := m.Info()
-		if err != nil || !countedMaps[info.Name] {
-			m.Close()
-			continue
-		}
-		if id, ok := info.ID(); ok {
-			if seenID[id] {
-				m.Close()
-				continue
-			}
-			seenID[id] = true
-		}
-		st := byName[info.Name]
-		if st == nil {
-			st = &MapStat{Name: info.Name}
-			byName[info.Name] = st
-		}
-		st.Capacity += int(info.MaxEntries)
-		st.Entries += countKeys(m)
-		m.Close()
-	}
-	var out []MapStat
-	for _, st := range byName {
-		out = append(out, *st)
-	}
-	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
-	return out
-}
-
-// isBPFMap checks /proc/self/fdinfo for a BPF map.
-func isBPFMap(fd int) bool {
-	f, err := os.Open("/proc/self/fdinfo/" + strconv.Itoa(fd))
-	if err != nil {
-		return false
-	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		if strings.HasPrefix(sc.Text(), "map_type:") {
-			return true
-		}
-	}
-	return false
-}
-
-func countKeys(m *ebpf.Map) int {
-	ks := int(m.KeySize())
-	if ks == 0 {
-		return 0
-	}
-	cur := make([]byte, ks)
-	next := make([]byte, ks)
-	n := 0
-	if err := m.NextKey(nil, next); err != nil {
-		return 0
-	}
-	for {
-		n++
-		copy(cur, next)
-		if err := m.NextKey(cur, next); err != nil {
-			return n
-		}
-		if n > int(m.MaxEntries())*2 {
-			return n
-		}
+	emit(d.targets, prometheus.GaugeValue, float64(len(s.Targets())))
+	for _, m := range s.MapStats() {
+		emit(d.mapEntries, prometheus.GaugeValue, float64(m.Entries), m.Name)
+		emit(d.mapCapacity, prometheus.GaugeValue, float64(m.Capacity), m.Name)
 	}
 }

@@ -88,9 +88,9 @@ func fakePod(t *testing.T, fsRoot, logs, ns, name, ctrName string) (dir string) 
 	return dir
 }
 
-func mapEntries() map[string]int {
+func mapEntries(a *Agent) map[string]int {
 	out := map[string]int{}
-	for _, m := range MapStats() {
+	for _, m := range a.s.MapStats() {
 		out[m.Name] = m.Entries
 	}
 	return out
@@ -126,7 +126,7 @@ func TestAgentSoak(t *testing.T) {
 	}
 	a, _, _ := startAgent(t, cfg)
 	time.Sleep(time.Second)
-	base := mapEntries()
+	base := mapEntries(a)
 	t.Logf("baseline: BPF map entries %v", base)
 
 	// round runs one churn pod with children short-lived processes and
@@ -188,7 +188,7 @@ func TestAgentSoak(t *testing.T) {
 	var final map[string]int
 	deadline := time.Now().Add(5 * time.Second)
 	for {
-		final = mapEntries()
+		final = mapEntries(a)
 		if final["live"] <= base["live"] && final["allocs"] <= base["allocs"] && final["proc_calls"] <= base["proc_calls"] {
 			break
 		}

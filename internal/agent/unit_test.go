@@ -163,15 +163,59 @@ func TestDiffProfiles(t *testing.T) {
 	}
 }
 
-func TestExposition(t *testing.T) {
-	var e expo
-	e.family("m", "gauge", "help")
-	e.sample("m", 1.5, "a", `x"y\z`+"\n")
-	e.family("m", "gauge", "help")
-	e.sample("m", 2)
-	want := "# HELP m help\n# TYPE m gauge\nm{a=\"x\\\"y\\\\z\\n\"} 1.5\nm 2\n"
-	if got := e.buf.String(); got != want {
-		t.Errorf("exposition:\n%s\nwant:\n%s", got, want)
+// TestMetricsCollector: the agent's collector, scraped through the
+// registry without a session: per-container series (containers sharing
+// labels added up, label values escaped), node-wide series, the Go and
+// process collectors, and no session series before Run.
+func TestMetricsCollector(t *testing.T) {
+	a := &Agent{cfg: Config{NodeName: "n1"}, profiled: map[string]*container{}, known: map[string]*container{},
+		oomKills: map[labelSet]uint64{}, oomTotal: map[bool]uint64{}, budgetHits: map[labelSet]uint64{}}
+	l := labelSet{"ns", "web", "app"}
+	a.profiled["a"] = &container{labels: l, live: 1 << 20, rssAnon: 3 << 20, haveRSS: true, procs: 1}
+	a.profiled["b"] = &container{labels: l, live: 1 << 20, procs: 2} // restarted, old one still listed
+	a.profiled["c"] = &container{labels: labelSet{"ns", `q"p`, "app"}, live: 5}
+	a.oomKills[l] = 2
+	a.oomTotal[false] = 3
+	a.reg = newRegistry(a)
+	srv := httptest.NewServer(a.metricsHandler())
+	defer srv.Close()
+	resp, err := http.Get(srv.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var buf bytes.Buffer
+	buf.ReadFrom(resp.Body)
+	resp.Body.Close()
+	text := buf.String()
+	if resp.StatusCode != 200 {
+		t.Fatalf("GET /metrics: %d\n%s", resp.StatusCode, text)
+	}
+	for _, line := range []string{
+		"# HELP " + MetricLiveHeap + " Estimated live native heap bytes of the container (unsampled sampled live blocks).",
+		"# TYPE " + MetricLiveHeap + " gauge",
+		"# TYPE " + MetricAllocTotal + " counter",
+		MetricLiveHeap + `{container="app",namespace="ns",node="n1",pod="web"} 2.097152e+06`,
+		MetricLiveHeap + `{container="app",namespace="ns",node="n1",pod="q\"p"} 5`,
+		MetricFragRatio + `{container="app",namespace="ns",node="n1",pod="web"} 1.5`,
+		MetricProcesses + `{container="app",namespace="ns",node="n1",pod="web"} 3`,
+		MetricOOMKills + `{container="app",namespace="ns",node="n1",pod="web"} 2`,
+		MetricOOMTotal + `{profiled="false"} 3`,
+		MetricOOMTotal + `{profiled="true"} 0`,
+		MetricPushes + `{result="error"} 0`,
+	} {
+		if !strings.Contains(text, line+"\n") {
+			t.Errorf("/metrics lacks the line %s", line)
+		}
+	}
+	for _, name := range []string{"process_cpu_seconds_total", "process_resident_memory_bytes", "go_goroutines", "go_memstats_heap_alloc_bytes"} {
+		if _, ok := metric(text, name, nil); !ok {
+			t.Errorf("/metrics lacks %s", name)
+		}
+	}
+	for _, name := range []string{MetricTargets, MetricMapEntries, MetricLost} {
+		if _, ok := metric(text, name, nil); ok {
+			t.Errorf("/metrics has %s before the session started", name)
+		}
 	}
 }
 

@@ -21,23 +21,36 @@ type Counters struct {
 	StackCollision, StackLost, ReadFailed, EventsLost uint64
 }
 
+// Loss is one cause of lost events and its count.
+type Loss struct {
+	Cause string
+	Count uint64
+}
+
+// Losses lists every cause of lost events with its count, zero or not, in
+// a fixed order (for metrics, where each cause is a series).
+func (c Counters) Losses() []Loss {
+	return []Loss{
+		{"missed_return_probe", c.MissedReturn},
+		{"no_thread_state", c.NoThreadState},
+		{"live_map_full", c.LiveFull},
+		{"alloc_map_full", c.AllocsFull},
+		{"stack_collision", c.StackCollision},
+		{"stack_walk_failed", c.StackLost},
+		{"user_read_failed", c.ReadFailed},
+		{"ringbuf_full", c.EventsLost},
+	}
+}
+
 // Lost lists the non-zero loss causes with their counts, for summaries and
 // profile comments. Nothing the BPF side drops goes unreported.
 func (c Counters) Lost() map[string]uint64 {
 	m := map[string]uint64{}
-	add := func(k string, v uint64) {
-		if v > 0 {
-			m[k] = v
+	for _, l := range c.Losses() {
+		if l.Count > 0 {
+			m[l.Cause] = l.Count
 		}
 	}
-	add("missed_return_probe", c.MissedReturn)
-	add("no_thread_state", c.NoThreadState)
-	add("live_map_full", c.LiveFull)
-	add("alloc_map_full", c.AllocsFull)
-	add("stack_collision", c.StackCollision)
-	add("stack_walk_failed", c.StackLost)
-	add("user_read_failed", c.ReadFailed)
-	add("ringbuf_full", c.EventsLost)
 	return m
 }
 
