@@ -5,13 +5,11 @@ import (
 	"log"
 	"os"
 	"os/signal"
-	"strings"
 	"syscall"
 
 	"github.com/urfave/cli/v2"
 
 	"github.com/memprof/memprof/internal/agent"
-	"github.com/memprof/memprof/internal/podfind"
 	"github.com/memprof/memprof/internal/recorder"
 )
 
@@ -25,14 +23,10 @@ func agentCommand() *cli.Command {
 			"  /profiles, /profiles/heap?namespace=&pod=&container=[&seconds=N], /oom, /oom/file?path=\n" +
 			"                                             Authorization: Bearer <token of --token-file>\n" +
 			"See deploy/README.md.",
-		Flags: []cli.Flag{
+		Flags: append([]cli.Flag{
 			&cli.StringFlag{Name: "listen", Value: "127.0.0.1:9464", Usage: "address to serve on (the manifest binds the pod IP)"},
 			&cli.StringFlag{Name: "token-file", Usage: "file holding the bearer token for every endpoint but /healthz and /metrics (required; re-read when it changes)"},
 			&cli.StringFlag{Name: "node-name", EnvVars: []string{"NODE_NAME"}, Usage: "node label of metrics and profiles (default: hostname)"},
-			&cli.StringFlag{Name: "proc-root", Value: "/proc", Usage: "the host's /proc"},
-			&cli.StringFlag{Name: "cgroup-root", Value: "/sys/fs/cgroup", Usage: "the host's cgroup mount"},
-			&cli.StringFlag{Name: "pod-logs", Value: "/var/log/pods", Usage: "the kubelet's pod log directory (names pods when no CRI socket answers)"},
-			&cli.StringSliceFlag{Name: "cri-socket", Value: cli.NewStringSlice(podfind.DefaultPaths().CRISockets...), Usage: "CRI sockets to ask for pod names and annotations (comma-separated or repeated; absent ones are skipped)"},
 			&cli.StringSliceFlag{Name: "namespace", Aliases: []string{"n"}, Usage: "profile every container of these namespaces (\"*\": all), besides annotated pods"},
 			&cli.StringSliceFlag{Name: "exclude-namespace", Usage: "never profile these namespaces (alone: profile every other namespace)"},
 			&cli.StringFlag{Name: "data-dir", Value: "/var/lib/memprof", Usage: "where periodic profiles (profiles/) and OOM post-mortems (oom/) are kept"},
@@ -43,7 +37,7 @@ func agentCommand() *cli.Command {
 			&cli.Uint64Flag{Name: "sample-rate", Value: recorder.DefaultSampleRate, Usage: "mean bytes between samples (Poisson)"},
 			&cli.DurationFlag{Name: "rediscover-interval", Value: agentDefault.DiscoverInterval, Usage: "how often the node's pods are listed again"},
 			&cli.DurationFlag{Name: "collect-interval", Value: agentDefault.CollectInterval, Usage: "how often metrics are computed and the budget checked"},
-		},
+		}, podPathFlags()...),
 		Action: runAgent,
 	}
 }
@@ -51,40 +45,16 @@ func agentCommand() *cli.Command {
 var agentDefault = agent.Config{ProfileInterval: 60e9, Retention: 24 * 3600e9, DiscoverInterval: 5e9, CollectInterval: 2e9}
 
 func runAgent(c *cli.Context) error {
-	var socks []string
-	for _, s := range c.StringSlice("cri-socket") {
-		for _, p := range strings.Split(s, ",") {
-			if p = strings.TrimSpace(p); p != "" {
-				socks = append(socks, p)
-			}
-		}
-	}
-	split := func(name string) []string {
-		var out []string
-		for _, s := range c.StringSlice(name) {
-			for _, p := range strings.Split(s, ",") {
-				if p = strings.TrimSpace(p); p != "" {
-					out = append(out, p)
-				}
-			}
-		}
-		return out
-	}
 	if c.Uint64("sample-rate") == 0 {
 		return fmt.Errorf("--sample-rate must be at least 1 byte")
 	}
 	cfg := agent.Config{
-		Listen:    c.String("listen"),
-		TokenFile: c.String("token-file"),
-		NodeName:  c.String("node-name"),
-		Paths: podfind.Paths{
-			ProcRoot:   c.String("proc-root"),
-			CgroupRoot: c.String("cgroup-root"),
-			PodLogs:    c.String("pod-logs"),
-			CRISockets: socks,
-		},
-		Namespaces:        split("namespace"),
-		ExcludeNamespaces: split("exclude-namespace"),
+		Listen:            c.String("listen"),
+		TokenFile:         c.String("token-file"),
+		NodeName:          c.String("node-name"),
+		Paths:             podPathsFrom(c),
+		Namespaces:        listFlag(c, "namespace"),
+		ExcludeNamespaces: listFlag(c, "exclude-namespace"),
 		DataDir:           c.String("data-dir"),
 		ProfileInterval:   c.Duration("profile-interval"),
 		Retention:         c.Duration("retention"),

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/memprof/memprof/internal/testprog"
+	"github.com/memprof/memprof/internal/testprog/kube"
 	"github.com/memprof/memprof/pprofout"
 )
 
@@ -136,5 +137,77 @@ func TestUserErrors(t *testing.T) {
 		if !strings.Contains(string(out), tc.want) {
 			t.Errorf("memprof %v: %q, want it to say %q", tc.args, strings.TrimSpace(string(out)), tc.want)
 		}
+	}
+}
+
+// TestRecordPod: `memprof record --pod` finds a pod's container on the node
+// (a runc container with its own libc in a kubelet-style cgroup, named by
+// /var/log/pods), profiles it and labels the profile; a name in two
+// namespaces or a wrong container name gets an error listing what is there.
+func TestRecordPod(t *testing.T) {
+	testprog.RequireRoot(t)
+	memprof := buildMemprof(t)
+	fsRoot := "memprof-recpod-" + kube.RandHex(8)
+	t.Cleanup(func() { kube.RemoveCgroupTree(t, fsRoot) })
+	logs := t.TempDir()
+	root := kube.Rootfs(t, testprog.Build(t, "agent_workload.c"))
+	const leak, block = 8 << 20, 64 << 10
+	shop := kube.Pod{Namespace: "shop", Name: "web-0", UID: kube.NewUID()}
+	other := kube.Pod{Namespace: "staging", Name: "web-0", UID: kube.NewUID()}
+	c := kube.RunContainer(t, kube.RuncSpec{FSRoot: fsRoot, Pod: shop, Name: "app", Rootfs: root, Logs: logs,
+		Args: []string{"/agent_workload", "leak", strconv.Itoa(leak), strconv.Itoa(block)}})
+	kube.RunContainer(t, kube.RuncSpec{FSRoot: fsRoot, Pod: other, Name: "app", Rootfs: root, Logs: logs,
+		Args: []string{"/agent_workload", "leak", strconv.Itoa(leak), strconv.Itoa(block)}})
+	kube.WaitFor(t, 10*time.Second, "the container to start", func() bool { return strings.Contains(c.Output(), "waiting") })
+	paths := []string{"--pod-logs", logs, "--cri-socket", "/nonexistent/memprof-test.sock"}
+
+	for _, tc := range []struct {
+		args []string
+		want []string
+	}{
+		{[]string{"--pod", "web-0"}, []string{"web-0", "shop", "staging"}},
+		{[]string{"--pod", "web-0", "--namespace", "shop", "--container", "nope"}, []string{"nope", "app"}},
+		{[]string{"--pod", "web-1", "--namespace", "shop"}, []string{"web-1", "web-0"}},
+	} {
+		out, err := exec.Command(memprof, append(append([]string{"record"}, tc.args...), paths...)...).CombinedOutput()
+		if err == nil {
+			t.Errorf("record %v succeeded, want an error", tc.args)
+		}
+		for _, w := range tc.want {
+			if !strings.Contains(string(out), w) {
+				t.Errorf("record %v: %q does not mention %q", tc.args, strings.TrimSpace(string(out)), w)
+			}
+		}
+	}
+
+	file := filepath.Join(t.TempDir(), "pod.pb.gz")
+	rec := exec.Command(memprof, append([]string{"record", "--pod", "web-0", "--namespace", "shop", "--sample-rate", "1", "--duration", "4s", "-o", file}, paths...)...)
+	var buf strings.Builder
+	rec.Stdout, rec.Stderr = &buf, &buf
+	if err := rec.Start(); err != nil {
+		t.Fatal(err)
+	}
+	kube.WaitFor(t, 20*time.Second, "memprof to attach", func() bool { return strings.Contains(buf.String(), "probing ") })
+	syscall.Kill(c.Pid, syscall.SIGUSR1)
+	if err := rec.Wait(); err != nil {
+		t.Fatalf("record --pod: %v\n%s", err, buf.String())
+	}
+	p, err := pprofout.ReadFile(file)
+	if err != nil {
+		t.Fatalf("%v\n%s", err, buf.String())
+	}
+	var leaked int64
+	for _, s := range p.Sample {
+		for k, want := range map[string]string{"namespace": "shop", "pod": "web-0", "container": "app", "pid": strconv.Itoa(c.Pid)} {
+			if got := s.Label[k]; len(got) != 1 || got[0] != want {
+				t.Fatalf("sample label %s = %v, want %q (labels %v)", k, got, want, s.Label)
+			}
+		}
+		if fn := s.Location[0].Line[0].Function.Name; fn == "agent_leak_known" {
+			leaked += s.Value[3]
+		}
+	}
+	if leaked != leak {
+		t.Errorf("agent_leak_known holds %d live bytes in the profile, want exactly %d (rate 1)\n%s", leaked, leak, buf.String())
 	}
 }

@@ -21,18 +21,24 @@ func podPathFlags() []cli.Flag {
 
 // podPathsFrom reads the flags of podPathFlags.
 func podPathsFrom(c *cli.Context) podfind.Paths {
-	var sockets []string
-	for _, s := range c.StringSlice("cri-socket") {
-		for _, p := range strings.Split(s, ",") {
-			if p = strings.TrimSpace(p); p != "" {
-				sockets = append(sockets, p)
-			}
-		}
-	}
 	return podfind.Paths{
 		ProcRoot:   c.String("proc-root"),
 		CgroupRoot: c.String("cgroup-root"),
 		PodLogs:    c.String("pod-logs"),
-		CRISockets: sockets,
+		CRISockets: listFlag(c, "cri-socket"),
 	}
+}
+
+// listFlag reads a repeatable flag whose values may also be
+// comma-separated.
+func listFlag(c *cli.Context, name string) []string {
+	var out []string
+	for _, s := range c.StringSlice(name) {
+		for _, p := range strings.Split(s, ",") {
+			if p = strings.TrimSpace(p); p != "" {
+				out = append(out, p)
+			}
+		}
+	}
+	return out
 }
