@@ -235,26 +235,16 @@ func limitedAncestor(dir string, version int) *Stats {
 	return nil
 }
 
+// readLimitV2 reads memory.max; 0 means no limit ("max").
 func readLimitV2(dir string) (uint64, error) {
-	p := filepath.Join(dir, "memory.max")
-	b, err := os.ReadFile(p)
-	if err != nil {
-		return 0, fmt.Errorf("read %s: %w", p, err)
-	}
-	s := strings.TrimSpace(string(b))
-	if s == "max" {
-		return 0, nil
-	}
-	v, err := strconv.ParseUint(s, 10, 64)
-	if err != nil {
-		return 0, fmt.Errorf("parse %s (%q): %w", p, s, err)
-	}
+	v, err := readUint(filepath.Join(dir, "memory.max"))
 	if v == math.MaxUint64 {
-		return 0, nil
+		v = 0
 	}
-	return v, nil
+	return v, err
 }
 
+// readUint reads a one-number cgroup file; "max" reads as 0 (unlimited).
 func readUint(p string) (uint64, error) {
 	b, err := os.ReadFile(p)
 	if err != nil {
