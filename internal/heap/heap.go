@@ -235,3 +235,61 @@ func (s *Snapshot) Pids() []uint32 {
 	sort.Slice(out, func(i, j int) bool { return out[i] < out[j] })
 	return out
 }
+
+// Referenced returns the stack ids the live and allocation maps refer to.
+func Referenced(m Maps) (map[uint32]bool, error) {
+	refs := map[uint32]bool{}
+	var ak mbpf.MemprofAllocKey
+	var n uint64
+	it := m.Allocs.Iterate()
+	for it.Next(&ak, &n) {
+		refs[ak.StackId] = true
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("read allocation buckets: %w", err)
+	}
+	var lk mbpf.MemprofLiveKey
+	var lb mbpf.MemprofLiveBlock
+	it = m.Live.Iterate()
+	for it.Next(&lk, &lb) {
+		refs[lb.StackId] = true
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("read live blocks: %w", err)
+	}
+	return refs, nil
+}
+
+// PruneStacks deletes from the stack map the stacks that are neither
+// referenced now nor were at the previous prune (stale holds those
+// candidates and is updated): stacks of blocks freed long ago and of
+// processes gone, so a long-running session does not fill the map. A stack
+// must stay unreferenced across two prunes, so one that a sample reuses
+// right after it was found unreferenced survives.
+func PruneStacks(m Maps, refs map[uint32]bool, stale map[uint32]bool) (removed int) {
+	var id uint32
+	var ids []uint32
+	it := m.Stacks.Iterate()
+	var raw [127]uint64
+	for it.Next(&id, &raw) {
+		ids = append(ids, id)
+	}
+	next := map[uint32]bool{}
+	for _, id := range ids {
+		if refs[id] {
+			continue
+		}
+		if stale[id] {
+			if m.Stacks.Delete(id) == nil {
+				removed++
+			}
+			continue
+		}
+		next[id] = true
+	}
+	clear(stale)
+	for id := range next {
+		stale[id] = true
+	}
+	return removed
+}

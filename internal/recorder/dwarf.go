@@ -31,6 +31,10 @@ const stackFlag = 0x80000000
 // maxUnwindFrames bounds an unwound stack.
 const maxUnwindFrames = 128
 
+// maxCFIBuckets bounds the (process, stack, size) allocation counts kept
+// for copied stacks, as the BPF allocs map bounds the others.
+const maxCFIBuckets = 1 << 18
+
 // dwarfStacks turns copied stacks into interned stacks: each sampled
 // allocation's copy is unwound once, when its event arrives (the process
 // and its mappings are alive then), and its sequence number maps to a
@@ -41,6 +45,7 @@ type dwarfStacks struct {
 	mu        sync.Mutex
 	procs     map[int]*dwarfProc
 	byKey     map[string]uint32
+	keys      map[uint32]string // byKey reversed, for pruning
 	stacks    map[uint32][]uint64
 	truncated map[uint32]bool
 	seqs      map[uint32]seqInfo
@@ -49,10 +54,12 @@ type dwarfStacks struct {
 	gen       uint64
 	// Totals for the summary.
 	unwound, truncatedN, noProc uint64
+	bucketsFull                 uint64 // allocation counts lost to maxCFIBuckets
 }
 
 type seqInfo struct {
 	id  uint32
+	pid uint32
 	gen uint64
 }
 
@@ -80,6 +87,7 @@ func newDwarfStacks() *dwarfStacks {
 		cache:     unwind.NewCache(256 << 20),
 		procs:     map[int]*dwarfProc{},
 		byKey:     map[string]uint32{},
+		keys:      map[uint32]string{},
 		stacks:    map[uint32][]uint64{},
 		truncated: map[uint32]bool{},
 		seqs:      map[uint32]seqInfo{},
@@ -133,6 +141,11 @@ func (d *dwarfStacks) removeProcess(pid int) {
 	for k := range d.allocs {
 		if k.Pid == uint32(pid) {
 			delete(d.allocs, k)
+		}
+	}
+	for seq, info := range d.seqs {
+		if info.pid == uint32(pid) {
+			delete(d.seqs, seq)
 		}
 	}
 }
@@ -193,13 +206,19 @@ func (d *dwarfStacks) handle(raw []byte) error {
 		id = d.next
 		d.next++
 		d.byKey[key] = id
+		d.keys[id] = key
 		d.stacks[id] = pcs
 		if truncated {
 			d.truncated[id] = true
 		}
 	}
-	d.seqs[seq] = seqInfo{id: id, gen: d.gen}
-	d.allocs[heap.Key{Pid: uint32(tgid), StackID: id, Size: size}]++
+	d.seqs[seq] = seqInfo{id: id, pid: uint32(tgid), gen: d.gen}
+	k := heap.Key{Pid: uint32(tgid), StackID: id, Size: size}
+	if _, ok := d.allocs[k]; !ok && len(d.allocs) >= maxCFIBuckets {
+		d.bucketsFull++
+		return nil
+	}
+	d.allocs[k]++
 	return nil
 }
 
@@ -281,11 +300,45 @@ func (d *dwarfStacks) resolve(s *heap.Snapshot, keep func(uint32) bool) {
 	}
 }
 
-// stats reports unwinding totals.
-func (d *dwarfStacks) stats() (unwound, truncated uint64) {
+// prune forgets interned stacks that no live block (sequence number) and
+// no allocation count refers to any more, so a long-running session's
+// memory stays bounded by what is live and counted.
+func (d *dwarfStacks) prune() (removed int) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	return d.unwound, d.truncatedN
+	refs := map[uint32]bool{}
+	for _, info := range d.seqs {
+		refs[info.id] = true
+	}
+	for k := range d.allocs {
+		refs[k.StackID] = true
+	}
+	for id, key := range d.keys {
+		if refs[id] {
+			continue
+		}
+		delete(d.keys, id)
+		delete(d.byKey, key)
+		delete(d.stacks, id)
+		delete(d.truncated, id)
+		removed++
+	}
+	return removed
+}
+
+// size is the number of interned stacks.
+func (d *dwarfStacks) size() int {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return len(d.stacks)
+}
+
+// stats reports unwinding totals and the allocation counts lost to the
+// bucket bound.
+func (d *dwarfStacks) stats() (unwound, truncated, bucketsFull uint64) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.unwound, d.truncatedN, d.bucketsFull
 }
 
 // fpCache remembers, per object file, whether it was built with frame

@@ -78,6 +78,10 @@ type Session struct {
 	dwarf   *dwarfStacks // nil in frame-pointer mode
 	fp      fpCache
 
+	// Stack pruning of long-running (DropExited) sessions.
+	lastPrune   time.Time
+	staleStacks map[uint32]bool
+
 	mu      sync.Mutex
 	procs   map[int]*target
 	frozen  *heap.Snapshot // state of targets that exited
@@ -411,6 +415,9 @@ func (s *Session) loop(ctx context.Context) {
 				s.recordErr(err)
 			}
 		}
+		if s.opts.DropExited && time.Since(s.lastPrune) > PruneInterval {
+			s.pruneStacks()
+		}
 		for _, t := range s.liveTargets() {
 			if s.cmd != nil && t.pid == s.cmd.pid {
 				if time.Since(t.lastMap) > time.Second && t.sym != nil {
@@ -656,8 +663,11 @@ func (s *Session) profileOf(snap *heap.Snapshot, only func(pid uint32) bool) (*p
 	p.Comments = append(p.Comments, pprofout.MetaComment("sample_rate", strconv.FormatUint(s.opts.SampleRate, 10)),
 		pprofout.MetaComment("stack_mode", s.opts.StackMode))
 	if s.dwarf != nil {
-		u, tr := s.dwarf.stats()
+		u, tr, full := s.dwarf.stats()
 		tables, bytes := s.dwarf.cache.Stats()
+		if full > 0 {
+			p.Comments = append(p.Comments, pprofout.MetaComment("lost_cfi_alloc_buckets_full", strconv.FormatUint(full, 10)))
+		}
 		p.Comments = append(p.Comments, pprofout.MetaComment("stacks_unwound", strconv.FormatUint(u, 10)),
 			pprofout.MetaComment("stacks_truncated", strconv.FormatUint(tr, 10)),
 			pprofout.MetaComment("unwind_tables", strconv.Itoa(tables)),
@@ -838,6 +848,29 @@ func (s *Session) ProfileFor(only func(pid uint32) bool) (*pprofout.Profile, err
 
 // Attacher exposes probe statistics (links in place).
 func (s *Session) Links() int { return s.att.Links() }
+
+// PruneInterval is how often a long-running session (DropExited) drops the
+// stacks nothing refers to any more.
+var PruneInterval = 30 * time.Second
+
+// pruneStacks drops unreferenced stacks from the BPF stack map and the
+// interned CFI stacks.
+func (s *Session) pruneStacks() {
+	s.lastPrune = time.Now()
+	m := heap.FromObjects(&s.objs.MemprofObjects)
+	refs, err := heap.Referenced(m)
+	if err != nil {
+		s.recordErr(err)
+		return
+	}
+	if s.staleStacks == nil {
+		s.staleStacks = map[uint32]bool{}
+	}
+	heap.PruneStacks(m, refs, s.staleStacks)
+	if s.dwarf != nil {
+		s.dwarf.prune()
+	}
+}
 
 // MapStats reports the occupancy of the BPF maps that bound the recording.
 func (s *Session) MapStats() []bpfload.MapStat { return s.objs.MapStats() }

@@ -153,3 +153,58 @@ func pprofoutComment(p *profile.Profile, key string) (string, bool) {
 }
 
 var _ = fmt.Sprint
+
+// TestStacksReclaimed: a long-running session (the agent's DropExited)
+// drops the stacks nothing refers to any more once their processes are
+// gone: the BPF stack map and the interned CFI stacks return to empty.
+func TestStacksReclaimed(t *testing.T) {
+	testprog.RequireRoot(t)
+	old := PruneInterval
+	PruneInterval = 100 * time.Millisecond
+	t.Cleanup(func() { PruneInterval = old })
+	fpBin := testprog.Build(t, "rec_leaky.c")
+	noFPBin := buildDeep(t, noFP, noFP)
+	s, err := Start(context.Background(), Options{SampleRate: 1, AllowEmpty: true, DropExited: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	stacks := func() int {
+		for _, m := range s.MapStats() {
+			if m.Name == "stacks" {
+				return m.Entries
+			}
+		}
+		t.Fatal("no stacks map in MapStats")
+		return 0
+	}
+	fp := testprog.Start(t, fpBin, nil, "--wait-start", "--wait-end")
+	fp.Expect(t, "READY")
+	deep := testprog.Start(t, "/bin/sh", nil, "-c", `read x; exec "$0"`, noFPBin)
+	for _, pid := range []int{fp.Pid(), deep.Pid()} {
+		if err := s.AddPid(pid); err != nil {
+			t.Fatal(err)
+		}
+	}
+	deep.Send(t, "go")
+	deep.Expect(t, "DONE")
+	fp.Send(t, "go")
+	fp.Expect(t, "DONE")
+	time.Sleep(300 * time.Millisecond) // let the stack copies be unwound
+	inUse, interned := stacks(), s.dwarf.size()
+	t.Logf("while the targets live: %d stacks in the BPF map, %d interned CFI stacks", inUse, interned)
+	if inUse == 0 || interned == 0 {
+		t.Fatalf("no stacks recorded (BPF %d, CFI %d): the test proves nothing", inUse, interned)
+	}
+	fp.Send(t, "go")
+	deep.Send(t, "go")
+	fp.Cmd.Wait()
+	deep.Cmd.Wait()
+	deadline := time.Now().Add(10 * time.Second)
+	for stacks() != 0 || s.dwarf.size() != 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("after the targets exited: %d stacks left in the BPF map, %d interned CFI stacks, want 0 and 0 within 10s", stacks(), s.dwarf.size())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
