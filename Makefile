@@ -2,8 +2,6 @@
 # a Linux host with BTF (see README.md).
 
 GO        ?= go
-GOFLAGS   ?= -mod=mod
-export GOFLAGS
 BIN       := bin/memprof
 APT_PKGS  := clang llvm libbpf-dev bpftool gcc g++ libc6-dev libc6-dbg binutils \
              libjemalloc2 libjemalloc-dev redis-server redis-tools runc containerd \
