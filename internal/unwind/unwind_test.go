@@ -435,16 +435,7 @@ func TestUnwindChain(t *testing.T) {
 func TestUnwindNoCFINoFP(t *testing.T) {
 	testprog.RequireRoot(t)
 	b := buildPair(t, omitFP, nocfi)
-	tg := startTarget(t, b.exe, "chain")
-	regs, stack := capture(t, tg.pid, tg.tid, 16<<10)
-	sym := newSymbolizer(t, tg.maps)
-	c := NewCache(64 << 20)
-	p, err := c.Process(tg.pid, tg.maps)
-	if err != nil {
-		t.Fatalf("Process(%d): %v", tg.pid, err)
-	}
-	defer p.Close()
-	pcs, truncated := p.Unwind(regs, stack, 128)
+	sym, pcs, truncated := unwindStopped(t, b.exe, "chain")
 	names := sym.names(pcs)
 	t.Logf("%d frames, truncated=%v: %v", len(pcs), truncated, names)
 	if !truncated {
@@ -529,16 +520,7 @@ func TestUnwindThread(t *testing.T) {
 func TestUnwindQsort(t *testing.T) {
 	testprog.RequireRoot(t)
 	b := buildPair(t, omitFP, omitFP)
-	tg := startTarget(t, b.exe, "qsort")
-	regs, stack := capture(t, tg.pid, tg.tid, 16<<10)
-	sym := newSymbolizer(t, tg.maps)
-	c := NewCache(64 << 20)
-	p, err := c.Process(tg.pid, tg.maps)
-	if err != nil {
-		t.Fatalf("Process(%d): %v", tg.pid, err)
-	}
-	defer p.Close()
-	pcs, truncated := p.Unwind(regs, stack, 128)
+	sym, pcs, truncated := unwindStopped(t, b.exe, "qsort")
 	names := sym.names(pcs)
 	t.Logf("%d frames, truncated=%v: %v", len(pcs), truncated, names)
 	if truncated {
@@ -613,16 +595,7 @@ func TestUnwindCxxThread(t *testing.T) {
 func TestUnwindSignal(t *testing.T) {
 	testprog.RequireRoot(t)
 	b := buildPair(t, omitFP, omitFP)
-	tg := startTarget(t, b.exe, "signal")
-	regs, stack := capture(t, tg.pid, tg.tid, 16<<10)
-	sym := newSymbolizer(t, tg.maps)
-	c := NewCache(64 << 20)
-	p, err := c.Process(tg.pid, tg.maps)
-	if err != nil {
-		t.Fatalf("Process(%d): %v", tg.pid, err)
-	}
-	defer p.Close()
-	pcs, truncated := p.Unwind(regs, stack, 128)
+	sym, pcs, truncated := unwindStopped(t, b.exe, "signal")
 	names := sym.names(pcs)
 	t.Logf("%d frames, truncated=%v: %v", len(pcs), truncated, names)
 	if truncated {
@@ -876,4 +849,21 @@ func BenchmarkParseLibc(b *testing.B) {
 	b.ReportMetric(float64(tab.fdes), "FDEs")
 	b.ReportMetric(float64(len(tab.rows)), "rows")
 	b.ReportMetric(float64(tab.bytes), "table-bytes")
+}
+
+// unwindStopped runs exe in mode until it stops at its deepest point,
+// captures its registers and 16 KiB of stack as the BPF side would, and
+// unwinds them.
+func unwindStopped(t *testing.T, exe, mode string) (*symbolizer, []uint64, bool) {
+	t.Helper()
+	tg := startTarget(t, exe, mode)
+	regs, stack := capture(t, tg.pid, tg.tid, 16<<10)
+	sym := newSymbolizer(t, tg.maps)
+	p, err := NewCache(64<<20).Process(tg.pid, tg.maps)
+	if err != nil {
+		t.Fatalf("Process(%d): %v", tg.pid, err)
+	}
+	defer p.Close()
+	pcs, truncated := p.Unwind(regs, stack, 128)
+	return sym, pcs, truncated
 }
