@@ -497,10 +497,9 @@ int return_multi(struct pt_regs *ctx) { return on_return(ctx, PT_REGS_RC(ctx)); 
 
 // ---- OOM kills ----------------------------------------------------------
 
-// Where the tracepoint passes the victim's task (6.8+, tp_btf needs no
-// tracefs): everything is read from the task itself.
-SEC("tp_btf/mark_victim")
-int BPF_PROG(oom_mark_victim_btf, struct task_struct *task)
+// oom_event_start reserves an OOM event for victim pid (NULL, counted, when
+// the ring buffer is full).
+static __always_inline struct oom_event *oom_event_start(__u32 pid)
 {
 	struct oom_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
 	if (!e) {
@@ -509,8 +508,28 @@ int BPF_PROG(oom_mark_victim_btf, struct task_struct *task)
 	}
 	__builtin_memset(e, 0, sizeof(*e));
 	e->type = EV_OOM;
-	e->pid = BPF_CORE_READ(task, tgid);
+	e->pid = pid;
 	e->ts = bpf_ktime_get_ns();
+	return e;
+}
+
+// oom_event_send adds the task running here, the one whose allocation hit
+// the limit (its memory cgroup is where the OOM happened), and sends e.
+static __always_inline void oom_event_send(struct oom_event *e)
+{
+	e->trigger_memcg = memcg_id(bpf_get_current_task_btf());
+	e->trigger_pid = bpf_get_current_pid_tgid() >> 32;
+	bpf_ringbuf_submit(e, 0);
+}
+
+// Where the tracepoint passes the victim's task (6.8+, tp_btf needs no
+// tracefs): everything is read from the task itself.
+SEC("tp_btf/mark_victim")
+int BPF_PROG(oom_mark_victim_btf, struct task_struct *task)
+{
+	struct oom_event *e = oom_event_start(BPF_CORE_READ(task, tgid));
+	if (!e)
+		return 0;
 	e->memcg = memcg_id(task);
 	e->cgroup = BPF_CORE_READ(task, cgroups, dfl_cgrp, kn, id);
 	BPF_CORE_READ_STR_INTO(&e->comm, task, comm);
@@ -526,10 +545,7 @@ int BPF_PROG(oom_mark_victim_btf, struct task_struct *task)
 		e->total_vm = BPF_CORE_READ(mm, total_vm);
 		e->have_rss = 1;
 	}
-	struct task_struct *cur = bpf_get_current_task_btf();
-	e->trigger_memcg = memcg_id(cur);
-	e->trigger_pid = bpf_get_current_pid_tgid() >> 32;
-	bpf_ringbuf_submit(e, 0);
+	oom_event_send(e);
 	return 0;
 }
 
@@ -539,15 +555,9 @@ int BPF_PROG(oom_mark_victim_btf, struct task_struct *task)
 SEC("tracepoint/oom/mark_victim")
 int oom_mark_victim(struct trace_event_raw_mark_victim *tp)
 {
-	struct oom_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
-	if (!e) {
-		count(C_EVENTS_LOST);
+	struct oom_event *e = oom_event_start(BPF_CORE_READ(tp, pid));
+	if (!e)
 		return 0;
-	}
-	__builtin_memset(e, 0, sizeof(*e));
-	e->type = EV_OOM;
-	e->pid = BPF_CORE_READ(tp, pid);
-	e->ts = bpf_ktime_get_ns();
 	if (bpf_core_field_exists(tp->anon_rss)) {
 		e->total_vm = BPF_CORE_READ(tp, total_vm);
 		e->anon_rss = BPF_CORE_READ(tp, anon_rss);
@@ -559,11 +569,7 @@ int oom_mark_victim(struct trace_event_raw_mark_victim *tp)
 		e->oom_score_adj = BPF_CORE_READ(tp, oom_score_adj);
 		e->have_score = 1;
 	}
-	// The task running here is the one whose allocation hit the limit.
-	struct task_struct *task = bpf_get_current_task_btf();
-	e->trigger_memcg = memcg_id(task);
-	e->trigger_pid = bpf_get_current_pid_tgid() >> 32;
-	bpf_ringbuf_submit(e, 0);
+	oom_event_send(e);
 	return 0;
 }
 
