@@ -217,26 +217,42 @@ static __always_inline int sampled(struct thread_state *ts, __u64 size)
 // call of the same thread (reallocarray -> realloc, an allocator calling its
 // own public entry points) are left to the outermost call, so nothing is
 // counted twice and the outer call's pending state is never overwritten.
-static __always_inline void enter(struct pt_regs *ctx, __u8 kind, __u64 size, __u64 ptr)
+//
+// It returns whether the call's return must be seen: the call is sampled,
+// or it resizes a tracked block, or always is set (plain uretprobes fire
+// anyway; a wrapper that calls other allocator entry points, such as
+// libstdc++'s operator new calling malloc, must stay pending so the calls
+// nested in it are recognised and their bytes not sampled a second time).
+// A session uprobe skips the return of the calls that need none.
+static __always_inline int enter(struct pt_regs *ctx, __u8 kind, __u64 size, __u64 ptr, int always)
 {
 	struct thread_state *ts = thread();
 	if (!ts) {
 		count(C_NO_THREAD_STATE);
-		return;
+		return 0;
 	}
 	count_call(ts);
 	__u64 sp = PT_REGS_SP(ctx);
 	if (in_call(ts, sp)) {
 		count(C_NESTED);
-		return;
+		return 0;
+	}
+	int smp = kind == K_XALLOCX ? 0 : sampled(ts, size);
+	if (!smp && !always) {
+		if (!ptr || (kind != K_REALLOC && kind != K_XALLOCX))
+			return 0;
+		struct live_key k = {.tgid = bpf_get_current_pid_tgid() >> 32, .addr = ptr};
+		if (!bpf_map_lookup_elem(&live, &k))
+			return 0; // resizes a block that is not tracked
 	}
 	struct pending *p = &ts->pending;
 	p->sp = sp;
 	p->kind = kind;
 	p->size = size;
 	p->ptr = ptr;
-	p->sampled = kind == K_XALLOCX ? 0 : sampled(ts, size);
+	p->sampled = smp;
 	ts->active = 1;
+	return 1;
 }
 
 static __always_inline void untrack(__u32 tgid, __u64 ptr)
@@ -350,7 +366,7 @@ live:;
 // on_enter handles the entry of an allocator function of the given kind
 // (enum probe_kind, the same numbering as Go's attach.Kind). With a constant
 // kind the switch folds away.
-static __always_inline int on_enter(struct pt_regs *ctx, __u64 kind)
+static __always_inline int on_enter(struct pt_regs *ctx, __u64 kind, int always)
 {
 	__u64 a1 = PT_REGS_PARM1(ctx), a2 = PT_REGS_PARM2(ctx), a3 = PT_REGS_PARM3(ctx);
 	__u64 total;
@@ -358,36 +374,29 @@ static __always_inline int on_enter(struct pt_regs *ctx, __u64 kind)
 	switch (kind) {
 	case P_MALLOC: // malloc(size), valloc, pvalloc, mallocx, operator new
 		count(C_CALLS);
-		enter(ctx, K_PTR, a1, 0);
-		break;
+		return enter(ctx, K_PTR, a1, 0, always);
 	case P_CALLOC: // calloc(n, size)
 		count(C_CALLS);
 		if (mul_overflows(a1, a2, &total)) // calloc fails
 			total = 0;
-		enter(ctx, K_PTR, total, 0);
-		break;
+		return enter(ctx, K_PTR, total, 0, always);
 	case P_MEMALIGN: // memalign(align, size), aligned_alloc
 		count(C_CALLS);
-		enter(ctx, K_PTR, a2, 0);
-		break;
+		return enter(ctx, K_PTR, a2, 0, always);
 	case P_POSIX_MEMALIGN: // posix_memalign(memptr, align, size)
 		count(C_CALLS);
-		enter(ctx, K_MEMPTR, a3, a1);
-		break;
+		return enter(ctx, K_MEMPTR, a3, a1, always);
 	case P_REALLOC: // realloc(ptr, size), rallocx
 		count(C_CALLS);
-		enter(ctx, K_REALLOC, a2, a1);
-		break;
+		return enter(ctx, K_REALLOC, a2, a1, always);
 	case P_REALLOCARRAY: // reallocarray(ptr, n, size)
 		count(C_CALLS);
 		if (mul_overflows(a2, a3, &total)) // fails and keeps the block
 			total = ~0ULL;
-		enter(ctx, K_REALLOC, total, a1);
-		break;
+		return enter(ctx, K_REALLOC, total, a1, always);
 	case P_XALLOCX: // xallocx(ptr, size, extra, flags): resizes in place
 		count(C_CALLS);
-		enter(ctx, K_XALLOCX, 0, a1);
-		break;
+		return enter(ctx, K_XALLOCX, 0, a1, always);
 	case P_FREE: { // free(ptr), operator delete, dallocx, sdallocx
 		count(C_FREES);
 		if (!a1)
@@ -410,27 +419,27 @@ static __always_inline int on_enter(struct pt_regs *ctx, __u64 kind)
 
 // One program per kind for per-probe (perf event) attachment...
 SEC("uprobe")
-int malloc_enter(struct pt_regs *ctx) { return on_enter(ctx, P_MALLOC); }
+int malloc_enter(struct pt_regs *ctx) { on_enter(ctx, P_MALLOC, 1); return 0; }
 SEC("uprobe")
-int calloc_enter(struct pt_regs *ctx) { return on_enter(ctx, P_CALLOC); }
+int calloc_enter(struct pt_regs *ctx) { on_enter(ctx, P_CALLOC, 1); return 0; }
 SEC("uprobe")
-int memalign_enter(struct pt_regs *ctx) { return on_enter(ctx, P_MEMALIGN); }
+int memalign_enter(struct pt_regs *ctx) { on_enter(ctx, P_MEMALIGN, 1); return 0; }
 SEC("uprobe")
-int posix_memalign_enter(struct pt_regs *ctx) { return on_enter(ctx, P_POSIX_MEMALIGN); }
+int posix_memalign_enter(struct pt_regs *ctx) { on_enter(ctx, P_POSIX_MEMALIGN, 1); return 0; }
 SEC("uprobe")
-int realloc_enter(struct pt_regs *ctx) { return on_enter(ctx, P_REALLOC); }
+int realloc_enter(struct pt_regs *ctx) { on_enter(ctx, P_REALLOC, 1); return 0; }
 SEC("uprobe")
-int reallocarray_enter(struct pt_regs *ctx) { return on_enter(ctx, P_REALLOCARRAY); }
+int reallocarray_enter(struct pt_regs *ctx) { on_enter(ctx, P_REALLOCARRAY, 1); return 0; }
 SEC("uprobe")
-int xallocx_enter(struct pt_regs *ctx) { return on_enter(ctx, P_XALLOCX); }
+int xallocx_enter(struct pt_regs *ctx) { on_enter(ctx, P_XALLOCX, 1); return 0; }
 SEC("uprobe")
-int free_enter(struct pt_regs *ctx) { return on_enter(ctx, P_FREE); }
+int free_enter(struct pt_regs *ctx) { on_enter(ctx, P_FREE, 1); return 0; }
 
 // ...and one for uprobe_multi links (6.6+), where each probe's cookie is
 // its kind: a process's probes in one object are one link, attached and
 // detached with one kernel synchronization instead of one per probe.
 SEC("uprobe.multi")
-int enter_multi(struct pt_regs *ctx) { return on_enter(ctx, bpf_get_attach_cookie(ctx)); }
+int enter_multi(struct pt_regs *ctx) { on_enter(ctx, bpf_get_attach_cookie(ctx), 1); return 0; }
 
 // ---- return probe -------------------------------------------------------
 
@@ -494,6 +503,21 @@ int alloc_return(struct pt_regs *ctx) { return on_return(ctx, PT_REGS_RC(ctx)); 
 
 SEC("uretprobe.multi")
 int return_multi(struct pt_regs *ctx) { return on_return(ctx, PT_REGS_RC(ctx)); }
+
+extern bool bpf_session_is_return(void) __ksym __weak;
+
+// ...and one session program for entry and return on 6.13+: the return
+// probe runs only for the calls whose entry asks for it (returns 0), so an
+// unsampled malloc pays one trap instead of two. The cookie carries the kind
+// and P_WRAPPER for functions that call other allocator entry points.
+SEC("uprobe.session")
+int alloc_session(struct pt_regs *ctx)
+{
+	if (bpf_session_is_return())
+		return on_return(ctx, PT_REGS_RC(ctx));
+	__u64 c = bpf_get_attach_cookie(ctx);
+	return on_enter(ctx, c & P_KIND_MASK, c & P_WRAPPER) ? 0 : 1;
+}
 
 // ---- OOM kills ----------------------------------------------------------
 
@@ -600,4 +624,12 @@ SEC("uretprobe.multi")
 int empty_return_multi(struct pt_regs *ctx)
 {
 	return 0;
+}
+
+// An empty session program that never asks for the return: the floor of
+// session uprobes (one trap per call).
+SEC("uprobe.session")
+int empty_session(struct pt_regs *ctx)
+{
+	return 1;
 }

@@ -28,6 +28,9 @@ enum probe_kind {
 	P_FREE,
 };
 
+#define P_KIND_MASK 0xff
+#define P_WRAPPER 0x100	// cookie flag: the function calls other allocator entry points
+
 // Pending call kinds.
 enum call_kind {
 	K_PTR = 1,	// returns the block (malloc, calloc, new, memalign, ...)

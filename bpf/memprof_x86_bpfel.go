@@ -142,11 +142,13 @@ const (
 	MemprofMapStacks              = "stacks"
 	MemprofMapThreads             = "threads"
 	MemprofProgAllocReturn        = "alloc_return"
+	MemprofProgAllocSession       = "alloc_session"
 	MemprofProgCallocEnter        = "calloc_enter"
 	MemprofProgEmptyEnter         = "empty_enter"
 	MemprofProgEmptyEnterMulti    = "empty_enter_multi"
 	MemprofProgEmptyReturn        = "empty_return"
 	MemprofProgEmptyReturnMulti   = "empty_return_multi"
+	MemprofProgEmptySession       = "empty_session"
 	MemprofProgEnterMulti         = "enter_multi"
 	MemprofProgFreeEnter          = "free_enter"
 	MemprofProgMallocEnter        = "malloc_enter"
@@ -212,11 +214,13 @@ type MemprofSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type MemprofProgramSpecs struct {
 	AllocReturn        *ebpf.ProgramSpec `ebpf:"alloc_return"`
+	AllocSession       *ebpf.ProgramSpec `ebpf:"alloc_session"`
 	CallocEnter        *ebpf.ProgramSpec `ebpf:"calloc_enter"`
 	EmptyEnter         *ebpf.ProgramSpec `ebpf:"empty_enter"`
 	EmptyEnterMulti    *ebpf.ProgramSpec `ebpf:"empty_enter_multi"`
 	EmptyReturn        *ebpf.ProgramSpec `ebpf:"empty_return"`
 	EmptyReturnMulti   *ebpf.ProgramSpec `ebpf:"empty_return_multi"`
+	EmptySession       *ebpf.ProgramSpec `ebpf:"empty_session"`
 	EnterMulti         *ebpf.ProgramSpec `ebpf:"enter_multi"`
 	FreeEnter          *ebpf.ProgramSpec `ebpf:"free_enter"`
 	MallocEnter        *ebpf.ProgramSpec `ebpf:"malloc_enter"`
@@ -325,11 +329,13 @@ type MemprofVariables struct {
 // It can be passed to LoadMemprofObjects or ebpf.CollectionSpec.LoadAndAssign.
 type MemprofPrograms struct {
 	AllocReturn        *ebpf.Program `ebpf:"alloc_return"`
+	AllocSession       *ebpf.Program `ebpf:"alloc_session"`
 	CallocEnter        *ebpf.Program `ebpf:"calloc_enter"`
 	EmptyEnter         *ebpf.Program `ebpf:"empty_enter"`
 	EmptyEnterMulti    *ebpf.Program `ebpf:"empty_enter_multi"`
 	EmptyReturn        *ebpf.Program `ebpf:"empty_return"`
 	EmptyReturnMulti   *ebpf.Program `ebpf:"empty_return_multi"`
+	EmptySession       *ebpf.Program `ebpf:"empty_session"`
 	EnterMulti         *ebpf.Program `ebpf:"enter_multi"`
 	FreeEnter          *ebpf.Program `ebpf:"free_enter"`
 	MallocEnter        *ebpf.Program `ebpf:"malloc_enter"`
@@ -346,11 +352,13 @@ type MemprofPrograms struct {
 func (p *MemprofPrograms) Close() error {
 	return _MemprofClose(
 		p.AllocReturn,
+		p.AllocSession,
 		p.CallocEnter,
 		p.EmptyEnter,
 		p.EmptyEnterMulti,
 		p.EmptyReturn,
 		p.EmptyReturnMulti,
+		p.EmptySession,
 		p.EnterMulti,
 		p.FreeEnter,
 		p.MallocEnter,

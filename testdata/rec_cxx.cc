@@ -3,7 +3,8 @@
 //   cxx::Cache::fill     1,000,000  (1000 x new char[1000])
 //   cxx::make_node           48,000  (1000 x new Node, sizeof(Node) == 48)
 //   cxx::churn_nodes              0  (10000 x new Node + delete)
-// Usage: rec_cxx [--wait-end]
+//   cxx::big_new     268,435,456  (4096 x new char[65536], with --big)
+// Usage: rec_cxx [--wait-end] [--big]
 #include <cstdio>
 #include <cstring>
 #include <new>
@@ -32,6 +33,15 @@ struct Cache {
 
 NOINLINE Node *make_node() { return new Node(); }
 
+NOINLINE void big_new()
+{
+	for (int i = 0; i < 4096; i++) {
+		char *p = new char[65536];
+		p[0] = 1;
+		kept->push_back(p);
+	}
+}
+
 NOINLINE void churn_nodes()
 {
 	for (int i = 0; i < 10000; i++) {
@@ -45,13 +55,20 @@ NOINLINE void churn_nodes()
 int main(int argc, char **argv)
 {
 	cxx::kept = new std::vector<void *>();
-	cxx::kept->reserve(4096);
+	cxx::kept->reserve(16384);
 	cxx::Cache c;
 	c.fill();
 	for (int i = 0; i < 1000; i++)
 		cxx::kept->push_back(cxx::make_node());
 	cxx::churn_nodes();
-	if (argc > 1 && !strcmp(argv[1], "--wait-end")) {
+	bool wait = false;
+	for (int i = 1; i < argc; i++) {
+		if (!strcmp(argv[i], "--big"))
+			cxx::big_new();
+		if (!strcmp(argv[i], "--wait-end"))
+			wait = true;
+	}
+	if (wait) {
 		char line[16];
 		printf("DONE\n");
 		fflush(stdout);

@@ -25,6 +25,9 @@ type Programs struct {
 	// an object for a process as two uprobe_multi links, the kind passed
 	// as each probe's cookie.
 	Multi, MultiReturn *ebpf.Program
+	// Session, when set (Linux 6.13+), attaches all probes of an object
+	// for a process as one uprobe session link; preferred over Multi.
+	Session *ebpf.Program
 }
 
 // Object is an allocator object (library or executable) and its probe sites.
@@ -255,9 +258,18 @@ func (a *Attacher) attach(pid int, obj *Object, path, alt string) error {
 	if err != nil {
 		return fmt.Errorf("open %s for uprobes: %w", obj.Path, err)
 	}
-	links, err := a.attachMulti(ex, pid, obj)
+	links, err := a.attachSession(path, pid, obj)
+	if err != nil && alt != "" {
+		links, err = a.attachSession(alt, pid, obj)
+	}
 	if err != nil {
 		return err
+	}
+	if links == nil {
+		links, err = a.attachMulti(ex, pid, obj)
+		if err != nil {
+			return err
+		}
 	}
 	if links == nil {
 		links, err = a.attachEach(ex, pid, obj)

@@ -39,6 +39,7 @@ type probes int
 const (
 	noProbes probes = iota
 	emptyProbes
+	emptySessionProbes
 	memprofProbes
 )
 
@@ -50,6 +51,7 @@ type config struct {
 	entryOnly bool   // probes at offset 0 instead of memprof's sites
 	rate      uint64 // memprof's sample rate
 	dwarf     bool   // copy every sampled stack for userspace unwinding
+	noSession bool   // entry and return links (kernels before 6.13) instead of session links
 }
 
 // defaultRate is memprof's default sample rate (recorder.DefaultSampleRate;
@@ -59,8 +61,10 @@ const defaultRate = 512 * 1024
 var configs = []config{
 	{name: "1-none", column: "none", probes: noProbes},
 	{name: "2-empty-floor", column: "empty-floor", probes: emptyProbes},
+	{name: "2b-empty-session", column: "empty-session", probes: emptySessionProbes},
 	{name: "3-empty-entry", column: "empty-entry", probes: emptyProbes, entryOnly: true},
 	{name: "4-memprof-default", column: "memprof-default", probes: memprofProbes, rate: defaultRate},
+	{name: "4b-memprof-default-nosession", column: "default-no-session", probes: memprofProbes, rate: defaultRate, noSession: true},
 	{name: "5-memprof-rate1", column: "memprof-rate1", probes: memprofProbes, rate: 1},
 	{name: "6-memprof-default-dwarf", column: "dwarf-default", probes: memprofProbes, rate: defaultRate, dwarf: true},
 	{name: "7-memprof-rate1-dwarf", column: "dwarf-rate1", probes: memprofProbes, rate: 1, dwarf: true},
@@ -182,7 +186,7 @@ func runConfig(b *testing.B, bin, alloc string, env []string, size int, c config
 			mode = mbpf.MemprofStackModeSM_DWARF
 		}
 		var err error
-		objs, err = bpfload.Load(bpfload.Options{SampleRate: rate, StackMode: mode})
+		objs, err = bpfload.Load(bpfload.Options{SampleRate: rate, StackMode: mode, NoSession: c.noSession})
 		if err != nil {
 			b.Fatalf("%s: load BPF programs: %v", what, err)
 		}
@@ -217,8 +221,11 @@ func runConfig(b *testing.B, bin, alloc string, env []string, size int, c config
 
 	if objs != nil {
 		progs := objs.Programs()
-		if c.probes == emptyProbes {
+		switch c.probes {
+		case emptyProbes:
 			progs = objs.EmptyPrograms()
+		case emptySessionProbes:
+			progs = objs.EmptySessionPrograms()
 		}
 		att := attach.New(progs)
 		att.EntryOnly = c.entryOnly
@@ -460,7 +467,7 @@ func printSummary(w io.Writer) {
 	for _, c := range configs {
 		fmt.Fprintf(tw, "%s\t", c.column)
 	}
-	fmt.Fprint(tw, "default/floor\tdwarf-default/floor\tentry/floor\tdwarf cost/sample\t\n")
+	fmt.Fprint(tw, "default/floor\tno-session/floor\tdwarf-default/floor\tentry/floor\tdwarf cost/sample\t\n")
 	for _, row := range results.rows {
 		alloc, size, _ := strings.Cut(row, "/")
 		fmt.Fprintf(tw, "%s\t%s\t", alloc, size)
@@ -472,7 +479,7 @@ func printSummary(w io.Writer) {
 			}
 		}
 		floor := median(results.ns[row+"/empty-floor"])
-		for _, col := range []string{"memprof-default", "dwarf-default", "empty-entry"} {
+		for _, col := range []string{"memprof-default", "default-no-session", "dwarf-default", "empty-entry"} {
 			if v := median(results.ns[row+"/"+col]); v > 0 && floor > 0 {
 				fmt.Fprintf(tw, "%.2f\t", v/floor)
 			} else {
@@ -490,7 +497,9 @@ func printSummary(w io.Writer) {
 		fmt.Fprint(tw, "\n")
 	}
 	tw.Flush()
-	fmt.Fprintln(w, "default/floor: memprof at the default 512 KiB rate over empty probes at the same sites (target <= 1.3)")
+	fmt.Fprintln(w, "empty-floor: empty entry and return probes at memprof's sites; empty-session: empty session probes (entry trap only)")
+	fmt.Fprintln(w, "default/floor: memprof at the default 512 KiB rate (session links: return probes only for sampled calls) over the empty entry+return floor (target <= 1.3)")
+	fmt.Fprintln(w, "no-session/floor: the same with entry and return links on every call, as on kernels before 6.13")
 	fmt.Fprintln(w, "dwarf-default/floor: the same with every sampled stack copied for CFI unwinding (--stack-mode dwarf)")
 	fmt.Fprintln(w, "entry/floor: empty probes at each function's first instruction over empty probes at memprof's sites")
 	fmt.Fprintln(w, "dwarf cost/sample: copying registers and 8 KiB of stack instead of the frame-pointer walk, per sampled allocation (rate-1 columns)")

@@ -34,6 +34,9 @@ type Options struct {
 	// ClassicOOM uses the classic oom/mark_victim tracepoint (pid only, the
 	// path of kernels before 6.8) even where the BTF-typed one exists.
 	ClassicOOM bool
+	// NoSession uses entry and return uprobes even where session uprobes
+	// exist (the path of kernels before 6.13).
+	NoSession bool
 }
 
 // Objects are the loaded programs and maps.
@@ -45,15 +48,18 @@ type Objects struct {
 
 // Features says which kernel paths are in use.
 type Features struct {
-	Kernel      string
-	RingBuffer  bool
-	UprobeMulti bool
-	OOMTaskBTF  bool // tp_btf/mark_victim with the victim's task (6.8+)
+	Kernel        string
+	RingBuffer    bool
+	UprobeMulti   bool
+	UprobeSession bool // uprobe.session (6.13+): the return probe only for calls that need it
+	OOMTaskBTF    bool // tp_btf/mark_victim with the victim's task (6.8+)
 }
 
 func (f Features) String() string {
 	s := fmt.Sprintf("kernel %s; PID-filtered uprobes", f.Kernel)
-	if f.UprobeMulti {
+	if f.UprobeSession {
+		s += " via uprobe session links (one per object and process; return probes only for sampled calls)"
+	} else if f.UprobeMulti {
 		s += " via uprobe_multi links (one per object and process)"
 	} else {
 		s += " via one perf event per probe (no uprobe_multi before Linux 6.6)"
@@ -106,6 +112,9 @@ func Load(opts Options) (*Objects, error) {
 	if opts.ClassicOOM {
 		feats.OOMTaskBTF = false
 	}
+	if opts.NoSession {
+		feats.UprobeSession = false
+	}
 	// Programs this kernel cannot load get a copy of the empty probe in
 	// their slot (so the generated object struct can be assigned); they are
 	// closed right after loading. Only one of the two OOM programs loads on
@@ -116,6 +125,9 @@ func Load(opts Options) (*Objects, error) {
 	}
 	if !feats.UprobeMulti {
 		unused = append(unused, "enter_multi", "return_multi", "empty_enter_multi", "empty_return_multi")
+	}
+	if !feats.UprobeSession {
+		unused = append(unused, "alloc_session", "empty_session")
 	}
 	for _, name := range unused {
 		placeholder := spec.Programs["empty_enter"].Copy()
@@ -148,6 +160,10 @@ func Load(opts Options) (*Objects, error) {
 		closeUnused(&o.EmptyEnterMulti)
 		closeUnused(&o.EmptyReturnMulti)
 	}
+	if !feats.UprobeSession {
+		closeUnused(&o.AllocSession)
+		closeUnused(&o.EmptySession)
+	}
 	if err := o.SetRate(opts.SampleRate); err != nil {
 		o.Close()
 		return nil, err
@@ -158,6 +174,7 @@ func Load(opts Options) (*Objects, error) {
 func detect() Features {
 	f := Features{Kernel: kernelRelease(), RingBuffer: features.HaveMapType(ebpf.RingBuf) == nil}
 	f.UprobeMulti = features.HaveProgramType(ebpf.Kprobe) == nil && haveUprobeMulti()
+	f.UprobeSession = f.UprobeMulti && kernelAtLeast(6, 13) && haveKfunc("bpf_session_is_return")
 	if spec, err := btf.LoadKernelSpec(); err == nil {
 		var fn *btf.Typedef
 		if err := spec.TypeByName("btf_trace_mark_victim", &fn); err == nil {
@@ -173,6 +190,25 @@ func detect() Features {
 		}
 	}
 	return f
+}
+
+// haveKfunc reports whether the kernel's BTF has the kfunc name.
+func haveKfunc(name string) bool {
+	spec, err := btf.LoadKernelSpec()
+	if err != nil {
+		return false
+	}
+	var fn *btf.Func
+	return spec.TypeByName(name, &fn) == nil
+}
+
+// kernelAtLeast compares the running kernel's release with major.minor.
+func kernelAtLeast(major, minor int) bool {
+	var ma, mi int
+	if _, err := fmt.Sscanf(kernelRelease(), "%d.%d", &ma, &mi); err != nil {
+		return false
+	}
+	return ma > major || ma == major && mi >= minor
 }
 
 func haveUprobeMulti() bool {
@@ -235,6 +271,7 @@ func (o *Objects) Programs() attach.Programs {
 		Return:      o.AllocReturn,
 		Multi:       o.EnterMulti,
 		MultiReturn: o.ReturnMulti,
+		Session:     o.AllocSession,
 	}
 }
 
@@ -243,9 +280,20 @@ func (o *Objects) Programs() attach.Programs {
 func (o *Objects) EmptyPrograms() attach.Programs {
 	p := attach.Programs{Enter: map[attach.Kind]*ebpf.Program{}, Return: o.EmptyReturn,
 		Multi: o.EmptyEnterMulti, MultiReturn: o.EmptyReturnMulti}
+	// The floor is entry and return probes on every call, as plain
+	// uretprobes pay; EmptySessionPrograms gives the session floor.
 	for k := attach.Malloc; k <= attach.Free; k++ {
 		p.Enter[k] = o.EmptyEnter
 	}
+	return p
+}
+
+// EmptySessionPrograms returns an empty session program that never asks
+// for the return: one trap per call, the floor of session uprobes (nil
+// Session where the kernel has none).
+func (o *Objects) EmptySessionPrograms() attach.Programs {
+	p := o.EmptyPrograms()
+	p.Session = o.EmptySession
 	return p
 }
 

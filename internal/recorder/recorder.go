@@ -55,8 +55,11 @@ type Options struct {
 	// cgroups as containers appear).
 	AllowEmpty bool
 	// PerProbeLinks attaches one perf event per probe even where the
-	// kernel has uprobe_multi (the path older kernels take).
+	// kernel has uprobe_multi (the path kernels before 6.6 take).
 	PerProbeLinks bool
+	// NoSession uses uprobe_multi entry and return links even where the
+	// kernel has uprobe sessions (the path kernels before 6.13 take).
+	NoSession bool
 	// StackMode is StackAuto (default), StackFP or StackDwarf.
 	StackMode string
 	// ClassicOOM takes OOM kills from the classic tracepoint (pid only, as
@@ -138,13 +141,13 @@ func Start(ctx context.Context, opts Options) (*Session, error) {
 	if !ok {
 		return nil, fmt.Errorf("unknown stack mode %q: use auto, fp or dwarf", opts.StackMode)
 	}
-	objs, err := bpfload.Load(bpfload.Options{SampleRate: opts.SampleRate, StackMode: mode, ClassicOOM: opts.ClassicOOM})
+	objs, err := bpfload.Load(bpfload.Options{SampleRate: opts.SampleRate, StackMode: mode, ClassicOOM: opts.ClassicOOM, NoSession: opts.NoSession})
 	if err != nil {
 		return nil, err
 	}
 	progs := objs.Programs()
 	if opts.PerProbeLinks {
-		progs.Multi, progs.MultiReturn = nil, nil
+		progs.Multi, progs.MultiReturn, progs.Session = nil, nil, nil
 	}
 	s := &Session{
 		opts:    opts,

@@ -118,20 +118,23 @@ func checkExact(t *testing.T, p *profile.Profile, truth []site) {
 func TestRecordPidExact(t *testing.T) {
 	bin := testprog.Build(t, "rec_leaky.c")
 	for _, tc := range []struct {
-		name     string
-		env      []string
-		perProbe bool
+		name                string
+		env                 []string
+		perProbe, noSession bool
 	}{
-		{"glibc", nil, false},
-		{"jemalloc", []string{"LD_PRELOAD=" + testprog.Jemalloc}, false},
+		{"glibc", nil, false, false},
+		{"jemalloc", []string{"LD_PRELOAD=" + testprog.Jemalloc}, false, false},
+		// The path kernels without uprobe sessions (6.6-6.12) take.
+		{"glibc-multi-links", nil, false, true},
+		{"jemalloc-multi-links", []string{"LD_PRELOAD=" + testprog.Jemalloc}, false, true},
 		// The path kernels without uprobe_multi take.
-		{"glibc-perf-event-links", nil, true},
-		{"jemalloc-perf-event-links", []string{"LD_PRELOAD=" + testprog.Jemalloc}, true},
+		{"glibc-perf-event-links", nil, true, false},
+		{"jemalloc-perf-event-links", []string{"LD_PRELOAD=" + testprog.Jemalloc}, true, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			prog := testprog.Start(t, bin, tc.env, "--wait-start", "--wait-end")
 			prog.Expect(t, "READY")
-			p := record(t, Options{SampleRate: 1, Pids: []int{prog.Pid()}, PerProbeLinks: tc.perProbe}, func(s *Session) {
+			p := record(t, Options{SampleRate: 1, Pids: []int{prog.Pid()}, PerProbeLinks: tc.perProbe, NoSession: tc.noSession}, func(s *Session) {
 				if want := 2; !tc.perProbe && s.Links() > 2*len(s.Objects()) {
 					t.Errorf("%d links for %d objects, want at most %d per object with uprobe_multi", s.Links(), len(s.Objects()), want)
 				}
@@ -227,6 +230,34 @@ func TestRecordCxx(t *testing.T) {
 			})
 			checkExact(t, p, truth)
 		})
+	}
+}
+
+// TestRecordCxxDefaultRate: libstdc++'s operator new calls malloc and both
+// are probed; at the default rate (session uprobes: the return probe only
+// for the calls that need it) the bytes allocated through new are estimated
+// without bias, counted once whatever the leaf of their stacks.
+func TestRecordCxxDefaultRate(t *testing.T) {
+	bin := testprog.Build(t, "rec_cxx.cc")
+	p := record(t, Options{Command: []string{bin, "--big"}}, func(s *Session) {
+		s.Wait(context.Background(), 60*time.Second)
+	})
+	// Every stack through big_new, whatever its leaf (operator new, malloc).
+	var got int64
+	for _, smp := range p.Sample {
+		for _, loc := range smp.Location {
+			if len(loc.Line) > 0 && loc.Line[len(loc.Line)-1].Function.Name == "cxx::big_new" {
+				got += smp.Value[3]
+				break
+			}
+		}
+	}
+	const want = 268_435_456
+	// 64 KiB blocks at 512 KiB: p = 0.118, 4096 blocks, sd 4.3%: ~4.5 sd.
+	errPc := 100 * math.Abs(float64(got)-want) / want
+	t.Logf("cxx::big_new: estimated %d, truth %d, error %.1f%% (tolerance 20%%)", got, want, errPc)
+	if errPc > 20 {
+		t.Errorf("cxx::big_new estimate %d is %.1f%% off the truth %d (tolerance 20%%)", got, errPc, want)
 	}
 }
 
