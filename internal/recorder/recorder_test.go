@@ -234,30 +234,29 @@ func TestRecordCxx(t *testing.T) {
 }
 
 // TestRecordCxxDefaultRate: libstdc++'s operator new calls malloc and both
-// are probed; at the default rate (session uprobes: the return probe only
-// for the calls that need it) the bytes allocated through new are estimated
-// without bias, counted once whatever the leaf of their stacks.
+// are probed. At the default rate, with uprobe sessions (the return probe
+// only for calls that need it), new must stay pending as a wrapper: else the
+// malloc nested in a new that was not sampled gets a second sampling chance
+// on the same bytes (measured: ~480 MiB estimated for 256 MiB, half of it
+// under "operator new"). All live bytes of the program are summed,
+// whatever the leaf of their stacks.
 func TestRecordCxxDefaultRate(t *testing.T) {
 	bin := testprog.Build(t, "rec_cxx.cc")
 	p := record(t, Options{Command: []string{bin, "--big"}}, func(s *Session) {
 		s.Wait(context.Background(), 60*time.Second)
 	})
-	// Every stack through big_new, whatever its leaf (operator new, malloc).
 	var got int64
 	for _, smp := range p.Sample {
-		for _, loc := range smp.Location {
-			if len(loc.Line) > 0 && loc.Line[len(loc.Line)-1].Function.Name == "cxx::big_new" {
-				got += smp.Value[3]
-				break
-			}
-		}
+		got += smp.Value[3]
 	}
-	const want = 268_435_456
+	// big_new 268,435,456 + fill 1,000,000 + make_node 48,000 + the
+	// vector's 131,072; libstdc++'s own start-up allocations are small.
+	const want = 269_614_528
 	// 64 KiB blocks at 512 KiB: p = 0.118, 4096 blocks, sd 4.3%: ~4.5 sd.
 	errPc := 100 * math.Abs(float64(got)-want) / want
-	t.Logf("cxx::big_new: estimated %d, truth %d, error %.1f%% (tolerance 20%%)", got, want, errPc)
+	t.Logf("live bytes: estimated %d, truth %d, error %.1f%% (tolerance 20%%)", got, want, errPc)
 	if errPc > 20 {
-		t.Errorf("cxx::big_new estimate %d is %.1f%% off the truth %d (tolerance 20%%)", got, errPc, want)
+		t.Errorf("live bytes estimate %d is %.1f%% off the truth %d (tolerance 20%%)", got, errPc, want)
 	}
 }
 
