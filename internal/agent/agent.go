@@ -21,7 +21,6 @@ import (
 	"sync"
 	"time"
 
-	"github.com/memprof/memprof/internal/attach"
 	"github.com/memprof/memprof/internal/cgroups"
 	"github.com/memprof/memprof/internal/podfind"
 	"github.com/memprof/memprof/internal/recorder"
@@ -133,11 +132,8 @@ type container struct {
 	labels labelSet
 	since  time.Time
 
-	// manual: the recorder no longer follows the cgroup (a process broke the
-	// budget); the agent adds new processes itself, except excluded ones.
-	manual   bool
+	// excluded: processes detached by the overhead budget (reported).
 	excluded map[int]bool
-	skip     map[int]bool // not profilable (no allocator)
 
 	// collected figures
 	pids      []int
@@ -338,7 +334,7 @@ func (a *Agent) discover(ctx context.Context) {
 		c := a.known[pc.ID]
 		if c == nil {
 			c = &container{c: pc, labels: labelSet{pc.Namespace, pc.Pod, pc.Name}, since: now,
-				excluded: map[int]bool{}, skip: map[int]bool{}, allocCum: map[uint32]float64{}}
+				excluded: map[int]bool{}, allocCum: map[uint32]float64{}}
 			c.dir = pc.CgroupV1Memory
 			if c.dir == "" {
 				c.dir = pc.CgroupV2
@@ -444,27 +440,6 @@ func (a *Agent) find(namespace, pod, name string) []*container {
 		}
 	}
 	return out
-}
-
-// addManual adds the container's new processes itself (manual mode).
-func (a *Agent) addManual(c *container, pids []int) {
-	targets := a.s.Targets()
-	for _, pid := range pids {
-		a.mu.Lock()
-		skip := c.excluded[pid] || c.skip[pid]
-		a.mu.Unlock()
-		if _, ok := targets[pid]; ok || skip {
-			continue
-		}
-		if err := a.s.AddPid(pid); err != nil {
-			a.mu.Lock()
-			c.skip[pid] = true
-			a.mu.Unlock()
-			if !errors.Is(err, attach.ErrNoAllocator) {
-				a.cfg.Logf("memprof agent: attach to process %d of %s: %v", pid, c.name(), err)
-			}
-		}
-	}
 }
 
 // TargetCount is the number of processes the session has probes on.

@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"fmt"
 	"time"
 
 	"github.com/memprof/memprof/internal/cgroups"
@@ -9,8 +10,7 @@ import (
 )
 
 // collect computes the per-container figures from one snapshot of the
-// sampled state, enforces the overhead budget and follows the processes of
-// containers in manual mode.
+// sampled state and enforces the overhead budget.
 func (a *Agent) collect(ctx context.Context) {
 	if ctx.Err() != nil {
 		return
@@ -24,11 +24,7 @@ func (a *Agent) collect(ctx context.Context) {
 		}
 		a.mu.Lock()
 		c.pids = pids
-		manual := c.manual
 		a.mu.Unlock()
-		if manual {
-			a.addManual(c, pids)
-		}
 		for _, p := range pids {
 			pidOf[uint32(p)] = c
 		}
@@ -36,14 +32,6 @@ func (a *Agent) collect(ctx context.Context) {
 
 	now := time.Now()
 	a.budget(now, pidOf)
-	// The recorder remembers processes it could not attach to (no
-	// allocator, or gone before the attach) so it does not retry them; drop
-	// those that died, so churn cannot grow that set without bound.
-	for pid := range a.s.Targets() {
-		if !alive(pid) {
-			a.s.Forget(pid)
-		}
-	}
 
 	snap, err := a.s.Snapshot()
 	if err != nil {
@@ -145,41 +133,19 @@ func (a *Agent) budget(now time.Time, pidOf map[uint32]*container) {
 		if c != nil {
 			a.budgetHits[c.labels]++
 			c.excluded[int(pid)] = true
-			if !c.manual {
-				// Stop the recorder from re-adding it: follow the
-				// container's processes from here on.
-				c.manual = true
-				a.s.RemoveCgroup(c.dir, nil)
-			}
 		}
 		delete(a.lastCalls, pid)
 		a.mu.Unlock()
-		a.s.Forget(int(pid))
+		a.s.Exclude(int(pid), fmt.Sprintf("above the budget of %.0f allocator calls/s", a.cfg.MaxCallsPerSecond))
 	}
-	// A process of a manual container re-added by a recorder poll that was
-	// under way: drop it again.
-	targets := a.s.Targets()
+	// Detached processes that are gone leave the container's list.
 	a.mu.Lock()
-	var again []int
 	for _, c := range a.profiled {
-		for pid := range c.excluded {
-			if _, ok := targets[pid]; ok {
-				again = append(again, pid)
-			}
-		}
 		for pid := range c.excluded {
 			if !alive(pid) {
 				delete(c.excluded, pid)
 			}
 		}
-		for pid := range c.skip {
-			if !alive(pid) {
-				delete(c.skip, pid)
-			}
-		}
 	}
 	a.mu.Unlock()
-	for _, pid := range again {
-		a.s.Forget(pid)
-	}
 }

@@ -101,6 +101,9 @@ type target struct {
 	exitMem *frag.ProcessMem
 	// dwarf: stacks are copied and unwound with CFI in userspace.
 	dwarf bool
+	// skipped: not profiled (no allocator memprof knows, or excluded),
+	// remembered so its cgroup's rescans do not retry it.
+	skipped bool
 }
 
 // Start loads the programs and attaches to the targets.

@@ -188,7 +188,7 @@ func (s *Session) scanCgroup(dir string) (int, error) {
 				// Not profilable (e.g. a Go program) or gone already:
 				// remember it so it is not retried, and say so once.
 				s.mu.Lock()
-				s.procs[pid] = &target{pid: pid, comm: procmaps.Comm(pid), exited: true}
+				s.procs[pid] = &target{pid: pid, comm: procmaps.Comm(pid), exited: true, skipped: true}
 				s.mu.Unlock()
 				s.opts.Notify(fmt.Sprintf("skipping process %d: %v", pid, err))
 				continue
@@ -217,8 +217,11 @@ func (s *Session) loop(ctx context.Context) {
 				s.recordErr(err)
 			}
 		}
-		if s.opts.DropExited && time.Since(s.lastPrune) > PruneInterval {
-			s.pruneStacks()
+		if s.opts.DropExited {
+			s.forgetSkipped()
+			if time.Since(s.lastPrune) > PruneInterval {
+				s.pruneStacks()
+			}
 		}
 		for _, t := range s.liveTargets() {
 			if s.cmd != nil && t.pid == s.cmd.pid {
@@ -326,9 +329,44 @@ func (s *Session) Targets() map[int]string {
 	defer s.mu.Unlock()
 	out := map[int]string{}
 	for pid, t := range s.procs {
-		out[pid] = t.comm
+		if !t.exited {
+			out[pid] = t.comm
+		}
 	}
 	return out
+}
+
+// Exclude detaches a process, drops its state and keeps it from being
+// attached again (through its cgroup) while it lives: the agent's overhead
+// budget.
+func (s *Session) Exclude(pid int, why string) {
+	s.Forget(pid)
+	s.mu.Lock()
+	s.procs[pid] = &target{pid: pid, comm: procmaps.Comm(pid), exited: true, skipped: true}
+	s.mu.Unlock()
+	s.opts.Notify(fmt.Sprintf("process %d detached: %s", pid, why))
+}
+
+// forgetSkipped drops the processes remembered only so they are not
+// retried (no allocator, excluded) once they are gone.
+func (s *Session) forgetSkipped() {
+	s.mu.Lock()
+	var skipped []int
+	for pid, t := range s.procs {
+		if t.skipped {
+			skipped = append(skipped, pid)
+		}
+	}
+	s.mu.Unlock()
+	for _, pid := range skipped {
+		if !procmaps.Alive(pid) {
+			s.mu.Lock()
+			if t := s.procs[pid]; t != nil && t.skipped {
+				delete(s.procs, pid)
+			}
+			s.mu.Unlock()
+		}
+	}
 }
 
 // memoryCgroup returns the memory cgroup of pid as a path relative to the
