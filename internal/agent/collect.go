@@ -33,7 +33,7 @@ func (a *Agent) collect(ctx context.Context) {
 	now := time.Now()
 	a.budget(now, pidOf)
 
-	snap, err := a.s.Snapshot()
+	snap, err := a.s.Counts()
 	if err != nil {
 		a.cfg.Logf("memprof agent: read sampled state: %v", err)
 		return

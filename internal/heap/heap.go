@@ -61,6 +61,16 @@ func FromObjects(o *mbpf.MemprofObjects) Maps {
 
 // Read aggregates the state of the processes keep selects (nil: all).
 func Read(m Maps, keep func(pid uint32) bool) (*Snapshot, error) {
+	return read(m, keep, true)
+}
+
+// ReadCounts is Read without the stacks: the counts per bucket only, for
+// metrics computed every few seconds.
+func ReadCounts(m Maps, keep func(pid uint32) bool) (*Snapshot, error) {
+	return read(m, keep, false)
+}
+
+func read(m Maps, keep func(pid uint32) bool, withStacks bool) (*Snapshot, error) {
 	if keep == nil {
 		keep = func(uint32) bool { return true }
 	}
@@ -127,7 +137,7 @@ func Read(m Maps, keep func(pid uint32) bool) (*Snapshot, error) {
 			b.AllocCount = b.InuseCount
 		}
 		s.Buckets = append(s.Buckets, *b)
-		if _, ok := s.Stacks[b.StackID]; !ok && b.StackID != StackUnknown {
+		if _, ok := s.Stacks[b.StackID]; withStacks && !ok && b.StackID != StackUnknown {
 			st, err := readStack(m.Stacks, b.StackID)
 			if err != nil {
 				return nil, err

@@ -15,13 +15,17 @@ import (
 // readState reads the sampled state of the processes keep selects, with
 // copied stacks resolved.
 func (s *Session) readState(keep func(uint32) bool) (*heap.Snapshot, error) {
+	return s.read(keep, heap.Read)
+}
+
+func (s *Session) read(keep func(uint32) bool, read func(heap.Maps, func(uint32) bool) (*heap.Snapshot, error)) (*heap.Snapshot, error) {
 	if s.events != nil {
 		// Let the event reader consume pending stack copies first.
 		for i := 0; i < 100 && s.events.AvailableBytes() > 0; i++ {
 			time.Sleep(10 * time.Millisecond)
 		}
 	}
-	snap, err := heap.Read(heap.FromObjects(&s.objs.MemprofObjects), keep)
+	snap, err := read(heap.FromObjects(&s.objs.MemprofObjects), keep)
 	if err != nil {
 		return nil, err
 	}
@@ -196,3 +200,11 @@ func (s *Session) pruneStacks() {
 
 // MapStats reports the occupancy of the BPF maps that bound the recording.
 func (s *Session) MapStats() []bpfload.MapStat { return s.objs.MapStats() }
+
+// Counts reads the sampled counts per (process, stack, size) of the
+// attached targets without their stacks: what metrics need, cheaper than
+// Snapshot when the maps are full.
+func (s *Session) Counts() (*heap.Snapshot, error) {
+	live := s.Targets()
+	return s.read(func(p uint32) bool { _, ok := live[int(p)]; return ok }, heap.ReadCounts)
+}
