@@ -85,35 +85,26 @@ func read(m Maps, keep func(pid uint32) bool, withStacks bool) (*Snapshot, error
 	}
 	memcgVotes := map[uint32]map[uint64]int{}
 
-	var ak mbpf.MemprofAllocKey
-	var n uint64
-	it := m.Allocs.Iterate()
-	for it.Next(&ak, &n) {
-		if !keep(ak.Tgid) {
-			continue
+	err := eachAlloc(m, func(k mbpf.MemprofAllocKey, n uint64) {
+		if keep(k.Tgid) {
+			get(Key{k.Tgid, k.StackId, k.Size}).AllocCount += n
 		}
-		get(Key{ak.Tgid, ak.StackId, ak.Size}).AllocCount += n
+	})
+	if err != nil {
+		return nil, err
 	}
-	if err := it.Err(); err != nil {
-		return nil, fmt.Errorf("read allocation buckets: %w", err)
-	}
-
-	var lk mbpf.MemprofLiveKey
-	var lb mbpf.MemprofLiveBlock
-	it = m.Live.Iterate()
-	for it.Next(&lk, &lb) {
-		if !keep(lk.Tgid) {
-			continue
+	err = eachLive(m, func(k mbpf.MemprofLiveKey, lb mbpf.MemprofLiveBlock) {
+		if !keep(k.Tgid) {
+			return
 		}
-		b := get(Key{lk.Tgid, lb.StackId, lb.Size})
-		b.InuseCount++
-		if memcgVotes[lk.Tgid] == nil {
-			memcgVotes[lk.Tgid] = map[uint64]int{}
+		get(Key{k.Tgid, lb.StackId, lb.Size}).InuseCount++
+		if memcgVotes[k.Tgid] == nil {
+			memcgVotes[k.Tgid] = map[uint64]int{}
 		}
-		memcgVotes[lk.Tgid][lb.Memcg]++
-	}
-	if err := it.Err(); err != nil {
-		return nil, fmt.Errorf("read live blocks: %w", err)
+		memcgVotes[k.Tgid][lb.Memcg]++
+	})
+	if err != nil {
+		return nil, err
 	}
 
 	s := &Snapshot{Stacks: map[uint32][]uint64{}, Memcg: map[uint32]uint64{}}
@@ -177,28 +168,24 @@ func readStack(m *ebpf.Map, id uint32) ([]uint64, error) {
 // (after it exited and its state was read), so the maps' capacity is
 // reclaimed. It returns how many entries were removed.
 func Forget(m Maps, pid uint32) (int, error) {
-	removed := 0
-	var lk mbpf.MemprofLiveKey
-	var lb mbpf.MemprofLiveBlock
 	var liveKeys []mbpf.MemprofLiveKey
-	it := m.Live.Iterate()
-	for it.Next(&lk, &lb) {
-		if lk.Tgid == pid {
-			liveKeys = append(liveKeys, lk)
+	err := eachLive(m, func(k mbpf.MemprofLiveKey, _ mbpf.MemprofLiveBlock) {
+		if k.Tgid == pid {
+			liveKeys = append(liveKeys, k)
 		}
+	})
+	var allocKeys []mbpf.MemprofAllocKey
+	if e := eachAlloc(m, func(k mbpf.MemprofAllocKey, _ uint64) {
+		if k.Tgid == pid {
+			allocKeys = append(allocKeys, k)
+		}
+	}); err == nil {
+		err = e
 	}
+	removed := 0
 	for _, k := range liveKeys {
 		if m.Live.Delete(k) == nil {
 			removed++
-		}
-	}
-	var ak mbpf.MemprofAllocKey
-	var n uint64
-	var allocKeys []mbpf.MemprofAllocKey
-	it = m.Allocs.Iterate()
-	for it.Next(&ak, &n) {
-		if ak.Tgid == pid {
-			allocKeys = append(allocKeys, ak)
 		}
 	}
 	for _, k := range allocKeys {
@@ -206,7 +193,35 @@ func Forget(m Maps, pid uint32) (int, error) {
 			removed++
 		}
 	}
-	return removed, nil
+	return removed, err
+}
+
+// eachAlloc calls fn for every allocation bucket in the map.
+func eachAlloc(m Maps, fn func(mbpf.MemprofAllocKey, uint64)) error {
+	var k mbpf.MemprofAllocKey
+	var n uint64
+	it := m.Allocs.Iterate()
+	for it.Next(&k, &n) {
+		fn(k, n)
+	}
+	if err := it.Err(); err != nil {
+		return fmt.Errorf("read allocation buckets: %w", err)
+	}
+	return nil
+}
+
+// eachLive calls fn for every live block in the map.
+func eachLive(m Maps, fn func(mbpf.MemprofLiveKey, mbpf.MemprofLiveBlock)) error {
+	var k mbpf.MemprofLiveKey
+	var b mbpf.MemprofLiveBlock
+	it := m.Live.Iterate()
+	for it.Next(&k, &b) {
+		fn(k, b)
+	}
+	if err := it.Err(); err != nil {
+		return fmt.Errorf("read live blocks: %w", err)
+	}
+	return nil
 }
 
 // Merge adds the buckets and stacks of other into s (used to fold in the
@@ -249,23 +264,11 @@ func (s *Snapshot) Pids() []uint32 {
 // Referenced returns the stack ids the live and allocation maps refer to.
 func Referenced(m Maps) (map[uint32]bool, error) {
 	refs := map[uint32]bool{}
-	var ak mbpf.MemprofAllocKey
-	var n uint64
-	it := m.Allocs.Iterate()
-	for it.Next(&ak, &n) {
-		refs[ak.StackId] = true
+	if err := eachAlloc(m, func(k mbpf.MemprofAllocKey, _ uint64) { refs[k.StackId] = true }); err != nil {
+		return nil, err
 	}
-	if err := it.Err(); err != nil {
-		return nil, fmt.Errorf("read allocation buckets: %w", err)
-	}
-	var lk mbpf.MemprofLiveKey
-	var lb mbpf.MemprofLiveBlock
-	it = m.Live.Iterate()
-	for it.Next(&lk, &lb) {
-		refs[lb.StackId] = true
-	}
-	if err := it.Err(); err != nil {
-		return nil, fmt.Errorf("read live blocks: %w", err)
+	if err := eachLive(m, func(_ mbpf.MemprofLiveKey, b mbpf.MemprofLiveBlock) { refs[b.StackId] = true }); err != nil {
+		return nil, err
 	}
 	return refs, nil
 }
