@@ -1,6 +1,7 @@
 package main
 
 import (
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -209,5 +210,32 @@ func TestRecordPod(t *testing.T) {
 	}
 	if leaked != leak {
 		t.Errorf("agent_leak_known holds %d live bytes in the profile, want exactly %d (rate 1)\n%s", leaked, leak, buf.String())
+	}
+}
+
+// TestProgressOnTerminal: on a terminal, record shows a live progress line
+// (elapsed time, allocations seen, estimated live bytes). script(1) gives
+// it a pseudo-terminal.
+func TestProgressOnTerminal(t *testing.T) {
+	testprog.RequireRoot(t)
+	script, err := exec.LookPath("script")
+	if err != nil {
+		t.Fatalf("script(1) not found (Debian package bsdutils): %v", err)
+	}
+	memprof := buildMemprof(t)
+	target := testprog.Start(t, testprog.Build(t, "rec_leaky.c"), nil, "--wait-start", "--wait-end")
+	target.Expect(t, "READY")
+	target.Send(t, "go")
+	target.Expect(t, "DONE")
+	file := filepath.Join(t.TempDir(), "tty.pb.gz")
+	cmdline := fmt.Sprintf("%s record --pid %d --duration 2500ms -o %s", memprof, target.Pid(), file)
+	out, err := exec.Command(script, "-q", "-e", "-c", cmdline, "/dev/null").CombinedOutput()
+	if err != nil {
+		t.Fatalf("memprof on a terminal: %v\n%s", err, out)
+	}
+	for _, want := range []string{"allocations seen:", "estimated live:", "targets: 1"} {
+		if !strings.Contains(string(out), want) {
+			t.Errorf("no progress line with %q on a terminal:\n%q", want, out)
+		}
 	}
 }
