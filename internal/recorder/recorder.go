@@ -260,9 +260,10 @@ func (s *Session) Wait(ctx context.Context, d time.Duration) (reason string) {
 	}
 }
 
-// Close detaches everything and frees the BPF objects. Child processes that
-// memprof started are not killed: they were started by the user's request
-// and may still be running after a --duration.
+// Close detaches everything and frees the BPF objects. A command memprof
+// started keeps running until memprof exits; it is traced with
+// PTRACE_O_EXITKILL, so it does not outlive memprof (as with strace: the
+// recording of a command ends with it, or takes it down at --duration).
 func (s *Session) Close() {
 	select {
 	case <-s.done:
