@@ -364,41 +364,35 @@ live:;
 // ---- entry probes -------------------------------------------------------
 
 // on_enter handles the entry of an allocator function of the given kind
-// (enum probe_kind, the same numbering as Go's attach.Kind). With a constant
-// kind the switch folds away.
+// (enum probe_kind, the same numbering as Go's attach.Kind) and returns
+// whether its return must be seen (see enter). With a constant kind the
+// switch folds away.
 static __always_inline int on_enter(struct pt_regs *ctx, __u64 kind, int always)
 {
 	__u64 a1 = PT_REGS_PARM1(ctx), a2 = PT_REGS_PARM2(ctx), a3 = PT_REGS_PARM3(ctx);
 	__u64 total;
 
+	count(kind == P_FREE ? C_FREES : C_CALLS);
 	switch (kind) {
 	case P_MALLOC: // malloc(size), valloc, pvalloc, mallocx, operator new
-		count(C_CALLS);
 		return enter(ctx, K_PTR, a1, 0, always);
 	case P_CALLOC: // calloc(n, size)
-		count(C_CALLS);
 		if (mul_overflows(a1, a2, &total)) // calloc fails
 			total = 0;
 		return enter(ctx, K_PTR, total, 0, always);
 	case P_MEMALIGN: // memalign(align, size), aligned_alloc
-		count(C_CALLS);
 		return enter(ctx, K_PTR, a2, 0, always);
 	case P_POSIX_MEMALIGN: // posix_memalign(memptr, align, size)
-		count(C_CALLS);
 		return enter(ctx, K_MEMPTR, a3, a1, always);
 	case P_REALLOC: // realloc(ptr, size), rallocx
-		count(C_CALLS);
 		return enter(ctx, K_REALLOC, a2, a1, always);
 	case P_REALLOCARRAY: // reallocarray(ptr, n, size)
-		count(C_CALLS);
 		if (mul_overflows(a2, a3, &total)) // fails and keeps the block
 			total = ~0ULL;
 		return enter(ctx, K_REALLOC, total, a1, always);
 	case P_XALLOCX: // xallocx(ptr, size, extra, flags): resizes in place
-		count(C_CALLS);
 		return enter(ctx, K_XALLOCX, 0, a1, always);
 	case P_FREE: { // free(ptr), operator delete, dallocx, sdallocx
-		count(C_FREES);
 		if (!a1)
 			return 0;
 		struct thread_state *ts = thread();

@@ -99,10 +99,7 @@ func (t *tokenFile) check(r *http.Request) bool {
 func (a *Agent) handler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
-		a.mu.Lock()
-		up := a.s != nil
-		a.mu.Unlock()
-		if !up {
+		if !a.ready() {
 			http.Error(w, "starting", http.StatusServiceUnavailable)
 			return
 		}
@@ -123,15 +120,19 @@ func (a *Agent) auth(h http.Handler) http.Handler {
 			http.Error(w, "unauthorized: send Authorization: Bearer <token> (the token of --token-file)", http.StatusUnauthorized)
 			return
 		}
-		a.mu.Lock()
-		up := a.s != nil
-		a.mu.Unlock()
-		if !up {
+		if !a.ready() {
 			http.Error(w, "agent starting", http.StatusServiceUnavailable)
 			return
 		}
 		h.ServeHTTP(w, r)
 	})
+}
+
+// ready reports whether the recording session is up.
+func (a *Agent) ready() bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.s != nil
 }
 
 // MaxWindow caps ?seconds= of /profiles/heap.
