@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/memprof/memprof/internal/cgroups"
+	"github.com/memprof/memprof/internal/procmaps"
 	"github.com/memprof/memprof/pprofout"
 )
 
@@ -142,7 +143,7 @@ func (a *Agent) budget(now time.Time, pidOf map[uint32]*container) {
 	a.mu.Lock()
 	for _, c := range a.profiled {
 		for pid := range c.excluded {
-			if !alive(pid) {
+			if !procmaps.Alive(pid) {
 				delete(c.excluded, pid)
 			}
 		}

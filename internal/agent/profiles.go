@@ -15,11 +15,8 @@ import (
 
 	"github.com/memprof/memprof/internal/agent/pyroscope"
 	"github.com/memprof/memprof/internal/cgroups"
-	"github.com/memprof/memprof/internal/procmaps"
 	"github.com/memprof/memprof/pprofout"
 )
-
-func alive(pid int) bool { return procmaps.Alive(pid) }
 
 // heapProfile builds the current heap profile of containers, labelled with
 // namespace, pod, container and node.

@@ -31,6 +31,8 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+
+	"github.com/memprof/memprof/internal/cgroups"
 )
 
 // Paths says where the host's files are; an agent in a container points them
@@ -260,30 +262,14 @@ func path(rel, name string) string {
 	return rel + "/" + name
 }
 
+// readPidsRecursive lists the processes of a container's cgroup and its
+// sub-cgroups, sorted (none if it vanished while being read).
 func readPidsRecursive(dir string) []int {
-	var pids []int
-	filepath.WalkDir(dir, func(p string, d os.DirEntry, err error) error {
-		if err != nil || !d.IsDir() {
-			return nil
-		}
-		pids = mergePids(pids, readPids(filepath.Join(p, "cgroup.procs")))
-		return nil
-	})
-	return pids
-}
-
-func readPids(file string) []int {
-	b, err := os.ReadFile(file)
+	pids, err := cgroups.Procs(dir, true)
 	if err != nil {
 		return nil
 	}
-	var pids []int
-	for _, f := range strings.Fields(string(b)) {
-		if n, err := strconv.Atoi(f); err == nil && n > 0 {
-			pids = append(pids, n)
-		}
-	}
-	return pids
+	return mergePids(pids, nil)
 }
 
 func mergePids(a, b []int) []int {
