@@ -107,6 +107,8 @@ func (s *Session) commandExiting(pid int) {
 }
 
 func (s *Session) addPid(pid int) error {
+	s.addMu.Lock()
+	defer s.addMu.Unlock()
 	s.mu.Lock()
 	_, known := s.procs[pid]
 	s.mu.Unlock()
