@@ -254,6 +254,12 @@ func TestAgentHTTPLimitsRoot(t *testing.T) {
 	logs := t.TempDir()
 	ns := "mph-" + randHex(6)
 
+	// the container runs its program before the agent starts: a process
+	// the agent finds still in runc's init (before its exec) is skipped
+	pod := kube.Pod{Namespace: ns, Name: "evil", UID: newUID()}
+	ec := kube.RunContainer(t, kube.RuncSpec{FSRoot: fsRoot, Pod: pod, Name: "app", Rootfs: root, Logs: logs, Args: []string{"/" + evil, "leak", fmt.Sprint(leakTotal), fmt.Sprint(leakBlock)}})
+	waitFor(t, 10*time.Second, "the container to start", func() bool { return strings.Contains(ec.Output(), "waiting") })
+
 	var mu sync.Mutex
 	var lines []string
 	a, tok, _ := startAgent(t, Config{
@@ -272,8 +278,6 @@ func TestAgentHTTPLimitsRoot(t *testing.T) {
 		},
 	})
 	base := "http://" + a.Addr()
-	pod := kube.Pod{Namespace: ns, Name: "evil", UID: newUID()}
-	kube.RunContainer(t, kube.RuncSpec{FSRoot: fsRoot, Pod: pod, Name: "app", Rootfs: root, Logs: logs, Args: []string{"/" + evil, "leak", fmt.Sprint(leakTotal), fmt.Sprint(leakBlock)}})
 	waitFor(t, 15*time.Second, "the agent to log its attach to the process named "+fmt.Sprintf("%q", evil), func() bool {
 		mu.Lock()
 		defer mu.Unlock()
