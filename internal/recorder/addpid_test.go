@@ -2,10 +2,15 @@ package recorder
 
 import (
 	"context"
+	"fmt"
 	"os"
+	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
+	"time"
 
+	"github.com/memprof/memprof/internal/cgroups"
 	"github.com/memprof/memprof/internal/testprog"
 )
 
@@ -63,5 +68,63 @@ func TestAddPidConcurrent(t *testing.T) {
 		if single == 0 || concurrent != single {
 			t.Errorf("links %d (added once) vs %d (added concurrently): want equal and nonzero", single, concurrent)
 		}
+	}
+}
+
+// TestScanCgroupConcurrent: two scans of one cgroup at once (AddCgroup and
+// the poll loop) attach its process once and say "attached" once.
+func TestScanCgroupConcurrent(t *testing.T) {
+	testprog.RequireRoot(t)
+	v1, v2 := cgroups.Root()
+	root := v1
+	if root == "" {
+		root = v2
+	}
+	dir := filepath.Join(root, fmt.Sprintf("memprof-test-scan-%d", os.Getpid()))
+	if err := cgroups.Create(dir, 0); err != nil {
+		t.Fatalf("create cgroup: %v", err)
+	}
+	t.Cleanup(func() { cgroups.Remove(dir) })
+	bin := testprog.Build(t, "rec_leaky.c")
+	prog := testprog.Start(t, bin, nil, "--wait-start", "--wait-end")
+	prog.Expect(t, "READY")
+	if err := cgroups.AddProcess(dir, prog.Pid()); err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	attached := 0
+	s, err := Start(context.Background(), Options{SampleRate: 1, AllowEmpty: true, Poll: time.Hour, Notify: func(msg string) {
+		if strings.HasPrefix(msg, "attached to process") {
+			mu.Lock()
+			attached++
+			mu.Unlock()
+		}
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	var wg sync.WaitGroup
+	gate := make(chan struct{})
+	total := 0
+	for i := 0; i < 8; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			<-gate
+			n, err := s.scanCgroup(dir)
+			if err != nil {
+				t.Error(err)
+			}
+			mu.Lock()
+			total += n
+			mu.Unlock()
+		}()
+	}
+	close(gate)
+	wg.Wait()
+	t.Logf("8 concurrent scans: %d attached, %d notices", total, attached)
+	if total != 1 || attached != 1 || len(s.Targets()) != 1 {
+		t.Errorf("8 concurrent scans of a cgroup with one process: %d attached, %d notices, %d targets; want 1, 1, 1", total, attached, len(s.Targets()))
 	}
 }
