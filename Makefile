@@ -8,12 +8,21 @@ APT_PKGS  := clang llvm libbpf-dev bpftool gcc g++ libc6-dev libc6-dbg binutils 
              prometheus util-linux mount
 DEMO_DIR  := bin/demo
 
-.PHONY: all build generate check-generated vmlinux deps test bench demo clean
+.PHONY: all build generate check-generated vmlinux deps test bench demo clean image
 
 all: build
 
 build:
 	$(GO) build -o $(BIN) ./cmd/memprof
+
+# The agent's container image without Docker or a base image: the static
+# binary on an empty base (internal/image), as a docker-archive tarball for
+# `ctr -n k8s.io images import` or `docker load -i`. deploy/'s containerd test
+# runs this image with the DaemonSet's security context.
+image:
+	@mkdir -p bin
+	CGO_ENABLED=0 $(GO) build -trimpath -o bin/memprof-static ./cmd/memprof
+	$(GO) run ./cmd/memprof-image -binary bin/memprof-static -o bin/memprof-image.tar -tag memprof:latest
 
 # Rebuild the BPF object and its Go loader from bpf/memprof.bpf.c (needs clang).
 generate:

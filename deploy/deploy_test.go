@@ -281,9 +281,10 @@ func TestKustomizeRender(t *testing.T) {
 	}
 }
 
-// TestDockerfile checks the image recipe, which cannot be built here (no
-// container engine): a golang:1.26 builder producing a static ./cmd/memprof,
-// and a distroless static final stage whose entrypoint is /memprof.
+// TestDockerfile checks the recipe users build with Docker (no container
+// engine here: the tested image is `make image`, see image_test.go): a
+// golang:1.26 builder producing a static ./cmd/memprof, and a distroless
+// static final stage whose entrypoint is /memprof.
 func TestDockerfile(t *testing.T) {
 	b, err := os.ReadFile(filepath.Join(dir(), "..", "Dockerfile"))
 	if err != nil {

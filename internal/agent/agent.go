@@ -58,7 +58,11 @@ type Config struct {
 	CollectInterval  time.Duration // metrics and budget (default 2s)
 	MaxOOMEntries    int           // OOM post-mortems listed in /oom and kept on disk (default 200)
 
-	Logf func(format string, args ...any) // default log.Printf
+	HTTP ServerLimits // timeouts and connection cap of the port (defaults: DefaultServerLimits)
+
+	// Logf receives the agent's log lines (default log.Printf), control
+	// characters escaped (see escapingLogf).
+	Logf func(format string, args ...any)
 }
 
 func (c *Config) defaults() {
@@ -83,6 +87,7 @@ func (c *Config) defaults() {
 	if c.Logf == nil {
 		c.Logf = log.Printf
 	}
+	c.Logf = escapingLogf(c.Logf)
 	if c.NodeName == "" {
 		c.NodeName, _ = os.Hostname()
 	}
@@ -184,7 +189,7 @@ func New(cfg Config) (*Agent, error) {
 	}
 	a.reg = newRegistry(a)
 	a.loadOOMs()
-	a.srv = &http.Server{Handler: a.handler(), ReadHeaderTimeout: 10 * time.Second}
+	a.srv, a.ln = a.newServer(ln)
 	return a, nil
 }
 

@@ -5,7 +5,10 @@ import (
 	"crypto/sha256"
 	"crypto/subtle"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"log"
+	"net"
 	"net/http"
 	"os"
 	"strconv"
@@ -13,9 +16,139 @@ import (
 	"sync"
 	"syscall"
 	"time"
+	"unicode"
+	"unicode/utf8"
 
 	"github.com/google/pprof/profile"
+	"golang.org/x/net/netutil"
 )
+
+// ServerLimits bounds what clients of the agent's port can hold: how long a
+// connection may take to send a request, to read a response or to sit idle
+// between requests, and how many connections are open at once. Zero fields
+// take the defaults (DefaultServerLimits).
+type ServerLimits struct {
+	// ReadHeaderTimeout: time from accepting a connection (or from the end
+	// of its previous request) to the end of the request headers.
+	ReadHeaderTimeout time.Duration
+	// ReadTimeout: time to read a whole request. Every endpoint is a GET
+	// without a body, so this is ReadHeaderTimeout plus slack.
+	ReadTimeout time.Duration
+	// WriteTimeout: time from the end of the request headers to the end of
+	// the response. /profiles/heap?seconds=N extends it by N seconds for
+	// its own request (N is at most MaxWindow).
+	WriteTimeout time.Duration
+	// IdleTimeout: how long a keep-alive connection may wait for its next
+	// request before the agent closes it.
+	IdleTimeout time.Duration
+	// MaxConns caps the open connections. Further connections wait in the
+	// kernel's accept queue (no descriptor or memory of the agent) until
+	// one closes; the timeouts above make sure one does.
+	MaxConns int
+}
+
+// DefaultServerLimits are the limits of `memprof agent`. WriteTimeout covers
+// building and sending a heap profile of a large pod; Prometheus scrapes
+// every 15-60 s and keeps its connection, so IdleTimeout exceeds a
+// typical scrape interval; 64 connections serve Prometheus, the kubelet's
+// probes and a few users, at about 17 KiB each when idle (issue 8 measured
+// 86 MiB for 5,000: read and write buffers and a goroutine's stack).
+var DefaultServerLimits = ServerLimits{
+	ReadHeaderTimeout: 10 * time.Second,
+	ReadTimeout:       15 * time.Second,
+	WriteTimeout:      2 * time.Minute,
+	IdleTimeout:       90 * time.Second,
+	MaxConns:          64,
+}
+
+func (l *ServerLimits) defaults() {
+	d := DefaultServerLimits
+	if l.ReadHeaderTimeout <= 0 {
+		l.ReadHeaderTimeout = d.ReadHeaderTimeout
+	}
+	if l.ReadTimeout <= 0 {
+		l.ReadTimeout = max(d.ReadTimeout, l.ReadHeaderTimeout)
+	}
+	if l.WriteTimeout <= 0 {
+		l.WriteTimeout = d.WriteTimeout
+	}
+	if l.IdleTimeout <= 0 {
+		l.IdleTimeout = d.IdleTimeout
+	}
+	if l.MaxConns <= 0 {
+		l.MaxConns = d.MaxConns
+	}
+}
+
+// newServer returns the HTTP server of the agent and the listener to serve
+// it on: ln capped at cfg.HTTP.MaxConns connections.
+func (a *Agent) newServer(ln net.Listener) (*http.Server, net.Listener) {
+	l := &a.cfg.HTTP
+	l.defaults()
+	srv := &http.Server{
+		Handler:           a.handler(),
+		ReadHeaderTimeout: l.ReadHeaderTimeout,
+		ReadTimeout:       l.ReadTimeout,
+		WriteTimeout:      l.WriteTimeout,
+		IdleTimeout:       l.IdleTimeout,
+		MaxHeaderBytes:    16 << 10, // GETs with a query string and a token
+		// net/http's own messages (bad TLS hellos, accept errors) carry
+		// client-sent bytes: they go through the escaping log too.
+		ErrorLog: log.New(logWriter(a.cfg.Logf), "memprof agent: http: ", 0),
+	}
+	return srv, netutil.LimitListener(ln, l.MaxConns)
+}
+
+// logWriter adapts a Logf to an io.Writer for log.Logger.
+type logWriter func(format string, args ...any)
+
+func (w logWriter) Write(b []byte) (int, error) {
+	w("%s", strings.TrimSuffix(string(b), "\n"))
+	return len(b), nil
+}
+
+// escapingLogf wraps logf so that no logged line carries a control
+// character or invalid UTF-8. Log lines carry what targets control (comm,
+// pod and container names from files, paths, ELF names): a comm of
+// "x\nmemprof agent: ..." must not forge a line, nor an ESC sequence
+// rewrite a terminal. Each such character is written as Go escapes it in a
+// quoted string (\n, \t, \x1b, \u2028); printable text is unchanged.
+func escapingLogf(logf func(format string, args ...any)) func(format string, args ...any) {
+	return func(format string, args ...any) {
+		logf("%s", escapeLog(fmt.Sprintf(format, args...)))
+	}
+}
+
+// escapeLog escapes the control, non-printable and invalid bytes of s as
+// strconv.Quote does, leaving the rest (quotes and backslashes included)
+// as it is. Its output has no byte below 0x20 and no 0x7f.
+func escapeLog(s string) string {
+	clean := true
+	for _, r := range s {
+		if r == utf8.RuneError || !unicode.IsPrint(r) && r != ' ' {
+			clean = false
+			break
+		}
+	}
+	if clean {
+		return s
+	}
+	var b strings.Builder
+	for len(s) > 0 {
+		r, n := utf8.DecodeRuneInString(s)
+		switch {
+		case r == utf8.RuneError && n <= 1:
+			fmt.Fprintf(&b, `\x%02x`, s[0])
+		case r == ' ' || unicode.IsPrint(r):
+			b.WriteString(s[:n])
+		default:
+			q := strconv.QuoteRune(r) // '\n', '\x1b', '\u2028'
+			b.WriteString(q[1 : len(q)-1])
+		}
+		s = s[n:]
+	}
+	return b.String()
+}
 
 // tokenFile holds the bearer token, re-read when the file changes
 // (Kubernetes updates a mounted Secret by swapping a symlink).
@@ -138,9 +271,33 @@ func (a *Agent) ready() bool {
 // MaxWindow caps ?seconds= of /profiles/heap.
 const MaxWindow = 5 * time.Minute
 
+// parseWindow parses ?seconds= of /profiles/heap: "" is no window (0),
+// otherwise a decimal count of seconds in 1..MaxWindow. Larger numbers, up
+// to any length, are refused before any multiplication, so none can wrap
+// around to a small or negative duration.
+func parseWindow(s string) (time.Duration, error) {
+	if s == "" {
+		return 0, nil
+	}
+	maxN := int64(MaxWindow / time.Second)
+	n, err := strconv.ParseInt(s, 10, 64)
+	switch {
+	case errors.Is(err, strconv.ErrRange) || err == nil && (n < 1 || n > maxN):
+		return 0, fmt.Errorf("seconds=%q out of range: give 1..%d", s, maxN)
+	case err != nil:
+		return 0, fmt.Errorf("seconds=%q is not a whole number: give 1..%d", s, maxN)
+	}
+	return time.Duration(n) * time.Second, nil
+}
+
 func (a *Agent) serveHeap(w http.ResponseWriter, r *http.Request) {
 	q := r.URL.Query()
 	ns, pod, name := q.Get("namespace"), q.Get("pod"), q.Get("container")
+	window, werr := parseWindow(q.Get("seconds"))
+	if werr != nil {
+		http.Error(w, werr.Error(), http.StatusBadRequest)
+		return
+	}
 	if pod == "" {
 		http.Error(w, "give ?pod=NAME (and namespace=, container=); GET /profiles lists the profiled containers", http.StatusBadRequest)
 		return
@@ -152,13 +309,12 @@ func (a *Agent) serveHeap(w http.ResponseWriter, r *http.Request) {
 	}
 	var p *profile.Profile
 	var err error
-	if s := q.Get("seconds"); s != "" {
-		n, perr := strconv.Atoi(s)
-		if perr != nil || n <= 0 || time.Duration(n)*time.Second > MaxWindow {
-			http.Error(w, fmt.Sprintf("seconds must be 1..%d", int(MaxWindow.Seconds())), http.StatusBadRequest)
-			return
-		}
-		p, err = a.allocProfile(r.Context(), conts, time.Duration(n)*time.Second)
+	if window > 0 {
+		// this response comes the window later than others: extend its
+		// write deadline by the window (net/http clears the read deadline
+		// once the request is read, so ReadTimeout does not cut it)
+		http.NewResponseController(w).SetWriteDeadline(time.Now().Add(window + a.cfg.HTTP.WriteTimeout))
+		p, err = a.allocProfile(r.Context(), conts, window)
 	} else {
 		p, err = a.heapProfile(conts)
 	}

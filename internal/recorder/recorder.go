@@ -80,6 +80,10 @@ type Session struct {
 	lastPrune   time.Time
 	staleStacks map[uint32]bool
 
+	// addMu serializes addPid, so that a process found by two scans at
+	// once (AddCgroup and the poll loop) is attached once, not twice.
+	addMu sync.Mutex
+
 	mu      sync.Mutex
 	procs   map[int]*target
 	frozen  *heap.Snapshot // state of targets that exited

@@ -107,15 +107,24 @@ func (s *Session) commandExiting(pid int) {
 }
 
 func (s *Session) addPid(pid int) error {
+	_, err := s.attachPid(pid)
+	return err
+}
+
+// attachPid is addPid telling whether it attached now (false: the process
+// was a target already, or an error).
+func (s *Session) attachPid(pid int) (bool, error) {
+	s.addMu.Lock()
+	defer s.addMu.Unlock()
 	s.mu.Lock()
 	_, known := s.procs[pid]
 	s.mu.Unlock()
 	if known {
-		return nil
+		return false, nil
 	}
 	objs, err := s.att.Process(pid)
 	if err != nil {
-		return err
+		return false, err
 	}
 	s.noteObjects(objs)
 	t := &target{pid: pid, comm: procmaps.Comm(pid), cgroup: memoryCgroup(pid), lastMap: time.Now()}
@@ -123,14 +132,14 @@ func (s *Session) addPid(pid int) error {
 	sp, err := s.sym.Snapshot(pid)
 	if err != nil {
 		s.att.Detach(pid)
-		return err
+		return false, err
 	}
 	t.sym = sp
 	s.setupStacks(t, nil)
 	s.mu.Lock()
 	s.procs[pid] = t
 	s.mu.Unlock()
-	return nil
+	return true, nil
 }
 
 // setupStacks decides how the target's stacks are taken: CFI unwinding in
@@ -175,7 +184,7 @@ func (s *Session) scanCgroup(dir string) (int, error) {
 	if err != nil {
 		return 0, fmt.Errorf("list processes of cgroup %s: %w", dir, err)
 	}
-	added := 0
+	n := 0
 	for _, pid := range pids {
 		s.mu.Lock()
 		_, known := s.procs[pid]
@@ -183,7 +192,8 @@ func (s *Session) scanCgroup(dir string) (int, error) {
 		if known {
 			continue
 		}
-		if err := s.addPid(pid); err != nil {
+		added, err := s.attachPid(pid)
+		if err != nil {
 			if errors.Is(err, attach.ErrNoAllocator) || !procmaps.Alive(pid) {
 				// Not profilable (e.g. a Go program) or gone already:
 				// remember it so it is not retried, and say so once.
@@ -193,12 +203,15 @@ func (s *Session) scanCgroup(dir string) (int, error) {
 				s.opts.Notify(fmt.Sprintf("skipping process %d: %v", pid, err))
 				continue
 			}
-			return added, err
+			return n, err
 		}
-		added++
+		if !added {
+			continue // another scan attached it meanwhile
+		}
+		n++
 		s.opts.Notify(fmt.Sprintf("attached to process %d (%s) in %s", pid, procmaps.Comm(pid), dir))
 	}
-	return added, nil
+	return n, nil
 }
 
 func (s *Session) loop(ctx context.Context) {

@@ -185,7 +185,10 @@ type Sandbox struct {
 // log directory under logs and the cgroup parent
 // <CgroupParent(c.FSRoot, "burstable")>. It is stopped and removed when the
 // test ends.
-func (c *Containerd) RunPodSandbox(t testing.TB, p Pod, logs string, annotations map[string]string) *Sandbox {
+//
+// Each of opts may change the configuration before it is sent (host PID
+// namespace, security context).
+func (c *Containerd) RunPodSandbox(t testing.TB, p Pod, logs string, annotations map[string]string, opts ...func(*runtimeapi.PodSandboxConfig)) *Sandbox {
 	t.Helper()
 	sb := &Sandbox{Pod: p, LogDir: p.LogDir(logs)}
 	if err := os.MkdirAll(sb.LogDir, 0o755); err != nil {
@@ -202,6 +205,9 @@ func (c *Containerd) RunPodSandbox(t testing.TB, p Pod, logs string, annotations
 				NamespaceOptions: &runtimeapi.NamespaceOption{Network: runtimeapi.NamespaceMode_NODE},
 			},
 		},
+	}
+	for _, o := range opts {
+		o(sb.Config)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
@@ -271,6 +277,65 @@ func (c *Containerd) StartContainer(t testing.TB, sb *Sandbox, name string, comm
 		t.Fatalf("CRI ContainerStatus verbose info has no pid: %v %q", err, st.Info["info"])
 	}
 	return id, info.Pid
+}
+
+// StartContainerConfig creates and starts a container of the sandbox from
+// cfg as given (image, args, env, mounts, security context, resources), to
+// which it adds the kubelet's labels and, when cfg has none, the log path
+// <LogDir>/<name>/0.log. It returns the container's id and the host pid of
+// its process. The sandbox's cleanup removes it.
+func (c *Containerd) StartContainerConfig(t testing.TB, sb *Sandbox, cfg *runtimeapi.ContainerConfig) (id string, pid int) {
+	t.Helper()
+	name := cfg.GetMetadata().GetName()
+	if cfg.LogPath == "" {
+		cfg.LogPath = name + "/0.log"
+	}
+	if err := os.MkdirAll(filepath.Dir(filepath.Join(sb.LogDir, cfg.LogPath)), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if cfg.Labels == nil {
+		cfg.Labels = map[string]string{}
+	}
+	cfg.Labels[labelContainerName] = name
+	for k, v := range sb.Config.Labels {
+		cfg.Labels[k] = v
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	created, err := c.Runtime.CreateContainer(ctx, &runtimeapi.CreateContainerRequest{PodSandboxId: sb.ID, Config: cfg, SandboxConfig: sb.Config})
+	if err != nil {
+		t.Fatalf("CRI CreateContainer %s: %v\n%s", name, err, c.Log())
+	}
+	id = created.ContainerId
+	if _, err := c.Runtime.StartContainer(ctx, &runtimeapi.StartContainerRequest{ContainerId: id}); err != nil {
+		t.Fatalf("CRI StartContainer %s: %v\n%s", name, err, c.Log())
+	}
+	st, err := c.Runtime.ContainerStatus(ctx, &runtimeapi.ContainerStatusRequest{ContainerId: id, Verbose: true})
+	if err != nil {
+		t.Fatalf("CRI ContainerStatus: %v", err)
+	}
+	var info struct{ Pid int }
+	if err := json.Unmarshal([]byte(st.Info["info"]), &info); err != nil || info.Pid <= 0 {
+		t.Fatalf("CRI ContainerStatus verbose info has no pid: %v %q", err, st.Info["info"])
+	}
+	return id, info.Pid
+}
+
+// ContainerLog is what the container name of the sandbox logged so far (the
+// CRI log format: time, stream, tag and the line).
+func (sb *Sandbox) ContainerLog(name string) string {
+	b, _ := os.ReadFile(filepath.Join(sb.LogDir, name, "0.log"))
+	return string(b)
+}
+
+// ImportArchive imports a docker-archive or OCI image tarball (as
+// internal/image writes) into containerd's k8s.io namespace, where CRI
+// finds it by the name it is tagged with.
+func (c *Containerd) ImportArchive(t testing.TB, path string) {
+	t.Helper()
+	if out, err := exec.Command(c.ctr, "--address", c.Sock, "--namespace", "k8s.io", "images", "import", path).CombinedOutput(); err != nil {
+		t.Fatalf("ctr images import %s: %v\n%s", path, err, out)
+	}
 }
 
 // WriteDockerArchive writes a docker-archive (docker save format) image
