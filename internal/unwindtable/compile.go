@@ -1,0 +1,209 @@
+// Package unwindtable derives the compact unwind tables that memprof's BPF
+// unwinder (bpf/unwind.h) evaluates from the call-frame information
+// internal/unwind parses, and keeps them in BPF maps: one shared array of
+// rows holding every object's table at its own offset, a deduplicated array
+// of rules the rows point to, an array of objects (row range per table id),
+// and a per-process map of executable mappings (pc range -> table id, bias).
+//
+// The design follows the one Parca Agent and the OpenTelemetry eBPF profiler
+// use (sorted pc -> rule rows searched in BPF, per-process mapping lists
+// maintained from userspace); the row and rule layout is memprof's own.
+package unwindtable
+
+import (
+	"errors"
+	"fmt"
+	"math"
+
+	"github.com/memprof/memprof/internal/unwind"
+)
+
+// Rule kinds, the same numbers as enum unwind_cfa_kind, unwind_ra_kind and
+// unwind_bp_kind of bpf/unwind.h (TestKindsMatchBPF checks them against the
+// bpf2go output).
+const (
+	CFARSP  = 1 // CFA = rsp + CFAOff
+	CFARBP  = 2 // CFA = rbp + CFAOff
+	CFAPLT  = 3 // PLT entry: CFA = rsp + 8, + 8 more once (rip & 15) >= CFAOff
+	CFAFP   = 4 // no CFI here: the frame-pointer rule
+	CFAStop = 5 // a rule the BPF walk cannot evaluate: the walk ends, truncated
+
+	RASaved = 0 // return address saved at CFA-8
+	RAEnd   = 1 // return address undefined: outermost frame, the walk is complete
+
+	BPSame  = 0 // rbp unchanged in the caller
+	BPSaved = 1 // rbp saved at CFA + BPOff
+	BPUndef = 2 // rbp has no known value in the caller
+)
+
+// Rule is how to recover the caller's rsp, rip and rbp: 12 bytes in BPF
+// (struct unwind_rule).
+type Rule struct {
+	CFA, RA, BP   uint8
+	CFAOff, BPOff int32
+}
+
+// Row is one row of a compact table: Rule holds from PC (bytes from the
+// table's Base) up to the next row's PC. 8 bytes in BPF (struct unwind_row,
+// whose rule is an index into the shared rule array).
+type Row struct {
+	PC   uint32
+	Rule Rule
+}
+
+// Table is the compact unwind table of one object.
+type Table struct {
+	Base uint64 // ELF virtual address that row PCs are relative to
+	Rows []Row  // increasing PC; the last row is a CFAFP row ending the table
+	// Stats of the conversion, for reports and tests.
+	SourceRows  int // rows of the CFI table
+	StopRows    int // rows the BPF walk cannot evaluate (signal frames, unknown expressions)
+	PLTRows     int // rows with the PLT CFA expression
+	Unsupported map[string]int
+}
+
+// Bytes is the table's size in the BPF row array (8 bytes a row).
+func (t *Table) Bytes() int64 { return int64(len(t.Rows)) * RowBytes }
+
+// RowBytes is the size of one row in the BPF row array.
+const RowBytes = 8
+
+// ErrTooLarge is returned for an object whose code spans more than 4 GiB
+// (row PCs are 32-bit offsets) or has more rows than the limit given.
+var ErrTooLarge = errors.New("unwind table too large")
+
+// Compile converts the rows of a CFI table into a compact table of at most
+// maxRows rows (<= 0: no limit). Rules the BPF walk cannot evaluate become
+// CFAStop rows (counted in StopRows and Unsupported by reason); gaps between
+// FDEs become CFAFP rows. Errors: ErrTooLarge.
+func Compile(src *unwind.Table, maxRows int) (*Table, error) {
+	in := src.Rows()
+	t := &Table{SourceRows: len(in), Unsupported: map[string]int{}}
+	if len(in) == 0 {
+		return t, nil
+	}
+	t.Base = in[0].PC
+	if span := in[len(in)-1].PC - t.Base; span > math.MaxUint32 {
+		return nil, fmt.Errorf("%w: code spans %d bytes (limit 4 GiB)", ErrTooLarge, span)
+	}
+	for _, r := range in {
+		rule, why := convert(&r)
+		if why != "" {
+			t.StopRows++
+			t.Unsupported[why]++
+		}
+		if rule.CFA == CFAPLT {
+			t.PLTRows++
+		}
+		pc := uint32(r.PC - t.Base)
+		if n := len(t.Rows); n > 0 && t.Rows[n-1].Rule == rule {
+			continue // same rule: the previous row extends over this one
+		}
+		t.Rows = append(t.Rows, Row{PC: pc, Rule: rule})
+		if maxRows > 0 && len(t.Rows) > maxRows {
+			return nil, fmt.Errorf("%w: more than %d rows", ErrTooLarge, maxRows)
+		}
+	}
+	if t.Rows[len(t.Rows)-1].Rule.CFA != CFAFP {
+		// internal/unwind ends every FDE with a gap row; keep the invariant anyway.
+		t.Rows = append(t.Rows, Row{PC: uint32(in[len(in)-1].PC - t.Base + 1), Rule: Rule{CFA: CFAFP}})
+	}
+	return t, nil
+}
+
+// pltExpr reports whether e is the CFA expression GNU ld emits for .plt
+// entries, rsp + 8 + (((rip & 15) >= N) << 3), and returns N.
+// Bytes: DW_OP_breg7 8, DW_OP_breg16 0, DW_OP_lit15, DW_OP_and, DW_OP_litN,
+// DW_OP_ge, DW_OP_lit3, DW_OP_shl, DW_OP_plus.
+func pltExpr(e []byte) (int32, bool) {
+	if len(e) != 11 || e[0] != 0x77 || e[1] != 8 || e[2] != 0x80 || e[3] != 0 || e[4] != 0x3f ||
+		e[5] != 0x1a || e[6] < 0x30 || e[6] > 0x3f || e[7] != 0x2a || e[8] != 0x33 || e[9] != 0x24 || e[10] != 0x22 {
+		return 0, false
+	}
+	return int32(e[6] - 0x30), true
+}
+
+// convert maps one CFI row to a compact rule; why names the reason for a
+// CFAStop rule.
+func convert(r *unwind.Row) (Rule, string) {
+	stop := func(why string) (Rule, string) { return Rule{CFA: CFAStop}, why }
+	if r.NoCFI {
+		return Rule{CFA: CFAFP}, ""
+	}
+	switch {
+	case r.Unsupported:
+		return stop("rule internal/unwind cannot evaluate")
+	case r.Signal || r.SPRule:
+		return stop("signal frame")
+	}
+	var rule Rule
+	switch r.CFAReg {
+	case unwind.RegRSP:
+		rule.CFA = CFARSP
+	case unwind.RegRBP:
+		rule.CFA = CFARBP
+	case -1:
+		n, ok := pltExpr(r.CFAExpr)
+		if !ok {
+			return stop("CFA expression")
+		}
+		rule.CFA, rule.CFAOff = CFAPLT, n
+	default:
+		return stop("CFA register")
+	}
+	if rule.CFA != CFAPLT {
+		if r.CFAOffset < math.MinInt32 || r.CFAOffset > math.MaxInt32 {
+			return stop("CFA offset")
+		}
+		rule.CFAOff = int32(r.CFAOffset)
+	}
+	switch {
+	case r.RA.Kind == unwind.RuleUndefined:
+		rule.RA = RAEnd
+	case r.RA.Kind == unwind.RuleOffset && r.RA.Offset == -8:
+		rule.RA = RASaved
+	default:
+		return stop("return-address rule")
+	}
+	switch r.BP.Kind {
+	case unwind.RuleSame:
+		rule.BP = BPSame
+	case unwind.RuleUndefined:
+		rule.BP = BPUndef
+	case unwind.RuleOffset:
+		if r.BP.Offset < math.MinInt32 || r.BP.Offset > math.MaxInt32 {
+			return stop("rbp offset")
+		}
+		rule.BP, rule.BPOff = BPSaved, int32(r.BP.Offset)
+	case unwind.RuleRegister:
+		if r.BP.Offset != unwind.RegRBP {
+			return stop("rbp rule")
+		}
+		rule.BP = BPSame
+	default:
+		return stop("rbp rule")
+	}
+	return rule, ""
+}
+
+// Lookup returns the rule for ELF virtual address vaddr: CFAFP outside the
+// table.
+func (t *Table) Lookup(vaddr uint64) Rule {
+	if len(t.Rows) == 0 || vaddr < t.Base || vaddr-t.Base > math.MaxUint32 {
+		return Rule{CFA: CFAFP}
+	}
+	pc := uint32(vaddr - t.Base)
+	lo, hi := 0, len(t.Rows) // last row with PC <= pc, as bpf/unwind.h searches
+	for lo < hi {
+		mid := (lo + hi) / 2
+		if t.Rows[mid].PC <= pc {
+			lo = mid + 1
+		} else {
+			hi = mid
+		}
+	}
+	if lo == 0 {
+		return Rule{CFA: CFAFP}
+	}
+	return t.Rows[lo-1].Rule
+}
