@@ -1,6 +1,10 @@
 package unwind
 
-import "debug/elf"
+import (
+	"debug/elf"
+
+	"github.com/memprof/memprof/internal/procmaps"
+)
 
 // Table is the parsed call-frame information of one object, for consumers
 // that derive their own unwind tables from it (internal/unwindtable builds
@@ -132,3 +136,12 @@ func (t *Table) Step(vaddr uint64, s FrameState, stack []byte) (FrameState, Step
 
 // Bytes is the table's estimated memory in bytes.
 func (t *Table) Bytes() int64 { return t.t.bytes }
+
+// LoadBias returns the value to subtract from a pc in mapping m of object ef
+// to get the ELF virtual address (from the PT_LOAD segment that maps m's
+// file offset); false when no segment does.
+func LoadBias(ef *elf.File, m *procmaps.Mapping) (uint64, bool) { return loadBias(ef, m) }
+
+// ObjectKey identifies an object across processes: "b:" and its GNU build
+// ID, else "i:" and its (device, inode).
+func ObjectKey(ef *elf.File, id procmaps.FileID) string { return objectKey(ef, id.Dev, id.Inode) }

@@ -53,7 +53,7 @@ type Row struct {
 
 // Table is the compact unwind table of one object.
 type Table struct {
-	Base uint64 // ELF virtual address that row PCs are relative to
+	Base uint64 // ELF virtual address that row PCs are relative to (0 unless the code lies above 4 GiB)
 	Rows []Row  // increasing PC; the last row is a CFAFP row ending the table
 	// Stats of the conversion, for reports and tests.
 	SourceRows  int // rows of the CFI table
@@ -82,7 +82,9 @@ func Compile(src *unwind.Table, maxRows int) (*Table, error) {
 	if len(in) == 0 {
 		return t, nil
 	}
-	t.Base = in[0].PC
+	if last := in[len(in)-1].PC; last > math.MaxUint32 {
+		t.Base = in[0].PC // rare: code above 4 GiB; row pcs relative to the first row
+	}
 	if span := in[len(in)-1].PC - t.Base; span > math.MaxUint32 {
 		return nil, fmt.Errorf("%w: code spans %d bytes (limit 4 GiB)", ErrTooLarge, span)
 	}
