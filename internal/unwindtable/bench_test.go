@@ -1,0 +1,71 @@
+package unwindtable
+
+import (
+	"testing"
+
+	"github.com/cilium/ebpf"
+
+	"github.com/memprof/memprof/bpf"
+	"github.com/memprof/memprof/internal/testprog"
+)
+
+// benchReps is UW_BENCH_REPS of bpf/unwindtest.bpf.c: walks per run.
+const benchReps = 16
+
+// BenchmarkBPFWalk measures, inside BPF (bpf_ktime_get_ns around 16 walks
+// per BPF_PROG_RUN), the cost of one CFI walk of a captured unw_chain stack
+// (-O2 -fomit-frame-pointer, 21 frames through exe, lib and libc) against
+// bpf_get_stack's frame-pointer walk of the calling Go thread's own stack
+// (what --stack-mode fp costs per sample). Both read user memory with the
+// kernel's nofault copy; ns/frame compares them at equal depth.
+func BenchmarkBPFWalk(b *testing.B) {
+	testprog.RequireRoot(b)
+	o := loadBPF(b, testRows)
+	st := NewStore(testMaps(o), 0, 2)
+	for _, c := range []struct {
+		name     string
+		exe, lib []string
+	}{{"omit-fp", omitFP, omitFP}, {"keep-fp", keepFP, keepFP}} {
+		p := buildPair(b, c.name, c.exe, c.lib)
+		tg := startTarget(b, p.exe, "chain")
+		regs, stack := capture(b, tg.pid, tg.tid, 32<<10)
+		if err := st.SetProcess(tg.pid, tg.maps); err != nil {
+			b.Fatal(err)
+		}
+		st.Wait()
+		b.Run("cfi/"+c.name, func(b *testing.B) {
+			newSnapshot(b, o, regs.SP, stack)
+			if err := o.TestIn.Put(uint32(0), bpf.UnwindtestUwTestIn{Pid: uint32(tg.pid), Ip: regs.IP, Sp: regs.SP, Bp: regs.BP}); err != nil {
+				b.Fatal(err)
+			}
+			runBench(b, o, o.UwBench)
+		})
+	}
+	b.Run("bpf_get_stack-fp", func(b *testing.B) { runBench(b, o, o.FpBench) })
+}
+
+func runBench(b *testing.B, o *bpf.UnwindtestObjects, prog *ebpf.Program) {
+	var ns, frames uint64
+	runs := 0
+	for b.Loop() {
+		if _, err := prog.Run(&ebpf.RunOptions{}); err != nil {
+			b.Fatalf("BPF_PROG_RUN: %v", err)
+		}
+		var out bpf.UnwindtestUwTestOut
+		if err := o.TestOut.Lookup(uint32(0), &out); err != nil {
+			b.Fatal(err)
+		}
+		if out.Status != 0 || out.Err < 0 {
+			b.Fatalf("walk status %d err %d", out.Status, out.Err)
+		}
+		ns += out.Ns
+		frames = uint64(out.N)
+		runs++
+	}
+	walks := float64(runs * benchReps)
+	b.ReportMetric(float64(ns)/walks, "ns/stack")
+	b.ReportMetric(float64(frames), "frames")
+	if frames > 0 {
+		b.ReportMetric(float64(ns)/walks/float64(frames), "ns/frame")
+	}
+}
