@@ -190,6 +190,14 @@ func TestBPFWalkMatchesUserspace(t *testing.T) {
 	}
 	s := st.Stats()
 	t.Logf("store: %+v", s)
+	var sum int64
+	for _, ti := range st.Tables() {
+		t.Logf("table %s: %s, %d rows, %d bytes, %d processes", ti.Key, ti.State, ti.Rows, ti.Bytes, ti.Procs)
+		sum += ti.Bytes
+	}
+	if sum != int64(s.Rows)*RowBytes {
+		t.Errorf("tables hold %d bytes, stats say %d rows", sum, s.Rows)
+	}
 	if s.Ready < 4 || s.NoCFI != 1 || s.Pending != 0 || s.BuildErrors != 0 {
 		t.Errorf("store stats %+v: want >= 4 ready tables (exe, lib, libc, ld.so), 1 without CFI, none pending", s)
 	}

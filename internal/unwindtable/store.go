@@ -8,6 +8,7 @@ import (
 	"slices"
 	"sort"
 	"sync"
+	"time"
 
 	"github.com/cilium/ebpf"
 
@@ -20,6 +21,10 @@ const (
 	MaxMappings  = 512     // executable mappings per process; more are dropped and counted
 	MaxTableRows = 1 << 23 // rows of one object's table (the BPF binary search's bound)
 )
+
+// reuseDelay is how long rows of an evicted table stay untouched before
+// they are reused: far longer than any walk (tens of microseconds).
+const reuseDelay = 10 * time.Millisecond
 
 // Object states (enum uw_object_state).
 const (
@@ -289,12 +294,22 @@ func (s *Store) build(o *object, f *os.File, ef *elf.File) {
 	defer f.Close()
 	s.sem <- struct{}{}
 	defer func() { <-s.sem }()
-	src, _ := unwind.ParseTable(ef) // a nil table with an error: no usable CFI, counted below
+	var src *unwind.Table
 	var t *Table
 	var err error
-	if src != nil {
-		t, err = Compile(src, s.maxTableRows)
-	}
+	func() {
+		// The object is the target's: a parser bug it triggers must cost
+		// this table, not memprof.
+		defer func() {
+			if r := recover(); r != nil {
+				src, err = nil, fmt.Errorf("unwindtable: panic building a table: %v", r)
+			}
+		}()
+		src, _ = unwind.ParseTable(ef) // nil: no usable CFI, counted below
+		if src != nil {
+			t, err = Compile(src, s.maxTableRows)
+		}
+	}()
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.objs[o.key] != o {
@@ -354,12 +369,20 @@ func (s *Store) load(o *object, t *Table) error {
 		}
 	}
 	first, ok := s.alloc(uint32(len(rows)))
+	evicted := false
 	for !ok && s.evictOne() {
+		evicted = true
 		first, ok = s.alloc(uint32(len(rows)))
 	}
 	if !ok {
 		s.st.NoRoom++
 		return fmt.Errorf("unwindtable: no room for %d rows", len(rows))
+	}
+	if evicted {
+		// A walk that read an evicted object's entry before it was marked
+		// pending may still search its rows: let such walks (microseconds
+		// long) finish before the rows are overwritten.
+		time.Sleep(reuseDelay)
 	}
 	const chunk = 1 << 16
 	for i := 0; i < len(rows); i += chunk {
@@ -457,4 +480,37 @@ func (s *Store) writeProc(pid uint32) error {
 		return fmt.Errorf("unwindtable: write mappings of process %d: %w", pid, err)
 	}
 	return nil
+}
+
+// TableInfo describes one object's table.
+type TableInfo struct {
+	Key   string // "b:<build ID>" or "i:<dev>:<inode>"
+	State string // "ready", "no CFI" (frame pointers), "pending" (building, or refused: see Stats)
+	Rows  uint32
+	Bytes int64 // in the row array
+	Procs int   // processes mapping it
+}
+
+// Tables lists the objects' tables, largest first.
+func (s *Store) Tables() []TableInfo {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := make([]TableInfo, 0, len(s.objs))
+	for _, o := range s.objs {
+		ti := TableInfo{Key: o.key, State: "pending", Procs: o.refs}
+		switch o.state {
+		case objReady:
+			ti.State, ti.Rows, ti.Bytes = "ready", o.rows, int64(o.rows)*RowBytes
+		case objNoCFI:
+			ti.State = "no CFI"
+		}
+		out = append(out, ti)
+	}
+	sort.Slice(out, func(i, j int) bool {
+		if out[i].Rows != out[j].Rows {
+			return out[i].Rows > out[j].Rows
+		}
+		return out[i].Key < out[j].Key
+	})
+	return out
 }
