@@ -1,12 +1,14 @@
 package unwindtable
 
 import (
+	"debug/elf"
 	"testing"
 
 	"github.com/cilium/ebpf"
 
 	"github.com/memprof/memprof/bpf"
 	"github.com/memprof/memprof/internal/testprog"
+	"github.com/memprof/memprof/internal/unwind"
 )
 
 // benchReps is UW_BENCH_REPS of bpf/unwindtest.bpf.c: walks per run.
@@ -67,5 +69,44 @@ func runBench(b *testing.B, o *bpf.UnwindtestObjects, prog *ebpf.Program) {
 	b.ReportMetric(float64(frames), "frames")
 	if frames > 0 {
 		b.ReportMetric(float64(ns)/walks/float64(frames), "ns/frame")
+	}
+}
+
+// BenchmarkTableBuild builds the compact tables of real objects (parse CFI
+// and compile): the time a table takes to become ready, and its memory in
+// the BPF row array, for libc, redis-server and a large C++ object (LLVM).
+func BenchmarkTableBuild(b *testing.B) {
+	for _, c := range []struct{ name, path string }{
+		{"libc", "/lib/x86_64-linux-gnu/libc.so.6"},
+		{"libstdc++", "/usr/lib/x86_64-linux-gnu/libstdc++.so.6"},
+		{"redis-server", "/usr/bin/redis-server"},
+		{"libLLVM-14", "/usr/lib/x86_64-linux-gnu/libLLVM-14.so.1"},
+	} {
+		b.Run(c.name, func(b *testing.B) {
+			f, err := elf.Open(c.path)
+			if err != nil {
+				b.Skipf("%s: %v", c.path, err)
+			}
+			defer f.Close()
+			var t *Table
+			for b.Loop() {
+				src, err := unwind.ParseTable(f)
+				if err != nil {
+					b.Fatalf("parse %s: %v", c.path, err)
+				}
+				if t, err = Compile(src, 0); err != nil {
+					b.Fatalf("compile %s: %v", c.path, err)
+				}
+			}
+			rules := map[Rule]bool{}
+			for _, r := range t.Rows {
+				rules[r.Rule] = true
+			}
+			b.ReportMetric(float64(t.SourceRows), "cfi-rows")
+			b.ReportMetric(float64(len(t.Rows)), "rows")
+			b.ReportMetric(float64(len(rules)), "rules")
+			b.ReportMetric(float64(t.Bytes()+int64(len(rules))*12), "table-bytes")
+			b.ReportMetric(float64(t.StopRows), "stop-rows")
+		})
 	}
 }
