@@ -3,6 +3,7 @@ package unwindtable
 import (
 	"bufio"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -52,6 +53,7 @@ func slicesClone(s []string) []string { return append([]string(nil), s...) }
 type target struct {
 	pid, tid int
 	maps     []procmaps.Mapping
+	stdin    io.WriteCloser // a byte lets leaf's read return
 }
 
 // startTarget runs exe in mode until it prints "ready <tid>" from leaf.
@@ -98,7 +100,7 @@ func startTarget(t testing.TB, exe, mode string) *target {
 	if err != nil {
 		t.Fatalf("read maps of %d: %v", cmd.Process.Pid, err)
 	}
-	return &target{pid: cmd.Process.Pid, tid: tid, maps: maps}
+	return &target{pid: cmd.Process.Pid, tid: tid, maps: maps, stdin: stdin}
 }
 
 // capture stops thread tid with ptrace, reads its registers and copies up to

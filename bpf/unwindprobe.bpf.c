@@ -1,0 +1,47 @@
+//go:build ignore
+
+// SPDX-License-Identifier: GPL-2.0
+// Test-only uprobe around unwind.h's production build: the walk reads the
+// live stack of the probed thread with bpf_probe_read_user, from the probe's
+// pt_regs, exactly as a tier's program will (internal/unwindtable's tests).
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_tracing.h>
+
+#include "unwind.h"
+
+char LICENSE[] SEC("license") = "GPL";
+
+struct uw_probe_out {
+	__u32 n;
+	__u32 status; // enum uw_status
+	__u64 calls;  // probe hits
+	__u64 ns;     // time of the last walk
+	__u64 pcs[UW_MAX_FRAMES];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct uw_probe_out);
+} probe_out SEC(".maps");
+
+SEC("uprobe")
+int uw_probe(struct pt_regs *ctx)
+{
+	__u32 zero = 0;
+	struct uw_probe_out *out = bpf_map_lookup_elem(&probe_out, &zero);
+	if (!out)
+		return 0;
+	__u64 t0 = bpf_ktime_get_ns();
+	struct uw_state *s = uw_walk(bpf_get_current_pid_tgid() >> 32, PT_REGS_IP(ctx), PT_REGS_SP(ctx), PT_REGS_FP(ctx));
+	out->ns = bpf_ktime_get_ns() - t0;
+	out->calls++;
+	if (!s)
+		return 0;
+	out->n = s->n;
+	out->status = s->status;
+	bpf_probe_read_kernel(out->pcs, sizeof(out->pcs), s->pcs);
+	return 0;
+}

@@ -1,0 +1,98 @@
+package unwindtable
+
+import (
+	"errors"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+
+	"github.com/memprof/memprof/bpf"
+	"github.com/memprof/memprof/internal/testprog"
+	"github.com/memprof/memprof/internal/unwind"
+)
+
+// TestUprobeWalkLiveStack runs unw_lib.c's production build of the walk
+// (bpf_probe_read_user of the live stack, registers from pt_regs) in a
+// uprobe placed on the return address of leaf's call in unw_lib_mid, in a
+// -fomit-frame-pointer build: when leaf returns, the walk must give exactly
+// the frames internal/unwind found above leaf in a ptrace capture of the
+// same thread a moment earlier, through main to _start.
+func TestUprobeWalkLiveStack(t *testing.T) {
+	testprog.RequireRoot(t)
+	spec, err := bpf.LoadUnwindprobe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	spec.Maps["uw_rows"].MaxEntries = testRows
+	var o bpf.UnwindprobeObjects
+	if err := spec.LoadAndAssign(&o, nil); err != nil {
+		var ve *ebpf.VerifierError
+		if errors.As(err, &ve) {
+			t.Fatalf("load unwindprobe: %+v", ve)
+		}
+		t.Fatalf("load unwindprobe: %v", err)
+	}
+	defer o.Close()
+	st := NewStore(Maps{Procs: o.UwProcs, Objects: o.UwObjects, Rows: o.UwRows, Rules: o.UwRules}, 0, 1)
+
+	p := buildPair(t, "omit-fp", omitFP, omitFP)
+	tg := startTarget(t, p.exe, "chain")
+	regs, stack := capture(t, tg.pid, tg.tid, 32<<10)
+	up, err := unwind.NewCache(64<<20).Process(tg.pid, tg.maps)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer up.Close()
+	want, tr := up.Unwind(regs, stack, maxFrames)
+	lo, hi := funcRange(t, tg.maps, p.exe, "leaf")
+	i := slices.IndexFunc(want[1:], func(pc uint64) bool { return pc-1 >= lo && pc-1 < hi }) + 1
+	if tr || i < 1 || i+1 >= len(want) {
+		t.Fatalf("userspace walk %x (truncated %v): no leaf frame", want, tr)
+	}
+	ret := want[i+1] // leaf's return address, in unw_lib_mid
+	var off uint64
+	for _, m := range tg.maps {
+		if m.Path == p.lib && m.Start <= ret && ret < m.End {
+			off = ret - m.Start + m.Offset
+		}
+	}
+	if off == 0 {
+		t.Fatalf("return address %#x is not in %s", ret, p.lib)
+	}
+
+	if err := st.SetProcess(tg.pid, tg.maps); err != nil {
+		t.Fatal(err)
+	}
+	st.Wait()
+	ex, err := link.OpenExecutable(p.lib)
+	if err != nil {
+		t.Fatal(err)
+	}
+	l, err := ex.Uprobe("unw_lib_mid", o.UwProbe, &link.UprobeOptions{Address: off, PID: tg.pid})
+	if err != nil {
+		t.Fatalf("uprobe at %s+%#x: %v", p.lib, off, err)
+	}
+	defer l.Close()
+	if _, err := tg.stdin.Write([]byte("x")); err != nil {
+		t.Fatal(err)
+	}
+	var out bpf.UnwindprobeUwProbeOut
+	deadline := time.Now().Add(10 * time.Second)
+	for out.Calls == 0 && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+		if err := o.ProbeOut.Lookup(uint32(0), &out); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if out.Calls != 1 {
+		t.Fatalf("uprobe hit %d times, want 1", out.Calls)
+	}
+	got := out.Pcs[:min(out.N, uint32(len(out.Pcs)))]
+	t.Logf("live walk: %d frames in %d ns, status %d", len(got), out.Ns, out.Status)
+	if out.Status != uint32(bpf.UnwindtestUwStatusUW_COMPLETE) || !slices.Equal(got, want[i+1:]) {
+		t.Errorf("live BPF walk %x status %d; want %x (the userspace walk above leaf), complete", got, out.Status, want[i+1:])
+	}
+}
