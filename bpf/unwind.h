@@ -3,7 +3,7 @@
 //
 // A tier includes this header and calls uw_walk(pid, ip, sp, bp) with
 // the user registers of the sampled thread; the frames are left in the
-// per-CPU scratch state it returns. Userspace (internal/unwindtable) keeps
+// per-CPU walk state it returns, which it hands back with uw_release. Userspace (internal/unwindtable) keeps
 // the tables in the maps below:
 //
 //   uw_procs    pid -> the process's executable mappings, sorted by start:
@@ -78,7 +78,8 @@ enum uw_status {
 	UW_TRUNC_READ = 5,	      // a memory read failed
 	UW_TRUNC_BAD_FRAME = 6,   // CFA not above rsp, unusable frame pointer, rbp unknown
 	UW_TRUNC_MAP = 7,	      // a table lookup failed (inconsistent maps)
-	UW_NR_STATUS = 8,
+	UW_BUSY = 8,		      // no free walk state on this CPU: no walk
+	UW_NR_STATUS = 9,
 };
 
 // State of a table id (struct uw_object.state).
@@ -124,6 +125,8 @@ struct uw_proc {
 
 // Per-CPU state of a walk; pcs[0..n) are the frames when it returns.
 struct uw_state {
+	__u32 busy; // claimed by a walk (uprobe programs can be preempted mid-walk)
+	__u32 pad;
 	__u64 pc, sp, bp;
 	__u32 pid;
 	__u32 n;
@@ -165,9 +168,14 @@ struct {
 	__type(value, struct uw_rule);
 } uw_rules SEC(".maps");
 
+// Walk states: UW_SCRATCH_SLOTS per CPU, each claimed with a compare-and-
+// swap for one walk. Several because uprobe programs run preemptibly: a walk
+// preempted on a CPU must not share its state with the next walk there.
+#define UW_SCRATCH_SLOTS 4 // uw_walk tries each in turn
+
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 1);
+	__uint(max_entries, UW_SCRATCH_SLOTS);
 	__type(key, __u32);
 	__type(value, struct uw_state);
 } uw_scratch SEC(".maps");
@@ -297,14 +305,12 @@ static __always_inline struct uw_rule *uw_find_rule(struct uw_state *s, struct u
 	return rule;
 }
 
-// uw_step unwinds one frame of the per-CPU walk state: it records pc
-// and computes the caller's registers. It returns 0 to continue, 1 when the
-// walk has ended (status set). A global function: verified once, whatever
-// the number of frames.
-__attribute__((noinline)) int uw_step(__u32 unused)
+// uw_step unwinds one frame of walk state s: it records pc and computes
+// the caller's registers. It returns 0 to continue, 1 when the walk has
+// ended (status set). A global function: verified once, whatever the number
+// of frames (pointer arguments to global functions: 5.12).
+__attribute__((noinline)) int uw_step(struct uw_state *s)
 {
-	__u32 zero = 0;
-	struct uw_state *s = bpf_map_lookup_elem(&uw_scratch, &zero);
 	if (!s)
 		return 1;
 	__u64 pc = s->pc, sp = s->sp, bp = s->bp;
@@ -415,15 +421,40 @@ __attribute__((noinline)) int uw_step(__u32 unused)
 	return 0;
 }
 
+static __always_inline void uw_count(__u32 status)
+{
+	__u64 *c = bpf_map_lookup_elem(&uw_stats, &status);
+	if (c)
+		*c += 1;
+}
+
+// uw_claim takes walk state slot of this CPU if no walk uses it.
+static __always_inline struct uw_state *uw_claim(__u32 slot)
+{
+	struct uw_state *c = bpf_map_lookup_elem(&uw_scratch, &slot);
+	if (c && __sync_val_compare_and_swap(&c->busy, 0, 1) == 0)
+		return c;
+	return NULL;
+}
+
 // uw_walk unwinds the user stack of process pid from registers ip, sp,
-// bp. It returns the per-CPU state (pcs[0..n), status) or NULL if the
-// scratch map is unavailable; the outcome is counted in uw_stats.
+// bp. It returns the walk's state (pcs[0..n), status), which the caller
+// must hand back with uw_release once it has copied the frames, or NULL
+// when every state of this CPU is in use (counted as UW_BUSY). The outcome
+// is counted in uw_stats.
 static __always_inline struct uw_state *uw_walk(__u32 pid, __u64 ip, __u64 sp, __u64 bp)
 {
-	__u32 zero = 0;
-	struct uw_state *s = bpf_map_lookup_elem(&uw_scratch, &zero);
+	struct uw_state *s = uw_claim(0);
 	if (!s)
+		s = uw_claim(1);
+	if (!s)
+		s = uw_claim(2);
+	if (!s)
+		s = uw_claim(3);
+	if (!s) {
+		uw_count(UW_BUSY);
 		return NULL;
+	}
 	s->pc = ip;
 	s->sp = sp;
 	s->bp = bp;
@@ -435,16 +466,18 @@ static __always_inline struct uw_state *uw_walk(__u32 pid, __u64 ip, __u64 sp, _
 	s->m_start = 0;
 	s->m_end = 0;
 	for (int i = 0; i < UW_MAX_FRAMES; i++) {
-		if (uw_step(0))
+		if (uw_step(s))
 			break;
 	}
-	__u32 st = s->status;
-	if (st < UW_NR_STATUS) {
-		__u64 *c = bpf_map_lookup_elem(&uw_stats, &st);
-		if (c)
-			*c += 1;
-	}
+	uw_count(s->status);
 	return s;
+}
+
+// uw_release frees a state uw_walk returned.
+static __always_inline void uw_release(struct uw_state *s)
+{
+	asm volatile("" ::: "memory"); // the frames are read before the state is freed
+	s->busy = 0;
 }
 
 #endif

@@ -43,5 +43,6 @@ int uw_probe(struct pt_regs *ctx)
 	out->n = s->n;
 	out->status = s->status;
 	bpf_probe_read_kernel(out->pcs, sizeof(out->pcs), s->pcs);
+	uw_release(s);
 	return 0;
 }

@@ -62,6 +62,8 @@ type UnwindprobeUwRule struct {
 
 type UnwindprobeUwState struct {
 	_       structs.HostLayout
+	Busy    uint32
+	Pad     uint32
 	Pc      uint64
 	Sp      uint64
 	Bp      uint64

@@ -68,11 +68,15 @@ int uw_test(void *ctx)
 	if (!in || !out)
 		return 0;
 	struct uw_state *s = uw_walk(in->pid, in->ip, in->sp, in->bp);
-	if (!s)
+	if (!s) {
+		out->n = 0;
+		out->status = UW_BUSY;
 		return 0;
+	}
 	out->n = s->n;
 	out->status = s->status;
 	bpf_probe_read_kernel(out->pcs, sizeof(out->pcs), s->pcs);
+	uw_release(s);
 	return 0;
 }
 
@@ -87,13 +91,15 @@ int uw_bench(void *ctx)
 		return 0;
 	__u64 t0 = bpf_ktime_get_ns();
 	struct uw_state *s = NULL;
-	for (int i = 0; i < UW_BENCH_REPS; i++)
+	for (int i = 0; i < UW_BENCH_REPS; i++) {
 		s = uw_walk(in->pid, in->ip, in->sp, in->bp);
-	out->ns = bpf_ktime_get_ns() - t0;
-	if (s) {
+		if (!s)
+			break;
 		out->n = s->n;
 		out->status = s->status;
+		uw_release(s);
 	}
+	out->ns = bpf_ktime_get_ns() - t0;
 	return 0;
 }
 

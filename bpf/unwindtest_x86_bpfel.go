@@ -104,6 +104,8 @@ type UnwindtestUwSnapshot struct {
 
 type UnwindtestUwState struct {
 	_       structs.HostLayout
+	Busy    uint32
+	Pad     uint32
 	Pc      uint64
 	Sp      uint64
 	Bp      uint64
@@ -132,7 +134,8 @@ const (
 	UnwindtestUwStatusUW_TRUNC_READ        UnwindtestUwStatus = 5
 	UnwindtestUwStatusUW_TRUNC_BAD_FRAME   UnwindtestUwStatus = 6
 	UnwindtestUwStatusUW_TRUNC_MAP         UnwindtestUwStatus = 7
-	UnwindtestUwStatusUW_NR_STATUS         UnwindtestUwStatus = 8
+	UnwindtestUwStatusUW_BUSY              UnwindtestUwStatus = 8
+	UnwindtestUwStatusUW_NR_STATUS         UnwindtestUwStatus = 9
 )
 
 type UnwindtestUwTestIn struct {

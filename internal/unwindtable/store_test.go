@@ -153,6 +153,30 @@ func TestBPFWalkEnds(t *testing.T) {
 	if status != bpf.UnwindtestUwStatusUW_COMPLETE || !slices.Equal(got, want) {
 		t.Errorf("table restored: %x status %v, want %x complete", got, status, want)
 	}
+	// Every walk state of every CPU taken (walks preempted mid-way): no walk, counted.
+	ncpu, err := ebpf.PossibleCPU()
+	if err != nil {
+		t.Fatal(err)
+	}
+	busy := make([]bpf.UnwindtestUwState, ncpu)
+	for i := range busy {
+		busy[i].Busy = 1
+	}
+	for slot := range uint32(4) {
+		if err := o.UwScratch.Put(slot, busy); err != nil {
+			t.Fatalf("mark walk state %d busy: %v", slot, err)
+		}
+	}
+	if got, status = bpfWalk(t, o, tg.pid, regs); status != bpf.UnwindtestUwStatusUW_BUSY || len(got) != 0 {
+		t.Errorf("all walk states busy: %x status %v, want no frames, busy", got, status)
+	}
+	if err := o.UwScratch.Put(uint32(3), make([]bpf.UnwindtestUwState, ncpu)); err != nil {
+		t.Fatal(err)
+	}
+	if got, status = bpfWalk(t, o, tg.pid, regs); status != bpf.UnwindtestUwStatusUW_COMPLETE || !slices.Equal(got, want) {
+		t.Errorf("one walk state free: %x status %v, want %x complete", got, status, want)
+	}
+
 	var total [bpf.UnwindtestUwStatusUW_NR_STATUS]uint64
 	for k := range total {
 		var per []uint64
@@ -164,8 +188,9 @@ func TestBPFWalkEnds(t *testing.T) {
 		}
 	}
 	t.Logf("uw_stats: %v", total)
-	if total[bpf.UnwindtestUwStatusUW_COMPLETE] != 1 || total[bpf.UnwindtestUwStatusUW_TRUNC_PENDING] != 1 || total[bpf.UnwindtestUwStatusUW_TRUNC_NO_MAPPING] != 1 {
-		t.Errorf("uw_stats %v: want 1 complete, 1 pending, 1 without mapping", total)
+	if total[bpf.UnwindtestUwStatusUW_COMPLETE] != 2 || total[bpf.UnwindtestUwStatusUW_TRUNC_PENDING] != 1 ||
+		total[bpf.UnwindtestUwStatusUW_TRUNC_NO_MAPPING] != 1 || total[bpf.UnwindtestUwStatusUW_BUSY] != 1 {
+		t.Errorf("uw_stats %v: want 2 complete, 1 pending, 1 without mapping, 1 busy", total)
 	}
 }
 
