@@ -43,7 +43,20 @@ func BenchmarkBPFWalk(b *testing.B) {
 			runBench(b, o, o.UwBench)
 		})
 	}
-	b.Run("bpf_get_stack-fp", func(b *testing.B) { runBench(b, o, o.FpBench) })
+	// The Go stack calling BPF_PROG_RUN, made 21 frames deep like the
+	// captured one (Go keeps frame pointers).
+	b.Run("bpf_get_stack-fp", func(b *testing.B) { atDepth(10, func() { runBench(b, o, o.FpBench) }) })
+}
+
+// atDepth calls f n frames deeper.
+//
+//go:noinline
+func atDepth(n int, f func()) {
+	if n == 0 {
+		f()
+		return
+	}
+	atDepth(n-1, f)
 }
 
 func runBench(b *testing.B, o *bpf.UnwindtestObjects, prog *ebpf.Program) {
