@@ -2,6 +2,8 @@ package unwindtable
 
 import (
 	"debug/elf"
+	"encoding/binary"
+	"math/rand/v2"
 	"errors"
 	"slices"
 	"testing"
@@ -205,3 +207,73 @@ func TestBPFWalkMatchesUserspace(t *testing.T) {
 
 // maxFrames is UW_MAX_FRAMES, the frame limit of both walks.
 var maxFrames = len(bpf.UnwindtestUwTestOut{}.Pcs)
+
+// TestBPFWalkCorruptedStacks is a differential test on hostile input: real
+// captured stacks with random words overwritten, and random registers, must
+// give exactly the frames and truncation of the userspace walk (the same
+// rules; the BPF walk may only stop earlier, flagged, at a rule it does not
+// evaluate), never more than UW_MAX_FRAMES, and never hang.
+func TestBPFWalkCorruptedStacks(t *testing.T) {
+	testprog.RequireRoot(t)
+	o := loadBPF(t, testRows)
+	st := NewStore(testMaps(o), 0, 2)
+	p := buildPair(t, "lib-no-cfi", omitFP, noCFI) // CFI and frame-pointer frames
+	tg := startTarget(t, p.exe, "chain")
+	regs, stack := capture(t, tg.pid, tg.tid, 32<<10)
+	if err := st.SetProcess(tg.pid, tg.maps); err != nil {
+		t.Fatal(err)
+	}
+	st.Wait()
+	up, err := unwind.NewCache(64<<20).Process(tg.pid, tg.maps)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer up.Close()
+	truth, _ := up.Unwind(regs, stack, maxFrames)
+	rng := rand.New(rand.NewPCG(7, 11))
+	same, early, frames, long := 0, 0, 0, 0
+	for i := range 400 {
+		bad := slices.Clone(stack[:min(len(stack), 4096)])
+		for range 1 + rng.IntN(6) {
+			off := rng.IntN(len(bad)/8) * 8
+			v := rng.Uint64()
+			switch rng.IntN(3) {
+			case 0: // a pc of the true stack
+				v = truth[rng.IntN(len(truth))]
+			case 1: // an address in the copy
+				v = regs.SP + uint64(rng.IntN(len(bad)))
+			}
+			binary.LittleEndian.PutUint64(bad[off:], v)
+		}
+		r := regs
+		switch i % 4 {
+		case 1:
+			r.BP = regs.SP + uint64(rng.IntN(len(bad)))
+		case 2:
+			r.IP = truth[rng.IntN(len(truth))]
+		case 3:
+			r.BP = rng.Uint64()
+		}
+		want, wtr := up.Unwind(r, bad, maxFrames)
+		newSnapshot(t, o, r.SP, bad)
+		got, status := bpfWalk(t, o, tg.pid, r)
+		gtr := status != bpf.UnwindtestUwStatusUW_COMPLETE
+		frames += len(got)
+		if len(got) >= 5 {
+			long++
+		}
+		switch {
+		case slices.Equal(got, want) && gtr == wtr:
+			same++
+		case status == bpf.UnwindtestUwStatusUW_TRUNC_UNSUPPORTED && len(got) <= len(want) && slices.Equal(got, want[:len(got)]):
+			early++
+		default:
+			t.Fatalf("corrupted stack %d: BPF %x status %v, userspace %x truncated %v", i, got, status, want, wtr)
+		}
+	}
+	t.Logf("400 corrupted stacks: %d identical walks, %d stopped earlier at a rule BPF does not evaluate; %d frames, %d walks of 5 frames or more",
+		same, early, frames, long)
+	if long < 100 {
+		t.Errorf("only %d walks went 5 frames deep: the corruption does not exercise the walk", long)
+	}
+}
