@@ -3,8 +3,8 @@ package unwindtable
 import (
 	"debug/elf"
 	"encoding/binary"
-	"math/rand/v2"
 	"errors"
+	"math/rand/v2"
 	"slices"
 	"testing"
 	"unsafe"

@@ -282,7 +282,7 @@ func (s *Store) newID() (uint32, error) {
 		s.nextID++
 		return s.nextID - 1, nil
 	}
-	if s.evictOne() {
+	if s.evictOne(nil) {
 		return s.newID()
 	}
 	return 0, fmt.Errorf("unwindtable: all %d table ids are used by live processes", s.maxObjects)
@@ -345,7 +345,9 @@ func (s *Store) build(o *object, f *os.File, ef *elf.File) {
 }
 
 // load interns t's rules, places its rows in the row array and marks the
-// object ready (caller holds s.mu).
+// object ready. Called with s.mu held, it releases it while the rows are
+// written (a large table takes many batch updates), so recording is not
+// held up.
 func (s *Store) load(o *object, t *Table) error {
 	rows := make([]bpfRow, len(t.Rows))
 	var newRules []Rule
@@ -365,37 +367,38 @@ func (s *Store) load(o *object, t *Table) error {
 	for _, r := range newRules {
 		v := bpfRule{CFA: r.CFA, RA: r.RA, BP: r.BP, CFAOff: r.CFAOff, BPOff: r.BPOff}
 		if err := s.m.Rules.Put(s.rules[r], v); err != nil {
+			s.st.BuildErrors++
 			return fmt.Errorf("unwindtable: write rule: %w", err)
 		}
 	}
-	first, ok := s.alloc(uint32(len(rows)))
+	n := uint32(len(rows))
+	first, ok := s.alloc(n)
 	evicted := false
-	for !ok && s.evictOne() {
+	for !ok && s.evictOne(o) {
 		evicted = true
-		first, ok = s.alloc(uint32(len(rows)))
+		first, ok = s.alloc(n)
 	}
 	if !ok {
 		s.st.NoRoom++
-		return fmt.Errorf("unwindtable: no room for %d rows", len(rows))
+		return fmt.Errorf("unwindtable: no room for %d rows", n)
 	}
+
+	s.mu.Unlock()
 	if evicted {
 		// A walk that read an evicted object's entry before it was marked
 		// pending may still search its rows: let such walks (microseconds
 		// long) finish before the rows are overwritten.
 		time.Sleep(reuseDelay)
 	}
-	const chunk = 1 << 16
-	for i := 0; i < len(rows); i += chunk {
-		end := min(i+chunk, len(rows))
-		keys := make([]uint32, end-i)
-		for k := range keys {
-			keys[k] = first + uint32(i+k)
-		}
-		if _, err := s.m.Rows.BatchUpdate(keys, rows[i:end], nil); err != nil {
-			s.freeSpan(span{first, uint32(len(rows))})
+	werr := s.writeRows(first, rows)
+	s.mu.Lock()
+
+	if werr != nil || s.objs[o.key] != o { // failed, or evicted meanwhile
+		s.freeSpan(span{first, n})
+		if werr != nil {
 			s.st.BuildErrors++
-			return fmt.Errorf("unwindtable: write %d rows: %w", len(rows), err)
 		}
+		return werr
 	}
 	if o.base = t.Base; o.base != 0 {
 		// The mapping biases of processes using it include the base.
@@ -407,12 +410,29 @@ func (s *Store) load(o *object, t *Table) error {
 	}
 	// Rows and biases first, then the object entry: a walk sees the table
 	// only once complete.
-	if err := s.m.Objects.Put(o.id, bpfObject{FirstRow: first, NRows: uint32(len(rows)), State: objReady}); err != nil {
-		s.freeSpan(span{first, uint32(len(rows))})
+	if err := s.m.Objects.Put(o.id, bpfObject{FirstRow: first, NRows: n, State: objReady}); err != nil {
+		s.freeSpan(span{first, n})
 		s.st.BuildErrors++
 		return fmt.Errorf("unwindtable: write table id %d: %w", o.id, err)
 	}
-	o.state, o.first, o.rows = objReady, first, uint32(len(rows))
+	o.state, o.first, o.rows = objReady, first, n
+	return nil
+}
+
+// writeRows writes rows at index first of the row array, in batches.
+func (s *Store) writeRows(first uint32, rows []bpfRow) error {
+	const chunk = 1 << 16
+	keys := make([]uint32, 0, min(chunk, len(rows)))
+	for i := 0; i < len(rows); i += chunk {
+		end := min(i+chunk, len(rows))
+		keys = keys[:0]
+		for k := i; k < end; k++ {
+			keys = append(keys, first+uint32(k))
+		}
+		if _, err := s.m.Rows.BatchUpdate(keys, rows[i:end], nil); err != nil {
+			return fmt.Errorf("unwindtable: write %d rows: %w", len(rows), err)
+		}
+	}
 	return nil
 }
 
@@ -444,12 +464,12 @@ func (s *Store) freeSpan(f span) {
 	}
 }
 
-// evictOne drops the least recently used object no process maps (caller
-// holds s.mu); false if every object is in use.
-func (s *Store) evictOne() bool {
+// evictOne drops the least recently used object no process maps, other
+// than keep (caller holds s.mu); false if every object is in use.
+func (s *Store) evictOne(keep *object) bool {
 	var victim *object
 	for _, o := range s.objs {
-		if o.refs <= 0 && (victim == nil || o.lastUse < victim.lastUse) {
+		if o != keep && o.refs <= 0 && (victim == nil || o.lastUse < victim.lastUse) {
 			victim = o
 		}
 	}
