@@ -1,18 +1,20 @@
 // SPDX-License-Identifier: GPL-2.0
 // CFI stack unwinding in BPF, shared by memprof's tiers.
 //
-// A tier includes this header and calls uw_walk(pid, ip, sp, bp) with
-// the user registers of the sampled thread; the frames are left in the
-// per-CPU walk state it returns, which it hands back with uw_release. Userspace (internal/unwindtable) keeps
-// the tables in the maps below:
+// A tier includes this header and calls uw_walk(pid, ip, sp, bp) with the
+// user registers of the sampled thread; the frames are left in the per-CPU
+// walk state it returns, which it hands back with uw_release. Userspace
+// (internal/unwindtable) keeps the tables in the maps below:
 //
 //   uw_procs    pid -> the process's executable mappings, sorted by start:
-//                   [start, end) -> object (table id) and bias
+//               [start, end) -> object (table id) and bias
 //   uw_objects  table id -> range of rows in uw_rows, and its state
-//   uw_rows     every object's rows, each table a contiguous range sorted
-//                   by pc: (pc - bias) as 32 bits -> rule index
-//   uw_rules    deduplicated rules: how to get the CFA, return address
-//                   and rbp of the caller
+//   uw_rows     every object's rows, each table a contiguous range sorted by
+//               pc: (pc - bias) as 32 bits -> rule index
+//   uw_rules    deduplicated rules: how to get the CFA, return address and
+//               rbp of the caller
+//   uw_stale    processes whose walks met unknown code (to rescan)
+//   uw_stats    walks by outcome (enum uw_status)
 //
 // One shared row array rather than an array of maps: the rows of all objects
 // are preallocated once (the total memory bound, 8 bytes a row), lookups are
@@ -187,6 +189,16 @@ struct {
 	__type(value, __u64);
 } uw_stats SEC(".maps");
 
+// Processes whose walk met a pc outside every known mapping: code mapped
+// since userspace last listed its mappings (dlopen). Userspace rescans
+// them (unwindtable.Store.Refresh) and deletes the entry.
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 1024);
+	__type(key, __u32);
+	__type(value, __u8);
+} uw_stale SEC(".maps");
+
 #ifdef UW_SNAPSHOT
 // Test build: user memory is a snapshot of [base, base+len) of the target's
 // stack, held at uaddr in the test process's own memory (the program runs
@@ -332,6 +344,9 @@ __attribute__((noinline)) int uw_step(struct uw_state *s)
 	__u64 addr = s->exact ? pc : pc - 1; // the call instruction for a return address
 	if (addr < s->m_start || addr >= s->m_end) {
 		if (uw_find_mapping(s, addr)) {
+			__u32 pid = s->pid;
+			__u8 one = 1;
+			bpf_map_update_elem(&uw_stale, &pid, &one, BPF_ANY);
 			s->status = UW_TRUNC_NO_MAPPING;
 			return 1;
 		}

@@ -91,6 +91,7 @@ const (
 	UnwindprobeMapUwRows    = "uw_rows"
 	UnwindprobeMapUwRules   = "uw_rules"
 	UnwindprobeMapUwScratch = "uw_scratch"
+	UnwindprobeMapUwStale   = "uw_stale"
 	UnwindprobeMapUwStats   = "uw_stats"
 	UnwindprobeProgUwProbe  = "uw_probe"
 )
@@ -150,6 +151,7 @@ type UnwindprobeMapSpecs struct {
 	UwRows    *ebpf.MapSpec `ebpf:"uw_rows"`
 	UwRules   *ebpf.MapSpec `ebpf:"uw_rules"`
 	UwScratch *ebpf.MapSpec `ebpf:"uw_scratch"`
+	UwStale   *ebpf.MapSpec `ebpf:"uw_stale"`
 	UwStats   *ebpf.MapSpec `ebpf:"uw_stats"`
 }
 
@@ -185,6 +187,7 @@ type UnwindprobeMaps struct {
 	UwRows    *ebpf.Map `ebpf:"uw_rows"`
 	UwRules   *ebpf.Map `ebpf:"uw_rules"`
 	UwScratch *ebpf.Map `ebpf:"uw_scratch"`
+	UwStale   *ebpf.Map `ebpf:"uw_stale"`
 	UwStats   *ebpf.Map `ebpf:"uw_stats"`
 }
 
@@ -196,6 +199,7 @@ func (m *UnwindprobeMaps) Close() error {
 		m.UwRows,
 		m.UwRules,
 		m.UwScratch,
+		m.UwStale,
 		m.UwStats,
 	)
 }

@@ -170,6 +170,7 @@ const (
 	UnwindtestMapUwRules   = "uw_rules"
 	UnwindtestMapUwScratch = "uw_scratch"
 	UnwindtestMapUwSnap    = "uw_snap"
+	UnwindtestMapUwStale   = "uw_stale"
 	UnwindtestMapUwStats   = "uw_stats"
 	UnwindtestProgFpBench  = "fp_bench"
 	UnwindtestProgUwBench  = "uw_bench"
@@ -237,6 +238,7 @@ type UnwindtestMapSpecs struct {
 	UwRules   *ebpf.MapSpec `ebpf:"uw_rules"`
 	UwScratch *ebpf.MapSpec `ebpf:"uw_scratch"`
 	UwSnap    *ebpf.MapSpec `ebpf:"uw_snap"`
+	UwStale   *ebpf.MapSpec `ebpf:"uw_stale"`
 	UwStats   *ebpf.MapSpec `ebpf:"uw_stats"`
 }
 
@@ -276,6 +278,7 @@ type UnwindtestMaps struct {
 	UwRules   *ebpf.Map `ebpf:"uw_rules"`
 	UwScratch *ebpf.Map `ebpf:"uw_scratch"`
 	UwSnap    *ebpf.Map `ebpf:"uw_snap"`
+	UwStale   *ebpf.Map `ebpf:"uw_stale"`
 	UwStats   *ebpf.Map `ebpf:"uw_stats"`
 }
 
@@ -291,6 +294,7 @@ func (m *UnwindtestMaps) Close() error {
 		m.UwRules,
 		m.UwScratch,
 		m.UwSnap,
+		m.UwStale,
 		m.UwStats,
 	)
 }

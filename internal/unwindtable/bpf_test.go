@@ -42,7 +42,7 @@ func loadBPF(t testing.TB, rows uint32) *bpf.UnwindtestObjects {
 }
 
 func testMaps(o *bpf.UnwindtestObjects) Maps {
-	return Maps{Procs: o.UwProcs, Objects: o.UwObjects, Rows: o.UwRows, Rules: o.UwRules}
+	return Maps{Procs: o.UwProcs, Objects: o.UwObjects, Rows: o.UwRows, Rules: o.UwRules, Stale: o.UwStale}
 }
 
 // snapshot holds a stack copy in memory of this process that the test

@@ -58,6 +58,7 @@ type (
 // MapReplacements.
 type Maps struct {
 	Procs, Objects, Rows, Rules *ebpf.Map
+	Stale                       *ebpf.Map // uw_stale; nil: Refresh does nothing
 }
 
 // Stats describe the tables held in BPF maps. Bytes is what they occupy of
@@ -533,4 +534,79 @@ func (s *Store) Tables() []TableInfo {
 		return out[i].Key < out[j].Key
 	})
 	return out
+}
+
+// Refresh rescans the processes whose BPF walks met a pc outside every
+// mapping the store gave them (code mapped later, such as by dlopen):
+// read returns a process's current mappings (procmaps.Read). Processes the
+// store does not know are skipped. It returns how many were updated.
+func (s *Store) Refresh(read func(pid int) ([]procmaps.Mapping, error)) (int, error) {
+	if s.m.Stale == nil {
+		return 0, nil
+	}
+	var pids []uint32
+	var pid uint32
+	var v uint8
+	it := s.m.Stale.Iterate()
+	for it.Next(&pid, &v) {
+		pids = append(pids, pid)
+	}
+	if err := it.Err(); err != nil {
+		return 0, fmt.Errorf("unwindtable: list stale processes: %w", err)
+	}
+	var errs []error
+	n := 0
+	for _, pid := range pids {
+		s.m.Stale.Delete(pid) // before the rescan: a later miss marks it again
+		s.mu.Lock()
+		_, known := s.procs[pid]
+		s.mu.Unlock()
+		if !known {
+			continue
+		}
+		maps, err := read(int(pid))
+		if err != nil {
+			errs = append(errs, fmt.Errorf("unwindtable: mappings of process %d: %w", pid, err))
+			continue
+		}
+		if err := s.SetProcess(int(pid), maps); err != nil {
+			errs = append(errs, err)
+		}
+		n++
+	}
+	return n, errors.Join(errs...)
+}
+
+// WalkStats counts BPF walks by how they ended (uw_stats, summed over CPUs).
+type WalkStats struct {
+	Complete    uint64 // reached the outermost frame
+	MaxFrames   uint64 // UW_MAX_FRAMES frames
+	NoMapping   uint64 // a pc in no known mapping
+	Pending     uint64 // an object whose table was not loaded (building, refused)
+	Unsupported uint64 // a rule the BPF walk does not evaluate (signal frames)
+	ReadFailed  uint64 // stack memory unreadable
+	BadFrame    uint64 // CFA not above rsp, unusable frame pointer, rbp unknown
+	MapError    uint64 // inconsistent maps
+	Busy        uint64 // no walk state free on the CPU: not walked
+}
+
+// Truncated is the number of walks that did not complete (Busy included).
+func (w WalkStats) Truncated() uint64 {
+	return w.MaxFrames + w.NoMapping + w.Pending + w.Unsupported + w.ReadFailed + w.BadFrame + w.MapError + w.Busy
+}
+
+// ReadWalkStats reads the uw_stats map of a loaded object.
+func ReadWalkStats(m *ebpf.Map) (WalkStats, error) {
+	var w WalkStats
+	fields := []*uint64{&w.Complete, &w.MaxFrames, &w.NoMapping, &w.Pending, &w.Unsupported, &w.ReadFailed, &w.BadFrame, &w.MapError, &w.Busy}
+	for i, f := range fields {
+		var per []uint64
+		if err := m.Lookup(uint32(i), &per); err != nil {
+			return w, fmt.Errorf("unwindtable: read walk counter %d: %w", i, err)
+		}
+		for _, v := range per {
+			*f += v
+		}
+	}
+	return w, nil
 }

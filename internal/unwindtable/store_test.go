@@ -66,6 +66,9 @@ func TestLayoutMatchesBPF(t *testing.T) {
 			t.Errorf("constant %d, BPF has %d", c.ours, c.gen)
 		}
 	}
+	if n := reflect.TypeOf(WalkStats{}).NumField(); n != int(bpf.UnwindtestUwStatusUW_NR_STATUS) {
+		t.Errorf("WalkStats has %d counters, BPF %d statuses", n, bpf.UnwindtestUwStatusUW_NR_STATUS)
+	}
 	if unsafe.Sizeof(bpfRow{}) != RowBytes {
 		t.Errorf("row is %d bytes, RowBytes %d", unsafe.Sizeof(bpfRow{}), RowBytes)
 	}
@@ -137,10 +140,14 @@ func TestBPFWalkEnds(t *testing.T) {
 	if status != bpf.UnwindtestUwStatusUW_TRUNC_NO_MAPPING || len(got) < 2 || !slices.Equal(got, want[:len(got)]) || pathOf(tg, got[len(got)-1]-1) != p.lib {
 		t.Errorf("library not mapped: %x status %v; want a prefix of %x ending at the first library frame, no mapping", got, status, want)
 	}
-	if err := st.SetProcess(tg.pid, tg.maps); err != nil {
-		t.Fatalf("SetProcess: %v", err)
+	// The walk marked the process stale: Refresh rescans it.
+	if n, err := st.Refresh(func(int) ([]procmaps.Mapping, error) { return tg.maps, nil }); n != 1 || err != nil {
+		t.Fatalf("Refresh = %d, %v; want the process rescanned", n, err)
 	}
 	st.Wait()
+	if n, err := st.Refresh(func(int) ([]procmaps.Mapping, error) { return tg.maps, nil }); n != 0 || err != nil {
+		t.Errorf("second Refresh = %d, %v; want nothing stale", n, err)
+	}
 	if s := st.Stats(); s.Objects != 4 || s.Built != 4 {
 		t.Errorf("after the update: %+v, want 4 objects each built once", s)
 	}
@@ -198,20 +205,13 @@ func TestBPFWalkEnds(t *testing.T) {
 		t.Errorf("one walk state free: %x status %v, want %x complete", got, status, want)
 	}
 
-	var total [bpf.UnwindtestUwStatusUW_NR_STATUS]uint64
-	for k := range total {
-		var per []uint64
-		if err := o.UwStats.Lookup(uint32(k), &per); err != nil {
-			t.Fatal(err)
-		}
-		for _, v := range per {
-			total[k] += v
-		}
+	ws, err := ReadWalkStats(o.UwStats)
+	if err != nil {
+		t.Fatal(err)
 	}
-	t.Logf("uw_stats: %v", total)
-	if total[bpf.UnwindtestUwStatusUW_COMPLETE] != 2 || total[bpf.UnwindtestUwStatusUW_TRUNC_PENDING] != 1 ||
-		total[bpf.UnwindtestUwStatusUW_TRUNC_NO_MAPPING] != 2 || total[bpf.UnwindtestUwStatusUW_BUSY] != 1 {
-		t.Errorf("uw_stats %v: want 2 complete, 1 pending, 2 without mapping, 1 busy", total)
+	t.Logf("walks: %+v", ws)
+	if ws != (WalkStats{Complete: 2, Pending: 1, NoMapping: 2, Busy: 1}) || ws.Truncated() != 4 {
+		t.Errorf("walk stats %+v: want 2 complete, 1 pending, 2 without mapping, 1 busy", ws)
 	}
 }
 
