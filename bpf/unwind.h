@@ -54,7 +54,10 @@ enum uw_cfa_kind {
 	UW_CFA_RBP = 2,  // CFA = rbp + cfa_off
 	UW_CFA_PLT = 3,  // PLT entry: rsp + 8, + 8 more once (rip & 15) >= cfa_off
 	UW_CFA_FP = 4,   // no CFI here: the frame-pointer rule
-	UW_CFA_STOP = 5, // not evaluable here (signal frame, unknown expression)
+	UW_CFA_STOP = 5, // not evaluable here (unknown expression, register)
+	// Signal trampoline: the interrupted rsp (= CFA) saved at rsp + cfa_off,
+	// its rip right after, its rbp at rsp + bp_off; the caller's pc is exact.
+	UW_CFA_SIGNAL = 6,
 };
 
 // Where the return address is (struct uw_rule.ra).
@@ -403,6 +406,29 @@ __attribute__((noinline)) int uw_step(struct uw_state *s)
 		}
 		cfa = bp + (__s64)cfa_off;
 		break;
+	case UW_CFA_SIGNAL:
+		if (uw_read(&cfa, sp + (__s64)cfa_off)) {
+			s->status = UW_TRUNC_READ;
+			return 1;
+		}
+		if (cfa <= sp) {
+			s->status = UW_TRUNC_BAD_FRAME;
+			return 1;
+		}
+		if (uw_read(&ra, sp + (__s64)cfa_off + 8)) {
+			s->status = UW_TRUNC_READ;
+			return 1;
+		}
+		if (bp_kind == UW_BP_SAVED) {
+			s->bp_valid = uw_read(&nbp, sp + (__s64)bp_off) == 0;
+			s->bp = nbp;
+		} else if (bp_kind == UW_BP_UNDEF) {
+			s->bp_valid = 0;
+		}
+		s->pc = ra;
+		s->sp = cfa;
+		s->exact = 1; // the interrupted instruction itself
+		return 0;
 	case UW_CFA_PLT:
 		cfa = sp + 8;
 		if ((__s64)(pc & 15) >= (__s64)cfa_off)

@@ -24,11 +24,12 @@ const (
 type UnwindtestUwCfaKind uint32
 
 const (
-	UnwindtestUwCfaKindUW_CFA_RSP  UnwindtestUwCfaKind = 1
-	UnwindtestUwCfaKindUW_CFA_RBP  UnwindtestUwCfaKind = 2
-	UnwindtestUwCfaKindUW_CFA_PLT  UnwindtestUwCfaKind = 3
-	UnwindtestUwCfaKindUW_CFA_FP   UnwindtestUwCfaKind = 4
-	UnwindtestUwCfaKindUW_CFA_STOP UnwindtestUwCfaKind = 5
+	UnwindtestUwCfaKindUW_CFA_RSP    UnwindtestUwCfaKind = 1
+	UnwindtestUwCfaKindUW_CFA_RBP    UnwindtestUwCfaKind = 2
+	UnwindtestUwCfaKindUW_CFA_PLT    UnwindtestUwCfaKind = 3
+	UnwindtestUwCfaKindUW_CFA_FP     UnwindtestUwCfaKind = 4
+	UnwindtestUwCfaKindUW_CFA_STOP   UnwindtestUwCfaKind = 5
+	UnwindtestUwCfaKindUW_CFA_SIGNAL UnwindtestUwCfaKind = 6
 )
 
 type UnwindtestUwEnums struct {

@@ -61,9 +61,10 @@ type Row struct {
 	CFAOffset   int64  // CFA = CFAReg + CFAOffset
 	CFAExpr     []byte // DWARF expression computing the CFA
 	RA, BP      RegRule
-	Signal      bool // FDE of a signal trampoline: the caller's pc is exact
-	SPRule      bool // rsp has its own rule (signal frames)
-	Unsupported bool // a rule the interpreter cannot evaluate: the walk stops
+	SP          RegRule // rsp's rule when SPRule (else rsp = CFA)
+	Signal      bool    // FDE of a signal trampoline: the caller's pc is exact
+	SPRule      bool    // rsp has its own rule (signal frames)
+	Unsupported bool    // a rule the interpreter cannot evaluate: the walk stops
 }
 
 // Rows returns the table's rows in increasing PC order. Consecutive rows
@@ -85,6 +86,10 @@ func (t *Table) Rows() []Row {
 		r.BP = t.rule(rw.bpKind, rw.bpOff)
 		r.Signal = rw.flags&flagSignal != 0
 		r.SPRule = rw.flags&flagSP != 0
+		if r.SPRule {
+			sp := t.t.sp[rw.pc]
+			r.SP = t.rule(sp.kind, int32(sp.off))
+		}
 		r.Unsupported = rw.flags&flagUnsupported != 0
 		out[i] = r
 	}

@@ -139,7 +139,8 @@ func TestBPFWalkMatchesUserspace(t *testing.T) {
 		{"lib-dwarf", omitFP, dwarfFP, "chain", "main"},
 		{"lib-no-cfi", omitFP, noCFI, "chain", "main"}, // library frames by the frame-pointer rule
 		{"omit-fp", omitFP, omitFP, "thread", "thread_fn"},
-		{"omit-fp", omitFP, omitFP, "qsort", "main"}, // through libc's own frames
+		{"omit-fp", omitFP, omitFP, "qsort", "main"},  // through libc's own frames
+		{"omit-fp", omitFP, omitFP, "signal", "main"}, // through a signal frame (libc's __restore_rt)
 	} {
 		t.Run(tc.name+"/"+tc.mode, func(t *testing.T) {
 			p := buildPair(t, tc.name, tc.exe, tc.lib)

@@ -27,6 +27,10 @@ const (
 	CFAPLT  = 3 // PLT entry: CFA = rsp + 8, + 8 more once (rip & 15) >= CFAOff
 	CFAFP   = 4 // no CFI here: the frame-pointer rule
 	CFAStop = 5 // a rule the BPF walk cannot evaluate: the walk ends, truncated
+	// Signal trampoline (rt_sigreturn): the interrupted rsp is saved at
+	// rsp+CFAOff (and is the CFA), its rip right after it, its rbp at
+	// rsp+BPOff; the caller's pc is exact.
+	CFASignal = 6
 
 	RASaved = 0 // return address saved at CFA-8
 	RAEnd   = 1 // return address undefined: outermost frame, the walk is complete
@@ -136,7 +140,7 @@ func convert(r *unwind.Row) (Rule, string) {
 	case r.Unsupported:
 		return stop("rule internal/unwind cannot evaluate")
 	case r.Signal || r.SPRule:
-		return stop("signal frame")
+		return signalRule(r)
 	}
 	var rule Rule
 	switch r.CFAReg {
@@ -208,4 +212,74 @@ func (t *Table) Lookup(vaddr uint64) Rule {
 		return Rule{CFA: CFAFP}
 	}
 	return t.Rows[lo-1].Rule
+}
+
+// bregRSP reports whether e is DW_OP_breg7 (rsp) N [DW_OP_deref] and
+// returns N.
+func bregRSP(e []byte, deref bool) (int32, bool) {
+	if len(e) < 2 || e[0] != 0x77 {
+		return 0, false
+	}
+	var v int64
+	var shift uint
+	i := 1
+	for ; i < len(e) && i < 6; i++ { // SLEB128
+		b := e[i]
+		v |= int64(b&0x7f) << shift
+		shift += 7
+		if b&0x80 == 0 {
+			if b&0x40 != 0 {
+				v |= -1 << shift
+			}
+			i++
+			break
+		}
+	}
+	rest := e[i:]
+	if deref {
+		if len(rest) != 1 || rest[0] != 0x06 {
+			return 0, false
+		}
+	} else if len(rest) != 0 {
+		return 0, false
+	}
+	if v < 0 || v > math.MaxInt32-8 {
+		return 0, false
+	}
+	return int32(v), true
+}
+
+// signalRule converts the rules of a signal trampoline (glibc's and musl's
+// __restore_rt: every register saved in the ucontext on the stack) to a
+// CFASignal rule: CFA = *(rsp+N), return address saved at rsp+N+8, rsp saved
+// at rsp+N, rbp saved at rsp+M. Anything else stops the walk.
+func signalRule(r *unwind.Row) (Rule, string) {
+	stop := Rule{CFA: CFAStop}
+	if !r.Signal || r.CFAReg != -1 {
+		return stop, "signal frame"
+	}
+	n, ok := bregRSP(r.CFAExpr, true)
+	if !ok {
+		return stop, "signal frame"
+	}
+	ra, ok1 := bregRSP(r.RA.Expr, false)
+	sp, ok2 := bregRSP(r.SP.Expr, false)
+	if !ok1 || !ok2 || r.RA.Kind != unwind.RuleExpr || ra != n+8 || !r.SPRule || r.SP.Kind != unwind.RuleExpr || sp != n {
+		return stop, "signal frame"
+	}
+	rule := Rule{CFA: CFASignal, CFAOff: n}
+	switch r.BP.Kind {
+	case unwind.RuleExpr:
+		bp, ok := bregRSP(r.BP.Expr, false)
+		if !ok {
+			return stop, "signal frame"
+		}
+		rule.BP, rule.BPOff = BPSaved, bp
+	case unwind.RuleSame:
+	case unwind.RuleUndefined:
+		rule.BP = BPUndef
+	default:
+		return stop, "signal frame"
+	}
+	return rule, ""
 }

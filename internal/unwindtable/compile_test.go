@@ -103,7 +103,7 @@ func TestCompileMatchesInterpreter(t *testing.T) {
 			if err != nil {
 				t.Fatalf("compile %s: %v", path, err)
 			}
-			var pcs, stops, ends, nexts, fps int
+			var pcs, stops, ends, nexts, fps, signals int
 			mismatch, lost := 0, 0
 			for _, sec := range f.Sections {
 				if sec.Flags&elf.SHF_EXECINSTR == 0 || sec.Type != elf.SHT_PROGBITS {
@@ -112,8 +112,11 @@ func TestCompileMatchesInterpreter(t *testing.T) {
 				for va := sec.Addr; va < sec.Addr+sec.Size; va++ {
 					pcs++
 					rule := ct.Lookup(va)
-					if rule.CFA == CFAFP {
+					switch rule.CFA {
+					case CFAFP:
 						fps++
+					case CFASignal:
+						signals++
 					}
 					sts := states
 					if name == "libc" || name == "ld.so" {
@@ -143,7 +146,7 @@ func TestCompileMatchesInterpreter(t *testing.T) {
 							case unwind.StepNext:
 								nexts++
 							}
-							if gres != wres || (gres == unwind.StepNext && (got.Regs != want.Regs || got.BPValid != want.BPValid || want.Exact)) {
+							if gres != wres || (gres == unwind.StepNext && (got.Regs != want.Regs || got.BPValid != want.BPValid || got.Exact != want.Exact)) {
 								if mismatch++; mismatch <= 10 {
 									t.Errorf("%s vaddr %#x state %d exact=%v: compact rule %+v gives %v %+v, interpreter %v %+v",
 										filepath.Base(path), va, si, exact, rule, gres, got, wres, want)
@@ -167,11 +170,11 @@ func TestCompileMatchesInterpreter(t *testing.T) {
 					t.Errorf("object without CFI: %d rows, %d of %d pcs by frame pointer; want 0 rows, all", len(ct.Rows), fps, pcs)
 				}
 			case "libc", "ld.so":
-				// Only signal trampolines and rules the interpreter cannot
-				// evaluate either (ld.so's resolver uses rbx as CFA register)
-				// may be beyond the BPF walk.
+				// Only rules the interpreter cannot evaluate either (ld.so's
+				// resolver uses rbx as CFA register) may be beyond the BPF
+				// walk; libc's signal trampoline is evaluated.
 				for why, n := range ct.Unsupported {
-					if why != "signal frame" && why != "rule internal/unwind cannot evaluate" {
+					if why != "rule internal/unwind cannot evaluate" {
 						t.Errorf("%d stop rows for %q in %s; want only signal frames", n, why, name)
 					}
 				}
@@ -182,6 +185,9 @@ func TestCompileMatchesInterpreter(t *testing.T) {
 				if nexts == 0 || fps == pcs {
 					t.Errorf("fixture with CFI evaluated no CFI step (%d next, %d of %d pcs by frame pointer)", nexts, fps, pcs)
 				}
+			}
+			if name == "libc" && signals == 0 {
+				t.Errorf("no signal-trampoline row in libc")
 			}
 			if name == "chain-omitfp" && ct.PLTRows == 0 {
 				t.Errorf("no PLT rows in an executable with a .plt")

@@ -31,6 +31,24 @@ func StepRule(r Rule, s unwind.FrameState, read func(uint64) (uint64, bool)) (un
 			return s, unwind.StepStop
 		}
 		cfa = s.BP + uint64(int64(r.CFAOff))
+	case CFASignal:
+		// Every value comes from the saved context, relative to rsp.
+		cfa, ok := read(s.SP + uint64(int64(r.CFAOff)))
+		if !ok || cfa <= s.SP {
+			return s, unwind.StepStop
+		}
+		ra, ok := read(s.SP + uint64(int64(r.CFAOff)) + 8)
+		if !ok {
+			return s, unwind.StepStop
+		}
+		n := unwind.FrameState{Regs: unwind.Regs{IP: ra, SP: cfa, BP: s.BP}, BPValid: s.BPValid, Exact: true}
+		switch r.BP {
+		case BPSaved:
+			n.BP, n.BPValid = read(s.SP + uint64(int64(r.BPOff)))
+		case BPUndef:
+			n.BPValid = false
+		}
+		return n, unwind.StepNext
 	case CFAPLT:
 		cfa = s.SP + 8
 		if int32(s.IP&15) >= r.CFAOff {

@@ -52,6 +52,7 @@ func TestLayoutMatchesBPF(t *testing.T) {
 		{CFAPLT, uint32(bpf.UnwindtestUwCfaKindUW_CFA_PLT)},
 		{CFAFP, uint32(bpf.UnwindtestUwCfaKindUW_CFA_FP)},
 		{CFAStop, uint32(bpf.UnwindtestUwCfaKindUW_CFA_STOP)},
+		{CFASignal, uint32(bpf.UnwindtestUwCfaKindUW_CFA_SIGNAL)},
 		{RASaved, uint32(bpf.UnwindtestUwRaKindUW_RA_SAVED)},
 		{RAEnd, uint32(bpf.UnwindtestUwRaKindUW_RA_END)},
 		{BPSame, uint32(bpf.UnwindtestUwBpKindUW_BP_SAME)},
