@@ -41,6 +41,7 @@ const (
 )
 
 // Rule is how to recover the caller's rsp, rip and rbp: 12 bytes in BPF
+// (struct uw_rule). BPOff is from the CFA, except for CFASignal (from rsp).
 // (struct unwind_rule).
 type Rule struct {
 	CFA, RA, BP   uint8
@@ -61,7 +62,7 @@ type Table struct {
 	Rows []Row  // increasing PC; the last row is a CFAFP row ending the table
 	// Stats of the conversion, for reports and tests.
 	SourceRows  int // rows of the CFI table
-	StopRows    int // rows the BPF walk cannot evaluate (signal frames, unknown expressions)
+	StopRows    int // rows the BPF walk cannot evaluate (unknown expressions, CFA in another register)
 	PLTRows     int // rows with the PLT CFA expression
 	Unsupported map[string]int
 }

@@ -583,7 +583,7 @@ type WalkStats struct {
 	MaxFrames   uint64 // UW_MAX_FRAMES frames
 	NoMapping   uint64 // a pc in no known mapping
 	Pending     uint64 // an object whose table was not loaded (building, refused)
-	Unsupported uint64 // a rule the BPF walk does not evaluate (signal frames)
+	Unsupported uint64 // a rule the BPF walk does not evaluate (unknown expression, CFA in another register)
 	ReadFailed  uint64 // stack memory unreadable
 	BadFrame    uint64 // CFA not above rsp, unusable frame pointer, rbp unknown
 	MapError    uint64 // inconsistent maps
