@@ -18,8 +18,8 @@ import (
 	"github.com/memprof/memprof/internal/unwind"
 )
 
-// Rule kinds, the same numbers as enum unwind_cfa_kind, unwind_ra_kind and
-// unwind_bp_kind of bpf/unwind.h (TestKindsMatchBPF checks them against the
+// Rule kinds, the same numbers as enum uw_cfa_kind, uw_ra_kind and
+// uw_bp_kind of bpf/unwind.h (TestLayoutMatchesBPF checks them against the
 // bpf2go output).
 const (
 	CFARSP  = 1 // CFA = rsp + CFAOff
@@ -42,14 +42,13 @@ const (
 
 // Rule is how to recover the caller's rsp, rip and rbp: 12 bytes in BPF
 // (struct uw_rule). BPOff is from the CFA, except for CFASignal (from rsp).
-// (struct unwind_rule).
 type Rule struct {
 	CFA, RA, BP   uint8
 	CFAOff, BPOff int32
 }
 
 // Row is one row of a compact table: Rule holds from PC (bytes from the
-// table's Base) up to the next row's PC. 8 bytes in BPF (struct unwind_row,
+// table's Base) up to the next row's PC. 8 bytes in BPF (struct uw_row,
 // whose rule is an index into the shared rule array).
 type Row struct {
 	PC   uint32
