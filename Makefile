@@ -48,7 +48,7 @@ test:
 bench:
 	$(GO) test -count=1 -run '^$$' -bench . -benchtime=1x -timeout 30m ./internal/bench/
 	$(GO) test -count=1 -run '^$$' -bench BPFWalk -benchtime=1000x ./internal/unwindtable/
-	$(GO) test -count=1 -run '^$$' -bench TableBuild -benchtime=1x ./internal/unwindtable/
+	$(GO) test -count=1 -run '^$$' -bench 'TableBuild|LiveProbe' -benchtime=1x ./internal/unwindtable/
 
 # Build memprof and a leaky example, record it, print the top stacks.
 demo: build

@@ -14,9 +14,11 @@ char LICENSE[] SEC("license") = "GPL";
 
 struct uw_probe_out {
 	__u32 n;
-	__u32 status; // enum uw_status
-	__u64 calls;  // probe hits
-	__u64 ns;     // time of the last walk
+	__u32 status;	// enum uw_status
+	__u64 calls;	// probe hits
+	__u64 ns;	// time of the last walk
+	__u64 ns_total; // time of all walks
+	__u64 frames;	// frames of all walks
 	__u64 pcs[UW_MAX_FRAMES];
 };
 
@@ -36,13 +38,46 @@ int uw_probe(struct pt_regs *ctx)
 		return 0;
 	__u64 t0 = bpf_ktime_get_ns();
 	struct uw_state *s = uw_walk(bpf_get_current_pid_tgid() >> 32, PT_REGS_IP(ctx), PT_REGS_SP(ctx), PT_REGS_FP(ctx));
-	out->ns = bpf_ktime_get_ns() - t0;
+	__u64 dt = bpf_ktime_get_ns() - t0;
+	out->ns = dt;
+	out->ns_total += dt;
 	out->calls++;
 	if (!s)
 		return 0;
+	out->frames += s->n;
 	out->n = s->n;
 	out->status = s->status;
 	bpf_probe_read_kernel(out->pcs, sizeof(out->pcs), s->pcs);
 	uw_release(s);
+	return 0;
+}
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64[UW_MAX_FRAMES]);
+} fp_stack SEC(".maps");
+
+// fp_probe times bpf_get_stack's frame-pointer walk at the same probe, for
+// comparison (what --stack-mode fp pays per sample for its walk).
+SEC("uprobe")
+int fp_probe(struct pt_regs *ctx)
+{
+	__u32 zero = 0;
+	struct uw_probe_out *out = bpf_map_lookup_elem(&probe_out, &zero);
+	__u64 *buf = bpf_map_lookup_elem(&fp_stack, &zero);
+	if (!out || !buf)
+		return 0;
+	__u64 t0 = bpf_ktime_get_ns();
+	long r = bpf_get_stack(ctx, buf, UW_MAX_FRAMES * 8, BPF_F_USER_STACK);
+	__u64 dt = bpf_ktime_get_ns() - t0;
+	out->ns = dt;
+	out->ns_total += dt;
+	out->calls++;
+	if (r > 0) {
+		out->n = (__u64)r / 8;
+		out->frames += (__u64)r / 8;
+	}
 	return 0;
 }

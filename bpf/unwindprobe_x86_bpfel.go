@@ -22,12 +22,14 @@ type UnwindprobeUwObject struct {
 }
 
 type UnwindprobeUwProbeOut struct {
-	_      structs.HostLayout
-	N      uint32
-	Status uint32
-	Calls  uint64
-	Ns     uint64
-	Pcs    [127]uint64
+	_       structs.HostLayout
+	N       uint32
+	Status  uint32
+	Calls   uint64
+	Ns      uint64
+	NsTotal uint64
+	Frames  uint64
+	Pcs     [127]uint64
 }
 
 type UnwindprobeUwProc struct {
@@ -85,6 +87,7 @@ type UnwindprobeUwState struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
+	UnwindprobeMapFpStack   = "fp_stack"
 	UnwindprobeMapProbeOut  = "probe_out"
 	UnwindprobeMapUwObjects = "uw_objects"
 	UnwindprobeMapUwProcs   = "uw_procs"
@@ -93,6 +96,7 @@ const (
 	UnwindprobeMapUwScratch = "uw_scratch"
 	UnwindprobeMapUwStale   = "uw_stale"
 	UnwindprobeMapUwStats   = "uw_stats"
+	UnwindprobeProgFpProbe  = "fp_probe"
 	UnwindprobeProgUwProbe  = "uw_probe"
 )
 
@@ -138,6 +142,7 @@ type UnwindprobeSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type UnwindprobeProgramSpecs struct {
+	FpProbe *ebpf.ProgramSpec `ebpf:"fp_probe"`
 	UwProbe *ebpf.ProgramSpec `ebpf:"uw_probe"`
 }
 
@@ -145,6 +150,7 @@ type UnwindprobeProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type UnwindprobeMapSpecs struct {
+	FpStack   *ebpf.MapSpec `ebpf:"fp_stack"`
 	ProbeOut  *ebpf.MapSpec `ebpf:"probe_out"`
 	UwObjects *ebpf.MapSpec `ebpf:"uw_objects"`
 	UwProcs   *ebpf.MapSpec `ebpf:"uw_procs"`
@@ -181,6 +187,7 @@ func (o *UnwindprobeObjects) Close() error {
 //
 // It can be passed to LoadUnwindprobeObjects or ebpf.CollectionSpec.LoadAndAssign.
 type UnwindprobeMaps struct {
+	FpStack   *ebpf.Map `ebpf:"fp_stack"`
 	ProbeOut  *ebpf.Map `ebpf:"probe_out"`
 	UwObjects *ebpf.Map `ebpf:"uw_objects"`
 	UwProcs   *ebpf.Map `ebpf:"uw_procs"`
@@ -193,6 +200,7 @@ type UnwindprobeMaps struct {
 
 func (m *UnwindprobeMaps) Close() error {
 	return _UnwindprobeClose(
+		m.FpStack,
 		m.ProbeOut,
 		m.UwObjects,
 		m.UwProcs,
@@ -214,11 +222,13 @@ type UnwindprobeVariables struct {
 //
 // It can be passed to LoadUnwindprobeObjects or ebpf.CollectionSpec.LoadAndAssign.
 type UnwindprobePrograms struct {
+	FpProbe *ebpf.Program `ebpf:"fp_probe"`
 	UwProbe *ebpf.Program `ebpf:"uw_probe"`
 }
 
 func (p *UnwindprobePrograms) Close() error {
 	return _UnwindprobeClose(
+		p.FpProbe,
 		p.UwProbe,
 	)
 }

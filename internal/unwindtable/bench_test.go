@@ -2,11 +2,15 @@ package unwindtable
 
 import (
 	"debug/elf"
+	"strings"
 	"testing"
+	"time"
 
 	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
 
 	"github.com/memprof/memprof/bpf"
+	"github.com/memprof/memprof/internal/procmaps"
 	"github.com/memprof/memprof/internal/testprog"
 	"github.com/memprof/memprof/internal/unwind"
 )
@@ -120,6 +124,81 @@ func BenchmarkTableBuild(b *testing.B) {
 			b.ReportMetric(float64(len(rules)), "rules")
 			b.ReportMetric(float64(t.Bytes()+int64(len(rules))*12), "table-bytes")
 			b.ReportMetric(float64(t.StopRows), "stop-rows")
+		})
+	}
+}
+
+// BenchmarkLiveProbe times the walks where production runs them: in a
+// uprobe on glibc's malloc in testdata/bench_pairs.c (built -O2 with frame
+// pointers, so both walks are right), reading the live stack with
+// bpf_probe_read_user (the CFI walk, uw_probe) or bpf_get_stack's
+// frame-pointer walk (fp_probe), timed in BPF per probe hit over about a
+// second of malloc+free pairs each. Run once (-benchtime=1x).
+func BenchmarkLiveProbe(b *testing.B) {
+	testprog.RequireRoot(b)
+	spec, err := bpf.LoadUnwindprobe()
+	if err != nil {
+		b.Fatal(err)
+	}
+	spec.Maps["uw_rows"].MaxEntries = testRows
+	var o bpf.UnwindprobeObjects
+	if err := spec.LoadAndAssign(&o, nil); err != nil {
+		b.Fatalf("load unwindprobe: %v", err)
+	}
+	defer o.Close()
+	st := NewStore(Maps{Procs: o.UwProcs, Objects: o.UwObjects, Rows: o.UwRows, Rules: o.UwRules, Stale: o.UwStale}, 0, 1)
+	bin := testprog.Build(b, "bench_pairs.c", "-O2", "-fno-omit-frame-pointer")
+	for _, c := range []struct {
+		name string
+		prog *ebpf.Program
+	}{{"cfi", o.UwProbe}, {"bpf_get_stack-fp", o.FpProbe}} {
+		b.Run(c.name, func(b *testing.B) {
+			for b.Loop() {
+				p := testprog.Start(b, bin, nil, "64", "1000", "3")
+				p.Expect(b, "READY")
+				maps, err := procmaps.Read(p.Pid())
+				if err != nil {
+					b.Fatal(err)
+				}
+				if err := st.SetProcess(p.Pid(), maps); err != nil {
+					b.Fatal(err)
+				}
+				st.Wait()
+				libc := ""
+				for _, m := range maps {
+					if m.Exec() && strings.Contains(m.Path, "libc.so") {
+						libc = m.Path
+					}
+				}
+				ex, err := link.OpenExecutable(libc)
+				if err != nil {
+					b.Fatal(err)
+				}
+				l, err := ex.Uprobe("malloc", c.prog, &link.UprobeOptions{PID: p.Pid()})
+				if err != nil {
+					b.Fatal(err)
+				}
+				if err := o.ProbeOut.Put(uint32(0), bpf.UnwindprobeUwProbeOut{}); err != nil {
+					b.Fatal(err)
+				}
+				p.Send(b, "go")
+				p.Until(b, "RESULT", 2*time.Minute)
+				l.Close()
+				var out bpf.UnwindprobeUwProbeOut
+				if err := o.ProbeOut.Lookup(uint32(0), &out); err != nil {
+					b.Fatal(err)
+				}
+				if out.Calls == 0 {
+					b.Fatal("the probe never ran")
+				}
+				if c.name == "cfi" && out.Status != uint32(bpf.UnwindtestUwStatusUW_COMPLETE) {
+					b.Errorf("last walk status %d, want complete", out.Status)
+				}
+				b.ReportMetric(float64(out.NsTotal)/float64(out.Calls), "ns/stack")
+				b.ReportMetric(float64(out.Frames)/float64(out.Calls), "frames")
+				b.ReportMetric(float64(out.Calls), "samples")
+				st.RemoveProcess(p.Pid())
+			}
 		})
 	}
 }
