@@ -117,6 +117,7 @@ type object struct {
 	refs        int // processes mapping it
 	lastUse     uint64
 	failed      bool // build failed: stays pending, counted
+	retry       bool // refused for lack of room: built again when next mapped
 }
 
 type procMap struct {
@@ -262,6 +263,10 @@ func (s *Store) mapping(pid int, m *procmaps.Mapping) (procMap, error) {
 		}
 		s.wg.Add(1)
 		go s.build(o, f, ef)
+	} else if o.retry {
+		o.retry, o.failed = false, false
+		s.wg.Add(1)
+		go s.build(o, f, ef)
 	} else {
 		f.Close()
 	}
@@ -381,6 +386,7 @@ func (s *Store) load(o *object, t *Table) error {
 	}
 	if !ok {
 		s.st.NoRoom++
+		o.retry = true
 		return fmt.Errorf("unwindtable: no room for %d rows", n)
 	}
 

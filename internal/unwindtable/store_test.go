@@ -293,6 +293,14 @@ func TestStoreBounded(t *testing.T) {
 	if status != bpf.UnwindtestUwStatusUW_TRUNC_PENDING || len(got) != 1 {
 		t.Errorf("4096-row store: %x status %v; want the libc pc (read's frame) then pending", got, status)
 	}
+	// A refused table is tried again when next mapped (and refused again here).
+	if err := ss.SetProcess(t2.pid, t2.maps); err != nil {
+		t.Fatal(err)
+	}
+	ss.Wait()
+	if s2 := ss.Stats(); s2.NoRoom != sst.NoRoom+1 {
+		t.Errorf("after mapping libc again: %d refusals, want %d (one more try)", s2.NoRoom, sst.NoRoom+1)
+	}
 
 	// Per-object bound.
 	tiny := NewStore(testMaps(loadBPF(t, testRows)), 64, 1)
