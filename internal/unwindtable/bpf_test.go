@@ -191,6 +191,31 @@ func TestBPFWalkMatchesUserspace(t *testing.T) {
 			}
 		})
 	}
+	t.Run("cxx-thread", func(t *testing.T) {
+		// A std::thread: through libstdc++'s thread trampoline and start_thread.
+		exe := testprog.Build(t, "unw_cxx.cc", omitFP...)
+		tg := startTarget(t, exe, "thread")
+		regs, stack := capture(t, tg.pid, tg.tid, 32<<10)
+		up, err := unwind.NewCache(64<<20).Process(tg.pid, tg.maps)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer up.Close()
+		want, wtrunc := up.Unwind(regs, stack, maxFrames)
+		if err := st.SetProcess(tg.pid, tg.maps); err != nil {
+			t.Fatal(err)
+		}
+		defer st.RemoveProcess(tg.pid)
+		st.Wait()
+		newSnapshot(t, o, regs.SP, stack)
+		got, status := bpfWalk(t, o, tg.pid, regs)
+		lo, hi := funcRange(t, tg.maps, exe, "cxx_level1")
+		if wtrunc || status != bpf.UnwindtestUwStatusUW_COMPLETE || !slices.Equal(got, want) ||
+			!slices.ContainsFunc(got[1:], func(pc uint64) bool { return pc-1 >= lo && pc-1 < hi }) {
+			t.Errorf("C++ thread: BPF %x status %v; userspace %x truncated %v; want equal, complete, through cxx_level1", got, status, want, wtrunc)
+		}
+		t.Logf("C++ thread: %d frames, status %v", len(got), status)
+	})
 	s := st.Stats()
 	t.Logf("store: %+v", s)
 	var sum int64
@@ -201,7 +226,7 @@ func TestBPFWalkMatchesUserspace(t *testing.T) {
 	if sum != int64(s.Rows)*RowBytes {
 		t.Errorf("tables hold %d bytes, stats say %d rows", sum, s.Rows)
 	}
-	if s.Ready < 4 || s.NoCFI != 1 || s.Pending != 0 || s.BuildErrors != 0 {
+	if s.Ready < 5 || s.NoCFI != 1 || s.Pending != 0 || s.BuildErrors != 0 {
 		t.Errorf("store stats %+v: want >= 4 ready tables (exe, lib, libc, ld.so), 1 without CFI, none pending", s)
 	}
 }
