@@ -1,13 +1,3 @@
-// Package unwindtable derives the compact unwind tables that memprof's BPF
-// unwinder (bpf/unwind.h) evaluates from the call-frame information
-// internal/unwind parses, and keeps them in BPF maps: one shared array of
-// rows holding every object's table at its own offset, a deduplicated array
-// of rules the rows point to, an array of objects (row range per table id),
-// and a per-process map of executable mappings (pc range -> table id, bias).
-//
-// The design follows the one Parca Agent and the OpenTelemetry eBPF profiler
-// use (sorted pc -> rule rows searched in BPF, per-process mapping lists
-// maintained from userspace); the row and rule layout is memprof's own.
 package unwindtable
 
 import (
