@@ -128,20 +128,27 @@ struct uw_proc {
 	struct uw_mapping maps[UW_MAX_MAPPINGS];
 };
 
-// Per-CPU state of a walk; pcs[0..n) are the frames when it returns.
+// A walk's result: pcs[0..n) and how it ended. check is a second hash of
+// it, set by uw_intern.
+struct uw_stack {
+	__u64 check;
+	__u32 n;
+	__u32 status; // enum uw_status
+	__u64 pcs[UW_MAX_FRAMES];
+};
+
+// Per-CPU state of a walk; stack holds the frames when it returns.
 struct uw_state {
 	__u32 busy; // claimed by a walk (uprobe programs can be preempted mid-walk)
-	__u32 pad;
-	__u64 pc, sp, bp;
 	__u32 pid;
-	__u32 n;
+	__u64 pc, sp, bp;
 	__u8 bp_valid; // bp holds a known value
 	__u8 exact;    // pc is exact (first frame), else a return address
-	__u16 status;  // enum uw_status
-	__u32 object;  // table id of the cached mapping
-	__u32 lo, hi;  // binary search bounds
+	__u16 pad;
+	__u32 object;		      // table id of the cached mapping
 	__u64 m_start, m_end, m_bias; // the last mapping used (m_end 0: none)
-	__u64 pcs[UW_MAX_FRAMES];
+	__u32 lo, hi;		      // binary search bounds
+	struct uw_stack stack;
 };
 
 struct {
@@ -330,18 +337,18 @@ __attribute__((noinline)) int uw_step(struct uw_state *s)
 		return 1;
 	__u64 pc = s->pc, sp = s->sp, bp = s->bp;
 	if (pc == 0) {
-		s->status = UW_COMPLETE;
+		s->stack.status = UW_COMPLETE;
 		return 1;
 	}
-	__u32 n = s->n;
+	__u32 n = s->stack.n;
 	if (n >= UW_MAX_FRAMES) {
-		s->status = UW_TRUNC_MAX_FRAMES;
+		s->stack.status = UW_TRUNC_MAX_FRAMES;
 		return 1;
 	}
-	s->pcs[n] = pc;
-	s->n = n + 1;
+	s->stack.pcs[n] = pc;
+	s->stack.n = n + 1;
 	if (n + 1 >= UW_MAX_FRAMES) {
-		s->status = UW_TRUNC_MAX_FRAMES;
+		s->stack.status = UW_TRUNC_MAX_FRAMES;
 		return 1;
 	}
 	__u64 addr = s->exact ? pc : pc - 1; // the call instruction for a return address
@@ -350,14 +357,14 @@ __attribute__((noinline)) int uw_step(struct uw_state *s)
 			__u32 pid = s->pid;
 			__u8 one = 1;
 			bpf_map_update_elem(&uw_stale, &pid, &one, BPF_ANY);
-			s->status = UW_TRUNC_NO_MAPPING;
+			s->stack.status = UW_TRUNC_NO_MAPPING;
 			return 1;
 		}
 	}
 	__u32 id = s->object;
 	struct uw_object *o = bpf_map_lookup_elem(&uw_objects, &id);
 	if (!o || o->state == UW_OBJ_PENDING) {
-		s->status = UW_TRUNC_PENDING;
+		s->stack.status = UW_TRUNC_PENDING;
 		return 1;
 	}
 	__u8 cfa_kind = UW_CFA_FP, ra_kind = UW_RA_SAVED, bp_kind = UW_BP_SAME;
@@ -367,7 +374,7 @@ __attribute__((noinline)) int uw_step(struct uw_state *s)
 		int status = UW_COMPLETE;
 		struct uw_rule *r = uw_find_rule(s, o, (__u32)rpc, &status);
 		if (status != UW_COMPLETE) {
-			s->status = status;
+			s->stack.status = status;
 			return 1;
 		}
 		if (r) {
@@ -383,11 +390,11 @@ __attribute__((noinline)) int uw_step(struct uw_state *s)
 	switch (cfa_kind) {
 	case UW_CFA_FP:
 		if (!s->bp_valid || bp < sp || (bp & 7)) {
-			s->status = UW_TRUNC_BAD_FRAME;
+			s->stack.status = UW_TRUNC_BAD_FRAME;
 			return 1;
 		}
 		if (uw_read(&ra, bp + 8) || uw_read(&nbp, bp)) {
-			s->status = UW_TRUNC_READ;
+			s->stack.status = UW_TRUNC_READ;
 			return 1;
 		}
 		s->pc = ra;
@@ -401,22 +408,22 @@ __attribute__((noinline)) int uw_step(struct uw_state *s)
 		break;
 	case UW_CFA_RBP:
 		if (!s->bp_valid) {
-			s->status = UW_TRUNC_BAD_FRAME;
+			s->stack.status = UW_TRUNC_BAD_FRAME;
 			return 1;
 		}
 		cfa = bp + (__s64)cfa_off;
 		break;
 	case UW_CFA_SIGNAL:
 		if (uw_read(&cfa, sp + (__s64)cfa_off)) {
-			s->status = UW_TRUNC_READ;
+			s->stack.status = UW_TRUNC_READ;
 			return 1;
 		}
 		if (cfa <= sp) {
-			s->status = UW_TRUNC_BAD_FRAME;
+			s->stack.status = UW_TRUNC_BAD_FRAME;
 			return 1;
 		}
 		if (uw_read(&ra, sp + (__s64)cfa_off + 8)) {
-			s->status = UW_TRUNC_READ;
+			s->stack.status = UW_TRUNC_READ;
 			return 1;
 		}
 		if (bp_kind == UW_BP_SAVED) {
@@ -435,19 +442,19 @@ __attribute__((noinline)) int uw_step(struct uw_state *s)
 			cfa += 8;
 		break;
 	default:
-		s->status = UW_TRUNC_UNSUPPORTED;
+		s->stack.status = UW_TRUNC_UNSUPPORTED;
 		return 1;
 	}
 	if (cfa <= sp) {
-		s->status = UW_TRUNC_BAD_FRAME;
+		s->stack.status = UW_TRUNC_BAD_FRAME;
 		return 1;
 	}
 	if (ra_kind == UW_RA_END) {
-		s->status = UW_COMPLETE;
+		s->stack.status = UW_COMPLETE;
 		return 1;
 	}
 	if (uw_read(&ra, cfa - 8)) {
-		s->status = UW_TRUNC_READ;
+		s->stack.status = UW_TRUNC_READ;
 		return 1;
 	}
 	if (bp_kind == UW_BP_SAVED) {
@@ -500,17 +507,17 @@ static __always_inline struct uw_state *uw_walk(__u32 pid, __u64 ip, __u64 sp, _
 	s->sp = sp;
 	s->bp = bp;
 	s->pid = pid;
-	s->n = 0;
+	s->stack.n = 0;
 	s->bp_valid = 1;
 	s->exact = 1;
-	s->status = UW_TRUNC_MAX_FRAMES;
+	s->stack.status = UW_TRUNC_MAX_FRAMES;
 	s->m_start = 0;
 	s->m_end = 0;
 	for (int i = 0; i < UW_MAX_FRAMES; i++) {
 		if (uw_step(s))
 			break;
 	}
-	uw_count(s->status);
+	uw_count(s->stack.status);
 	return s;
 }
 
@@ -519,6 +526,100 @@ static __always_inline void uw_release(struct uw_state *s)
 {
 	asm volatile("" ::: "memory"); // the frames are read before the state is freed
 	s->busy = 0;
+}
+
+// Interned stacks: uw_intern stores each distinct walk result once, keyed
+// by a 64-bit hash of its frames and status, checked against a second hash
+// so that a hash collision is detected (and counted) rather than merging two
+// stacks. Sized by userspace (MapSpec.MaxEntries) before loading.
+#ifndef UW_MAX_STACKS
+#define UW_MAX_STACKS 32768
+#endif
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, UW_MAX_STACKS);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, __u64);
+	__type(value, struct uw_stack);
+} uw_stacks SEC(".maps");
+
+// Outcomes of uw_intern (index of uw_intern_stats).
+enum uw_intern_result {
+	UW_INTERN_NEW = 0,	 // a stack not seen before, stored
+	UW_INTERN_FOUND = 1,	 // already stored
+	UW_INTERN_COLLISION = 2, // both slots of its hash hold other stacks: not stored
+	UW_INTERN_FULL = 3,	 // uw_stacks full: not stored
+	UW_INTERN_NR = 4,
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, UW_INTERN_NR);
+	__type(key, __u32);
+	__type(value, __u64);
+} uw_intern_stats SEC(".maps");
+
+static __always_inline void uw_intern_count(__u32 r)
+{
+	__u64 *c = bpf_map_lookup_elem(&uw_intern_stats, &r);
+	if (c)
+		*c += 1;
+}
+
+// uw_intern_slot stores st under key, or finds it there: 1 if the slot
+// holds st, 0 if it holds another stack, -1 if the map is full.
+static __always_inline int uw_intern_slot(__u64 key, struct uw_stack *st)
+{
+	struct uw_stack *e = bpf_map_lookup_elem(&uw_stacks, &key);
+	if (!e) {
+		long err = bpf_map_update_elem(&uw_stacks, &key, st, BPF_NOEXIST);
+		if (err == 0) {
+			uw_intern_count(UW_INTERN_NEW);
+			return 1;
+		}
+		e = bpf_map_lookup_elem(&uw_stacks, &key); // stored meanwhile by another CPU?
+		if (!e)
+			return -1;
+	}
+	if (e->check == st->check && e->n == st->n && e->status == st->status) {
+		uw_intern_count(UW_INTERN_FOUND);
+		return 1;
+	}
+	return 0;
+}
+
+// uw_intern stores the stack of walk state s in uw_stacks and returns its
+// key, or 0 when it could not be stored (collision or full map: counted in
+// uw_intern_stats). Costs one pass over the frames plus one or two lookups.
+static __always_inline __u64 uw_intern(struct uw_state *s)
+{
+	struct uw_stack *st = &s->stack;
+	__u32 n = st->n;
+	if (n > UW_MAX_FRAMES)
+		return 0;
+	// FNV-1a over whole words, and a multiplicative second hash.
+	__u64 h = 0xcbf29ce484222325ULL ^ st->status, h2 = 0x9e3779b97f4a7c15ULL + n;
+	for (int i = 0; i < UW_MAX_FRAMES; i++) {
+		if (i >= n)
+			break;
+		__u64 pc = st->pcs[i];
+		h = (h ^ pc) * 0x100000001b3ULL;
+		h2 = ((h2 ^ pc) * 0xbf58476d1ce4e5b9ULL) ^ (h2 >> 31);
+	}
+	st->check = h2;
+	h |= 1; // 0 means "not stored"
+	int r = uw_intern_slot(h, st);
+	if (r > 0)
+		return h;
+	if (r == 0) { // another stack holds the slot: the alternate one
+		__u64 alt = h ^ 0x8000000000000000ULL;
+		r = uw_intern_slot(alt, st);
+		if (r > 0)
+			return alt;
+	}
+	uw_intern_count(r == 0 ? UW_INTERN_COLLISION : UW_INTERN_FULL);
+	return 0;
 }
 
 #endif

@@ -1,7 +1,7 @@
 //go:build ignore
 
 // SPDX-License-Identifier: GPL-2.0
-// Test-only uprobe around unwind.h's production build: the walk reads the
+// Test-only uprobe around unwind.h's production build (walk and intern): the walk reads the
 // live stack of the probed thread with bpf_probe_read_user, from the probe's
 // pt_regs, exactly as a tier's program will (internal/unwindtable's tests).
 #include "vmlinux.h"
@@ -19,6 +19,7 @@ struct uw_probe_out {
 	__u64 ns;	// time of the last walk
 	__u64 ns_total; // time of all walks
 	__u64 frames;	// frames of all walks
+	__u64 stack_id; // uw_intern's key of the last stack
 	__u64 pcs[UW_MAX_FRAMES];
 };
 
@@ -38,46 +39,45 @@ int uw_probe(struct pt_regs *ctx)
 		return 0;
 	__u64 t0 = bpf_ktime_get_ns();
 	struct uw_state *s = uw_walk(bpf_get_current_pid_tgid() >> 32, PT_REGS_IP(ctx), PT_REGS_SP(ctx), PT_REGS_FP(ctx));
+	if (s)
+		out->stack_id = uw_intern(s); // timed too: a tier interns every stack
 	__u64 dt = bpf_ktime_get_ns() - t0;
 	out->ns = dt;
 	out->ns_total += dt;
 	out->calls++;
 	if (!s)
 		return 0;
-	out->frames += s->n;
-	out->n = s->n;
-	out->status = s->status;
-	bpf_probe_read_kernel(out->pcs, sizeof(out->pcs), s->pcs);
+	out->frames += s->stack.n;
+	out->n = s->stack.n;
+	out->status = s->stack.status;
+	bpf_probe_read_kernel(out->pcs, sizeof(out->pcs), s->stack.pcs);
 	uw_release(s);
 	return 0;
 }
 
 struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, __u64[UW_MAX_FRAMES]);
-} fp_stack SEC(".maps");
+	__uint(type, BPF_MAP_TYPE_STACK_TRACE);
+	__uint(max_entries, 1024);
+	__uint(key_size, sizeof(__u32));
+	__uint(value_size, UW_MAX_FRAMES * sizeof(__u64));
+} fp_stacks SEC(".maps");
 
-// fp_probe times bpf_get_stack's frame-pointer walk at the same probe, for
-// comparison (what --stack-mode fp pays per sample for its walk).
+// fp_probe times bpf_get_stackid's frame-pointer walk and interning at the
+// same probe, for comparison (what memprof's frame-pointer mode pays per
+// sample).
 SEC("uprobe")
 int fp_probe(struct pt_regs *ctx)
 {
 	__u32 zero = 0;
 	struct uw_probe_out *out = bpf_map_lookup_elem(&probe_out, &zero);
-	__u64 *buf = bpf_map_lookup_elem(&fp_stack, &zero);
-	if (!out || !buf)
+	if (!out)
 		return 0;
 	__u64 t0 = bpf_ktime_get_ns();
-	long r = bpf_get_stack(ctx, buf, UW_MAX_FRAMES * 8, BPF_F_USER_STACK);
+	long id = bpf_get_stackid(ctx, &fp_stacks, BPF_F_USER_STACK);
 	__u64 dt = bpf_ktime_get_ns() - t0;
 	out->ns = dt;
 	out->ns_total += dt;
 	out->calls++;
-	if (r > 0) {
-		out->n = (__u64)r / 8;
-		out->frames += (__u64)r / 8;
-	}
+	out->stack_id = id;
 	return 0;
 }

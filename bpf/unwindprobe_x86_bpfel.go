@@ -29,6 +29,7 @@ type UnwindprobeUwProbeOut struct {
 	Ns      uint64
 	NsTotal uint64
 	Frames  uint64
+	StackId uint64
 	Pcs     [127]uint64
 }
 
@@ -62,42 +63,50 @@ type UnwindprobeUwRule struct {
 	BpOff  int32
 }
 
+type UnwindprobeUwStack struct {
+	_      structs.HostLayout
+	Check  uint64
+	N      uint32
+	Status uint32
+	Pcs    [127]uint64
+}
+
 type UnwindprobeUwState struct {
 	_       structs.HostLayout
 	Busy    uint32
-	Pad     uint32
+	Pid     uint32
 	Pc      uint64
 	Sp      uint64
 	Bp      uint64
-	Pid     uint32
-	N       uint32
 	BpValid uint8
 	Exact   uint8
-	Status  uint16
+	Pad     uint16
 	Object  uint32
-	Lo      uint32
-	Hi      uint32
 	M_start uint64
 	M_end   uint64
 	M_bias  uint64
-	Pcs     [127]uint64
+	Lo      uint32
+	Hi      uint32
+	Stack   UnwindprobeUwStack
 }
 
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	UnwindprobeMapFpStack   = "fp_stack"
-	UnwindprobeMapProbeOut  = "probe_out"
-	UnwindprobeMapUwObjects = "uw_objects"
-	UnwindprobeMapUwProcs   = "uw_procs"
-	UnwindprobeMapUwRows    = "uw_rows"
-	UnwindprobeMapUwRules   = "uw_rules"
-	UnwindprobeMapUwScratch = "uw_scratch"
-	UnwindprobeMapUwStale   = "uw_stale"
-	UnwindprobeMapUwStats   = "uw_stats"
-	UnwindprobeProgFpProbe  = "fp_probe"
-	UnwindprobeProgUwProbe  = "uw_probe"
+	UnwindprobeMapFpStacks      = "fp_stacks"
+	UnwindprobeMapProbeOut      = "probe_out"
+	UnwindprobeMapUwInternStats = "uw_intern_stats"
+	UnwindprobeMapUwObjects     = "uw_objects"
+	UnwindprobeMapUwProcs       = "uw_procs"
+	UnwindprobeMapUwRows        = "uw_rows"
+	UnwindprobeMapUwRules       = "uw_rules"
+	UnwindprobeMapUwScratch     = "uw_scratch"
+	UnwindprobeMapUwStacks      = "uw_stacks"
+	UnwindprobeMapUwStale       = "uw_stale"
+	UnwindprobeMapUwStats       = "uw_stats"
+	UnwindprobeProgFpProbe      = "fp_probe"
+	UnwindprobeProgUwProbe      = "uw_probe"
 )
 
 // LoadUnwindprobe returns the embedded CollectionSpec for Unwindprobe.
@@ -150,15 +159,17 @@ type UnwindprobeProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type UnwindprobeMapSpecs struct {
-	FpStack   *ebpf.MapSpec `ebpf:"fp_stack"`
-	ProbeOut  *ebpf.MapSpec `ebpf:"probe_out"`
-	UwObjects *ebpf.MapSpec `ebpf:"uw_objects"`
-	UwProcs   *ebpf.MapSpec `ebpf:"uw_procs"`
-	UwRows    *ebpf.MapSpec `ebpf:"uw_rows"`
-	UwRules   *ebpf.MapSpec `ebpf:"uw_rules"`
-	UwScratch *ebpf.MapSpec `ebpf:"uw_scratch"`
-	UwStale   *ebpf.MapSpec `ebpf:"uw_stale"`
-	UwStats   *ebpf.MapSpec `ebpf:"uw_stats"`
+	FpStacks      *ebpf.MapSpec `ebpf:"fp_stacks"`
+	ProbeOut      *ebpf.MapSpec `ebpf:"probe_out"`
+	UwInternStats *ebpf.MapSpec `ebpf:"uw_intern_stats"`
+	UwObjects     *ebpf.MapSpec `ebpf:"uw_objects"`
+	UwProcs       *ebpf.MapSpec `ebpf:"uw_procs"`
+	UwRows        *ebpf.MapSpec `ebpf:"uw_rows"`
+	UwRules       *ebpf.MapSpec `ebpf:"uw_rules"`
+	UwScratch     *ebpf.MapSpec `ebpf:"uw_scratch"`
+	UwStacks      *ebpf.MapSpec `ebpf:"uw_stacks"`
+	UwStale       *ebpf.MapSpec `ebpf:"uw_stale"`
+	UwStats       *ebpf.MapSpec `ebpf:"uw_stats"`
 }
 
 // UnwindprobeVariableSpecs contains global variables before they are loaded into the kernel.
@@ -187,26 +198,30 @@ func (o *UnwindprobeObjects) Close() error {
 //
 // It can be passed to LoadUnwindprobeObjects or ebpf.CollectionSpec.LoadAndAssign.
 type UnwindprobeMaps struct {
-	FpStack   *ebpf.Map `ebpf:"fp_stack"`
-	ProbeOut  *ebpf.Map `ebpf:"probe_out"`
-	UwObjects *ebpf.Map `ebpf:"uw_objects"`
-	UwProcs   *ebpf.Map `ebpf:"uw_procs"`
-	UwRows    *ebpf.Map `ebpf:"uw_rows"`
-	UwRules   *ebpf.Map `ebpf:"uw_rules"`
-	UwScratch *ebpf.Map `ebpf:"uw_scratch"`
-	UwStale   *ebpf.Map `ebpf:"uw_stale"`
-	UwStats   *ebpf.Map `ebpf:"uw_stats"`
+	FpStacks      *ebpf.Map `ebpf:"fp_stacks"`
+	ProbeOut      *ebpf.Map `ebpf:"probe_out"`
+	UwInternStats *ebpf.Map `ebpf:"uw_intern_stats"`
+	UwObjects     *ebpf.Map `ebpf:"uw_objects"`
+	UwProcs       *ebpf.Map `ebpf:"uw_procs"`
+	UwRows        *ebpf.Map `ebpf:"uw_rows"`
+	UwRules       *ebpf.Map `ebpf:"uw_rules"`
+	UwScratch     *ebpf.Map `ebpf:"uw_scratch"`
+	UwStacks      *ebpf.Map `ebpf:"uw_stacks"`
+	UwStale       *ebpf.Map `ebpf:"uw_stale"`
+	UwStats       *ebpf.Map `ebpf:"uw_stats"`
 }
 
 func (m *UnwindprobeMaps) Close() error {
 	return _UnwindprobeClose(
-		m.FpStack,
+		m.FpStacks,
 		m.ProbeOut,
+		m.UwInternStats,
 		m.UwObjects,
 		m.UwProcs,
 		m.UwRows,
 		m.UwRules,
 		m.UwScratch,
+		m.UwStacks,
 		m.UwStale,
 		m.UwStats,
 	)

@@ -25,6 +25,7 @@ struct uw_test_out {
 	__u32 status; // enum uw_status
 	__u64 ns;     // bench programs: total ns of UW_BENCH_REPS walks
 	__s64 err;    // bpf_get_stack's result (fp_bench)
+	__u64 stack_id; // uw_intern's key (uw_test)
 	__u64 pcs[UW_MAX_FRAMES];
 };
 
@@ -35,6 +36,7 @@ struct uw_enums {
 	enum uw_bp_kind bp;
 	enum uw_status status;
 	enum uw_object_state state;
+	enum uw_intern_result intern;
 };
 
 struct {
@@ -73,9 +75,10 @@ int uw_test(void *ctx)
 		out->status = UW_BUSY;
 		return 0;
 	}
-	out->n = s->n;
-	out->status = s->status;
-	bpf_probe_read_kernel(out->pcs, sizeof(out->pcs), s->pcs);
+	out->n = s->stack.n;
+	out->status = s->stack.status;
+	bpf_probe_read_kernel(out->pcs, sizeof(out->pcs), s->stack.pcs);
+	out->stack_id = uw_intern(s);
 	uw_release(s);
 	return 0;
 }
@@ -95,8 +98,8 @@ int uw_bench(void *ctx)
 		s = uw_walk(in->pid, in->ip, in->sp, in->bp);
 		if (!s)
 			break;
-		out->n = s->n;
-		out->status = s->status;
+		out->n = s->stack.n;
+		out->status = s->stack.status;
 		uw_release(s);
 	}
 	out->ns = bpf_ktime_get_ns() - t0;

@@ -39,7 +39,18 @@ type UnwindtestUwEnums struct {
 	Bp     UnwindtestUwBpKind
 	Status UnwindtestUwStatus
 	State  UnwindtestUwObjectState
+	Intern UnwindtestUwInternResult
 }
+
+type UnwindtestUwInternResult uint32
+
+const (
+	UnwindtestUwInternResultUW_INTERN_NEW       UnwindtestUwInternResult = 0
+	UnwindtestUwInternResultUW_INTERN_FOUND     UnwindtestUwInternResult = 1
+	UnwindtestUwInternResultUW_INTERN_COLLISION UnwindtestUwInternResult = 2
+	UnwindtestUwInternResultUW_INTERN_FULL      UnwindtestUwInternResult = 3
+	UnwindtestUwInternResultUW_INTERN_NR        UnwindtestUwInternResult = 4
+)
 
 type UnwindtestUwMapping struct {
 	_      structs.HostLayout
@@ -103,25 +114,31 @@ type UnwindtestUwSnapshot struct {
 	Uaddr uint64
 }
 
+type UnwindtestUwStack struct {
+	_      structs.HostLayout
+	Check  uint64
+	N      uint32
+	Status uint32
+	Pcs    [127]uint64
+}
+
 type UnwindtestUwState struct {
 	_       structs.HostLayout
 	Busy    uint32
-	Pad     uint32
+	Pid     uint32
 	Pc      uint64
 	Sp      uint64
 	Bp      uint64
-	Pid     uint32
-	N       uint32
 	BpValid uint8
 	Exact   uint8
-	Status  uint16
+	Pad     uint16
 	Object  uint32
-	Lo      uint32
-	Hi      uint32
 	M_start uint64
 	M_end   uint64
 	M_bias  uint64
-	Pcs     [127]uint64
+	Lo      uint32
+	Hi      uint32
+	Stack   UnwindtestUwStack
 }
 
 type UnwindtestUwStatus uint32
@@ -149,33 +166,36 @@ type UnwindtestUwTestIn struct {
 }
 
 type UnwindtestUwTestOut struct {
-	_      structs.HostLayout
-	N      uint32
-	Status uint32
-	Ns     uint64
-	Err    int64
-	Pcs    [127]uint64
+	_       structs.HostLayout
+	N       uint32
+	Status  uint32
+	Ns      uint64
+	Err     int64
+	StackId uint64
+	Pcs     [127]uint64
 }
 
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	UnwindtestMapFpBuf     = "fp_buf"
-	UnwindtestMapTestEnums = "test_enums"
-	UnwindtestMapTestIn    = "test_in"
-	UnwindtestMapTestOut   = "test_out"
-	UnwindtestMapUwObjects = "uw_objects"
-	UnwindtestMapUwProcs   = "uw_procs"
-	UnwindtestMapUwRows    = "uw_rows"
-	UnwindtestMapUwRules   = "uw_rules"
-	UnwindtestMapUwScratch = "uw_scratch"
-	UnwindtestMapUwSnap    = "uw_snap"
-	UnwindtestMapUwStale   = "uw_stale"
-	UnwindtestMapUwStats   = "uw_stats"
-	UnwindtestProgFpBench  = "fp_bench"
-	UnwindtestProgUwBench  = "uw_bench"
-	UnwindtestProgUwTest   = "uw_test"
+	UnwindtestMapFpBuf         = "fp_buf"
+	UnwindtestMapTestEnums     = "test_enums"
+	UnwindtestMapTestIn        = "test_in"
+	UnwindtestMapTestOut       = "test_out"
+	UnwindtestMapUwInternStats = "uw_intern_stats"
+	UnwindtestMapUwObjects     = "uw_objects"
+	UnwindtestMapUwProcs       = "uw_procs"
+	UnwindtestMapUwRows        = "uw_rows"
+	UnwindtestMapUwRules       = "uw_rules"
+	UnwindtestMapUwScratch     = "uw_scratch"
+	UnwindtestMapUwSnap        = "uw_snap"
+	UnwindtestMapUwStacks      = "uw_stacks"
+	UnwindtestMapUwStale       = "uw_stale"
+	UnwindtestMapUwStats       = "uw_stats"
+	UnwindtestProgFpBench      = "fp_bench"
+	UnwindtestProgUwBench      = "uw_bench"
+	UnwindtestProgUwTest       = "uw_test"
 )
 
 // LoadUnwindtest returns the embedded CollectionSpec for Unwindtest.
@@ -229,18 +249,20 @@ type UnwindtestProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type UnwindtestMapSpecs struct {
-	FpBuf     *ebpf.MapSpec `ebpf:"fp_buf"`
-	TestEnums *ebpf.MapSpec `ebpf:"test_enums"`
-	TestIn    *ebpf.MapSpec `ebpf:"test_in"`
-	TestOut   *ebpf.MapSpec `ebpf:"test_out"`
-	UwObjects *ebpf.MapSpec `ebpf:"uw_objects"`
-	UwProcs   *ebpf.MapSpec `ebpf:"uw_procs"`
-	UwRows    *ebpf.MapSpec `ebpf:"uw_rows"`
-	UwRules   *ebpf.MapSpec `ebpf:"uw_rules"`
-	UwScratch *ebpf.MapSpec `ebpf:"uw_scratch"`
-	UwSnap    *ebpf.MapSpec `ebpf:"uw_snap"`
-	UwStale   *ebpf.MapSpec `ebpf:"uw_stale"`
-	UwStats   *ebpf.MapSpec `ebpf:"uw_stats"`
+	FpBuf         *ebpf.MapSpec `ebpf:"fp_buf"`
+	TestEnums     *ebpf.MapSpec `ebpf:"test_enums"`
+	TestIn        *ebpf.MapSpec `ebpf:"test_in"`
+	TestOut       *ebpf.MapSpec `ebpf:"test_out"`
+	UwInternStats *ebpf.MapSpec `ebpf:"uw_intern_stats"`
+	UwObjects     *ebpf.MapSpec `ebpf:"uw_objects"`
+	UwProcs       *ebpf.MapSpec `ebpf:"uw_procs"`
+	UwRows        *ebpf.MapSpec `ebpf:"uw_rows"`
+	UwRules       *ebpf.MapSpec `ebpf:"uw_rules"`
+	UwScratch     *ebpf.MapSpec `ebpf:"uw_scratch"`
+	UwSnap        *ebpf.MapSpec `ebpf:"uw_snap"`
+	UwStacks      *ebpf.MapSpec `ebpf:"uw_stacks"`
+	UwStale       *ebpf.MapSpec `ebpf:"uw_stale"`
+	UwStats       *ebpf.MapSpec `ebpf:"uw_stats"`
 }
 
 // UnwindtestVariableSpecs contains global variables before they are loaded into the kernel.
@@ -269,18 +291,20 @@ func (o *UnwindtestObjects) Close() error {
 //
 // It can be passed to LoadUnwindtestObjects or ebpf.CollectionSpec.LoadAndAssign.
 type UnwindtestMaps struct {
-	FpBuf     *ebpf.Map `ebpf:"fp_buf"`
-	TestEnums *ebpf.Map `ebpf:"test_enums"`
-	TestIn    *ebpf.Map `ebpf:"test_in"`
-	TestOut   *ebpf.Map `ebpf:"test_out"`
-	UwObjects *ebpf.Map `ebpf:"uw_objects"`
-	UwProcs   *ebpf.Map `ebpf:"uw_procs"`
-	UwRows    *ebpf.Map `ebpf:"uw_rows"`
-	UwRules   *ebpf.Map `ebpf:"uw_rules"`
-	UwScratch *ebpf.Map `ebpf:"uw_scratch"`
-	UwSnap    *ebpf.Map `ebpf:"uw_snap"`
-	UwStale   *ebpf.Map `ebpf:"uw_stale"`
-	UwStats   *ebpf.Map `ebpf:"uw_stats"`
+	FpBuf         *ebpf.Map `ebpf:"fp_buf"`
+	TestEnums     *ebpf.Map `ebpf:"test_enums"`
+	TestIn        *ebpf.Map `ebpf:"test_in"`
+	TestOut       *ebpf.Map `ebpf:"test_out"`
+	UwInternStats *ebpf.Map `ebpf:"uw_intern_stats"`
+	UwObjects     *ebpf.Map `ebpf:"uw_objects"`
+	UwProcs       *ebpf.Map `ebpf:"uw_procs"`
+	UwRows        *ebpf.Map `ebpf:"uw_rows"`
+	UwRules       *ebpf.Map `ebpf:"uw_rules"`
+	UwScratch     *ebpf.Map `ebpf:"uw_scratch"`
+	UwSnap        *ebpf.Map `ebpf:"uw_snap"`
+	UwStacks      *ebpf.Map `ebpf:"uw_stacks"`
+	UwStale       *ebpf.Map `ebpf:"uw_stale"`
+	UwStats       *ebpf.Map `ebpf:"uw_stats"`
 }
 
 func (m *UnwindtestMaps) Close() error {
@@ -289,12 +313,14 @@ func (m *UnwindtestMaps) Close() error {
 		m.TestEnums,
 		m.TestIn,
 		m.TestOut,
+		m.UwInternStats,
 		m.UwObjects,
 		m.UwProcs,
 		m.UwRows,
 		m.UwRules,
 		m.UwScratch,
 		m.UwSnap,
+		m.UwStacks,
 		m.UwStale,
 		m.UwStats,
 	)

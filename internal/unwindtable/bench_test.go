@@ -2,6 +2,7 @@ package unwindtable
 
 import (
 	"debug/elf"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -131,9 +132,11 @@ func BenchmarkTableBuild(b *testing.B) {
 // BenchmarkLiveProbe times the walks where production runs them: in a
 // uprobe on glibc's malloc in testdata/bench_pairs.c (built -O2 with frame
 // pointers, so both walks are right), reading the live stack with
-// bpf_probe_read_user (the CFI walk, uw_probe) or bpf_get_stack's
-// frame-pointer walk (fp_probe), timed in BPF per probe hit over about a
-// second of malloc+free pairs each. Run once (-benchtime=1x).
+// bpf_probe_read_user and interning the stack (uw_walk + uw_intern,
+// uw_probe), or bpf_get_stackid's frame-pointer walk into a stack map
+// (fp_probe, what memprof's frame-pointer mode does), timed in BPF per probe
+// hit over about a second of malloc+free pairs each. Run once
+// (-benchtime=1x).
 func BenchmarkLiveProbe(b *testing.B) {
 	testprog.RequireRoot(b)
 	spec, err := bpf.LoadUnwindprobe()
@@ -151,7 +154,7 @@ func BenchmarkLiveProbe(b *testing.B) {
 	for _, c := range []struct {
 		name string
 		prog *ebpf.Program
-	}{{"cfi", o.UwProbe}, {"bpf_get_stack-fp", o.FpProbe}} {
+	}{{"cfi", o.UwProbe}, {"bpf_get_stackid-fp", o.FpProbe}} {
 		b.Run(c.name, func(b *testing.B) {
 			for b.Loop() {
 				p := testprog.Start(b, bin, nil, "64", "1000", "3")
@@ -195,7 +198,17 @@ func BenchmarkLiveProbe(b *testing.B) {
 					b.Errorf("last walk status %d, want complete", out.Status)
 				}
 				b.ReportMetric(float64(out.NsTotal)/float64(out.Calls), "ns/stack")
-				b.ReportMetric(float64(out.Frames)/float64(out.Calls), "frames")
+				if c.name == "cfi" {
+					b.ReportMetric(float64(out.Frames)/float64(out.Calls), "frames")
+				} else if int64(out.StackId) < 0 {
+					b.Errorf("bpf_get_stackid: %d", int64(out.StackId))
+				} else {
+					var pcs [MaxFrames]uint64
+					if err := o.FpStacks.Lookup(uint32(out.StackId), &pcs); err != nil {
+						b.Fatal(err)
+					}
+					b.ReportMetric(float64(slices.Index(pcs[:], 0)), "frames")
+				}
 				b.ReportMetric(float64(out.Calls), "samples")
 				st.RemoveProcess(p.Pid())
 			}

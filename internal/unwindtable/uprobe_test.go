@@ -95,4 +95,7 @@ func TestUprobeWalkLiveStack(t *testing.T) {
 	if out.Status != uint32(bpf.UnwindtestUwStatusUW_COMPLETE) || !slices.Equal(got, want[i+1:]) {
 		t.Errorf("live BPF walk %x status %d; want %x (the userspace walk above leaf), complete", got, out.Status, want[i+1:])
 	}
+	if pcs, complete, err := ReadStack(o.UwStacks, out.StackId); err != nil || !complete || !slices.Equal(pcs, got) {
+		t.Errorf("interned stack %#x: %x complete %v (%v), want %x", out.StackId, pcs, complete, err, got)
+	}
 }
