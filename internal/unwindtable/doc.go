@@ -17,10 +17,14 @@
 // registers and copy the frames before releasing the state:
 //
 //	struct uw_state *w = uw_walk(tgid, PT_REGS_IP(ctx), PT_REGS_SP(ctx), PT_REGS_FP(ctx));
+//	__u64 stack_id = 0; // 0: no stack (counted in uw_stats or uw_intern_stats)
 //	if (w) {
-//		... intern w->pcs[0..w->n), marked truncated unless w->status == UW_COMPLETE ...
+//		stack_id = uw_intern(w); // w->stack: pcs[0..n), status (UW_COMPLETE or why truncated)
 //		uw_release(w);
 //	}
+//
+// and key its aggregation maps by stack_id; userspace reads the frames with
+// ReadStack (uw_stacks) and deletes stacks nothing refers to any more.
 //
 // In a uprobe or uretprobe ctx is the probe's pt_regs; elsewhere in the
 // sampled thread's context (a tracepoint or kprobe) the user registers are
@@ -29,9 +33,9 @@
 // Go: one Store for all tiers, over the uw_* maps of the first collection
 // loaded; later collections that include unwind.h reuse them through
 // ebpf.CollectionOptions.MapReplacements (uw_procs, uw_objects, uw_rows,
-// uw_rules, uw_stale, uw_stats). Size uw_rows (8 bytes a row: the memory
+// uw_rules, uw_stale, uw_stats, uw_stacks, uw_intern_stats). Size uw_rows (8 bytes a row: the memory
 // bound of all tables) with MapSpec.MaxEntries before loading. Call
 // SetProcess when a target is added, RemoveProcess when it exits, Refresh
 // periodically (processes whose walks met code mapped later, such as by
-// dlopen), and report Stats, Tables and ReadWalkStats.
+// dlopen), and report Stats, Tables, ReadWalkStats and ReadInternStats.
 package unwindtable
