@@ -226,6 +226,9 @@ func TestBPFWalkMatchesUserspace(t *testing.T) {
 	if sum != int64(s.Rows)*RowBytes {
 		t.Errorf("tables hold %d bytes, stats say %d rows", sum, s.Rows)
 	}
+	if s.Processes != 0 || s.ProcBytes != 0 {
+		t.Errorf("every process was removed, stats say %d (%d bytes)", s.Processes, s.ProcBytes)
+	}
 	if s.Ready < 5 || s.NoCFI != 1 || s.Pending != 0 || s.BuildErrors != 0 {
 		t.Errorf("store stats %+v: want >= 4 ready tables (exe, lib, libc, ld.so), 1 without CFI, none pending", s)
 	}

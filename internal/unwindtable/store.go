@@ -9,6 +9,7 @@ import (
 	"sort"
 	"sync"
 	"time"
+	"unsafe"
 
 	"github.com/cilium/ebpf"
 
@@ -68,7 +69,9 @@ type Stats struct {
 	Objects, Ready, Pending, NoCFI int
 	Rows, RowCapacity              uint64
 	Rules                          int
-	Bytes                          int64
+	Bytes                          int64 // rows and rules
+	Processes                      int   // processes with a mapping list
+	ProcBytes                      int64 // their lists in uw_procs (16 KiB each)
 	// Counters since the store was made.
 	Built           uint64 // tables built and loaded
 	Evicted         uint64 // tables evicted to make room
@@ -217,6 +220,8 @@ func (s *Store) Stats() Stats {
 	}
 	st.Rules = len(s.rules)
 	st.Bytes = int64(st.Rows)*RowBytes + int64(st.Rules)*12
+	st.Processes = len(s.procs)
+	st.ProcBytes = int64(len(s.procs)) * int64(unsafe.Sizeof(bpfProc{}))
 	return st
 }
 
