@@ -149,8 +149,8 @@ func TestBPFWalkEnds(t *testing.T) {
 	if n, err := st.Refresh(func(int) ([]procmaps.Mapping, error) { return tg.maps, nil }); n != 0 || err != nil {
 		t.Errorf("second Refresh = %d, %v; want nothing stale", n, err)
 	}
-	if s := st.Stats(); s.Objects != 4 || s.Built != 4 || s.Processes != 1 || s.ProcBytes != 16400 {
-		t.Errorf("after the update: %+v, want 4 objects each built once, 1 process (16400 bytes)", s)
+	if s := st.Stats(); s.Objects != 4 || s.Built != 4 || s.Processes != 1 || s.ProcBytes != 8+MaxMappings*32 {
+		t.Errorf("after the update: %+v, want 4 objects each built once, 1 process (8 + 512×32 bytes)", s)
 	}
 
 	// Mark the library's table pending, as while it is being built.
