@@ -30,19 +30,25 @@
 // cannot complete ends with a truncated status, counted in uw_stats.
 //
 // The per-frame step is a global (non-inlined, separately verified)
-// function, so the verifier checks it once rather than once per frame:
-// bounded loops (5.3), global functions (5.6) and bpf_probe_read_user (5.5)
-// keep this loadable on 5.15 kernels without bpf_loop.
+// function, so the verifier checks it once rather than once per frame (about
+// 5,500 instructions in all, against Parca's and the OTel profiler's tail
+// calls). It needs bounded loops (5.3), bpf_probe_read_user (5.5), global
+// functions with pointer arguments and atomic compare-and-swap (5.12): no
+// bpf_loop, so 5.15 kernels load it (developed and tested on 6.18 only).
+//
+// Walk states: uprobe programs run preemptibly, so two walks may interleave
+// on one CPU; each walk claims one of UW_SCRATCH_SLOTS per-CPU states with a
+// compare-and-swap and the caller releases it (uw_release).
 #ifndef MEMPROF_UNWIND_H
 #define MEMPROF_UNWIND_H
 
 #ifndef UW_MAX_FRAMES
 #define UW_MAX_FRAMES 127
 #endif
-#define UW_MAX_MAPPINGS 512	      // executable mappings per process (power of two)
-#define UW_MAPPING_STEPS 10	      // log2(UW_MAX_MAPPINGS) + 1
+#define UW_MAX_MAPPINGS 512	    // executable mappings per process (power of two)
+#define UW_MAPPING_STEPS 10	    // log2(UW_MAX_MAPPINGS) + 1
 #define UW_MAX_TABLE_ROWS (1 << 23) // rows of one object's table
-#define UW_ROW_STEPS 24	      // log2(UW_MAX_TABLE_ROWS) + 1
+#define UW_ROW_STEPS 24		    // log2(UW_MAX_TABLE_ROWS) + 1
 #define UW_MAX_ROWS (1 << 22)     // default total rows (32 MiB); resized by userspace before load
 #define UW_MAX_RULES 65536	      // distinct rules of all objects
 #define UW_MAX_OBJECTS 16384      // table ids
