@@ -42,9 +42,7 @@
 #ifndef MEMPROF_UNWIND_H
 #define MEMPROF_UNWIND_H
 
-#ifndef UW_MAX_FRAMES
-#define UW_MAX_FRAMES 127
-#endif
+#define UW_MAX_FRAMES 127 // frames per walk (unwindtable.MaxFrames; as MAX_STACK_DEPTH)
 #define UW_MAX_MAPPINGS 512	    // executable mappings per process (power of two)
 #define UW_MAPPING_STEPS 10	    // log2(UW_MAX_MAPPINGS) + 1
 #define UW_MAX_TABLE_ROWS (1 << 23) // rows of one object's table
@@ -538,9 +536,7 @@ static __always_inline void uw_release(struct uw_state *s)
 // by a 64-bit hash of its frames and status, checked against a second hash
 // so that a hash collision is detected (and counted) rather than merging two
 // stacks. Sized by userspace (MapSpec.MaxEntries) before loading.
-#ifndef UW_MAX_STACKS
-#define UW_MAX_STACKS 32768
-#endif
+#define UW_MAX_STACKS 32768 // default; resized by userspace before load
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
