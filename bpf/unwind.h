@@ -42,6 +42,8 @@
 #ifndef MEMPROF_UNWIND_H
 #define MEMPROF_UNWIND_H
 
+#include <bpf/bpf_core_read.h>
+
 #define UW_MAX_FRAMES 127 // frames per walk (unwindtable.MaxFrames; as MAX_STACK_DEPTH)
 #define UW_MAX_MAPPINGS 512	    // executable mappings per process (power of two)
 #define UW_MAPPING_STEPS 10	    // log2(UW_MAX_MAPPINGS) + 1
@@ -88,7 +90,8 @@ enum uw_status {
 	UW_TRUNC_BAD_FRAME = 6,   // CFA not above rsp, unusable frame pointer, rbp unknown
 	UW_TRUNC_MAP = 7,	      // a table lookup failed (inconsistent maps)
 	UW_BUSY = 8,		      // no free walk state on this CPU: no walk
-	UW_NR_STATUS = 9,
+	UW_TRUNC_URETPROBE = 9,	      // a return address replaced by a uretprobe, not resolved
+	UW_NR_STATUS = 10,
 };
 
 // State of a table id (struct uw_object.state).
@@ -146,6 +149,7 @@ struct uw_state {
 	__u32 busy; // claimed by a walk (uprobe programs can be preempted mid-walk)
 	__u32 pid;
 	__u64 pc, sp, bp;
+	__u64 tramp; // the process's uretprobe trampoline (0: none, or a snapshot walk)
 	__u8 bp_valid; // bp holds a known value
 	__u8 exact;    // pc is exact (first frame), else a return address
 	__u16 pad;
@@ -331,6 +335,36 @@ static __always_inline struct uw_rule *uw_find_rule(struct uw_state *s, struct u
 	return rule;
 }
 
+#define UW_MAX_URETPROBES 8 // pending uretprobes searched per replaced return address
+
+// uw_trampoline returns the address of the current process's uretprobe
+// trampoline (its uprobes XOL page), 0 if it has none.
+static __always_inline __u64 uw_trampoline(void)
+{
+#ifdef UW_SNAPSHOT
+	return 0; // the walk reads a snapshot, not the current task's stack
+#else
+	struct task_struct *task = bpf_get_current_task_btf();
+	return BPF_CORE_READ(task, mm, uprobes_state.xol_area, vaddr);
+#endif
+}
+
+// uw_orig_ret returns the return address a pending uretprobe replaced by
+// its trampoline's address in slot: the kernel keeps it in the thread's
+// return instances, keyed by the stack pointer at the probed function's
+// entry (the slot). 0 when it is not found.
+static __always_inline __u64 uw_orig_ret(__u64 slot)
+{
+	struct task_struct *task = bpf_get_current_task_btf();
+	struct return_instance *ri = BPF_CORE_READ(task, utask, return_instances);
+	for (int i = 0; i < UW_MAX_URETPROBES && ri; i++) {
+		if (BPF_CORE_READ(ri, stack) == slot)
+			return BPF_CORE_READ(ri, orig_ret_vaddr);
+		ri = BPF_CORE_READ(ri, next);
+	}
+	return 0;
+}
+
 // uw_step unwinds one frame of walk state s: it records pc and computes
 // the caller's registers. It returns 0 to continue, 1 when the walk has
 // ended (status set). A global function: verified once, whatever the number
@@ -401,6 +435,10 @@ __attribute__((noinline)) int uw_step(struct uw_state *s)
 			s->stack.status = UW_TRUNC_READ;
 			return 1;
 		}
+		if (s->tramp && ra == s->tramp && !(ra = uw_orig_ret(bp + 8))) {
+			s->stack.status = UW_TRUNC_URETPROBE;
+			return 1;
+		}
 		s->pc = ra;
 		s->sp = bp + 16;
 		s->bp = nbp;
@@ -461,6 +499,10 @@ __attribute__((noinline)) int uw_step(struct uw_state *s)
 		s->stack.status = UW_TRUNC_READ;
 		return 1;
 	}
+	if (s->tramp && ra == s->tramp && !(ra = uw_orig_ret(cfa - 8))) {
+		s->stack.status = UW_TRUNC_URETPROBE;
+		return 1;
+	}
 	if (bp_kind == UW_BP_SAVED) {
 		s->bp_valid = uw_read(&nbp, cfa + (__s64)bp_off) == 0;
 		s->bp = nbp;
@@ -515,6 +557,7 @@ static __always_inline struct uw_state *uw_walk(__u32 pid, __u64 ip, __u64 sp, _
 	s->bp_valid = 1;
 	s->exact = 1;
 	s->stack.status = UW_TRUNC_MAX_FRAMES;
+	s->tramp = uw_trampoline();
 	s->m_start = 0;
 	s->m_end = 0;
 	for (int i = 0; i < UW_MAX_FRAMES; i++) {

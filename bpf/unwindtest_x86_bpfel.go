@@ -129,6 +129,7 @@ type UnwindtestUwState struct {
 	Pc      uint64
 	Sp      uint64
 	Bp      uint64
+	Tramp   uint64
 	BpValid uint8
 	Exact   uint8
 	Pad     uint16
@@ -153,7 +154,8 @@ const (
 	UnwindtestUwStatusUW_TRUNC_BAD_FRAME   UnwindtestUwStatus = 6
 	UnwindtestUwStatusUW_TRUNC_MAP         UnwindtestUwStatus = 7
 	UnwindtestUwStatusUW_BUSY              UnwindtestUwStatus = 8
-	UnwindtestUwStatusUW_NR_STATUS         UnwindtestUwStatus = 9
+	UnwindtestUwStatusUW_TRUNC_URETPROBE   UnwindtestUwStatus = 9
+	UnwindtestUwStatusUW_NR_STATUS         UnwindtestUwStatus = 10
 )
 
 type UnwindtestUwTestIn struct {

@@ -599,17 +599,18 @@ type WalkStats struct {
 	BadFrame    uint64 // CFA not above rsp, unusable frame pointer, rbp unknown
 	MapError    uint64 // inconsistent maps
 	Busy        uint64 // no walk state free on the CPU: not walked
+	Uretprobe   uint64 // a return address a uretprobe replaced, not resolved
 }
 
 // Truncated is the number of walks that did not complete (Busy included).
 func (w WalkStats) Truncated() uint64 {
-	return w.MaxFrames + w.NoMapping + w.Pending + w.Unsupported + w.ReadFailed + w.BadFrame + w.MapError + w.Busy
+	return w.MaxFrames + w.NoMapping + w.Pending + w.Unsupported + w.ReadFailed + w.BadFrame + w.MapError + w.Busy + w.Uretprobe
 }
 
 // ReadWalkStats reads the uw_stats map of a loaded object.
 func ReadWalkStats(m *ebpf.Map) (WalkStats, error) {
 	var w WalkStats
-	fields := []*uint64{&w.Complete, &w.MaxFrames, &w.NoMapping, &w.Pending, &w.Unsupported, &w.ReadFailed, &w.BadFrame, &w.MapError, &w.Busy}
+	fields := []*uint64{&w.Complete, &w.MaxFrames, &w.NoMapping, &w.Pending, &w.Unsupported, &w.ReadFailed, &w.BadFrame, &w.MapError, &w.Busy, &w.Uretprobe}
 	for i, f := range fields {
 		var per []uint64
 		if err := m.Lookup(uint32(i), &per); err != nil {
