@@ -149,7 +149,7 @@ struct uw_state {
 	__u32 busy; // claimed by a walk (uprobe programs can be preempted mid-walk)
 	__u32 pid;
 	__u64 pc, sp, bp;
-	__u64 tramp; // the process's uretprobe trampoline (0: none, or a snapshot walk)
+	__u64 ra_slot; // where pc was read from (0: not a saved return address)
 	__u8 bp_valid; // bp holds a known value
 	__u8 exact;    // pc is exact (first frame), else a return address
 	__u16 pad;
@@ -390,8 +390,22 @@ __attribute__((noinline)) int uw_step(struct uw_state *s)
 		return 1;
 	}
 	__u64 addr = s->exact ? pc : pc - 1; // the call instruction for a return address
-	if (addr < s->m_start || addr >= s->m_end) {
-		if (uw_find_mapping(s, addr)) {
+	if ((addr < s->m_start || addr >= s->m_end) && uw_find_mapping(s, addr)) {
+		// A pending uretprobe's trampoline in place of the return address?
+		// (Checked only here, off the common path.)
+		if (s->ra_slot && pc == uw_trampoline()) {
+			pc = uw_orig_ret(s->ra_slot);
+			if (!pc) {
+				s->stack.status = UW_TRUNC_URETPROBE;
+				return 1;
+			}
+			s->pc = pc;
+			s->stack.pcs[n] = pc;
+			addr = pc - 1;
+			if (uw_find_mapping(s, addr))
+				goto unmapped;
+		} else {
+		unmapped:;
 			__u32 pid = s->pid;
 			__u8 one = 1;
 			bpf_map_update_elem(&uw_stale, &pid, &one, BPF_ANY);
@@ -435,11 +449,8 @@ __attribute__((noinline)) int uw_step(struct uw_state *s)
 			s->stack.status = UW_TRUNC_READ;
 			return 1;
 		}
-		if (s->tramp && ra == s->tramp && !(ra = uw_orig_ret(bp + 8))) {
-			s->stack.status = UW_TRUNC_URETPROBE;
-			return 1;
-		}
 		s->pc = ra;
+		s->ra_slot = bp + 8;
 		s->sp = bp + 16;
 		s->bp = nbp;
 		s->bp_valid = 1;
@@ -475,6 +486,7 @@ __attribute__((noinline)) int uw_step(struct uw_state *s)
 			s->bp_valid = 0;
 		}
 		s->pc = ra;
+		s->ra_slot = 0;
 		s->sp = cfa;
 		s->exact = 1; // the interrupted instruction itself
 		return 0;
@@ -499,10 +511,6 @@ __attribute__((noinline)) int uw_step(struct uw_state *s)
 		s->stack.status = UW_TRUNC_READ;
 		return 1;
 	}
-	if (s->tramp && ra == s->tramp && !(ra = uw_orig_ret(cfa - 8))) {
-		s->stack.status = UW_TRUNC_URETPROBE;
-		return 1;
-	}
 	if (bp_kind == UW_BP_SAVED) {
 		s->bp_valid = uw_read(&nbp, cfa + (__s64)bp_off) == 0;
 		s->bp = nbp;
@@ -510,6 +518,7 @@ __attribute__((noinline)) int uw_step(struct uw_state *s)
 		s->bp_valid = 0;
 	}
 	s->pc = ra;
+	s->ra_slot = cfa - 8;
 	s->sp = cfa;
 	s->exact = 0;
 	return 0;
@@ -557,7 +566,7 @@ static __always_inline struct uw_state *uw_walk(__u32 pid, __u64 ip, __u64 sp, _
 	s->bp_valid = 1;
 	s->exact = 1;
 	s->stack.status = UW_TRUNC_MAX_FRAMES;
-	s->tramp = uw_trampoline();
+	s->ra_slot = 0;
 	s->m_start = 0;
 	s->m_end = 0;
 	for (int i = 0; i < UW_MAX_FRAMES; i++) {

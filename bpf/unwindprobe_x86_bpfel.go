@@ -78,7 +78,7 @@ type UnwindprobeUwState struct {
 	Pc      uint64
 	Sp      uint64
 	Bp      uint64
-	Tramp   uint64
+	RaSlot  uint64
 	BpValid uint8
 	Exact   uint8
 	Pad     uint16
