@@ -56,6 +56,8 @@ test:
 # memprof at the default rate and at rate 1, glibc and jemalloc, side by side.
 bench:
 	$(GO) test -count=1 -run '^$$' -bench . -benchtime=1x -timeout 30m ./internal/bench/
+	$(GO) test -count=1 -run '^$$' -bench BPFWalk -benchtime=1000x ./internal/unwindtable/
+	$(GO) test -count=1 -run '^$$' -bench 'TableBuild|LiveProbe' -benchtime=1x ./internal/unwindtable/
 
 # Build memprof and a leaky example, record it, print the top stacks.
 demo: build

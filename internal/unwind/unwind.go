@@ -285,142 +285,35 @@ func (p *Process) AppendUnwind(dst []uint64, regs Regs, stack []byte, max int) (
 	pcs = dst
 	max += len(dst)
 	st := stackReader{base: regs.SP, stack: stack}
-	pc, sp, bp := regs.IP, regs.SP, regs.BP
-	bpValid := true
-	exact := true // pc is the exact instruction (first frame, or after a signal frame)
+	f := frame{pc: regs.IP, sp: regs.SP, bp: regs.BP, bpValid: true, exact: true}
 
 	p.mu.RLock()
 	defer p.mu.RUnlock()
 	for {
-		if pc == 0 {
+		if f.pc == 0 {
 			return pcs, false
 		}
-		pcs = append(pcs, pc)
+		pcs = append(pcs, f.pc)
 		if len(pcs) >= max {
 			return pcs, true
 		}
-		lookup := pc
-		if !exact {
-			lookup = pc - 1 // the call instruction, not what follows it
-		}
+		lookup := f.lookupPC()
 		m := p.findMap(lookup)
 		if m == nil {
 			return pcs, true
 		}
-		var rw *row
 		var tab *table
-		if tab = p.table(m.obj); tab != nil {
-			rw = tab.lookup(lookup - m.bias)
+		if tab = p.table(m.obj); tab == nil {
+			tab = &table{} // no table: the frame-pointer rule
 		}
-		if rw == nil {
-			// No CFI: the frame-pointer rule, if rbp points into the copy.
-			if !bpValid || bp < sp || bp&7 != 0 || !st.contains(bp) {
-				return pcs, true
-			}
-			ra, ok1 := st.read(bp + 8)
-			nbp, ok2 := st.read(bp)
-			if !ok1 || !ok2 {
-				return pcs, true
-			}
-			sp, bp, pc, exact = bp+16, nbp, ra, false
-			continue
-		}
-		if rw.flags&flagUnsupported != 0 {
+		var res stepResult
+		f, res = tab.step(lookup-m.bias, f, &st)
+		switch res {
+		case stepEnd:
+			return pcs, false
+		case stepStop:
 			return pcs, true
 		}
-		x := exprCtx{sp: sp, bp: bp, pc: pc, bpValid: bpValid, st: &st}
-		var cfa uint64
-		switch rw.cfaReg {
-		case regRSP:
-			cfa = sp + uint64(int64(rw.cfaOff))
-		case regRBP:
-			if !bpValid {
-				return pcs, true
-			}
-			cfa = bp + uint64(int64(rw.cfaOff))
-		case cfaExpr:
-			v, ok := eval(tab.exprs[rw.cfaOff], &x, 0, false)
-			if !ok {
-				return pcs, true
-			}
-			cfa = v
-		default:
-			return pcs, true
-		}
-		if cfa <= sp {
-			return pcs, true // the stack must grow towards the caller
-		}
-		var ra uint64
-		switch rw.raKind {
-		case ruleUndefined:
-			return pcs, false // outermost frame (_start, thread start)
-		case ruleOffset:
-			v, ok := st.read(cfa + uint64(int64(rw.raOff)))
-			if !ok {
-				return pcs, true
-			}
-			ra = v
-		case ruleValOffset:
-			ra = cfa + uint64(int64(rw.raOff))
-		case ruleExpr, ruleValExpr:
-			v, ok := eval(tab.exprs[rw.raOff], &x, cfa, true)
-			if ok && rw.raKind == ruleExpr {
-				v, ok = st.read(v)
-			}
-			if !ok {
-				return pcs, true
-			}
-			ra = v
-		default:
-			return pcs, true
-		}
-		nsp := cfa
-		if rw.flags&flagSP != 0 {
-			// Signal frames restore rsp from the saved context, not the CFA.
-			r := tab.sp[rw.pc]
-			var ok bool
-			switch r.kind {
-			case ruleOffset:
-				nsp, ok = st.read(cfa + uint64(r.off))
-			case ruleValOffset:
-				nsp, ok = cfa+uint64(r.off), true
-			case ruleExpr, ruleValExpr:
-				nsp, ok = eval(tab.exprs[r.off], &x, cfa, true)
-				if ok && r.kind == ruleExpr {
-					nsp, ok = st.read(nsp)
-				}
-			}
-			if !ok || nsp <= sp {
-				return pcs, true
-			}
-		}
-		switch rw.bpKind {
-		case ruleSame:
-		case ruleUndefined:
-			bpValid = false
-		case ruleOffset:
-			bp, bpValid = st.read(cfa + uint64(int64(rw.bpOff)))
-		case ruleValOffset:
-			bp = cfa + uint64(int64(rw.bpOff))
-		case ruleExpr, ruleValExpr:
-			v, ok := eval(tab.exprs[rw.bpOff], &x, cfa, true)
-			if ok && rw.bpKind == ruleExpr {
-				v, ok = st.read(v)
-			}
-			bp, bpValid = v, ok
-		case ruleRegister:
-			switch rw.bpOff {
-			case regRSP:
-				bp = sp
-			case regRBP:
-			default:
-				bpValid = false
-			}
-		default:
-			bpValid = false
-		}
-		exact = rw.flags&flagSignal != 0 // a signal frame returns to the interrupted pc itself
-		sp, pc = nsp, ra
 	}
 }
 

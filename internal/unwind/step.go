@@ -1,0 +1,150 @@
+package unwind
+
+// frame is the register state of one frame during a walk.
+type frame struct {
+	pc, sp, bp uint64
+	bpValid    bool // rbp holds the caller's value (not clobbered by an undefined rule)
+	exact      bool // pc is the exact instruction (first frame, or after a signal frame)
+}
+
+// lookupPC is the address whose unwind rules apply: the call instruction
+// (pc-1) for a return address, pc itself for an exact pc.
+func (f frame) lookupPC() uint64 {
+	if f.exact {
+		return f.pc
+	}
+	return f.pc - 1
+}
+
+type stepResult uint8
+
+const (
+	stepNext stepResult = iota // the caller's frame was computed
+	stepEnd                    // outermost frame: the walk is complete
+	stepStop                   // the walk cannot continue: truncated
+)
+
+// step unwinds one frame whose rules are those of ELF virtual address
+// vaddr in tab (the frame-pointer rule where tab has no CFI for vaddr).
+func (tab *table) step(vaddr uint64, f frame, st *stackReader) (frame, stepResult) {
+	rw := tab.lookup(vaddr)
+	if rw == nil {
+		return stepFP(f, st)
+	}
+	return tab.stepCFI(rw, f, st)
+}
+
+// stepFP applies the frame-pointer rule (code without CFI): rbp must point
+// into the copied stack, at or above rsp.
+func stepFP(f frame, st *stackReader) (frame, stepResult) {
+	if !f.bpValid || f.bp < f.sp || f.bp&7 != 0 || !st.contains(f.bp) {
+		return f, stepStop
+	}
+	ra, ok1 := st.read(f.bp + 8)
+	nbp, ok2 := st.read(f.bp)
+	if !ok1 || !ok2 {
+		return f, stepStop
+	}
+	return frame{pc: ra, sp: f.bp + 16, bp: nbp, bpValid: true}, stepNext
+}
+
+// stepCFI applies the CFI row rw of tab to f.
+func (tab *table) stepCFI(rw *row, f frame, st *stackReader) (frame, stepResult) {
+	if rw.flags&flagUnsupported != 0 {
+		return f, stepStop
+	}
+	sp, bp, bpValid := f.sp, f.bp, f.bpValid
+	x := exprCtx{sp: sp, bp: bp, pc: f.pc, bpValid: bpValid, st: st}
+	var cfa uint64
+	switch rw.cfaReg {
+	case regRSP:
+		cfa = sp + uint64(int64(rw.cfaOff))
+	case regRBP:
+		if !bpValid {
+			return f, stepStop
+		}
+		cfa = bp + uint64(int64(rw.cfaOff))
+	case cfaExpr:
+		v, ok := eval(tab.exprs[rw.cfaOff], &x, 0, false)
+		if !ok {
+			return f, stepStop
+		}
+		cfa = v
+	default:
+		return f, stepStop
+	}
+	if cfa <= sp {
+		return f, stepStop // the stack must grow towards the caller
+	}
+	var ra uint64
+	switch rw.raKind {
+	case ruleUndefined:
+		return f, stepEnd // outermost frame (_start, thread start)
+	case ruleOffset:
+		v, ok := st.read(cfa + uint64(int64(rw.raOff)))
+		if !ok {
+			return f, stepStop
+		}
+		ra = v
+	case ruleValOffset:
+		ra = cfa + uint64(int64(rw.raOff))
+	case ruleExpr, ruleValExpr:
+		v, ok := eval(tab.exprs[rw.raOff], &x, cfa, true)
+		if ok && rw.raKind == ruleExpr {
+			v, ok = st.read(v)
+		}
+		if !ok {
+			return f, stepStop
+		}
+		ra = v
+	default:
+		return f, stepStop
+	}
+	nsp := cfa
+	if rw.flags&flagSP != 0 {
+		// Signal frames restore rsp from the saved context, not the CFA.
+		r := tab.sp[rw.pc]
+		var ok bool
+		switch r.kind {
+		case ruleOffset:
+			nsp, ok = st.read(cfa + uint64(r.off))
+		case ruleValOffset:
+			nsp, ok = cfa+uint64(r.off), true
+		case ruleExpr, ruleValExpr:
+			nsp, ok = eval(tab.exprs[r.off], &x, cfa, true)
+			if ok && r.kind == ruleExpr {
+				nsp, ok = st.read(nsp)
+			}
+		}
+		if !ok || nsp <= sp {
+			return f, stepStop
+		}
+	}
+	switch rw.bpKind {
+	case ruleSame:
+	case ruleUndefined:
+		bpValid = false
+	case ruleOffset:
+		bp, bpValid = st.read(cfa + uint64(int64(rw.bpOff)))
+	case ruleValOffset:
+		bp = cfa + uint64(int64(rw.bpOff))
+	case ruleExpr, ruleValExpr:
+		v, ok := eval(tab.exprs[rw.bpOff], &x, cfa, true)
+		if ok && rw.bpKind == ruleExpr {
+			v, ok = st.read(v)
+		}
+		bp, bpValid = v, ok
+	case ruleRegister:
+		switch rw.bpOff {
+		case regRSP:
+			bp = sp
+		case regRBP:
+		default:
+			bpValid = false
+		}
+	default:
+		bpValid = false
+	}
+	// A signal frame returns to the interrupted pc itself.
+	return frame{pc: ra, sp: nsp, bp: bp, bpValid: bpValid, exact: rw.flags&flagSignal != 0}, stepNext
+}

@@ -1,0 +1,41 @@
+// Package unwindtable derives the compact unwind tables that memprof's BPF
+// unwinder (bpf/unwind.h) evaluates from the call-frame information
+// internal/unwind parses, and keeps them in BPF maps: one shared array of
+// rows holding every object's table at its own offset, a deduplicated array
+// of rules the rows point to, an array of objects (row range per table id),
+// and a per-process list of executable mappings (pc range -> table id,
+// bias).
+//
+// The approach is that of Parca Agent and the OpenTelemetry eBPF profiler
+// (sorted pc -> rule rows searched in BPF, per-process mappings maintained
+// from userspace); the layout and the verifier strategy (one global
+// function per frame instead of tail calls) are memprof's own.
+//
+// How a tier uses it:
+//
+// BPF: include "unwind.h" and, where the tier samples, walk from the user
+// registers and copy the frames before releasing the state:
+//
+//	struct uw_state *w = uw_walk(tgid, PT_REGS_IP(ctx), PT_REGS_SP(ctx), PT_REGS_FP(ctx));
+//	__u64 stack_id = 0; // 0: no stack (counted in uw_stats or uw_intern_stats)
+//	if (w) {
+//		stack_id = uw_intern(w); // w->stack: pcs[0..n), status (UW_COMPLETE or why truncated)
+//		uw_release(w);
+//	}
+//
+// and key its aggregation maps by stack_id; userspace reads the frames with
+// ReadStack (uw_stacks) and deletes stacks nothing refers to any more.
+//
+// In a uprobe or uretprobe ctx is the probe's pt_regs; elsewhere in the
+// sampled thread's context (a tracepoint or kprobe) the user registers are
+// bpf_task_pt_regs(bpf_get_current_task_btf()).
+//
+// Go: one Store for all tiers, over the uw_* maps of the first collection
+// loaded; later collections that include unwind.h reuse them through
+// ebpf.CollectionOptions.MapReplacements (uw_procs, uw_objects, uw_rows,
+// uw_rules, uw_stale, uw_stats, uw_stacks, uw_intern_stats). Size uw_rows (8 bytes a row: the memory
+// bound of all tables) with MapSpec.MaxEntries before loading. Call
+// SetProcess when a target is added, RemoveProcess when it exits, Refresh
+// periodically (processes whose walks met code mapped later, such as by
+// dlopen), and report Stats, Tables, ReadWalkStats and ReadInternStats.
+package unwindtable
