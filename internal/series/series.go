@@ -89,13 +89,16 @@ func (s *Series) Seconds() []float64 {
 }
 
 // TotalInuse returns the live bytes of all stacks (and Other) at each point;
-// Absent values count 0.
+// Absent where every stack is Absent (no target running).
 func (s *Series) TotalInuse() []int64 {
 	out := make([]int64, len(s.TimesMS))
+	for i := range out {
+		out[i] = Absent
+	}
 	add := func(v []int64) {
 		for i := range out {
-			if i < len(v) && v[i] > 0 {
-				out[i] += v[i]
+			if i < len(v) && v[i] != Absent {
+				out[i] = max(out[i], 0) + v[i]
 			}
 		}
 	}
