@@ -48,7 +48,7 @@ func writeSeries(rec *recorder.SeriesRecorder, out string, limit float64, w io.W
 	if err := series.WriteFile(path, s); err != nil {
 		return err
 	}
-	fmt.Fprintf(w, "memory over time (%d points, %d stacks) written to %s; read both with: memprof report %s\n", len(s.TimesMS), len(s.Stacks), path, out)
+	fmt.Fprintf(w, "memory over time (%d points, %d stacks holding memory) written to %s; read both with: memprof report %s\n", len(s.TimesMS), len(s.Stacks), path, out)
 	if limit < 0 {
 		return nil
 	}

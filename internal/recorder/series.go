@@ -25,9 +25,9 @@ import (
 // about 4.5 hours at 64 s).
 var SeriesInterval = 250 * time.Millisecond
 
-// seriesCostShare bounds the time memprof spends reading a point to 1/20
-// (5% of one core) of the interval: a reading that takes d makes the
-// interval at least 20*d.
+// seriesCostShare bounds the time memprof spends reading points to 1/20 of
+// the time (5% of one core): the interval is at least 20 times the moving
+// average (EWMA, weight 1/4) of the time a point takes to read.
 const seriesCostShare = 20
 
 // SeriesRecorder samples a session's memory over time until Stop.
@@ -35,6 +35,7 @@ type SeriesRecorder struct {
 	s    *Session
 	mu   sync.Mutex
 	b    *series.Builder
+	cost time.Duration // moving average of the time a point takes
 	stop chan struct{}
 	done chan struct{}
 }
@@ -57,9 +58,13 @@ func (r *SeriesRecorder) loop() {
 		r.mu.Lock()
 		if now := time.Now(); r.b.Due(now) {
 			r.point(now)
-			if d := time.Since(now); d > 0 {
-				r.b.AtLeast(seriesCostShare * d)
+			d := time.Since(now)
+			r.b.Cost(d)
+			if r.cost == 0 {
+				r.cost = d
 			}
+			r.cost += (d - r.cost) / 4
+			r.b.AtLeast(seriesCostShare * r.cost)
 		}
 		r.mu.Unlock()
 		select {

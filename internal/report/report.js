@@ -26,7 +26,7 @@
 
   // Header.
   var meta = document.getElementById("meta");
-  meta.textContent = R.samples + " samples, sample rate " + R.sample_rate + " bytes, " +
+  meta.textContent = R.samples + " pprof samples, sample rate " + R.sample_rate + " bytes, " +
     (R.duration_s > 0 ? R.duration_s.toFixed(1) + " s recorded" : "snapshot") +
     (R.times_s ? ", " + R.times_s.length + " points in the series" : "");
   if (R.lost && R.lost.length) {
@@ -48,7 +48,8 @@
   }
 
   // Timeline.
-  var colors = d3.schemeCategory10;
+  // Stack lines avoid the red and orange of RSS and RssAnon.
+  var stackColors = [2, 0, 4, 5, 6, 8, 9, 7].map(function (i) { return d3.schemeCategory10[i]; });
   var lines = [];
   var times = R.times_s || [];
   if (times.length) {
@@ -61,7 +62,7 @@
       lines.push({ name: "cgroup usage " + c.path, values: c.usage_bytes, color: "#9467bd", dash: "2,2", kind: "cgroup" });
     });
     (R.stacks || []).filter(function (s) { return s.series_inuse_bytes; }).slice(0, TOP_LINES).forEach(function (s, i) {
-      lines.push({ name: s.growth.trend + ": " + short(leaf(s.frames), 60), values: s.series_inuse_bytes, color: colors[(i + 2) % 10], kind: "stack" });
+      lines.push({ name: s.growth.trend + ": " + short(leaf(s.frames), 60), values: s.series_inuse_bytes, color: stackColors[i % stackColors.length], kind: "stack" });
     });
     drawTimeline();
   } else {

@@ -55,6 +55,10 @@ type Series struct {
 	Other      []int64   `json:"other_inuse"` // live bytes of the untracked stacks
 	Untracked  int       `json:"untracked_stacks"`
 	ReadErrors int       `json:"read_errors"` // ticks whose heap state could not be read (no point added)
+	// ReadMeanMS and ReadMaxMS are the time memprof took to read a point
+	// (its own cost; nothing runs in the targets).
+	ReadMeanMS float64 `json:"read_mean_ms"`
+	ReadMaxMS  float64 `json:"read_max_ms"`
 }
 
 // Stack is the live bytes of one stack over time.
@@ -255,6 +259,7 @@ type Builder struct {
 	rate       uint64
 	max        int
 	interval   time.Duration
+	floor      time.Duration
 	last       time.Time
 	times      []int64
 	stacks     map[Key][]int64
@@ -263,6 +268,9 @@ type Builder struct {
 	procs      map[int]*Process
 	cgroups    map[string][]int64
 	readErrors int
+	costN      int
+	costSum    time.Duration
+	costMax    time.Duration
 }
 
 // NewBuilder starts an empty series at start; interval is the initial
@@ -279,18 +287,23 @@ func NewBuilder(start time.Time, sampleRate uint64, interval time.Duration, maxP
 		stacks: map[Key][]int64{}, untracked: map[Key]bool{}, procs: map[int]*Process{}, cgroups: map[string][]int64{}}
 }
 
-// Interval is the current spacing of points.
-func (b *Builder) Interval() time.Duration { return b.interval }
+// Interval is the current spacing of points: the base interval (doubled
+// each time the series filled) or the floor set by AtLeast, whichever is
+// longer.
+func (b *Builder) Interval() time.Duration { return max(b.interval, b.floor) }
 
 // Due reports whether a point is due at now.
-func (b *Builder) Due(now time.Time) bool { return b.last.IsZero() || now.Sub(b.last) >= b.interval }
+func (b *Builder) Due(now time.Time) bool { return b.last.IsZero() || now.Sub(b.last) >= b.Interval() }
 
-// AtLeast raises the interval to d if it is shorter (a reading that takes
-// long must not run back to back).
-func (b *Builder) AtLeast(d time.Duration) {
-	if d > b.interval {
-		b.interval = d
-	}
+// AtLeast sets the floor of the interval to d (a reading that takes long
+// must not run back to back); a later, smaller d lowers it again.
+func (b *Builder) AtLeast(d time.Duration) { b.floor = d }
+
+// Cost records the time one point took to read.
+func (b *Builder) Cost(d time.Duration) {
+	b.costN++
+	b.costSum += d
+	b.costMax = max(b.costMax, d)
 }
 
 // ReadError counts a tick whose heap state could not be read.
@@ -426,8 +439,12 @@ func (b *Builder) Keys() []Key {
 // stack are summed (Absent only where every one is Absent). Stacks whose
 // values are all 0 or Absent are left out.
 func (b *Builder) Finish(frames func(Key) []string) *Series {
-	s := &Series{Version: Version, Start: b.start, SampleRate: b.rate, IntervalMS: b.interval.Milliseconds(),
-		TimesMS: append([]int64{}, b.times...), Other: b.other, Untracked: len(b.untracked), ReadErrors: b.readErrors}
+	s := &Series{Version: Version, Start: b.start, SampleRate: b.rate, IntervalMS: b.Interval().Milliseconds(),
+		TimesMS: append([]int64{}, b.times...), Other: b.other, Untracked: len(b.untracked), ReadErrors: b.readErrors,
+		ReadMaxMS: float64(b.costMax) / 1e6}
+	if b.costN > 0 {
+		s.ReadMeanMS = float64(b.costSum) / float64(b.costN) / 1e6
+	}
 	byFrames := map[string]*Stack{}
 	keys := b.Keys()
 	sort.Slice(keys, func(i, j int) bool {
