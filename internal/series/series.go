@@ -437,8 +437,10 @@ func (b *Builder) Keys() []Key {
 // Finish returns the series with keys merged by their frames (frames(k),
 // leaf first, as pprofout renders them): the per-process series of one
 // stack are summed (Absent only where every one is Absent). Stacks whose
-// values are all 0 or Absent are left out.
+// values are all 0 or Absent are left out, and so are the last points if
+// nothing was running any more (every value Absent).
 func (b *Builder) Finish(frames func(Key) []string) *Series {
+	b.trimTail()
 	s := &Series{Version: Version, Start: b.start, SampleRate: b.rate, IntervalMS: b.Interval().Milliseconds(),
 		TimesMS: append([]int64{}, b.times...), Other: b.other, Untracked: len(b.untracked), ReadErrors: b.readErrors,
 		ReadMaxMS: float64(b.costMax) / 1e6}
@@ -517,4 +519,46 @@ func appendUnique(s []int, v int) []int {
 		}
 	}
 	return append(s, v)
+}
+
+// trimTail drops the trailing points at which every value is Absent.
+func (b *Builder) trimTail() {
+	n := len(b.times)
+	present := func(i int) bool {
+		for _, v := range b.stacks {
+			if v[i] != Absent {
+				return true
+			}
+		}
+		for _, p := range b.procs {
+			if p.RSS[i] != Absent {
+				return true
+			}
+		}
+		for _, u := range b.cgroups {
+			if u[i] != Absent {
+				return true
+			}
+		}
+		return false
+	}
+	for n > 0 && !present(n-1) {
+		n--
+	}
+	if n == len(b.times) {
+		return
+	}
+	b.times = b.times[:n]
+	for k, v := range b.stacks {
+		b.stacks[k] = v[:n]
+	}
+	if b.other != nil {
+		b.other = b.other[:n]
+	}
+	for _, p := range b.procs {
+		p.RSS, p.RssAnon = p.RSS[:n], p.RssAnon[:n]
+	}
+	for k, v := range b.cgroups {
+		b.cgroups[k] = v[:n]
+	}
 }

@@ -2,6 +2,7 @@ package series
 
 import (
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -67,13 +68,17 @@ func TestBuilderAbsentWhenNotRunning(t *testing.T) {
 	k := Key{Pid: 5, StackID: 2}
 	b.Add(start.Add(time.Second), map[Key]int64{k: 10}, map[int]bool{5: true}, []ProcPoint{{Pid: 5, RSS: 1, RssAnon: 1}}, nil)
 	b.Add(start.Add(2*time.Second), map[Key]int64{}, map[int]bool{5: true}, []ProcPoint{{Pid: 5, RSS: 1, RssAnon: 1}}, nil)
-	b.Add(start.Add(3*time.Second), map[Key]int64{}, map[int]bool{}, nil, nil) // exited
-	s := b.Finish(func(Key) []string { return []string{"f"} })
+	b.Add(start.Add(3*time.Second), map[Key]int64{{6, 1}: 5}, map[int]bool{6: true}, []ProcPoint{{Pid: 6, RSS: 2, RssAnon: 2}}, nil) // 5 exited, 6 started
+	b.Add(start.Add(4*time.Second), map[Key]int64{}, map[int]bool{}, nil, nil)                                                       // both gone
+	s := b.Finish(func(k Key) []string { return []string{fmt.Sprint(k.Pid)} })
 	if want := []int64{10, 0, Absent}; !reflect.DeepEqual(s.Stacks[0].Inuse, want) {
-		t.Fatalf("inuse %v, want %v", s.Stacks[0].Inuse, want)
+		t.Fatalf("inuse %v, want %v (the last point, with nothing running, dropped)", s.Stacks[0].Inuse, want)
 	}
 	if want := []int64{1, 1, Absent}; !reflect.DeepEqual(s.Processes[0].RSS, want) {
 		t.Fatalf("RSS %v, want %v", s.Processes[0].RSS, want)
+	}
+	if len(s.TimesMS) != 3 {
+		t.Fatalf("times %v", s.TimesMS)
 	}
 }
 
