@@ -9,10 +9,13 @@ import (
 	"bytes"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/memprof/memprof/internal/cgroups"
 	"github.com/memprof/memprof/internal/procmaps"
@@ -25,9 +28,9 @@ import (
 // about 4.5 hours at 64 s).
 var SeriesInterval = 250 * time.Millisecond
 
-// seriesCostShare bounds the time memprof spends reading points to 1/20 of
-// the time (5% of one core): the interval is at least 20 times the moving
-// average (EWMA, weight 1/4) of the time a point takes to read.
+// seriesCostShare bounds the CPU time memprof spends reading points to
+// 1/20 of the time (5% of one core): the interval is at least 20 times the
+// moving average (EWMA, weight 1/4) of the CPU time a point takes.
 const seriesCostShare = 20
 
 // SeriesRecorder samples a session's memory over time until Stop.
@@ -52,18 +55,22 @@ func (s *Session) RecordSeries() *SeriesRecorder {
 
 func (r *SeriesRecorder) loop() {
 	defer close(r.done)
+	// The cost of a point is the CPU time of this thread (RUSAGE_THREAD),
+	// not the wall time, which a loaded machine stretches.
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
 	tick := time.NewTicker(SeriesInterval / 5)
 	defer tick.Stop()
 	for {
 		r.mu.Lock()
-		if now := time.Now(); r.b.Due(now) {
+		// Half a tick of slack: a point due between two ticks is taken at
+		// the nearer one, not one tick late.
+		if now := time.Now(); r.b.Due(now.Add(SeriesInterval / 10)) {
+			c0 := threadCPU()
 			r.point(now)
-			d := time.Since(now)
+			d := threadCPU() - c0
 			r.b.Cost(d)
-			if r.cost == 0 {
-				r.cost = d
-			}
-			r.cost += (d - r.cost) / 4
+			r.cost += (d - r.cost) / 4 // from 0: one slow first read does not set the pace
 			r.b.AtLeast(seriesCostShare * r.cost)
 		}
 		r.mu.Unlock()
@@ -81,19 +88,8 @@ func (r *SeriesRecorder) loop() {
 func (r *SeriesRecorder) point(now time.Time) {
 	s := r.s
 	targets := s.Targets()
-	snap, err := s.Counts()
-	if err != nil {
-		r.b.ReadError()
-		return
-	}
-	live := map[series.Key]int64{}
-	for _, b := range snap.Buckets {
-		if b.InuseCount == 0 {
-			continue
-		}
-		_, bytes := pprofout.Unsample(b.InuseCount, b.Size, s.opts.SampleRate)
-		live[series.Key{Pid: b.Pid, StackID: b.StackID}] += bytes
-	}
+	// /proc and the cgroups first: they are read closest to now (the
+	// maps take longer).
 	alive := map[int]bool{}
 	var procs []series.ProcPoint
 	for pid, comm := range targets {
@@ -113,7 +109,29 @@ func (r *SeriesRecorder) point(now time.Time) {
 			cgs[dir] = int64(st.Usage)
 		}
 	}
+	snap, err := s.Counts()
+	if err != nil {
+		r.b.ReadError()
+		return
+	}
+	live := map[series.Key]int64{}
+	for _, b := range snap.Buckets {
+		if b.InuseCount == 0 {
+			continue
+		}
+		_, bytes := pprofout.Unsample(b.InuseCount, b.Size, s.opts.SampleRate)
+		live[series.Key{Pid: b.Pid, StackID: b.StackID}] += bytes
+	}
 	r.b.Add(now, live, alive, procs, cgs)
+}
+
+// threadCPU is the calling thread's CPU time (user + system).
+func threadCPU() time.Duration {
+	var ru unix.Rusage
+	if unix.Getrusage(unix.RUSAGE_THREAD, &ru) != nil {
+		return 0
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
 
 // readRSS reads VmRSS and RssAnon of /proc/PID/status, in bytes.

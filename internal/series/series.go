@@ -55,8 +55,8 @@ type Series struct {
 	Other      []int64   `json:"other_inuse"` // live bytes of the untracked stacks
 	Untracked  int       `json:"untracked_stacks"`
 	ReadErrors int       `json:"read_errors"` // ticks whose heap state could not be read (no point added)
-	// ReadMeanMS and ReadMaxMS are the time memprof took to read a point
-	// (its own cost; nothing runs in the targets).
+	// ReadMeanMS and ReadMaxMS are the CPU time memprof took to read a
+	// point (its own cost; nothing runs in the targets).
 	ReadMeanMS float64 `json:"read_mean_ms"`
 	ReadMaxMS  float64 `json:"read_max_ms"`
 }
@@ -299,7 +299,7 @@ func (b *Builder) Due(now time.Time) bool { return b.last.IsZero() || now.Sub(b.
 // must not run back to back); a later, smaller d lowers it again.
 func (b *Builder) AtLeast(d time.Duration) { b.floor = d }
 
-// Cost records the time one point took to read.
+// Cost records the CPU time one point took to read.
 func (b *Builder) Cost(d time.Duration) {
 	b.costN++
 	b.costSum += d
