@@ -14,6 +14,7 @@ import (
 	"path/filepath"
 	"sort"
 	"strings"
+	"time"
 
 	"github.com/google/pprof/profile"
 
@@ -85,6 +86,12 @@ func Load(path string) (*Report, error) {
 		default:
 			why = err.Error()
 		}
+	} else if p.TimeNanos != 0 && s.Start.UnixNano() != p.TimeNanos {
+		// Both carry the session's start: a mismatch is a series left by
+		// another recording under the same name.
+		why = fmt.Sprintf("%s belongs to another recording (started %s, the profile %s): ignored", sp,
+			s.Start.UTC().Format(time.RFC3339), time.Unix(0, p.TimeNanos).UTC().Format(time.RFC3339))
+		s = nil
 	}
 	r := Analyze(p, s)
 	r.Profile = path

@@ -24,7 +24,8 @@ func demo(t *testing.T, dir string) string {
 	mainLoc := loc("main")
 	leak, cache, churn, evil := loc("leak"), loc("cache"), loc("churn"), loc(`</script><img src=x onerror=alert(1)>`)
 	stacks := map[string][]*pprofout.Location{"leak": {leak, mainLoc}, "cache": {cache, mainLoc}, "churn": {churn, mainLoc}, "evil": {evil, mainLoc}}
-	p := &pprofout.Profile{SampleRate: 1, Duration: 10 * time.Second, Comments: []string{
+	start := time.Unix(1700000000, 0)
+	p := &pprofout.Profile{SampleRate: 1, Start: start, Duration: 10 * time.Second, Comments: []string{
 		pprofout.MetaComment("frag", "pid 1 (x): healthy"), pprofout.MetaComment("lost_ringbuf_full", "3")},
 		Samples: []pprofout.Sample{
 			{Stack: stacks["leak"], Size: 1 << 20, AllocCount: 40, InuseCount: 40, Labels: map[string]string{"pid": "1"}},
@@ -36,7 +37,6 @@ func demo(t *testing.T, dir string) string {
 	if err := pprofout.WriteFile(path, p); err != nil {
 		t.Fatal(err)
 	}
-	start := time.Unix(1700000000, 0)
 	b := series.NewBuilder(start, 1, 250*time.Millisecond, 0)
 	keys := map[string]series.Key{"leak": {1, 1}, "cache": {1, 2}, "churn": {1, 3}, "evil": {1, 4}}
 	for i := 0; i < 40; i++ {
@@ -127,6 +127,14 @@ func TestLoadWithoutSeries(t *testing.T) {
 	if l := r.Leaks(0); len(l) != 0 {
 		t.Fatalf("leaks without a series: %v", l)
 	}
+	// A series of another recording under the same name is not used.
+	other := &series.Series{Version: series.Version, Start: time.Unix(5, 0)}
+	if err := series.WriteFile(series.SidecarPath(path), other); err != nil {
+		t.Fatal(err)
+	}
+	if r, err := Load(path); err != nil || !strings.Contains(r.SeriesMissing, "another recording") {
+		t.Fatalf("stale series: %v %q", err, r.SeriesMissing)
+	}
 	os.WriteFile(series.SidecarPath(path), []byte("junk"), 0o644)
 	if r, err := Load(path); err != nil || !strings.Contains(r.SeriesMissing, "not gzip") {
 		t.Fatalf("corrupt series: %v %q", err, r.SeriesMissing)
@@ -166,5 +174,33 @@ func TestSparklineAndFlame(t *testing.T) {
 	}
 	if s := sparkline([]int64{1, 2, 3, 4, 5, 6, 7, 8}, 4); s != "▃▅▆█" {
 		t.Errorf("bucketed sparkline %q", s)
+	}
+}
+
+// An OOM post-mortem's page shows the kill from the report next to it.
+func TestHTMLShowsTheKill(t *testing.T) {
+	dir := t.TempDir()
+	prof := demo(t, dir)
+	oomProf := filepath.Join(dir, "oom-20250101-000000-x-1.pb.gz")
+	if err := os.Rename(prof, oomProf); err != nil {
+		t.Fatal(err)
+	}
+	js := `{"Pid": 1, "Comm": "x", "Kind": "cgroup-limit", "CgroupPath": "/sys/fs/cgroup/memory/t", "Limit": 67108864, "Usage": 67100000, "AnonRSS": 66000000}`
+	if err := os.WriteFile(filepath.Join(dir, "oom-20250101-000000-x-1.json"), []byte(js), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	r, err := Load(oomProf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.OOM == nil || r.OOM.Kind != "cgroup-limit" || r.OOM.Limit != 64<<20 {
+		t.Fatalf("kill not read: %+v", r.OOM)
+	}
+	var buf bytes.Buffer
+	if err := WriteHTML(&buf, r); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(buf.String(), `"Kind":"cgroup-limit"`) || !strings.Contains(buf.String(), "OOM kill of pid") {
+		t.Fatal("the page lacks the kill")
 	}
 }
