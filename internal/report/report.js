@@ -47,6 +47,14 @@
     (o.Notes || []).forEach(function (n) { box.appendChild(el("div", n, "meta")); });
   }
 
+  var windowSel = null; // [t0, t1] seconds, null = whole recording
+  // The page's address may preset the view: #type=alloc_space&window=2-6.
+  var hash = {};
+  (location.hash || "").replace(/^#/, "").split("&").forEach(function (kv) {
+    var i = kv.indexOf("=");
+    if (i > 0) hash[decodeURIComponent(kv.slice(0, i))] = decodeURIComponent(kv.slice(i + 1));
+  });
+
   // Timeline.
   // Stack lines avoid the red and orange of RSS and RssAnon.
   var stackColors = [2, 0, 4, 5, 6, 8, 9, 7].map(function (i) { return d3.schemeCategory10[i]; });
@@ -69,7 +77,6 @@
     document.getElementById("timeline").appendChild(el("p", R.series_missing || "no series", "meta"));
   }
 
-  var windowSel = null; // [t0, t1] seconds, null = whole recording
 
   function drawTimeline() {
     var host = document.getElementById("timeline");
@@ -103,7 +110,12 @@
         windowSel = ev.selection ? ev.selection.map(x.invert) : null;
         drawGrowth();
       });
-    svg.append("g").attr("class", "brush").call(brush);
+    var bg = svg.append("g").attr("class", "brush").call(brush);
+    var m2 = /^([0-9.]+)-([0-9.]+)$/.exec(hash.window || "");
+    if (m2 && +m2[2] > +m2[1]) {
+      bg.call(brush.move, [x(+m2[1]), x(+m2[2])]);
+      windowSel = [+m2[1], +m2[2]];
+    }
   }
 
   // Live bytes of a series at the window's ends: the first and last present
@@ -174,7 +186,9 @@
   // Flame graph.
   var sel = document.getElementById("sampletype");
   (D.sampleTypes || []).forEach(function (st) {
-    var o = el("option", st); o.value = st; if (st === D.defaultType) o.selected = true; sel.appendChild(o);
+    var o = el("option", st); o.value = st;
+    if (st === (D.sampleTypes.indexOf(hash.type) >= 0 ? hash.type : D.defaultType)) o.selected = true;
+    sel.appendChild(o);
   });
   function drawFlame(type) {
     var host = document.getElementById("flamegraph");

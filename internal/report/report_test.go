@@ -38,7 +38,7 @@ func demo(t *testing.T, dir string) string {
 		t.Fatal(err)
 	}
 	b := series.NewBuilder(start, 1, 250*time.Millisecond, 0)
-	keys := map[string]series.Key{"leak": {1, 1}, "cache": {1, 2}, "churn": {1, 3}, "evil": {1, 4}}
+	keys := map[string]series.Key{"leak": {Pid: 1, StackID: 1}, "cache": {Pid: 1, StackID: 2}, "churn": {Pid: 1, StackID: 3}, "evil": {Pid: 1, StackID: 4}}
 	for i := 0; i < 40; i++ {
 		live := map[series.Key]int64{
 			keys["leak"]:  int64(i+1) << 20,
