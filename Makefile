@@ -48,13 +48,14 @@ test:
 bench:
 	$(GO) test -count=1 -run '^$$' -bench . -benchtime=1x -timeout 30m ./internal/bench/
 
-# Build memprof and a leaky example, record it, print the top stacks.
+# Build memprof and a leaky example, record it, print the top stacks and what
+# grew, and write the HTML report (bin/demo/report.html).
 demo: build
 	@mkdir -p $(DEMO_DIR)
 	gcc -g -O1 -fno-omit-frame-pointer -pthread -o $(DEMO_DIR)/leaky testdata/demo_server.c
 	./$(BIN) record -o $(DEMO_DIR)/heap.pb.gz -- ./$(DEMO_DIR)/leaky
 	@echo
-	./$(BIN) report --top 5 $(DEMO_DIR)/heap.pb.gz
+	./$(BIN) report --top 5 --html $(DEMO_DIR)/report.html $(DEMO_DIR)/heap.pb.gz
 
 # Refresh the flame-graph and chart libraries bundled into `memprof report
 # --html` (internal/report/assets, embedded with go:embed) from npm; bump the
