@@ -49,7 +49,7 @@ package growth
 import (
 	"fmt"
 	"math"
-	"sort"
+	"slices"
 )
 
 // Trend is the class of a stack's live bytes over the window.
@@ -256,7 +256,7 @@ func MannKendall(x []float64) (z, p float64) {
 		}
 	}
 	sorted := append([]float64(nil), x...)
-	sort.Float64s(sorted)
+	slices.Sort(sorted)
 	nf := float64(n)
 	variance := nf * (nf - 1) * (2*nf + 5)
 	for i := 0; i < n; {
@@ -286,7 +286,7 @@ func median(v []float64) float64 {
 	if len(v) == 0 {
 		return 0
 	}
-	sort.Float64s(v)
+	slices.Sort(v)
 	m := len(v) / 2
 	if len(v)%2 == 1 {
 		return v[m]

@@ -206,3 +206,17 @@ func TestClassifySamplingNoiseIsNotATrend(t *testing.T) {
 		t.Fatalf("a steady churning cache was called growing (medium or high) in %d of 100 runs", wrong)
 	}
 }
+
+// BenchmarkClassify: one stack with a full series (256 points, 128 in the
+// late half), the worst case of a report.
+func BenchmarkClassify(b *testing.B) {
+	rng := rand.New(rand.NewSource(1))
+	ts, x := make([]float64, 256), make([]float64, 256)
+	for i := range ts {
+		ts[i] = float64(i)
+		x[i] = float64(i)*1e5 + rng.Float64()*1e6
+	}
+	for i := 0; i < b.N; i++ {
+		Classify(Input{Times: ts, Live: x, AllocBytes: x[255], Quantum: 512 << 10})
+	}
+}

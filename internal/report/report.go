@@ -194,13 +194,32 @@ func Analyze(p *profile.Profile, s *series.Series) *Report {
 			get(st.Frames)
 		}
 	}
+	// Only the MaxClassified largest stacks (by peak live or allocated
+	// bytes) are classified: a few milliseconds each.
+	size := func(k string) int64 {
+		v := max(byKey[k].inuse, byKey[k].alloc)
+		for _, x := range seriesOf[k] {
+			v = max(v, x)
+		}
+		return v
+	}
+	bySize := append([]string(nil), order...)
+	sort.SliceStable(bySize, func(i, j int) bool { return size(bySize[i]) > size(bySize[j]) })
+	classify := map[string]bool{}
+	for i, k := range bySize {
+		classify[k] = i < MaxClassified
+	}
 	for _, k := range order {
 		t := byKey[k]
 		st := Stack{Frames: t.frames, InuseBytes: t.inuse, InuseObjects: t.inuseObj, AllocBytes: t.alloc, AllocObjects: t.allocObj}
 		if t.inuse == 0 && t.alloc == 0 && seriesOf[k] == nil {
 			continue
 		}
-		if s != nil {
+		if s != nil && !classify[k] {
+			st.Series = seriesOf[k]
+			st.Growth = growth.Verdict{Trend: growth.Unknown, Confidence: growth.None, P: 1,
+				Reasons: []string{fmt.Sprintf("not classified: only the %d largest stacks are", MaxClassified)}}
+		} else if s != nil {
 			st.Series = seriesOf[k]
 			if st.Series == nil {
 				st.Series = make([]int64, len(times))
@@ -246,6 +265,9 @@ func Analyze(p *profile.Profile, s *series.Series) *Report {
 	})
 	return r
 }
+
+// MaxClassified is the number of stacks Analyze classifies, largest first.
+const MaxClassified = 1000
 
 // Leaks returns the stacks classified growing, with at least medium
 // confidence, whose growth rate exceeds limit bytes per minute: what the

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -202,5 +203,37 @@ func TestHTMLShowsTheKill(t *testing.T) {
 	}
 	if !strings.Contains(buf.String(), `"Kind":"cgroup-limit"`) || !strings.Contains(buf.String(), "OOM kill of pid") {
 		t.Fatal("the page lacks the kill")
+	}
+}
+
+// Beyond MaxClassified stacks, the smallest are left unclassified and say so.
+func TestAnalyzeClassifiesTheLargest(t *testing.T) {
+	n := MaxClassified + 2
+	prof := &pprofout.Profile{SampleRate: 1}
+	s := &series.Series{Version: series.Version, SampleRate: 1}
+	for i := 0; i < 12; i++ {
+		s.TimesMS = append(s.TimesMS, int64(i*1000))
+	}
+	for i := 0; i < n; i++ {
+		loc := &pprofout.Location{Lines: []pprofout.Line{{Function: "f" + strconv.Itoa(i)}}}
+		prof.Samples = append(prof.Samples, pprofout.Sample{Stack: []*pprofout.Location{loc}, Size: uint64(i + 1), AllocCount: 1, InuseCount: 1, Labels: map[string]string{}})
+		v := make([]int64, 12)
+		for j := range v {
+			v[j] = int64(i + 1)
+		}
+		s.Stacks = append(s.Stacks, series.Stack{Frames: []string{"f" + strconv.Itoa(i)}, Inuse: v})
+	}
+	built, err := pprofout.Build(prof)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := Analyze(built, s)
+	if r.Trends[growth.Unknown] != 2 || r.Trends[growth.Steady] != MaxClassified {
+		t.Fatalf("trends %v", r.Trends)
+	}
+	for _, st := range r.Stacks {
+		if st.Growth.Trend == growth.Unknown && st.Frames[0] != "f0" && st.Frames[0] != "f1" {
+			t.Errorf("%s left unclassified, not one of the two smallest", st.Frames[0])
+		}
 	}
 }
