@@ -9,8 +9,10 @@ import (
 	"time"
 
 	"github.com/memprof/memprof/internal/growth"
+	"github.com/memprof/memprof/internal/heap"
 	"github.com/memprof/memprof/internal/series"
 	"github.com/memprof/memprof/internal/testprog"
+	"github.com/memprof/memprof/pprofout"
 )
 
 // TestSeriesOfACgroup records testdata/growth_demo.c through its cgroup for
@@ -80,4 +82,86 @@ func TestSeriesOfACgroup(t *testing.T) {
 	if tr, ok := trends["cache_fill"]; ok && tr == growth.Growing {
 		t.Errorf("cache_fill growing after its fill")
 	}
+}
+
+// A read that leaves a process out (the series' reads of the live targets
+// while another one is being frozen at its exit) must not forget the copied
+// stacks of that process's live blocks; a read of the process does forget
+// its blocks that are gone.
+func TestResolveKeepsProcessesNotRead(t *testing.T) {
+	d := newDwarfStacks()
+	d.seqs[1] = seqInfo{id: stackFlag, pid: 10, gen: 0}
+	d.seqs[2] = seqInfo{id: stackFlag + 1, pid: 20, gen: 0}
+	d.seqs[3] = seqInfo{id: stackFlag + 1, pid: 20, gen: 0}
+	d.gen = 1
+	only := func(pid uint32) func(uint32) bool { return func(p uint32) bool { return p == pid } }
+	// Pid 10 read: its block (seq 1) is live; pid 20 is not read.
+	snap := &heap.Snapshot{Stacks: map[uint32][]uint64{}, Buckets: []heap.Bucket{{Key: heap.Key{Pid: 10, StackID: stackFlag | 1, Size: 8}, InuseCount: 1}}}
+	d.resolve(snap, only(10))
+	if _, ok := d.seqs[2]; !ok {
+		t.Fatal("a read of pid 10 forgot the live blocks of pid 20")
+	}
+	// Pid 20 read: seq 2 live, seq 3 gone.
+	snap = &heap.Snapshot{Stacks: map[uint32][]uint64{}, Buckets: []heap.Bucket{{Key: heap.Key{Pid: 20, StackID: stackFlag | 2, Size: 8}, InuseCount: 1}}}
+	d.resolve(snap, only(20))
+	if _, ok := d.seqs[3]; ok {
+		t.Fatal("seq 3 of pid 20, no longer live, kept")
+	}
+	if _, ok := d.seqs[2]; !ok {
+		t.Fatal("seq 2 of pid 20, live, forgotten")
+	}
+	if snap.Buckets[0].StackID != stackFlag+1 {
+		t.Fatalf("seq 2 resolved to %#x, want %#x", snap.Buckets[0].StackID, stackFlag+1)
+	}
+}
+
+// TestSeriesWithCopiedStacks: a command recorded with .eh_frame unwinding
+// (stacks copied and unwound in memprof) while the series reads the maps
+// four times a second, through the command's exit: the final profile keeps
+// the stacks of the live blocks (the series' reads, which leave out the
+// exiting process, once made them all "[stack unavailable]"), and the
+// series has the leak under its unwound stack.
+func TestSeriesWithCopiedStacks(t *testing.T) {
+	testprog.RequireRoot(t)
+	demo := testprog.Build(t, "growth_demo.c")
+	s, err := Start(context.Background(), Options{Command: []string{demo, "3"}, StackMode: StackDwarf})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	rec := s.RecordSeries()
+	s.Wait(context.Background(), 30*time.Second)
+	p, err := s.Profile()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ser, err := rec.Stop()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var total, unknown, leak int64
+	for _, smp := range p.Samples {
+		_, b := pprofout.Unsample(smp.InuseCount, smp.Size, p.SampleRate)
+		total += b
+		f := pprofout.Frames(smp.Stack)
+		switch {
+		case f[0] == "[stack unavailable]":
+			unknown += b
+		case strings.HasPrefix(f[0], "leak_grow "):
+			leak += b
+		}
+	}
+	if total == 0 || unknown > total/10 || leak == 0 {
+		t.Fatalf("live %d bytes, %d without a stack, %d under leak_grow: stacks lost", total, unknown, leak)
+	}
+	found := false
+	for _, st := range ser.Stacks {
+		if strings.HasPrefix(st.Frames[0], "leak_grow ") && len(st.Frames) > 2 {
+			found = true
+		}
+	}
+	if !found {
+		t.Fatalf("no unwound leak_grow stack in the series: %v", ser.Stacks)
+	}
+	t.Logf("live %.1f MiB, %.1f MiB without a stack, leak_grow %.1f MiB; %d points", float64(total)/(1<<20), float64(unknown)/(1<<20), float64(leak)/(1<<20), len(ser.TimesMS))
 }
