@@ -44,7 +44,7 @@ func recordCommand() *cli.Command {
 			&cli.StringFlag{Name: "oom-dir", Usage: "where OOM post-mortems go (default: next to the profile)"},
 			&cli.BoolFlag{Name: "all-ooms", Usage: "also report OOM kills of processes that are not targets"},
 			&cli.IntFlag{Name: "top", Value: 10, Usage: "stacks shown in the summary"},
-			&cli.StringFlag{Name: "fail-on-growth", Usage: "leak gate: exit with status 3, naming the stacks, when a stack classified growing rises faster than this rate (e.g. 1MiB/min)"},
+			&cli.StringFlag{Name: "fail-on-growth", Usage: "leak gate: exit with status 3, naming the stacks, when a stack classified growing (medium or high confidence) rises faster than this rate (e.g. 1MiB/min)"},
 		}, podPathFlags()...),
 		Action: runRecord,
 	}
