@@ -5,10 +5,10 @@ GO        ?= go
 BIN       := bin/memprof
 APT_PKGS  := clang llvm libbpf-dev bpftool gcc g++ libc6-dev libc6-dbg binutils \
              libjemalloc2 libjemalloc-dev redis-server redis-tools runc containerd \
-             prometheus util-linux mount
+             prometheus util-linux mount chromium
 DEMO_DIR  := bin/demo
 
-.PHONY: all build generate check-generated vmlinux deps test bench demo clean image
+.PHONY: all build generate check-generated vmlinux deps test bench demo report-assets clean image
 
 all: build
 
@@ -59,13 +59,32 @@ bench:
 	$(GO) test -count=1 -run '^$$' -bench BPFWalk -benchtime=1000x ./internal/unwindtable/
 	$(GO) test -count=1 -run '^$$' -bench 'TableBuild|LiveProbe' -benchtime=1x ./internal/unwindtable/
 
-# Build memprof and a leaky example, record it, print the top stacks.
+# Build memprof and a leaky example, record it, print the top stacks and what
+# grew, and write the HTML report (bin/demo/report.html).
 demo: build
 	@mkdir -p $(DEMO_DIR)
 	gcc -g -O1 -fno-omit-frame-pointer -pthread -o $(DEMO_DIR)/leaky testdata/demo_server.c
 	./$(BIN) record -o $(DEMO_DIR)/heap.pb.gz -- ./$(DEMO_DIR)/leaky
 	@echo
-	./$(BIN) report --top 5 $(DEMO_DIR)/heap.pb.gz
+	./$(BIN) report --top 5 --html $(DEMO_DIR)/report.html $(DEMO_DIR)/heap.pb.gz
+
+# Refresh the flame-graph and chart libraries bundled into `memprof report
+# --html` (internal/report/assets, embedded with go:embed) from npm; bump the
+# versions here, run it, and commit the result.
+D3_VERSION         := 7.9.2
+D3_FLAMEGRAPH_VERSION := 5.0.0
+REPORT_ASSETS      := internal/report/assets
+report-assets:
+	@tmp=$$(mktemp -d) && cd $$tmp && \
+	npm pack --silent d3@$(D3_VERSION) d3-flame-graph@$(D3_FLAMEGRAPH_VERSION) >/dev/null && \
+	mkdir d3 fg && tar xzf d3-$(D3_VERSION).tgz -C d3 && tar xzf d3-flame-graph-$(D3_FLAMEGRAPH_VERSION).tgz -C fg && \
+	cd $(CURDIR) && \
+	cp $$tmp/d3/package/dist/d3.min.js $(REPORT_ASSETS)/ && \
+	cp $$tmp/d3/package/LICENSE $(REPORT_ASSETS)/LICENSE.d3 && \
+	cp $$tmp/fg/package/dist/d3-flamegraph.umd.min.js $$tmp/fg/package/dist/d3-flamegraph.css $(REPORT_ASSETS)/ && \
+	cp $$tmp/fg/package/LICENSE $(REPORT_ASSETS)/LICENSE.d3-flame-graph && \
+	printf 'd3 $(D3_VERSION) (npm, ISC licence: LICENSE.d3)\nd3-flame-graph $(D3_FLAMEGRAPH_VERSION) (npm, Apache-2.0: LICENSE.d3-flame-graph)\nRefresh with: make report-assets\n' > $(REPORT_ASSETS)/VERSIONS && \
+	rm -rf $$tmp && echo "$(REPORT_ASSETS) refreshed: d3 $(D3_VERSION), d3-flame-graph $(D3_FLAMEGRAPH_VERSION)"
 
 clean:
 	rm -rf bin

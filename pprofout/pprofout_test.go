@@ -624,3 +624,29 @@ func TestGoToolPprof(t *testing.T) {
 		t.Errorf("go tool pprof output lacks the profile comment:\n%s", text)
 	}
 }
+
+func TestFramesMatchTopRows(t *testing.T) {
+	m := &Mapping{Start: 0x1000, Limit: 0x2000, File: "/bin/x"}
+	stack := []*Location{
+		{Addr: 0x1100, Mapping: m, Lines: []Line{{Function: "inner", File: "a.c", Line: 3}, {Function: "outer", File: "a.c", Line: 9}}},
+		{Addr: 0x1200, Mapping: m, Lines: []Line{{Function: "", SystemName: "_Z1fv", File: ""}}},
+		{Addr: 0x1300, Mapping: m},
+		{Addr: 0x1400, Mapping: m, Lines: []Line{{Function: "main", File: "m.c"}}},
+	}
+	built, err := Build(&Profile{SampleRate: 1, Samples: []Sample{{Stack: stack, Size: 8, AllocCount: 1, InuseCount: 1}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rows, err := Top(built, "inuse_space", 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := Frames(stack)
+	want := []string{"inner a.c:3", "outer a.c:9", "_Z1fv", "0x1300", "main m.c"}
+	if strings.Join(got, "|") != strings.Join(rows[0].Frames, "|") || strings.Join(got, "|") != strings.Join(want, "|") {
+		t.Fatalf("Frames %q, Top %q, want %q", got, rows[0].Frames, want)
+	}
+	if sf := StackFrames(built.Sample[0].Location); strings.Join(sf, "|") != strings.Join(want, "|") {
+		t.Fatalf("StackFrames %q", sf)
+	}
+}

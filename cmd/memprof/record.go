@@ -44,6 +44,7 @@ func recordCommand() *cli.Command {
 			&cli.StringFlag{Name: "oom-dir", Usage: "where OOM post-mortems go (default: next to the profile)"},
 			&cli.BoolFlag{Name: "all-ooms", Usage: "also report OOM kills of processes that are not targets"},
 			&cli.IntFlag{Name: "top", Value: 10, Usage: "stacks shown in the summary"},
+			&cli.StringFlag{Name: "fail-on-growth", Usage: "leak gate: exit with status 3, naming the stacks, when a stack classified growing (medium or high confidence) rises faster than this rate (e.g. 1MiB/min)"},
 		}, podPathFlags()...),
 		Action: runRecord,
 	}
@@ -114,6 +115,10 @@ func runRecord(c *cli.Context) error {
 		fmt.Fprintf(stderr, "memprof: OOM KILL of pid %d (%s): post-mortem written: %s\n", k.Victim.Pid, k.Victim.Comm, strings.Join(paths, ", "))
 	}
 
+	gate, err := parseGrowthLimit(c.String("fail-on-growth"))
+	if err != nil {
+		return err
+	}
 	ctx, stop := signal.NotifyContext(c.Context, os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	s, err := recorder.Start(ctx, opts)
@@ -121,6 +126,7 @@ func runRecord(c *cli.Context) error {
 		return err
 	}
 	defer s.Close()
+	seriesRec := s.RecordSeries()
 	fmt.Fprintf(stderr, "memprof: recording %s (sample rate %d bytes); %s\n", target, opts.SampleRate, s.Features())
 	for _, o := range s.Objects() {
 		n, emu := o.Probed()
@@ -135,7 +141,10 @@ func runRecord(c *cli.Context) error {
 	close(progressDone)
 	clearLine()
 	fmt.Fprintf(stderr, "memprof: stopped: %s after %s\n", reason, time.Since(s.StartTime()).Round(time.Millisecond))
-	return writeResult(s, out, podLabels, c.Int("top"), stderr)
+	if err := writeResult(s, out, podLabels, c.Int("top"), stderr); err != nil {
+		return err
+	}
+	return writeSeries(seriesRec, out, gate, stderr)
 }
 
 func describeTarget(o recorder.Options) string {

@@ -7,6 +7,7 @@ import (
 
 	"github.com/urfave/cli/v2"
 
+	"github.com/memprof/memprof/internal/report"
 	"github.com/memprof/memprof/pprofout"
 )
 
@@ -19,10 +20,29 @@ func reportCommand() *cli.Command {
 			&cli.StringFlag{Name: "sample-index", Value: "inuse_space", Usage: "inuse_space, inuse_objects, alloc_space or alloc_objects"},
 			&cli.IntFlag{Name: "top", Value: 10, Usage: "stacks to show"},
 			&cli.IntFlag{Name: "frames", Value: 8, Usage: "frames per stack"},
+			&cli.StringFlag{Name: "format", Value: "text", Usage: "text, or json: per stack frames, inuse and alloc bytes, trend, growth rate and series"},
+			&cli.StringFlag{Name: "html", Usage: "also write one self-contained HTML report (flame graph, timeline, growth table) to this file"},
 		},
 		Action: func(c *cli.Context) error {
 			if c.NArg() != 1 {
 				return fmt.Errorf("report needs exactly one profile file (got %d arguments)", c.NArg())
+			}
+			rep, err := report.Load(c.Args().First())
+			if err != nil {
+				return err
+			}
+			if out := c.String("html"); out != "" {
+				if err := writeHTMLReport(out, rep); err != nil {
+					return err
+				}
+				fmt.Fprintf(os.Stderr, "memprof: HTML report written to %s\n", out)
+			}
+			switch c.String("format") {
+			case "json":
+				return report.WriteJSON(os.Stdout, rep)
+			case "text":
+			default:
+				return fmt.Errorf("unknown --format %q: use text or json", c.String("format"))
 			}
 			p, err := pprofout.ReadFile(c.Args().First())
 			if err != nil {
@@ -65,6 +85,9 @@ func reportCommand() *cli.Command {
 			if err := pprofout.FormatTop(w, rows, c.String("sample-index"), c.Int("frames")); err != nil {
 				return err
 			}
+			if err := report.WriteGrowth(w, rep, c.Int("top"), c.Int("frames")); err != nil {
+				return err
+			}
 			if len(other) > 0 {
 				fmt.Fprintln(w, "\nnotes:")
 				for _, o := range other {
@@ -81,4 +104,17 @@ func fmtDuration(ns int64) string {
 		return "0s (snapshot)"
 	}
 	return fmt.Sprintf("%.1fs", float64(ns)/1e9)
+}
+
+func writeHTMLReport(path string, rep *report.Report) error {
+	f, err := os.Create(path)
+	if err != nil {
+		return fmt.Errorf("create HTML report: %w", err)
+	}
+	if err := report.WriteHTML(f, rep); err != nil {
+		f.Close()
+		os.Remove(path)
+		return err
+	}
+	return f.Close()
 }

@@ -240,6 +240,7 @@ func (a *Agent) handler() http.Handler {
 	})
 	mux.Handle("GET /metrics", a.metricsHandler())
 	mux.Handle("GET /profiles/heap", a.auth(http.HandlerFunc(a.serveHeap)))
+	mux.Handle("GET /profiles/growth", a.auth(http.HandlerFunc(a.serveGrowth)))
 	mux.Handle("GET /profiles", a.auth(http.HandlerFunc(a.serveList)))
 	mux.Handle("GET /oom", a.auth(http.HandlerFunc(a.serveOOM)))
 	mux.Handle("GET /oom/file", a.auth(http.HandlerFunc(a.serveOOMFile)))

@@ -236,8 +236,8 @@ func stackKey(pcs []uint64, truncated bool) string {
 // resolve rewrites a snapshot read from the maps: live blocks whose stack
 // id is a copied stack's sequence number get its canonical stack, and the
 // allocation counts of copied stacks (kept here, not in BPF) are added for
-// the processes keep selects. Sequence numbers of blocks no longer live are
-// forgotten.
+// the processes keep selects. Sequence numbers of blocks of those processes
+// no longer live are forgotten.
 func (d *dwarfStacks) resolve(s *heap.Snapshot, keep func(uint32) bool) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -294,7 +294,10 @@ func (d *dwarfStacks) resolve(s *heap.Snapshot, keep func(uint32) bool) {
 		}
 	}
 	for seq, info := range d.seqs {
-		if !seen[seq] && info.gen < gen {
+		// Only the processes read this time can tell a block is gone: a
+		// read that leaves a process out (it is exiting and being frozen,
+		// or another caller's selection) must not forget its blocks.
+		if !seen[seq] && info.gen < gen && (keep == nil || keep(info.pid)) {
 			delete(d.seqs, seq)
 		}
 	}
