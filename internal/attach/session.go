@@ -11,11 +11,6 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// Cookie flag of a site whose function calls other allocator entry points
-// (P_WRAPPER in bpf/memprof.h): its calls stay pending to their return so
-// the calls nested in them are recognised.
-const cookieWrapper = 0x100
-
 // attachTypeUprobeSession is BPF_TRACE_UPROBE_SESSION (linux/bpf.h, 6.13+).
 // cilium/ebpf v0.22 loads uprobe.session programs but creates uprobe_multi
 // links only with the plain attach type, so session links are created here.
@@ -32,8 +27,10 @@ type linkCreateUprobeMulti struct {
 }
 
 // wrapper reports whether a site's function calls other allocator entry
-// points: libstdc++'s operator new calls malloc, glibc's reallocarray its
-// realloc.
+// points, so that its calls stay pending to their return and the calls
+// nested in them are recognised: glibc's reallocarray calls its realloc.
+// (libstdc++'s operator new calls malloc too: like every function that may
+// throw it stays pending anyway, its result taken at its ret instructions.)
 func wrapper(obj *Object, s Site) bool {
 	return obj.Allocator == "libstdc++" || s.Symbol == "reallocarray"
 }
@@ -46,18 +43,8 @@ func (a *Attacher) attachSession(path string, pid int, obj *Object) ([]link.Link
 	if a.progs.Session == nil {
 		return nil, nil
 	}
-	var offsets, cookies []uint64
-	for _, s := range obj.Sites {
-		if s.Thunk {
-			continue
-		}
-		c := uint64(s.Kind)
-		if wrapper(obj, s) {
-			c |= cookieWrapper
-		}
-		offsets = append(offsets, a.siteOffset(s))
-		cookies = append(cookies, c)
-	}
+	entries, rets, tails, _ := a.probes(obj)
+	offsets, cookies := offsetsAndCookies(entries, rets, tails)
 	if len(offsets) == 0 {
 		return []link.Link{}, nil
 	}

@@ -20,7 +20,10 @@ import (
 
 	"github.com/cilium/ebpf/ringbuf"
 
+	"github.com/cilium/ebpf"
+
 	mbpf "github.com/memprof/memprof/bpf"
+	"github.com/memprof/memprof/bpf/empty"
 	"github.com/memprof/memprof/internal/attach"
 	"github.com/memprof/memprof/internal/bpfload"
 	"github.com/memprof/memprof/internal/testprog"
@@ -222,10 +225,13 @@ func runConfig(b *testing.B, bin, alloc string, env []string, size int, c config
 	if objs != nil {
 		progs := objs.Programs()
 		switch c.probes {
-		case emptyProbes:
-			progs = objs.EmptyPrograms()
-		case emptySessionProbes:
-			progs = objs.EmptySessionPrograms()
+		case emptyProbes, emptySessionProbes:
+			e, err := loadEmpty(objs.Features, c.probes == emptySessionProbes)
+			if err != nil {
+				b.Fatalf("%s: load the empty programs: %v", what, err)
+			}
+			defer e.Close()
+			progs = e.programs
 		}
 		att := attach.New(progs)
 		att.EntryOnly = c.entryOnly
@@ -294,6 +300,49 @@ func runConfig(b *testing.B, bin, alloc string, env []string, size int, c config
 		results.Unlock()
 	}
 	return r.min
+}
+
+// emptyObjects are the empty programs (package bpf/empty) and their
+// attach.Programs.
+type emptyObjects struct {
+	empty.EmptyObjects
+	programs attach.Programs
+}
+
+// loadEmpty loads the empty programs: entry and return probes on every call,
+// as plain uretprobes pay, or (session) an empty session program that never
+// asks for the return, the floor of session uprobes (one trap per call).
+// Probes on ret instructions and tail jumps get the empty entry program.
+func loadEmpty(f bpfload.Features, session bool) (*emptyObjects, error) {
+	spec, err := empty.LoadEmpty()
+	if err != nil {
+		return nil, err
+	}
+	names := []string{"empty_enter_multi", "empty_return_multi", "empty_session"}
+	for _, n := range names {
+		if (n == "empty_session" && !f.UprobeSession) || !f.UprobeMulti {
+			p := spec.Programs["empty_enter"].Copy()
+			p.Name = n
+			spec.Programs[n] = p
+		}
+	}
+	e := &emptyObjects{}
+	if err := spec.LoadAndAssign(&e.EmptyObjects, nil); err != nil {
+		return nil, err
+	}
+	p := attach.Programs{Enter: map[attach.Kind]*ebpf.Program{}, Return: e.EmptyReturn,
+		RetSite: e.EmptyEnter, TailSite: e.EmptyEnter}
+	if f.UprobeMulti {
+		p.Multi, p.MultiReturn = e.EmptyEnterMulti, e.EmptyReturnMulti
+	}
+	for k := attach.Malloc; k <= attach.Free; k++ {
+		p.Enter[k] = e.EmptyEnter
+	}
+	if session && f.UprobeSession {
+		p.Session = e.EmptySession
+	}
+	e.programs = p
+	return e, nil
 }
 
 func objectNames(objs []*attach.Object) string {
