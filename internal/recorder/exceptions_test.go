@@ -1,0 +1,93 @@
+package recorder
+
+import (
+	"context"
+	"os"
+	"strconv"
+	"testing"
+	"time"
+
+	"github.com/memprof/memprof/internal/testprog"
+)
+
+// excNewTruth is what testdata/exc_new.cc keeps live (see its header).
+var excNewTruth = []site{
+	{"exc::after", 100_000, 100_000},
+	{"exc::after_nothrow", 200_000, 200_000},
+	{"exc::after_aligned", 409_600, 409_600},
+	{"exc::after_aligned_nothrow", 819_200, 819_200},
+}
+
+var allocEnvs = []struct {
+	name string
+	env  []string
+}{
+	{"glibc", nil},
+	{"jemalloc", []string{"LD_PRELOAD=" + testprog.Jemalloc}},
+}
+
+// TestExceptionsThroughOperatorNew: a program that catches std::bad_alloc
+// from operator new (throwing and aligned; the nothrow variants catch it
+// inside) runs as without memprof, started by memprof and attached to, and
+// its later blocks are exact. A return probe on operator new made it die in
+// std::terminate (SIGABRT).
+func TestExceptionsThroughOperatorNew(t *testing.T) {
+	bin := testprog.Build(t, "exc_new.cc")
+	for _, al := range allocEnvs {
+		t.Run(al.name+"/command", func(t *testing.T) {
+			var reason string
+			p := record(t, Options{SampleRate: 1, Command: []string{bin}, Env: append(os.Environ(), al.env...)}, func(s *Session) {
+				reason = s.Wait(context.Background(), 60*time.Second)
+			})
+			if reason != "command exited with status 0" {
+				t.Fatalf("session ended with %q, want the command's clean exit", reason)
+			}
+			checkExact(t, p, excNewTruth)
+		})
+		for _, links := range []struct {
+			name                string
+			perProbe, noSession bool
+		}{{"pid", false, false}, {"pid-multi-links", false, true}, {"pid-perf-event-links", true, false}} {
+			t.Run(al.name+"/"+links.name, func(t *testing.T) {
+				prog := testprog.Start(t, bin, al.env, "--wait-start", "--wait-end")
+				prog.Expect(t, "READY")
+				var out map[string]uint64
+				p := record(t, Options{SampleRate: 1, Pids: []int{prog.Pid()}, PerProbeLinks: links.perProbe, NoSession: links.noSession}, func(s *Session) {
+					prog.Send(t, "go")
+					out = testprog.KeyValues(prog.Expect(t, "DONE"))
+				})
+				if out["caught"] != 6 || out["nulls"] != 6 {
+					t.Errorf("program output %v, want caught 6 and nulls 6", out)
+				}
+				checkExact(t, p, excNewTruth)
+			})
+		}
+	}
+}
+
+// TestLongjmpOutOfAllocator: after a siglongjmp out of a signal handler
+// raised inside realloc, the thread's later malloc calls — at the same, a
+// greater and a smaller stack depth than the abandoned call — are recorded
+// exactly, and the abandoned call is counted.
+func TestLongjmpOutOfAllocator(t *testing.T) {
+	bin := testprog.Build(t, "exc_sigjmp.c")
+	for _, al := range allocEnvs {
+		for _, depths := range [][2]int{{0, 0}, {0, 5}, {5, 0}} {
+			name := al.name + "/bad" + strconv.Itoa(depths[0]) + "-ok" + strconv.Itoa(depths[1])
+			t.Run(name, func(t *testing.T) {
+				var reason string
+				cmd := []string{bin, strconv.Itoa(depths[0]), strconv.Itoa(depths[1])}
+				p := record(t, Options{SampleRate: 1, Command: cmd, Env: append(os.Environ(), al.env...)}, func(s *Session) {
+					reason = s.Wait(context.Background(), 60*time.Second)
+				})
+				if reason != "command exited with status 0" {
+					t.Fatalf("session ended with %q, want the command's clean exit", reason)
+				}
+				checkExact(t, p, []site{{"one", 100_000, 100_000}})
+				if v, _ := pprofoutComment(p, "lost_abandoned_call"); v == "" || v == "0" {
+					t.Errorf("abandoned calls %q, want at least 1 (the realloc left by siglongjmp)", v)
+				}
+			})
+		}
+	}
+}
