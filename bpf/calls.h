@@ -266,10 +266,10 @@ static __always_inline int begin(struct thread_state *ts, const struct call_in *
 	return 1;
 }
 
-// call_enter handles the entry of an allocator function (its kind in the
-// cookie; with a constant kind the switch folds away) and returns whether
-// its return must be seen (see begin).
-static __always_inline int call_enter(struct thread_state *ts, const struct call_in *in, __u64 kind)
+// enter_kind handles the entry of an allocator function of the given kind
+// (with a constant kind the switch folds away) and returns whether its
+// return must be seen (see begin).
+static __always_inline int enter_kind(struct thread_state *ts, const struct call_in *in, __u64 kind)
 {
 	__u64 a1 = in->a1, a2 = in->a2, a3 = in->a3;
 	__u64 total;
@@ -308,6 +308,14 @@ static __always_inline int call_enter(struct thread_state *ts, const struct call
 		return 0;
 	}
 	return 0;
+}
+
+// call_enter handles the entry of an allocator function and returns whether
+// a return probe must see its return: never for a P_RETSITES function,
+// whose ret instructions are probed instead.
+static __always_inline int call_enter(struct thread_state *ts, const struct call_in *in, __u64 kind)
+{
+	return enter_kind(ts, in, kind) && !(in->cookie & P_RETSITES);
 }
 
 // call_tail handles a jmp from a probed function to another allocator

@@ -261,7 +261,7 @@ static __always_inline int on_enter(struct pt_regs *ctx, __u64 kind, __u64 cooki
 		return 0;
 	}
 	struct call_in in = call_in(ctx, cookie, PT_REGS_SP(ctx));
-	return call_enter(ts, &in, kind) && !(cookie & P_RETSITES);
+	return call_enter(ts, &in, kind);
 }
 
 // on_return handles a return: sp is the stack pointer the call had at
