@@ -317,11 +317,17 @@ const (
 	cookieSizeShft = uint64(mbpf.MemprofProbeCookieCOOKIE_SIZE_SHIFT)
 )
 
-// probes lists the object's uprobes: each function's entry, the ret
-// instructions of the functions whose result is taken there, and the tail
-// jumps (each address once); returns are the entries that need a return
-// probe instead.
-func (a *Attacher) probes(obj *Object) (entries, rets, tails, returns []probe) {
+// probes lists the object's uprobes, each address once: the entries of
+// functions whose result a return probe takes (entries; returns lists the
+// same functions for the return probe), and the probes that must never
+// share an address with a consumer that has a return handler (plain): the
+// entries of functions whose result is taken at their ret instructions,
+// those ret instructions, and tail jumps. The kernel prepares a return
+// probe for every consumer with a return handler at a breakpoint, whatever
+// process the consumer is filtered to (a session consumer of another
+// process asks for it too): a session or return link of any process at
+// operator new's entry would hijack this process's return address.
+func (a *Attacher) probes(obj *Object) (entries, plain, returns []probe) {
 	seen := map[uint64]bool{}
 	for _, s := range obj.Sites {
 		if s.Thunk {
@@ -332,12 +338,13 @@ func (a *Attacher) probes(obj *Object) (entries, rets, tails, returns []probe) {
 		if wrapper(obj, s) {
 			c |= cookieWrapper
 		}
+		seen[off] = true
 		if s.RetSites {
-			c |= cookieRetSites
+			plain = append(plain, probe{off: off, cookie: c | cookieRetSites, site: s})
+			continue
 		}
 		entries = append(entries, probe{off: off, cookie: c, site: s})
-		seen[off] = true
-		if s.Kind.Returns() && !s.RetSites {
+		if s.Kind.Returns() {
 			returns = append(returns, probe{off: off, site: s})
 		}
 	}
@@ -348,17 +355,17 @@ func (a *Attacher) probes(obj *Object) (entries, rets, tails, returns []probe) {
 		for _, r := range s.Rets {
 			if !seen[r] {
 				seen[r] = true
-				rets = append(rets, probe{off: r, cookie: cookieSiteRet, site: s})
+				plain = append(plain, probe{off: r, cookie: cookieSiteRet, site: s})
 			}
 		}
 		for _, t := range s.Tails {
 			if !seen[t] {
 				seen[t] = true
-				tails = append(tails, probe{off: t, cookie: cookieSiteTail, site: s})
+				plain = append(plain, probe{off: t, cookie: cookieSiteTail, site: s})
 			}
 		}
 	}
-	return entries, rets, tails, returns
+	return entries, plain, returns
 }
 
 func offsetsAndCookies(lists ...[]probe) (offs, cookies []uint64) {
@@ -379,8 +386,8 @@ func (a *Attacher) attachMulti(ex *link.Executable, pid int, obj *Object) ([]lin
 	if a.progs.Multi == nil || a.progs.MultiReturn == nil {
 		return nil, nil
 	}
-	entries, rets, tails, returns := a.probes(obj)
-	addrs, cookies := offsetsAndCookies(entries, rets, tails)
+	entries, plain, returns := a.probes(obj)
+	addrs, cookies := offsetsAndCookies(entries, plain)
 	if len(addrs) == 0 {
 		return []link.Link{}, nil
 	}
@@ -412,7 +419,7 @@ func (a *Attacher) attachEach(ex *link.Executable, pid int, obj *Object) ([]link
 		closeAll(links)
 		return nil, err
 	}
-	entries, rets, tails, returns := a.probes(obj)
+	entries, plain, returns := a.probes(obj)
 	add := func(prog *ebpf.Program, p probe, ret bool) error {
 		if prog == nil {
 			return fmt.Errorf("no BPF program for %s", p.site.Kind)
@@ -429,18 +436,15 @@ func (a *Attacher) attachEach(ex *link.Executable, pid int, obj *Object) ([]link
 		links = append(links, l)
 		return nil
 	}
-	for _, p := range entries {
-		if err := add(a.progs.Enter[p.site.Kind], p, false); err != nil {
-			return fail(err)
+	for _, p := range append(entries, plain...) {
+		prog := a.progs.Enter[p.site.Kind]
+		switch p.cookie & uint64(mbpf.MemprofProbeCookieSITE_MASK) {
+		case cookieSiteRet:
+			prog = a.progs.RetSite
+		case cookieSiteTail:
+			prog = a.progs.TailSite
 		}
-	}
-	for _, p := range rets {
-		if err := add(a.progs.RetSite, p, false); err != nil {
-			return fail(err)
-		}
-	}
-	for _, p := range tails {
-		if err := add(a.progs.TailSite, p, false); err != nil {
+		if err := add(prog, p, false); err != nil {
 			return fail(err)
 		}
 	}

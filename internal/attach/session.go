@@ -35,24 +35,44 @@ func wrapper(obj *Object, s Site) bool {
 	return obj.Allocator == "libstdc++" || s.Symbol == "reallocarray"
 }
 
-// attachSession attaches all sites of the object for pid as one uprobe
-// session link: one program runs at entry and, when the entry asks for it,
-// at return. It returns nil links (and no error) when there is no session
-// program.
+// attachSession attaches the sites of the object for pid as one uprobe
+// session link (one program runs at entry and, when the entry asks for it,
+// at return) and one uprobe_multi link for the probes that must not share
+// an address with a return handler. It returns nil links (and no error)
+// when there is no session program.
 func (a *Attacher) attachSession(path string, pid int, obj *Object) ([]link.Link, error) {
-	if a.progs.Session == nil {
+	if a.progs.Session == nil || a.progs.Multi == nil {
 		return nil, nil
 	}
-	entries, rets, tails, _ := a.probes(obj)
-	offsets, cookies := offsetsAndCookies(entries, rets, tails)
-	if len(offsets) == 0 {
-		return []link.Link{}, nil
+	entries, plain, _ := a.probes(obj)
+	var links []link.Link
+	if len(entries) > 0 {
+		offsets, cookies := offsetsAndCookies(entries)
+		l, err := createSessionLink(a.progs.Session, path, offsets, cookies, pid)
+		if err != nil {
+			return nil, attachError(pid, obj, Site{Symbol: "uprobe session"}, err)
+		}
+		links = append(links, l)
 	}
-	l, err := createSessionLink(a.progs.Session, path, offsets, cookies, pid)
-	if err != nil {
-		return nil, attachError(pid, obj, Site{Symbol: "uprobe session"}, err)
+	if len(plain) > 0 {
+		// Entries of functions whose result is taken at their ret
+		// instructions, those instructions and tail jumps: a link without
+		// a return handler (see probes).
+		ex, err := link.OpenExecutable(path)
+		if err == nil {
+			var l link.Link
+			offsets, cookies := offsetsAndCookies(plain)
+			l, err = ex.UprobeMulti(nil, a.progs.Multi, &link.UprobeMultiOptions{Addresses: offsets, Cookies: cookies, PID: uint32(pid)})
+			if err == nil {
+				links = append(links, l)
+			}
+		}
+		if err != nil {
+			closeAll(links)
+			return nil, attachError(pid, obj, Site{Symbol: "uprobe_multi"}, err)
+		}
 	}
-	return []link.Link{l}, nil
+	return links, nil
 }
 
 func createSessionLink(prog *ebpf.Program, path string, offsets, cookies []uint64, pid int) (link.Link, error) {

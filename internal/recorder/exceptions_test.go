@@ -65,6 +65,31 @@ func TestExceptionsThroughOperatorNew(t *testing.T) {
 	}
 }
 
+// TestExceptionsTwoTargets: two targets of one session share libstdc++ and
+// the allocator: the kernel runs every consumer of a probed address for any
+// process that hits it, so a consumer with a return handler attached for
+// one target (a session or return probe) would hijack the other target's
+// return address in operator new.
+func TestExceptionsTwoTargets(t *testing.T) {
+	bin := testprog.Build(t, "exc_new.cc")
+	for _, al := range allocEnvs {
+		t.Run(al.name, func(t *testing.T) {
+			a := testprog.Start(t, bin, al.env, "--wait-start", "--wait-end")
+			b := testprog.Start(t, bin, al.env, "--wait-start", "--wait-end")
+			a.Expect(t, "READY")
+			b.Expect(t, "READY")
+			record(t, Options{SampleRate: 1, Pids: []int{a.Pid(), b.Pid()}}, func(s *Session) {
+				for _, p := range []*testprog.Proc{a, b} {
+					p.Send(t, "go")
+					if out := testprog.KeyValues(p.Expect(t, "DONE")); out["caught"] != 6 || out["nulls"] != 6 {
+						t.Errorf("process %d output %v, want caught 6 and nulls 6", p.Pid(), out)
+					}
+				}
+			})
+		})
+	}
+}
+
 // TestLongjmpOutOfAllocator: after a siglongjmp out of a signal handler
 // raised inside realloc, the thread's later malloc calls — at the same, a
 // greater and a smaller stack depth than the abandoned call — are recorded
