@@ -69,6 +69,10 @@ type Attacher struct {
 	// instead of the chosen emulated site (for measuring what the site
 	// choice saves).
 	EntryOnly bool
+	// AllRetSites takes the result of every allocating function at its
+	// ret instructions, not only of those that may throw (for measuring
+	// what return probes save: `make bench`).
+	AllRetSites bool
 
 	mu      sync.Mutex
 	objects map[procmaps.FileID]*objectEntry
@@ -339,7 +343,7 @@ func (a *Attacher) probes(obj *Object) (entries, plain, returns []probe) {
 			c |= cookieWrapper
 		}
 		seen[off] = true
-		if s.RetSites {
+		if a.retSites(s) {
 			plain = append(plain, probe{off: off, cookie: c | cookieRetSites, site: s})
 			continue
 		}
@@ -349,7 +353,7 @@ func (a *Attacher) probes(obj *Object) (entries, plain, returns []probe) {
 		}
 	}
 	for _, s := range obj.Sites {
-		if s.Thunk {
+		if s.Thunk || !a.retSites(s) {
 			continue
 		}
 		for _, r := range s.Rets {
@@ -357,6 +361,11 @@ func (a *Attacher) probes(obj *Object) (entries, plain, returns []probe) {
 				seen[r] = true
 				plain = append(plain, probe{off: r, cookie: cookieSiteRet, site: s})
 			}
+		}
+	}
+	for _, s := range obj.Sites {
+		if s.Thunk {
+			continue
 		}
 		for _, t := range s.Tails {
 			if !seen[t] {
@@ -366,6 +375,10 @@ func (a *Attacher) probes(obj *Object) (entries, plain, returns []probe) {
 		}
 	}
 	return entries, plain, returns
+}
+
+func (a *Attacher) retSites(s Site) bool {
+	return s.RetSites || a.AllRetSites && s.Kind.Returns()
 }
 
 func offsetsAndCookies(lists ...[]probe) (offs, cookies []uint64) {

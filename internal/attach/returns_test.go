@@ -111,8 +111,8 @@ func TestTailJumps(t *testing.T) {
 				t.Errorf("%s: tail site %#x holds %#x, not a relative jmp", name, off, b[0])
 			}
 		}
-		if s.RetSites || len(s.Rets) != 0 {
-			t.Errorf("%s: ret sites %x, want a return probe instead", name, s.Rets)
+		if s.RetSites {
+			t.Errorf("%s: taken at ret instructions, want a return probe instead", name)
 		}
 	}
 }

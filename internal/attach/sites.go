@@ -26,8 +26,9 @@ type Site struct {
 	// return address on the stack and break C++ exceptions thrown through
 	// the function (operator new's std::bad_alloc). See MayThrow.
 	RetSites bool
-	// Rets are the file offsets of the ret instructions where a call of a
-	// RetSites function returns (its own and those of code it jumps to).
+	// Rets are the file offsets of the ret instructions where a call of the
+	// function returns (its own and those of code it jumps to); probed for
+	// RetSites functions.
 	Rets []uint64
 	// Tails are the file offsets of jmp instructions by which the function
 	// hands its call over to another allocator function (glibc realloc(NULL,
@@ -107,7 +108,7 @@ func FindSites(f *elf.File) ([]Site, error) {
 					site.Tails = append(site.Tails, o)
 				}
 			}
-			if site.RetSites {
+			if site.Kind.Returns() {
 				for _, r := range rets {
 					if o, err := fileOffset(f, r); err == nil {
 						site.Rets = append(site.Rets, o)

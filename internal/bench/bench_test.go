@@ -55,6 +55,7 @@ type config struct {
 	rate      uint64 // memprof's sample rate
 	dwarf     bool   // copy every sampled stack for userspace unwinding
 	noSession bool   // entry and return links (kernels before 6.13) instead of session links
+	retSites  bool   // every result taken at ret instructions instead of return probes
 }
 
 // defaultRate is memprof's default sample rate (recorder.DefaultSampleRate;
@@ -71,14 +72,19 @@ var configs = []config{
 	{name: "5-memprof-rate1", column: "memprof-rate1", probes: memprofProbes, rate: 1},
 	{name: "6-memprof-default-dwarf", column: "dwarf-default", probes: memprofProbes, rate: defaultRate, dwarf: true},
 	{name: "7-memprof-rate1-dwarf", column: "dwarf-rate1", probes: memprofProbes, rate: 1, dwarf: true},
+	{name: "8-memprof-default-retsites", column: "default-retsites", probes: memprofProbes, rate: defaultRate, retSites: true},
 }
 
+// allocators are the rows: the allocator (the attached object that must be
+// found) and the workload (C malloc+free, or C++ operator new+delete).
 var allocators = []struct {
-	name string
-	env  []string
+	name, alloc, src string
+	env              []string
 }{
-	{"glibc", nil},
-	{"jemalloc", []string{"LD_PRELOAD=" + testprog.Jemalloc}},
+	{"glibc", "glibc", "bench_pairs.c", nil},
+	{"jemalloc", "jemalloc", "bench_pairs.c", []string{"LD_PRELOAD=" + testprog.Jemalloc}},
+	{"glibc-new", "libstdc++", "bench_new.cc", nil},
+	{"jemalloc-new", "jemalloc", "bench_new.cc", []string{"LD_PRELOAD=" + testprog.Jemalloc}},
 }
 
 // results holds every measurement for the summary, by allocator, size and
@@ -125,8 +131,14 @@ func BenchmarkMallocFree(b *testing.B) {
 	if _, err := os.Stat(testprog.Jemalloc); err != nil {
 		b.Fatalf("jemalloc not installed (%v): apt-get install libjemalloc2", err)
 	}
-	bin := testprog.Build(b, "bench_pairs.c", "-O2")
+	bins := map[string]string{}
 	for _, al := range allocators {
+		if bins[al.src] == "" {
+			bins[al.src] = testprog.Build(b, al.src, "-O2")
+		}
+	}
+	for _, al := range allocators {
+		bin := bins[al.src]
 		b.Run(al.name, func(b *testing.B) {
 			for _, size := range sizes(b) {
 				b.Run(sizeName(size), func(b *testing.B) {
@@ -138,7 +150,7 @@ func BenchmarkMallocFree(b *testing.B) {
 					results.Unlock()
 					for _, c := range configs {
 						b.Run(c.name, func(b *testing.B) {
-							ns := runConfig(b, bin, al.name, al.env, size, c)
+							ns := runConfig(b, bin, al.name, al.alloc, al.env, size, c)
 							b.ReportMetric(0, "ns/op")
 							b.ReportMetric(ns, "ns/pair")
 							results.Lock()
@@ -176,8 +188,8 @@ type runResult struct {
 // runConfig starts the program, attaches the configuration's probes while it
 // waits, lets it run and returns its median ns per pair. Everything it
 // loads or attaches is closed before it returns.
-func runConfig(b *testing.B, bin, alloc string, env []string, size int, c config) float64 {
-	what := fmt.Sprintf("%s, %d-byte blocks, %s", alloc, size, c.name)
+func runConfig(b *testing.B, bin, row, alloc string, env []string, size int, c config) float64 {
+	what := fmt.Sprintf("%s, %d-byte blocks, %s", row, size, c.name)
 	var objs *bpfload.Objects
 	if c.probes != noProbes {
 		rate := c.rate
@@ -235,6 +247,7 @@ func runConfig(b *testing.B, bin, alloc string, env []string, size int, c config
 		}
 		att := attach.New(progs)
 		att.EntryOnly = c.entryOnly
+		att.AllRetSites = c.retSites
 		defer func() {
 			t0 := time.Now()
 			att.Close()
@@ -258,9 +271,9 @@ func runConfig(b *testing.B, bin, alloc string, env []string, size int, c config
 		}
 		if c.probes == emptyProbes && !c.entryOnly {
 			results.Lock()
-			if _, ok := results.sites[alloc]; !ok {
-				results.sites[alloc] = attached
-				results.order = append(results.order, alloc)
+			if _, ok := results.sites[row]; !ok {
+				results.sites[row] = attached
+				results.order = append(results.order, row)
 			}
 			results.Unlock()
 		}
@@ -296,7 +309,7 @@ func runConfig(b *testing.B, bin, alloc string, env []string, size int, c config
 		s := fmt.Sprintf("calls %d, frees %d, samples %d, stack copies %d, nested %d, lost %v", ctr.Calls, ctr.Frees, ctr.Samples, ctr.StackCopies, ctr.Nested, ctr.Lost())
 		b.Logf("%s: BPF counters: %s", what, s)
 		results.Lock()
-		results.counters[fmt.Sprintf("%s/%s/%s", alloc, sizeName(size), c.column)] = s
+		results.counters[fmt.Sprintf("%s/%s/%s", row, sizeName(size), c.column)] = s
 		results.Unlock()
 	}
 	return r.min
@@ -516,7 +529,7 @@ func printSummary(w io.Writer) {
 	for _, c := range configs {
 		fmt.Fprintf(tw, "%s\t", c.column)
 	}
-	fmt.Fprint(tw, "default/floor\tno-session/floor\tdwarf-default/floor\tentry/floor\tdwarf cost/sample\t\n")
+	fmt.Fprint(tw, "default/floor\tno-session/floor\tdwarf-default/floor\tretsites/floor\tentry/floor\tdwarf cost/sample\t\n")
 	for _, row := range results.rows {
 		alloc, size, _ := strings.Cut(row, "/")
 		fmt.Fprintf(tw, "%s\t%s\t", alloc, size)
@@ -528,7 +541,7 @@ func printSummary(w io.Writer) {
 			}
 		}
 		floor := median(results.ns[row+"/empty-floor"])
-		for _, col := range []string{"memprof-default", "default-no-session", "dwarf-default", "empty-entry"} {
+		for _, col := range []string{"memprof-default", "default-no-session", "dwarf-default", "default-retsites", "empty-entry"} {
 			if v := median(results.ns[row+"/"+col]); v > 0 && floor > 0 {
 				fmt.Fprintf(tw, "%.2f\t", v/floor)
 			} else {
@@ -550,6 +563,7 @@ func printSummary(w io.Writer) {
 	fmt.Fprintln(w, "default/floor: memprof at the default 512 KiB rate (session links: return probes only for sampled calls) over the empty entry+return floor (target <= 1.3)")
 	fmt.Fprintln(w, "no-session/floor: the same with entry and return links on every call, as on kernels before 6.13")
 	fmt.Fprintln(w, "dwarf-default/floor: the same with every sampled stack copied for CFI unwinding (--stack-mode dwarf)")
+	fmt.Fprintln(w, "retsites/floor: the same with every result taken by probes on ret instructions instead of return probes (memprof does so only for operator new, which may throw)")
 	fmt.Fprintln(w, "entry/floor: empty probes at each function's first instruction over empty probes at memprof's sites")
 	fmt.Fprintln(w, "dwarf cost/sample: copying registers and 8 KiB of stack instead of the frame-pointer walk, per sampled allocation (rate-1 columns)")
 	// The sites the workload goes through (the full lists are in the
@@ -557,11 +571,11 @@ func printSummary(w io.Writer) {
 	for _, alloc := range results.order {
 		var parts []string
 		for _, o := range results.sites[alloc] {
-			if o.Allocator != alloc {
+			if o.Allocator != strings.TrimSuffix(alloc, "-new") && o.Allocator != "libstdc++" {
 				continue
 			}
 			for _, s := range o.Sites {
-				if s.Symbol != "malloc" && s.Symbol != "free" {
+				if s.Symbol != "malloc" && s.Symbol != "free" && s.Symbol != "_Znwm" {
 					continue
 				}
 				em := "emulated"
