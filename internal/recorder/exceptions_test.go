@@ -34,16 +34,22 @@ var allocEnvs = []struct {
 func TestExceptionsThroughOperatorNew(t *testing.T) {
 	bin := testprog.Build(t, "exc_new.cc")
 	for _, al := range allocEnvs {
-		t.Run(al.name+"/command", func(t *testing.T) {
-			var reason string
-			p := record(t, Options{SampleRate: 1, Command: []string{bin}, Env: append(os.Environ(), al.env...)}, func(s *Session) {
-				reason = s.Wait(context.Background(), 60*time.Second)
+		// Stacks taken at a ret instruction: by the frame-pointer walk
+		// (auto mode, the program has frame pointers) with the caller put
+		// in place of operator new's frame, and copied for CFI unwinding
+		// with the registers as they are after the ret.
+		for _, mode := range []string{StackAuto, StackDwarf} {
+			t.Run(al.name+"/command-"+mode, func(t *testing.T) {
+				var reason string
+				p := record(t, Options{SampleRate: 1, StackMode: mode, Command: []string{bin}, Env: append(os.Environ(), al.env...)}, func(s *Session) {
+					reason = s.Wait(context.Background(), 60*time.Second)
+				})
+				if reason != "command exited with status 0" {
+					t.Fatalf("session ended with %q, want the command's clean exit", reason)
+				}
+				checkExact(t, p, excNewTruth)
 			})
-			if reason != "command exited with status 0" {
-				t.Fatalf("session ended with %q, want the command's clean exit", reason)
-			}
-			checkExact(t, p, excNewTruth)
-		})
+		}
 		for _, links := range []struct {
 			name                string
 			perProbe, noSession bool
