@@ -181,7 +181,7 @@ func readStackID(m Maps, id uint32) ([]uint64, error) {
 }
 
 func readStack(m *ebpf.Map, id uint32) ([]uint64, error) {
-	var raw [127]uint64
+	var raw [mbpf.MemprofBoundsMAX_STACK_DEPTH]uint64
 	if err := m.Lookup(id, &raw); err != nil {
 		if errors.Is(err, ebpf.ErrKeyNotExist) {
 			return nil, nil
@@ -323,7 +323,7 @@ func PruneStacks(m Maps, refs map[uint32]bool, stale map[uint32]bool) (removed i
 	var id uint32
 	var ids []uint32
 	it := m.Stacks.Iterate()
-	var raw [127]uint64
+	var raw [mbpf.MemprofBoundsMAX_STACK_DEPTH]uint64
 	for it.Next(&id, &raw) {
 		ids = append(ids, id)
 	}
