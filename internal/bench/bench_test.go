@@ -56,6 +56,7 @@ type config struct {
 	dwarf     bool   // copy every sampled stack for userspace unwinding
 	noSession bool   // entry and return links (kernels before 6.13) instead of session links
 	retSites  bool   // every result taken at ret instructions instead of return probes
+	second    bool   // a second target (idle, same libraries) attached by the same session
 }
 
 // defaultRate is memprof's default sample rate (recorder.DefaultSampleRate;
@@ -69,6 +70,7 @@ var configs = []config{
 	{name: "3-empty-entry", column: "empty-entry", probes: emptyProbes, entryOnly: true},
 	{name: "4-memprof-default", column: "memprof-default", probes: memprofProbes, rate: defaultRate},
 	{name: "4b-memprof-default-nosession", column: "default-no-session", probes: memprofProbes, rate: defaultRate, noSession: true},
+	{name: "4c-memprof-default-2-targets", column: "default-2-targets", probes: memprofProbes, rate: defaultRate, second: true},
 	{name: "5-memprof-rate1", column: "memprof-rate1", probes: memprofProbes, rate: 1},
 	{name: "6-memprof-default-dwarf", column: "dwarf-default", probes: memprofProbes, rate: defaultRate, dwarf: true},
 	{name: "7-memprof-rate1-dwarf", column: "dwarf-rate1", probes: memprofProbes, rate: 1, dwarf: true},
@@ -256,6 +258,16 @@ func runConfig(b *testing.B, bin, row, alloc string, env []string, size int, c c
 				b.Errorf("%s: %d probes still attached after Close", what, n)
 			}
 		}()
+		if c.second {
+			// An idle process of the same program: its links are at the
+			// same addresses as the measured one's.
+			idle := start(b, what+" (idle second target)", bin, env, strconv.Itoa(size), "1", "1")
+			defer idle.stop()
+			idle.expect(b, "READY")
+			if _, err := att.Process(idle.cmd.Process.Pid); err != nil {
+				b.Fatalf("%s: attach the second target: %v", what, err)
+			}
+		}
 		t0 := time.Now()
 		attached, err := att.Process(prog.cmd.Process.Pid)
 		if err != nil {
@@ -529,7 +541,7 @@ func printSummary(w io.Writer) {
 	for _, c := range configs {
 		fmt.Fprintf(tw, "%s\t", c.column)
 	}
-	fmt.Fprint(tw, "default/floor\tno-session/floor\tdwarf-default/floor\tretsites/floor\tentry/floor\tdwarf cost/sample\t\n")
+	fmt.Fprint(tw, "default/floor\tno-session/floor\t2-targets/floor\tdwarf-default/floor\tretsites/floor\tentry/floor\tdwarf cost/sample\t\n")
 	for _, row := range results.rows {
 		alloc, size, _ := strings.Cut(row, "/")
 		fmt.Fprintf(tw, "%s\t%s\t", alloc, size)
@@ -541,7 +553,7 @@ func printSummary(w io.Writer) {
 			}
 		}
 		floor := median(results.ns[row+"/empty-floor"])
-		for _, col := range []string{"memprof-default", "default-no-session", "dwarf-default", "default-retsites", "empty-entry"} {
+		for _, col := range []string{"memprof-default", "default-no-session", "default-2-targets", "dwarf-default", "default-retsites", "empty-entry"} {
 			if v := median(results.ns[row+"/"+col]); v > 0 && floor > 0 {
 				fmt.Fprintf(tw, "%.2f\t", v/floor)
 			} else {
@@ -562,6 +574,7 @@ func printSummary(w io.Writer) {
 	fmt.Fprintln(w, "empty-floor: empty entry and return probes at memprof's sites; empty-session: empty session probes (entry trap only)")
 	fmt.Fprintln(w, "default/floor: memprof at the default 512 KiB rate (session links: return probes only for sampled calls) over the empty entry+return floor (target <= 1.3)")
 	fmt.Fprintln(w, "no-session/floor: the same with entry and return links on every call, as on kernels before 6.13")
+	fmt.Fprintln(w, "2-targets/floor: the same with a second, idle target of the same program attached by the session (the kernel runs every consumer of a probed address: the other target's session link asks for a return on every call)")
 	fmt.Fprintln(w, "dwarf-default/floor: the same with every sampled stack copied for CFI unwinding (--stack-mode dwarf)")
 	fmt.Fprintln(w, "retsites/floor: the same with every result taken by probes on ret instructions instead of return probes (memprof does so only for operator new, which may throw)")
 	fmt.Fprintln(w, "entry/floor: empty probes at each function's first instruction over empty probes at memprof's sites")
