@@ -97,7 +97,19 @@ var cxxSymbols = map[string]Kind{
 // the C++ unwinder reads, and the exception would end in std::terminate.
 func MayThrow(name string) bool {
 	k, ok := cxxSymbols[name]
-	return ok && k != Free
+	return ok && k != Free || throwingAliases[name]
+}
+
+// throwingAliases are C-named entry points of allocators that implement
+// operator new (and may throw std::bad_alloc) under their own names, for
+// when they are probed: tcmalloc's tc_new family and mimalloc's mi_new
+// family. A new allocator's operator new aliases go here.
+var throwingAliases = map[string]bool{
+	"tc_new": true, "tc_newarray": true, "tc_new_nothrow": true, "tc_newarray_nothrow": true,
+	"tc_new_aligned": true, "tc_newarray_aligned": true,
+	"tc_new_aligned_nothrow": true, "tc_newarray_aligned_nothrow": true,
+	"mi_new": true, "mi_new_aligned": true, "mi_new_nothrow": true, "mi_new_aligned_nothrow": true,
+	"mi_new_n": true, "mi_new_realloc": true, "mi_new_reallocn": true,
 }
 
 // KindOf returns the kind of an allocator symbol.
