@@ -311,6 +311,19 @@ func TestCallLogic(t *testing.T) {
 				t.Errorf("abandoned %d, want 0", n)
 			}
 		}},
+		{"a return above the pending frame abandons it", true, func(t *testing.T, h *harness) {
+			s := h.sp(50, userCode)
+			h.enter(malloc, s, 100, 0, 0)
+			if r := h.ret(h.sp(120, 0), 0xd000); r.Ret != 0 || h.live(0xd000) != 0 {
+				t.Error("a return of an outer frame completed the deeper pending call")
+			}
+			if st := h.state(); st.Active != 0 {
+				t.Error("the pending call stayed active after a return above its frame")
+			}
+			if n := h.counter(CallsCounterC_MISSED_RETURN); n != 1 {
+				t.Errorf("abandoned %d, want 1", n)
+			}
+		}},
 		{"exception out of new: the next call abandons it", true, func(t *testing.T, h *harness) {
 			s := h.sp(100, userCode)
 			h.enter(newThrowing, s, 1<<60, 0, 0)

@@ -391,9 +391,9 @@ func formatSites(objs []*attach.Object) string {
 			case s.Thunk:
 				parts = append(parts, s.Symbol+" (thunk, not probed)")
 			case s.Emulated:
-				parts = append(parts, fmt.Sprintf("%s+%#x (%s, emulated)", s.Symbol, s.Offset, s.Insn))
+				parts = append(parts, fmt.Sprintf("%s+%#x (%s, emulated%s)", s.Symbol, s.Offset, s.Insn, retNote(s)))
 			default:
-				parts = append(parts, fmt.Sprintf("%s+%#x (%s, SINGLE-STEPPED)", s.Symbol, s.Offset, s.Insn))
+				parts = append(parts, fmt.Sprintf("%s+%#x (%s, SINGLE-STEPPED%s)", s.Symbol, s.Offset, s.Insn, retNote(s)))
 			}
 		}
 		for i := 0; i < len(parts); i += 3 {
@@ -401,6 +401,15 @@ func formatSites(objs []*attach.Object) string {
 		}
 	}
 	return buf.String()
+}
+
+// retNote says where a function's result is taken when not by a return
+// probe.
+func retNote(s attach.Site) string {
+	if !s.RetSites {
+		return ""
+	}
+	return fmt.Sprintf("; result at %d ret instructions, single-stepped", len(s.Rets))
 }
 
 func parseResult(line string) (runResult, error) {
