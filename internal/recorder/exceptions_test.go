@@ -4,6 +4,7 @@ import (
 	"context"
 	"os"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -26,6 +27,34 @@ var allocEnvs = []struct {
 	{"jemalloc", []string{"LD_PRELOAD=" + testprog.Jemalloc}},
 }
 
+// privateLibs gives a test target its own copies of the C and C++ runtime
+// (and jemalloc): uprobes are per file, and the kernel runs every consumer
+// of a probed address for any process that hits it, so another tool's
+// return probe on the system libstdc++'s operator new (another memprof
+// version running on the machine) would hijack the target's return
+// address. The copies keep what is tested to memprof's own probes.
+func privateLibs(t *testing.T, env []string) []string {
+	t.Helper()
+	dir := t.TempDir()
+	for _, lib := range []string{"libc.so.6", "libm.so.6", "libstdc++.so.6", "libgcc_s.so.1", "libjemalloc.so.2"} {
+		b, err := os.ReadFile("/usr/lib/x86_64-linux-gnu/" + lib)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(dir+"/"+lib, b, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	out := []string{"LD_LIBRARY_PATH=" + dir}
+	for _, e := range env {
+		if strings.HasPrefix(e, "LD_PRELOAD=") {
+			e = "LD_PRELOAD=" + dir + "/libjemalloc.so.2"
+		}
+		out = append(out, e)
+	}
+	return out
+}
+
 // TestExceptionsThroughOperatorNew: a program that catches std::bad_alloc
 // from operator new (throwing and aligned; the nothrow variants catch it
 // inside) runs as without memprof, started by memprof and attached to, and
@@ -41,7 +70,7 @@ func TestExceptionsThroughOperatorNew(t *testing.T) {
 		for _, mode := range []string{StackAuto, StackDwarf} {
 			t.Run(al.name+"/command-"+mode, func(t *testing.T) {
 				var reason string
-				p := record(t, Options{SampleRate: 1, StackMode: mode, Command: []string{bin}, Env: append(os.Environ(), al.env...)}, func(s *Session) {
+				p := record(t, Options{SampleRate: 1, StackMode: mode, Command: []string{bin}, Env: append(os.Environ(), privateLibs(t, al.env)...)}, func(s *Session) {
 					reason = s.Wait(context.Background(), 60*time.Second)
 				})
 				if reason != "command exited with status 0" {
@@ -65,7 +94,7 @@ func TestExceptionsThroughOperatorNew(t *testing.T) {
 			perProbe, noSession bool
 		}{{"pid", false, false}, {"pid-multi-links", false, true}, {"pid-perf-event-links", true, false}} {
 			t.Run(al.name+"/"+links.name, func(t *testing.T) {
-				prog := testprog.Start(t, bin, al.env, "--wait-start", "--wait-end")
+				prog := testprog.Start(t, bin, privateLibs(t, al.env), "--wait-start", "--wait-end")
 				prog.Expect(t, "READY")
 				var out map[string]uint64
 				p := record(t, Options{SampleRate: 1, Pids: []int{prog.Pid()}, PerProbeLinks: links.perProbe, NoSession: links.noSession}, func(s *Session) {
@@ -100,8 +129,9 @@ func TestExceptionsTwoTargets(t *testing.T) {
 	bin := testprog.Build(t, "exc_new.cc")
 	for _, al := range allocEnvs {
 		t.Run(al.name, func(t *testing.T) {
-			a := testprog.Start(t, bin, al.env, "--wait-start", "--wait-end")
-			b := testprog.Start(t, bin, al.env, "--wait-start", "--wait-end")
+			env := privateLibs(t, al.env)
+			a := testprog.Start(t, bin, env, "--wait-start", "--wait-end")
+			b := testprog.Start(t, bin, env, "--wait-start", "--wait-end")
 			a.Expect(t, "READY")
 			b.Expect(t, "READY")
 			record(t, Options{SampleRate: 1, Pids: []int{a.Pid(), b.Pid()}}, func(s *Session) {
