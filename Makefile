@@ -15,7 +15,7 @@ all: build
 build:
 	$(GO) build -o $(BIN) ./cmd/memprof
 
-# Rebuild the BPF objects and their Go loaders from bpf/*.bpf.c (needs clang).
+# Rebuild the BPF object and its Go loader from bpf/memprof.bpf.c (needs clang).
 generate:
 	$(GO) generate ./bpf/...
 
