@@ -26,7 +26,7 @@ image:
 
 # Rebuild the BPF object and its Go loader from bpf/memprof.bpf.c (needs clang).
 generate:
-	$(GO) generate ./bpf/
+	$(GO) generate ./bpf/...
 
 # CI: the committed bpf2go output must match the sources.
 check-generated: generate

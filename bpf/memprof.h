@@ -3,20 +3,32 @@
 #ifndef MEMPROF_H
 #define MEMPROF_H
 
-#define GAP_TABLE_SIZE 4096	 // power of two
-#define MAX_LIVE 262144		 // sampled live blocks across all targets
-#define MAX_ALLOC_BUCKETS 65536	 // (process, stack, size) buckets
-#define MAX_STACKS 32768
-#define MAX_PROCS 16384		 // processes with a call count
-#define MAX_STACK_DEPTH 127
-#define STACK_UNKNOWN 0xffffffff
+// Sizes and flags shared with Go: an enum so that bpf2go generates them
+// (MemprofLimit*), never copied by hand.
+enum bounds {
+	GAP_TABLE_SIZE = 4096,		// power of two
+	MAX_LIVE = 262144,		// sampled live blocks across all targets
+	MAX_ALLOC_BUCKETS = 65536,	// (process, stack, size) buckets
+	MAX_STACKS = 32768,
+	MAX_RET_STACKS = 16384,		// stacks taken at return instructions (see ret_stacks)
+	MAX_PROCS = 16384,		// processes with a call count
+	MAX_STACK_DEPTH = 127,
+	MAX_CALL_FNS = 3,		// functions of one pending call remembered for nested calls
+};
+
+// Stack id values and flags (live_block.stack_id, alloc_key.stack_id).
+enum stack_id_flag {
+	STACK_RET = 0x40000000,		// a key of ret_stacks: a stack taken at a return instruction
+	STACK_DWARF = 0x80000000,	// a sequence number of a stack_event
+	STACK_UNKNOWN = 0xffffffff,	// the stack walk failed
+};
 
 #ifndef EEXIST
 #define EEXIST 17
 #endif
 
-// Allocator function kinds: the probe's cookie with uprobe_multi. Same
-// numbering as Go's attach.Kind.
+// Allocator function kinds: the low byte of a probe's cookie. Go's
+// attach.Kind uses the generated constants.
 enum probe_kind {
 	P_MALLOC = 0,
 	P_CALLOC,
@@ -28,8 +40,20 @@ enum probe_kind {
 	P_FREE,
 };
 
-#define P_KIND_MASK 0xff
-#define P_WRAPPER 0x100	// cookie flag: the function calls other allocator entry points
+// A probe's cookie: kind | flags | site | COOKIE_OFF(probe offset in the
+// function) | COOKIE_SIZE(function size). The offset and size let a nested
+// call check that it was made from inside the pending call's functions.
+enum probe_cookie {
+	P_KIND_MASK = 0xff,
+	P_WRAPPER = 0x100,	// the function calls other allocator entry points: always pending
+	P_RETSITES = 0x200,	// its return is taken at its ret instructions (no return probe)
+	SITE_MASK = 0x3000,
+	SITE_ENTRY = 0x0000,	// the function's entry
+	SITE_RET = 0x1000,	// a ret instruction of a P_RETSITES function (or of code it jumps to)
+	SITE_TAIL = 0x2000,	// a jmp from a probed function to another allocator function
+	COOKIE_OFF_SHIFT = 16,	// bits 16..31: probe offset from the function start
+	COOKIE_SIZE_SHIFT = 32,	// bits 32..63: function size in bytes
+};
 
 // Pending call kinds.
 enum call_kind {
@@ -45,7 +69,7 @@ enum counter {
 	C_FREES,		// free-like calls seen
 	C_SAMPLES,		// sampled allocations tracked
 	C_NESTED,		// calls nested in another allocator call (left to the outer)
-	C_MISSED_RETURN,	// pending calls whose return probe never fired
+	C_MISSED_RETURN,	// pending calls abandoned without a return (longjmp, exception, lost probe)
 	C_NO_THREAD_STATE,	// task storage unavailable: call lost
 	C_LIVE_FULL,		// live map full: sampled block lost
 	C_ALLOCS_FULL,		// alloc bucket map full: sample's alloc count lost
@@ -54,16 +78,25 @@ enum counter {
 	C_READ_FAILED,		// user memory read failed (posix_memalign result)
 	C_EVENTS_LOST,		// ring buffer full (OOM event, or a stack copy: then the frame-pointer stack is used)
 	C_STACK_COPIES,		// stacks copied for userspace unwinding
+	C_TAIL_CALLS,		// tail jumps from an allocator function to another
 	NR_COUNTERS,
 };
 
+struct fn_range {
+	__u64 lo, hi;	// [lo, hi): code of a function entered by the call
+};
+
 struct pending {
-	__u64 sp;	// stack pointer at entry: identifies the call at return
+	__u64 sp;	// stack pointer at entry (it points at the return address): identifies the call
+	__u64 ret;	// the return address at entry: the frame is live while [sp] holds it
 	__u64 size;
 	__u64 ptr;	// old block (realloc) or result slot (posix_memalign)
+	struct fn_range fns[MAX_CALL_FNS]; // the outer function and the nested ones entered so far
+	__u8 nfns;
 	__u8 kind;
 	__u8 sampled;
-	__u8 _pad[6];
+	__u8 tail;	// the outer function tail-jumped: an entry at sp continues the call
+	__u8 _pad[4];
 };
 
 #define CALLS_FLUSH 4096	// per-thread calls counted before they are added to the process's count
@@ -92,6 +125,16 @@ struct live_block {
 	__u32 _pad;
 };
 
+// A stack taken at a return instruction: the frame-pointer walk there
+// (stack_id) has the allocator function as its first frame and misses the
+// caller, whose address is the return address at [sp]; userspace shows
+// caller + frames[1:], what a return probe would have seen.
+struct ret_stack {
+	__u32 stack_id;
+	__u32 _pad;
+	__u64 caller;
+};
+
 struct alloc_key {
 	__u32 tgid;
 	__u32 stack_id;
@@ -104,7 +147,6 @@ enum event_type {
 };
 
 #define STACK_COPY 8192		// bytes of user stack copied for userspace unwinding (perf's default for --call-graph dwarf)
-#define STACK_DWARF 0x80000000		// stack_id flag: a sequence number of a stack_event
 
 // Stack modes (the stack_mode constant).
 enum stack_mode {

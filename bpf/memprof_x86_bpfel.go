@@ -20,6 +20,19 @@ type MemprofAllocKey struct {
 	Size    uint64
 }
 
+type MemprofBounds uint32
+
+const (
+	MemprofBoundsGAP_TABLE_SIZE    MemprofBounds = 4096
+	MemprofBoundsMAX_LIVE          MemprofBounds = 262144
+	MemprofBoundsMAX_ALLOC_BUCKETS MemprofBounds = 65536
+	MemprofBoundsMAX_STACKS        MemprofBounds = 32768
+	MemprofBoundsMAX_RET_STACKS    MemprofBounds = 16384
+	MemprofBoundsMAX_PROCS         MemprofBounds = 16384
+	MemprofBoundsMAX_STACK_DEPTH   MemprofBounds = 127
+	MemprofBoundsMAX_CALL_FNS      MemprofBounds = 3
+)
+
 type MemprofCallKind uint32
 
 const (
@@ -45,7 +58,8 @@ const (
 	MemprofCounterC_READ_FAILED     MemprofCounter = 10
 	MemprofCounterC_EVENTS_LOST     MemprofCounter = 11
 	MemprofCounterC_STACK_COPIES    MemprofCounter = 12
-	MemprofCounterNR_COUNTERS       MemprofCounter = 13
+	MemprofCounterC_TAIL_CALLS      MemprofCounter = 13
+	MemprofCounterNR_COUNTERS       MemprofCounter = 14
 )
 
 type MemprofEventType uint32
@@ -91,6 +105,40 @@ type MemprofOomEvent struct {
 	Comm         [16]int8
 }
 
+type MemprofProbeCookie uint32
+
+const (
+	MemprofProbeCookieP_KIND_MASK       MemprofProbeCookie = 255
+	MemprofProbeCookieP_WRAPPER         MemprofProbeCookie = 256
+	MemprofProbeCookieP_RETSITES        MemprofProbeCookie = 512
+	MemprofProbeCookieSITE_MASK         MemprofProbeCookie = 12288
+	MemprofProbeCookieSITE_ENTRY        MemprofProbeCookie = 0
+	MemprofProbeCookieSITE_RET          MemprofProbeCookie = 4096
+	MemprofProbeCookieSITE_TAIL         MemprofProbeCookie = 8192
+	MemprofProbeCookieCOOKIE_OFF_SHIFT  MemprofProbeCookie = 16
+	MemprofProbeCookieCOOKIE_SIZE_SHIFT MemprofProbeCookie = 32
+)
+
+type MemprofProbeKind uint32
+
+const (
+	MemprofProbeKindP_MALLOC         MemprofProbeKind = 0
+	MemprofProbeKindP_CALLOC         MemprofProbeKind = 1
+	MemprofProbeKindP_MEMALIGN       MemprofProbeKind = 2
+	MemprofProbeKindP_POSIX_MEMALIGN MemprofProbeKind = 3
+	MemprofProbeKindP_REALLOC        MemprofProbeKind = 4
+	MemprofProbeKindP_REALLOCARRAY   MemprofProbeKind = 5
+	MemprofProbeKindP_XALLOCX        MemprofProbeKind = 6
+	MemprofProbeKindP_FREE           MemprofProbeKind = 7
+)
+
+type MemprofRetStack struct {
+	_       structs.HostLayout
+	StackId uint32
+	Pad     uint32
+	Caller  uint64
+}
+
 type MemprofStackEvent struct {
 	_    structs.HostLayout
 	Type uint32
@@ -103,6 +151,14 @@ type MemprofStackEvent struct {
 	Bp   uint64
 	Data [8192]uint8
 }
+
+type MemprofStackIdFlag uint32
+
+const (
+	MemprofStackIdFlagSTACK_RET     MemprofStackIdFlag = 1073741824
+	MemprofStackIdFlagSTACK_DWARF   MemprofStackIdFlag = 2147483648
+	MemprofStackIdFlagSTACK_UNKNOWN MemprofStackIdFlag = 4294967295
+)
 
 type MemprofStackMode uint32
 
@@ -118,13 +174,21 @@ type MemprofThreadState struct {
 	Active    uint32
 	Calls     uint32
 	Pending   struct {
-		_       structs.HostLayout
-		Sp      uint64
-		Size    uint64
-		Ptr     uint64
+		_    structs.HostLayout
+		Sp   uint64
+		Ret  uint64
+		Size uint64
+		Ptr  uint64
+		Fns  [3]struct {
+			_  structs.HostLayout
+			Lo uint64
+			Hi uint64
+		}
+		Nfns    uint8
 		Kind    uint8
 		Sampled uint8
-		Pad     [6]uint8
+		Tail    uint8
+		Pad     [4]uint8
 	}
 }
 
@@ -139,16 +203,12 @@ const (
 	MemprofMapGaps                = "gaps"
 	MemprofMapLive                = "live"
 	MemprofMapProcCalls           = "proc_calls"
+	MemprofMapRetStacks           = "ret_stacks"
 	MemprofMapStacks              = "stacks"
 	MemprofMapThreads             = "threads"
 	MemprofProgAllocReturn        = "alloc_return"
 	MemprofProgAllocSession       = "alloc_session"
 	MemprofProgCallocEnter        = "calloc_enter"
-	MemprofProgEmptyEnter         = "empty_enter"
-	MemprofProgEmptyEnterMulti    = "empty_enter_multi"
-	MemprofProgEmptyReturn        = "empty_return"
-	MemprofProgEmptyReturnMulti   = "empty_return_multi"
-	MemprofProgEmptySession       = "empty_session"
 	MemprofProgEnterMulti         = "enter_multi"
 	MemprofProgFreeEnter          = "free_enter"
 	MemprofProgMallocEnter        = "malloc_enter"
@@ -158,16 +218,22 @@ const (
 	MemprofProgPosixMemalignEnter = "posix_memalign_enter"
 	MemprofProgReallocEnter       = "realloc_enter"
 	MemprofProgReallocarrayEnter  = "reallocarray_enter"
+	MemprofProgRetSite            = "ret_site"
 	MemprofProgReturnMulti        = "return_multi"
+	MemprofProgTailSite           = "tail_site"
 	MemprofProgXallocxEnter       = "xallocx_enter"
 	MemprofVarMaxKind             = "max_kind"
 	MemprofVarNrCounters          = "nr_counters"
 	MemprofVarSampleAll           = "sample_all"
 	MemprofVarStackMode           = "stack_mode"
 	MemprofVarStackSeq            = "stack_seq"
+	MemprofVarUnusedBounds        = "unused_bounds"
+	MemprofVarUnusedCookie        = "unused_cookie"
 	MemprofVarUnusedEventType     = "unused_event_type"
 	MemprofVarUnusedOomEvent      = "unused_oom_event"
+	MemprofVarUnusedProbeKind     = "unused_probe_kind"
 	MemprofVarUnusedStackEvent    = "unused_stack_event"
+	MemprofVarUnusedStackIdFlag   = "unused_stack_id_flag"
 	MemprofVarUnusedStackMode     = "unused_stack_mode"
 )
 
@@ -216,11 +282,6 @@ type MemprofProgramSpecs struct {
 	AllocReturn        *ebpf.ProgramSpec `ebpf:"alloc_return"`
 	AllocSession       *ebpf.ProgramSpec `ebpf:"alloc_session"`
 	CallocEnter        *ebpf.ProgramSpec `ebpf:"calloc_enter"`
-	EmptyEnter         *ebpf.ProgramSpec `ebpf:"empty_enter"`
-	EmptyEnterMulti    *ebpf.ProgramSpec `ebpf:"empty_enter_multi"`
-	EmptyReturn        *ebpf.ProgramSpec `ebpf:"empty_return"`
-	EmptyReturnMulti   *ebpf.ProgramSpec `ebpf:"empty_return_multi"`
-	EmptySession       *ebpf.ProgramSpec `ebpf:"empty_session"`
 	EnterMulti         *ebpf.ProgramSpec `ebpf:"enter_multi"`
 	FreeEnter          *ebpf.ProgramSpec `ebpf:"free_enter"`
 	MallocEnter        *ebpf.ProgramSpec `ebpf:"malloc_enter"`
@@ -230,7 +291,9 @@ type MemprofProgramSpecs struct {
 	PosixMemalignEnter *ebpf.ProgramSpec `ebpf:"posix_memalign_enter"`
 	ReallocEnter       *ebpf.ProgramSpec `ebpf:"realloc_enter"`
 	ReallocarrayEnter  *ebpf.ProgramSpec `ebpf:"reallocarray_enter"`
+	RetSite            *ebpf.ProgramSpec `ebpf:"ret_site"`
 	ReturnMulti        *ebpf.ProgramSpec `ebpf:"return_multi"`
+	TailSite           *ebpf.ProgramSpec `ebpf:"tail_site"`
 	XallocxEnter       *ebpf.ProgramSpec `ebpf:"xallocx_enter"`
 }
 
@@ -245,6 +308,7 @@ type MemprofMapSpecs struct {
 	Gaps       *ebpf.MapSpec `ebpf:"gaps"`
 	Live       *ebpf.MapSpec `ebpf:"live"`
 	ProcCalls  *ebpf.MapSpec `ebpf:"proc_calls"`
+	RetStacks  *ebpf.MapSpec `ebpf:"ret_stacks"`
 	Stacks     *ebpf.MapSpec `ebpf:"stacks"`
 	Threads    *ebpf.MapSpec `ebpf:"threads"`
 }
@@ -253,15 +317,19 @@ type MemprofMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type MemprofVariableSpecs struct {
-	MaxKind          *ebpf.VariableSpec `ebpf:"max_kind"`
-	NrCounters       *ebpf.VariableSpec `ebpf:"nr_counters"`
-	SampleAll        *ebpf.VariableSpec `ebpf:"sample_all"`
-	StackMode        *ebpf.VariableSpec `ebpf:"stack_mode"`
-	StackSeq         *ebpf.VariableSpec `ebpf:"stack_seq"`
-	UnusedEventType  *ebpf.VariableSpec `ebpf:"unused_event_type"`
-	UnusedOomEvent   *ebpf.VariableSpec `ebpf:"unused_oom_event"`
-	UnusedStackEvent *ebpf.VariableSpec `ebpf:"unused_stack_event"`
-	UnusedStackMode  *ebpf.VariableSpec `ebpf:"unused_stack_mode"`
+	MaxKind           *ebpf.VariableSpec `ebpf:"max_kind"`
+	NrCounters        *ebpf.VariableSpec `ebpf:"nr_counters"`
+	SampleAll         *ebpf.VariableSpec `ebpf:"sample_all"`
+	StackMode         *ebpf.VariableSpec `ebpf:"stack_mode"`
+	StackSeq          *ebpf.VariableSpec `ebpf:"stack_seq"`
+	UnusedBounds      *ebpf.VariableSpec `ebpf:"unused_bounds"`
+	UnusedCookie      *ebpf.VariableSpec `ebpf:"unused_cookie"`
+	UnusedEventType   *ebpf.VariableSpec `ebpf:"unused_event_type"`
+	UnusedOomEvent    *ebpf.VariableSpec `ebpf:"unused_oom_event"`
+	UnusedProbeKind   *ebpf.VariableSpec `ebpf:"unused_probe_kind"`
+	UnusedStackEvent  *ebpf.VariableSpec `ebpf:"unused_stack_event"`
+	UnusedStackIdFlag *ebpf.VariableSpec `ebpf:"unused_stack_id_flag"`
+	UnusedStackMode   *ebpf.VariableSpec `ebpf:"unused_stack_mode"`
 }
 
 // MemprofObjects contains all objects after they have been loaded into the kernel.
@@ -291,6 +359,7 @@ type MemprofMaps struct {
 	Gaps       *ebpf.Map `ebpf:"gaps"`
 	Live       *ebpf.Map `ebpf:"live"`
 	ProcCalls  *ebpf.Map `ebpf:"proc_calls"`
+	RetStacks  *ebpf.Map `ebpf:"ret_stacks"`
 	Stacks     *ebpf.Map `ebpf:"stacks"`
 	Threads    *ebpf.Map `ebpf:"threads"`
 }
@@ -304,6 +373,7 @@ func (m *MemprofMaps) Close() error {
 		m.Gaps,
 		m.Live,
 		m.ProcCalls,
+		m.RetStacks,
 		m.Stacks,
 		m.Threads,
 	)
@@ -313,15 +383,19 @@ func (m *MemprofMaps) Close() error {
 //
 // It can be passed to LoadMemprofObjects or ebpf.CollectionSpec.LoadAndAssign.
 type MemprofVariables struct {
-	MaxKind          *ebpf.Variable `ebpf:"max_kind"`
-	NrCounters       *ebpf.Variable `ebpf:"nr_counters"`
-	SampleAll        *ebpf.Variable `ebpf:"sample_all"`
-	StackMode        *ebpf.Variable `ebpf:"stack_mode"`
-	StackSeq         *ebpf.Variable `ebpf:"stack_seq"`
-	UnusedEventType  *ebpf.Variable `ebpf:"unused_event_type"`
-	UnusedOomEvent   *ebpf.Variable `ebpf:"unused_oom_event"`
-	UnusedStackEvent *ebpf.Variable `ebpf:"unused_stack_event"`
-	UnusedStackMode  *ebpf.Variable `ebpf:"unused_stack_mode"`
+	MaxKind           *ebpf.Variable `ebpf:"max_kind"`
+	NrCounters        *ebpf.Variable `ebpf:"nr_counters"`
+	SampleAll         *ebpf.Variable `ebpf:"sample_all"`
+	StackMode         *ebpf.Variable `ebpf:"stack_mode"`
+	StackSeq          *ebpf.Variable `ebpf:"stack_seq"`
+	UnusedBounds      *ebpf.Variable `ebpf:"unused_bounds"`
+	UnusedCookie      *ebpf.Variable `ebpf:"unused_cookie"`
+	UnusedEventType   *ebpf.Variable `ebpf:"unused_event_type"`
+	UnusedOomEvent    *ebpf.Variable `ebpf:"unused_oom_event"`
+	UnusedProbeKind   *ebpf.Variable `ebpf:"unused_probe_kind"`
+	UnusedStackEvent  *ebpf.Variable `ebpf:"unused_stack_event"`
+	UnusedStackIdFlag *ebpf.Variable `ebpf:"unused_stack_id_flag"`
+	UnusedStackMode   *ebpf.Variable `ebpf:"unused_stack_mode"`
 }
 
 // MemprofPrograms contains all programs after they have been loaded into the kernel.
@@ -331,11 +405,6 @@ type MemprofPrograms struct {
 	AllocReturn        *ebpf.Program `ebpf:"alloc_return"`
 	AllocSession       *ebpf.Program `ebpf:"alloc_session"`
 	CallocEnter        *ebpf.Program `ebpf:"calloc_enter"`
-	EmptyEnter         *ebpf.Program `ebpf:"empty_enter"`
-	EmptyEnterMulti    *ebpf.Program `ebpf:"empty_enter_multi"`
-	EmptyReturn        *ebpf.Program `ebpf:"empty_return"`
-	EmptyReturnMulti   *ebpf.Program `ebpf:"empty_return_multi"`
-	EmptySession       *ebpf.Program `ebpf:"empty_session"`
 	EnterMulti         *ebpf.Program `ebpf:"enter_multi"`
 	FreeEnter          *ebpf.Program `ebpf:"free_enter"`
 	MallocEnter        *ebpf.Program `ebpf:"malloc_enter"`
@@ -345,7 +414,9 @@ type MemprofPrograms struct {
 	PosixMemalignEnter *ebpf.Program `ebpf:"posix_memalign_enter"`
 	ReallocEnter       *ebpf.Program `ebpf:"realloc_enter"`
 	ReallocarrayEnter  *ebpf.Program `ebpf:"reallocarray_enter"`
+	RetSite            *ebpf.Program `ebpf:"ret_site"`
 	ReturnMulti        *ebpf.Program `ebpf:"return_multi"`
+	TailSite           *ebpf.Program `ebpf:"tail_site"`
 	XallocxEnter       *ebpf.Program `ebpf:"xallocx_enter"`
 }
 
@@ -354,11 +425,6 @@ func (p *MemprofPrograms) Close() error {
 		p.AllocReturn,
 		p.AllocSession,
 		p.CallocEnter,
-		p.EmptyEnter,
-		p.EmptyEnterMulti,
-		p.EmptyReturn,
-		p.EmptyReturnMulti,
-		p.EmptySession,
 		p.EnterMulti,
 		p.FreeEnter,
 		p.MallocEnter,
@@ -368,7 +434,9 @@ func (p *MemprofPrograms) Close() error {
 		p.PosixMemalignEnter,
 		p.ReallocEnter,
 		p.ReallocarrayEnter,
+		p.RetSite,
 		p.ReturnMulti,
+		p.TailSite,
 		p.XallocxEnter,
 	)
 }

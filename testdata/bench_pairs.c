@@ -18,6 +18,17 @@
 #include <string.h>
 #include <time.h>
 
+// Built as C++ with -DBENCH_NEW (testdata/bench_new.cc), the pairs are
+// operator new + operator delete.
+#ifdef BENCH_NEW
+#include <new>
+#define ALLOC(n) ((volatile char *)::operator new(n))
+#define FREE(p) ::operator delete((void *)(p))
+#else
+#define ALLOC(n) ((volatile char *)malloc(n))
+#define FREE(p) free((void *)(p))
+#endif
+
 #define CHUNK 256
 #define MAX_ROUNDS 64
 
@@ -34,7 +45,7 @@ static uint64_t now_ns(void)
 static void __attribute__((noinline)) pairs(size_t size, uint64_t n)
 {
 	for (uint64_t i = 0; i < n; i++) {
-		volatile char *p = malloc(size);
+		volatile char *p = ALLOC(size);
 		if (p == NULL) {
 			fprintf(stderr, "malloc(%zu) failed\n", size);
 			exit(2);
@@ -42,7 +53,7 @@ static void __attribute__((noinline)) pairs(size_t size, uint64_t n)
 		p[0] = (char)i;
 		p[size - 1] = (char)i;
 		sink = (void *)p;
-		free((void *)p);
+		FREE(p);
 	}
 }
 

@@ -13,17 +13,21 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 
+	mbpf "github.com/memprof/memprof/bpf"
 	"github.com/memprof/memprof/internal/procmaps"
 )
 
-// Programs are the loaded BPF programs to attach: one entry program per kind
-// and the shared return program.
+// Programs are the loaded BPF programs to attach: one entry program per kind,
+// the shared return program (a uretprobe), and the programs for ret
+// instructions and tail jumps.
 type Programs struct {
-	Enter  map[Kind]*ebpf.Program
-	Return *ebpf.Program
+	Enter    map[Kind]*ebpf.Program
+	Return   *ebpf.Program
+	RetSite  *ebpf.Program
+	TailSite *ebpf.Program
 	// Multi and MultiReturn, when set (Linux 6.6+), attach all probes of
-	// an object for a process as two uprobe_multi links, the kind passed
-	// as each probe's cookie.
+	// an object for a process as two uprobe_multi links, what each probe
+	// is passed as its cookie.
 	Multi, MultiReturn *ebpf.Program
 	// Session, when set (Linux 6.13+), attaches all probes of an object
 	// for a process as one uprobe session link; preferred over Multi.
@@ -65,6 +69,10 @@ type Attacher struct {
 	// instead of the chosen emulated site (for measuring what the site
 	// choice saves).
 	EntryOnly bool
+	// AllRetSites takes the result of every allocating function at its
+	// ret instructions, not only of those that may throw (for measuring
+	// what return probes save: `make bench`).
+	AllRetSites bool
 
 	mu      sync.Mutex
 	objects map[procmaps.FileID]*objectEntry
@@ -296,25 +304,103 @@ func (a *Attacher) siteOffset(s Site) uint64 {
 	return s.FileOffset + s.Offset
 }
 
-// attachMulti attaches all sites of the object as one entry and one return
-// uprobe_multi link. It returns nil links (and no error) when the kernel or
-// the programs do not support it, so the caller falls back to one perf
-// event per probe.
-func (a *Attacher) attachMulti(ex *link.Executable, pid int, obj *Object) ([]link.Link, error) {
-	if a.progs.Multi == nil || a.progs.MultiReturn == nil {
-		return nil, nil
-	}
-	var addrs, cookies, retAddrs []uint64
+// probe is one uprobe of an object: its file offset and its cookie (enum
+// probe_cookie of bpf/memprof.h).
+type probe struct {
+	off, cookie uint64
+	site        Site // the function it belongs to
+}
+
+// Cookie fields (bpf/memprof.h).
+const (
+	cookieWrapper  = uint64(mbpf.MemprofProbeCookieP_WRAPPER)
+	cookieRetSites = uint64(mbpf.MemprofProbeCookieP_RETSITES)
+	cookieSiteRet  = uint64(mbpf.MemprofProbeCookieSITE_RET)
+	cookieSiteTail = uint64(mbpf.MemprofProbeCookieSITE_TAIL)
+	cookieOffShift = uint64(mbpf.MemprofProbeCookieCOOKIE_OFF_SHIFT)
+	cookieSizeShft = uint64(mbpf.MemprofProbeCookieCOOKIE_SIZE_SHIFT)
+)
+
+// probes lists the object's uprobes, each address once: the entries of
+// functions whose result a return probe takes (entries; returns lists the
+// same functions for the return probe), and the probes that must never
+// share an address with a consumer that has a return handler (plain): the
+// entries of functions whose result is taken at their ret instructions,
+// those ret instructions, and tail jumps. The kernel prepares a return
+// probe for every consumer with a return handler at a breakpoint, whatever
+// process the consumer is filtered to (a session consumer of another
+// process asks for it too): a session or return link of any process at
+// operator new's entry would hijack this process's return address.
+func (a *Attacher) probes(obj *Object) (entries, plain, returns []probe) {
+	seen := map[uint64]bool{}
 	for _, s := range obj.Sites {
 		if s.Thunk {
 			continue
 		}
-		addrs = append(addrs, a.siteOffset(s))
-		cookies = append(cookies, uint64(s.Kind))
+		off := a.siteOffset(s)
+		c := uint64(s.Kind) | (off-s.FileOffset)<<cookieOffShift | min(s.Size, 0xffffffff)<<cookieSizeShft
+		if wrapper(obj, s) {
+			c |= cookieWrapper
+		}
+		seen[off] = true
+		if a.retSites(s) {
+			plain = append(plain, probe{off: off, cookie: c | cookieRetSites, site: s})
+			continue
+		}
+		entries = append(entries, probe{off: off, cookie: c, site: s})
 		if s.Kind.Returns() {
-			retAddrs = append(retAddrs, a.siteOffset(s))
+			returns = append(returns, probe{off: off, site: s})
 		}
 	}
+	for _, s := range obj.Sites {
+		if s.Thunk || !a.retSites(s) {
+			continue
+		}
+		for _, r := range s.Rets {
+			if !seen[r] {
+				seen[r] = true
+				plain = append(plain, probe{off: r, cookie: cookieSiteRet, site: s})
+			}
+		}
+	}
+	for _, s := range obj.Sites {
+		if s.Thunk {
+			continue
+		}
+		for _, t := range s.Tails {
+			if !seen[t] {
+				seen[t] = true
+				plain = append(plain, probe{off: t, cookie: cookieSiteTail, site: s})
+			}
+		}
+	}
+	return entries, plain, returns
+}
+
+func (a *Attacher) retSites(s Site) bool {
+	return s.RetSites || a.AllRetSites && s.Kind.Returns()
+}
+
+func offsetsAndCookies(lists ...[]probe) (offs, cookies []uint64) {
+	for _, l := range lists {
+		for _, p := range l {
+			offs = append(offs, p.off)
+			cookies = append(cookies, p.cookie)
+		}
+	}
+	return offs, cookies
+}
+
+// attachMulti attaches all sites of the object as one entry (entries, ret
+// instructions, tail jumps) and one return uprobe_multi link. It returns nil
+// links (and no error) when the kernel or the programs do not support it, so
+// the caller falls back to one perf event per probe.
+func (a *Attacher) attachMulti(ex *link.Executable, pid int, obj *Object) ([]link.Link, error) {
+	if a.progs.Multi == nil || a.progs.MultiReturn == nil {
+		return nil, nil
+	}
+	entries, plain, returns := a.probes(obj)
+	addrs, cookies := offsetsAndCookies(entries, plain)
 	if len(addrs) == 0 {
 		return []link.Link{}, nil
 	}
@@ -326,7 +412,8 @@ func (a *Attacher) attachMulti(ex *link.Executable, pid int, obj *Object) ([]lin
 		return nil, attachError(pid, obj, Site{Symbol: "uprobe_multi"}, err)
 	}
 	links := []link.Link{enter}
-	if len(retAddrs) > 0 {
+	if len(returns) > 0 {
+		retAddrs, _ := offsetsAndCookies(returns)
 		ret, err := ex.UretprobeMulti(nil, a.progs.MultiReturn, &link.UprobeMultiOptions{Addresses: retAddrs, PID: uint32(pid)})
 		if err != nil {
 			enter.Close()
@@ -337,33 +424,46 @@ func (a *Attacher) attachMulti(ex *link.Executable, pid int, obj *Object) ([]lin
 	return links, nil
 }
 
-// attachEach attaches one perf-event uprobe (and uretprobe) per site.
+// attachEach attaches one perf-event uprobe per probe (and a uretprobe per
+// function that needs one).
 func (a *Attacher) attachEach(ex *link.Executable, pid int, obj *Object) ([]link.Link, error) {
 	var links []link.Link
 	fail := func(err error) ([]link.Link, error) {
 		closeAll(links)
 		return nil, err
 	}
-	for _, s := range obj.Sites {
-		if s.Thunk {
-			continue
-		}
-		prog := a.progs.Enter[s.Kind]
+	entries, plain, returns := a.probes(obj)
+	add := func(prog *ebpf.Program, p probe, ret bool) error {
 		if prog == nil {
-			return fail(fmt.Errorf("no BPF program for %s", s.Kind))
+			return fmt.Errorf("no BPF program for %s", p.site.Kind)
 		}
-		opts := &link.UprobeOptions{Address: a.siteOffset(s), PID: pid}
-		l, err := ex.Uprobe(s.Symbol, prog, opts)
+		opts := &link.UprobeOptions{Address: p.off, PID: pid, Cookie: p.cookie}
+		attachFn := ex.Uprobe
+		if ret {
+			attachFn = ex.Uretprobe
+		}
+		l, err := attachFn(p.site.Symbol, prog, opts)
 		if err != nil {
-			return fail(attachError(pid, obj, s, err))
+			return attachError(pid, obj, p.site, err)
 		}
 		links = append(links, l)
-		if s.Kind.Returns() {
-			l, err := ex.Uretprobe(s.Symbol, a.progs.Return, opts)
-			if err != nil {
-				return fail(attachError(pid, obj, s, err))
-			}
-			links = append(links, l)
+		return nil
+	}
+	for _, p := range append(entries, plain...) {
+		prog := a.progs.Enter[p.site.Kind]
+		switch p.cookie & uint64(mbpf.MemprofProbeCookieSITE_MASK) {
+		case cookieSiteRet:
+			prog = a.progs.RetSite
+		case cookieSiteTail:
+			prog = a.progs.TailSite
+		}
+		if err := add(prog, p, false); err != nil {
+			return fail(err)
+		}
+	}
+	for _, p := range returns {
+		if err := add(a.progs.Return, p, true); err != nil {
+			return fail(err)
 		}
 	}
 	return links, nil

@@ -11,11 +11,6 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// Cookie flag of a site whose function calls other allocator entry points
-// (P_WRAPPER in bpf/memprof.h): its calls stay pending to their return so
-// the calls nested in them are recognised.
-const cookieWrapper = 0x100
-
 // attachTypeUprobeSession is BPF_TRACE_UPROBE_SESSION (linux/bpf.h, 6.13+).
 // cilium/ebpf v0.22 loads uprobe.session programs but creates uprobe_multi
 // links only with the plain attach type, so session links are created here.
@@ -32,40 +27,52 @@ type linkCreateUprobeMulti struct {
 }
 
 // wrapper reports whether a site's function calls other allocator entry
-// points: libstdc++'s operator new calls malloc, glibc's reallocarray its
-// realloc.
+// points, so that its calls stay pending to their return and the calls
+// nested in them are recognised: glibc's reallocarray calls its realloc.
+// (libstdc++'s operator new calls malloc too: like every function that may
+// throw it stays pending anyway, its result taken at its ret instructions.)
 func wrapper(obj *Object, s Site) bool {
 	return obj.Allocator == "libstdc++" || s.Symbol == "reallocarray"
 }
 
-// attachSession attaches all sites of the object for pid as one uprobe
-// session link: one program runs at entry and, when the entry asks for it,
-// at return. It returns nil links (and no error) when there is no session
-// program.
+// attachSession attaches the sites of the object for pid as one uprobe
+// session link (one program runs at entry and, when the entry asks for it,
+// at return) and one uprobe_multi link for the probes that must not share
+// an address with a return handler. It returns nil links (and no error)
+// when there is no session program.
 func (a *Attacher) attachSession(path string, pid int, obj *Object) ([]link.Link, error) {
-	if a.progs.Session == nil {
+	if a.progs.Session == nil || a.progs.Multi == nil {
 		return nil, nil
 	}
-	var offsets, cookies []uint64
-	for _, s := range obj.Sites {
-		if s.Thunk {
-			continue
+	entries, plain, _ := a.probes(obj)
+	var links []link.Link
+	if len(entries) > 0 {
+		offsets, cookies := offsetsAndCookies(entries)
+		l, err := createSessionLink(a.progs.Session, path, offsets, cookies, pid)
+		if err != nil {
+			return nil, attachError(pid, obj, Site{Symbol: "uprobe session"}, err)
 		}
-		c := uint64(s.Kind)
-		if wrapper(obj, s) {
-			c |= cookieWrapper
+		links = append(links, l)
+	}
+	if len(plain) > 0 {
+		// Entries of functions whose result is taken at their ret
+		// instructions, those instructions and tail jumps: a link without
+		// a return handler (see probes).
+		ex, err := link.OpenExecutable(path)
+		if err == nil {
+			var l link.Link
+			offsets, cookies := offsetsAndCookies(plain)
+			l, err = ex.UprobeMulti(nil, a.progs.Multi, &link.UprobeMultiOptions{Addresses: offsets, Cookies: cookies, PID: uint32(pid)})
+			if err == nil {
+				links = append(links, l)
+			}
 		}
-		offsets = append(offsets, a.siteOffset(s))
-		cookies = append(cookies, c)
+		if err != nil {
+			closeAll(links)
+			return nil, attachError(pid, obj, Site{Symbol: "uprobe_multi"}, err)
+		}
 	}
-	if len(offsets) == 0 {
-		return []link.Link{}, nil
-	}
-	l, err := createSessionLink(a.progs.Session, path, offsets, cookies, pid)
-	if err != nil {
-		return nil, attachError(pid, obj, Site{Symbol: "uprobe session"}, err)
-	}
-	return []link.Link{l}, nil
+	return links, nil
 }
 
 func createSessionLink(prog *ebpf.Program, path string, offsets, cookies []uint64, pid int) (link.Link, error) {

@@ -21,6 +21,24 @@ type Site struct {
 	Emulated   bool   // the kernel emulates the instruction at the probe (no single-step)
 	Thunk      bool   // the function only jumps elsewhere: not probed
 	Insn       string // the instruction at the probe, for reports
+	// RetSites: the call's result is taken by probes on the function's ret
+	// instructions (Rets), never by a return probe, which would replace the
+	// return address on the stack and break C++ exceptions thrown through
+	// the function (operator new's std::bad_alloc). See MayThrow.
+	RetSites bool
+	// Rets are the file offsets of the ret instructions where a call of the
+	// function returns (its own and those of code it jumps to); probed for
+	// RetSites functions.
+	Rets []uint64
+	// Tails are the file offsets of jmp instructions by which the function
+	// hands its call over to another allocator function (glibc realloc(NULL,
+	// n) -> malloc): probed so that the callee's entry is known to continue
+	// the call rather than abandon it.
+	Tails []uint64
+	// RetsIncomplete: some path out of a RetSites function could not be
+	// followed (an indirect jump): calls leaving by it are counted as
+	// abandoned.
+	RetsIncomplete bool
 }
 
 // FindSites lists the allocator functions an ELF object defines, one per
@@ -67,7 +85,12 @@ func FindSites(f *elf.File) ([]Site, error) {
 		if err != nil {
 			continue
 		}
-		byAddr[s.Value] = &Site{Symbol: name, Kind: kind, FileOffset: off, Size: s.Size}
+		byAddr[s.Value] = &Site{Symbol: name, Kind: kind, FileOffset: off, Size: s.Size, RetSites: MayThrow(name)}
+	}
+	text := newTextReader(f)
+	allocFn := func(target uint64) bool {
+		_, ok := byAddr[target]
+		return ok || inPLT(f, target)
 	}
 	var out []Site
 	for vaddr, site := range byAddr {
@@ -76,12 +99,24 @@ func FindSites(f *elf.File) ([]Site, error) {
 			return nil, fmt.Errorf("read code of %s: %w", site.Symbol, err)
 		}
 		chooseOffset(site, code, func(rel int64) bool {
-			target := uint64(int64(vaddr) + rel)
-			if _, ok := byAddr[target]; ok {
-				return true
-			}
-			return inPLT(f, target)
+			return allocFn(uint64(int64(vaddr) + rel))
 		})
+		if !site.Thunk {
+			rets, tails, complete := returns(text, vaddr, allocFn)
+			for _, t := range tails {
+				if o, err := fileOffset(f, t); err == nil {
+					site.Tails = append(site.Tails, o)
+				}
+			}
+			if site.Kind.Returns() {
+				for _, r := range rets {
+					if o, err := fileOffset(f, r); err == nil {
+						site.Rets = append(site.Rets, o)
+					}
+				}
+				site.RetsIncomplete = !complete
+			}
+		}
 		out = append(out, *site)
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Symbol < out[j].Symbol })

@@ -20,7 +20,10 @@ import (
 
 	"github.com/cilium/ebpf/ringbuf"
 
+	"github.com/cilium/ebpf"
+
 	mbpf "github.com/memprof/memprof/bpf"
+	"github.com/memprof/memprof/bpf/empty"
 	"github.com/memprof/memprof/internal/attach"
 	"github.com/memprof/memprof/internal/bpfload"
 	"github.com/memprof/memprof/internal/testprog"
@@ -52,6 +55,8 @@ type config struct {
 	rate      uint64 // memprof's sample rate
 	dwarf     bool   // copy every sampled stack for userspace unwinding
 	noSession bool   // entry and return links (kernels before 6.13) instead of session links
+	retSites  bool   // every result taken at ret instructions instead of return probes
+	second    bool   // a second target (idle, same libraries) attached by the same session
 }
 
 // defaultRate is memprof's default sample rate (recorder.DefaultSampleRate;
@@ -65,17 +70,23 @@ var configs = []config{
 	{name: "3-empty-entry", column: "empty-entry", probes: emptyProbes, entryOnly: true},
 	{name: "4-memprof-default", column: "memprof-default", probes: memprofProbes, rate: defaultRate},
 	{name: "4b-memprof-default-nosession", column: "default-no-session", probes: memprofProbes, rate: defaultRate, noSession: true},
+	{name: "4c-memprof-default-2-targets", column: "default-2-targets", probes: memprofProbes, rate: defaultRate, second: true},
 	{name: "5-memprof-rate1", column: "memprof-rate1", probes: memprofProbes, rate: 1},
 	{name: "6-memprof-default-dwarf", column: "dwarf-default", probes: memprofProbes, rate: defaultRate, dwarf: true},
 	{name: "7-memprof-rate1-dwarf", column: "dwarf-rate1", probes: memprofProbes, rate: 1, dwarf: true},
+	{name: "8-memprof-default-retsites", column: "default-retsites", probes: memprofProbes, rate: defaultRate, retSites: true},
 }
 
+// allocators are the rows: the allocator (the attached object that must be
+// found) and the workload (C malloc+free, or C++ operator new+delete).
 var allocators = []struct {
-	name string
-	env  []string
+	name, alloc, src string
+	env              []string
 }{
-	{"glibc", nil},
-	{"jemalloc", []string{"LD_PRELOAD=" + testprog.Jemalloc}},
+	{"glibc", "glibc", "bench_pairs.c", nil},
+	{"jemalloc", "jemalloc", "bench_pairs.c", []string{"LD_PRELOAD=" + testprog.Jemalloc}},
+	{"glibc-new", "libstdc++", "bench_new.cc", nil},
+	{"jemalloc-new", "jemalloc", "bench_new.cc", []string{"LD_PRELOAD=" + testprog.Jemalloc}},
 }
 
 // results holds every measurement for the summary, by allocator, size and
@@ -122,8 +133,14 @@ func BenchmarkMallocFree(b *testing.B) {
 	if _, err := os.Stat(testprog.Jemalloc); err != nil {
 		b.Fatalf("jemalloc not installed (%v): apt-get install libjemalloc2", err)
 	}
-	bin := testprog.Build(b, "bench_pairs.c", "-O2")
+	bins := map[string]string{}
 	for _, al := range allocators {
+		if bins[al.src] == "" {
+			bins[al.src] = testprog.Build(b, al.src, "-O2")
+		}
+	}
+	for _, al := range allocators {
+		bin := bins[al.src]
 		b.Run(al.name, func(b *testing.B) {
 			for _, size := range sizes(b) {
 				b.Run(sizeName(size), func(b *testing.B) {
@@ -135,7 +152,7 @@ func BenchmarkMallocFree(b *testing.B) {
 					results.Unlock()
 					for _, c := range configs {
 						b.Run(c.name, func(b *testing.B) {
-							ns := runConfig(b, bin, al.name, al.env, size, c)
+							ns := runConfig(b, bin, al.name, al.alloc, al.env, size, c)
 							b.ReportMetric(0, "ns/op")
 							b.ReportMetric(ns, "ns/pair")
 							results.Lock()
@@ -173,8 +190,8 @@ type runResult struct {
 // runConfig starts the program, attaches the configuration's probes while it
 // waits, lets it run and returns its median ns per pair. Everything it
 // loads or attaches is closed before it returns.
-func runConfig(b *testing.B, bin, alloc string, env []string, size int, c config) float64 {
-	what := fmt.Sprintf("%s, %d-byte blocks, %s", alloc, size, c.name)
+func runConfig(b *testing.B, bin, row, alloc string, env []string, size int, c config) float64 {
+	what := fmt.Sprintf("%s, %d-byte blocks, %s", row, size, c.name)
 	var objs *bpfload.Objects
 	if c.probes != noProbes {
 		rate := c.rate
@@ -222,13 +239,17 @@ func runConfig(b *testing.B, bin, alloc string, env []string, size int, c config
 	if objs != nil {
 		progs := objs.Programs()
 		switch c.probes {
-		case emptyProbes:
-			progs = objs.EmptyPrograms()
-		case emptySessionProbes:
-			progs = objs.EmptySessionPrograms()
+		case emptyProbes, emptySessionProbes:
+			e, err := loadEmpty(objs.Features, c.probes == emptySessionProbes)
+			if err != nil {
+				b.Fatalf("%s: load the empty programs: %v", what, err)
+			}
+			defer e.Close()
+			progs = e.programs
 		}
 		att := attach.New(progs)
 		att.EntryOnly = c.entryOnly
+		att.AllRetSites = c.retSites
 		defer func() {
 			t0 := time.Now()
 			att.Close()
@@ -237,6 +258,16 @@ func runConfig(b *testing.B, bin, alloc string, env []string, size int, c config
 				b.Errorf("%s: %d probes still attached after Close", what, n)
 			}
 		}()
+		if c.second {
+			// An idle process of the same program: its links are at the
+			// same addresses as the measured one's.
+			idle := start(b, what+" (idle second target)", bin, env, strconv.Itoa(size), "1", "1")
+			defer idle.stop()
+			idle.expect(b, "READY")
+			if _, err := att.Process(idle.cmd.Process.Pid); err != nil {
+				b.Fatalf("%s: attach the second target: %v", what, err)
+			}
+		}
 		t0 := time.Now()
 		attached, err := att.Process(prog.cmd.Process.Pid)
 		if err != nil {
@@ -252,9 +283,9 @@ func runConfig(b *testing.B, bin, alloc string, env []string, size int, c config
 		}
 		if c.probes == emptyProbes && !c.entryOnly {
 			results.Lock()
-			if _, ok := results.sites[alloc]; !ok {
-				results.sites[alloc] = attached
-				results.order = append(results.order, alloc)
+			if _, ok := results.sites[row]; !ok {
+				results.sites[row] = attached
+				results.order = append(results.order, row)
 			}
 			results.Unlock()
 		}
@@ -290,10 +321,53 @@ func runConfig(b *testing.B, bin, alloc string, env []string, size int, c config
 		s := fmt.Sprintf("calls %d, frees %d, samples %d, stack copies %d, nested %d, lost %v", ctr.Calls, ctr.Frees, ctr.Samples, ctr.StackCopies, ctr.Nested, ctr.Lost())
 		b.Logf("%s: BPF counters: %s", what, s)
 		results.Lock()
-		results.counters[fmt.Sprintf("%s/%s/%s", alloc, sizeName(size), c.column)] = s
+		results.counters[fmt.Sprintf("%s/%s/%s", row, sizeName(size), c.column)] = s
 		results.Unlock()
 	}
 	return r.min
+}
+
+// emptyObjects are the empty programs (package bpf/empty) and their
+// attach.Programs.
+type emptyObjects struct {
+	empty.EmptyObjects
+	programs attach.Programs
+}
+
+// loadEmpty loads the empty programs: entry and return probes on every call,
+// as plain uretprobes pay, or (session) an empty session program that never
+// asks for the return, the floor of session uprobes (one trap per call).
+// Probes on ret instructions and tail jumps get the empty entry program.
+func loadEmpty(f bpfload.Features, session bool) (*emptyObjects, error) {
+	spec, err := empty.LoadEmpty()
+	if err != nil {
+		return nil, err
+	}
+	names := []string{"empty_enter_multi", "empty_return_multi", "empty_session"}
+	for _, n := range names {
+		if (n == "empty_session" && !f.UprobeSession) || !f.UprobeMulti {
+			p := spec.Programs["empty_enter"].Copy()
+			p.Name = n
+			spec.Programs[n] = p
+		}
+	}
+	e := &emptyObjects{}
+	if err := spec.LoadAndAssign(&e.EmptyObjects, nil); err != nil {
+		return nil, err
+	}
+	p := attach.Programs{Enter: map[attach.Kind]*ebpf.Program{}, Return: e.EmptyReturn,
+		RetSite: e.EmptyEnter, TailSite: e.EmptyEnter}
+	if f.UprobeMulti {
+		p.Multi, p.MultiReturn = e.EmptyEnterMulti, e.EmptyReturnMulti
+	}
+	for k := attach.Malloc; k <= attach.Free; k++ {
+		p.Enter[k] = e.EmptyEnter
+	}
+	if session && f.UprobeSession {
+		p.Session = e.EmptySession
+	}
+	e.programs = p
+	return e, nil
 }
 
 func objectNames(objs []*attach.Object) string {
@@ -317,9 +391,9 @@ func formatSites(objs []*attach.Object) string {
 			case s.Thunk:
 				parts = append(parts, s.Symbol+" (thunk, not probed)")
 			case s.Emulated:
-				parts = append(parts, fmt.Sprintf("%s+%#x (%s, emulated)", s.Symbol, s.Offset, s.Insn))
+				parts = append(parts, fmt.Sprintf("%s+%#x (%s, emulated%s)", s.Symbol, s.Offset, s.Insn, retNote(s)))
 			default:
-				parts = append(parts, fmt.Sprintf("%s+%#x (%s, SINGLE-STEPPED)", s.Symbol, s.Offset, s.Insn))
+				parts = append(parts, fmt.Sprintf("%s+%#x (%s, SINGLE-STEPPED%s)", s.Symbol, s.Offset, s.Insn, retNote(s)))
 			}
 		}
 		for i := 0; i < len(parts); i += 3 {
@@ -327,6 +401,15 @@ func formatSites(objs []*attach.Object) string {
 		}
 	}
 	return buf.String()
+}
+
+// retNote says where a function's result is taken when not by a return
+// probe.
+func retNote(s attach.Site) string {
+	if !s.RetSites {
+		return ""
+	}
+	return fmt.Sprintf("; result at %d ret instructions, single-stepped", len(s.Rets))
 }
 
 func parseResult(line string) (runResult, error) {
@@ -467,7 +550,7 @@ func printSummary(w io.Writer) {
 	for _, c := range configs {
 		fmt.Fprintf(tw, "%s\t", c.column)
 	}
-	fmt.Fprint(tw, "default/floor\tno-session/floor\tdwarf-default/floor\tentry/floor\tdwarf cost/sample\t\n")
+	fmt.Fprint(tw, "default/floor\tno-session/floor\t2-targets/floor\tdwarf-default/floor\tretsites/floor\tentry/floor\tdwarf cost/sample\t\n")
 	for _, row := range results.rows {
 		alloc, size, _ := strings.Cut(row, "/")
 		fmt.Fprintf(tw, "%s\t%s\t", alloc, size)
@@ -479,7 +562,7 @@ func printSummary(w io.Writer) {
 			}
 		}
 		floor := median(results.ns[row+"/empty-floor"])
-		for _, col := range []string{"memprof-default", "default-no-session", "dwarf-default", "empty-entry"} {
+		for _, col := range []string{"memprof-default", "default-no-session", "default-2-targets", "dwarf-default", "default-retsites", "empty-entry"} {
 			if v := median(results.ns[row+"/"+col]); v > 0 && floor > 0 {
 				fmt.Fprintf(tw, "%.2f\t", v/floor)
 			} else {
@@ -500,7 +583,9 @@ func printSummary(w io.Writer) {
 	fmt.Fprintln(w, "empty-floor: empty entry and return probes at memprof's sites; empty-session: empty session probes (entry trap only)")
 	fmt.Fprintln(w, "default/floor: memprof at the default 512 KiB rate (session links: return probes only for sampled calls) over the empty entry+return floor (target <= 1.3)")
 	fmt.Fprintln(w, "no-session/floor: the same with entry and return links on every call, as on kernels before 6.13")
+	fmt.Fprintln(w, "2-targets/floor: the same with a second, idle target of the same program attached by the session (the kernel runs every consumer of a probed address: the other target's session link asks for a return on every call)")
 	fmt.Fprintln(w, "dwarf-default/floor: the same with every sampled stack copied for CFI unwinding (--stack-mode dwarf)")
+	fmt.Fprintln(w, "retsites/floor: the same with every result taken by probes on ret instructions instead of return probes (memprof does so only for operator new, which may throw)")
 	fmt.Fprintln(w, "entry/floor: empty probes at each function's first instruction over empty probes at memprof's sites")
 	fmt.Fprintln(w, "dwarf cost/sample: copying registers and 8 KiB of stack instead of the frame-pointer walk, per sampled allocation (rate-1 columns)")
 	// The sites the workload goes through (the full lists are in the
@@ -508,11 +593,11 @@ func printSummary(w io.Writer) {
 	for _, alloc := range results.order {
 		var parts []string
 		for _, o := range results.sites[alloc] {
-			if o.Allocator != alloc {
+			if o.Allocator != strings.TrimSuffix(alloc, "-new") && o.Allocator != "libstdc++" {
 				continue
 			}
 			for _, s := range o.Sites {
-				if s.Symbol != "malloc" && s.Symbol != "free" {
+				if s.Symbol != "malloc" && s.Symbol != "free" && s.Symbol != "_Znwm" {
 					continue
 				}
 				em := "emulated"

@@ -21,8 +21,8 @@ import (
 	"github.com/memprof/memprof/internal/attach"
 )
 
-// GapTableSize mirrors GAP_TABLE_SIZE in bpf/memprof.h.
-const GapTableSize = 4096
+// GapTableSize is the number of entries of the BPF gap table.
+const GapTableSize = int(mbpf.MemprofBoundsGAP_TABLE_SIZE)
 
 // Options are the load-time settings.
 type Options struct {
@@ -115,7 +115,7 @@ func Load(opts Options) (*Objects, error) {
 	if opts.NoSession {
 		feats.UprobeSession = false
 	}
-	// Programs this kernel cannot load get a copy of the empty probe in
+	// Programs this kernel cannot load get a copy of a uprobe program in
 	// their slot (so the generated object struct can be assigned); they are
 	// closed right after loading. Only one of the two OOM programs loads on
 	// a given kernel; the uprobe_multi ones need 6.6+.
@@ -124,13 +124,13 @@ func Load(opts Options) (*Objects, error) {
 		unused = []string{"oom_mark_victim"}
 	}
 	if !feats.UprobeMulti {
-		unused = append(unused, "enter_multi", "return_multi", "empty_enter_multi", "empty_return_multi")
+		unused = append(unused, "enter_multi", "return_multi")
 	}
 	if !feats.UprobeSession {
-		unused = append(unused, "alloc_session", "empty_session")
+		unused = append(unused, "alloc_session")
 	}
 	for _, name := range unused {
-		placeholder := spec.Programs["empty_enter"].Copy()
+		placeholder := spec.Programs["tail_site"].Copy()
 		placeholder.Name = name
 		spec.Programs[name] = placeholder
 	}
@@ -157,12 +157,9 @@ func Load(opts Options) (*Objects, error) {
 	if !feats.UprobeMulti {
 		closeUnused(&o.EnterMulti)
 		closeUnused(&o.ReturnMulti)
-		closeUnused(&o.EmptyEnterMulti)
-		closeUnused(&o.EmptyReturnMulti)
 	}
 	if !feats.UprobeSession {
 		closeUnused(&o.AllocSession)
-		closeUnused(&o.EmptySession)
 	}
 	if err := o.SetRate(opts.SampleRate); err != nil {
 		o.Close()
@@ -170,6 +167,9 @@ func Load(opts Options) (*Objects, error) {
 	}
 	return o, nil
 }
+
+// Detect reports which kernel paths this kernel offers.
+func Detect() Features { return detect() }
 
 func detect() Features {
 	f := Features{Kernel: kernelRelease(), RingBuffer: features.HaveMapType(ebpf.RingBuf) == nil}
@@ -240,7 +240,7 @@ func (o *Objects) SetRate(rate uint64) error {
 	for i := range keys {
 		keys[i] = uint32(i)
 		if rate > 1 {
-			u := (float64(i) + 0.5) / GapTableSize
+			u := (float64(i) + 0.5) / float64(GapTableSize)
 			vals[i] = uint64(math.Round(-math.Log(1-u) * float64(rate)))
 		}
 	}
@@ -269,32 +269,12 @@ func (o *Objects) Programs() attach.Programs {
 			attach.Free:          o.FreeEnter,
 		},
 		Return:      o.AllocReturn,
+		RetSite:     o.RetSite,
+		TailSite:    o.TailSite,
 		Multi:       o.EnterMulti,
 		MultiReturn: o.ReturnMulti,
 		Session:     o.AllocSession,
 	}
-}
-
-// EmptyPrograms returns programs that do nothing, attached at the same sites
-// by the benchmark to measure the cost of the traps alone.
-func (o *Objects) EmptyPrograms() attach.Programs {
-	p := attach.Programs{Enter: map[attach.Kind]*ebpf.Program{}, Return: o.EmptyReturn,
-		Multi: o.EmptyEnterMulti, MultiReturn: o.EmptyReturnMulti}
-	// The floor is entry and return probes on every call, as plain
-	// uretprobes pay; EmptySessionPrograms gives the session floor.
-	for k := attach.Malloc; k <= attach.Free; k++ {
-		p.Enter[k] = o.EmptyEnter
-	}
-	return p
-}
-
-// EmptySessionPrograms returns an empty session program that never asks
-// for the return: one trap per call, the floor of session uprobes (nil
-// Session where the kernel has none).
-func (o *Objects) EmptySessionPrograms() attach.Programs {
-	p := o.EmptyPrograms()
-	p.Session = o.EmptySession
-	return p
 }
 
 // AttachOOM attaches the OOM program (host-wide: it fires once per OOM

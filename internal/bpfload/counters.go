@@ -16,7 +16,10 @@ type Counters struct {
 	Calls, Frees, Samples uint64
 	StackCopies           uint64 // sampled stacks copied for userspace unwinding
 	Nested                uint64 // calls inside another allocator call, left to the outer one
-	// Lost events by cause.
+	TailCalls             uint64 // jumps from an allocator function to another that returns for it
+	// Lost events by cause. MissedReturn counts allocator calls abandoned
+	// without a return (longjmp or an exception out of the allocator, a
+	// lost probe), recognised at the thread's next allocator call.
 	MissedReturn, NoThreadState, LiveFull, AllocsFull,
 	StackCollision, StackLost, ReadFailed, EventsLost uint64
 }
@@ -31,7 +34,7 @@ type Loss struct {
 // a fixed order (for metrics, where each cause is a series).
 func (c Counters) Losses() []Loss {
 	return []Loss{
-		{"missed_return_probe", c.MissedReturn},
+		{"abandoned_call", c.MissedReturn},
 		{"no_thread_state", c.NoThreadState},
 		{"live_map_full", c.LiveFull},
 		{"alloc_map_full", c.AllocsFull},
@@ -85,6 +88,7 @@ func (o *Objects) ReadCounters() (Counters, error) {
 		{mbpf.MemprofCounterC_READ_FAILED, &c.ReadFailed},
 		{mbpf.MemprofCounterC_EVENTS_LOST, &c.EventsLost},
 		{mbpf.MemprofCounterC_STACK_COPIES, &c.StackCopies},
+		{mbpf.MemprofCounterC_TAIL_CALLS, &c.TailCalls},
 	}
 	for _, f := range fields {
 		v, err := get(f.idx)

@@ -42,21 +42,28 @@ type Snapshot struct {
 // CopiedStack is the flag of stack ids that are sequence numbers of stacks
 // copied for userspace unwinding (STACK_DWARF in bpf/memprof.h): their
 // stacks and allocation counts are resolved by the recorder.
-const CopiedStack = 0x80000000
+const CopiedStack = uint32(mbpf.MemprofStackIdFlagSTACK_DWARF)
+
+// RetStack is the flag of stack ids that are keys of the ret_stacks map:
+// stacks taken at an allocator's ret instruction, whose first frame (the
+// allocator) is replaced by the caller's return address (STACK_RET).
+const RetStack = uint32(mbpf.MemprofStackIdFlagSTACK_RET)
 
 func copied(id uint32) bool { return id&CopiedStack != 0 && id != StackUnknown }
 
+func atRet(id uint32) bool { return id&RetStack != 0 && !copied(id) && id != StackUnknown }
+
 // StackUnknown is the stack id of samples whose stack walk failed.
-const StackUnknown = 0xffffffff
+const StackUnknown = uint32(mbpf.MemprofStackIdFlagSTACK_UNKNOWN)
 
 // Maps are the BPF maps a Reader reads.
 type Maps struct {
-	Live, Allocs, Stacks *ebpf.Map
+	Live, Allocs, Stacks, RetStacks *ebpf.Map
 }
 
 // FromObjects picks the maps out of the loaded objects.
 func FromObjects(o *mbpf.MemprofObjects) Maps {
-	return Maps{Live: o.Live, Allocs: o.Allocs, Stacks: o.Stacks}
+	return Maps{Live: o.Live, Allocs: o.Allocs, Stacks: o.Stacks, RetStacks: o.RetStacks}
 }
 
 // Read aggregates the state of the processes keep selects (nil: all).
@@ -129,7 +136,7 @@ func read(m Maps, keep func(pid uint32) bool, withStacks bool) (*Snapshot, error
 		}
 		s.Buckets = append(s.Buckets, *b)
 		if _, ok := s.Stacks[b.StackID]; withStacks && !ok && b.StackID != StackUnknown {
-			st, err := readStack(m.Stacks, b.StackID)
+			st, err := readStackID(m, b.StackID)
 			if err != nil {
 				return nil, err
 			}
@@ -149,8 +156,32 @@ func read(m Maps, keep func(pid uint32) bool, withStacks bool) (*Snapshot, error
 	return s, nil
 }
 
+// readStackID reads a stack by id: from the stack map, or for a RetStack id
+// the caller's address followed by its stack's frames after the first.
+func readStackID(m Maps, id uint32) ([]uint64, error) {
+	if !atRet(id) {
+		return readStack(m.Stacks, id)
+	}
+	var rs mbpf.MemprofRetStack
+	if m.RetStacks == nil {
+		return nil, nil
+	}
+	if err := m.RetStacks.Lookup(id, &rs); err != nil {
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			return nil, nil
+		}
+		return nil, fmt.Errorf("read return-site stack %#x: %w", id, err)
+	}
+	st, err := readStack(m.Stacks, rs.StackId)
+	if err != nil || len(st) == 0 {
+		return st, err
+	}
+	st[0] = rs.Caller
+	return st, nil
+}
+
 func readStack(m *ebpf.Map, id uint32) ([]uint64, error) {
-	var raw [127]uint64
+	var raw [mbpf.MemprofBoundsMAX_STACK_DEPTH]uint64
 	if err := m.Lookup(id, &raw); err != nil {
 		if errors.Is(err, ebpf.ErrKeyNotExist) {
 			return nil, nil
@@ -270,6 +301,15 @@ func Referenced(m Maps) (map[uint32]bool, error) {
 	if err := eachLive(m, func(_ mbpf.MemprofLiveKey, b mbpf.MemprofLiveBlock) { refs[b.StackId] = true }); err != nil {
 		return nil, err
 	}
+	// A return-site stack refers to a stack of the stack map.
+	for id := range refs {
+		if atRet(id) && m.RetStacks != nil {
+			var rs mbpf.MemprofRetStack
+			if m.RetStacks.Lookup(id, &rs) == nil {
+				refs[rs.StackId] = true
+			}
+		}
+	}
 	return refs, nil
 }
 
@@ -283,9 +323,16 @@ func PruneStacks(m Maps, refs map[uint32]bool, stale map[uint32]bool) (removed i
 	var id uint32
 	var ids []uint32
 	it := m.Stacks.Iterate()
-	var raw [127]uint64
+	var raw [mbpf.MemprofBoundsMAX_STACK_DEPTH]uint64
 	for it.Next(&id, &raw) {
 		ids = append(ids, id)
+	}
+	if m.RetStacks != nil {
+		var rs mbpf.MemprofRetStack
+		it := m.RetStacks.Iterate()
+		for it.Next(&id, &rs) {
+			ids = append(ids, id)
+		}
 	}
 	next := map[uint32]bool{}
 	for _, id := range ids {
@@ -293,7 +340,11 @@ func PruneStacks(m Maps, refs map[uint32]bool, stale map[uint32]bool) (removed i
 			continue
 		}
 		if stale[id] {
-			if m.Stacks.Delete(id) == nil {
+			del := m.Stacks.Delete
+			if atRet(id) {
+				del = m.RetStacks.Delete
+			}
+			if del(id) == nil {
 				removed++
 			}
 			continue

@@ -26,7 +26,7 @@ const (
 
 // stackFlag marks a live block's stack id as a copied stack's sequence
 // number (STACK_DWARF in bpf/memprof.h).
-const stackFlag = 0x80000000
+const stackFlag = heap.CopiedStack
 
 // maxUnwindFrames bounds an unwound stack.
 const maxUnwindFrames = 128
@@ -157,12 +157,12 @@ func (d *dwarfStacks) handle(raw []byte) error {
 	if len(raw) < stackEventHeader {
 		return fmt.Errorf("short stack event (%d bytes)", len(raw))
 	}
-	le := binary.LittleEndian
-	tgid := int(le.Uint32(raw[4:]))
-	seq := le.Uint32(raw[8:])
-	n := int(le.Uint32(raw[12:]))
-	size := le.Uint64(raw[16:])
-	regs := unwind.Regs{IP: le.Uint64(raw[24:]), SP: le.Uint64(raw[32:]), BP: le.Uint64(raw[40:])}
+	// The header fields, copied into the generated type (the BPF side has
+	// the host's byte order); the data is sliced from raw, not copied.
+	var ev mbpf.MemprofStackEvent
+	copy(unsafe.Slice((*byte)(unsafe.Pointer(&ev)), stackEventHeader), raw[:stackEventHeader])
+	tgid, seq, n, size := int(ev.Tgid), ev.Seq, int(ev.Len), ev.Size
+	regs := unwind.Regs{IP: ev.Ip, SP: ev.Sp, BP: ev.Bp}
 	if n > len(raw)-stackEventHeader {
 		n = len(raw) - stackEventHeader
 	}

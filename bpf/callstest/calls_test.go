@@ -1,0 +1,349 @@
+package callstest
+
+import (
+	"os"
+	"runtime"
+	"testing"
+	"unsafe"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/rlimit"
+)
+
+// Cookie fields and kinds, from the generated enums of bpf/memprof.h.
+const (
+	wrapper  = uint64(CallsProbeCookieP_WRAPPER)
+	retSites = uint64(CallsProbeCookieP_RETSITES)
+	offShift = uint64(CallsProbeCookieCOOKIE_OFF_SHIFT)
+	sizShift = uint64(CallsProbeCookieCOOKIE_SIZE_SHIFT)
+)
+
+const tgid = 4242
+
+// fn is a fake allocator function: its code range and kind.
+type fn struct {
+	start, size uint64
+	kind        CallsProbeKind
+	flags       uint64
+}
+
+// Fake code addresses: a user function and allocator functions.
+var (
+	userCode     = uint64(0x400100)
+	malloc       = fn{0x10000, 0x100, CallsProbeKindP_MALLOC, 0}
+	free         = fn{0x10200, 0x100, CallsProbeKindP_FREE, 0}
+	realloc      = fn{0x10400, 0x200, CallsProbeKindP_REALLOC, 0}
+	reallocarray = fn{0x10800, 0x40, CallsProbeKindP_REALLOCARRAY, wrapper}
+	posixMemalig = fn{0x10900, 0x80, CallsProbeKindP_POSIX_MEMALIGN, 0}
+	calloc       = fn{0x10a00, 0x100, CallsProbeKindP_CALLOC, 0}
+	newNothrow   = fn{0x20000, 0x40, CallsProbeKindP_MALLOC, retSites}
+	newThrowing  = fn{0x20100, 0x40, CallsProbeKindP_MALLOC, retSites}
+)
+
+// harness runs the test program on one thread state, with a fake user
+// stack in this process's memory (the program reads it with
+// bpf_probe_read_user, as it reads a target's stack).
+type harness struct {
+	t     *testing.T
+	objs  CallsObjects
+	stack []uint64
+}
+
+func newHarness(t *testing.T, sampleAll bool) *harness {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("BPF_PROG_RUN needs root")
+	}
+	if err := rlimit.RemoveMemlock(); err != nil {
+		t.Fatal(err)
+	}
+	spec, err := LoadCalls()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if sampleAll {
+		if err := spec.Variables["sample_all"].Set(uint32(1)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	h := &harness{t: t, stack: make([]uint64, 512)}
+	if err := spec.LoadAndAssign(&h.objs, nil); err != nil {
+		t.Fatalf("load test programs: %v", err)
+	}
+	t.Cleanup(func() { h.objs.Close() })
+	if !sampleAll {
+		// Gaps of 1 GiB: nothing small is sampled.
+		for i := uint32(0); i < uint32(h.objs.Gaps.MaxEntries()); i++ {
+			if err := h.objs.Gaps.Put(i, uint64(1<<30)); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	return h
+}
+
+// sp returns the address of stack slot i (higher i: shallower frames), with
+// ret stored there as the return address of a call made at that depth.
+func (h *harness) sp(i int, ret uint64) uint64 {
+	h.stack[i] = ret
+	return uint64(uintptr(unsafe.Pointer(&h.stack[i])))
+}
+
+func (h *harness) run(op CallsTestOpKind, f fn, sp uint64, a1, a2, a3 uint64) CallsTestResult {
+	h.t.Helper()
+	var o CallsTestOp
+	o.Op = uint32(op)
+	o.In.Cookie = uint64(f.kind) | f.flags | 4<<offShift | f.size<<sizShift
+	o.In.Ip = f.start + 4
+	o.In.Sp = sp
+	o.In.A1, o.In.A2, o.In.A3 = a1, a2, a3
+	o.In.Tgid = tgid
+	if err := h.objs.TestOps.Put(uint32(0), o); err != nil {
+		h.t.Fatal(err)
+	}
+	runtime.KeepAlive(h.stack)
+	ret, err := h.objs.TestCall.Run(&ebpf.RunOptions{})
+	if err != nil || ret != 0 {
+		h.t.Fatalf("run test_call: %v (returned %d)", err, ret)
+	}
+	var res CallsTestResult
+	if err := h.objs.TestResults.Lookup(uint32(0), &res); err != nil {
+		h.t.Fatal(err)
+	}
+	return res
+}
+
+func (h *harness) enter(f fn, sp, a1, a2, a3 uint64) bool {
+	return h.run(CallsTestOpKindT_ENTER, f, sp, a1, a2, a3).Ret != 0
+}
+
+// ret runs a return probe: sp is the stack pointer the call had at entry.
+func (h *harness) ret(sp, rax uint64) CallsTestResult {
+	return h.run(CallsTestOpKindT_RETURN, fn{}, sp, rax, 0, 0)
+}
+
+func (h *harness) tail(sp uint64) { h.run(CallsTestOpKindT_TAIL, fn{}, sp, 0, 0, 0) }
+
+func (h *harness) state() CallsThreadState {
+	var ts CallsThreadState
+	if err := h.objs.TestThreads.Lookup(uint32(0), &ts); err != nil {
+		h.t.Fatal(err)
+	}
+	return ts
+}
+
+func (h *harness) counter(c CallsCounter) uint64 {
+	var per []uint64
+	if err := h.objs.Counters.Lookup(uint32(c), &per); err != nil {
+		h.t.Fatal(err)
+	}
+	var n uint64
+	for _, v := range per {
+		n += v
+	}
+	return n
+}
+
+// live returns the tracked size of block addr (0: not tracked).
+func (h *harness) live(addr uint64) uint64 {
+	var b CallsLiveBlock
+	if err := h.objs.Live.Lookup(CallsLiveKey{Tgid: tgid, Addr: addr}, &b); err != nil {
+		return 0
+	}
+	return b.Size
+}
+
+func (h *harness) track(addr, size uint64) {
+	if err := h.objs.Live.Put(CallsLiveKey{Tgid: tgid, Addr: addr}, CallsLiveBlock{Size: size}); err != nil {
+		h.t.Fatal(err)
+	}
+}
+
+// TestCallLogic runs the call logic of bpf/calls.h on probe hits given
+// explicitly and checks the thread state, the live map and the counters.
+func TestCallLogic(t *testing.T) {
+	cases := []struct {
+		name      string
+		sampleAll bool
+		run       func(t *testing.T, h *harness)
+	}{
+		{"reallocarray tail-calls realloc, which frees nested", true, func(t *testing.T, h *harness) {
+			const old = 0x5000
+			h.track(old, 64)
+			s := h.sp(100, userCode)
+			if !h.enter(reallocarray, s, old, 10, 100) {
+				t.Fatal("reallocarray entry: want its return seen")
+			}
+			h.tail(s) // jmp realloc
+			h.enter(realloc, s, old, 1000, 0)
+			// realloc moves the block: it frees the old one from inside.
+			h.enter(free, h.sp(90, realloc.start+0x20), old, 0, 0)
+			if h.live(old) != 64 {
+				t.Error("a free nested in realloc untracked the block before realloc returned")
+			}
+			r := h.ret(s, 0x6000)
+			if r.Ret == 0 || h.live(0x6000) != 1000 || h.live(old) != 0 {
+				t.Errorf("after return: recorded %v, live new %d, old %d; want the new 1000-byte block only", r.Ret != 0, h.live(0x6000), h.live(old))
+			}
+			if n := h.counter(CallsCounterC_NESTED); n != 2 {
+				t.Errorf("nested calls %d, want 2 (realloc after the tail jump, free)", n)
+			}
+			if n := h.counter(CallsCounterC_MISSED_RETURN); n != 0 {
+				t.Errorf("abandoned calls %d, want 0", n)
+			}
+		}},
+		{"missed return at the same depth", true, func(t *testing.T, h *harness) {
+			s := h.sp(100, userCode)
+			h.enter(malloc, s, 100, 0, 0)
+			// The return never comes (longjmp); the next call of the
+			// same site at the same depth is a call of its own.
+			if !h.enter(malloc, s, 200, 0, 0) {
+				t.Fatal("second malloc taken for a nested call")
+			}
+			h.ret(s, 0x7000)
+			if h.live(0x7000) != 200 {
+				t.Errorf("live size %d, want 200 (the second call's)", h.live(0x7000))
+			}
+			if n := h.counter(CallsCounterC_MISSED_RETURN); n != 1 {
+				t.Errorf("abandoned calls %d, want 1", n)
+			}
+		}},
+		{"realloc(p, 0) frees p", true, func(t *testing.T, h *harness) {
+			h.track(0x5000, 64)
+			s := h.sp(100, userCode)
+			h.enter(realloc, s, 0x5000, 0, 0)
+			h.ret(s, 0)
+			if h.live(0x5000) != 0 {
+				t.Error("realloc(p, 0) left p tracked")
+			}
+		}},
+		{"failed realloc keeps the block", true, func(t *testing.T, h *harness) {
+			h.track(0x5000, 64)
+			s := h.sp(100, userCode)
+			h.enter(realloc, s, 0x5000, 1<<40, 0)
+			h.ret(s, 0)
+			if h.live(0x5000) != 64 {
+				t.Error("a failed realloc untracked the old block")
+			}
+		}},
+		{"posix_memalign: failure records nothing, success the stored block", true, func(t *testing.T, h *harness) {
+			slot := h.sp(200, 0) // the memptr variable, in the fake stack
+			s := h.sp(100, userCode)
+			h.enter(posixMemalig, s, slot, 64, 4096)
+			h.stack[200] = 0x8000 // garbage: posix_memalign failed and stored nothing
+			if r := h.ret(s, 12); r.Ret != 0 || h.live(0x8000) != 0 {
+				t.Error("a failed posix_memalign (ENOMEM) was recorded")
+			}
+			h.enter(posixMemalig, s, slot, 64, 4096)
+			h.stack[200] = 0x9000
+			if r := h.ret(s, 0); r.Ret == 0 || h.live(0x9000) != 4096 {
+				t.Errorf("posix_memalign success: live %d, want 4096 at the stored address", h.live(0x9000))
+			}
+		}},
+		{"calloc overflow counts no bytes", true, func(t *testing.T, h *harness) {
+			s := h.sp(100, userCode)
+			h.enter(calloc, s, 1<<33, 1<<33, 0)
+			if st := h.state(); st.Active == 0 || st.Pending.Size != 0 {
+				t.Errorf("pending size %d (active %d), want 0: n*size overflows", st.Pending.Size, st.Active)
+			}
+			h.ret(s, 0)
+			h.enter(calloc, s, 1000, 3, 0)
+			if st := h.state(); st.Pending.Size != 3000 {
+				t.Errorf("calloc(1000, 3) pending size %d, want 3000", st.Pending.Size)
+			}
+		}},
+		{"wrapper stays pending and keeps its nested call", false, func(t *testing.T, h *harness) {
+			s := h.sp(100, userCode)
+			plain := reallocarray
+			plain.flags = 0
+			if h.enter(plain, s, 0, 10, 10) {
+				t.Error("an unsampled call without the wrapper flag asked for its return")
+			}
+			if !h.enter(reallocarray, s, 0, 10, 10) {
+				t.Fatal("an unsampled wrapper call did not ask for its return")
+			}
+			h.enter(malloc, h.sp(80, reallocarray.start+8), 100, 0, 0)
+			if n := h.counter(CallsCounterC_NESTED); n != 1 {
+				t.Errorf("nested %d, want 1: the malloc inside the wrapper is left to it", n)
+			}
+		}},
+		{"stale call after longjmp, whatever the depth", true, func(t *testing.T, h *harness) {
+			for _, depth := range []int{100, 60, 140} { // same, deeper, shallower
+				s := h.sp(100, userCode)
+				h.enter(realloc, s, 0, 1000, 0)
+				// longjmp: the stack keeps the old return address at s;
+				// the next call comes from user code.
+				s2 := h.sp(depth, userCode+0x40)
+				h.stack[100] = userCode
+				if !h.enter(malloc, s2, 1000, 0, 0) {
+					t.Fatalf("depth %d: the call after longjmp was taken for a nested call", depth)
+				}
+				addr := uint64(0xa000 + depth)
+				h.ret(s2, addr)
+				if h.live(addr) != 1000 {
+					t.Errorf("depth %d: not recorded after the abandoned call", depth)
+				}
+			}
+			if n := h.counter(CallsCounterC_MISSED_RETURN); n != 3 {
+				t.Errorf("abandoned calls %d, want 3", n)
+			}
+		}},
+		{"nothrow new -> new -> malloc: one call, taken at the ret instruction", true, func(t *testing.T, h *harness) {
+			s := h.sp(100, userCode)
+			if h.enter(newNothrow, s, 1000, 0, 0) {
+				t.Error("a ret-site function asked for a return probe")
+			}
+			h.enter(newThrowing, h.sp(98, newNothrow.start+0x10), 1000, 0, 0)
+			h.enter(malloc, h.sp(94, newThrowing.start+0x18), 1000, 0, 0)
+			h.ret(h.sp(94, 0), 0xb000) // malloc's return: nested
+			h.ret(h.sp(98, 0), 0xb000) // new's ret instruction: nested
+			if h.live(0xb000) != 0 {
+				t.Fatal("recorded by a nested return")
+			}
+			h.stack[100] = userCode
+			if r := h.ret(s, 0xb000); r.Ret == 0 || h.live(0xb000) != 1000 {
+				t.Errorf("the outer ret did not record the block")
+			}
+			if n := h.counter(CallsCounterC_NESTED); n != 2 {
+				t.Errorf("nested %d, want 2", n)
+			}
+			if n := h.counter(CallsCounterC_MISSED_RETURN); n != 0 {
+				t.Errorf("abandoned %d, want 0", n)
+			}
+		}},
+		{"a return above the pending frame abandons it", true, func(t *testing.T, h *harness) {
+			s := h.sp(50, userCode)
+			h.enter(malloc, s, 100, 0, 0)
+			if r := h.ret(h.sp(120, 0), 0xd000); r.Ret != 0 || h.live(0xd000) != 0 {
+				t.Error("a return of an outer frame completed the deeper pending call")
+			}
+			if st := h.state(); st.Active != 0 {
+				t.Error("the pending call stayed active after a return above its frame")
+			}
+			if n := h.counter(CallsCounterC_MISSED_RETURN); n != 1 {
+				t.Errorf("abandoned %d, want 1", n)
+			}
+		}},
+		{"exception out of new: the next call abandons it", true, func(t *testing.T, h *harness) {
+			s := h.sp(100, userCode)
+			h.enter(newThrowing, s, 1<<60, 0, 0)
+			h.enter(malloc, h.sp(96, newThrowing.start+0x18), 1<<60, 0, 0)
+			h.ret(h.sp(96, 0), 0) // malloc fails; new throws, caught above
+			h.stack[100] = 0      // the catch frame reuses the slot
+			s2 := h.sp(96, userCode+0x80)
+			h.enter(newThrowing, s2, 1000, 0, 0)
+			h.ret(s2, 0xc000)
+			if h.live(0xc000) != 1000 {
+				t.Error("the call after the exception was not recorded")
+			}
+			if n := h.counter(CallsCounterC_MISSED_RETURN); n != 1 {
+				t.Errorf("abandoned %d, want 1", n)
+			}
+		}},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			c.run(t, newHarness(t, c.sampleAll))
+		})
+	}
+}
