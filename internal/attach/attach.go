@@ -236,7 +236,7 @@ func allocatorName(path string, sites []Site) string {
 		// tcmalloc, mimalloc, or a jemalloc built with a symbol prefix
 		// (linked into the executable, as Redis and Rust programs do).
 		return fam
-	case strings.Contains(path, "musl") && has["malloc"] && has["free"]:
+	case (strings.HasPrefix(base, "ld-musl") || strings.HasPrefix(base, "libc.musl") || (base == "libc.so" && strings.Contains(path, "musl"))) && has["malloc"] && has["free"]:
 		return "musl"
 	case strings.HasPrefix(base, "libc.so") || strings.HasPrefix(base, "libc-"):
 		return "glibc"

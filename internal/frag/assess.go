@@ -33,7 +33,7 @@ type Verdict struct {
 // Covers reports whether the RSS/live ratio is meaningful for a: only for
 // malloc implementations. Runtimes with their own heaps (Go, JVM, V8,
 // pymalloc) hold memory malloc never sees.
-func Covers(a Allocator) bool { return a == Glibc || a == Jemalloc || a == Tcmalloc }
+func Covers(a Allocator) bool { return a == Glibc || a == Jemalloc || a == Tcmalloc || a == Mimalloc }
 
 // Assess judges a process whose allocator is a, with rss anonymous resident
 // bytes (ProcessMem.RssAnon) and live bytes allocated through malloc. pm, if
@@ -124,7 +124,7 @@ func notCovered(a Allocator) string {
 	case Python:
 		return "Python: pymalloc serves small objects from its own arenas, so RSS/malloc-live is meaningless; use tracemalloc, or PYTHONMALLOC=malloc to route everything through malloc"
 	}
-	return "allocator not recognised (not glibc, jemalloc or tcmalloc; static or musl binary?), so the RSS/live ratio would not mean anything"
+	return "allocator not recognised (not glibc, jemalloc, tcmalloc or mimalloc; a musl or unknown static allocator?), so the RSS/live ratio would not mean anything"
 }
 
 func advice(a Allocator, pm *ProcessMem) []string {
@@ -144,6 +144,10 @@ func advice(a Allocator, pm *ProcessMem) []string {
 			"let jemalloc return free pages sooner: MALLOC_CONF=background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0 (purges dirty pages after 1 s from a background thread instead of 10 s on allocation calls)",
 			"if many threads allocate, cap arenas with MALLOC_CONF=narenas:2 (one set of partly used pages per arena)",
 			"pages pinned by a few long-lived small objects stay resident whatever the decay: check the top live stacks for such survivors",
+		}
+	case Mimalloc:
+		return []string{
+			"make mimalloc return freed pages sooner: MIMALLOC_RESET_DELAY=0 (mimalloc 2.0; MIMALLOC_PURGE_DELAY=0 from 2.1), and call mi_collect(true) after large frees",
 		}
 	case Tcmalloc:
 		return []string{

@@ -392,13 +392,18 @@ func cgroupDir(rel string) string {
 }
 
 // allocatorOf names the allocator from the objects attached before exec
-// (jemalloc wins over glibc: when both are mapped, jemalloc was preloaded).
+// (jemalloc, tcmalloc or mimalloc win over glibc: when both are mapped,
+// the other was preloaded or linked in ahead of libc).
 func allocatorOf(objs []*attach.Object) frag.Allocator {
 	a := frag.Unknown
 	for _, o := range objs {
 		switch o.Allocator {
 		case "jemalloc":
 			return frag.Jemalloc
+		case "tcmalloc":
+			return frag.Tcmalloc
+		case "mimalloc":
+			return frag.Mimalloc
 		case "glibc", "static":
 			a = frag.Glibc
 		}
