@@ -28,6 +28,10 @@ type Verdict struct {
 	Alarm     bool    // Ratio > AlarmRatio and Excess > AlarmExcess
 	Summary   string
 	Advice    []string
+	// Withheld says why no verdict is given although the figures are
+	// there (live bytes known to be incomplete); Alarm and Advice are then
+	// empty.
+	Withheld string
 }
 
 // Covers reports whether the RSS/live ratio is meaningful for a: only for
@@ -170,4 +174,31 @@ func AssessProcess(pid int, live uint64) (Verdict, error) {
 	}
 	a, _ := DetectAllocator(pid, nil)
 	return Assess(a, pm.RssAnon, live, &pm), nil
+}
+
+// Bounded judges a process whose live bytes are only partly known: live
+// were seen, and up to unseen more may exist (blocks allocated before the
+// profiler attached). The verdict of Assess stands only when it does not
+// depend on the unseen part: an alarm must hold with live+unseen too (all
+// unseen memory live), a healthy or low ratio with live alone. Otherwise no
+// verdict is given: the figures are reported with why.
+func Bounded(a Allocator, rss, live, unseen uint64, pm *ProcessMem, why string) Verdict {
+	v := Assess(a, rss, live, pm)
+	if unseen == 0 || !v.Covered {
+		return v
+	}
+	hi := Assess(a, rss, live+unseen, pm)
+	if v.Alarm && hi.Alarm {
+		v.Summary += fmt.Sprintf(" (holds even if all %s of allocator memory mapped before the attach held live blocks)", human(unseen))
+		return v
+	}
+	if !v.Alarm {
+		return v
+	}
+	v.Withheld = fmt.Sprintf("%s; up to %s of blocks may predate it, enough to explain the excess", why, human(unseen))
+	v.Summary = fmt.Sprintf("no verdict: %s (%s of anonymous RSS, %s live seen, ratio %.2f with what was seen; %.2f if all of that memory were live)",
+		v.Withheld, human(rss), human(live), v.Ratio, hi.Ratio)
+	v.Alarm = false
+	v.Advice = nil
+	return v
 }

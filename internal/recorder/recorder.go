@@ -60,6 +60,10 @@ type Options struct {
 	// ClassicOOM takes OOM kills from the classic tracepoint (pid only, as
 	// before Linux 6.8) even where the victim's task is available.
 	ClassicOOM bool
+	// FollowChildren also profiles the child processes of the Pids
+	// targets, found by polling after they started (a command's children
+	// are always followed, from their fork).
+	FollowChildren bool
 }
 
 // Session is one recording.
@@ -104,6 +108,8 @@ type target struct {
 	// skipped: not profiled (no allocator memprof knows, or excluded),
 	// remembered so its cgroup's rescans do not retry it.
 	skipped bool
+	// cov: how much of its live heap the recording sees (coverage.go).
+	cov coverage
 }
 
 // Start loads the programs and attaches to the targets.
@@ -182,7 +188,7 @@ func Start(ctx context.Context, opts Options) (*Session, error) {
 		if env == nil {
 			env = os.Environ()
 		}
-		cmd, err := startCommand(opts.Command, env, s.attachCommand, s.commandExiting)
+		cmd, err := startCommand(opts.Command, env, s.attachCommand, s.commandExiting, s.commandForked)
 		if err != nil {
 			s.Close()
 			return nil, err

@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"strings"
 	"time"
 
 	"github.com/memprof/memprof/internal/attach"
@@ -40,8 +41,11 @@ func (s *Session) noteObjects(objs []*attach.Object) {
 }
 
 // attachCommand runs with the command stopped at exec (the first one, or a
-// later exec of another program by the same process).
+// later exec of another program by a process of the command's tree).
 func (s *Session) attachCommand(pid int, libs []string, reexec bool) error {
+	if s.closed() {
+		return nil
+	}
 	objs, err := s.att.Files(pid, libs)
 	if err != nil {
 		if reexec {
@@ -52,6 +56,9 @@ func (s *Session) attachCommand(pid int, libs []string, reexec bool) error {
 	}
 	if reexec {
 		s.noteObjects(objs)
+		// Every block of the old program died with it (a forked child
+		// also held copies of its parent's).
+		heap.DropLive(heap.FromObjects(&s.objs.MemprofObjects), uint32(pid))
 		s.mu.Lock()
 		t := s.procs[pid]
 		s.mu.Unlock()
@@ -60,6 +67,8 @@ func (s *Session) attachCommand(pid int, libs []string, reexec bool) error {
 			if a := allocatorOf(objs); a != frag.Unknown {
 				t.allocator = a
 			}
+			t.cov = fullCoverage("recorded from its exec of " + libs[0])
+			t.cov.traced = true
 			if t.sym != nil {
 				t.sym.Refresh()
 			}
@@ -68,15 +77,26 @@ func (s *Session) attachCommand(pid int, libs []string, reexec bool) error {
 			} else {
 				s.setupStacks(t, libs)
 			}
+			s.opts.Notify(fmt.Sprintf("process %d now runs %s", pid, libs[0]))
+			return nil
 		}
-		s.opts.Notify(fmt.Sprintf("process %d now runs %s", pid, libs[0]))
-		return nil
+		s.opts.Notify(fmt.Sprintf("process %d runs %s", pid, libs[0]))
 	}
 	if len(objs) == 0 {
-		return fmt.Errorf("command %s: %w among the libraries it loads (%v)", s.opts.Command[0], attach.ErrNoAllocator, libs)
+		if strippedStatic(libs[0]) {
+			return fmt.Errorf("command %s: %w: %s is a static executable without a symbol table (stripped), so its malloc cannot be found; build it without stripping (no -s, no strip), or link it dynamically", s.opts.Command[0], attach.ErrNoAllocator, libs[0])
+		}
+		if !reexec {
+			s.opts.Notify(fmt.Sprintf("%s maps no allocator memprof knows (%v); following it and its children in case they run a program that does", libs[0], libs))
+		}
 	}
 	s.noteObjects(objs)
 	t := &target{pid: pid, comm: procmaps.Comm(pid), cgroup: memoryCgroup(pid), allocator: allocatorOf(objs)}
+	t.cov = fullCoverage("started by memprof")
+	if reexec {
+		t.cov.how = "recorded from its exec of " + libs[0]
+	}
+	t.cov.traced = true
 	s.setupStacks(t, libs)
 	if sp, err := s.sym.Snapshot(pid); err == nil {
 		t.sym = sp
@@ -101,6 +121,9 @@ func (s *Session) commandExiting(pid int) {
 		// fragmentation verdict.
 		if pm, err := frag.ReadProcess(pid); err == nil {
 			t.exitMem = &pm
+			if r, err := s.regions(t); err == nil {
+				t.cov.exitRegions = &r
+			}
 		}
 	}
 	s.freeze(pid, "exited", nil)
@@ -120,6 +143,13 @@ func (s *Session) addPid(pid int) error {
 	s.noteObjects(objs)
 	t := &target{pid: pid, comm: procmaps.Comm(pid), cgroup: memoryCgroup(pid), lastMap: time.Now()}
 	t.allocator, _ = frag.DetectAllocator(pid, nil)
+	if t.allocator == frag.Unknown || t.allocator == frag.Glibc {
+		if a := allocatorOf(objs); a != frag.Unknown {
+			t.allocator = a
+		}
+	}
+	t.cov = attachedCoverage(pid, "attached to the running process")
+	t.cov.execSig = execSignature(pid)
 	sp, err := s.sym.Snapshot(pid)
 	if err != nil {
 		s.att.Detach(pid)
@@ -223,8 +253,13 @@ func (s *Session) loop(ctx context.Context) {
 				s.pruneStacks()
 			}
 		}
-		for _, t := range s.liveTargets() {
-			if s.cmd != nil && t.pid == s.cmd.pid {
+		live := s.liveTargets()
+		s.watchCalls(live)
+		if s.opts.FollowChildren {
+			s.followChildren(live)
+		}
+		for _, t := range live {
+			if t.cov.traced {
 				if time.Since(t.lastMap) > time.Second && t.sym != nil {
 					t.sym.Refresh()
 					t.lastMap = time.Now()
@@ -240,6 +275,18 @@ func (s *Session) loop(ctx context.Context) {
 				// for symbolization.
 				if objs, err := s.att.Process(t.pid); err == nil {
 					s.noteObjects(objs)
+				}
+				if sig := execSignature(t.pid); t.cov.execSig != "" && sig != "" && sig != t.cov.execSig {
+					// An exec seen by polling: the probes of the libraries
+					// it maps again stay in place; new ones were attached
+					// just above.
+					t.cov.execSig = sig
+					t.comm = procmaps.Comm(t.pid)
+					if a, _ := frag.DetectAllocator(t.pid, nil); a != frag.Unknown {
+						t.allocator = a
+					}
+					t.cov.how += "; it exec'd " + strings.TrimSuffix(sig[:max(strings.LastIndexByte(sig, '@'), 0)], " (deleted)") + " since"
+					s.opts.Notify(fmt.Sprintf("process %d exec'd %s: following the new program", t.pid, t.comm))
 				}
 				if t.sym != nil {
 					t.sym.Refresh()
