@@ -227,6 +227,7 @@ func (c *command) follow(root int, h commandHooks) {
 		syscall.PtraceCont(wpid, int(sig))
 	}
 }
+
 // threadOf returns the process (thread group) task tid belongs to, 0 if
 // unknown.
 func threadOf(tid int) int {

@@ -96,9 +96,10 @@ func human(b uint64) string { return frag.Human(b) }
 // child gets a copy of its parent's sampled live blocks (fork copies the
 // heap) and its own probes.
 func (s *Session) commandForked(parent, child int, vfork bool) {
-	if s.closed() {
+	if !s.enterHook() {
 		return
 	}
+	defer s.hookMu.RUnlock()
 	s.mu.Lock()
 	pt := s.procs[parent]
 	s.mu.Unlock()
@@ -134,6 +135,17 @@ func (s *Session) commandForked(parent, child int, vfork bool) {
 	s.procs[child] = t
 	s.mu.Unlock()
 	s.opts.Notify(fmt.Sprintf("following process %d (%s), forked by %d", child, t.comm, parent))
+}
+
+// enterHook starts a tracer hook: false when the session is closed (the
+// command outlived it). Otherwise the caller must s.hookMu.RUnlock().
+func (s *Session) enterHook() bool {
+	s.hookMu.RLock()
+	if s.closed() {
+		s.hookMu.RUnlock()
+		return false
+	}
+	return true
 }
 
 func (s *Session) closed() bool {

@@ -84,6 +84,10 @@ type Session struct {
 	lastPrune   time.Time
 	staleStacks map[uint32]bool
 
+	// hookMu: the command tracer's hooks hold it (read) while they use
+	// the session; Close takes it once so none runs past it.
+	hookMu sync.RWMutex
+
 	mu      sync.Mutex
 	procs   map[int]*target
 	frozen  *heap.Snapshot // state of targets that exited
@@ -277,6 +281,8 @@ func (s *Session) Close() {
 	default:
 		close(s.done)
 	}
+	s.hookMu.Lock() // let a tracer hook in progress finish; later ones see done
+	s.hookMu.Unlock()
 	if s.oomStop != nil {
 		s.oomStop()
 	}

@@ -43,9 +43,10 @@ func (s *Session) noteObjects(objs []*attach.Object) {
 // attachCommand runs with the command stopped at exec (the first one, or a
 // later exec of another program by a process of the command's tree).
 func (s *Session) attachCommand(pid int, libs []string, reexec bool) error {
-	if s.closed() {
+	if !s.enterHook() {
 		return nil
 	}
+	defer s.hookMu.RUnlock()
 	objs, err := s.att.Files(pid, libs)
 	if err != nil {
 		if reexec {
@@ -110,6 +111,10 @@ func (s *Session) attachCommand(pid int, libs []string, reexec bool) error {
 // commandExiting runs with the command stopped in its exit: the address
 // space is still there to read.
 func (s *Session) commandExiting(pid int) {
+	if !s.enterHook() {
+		return // the session's maps are gone; the command outlived it
+	}
+	defer s.hookMu.RUnlock()
 	s.mu.Lock()
 	t := s.procs[pid]
 	s.mu.Unlock()
