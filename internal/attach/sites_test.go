@@ -149,3 +149,29 @@ func TestStrippedStatic(t *testing.T) {
 func itoa(n int) string { return strconv.Itoa(n) }
 
 func sleepShort() { time.Sleep(20 * time.Millisecond) }
+
+// TestJemallocPrefixes: a prefix counts when two or more of jemalloc's own
+// API names are defined under it (a Rust binary linked with --gc-sections
+// keeps only what it calls), never for stray look-alikes.
+func TestJemallocPrefixes(t *testing.T) {
+	for _, tc := range []struct {
+		names []string
+		want  string
+	}{
+		{[]string{"je_malloc", "je_free", "je_mallctl", "je_mallocx", "je_sdallocx"}, "je_"},     // Redis
+		{[]string{"_rjem_mallocx", "_rjem_sdallocx", "_rjem_rallocx", "_rjem_calloc"}, "_rjem_"}, // Rust, gc-sections
+		{[]string{"my_mallocx"}, ""},                                                                        // one name only
+		{[]string{"mallctl", "mallocx", "malloc"}, ""},                                                      // unprefixed: cSymbols
+		{[]string{"foo_mallctl", "foo_mallctlbymib"}, ""},                                                   // no allocation entry
+		{[]string{"_rjem_je_arena_malloc", "_rjem_mallocx", "_rjem_nallocx", "_rjem_je_mallctl"}, "_rjem_"}, // internals ignored
+	} {
+		defined := map[string]bool{}
+		for _, n := range tc.names {
+			defined[n] = true
+		}
+		got := strings.Join(jemallocPrefixes(defined), ",")
+		if got != tc.want {
+			t.Errorf("%v: prefixes %q, want %q", tc.names, got, tc.want)
+		}
+	}
+}

@@ -267,3 +267,78 @@ func TestUnprobedAllocations(t *testing.T) {
 		t.Errorf("the user was not told while recording: %q", msgs)
 	}
 }
+
+// TestPidChildren: --pid on a process with children says they are not
+// profiled; with FollowChildren they are attached (found while they run).
+func TestPidChildren(t *testing.T) {
+	testprog.RequireRoot(t)
+	bin := testprog.Build(t, "alloc_family.c")
+	for _, follow := range []bool{false, true} {
+		t.Run(fmt.Sprint("follow=", follow), func(t *testing.T) {
+			prog := testprog.Start(t, "/bin/sh", nil, "-c", `read x; "$0" 30 & "$0" 30 & echo started; wait`, bin)
+			record(t, Options{SampleRate: 1, Pids: []int{prog.Pid()}, FollowChildren: follow}, func(s *Session) {
+				prog.Send(t, "go")
+				prog.Expect(t, "started")
+				deadline := time.Now().Add(10 * time.Second)
+				var kids int
+				for time.Now().Before(deadline) {
+					kids = 0
+					for _, comm := range s.Targets() {
+						if comm == "alloc_family" {
+							kids++
+						}
+					}
+					if kids == 2 || !follow && len(childrenOf(prog.Pid())) == 2 {
+						break
+					}
+					time.Sleep(100 * time.Millisecond)
+				}
+				rep := verdictOf(t, s, prog.Pid())
+				note := strings.Join(rep.Notes, " ")
+				if follow {
+					if kids != 2 {
+						t.Errorf("%d children followed, want 2 (targets %v)", kids, s.Targets())
+					}
+					if strings.Contains(note, "not profiled") {
+						t.Errorf("notes %q say children are not profiled although they are", note)
+					}
+				} else {
+					if kids != 0 {
+						t.Errorf("%d children attached without FollowChildren", kids)
+					}
+					if !strings.Contains(note, "2 child process(es)") || !strings.Contains(note, "--follow-children") {
+						t.Errorf("notes %q, want them to say 2 children are not profiled and how to include them", note)
+					}
+				}
+				for _, k := range childrenOf(prog.Pid()) {
+					syscall.Kill(k, syscall.SIGKILL)
+				}
+			})
+		})
+	}
+}
+
+// TestPidExec: --pid on a process that later execs a program: the probes in
+// glibc stay in place across the exec and the new program's heap is
+// recorded from its first allocation.
+func TestPidExec(t *testing.T) {
+	testprog.RequireRoot(t)
+	bin := testprog.Build(t, "alloc_family.c")
+	prog := testprog.Start(t, "/bin/sh", nil, "-c", `read x; exec "$0" 30`, bin)
+	var comm string
+	p := record(t, Options{SampleRate: 1, Pids: []int{prog.Pid()}}, func(s *Session) {
+		prog.Send(t, "go")
+		deadline := time.Now().Add(10 * time.Second)
+		for time.Now().Before(deadline) {
+			if comm = s.Targets()[prog.Pid()]; comm == "alloc_family" {
+				break
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+		time.Sleep(500 * time.Millisecond) // its heap is built in milliseconds
+	})
+	if comm != "alloc_family" {
+		t.Errorf("target's command %q after the exec, want alloc_family", comm)
+	}
+	checkExact(t, p, familyTruth)
+}
