@@ -342,3 +342,18 @@ func TestPidExec(t *testing.T) {
 	}
 	checkExact(t, p, familyTruth)
 }
+
+// TestCommandStrippedStatic: a stripped static executable is refused with
+// the reason; one that is not stripped is profiled (TestRecordStaticAllocator).
+func TestCommandStrippedStatic(t *testing.T) {
+	testprog.RequireRoot(t)
+	bin := testprog.Build(t, "alloc_family.c", "-static", "-s")
+	s, err := Start(context.Background(), Options{SampleRate: 1, Command: []string{bin}})
+	if err == nil {
+		s.Close()
+		t.Fatal("a stripped static executable was accepted: its allocator cannot be probed")
+	}
+	if !strings.Contains(err.Error(), "no allocator found") || !strings.Contains(err.Error(), "stripped") {
+		t.Errorf("error %q, want 'no allocator found' and why (stripped)", err)
+	}
+}

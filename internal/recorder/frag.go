@@ -152,7 +152,7 @@ func (s *Session) judge(t *target, pm *frag.ProcessMem, regions *frag.Regions, l
 	if t.cov.complete {
 		return frag.Assess(t.allocator, rss, live, pm)
 	}
-	return frag.Bounded(t.allocator, rss, live, t.cov.preAttach, pm, "memprof attached to the running process ("+t.cov.how+")")
+	return frag.Bounded(t.allocator, rss, live, t.cov.preAttach, pm, "the recording did not see the process start: "+t.cov.how)
 }
 
 // maxBlocks bounds the live blocks read to classify a process's memory.

@@ -177,7 +177,7 @@ func WriteOOM(k *OOMKill, dir string) ([]string, error) {
 		// The whole anonymous RSS (stacks and the program's own mappings
 		// included: the victim's smaps is being torn down), bounded by
 		// what the recording may have missed.
-		v := frag.Bounded(k.Allocator, k.Victim.AnonRSS, uint64(live), k.Unseen, nil, "memprof attached to the running process")
+		v := frag.Bounded(k.Allocator, k.Victim.AnonRSS, uint64(live), k.Unseen, nil, "the recording did not see the victim start")
 		r.Fragmentation = &v
 		if k.Coverage != "" {
 			r.Notes = append(r.Notes, "heap coverage: "+k.Coverage)
