@@ -39,9 +39,10 @@ type coverage struct {
 	// Calls watch: anonymous RSS and the time when it was attached.
 	since    time.Time
 	rss0     uint64
-	unprobed string // set once the target is found allocating unseen
-	called   bool   // an allocator call was seen: no more watching
-	execSig  string // execSignature when attached (--pid: an exec is noticed by polling)
+	unprobed string    // set once the target is found allocating unseen
+	called   bool      // an allocator call was seen: no more watching
+	watched  time.Time // last check (at most one a second)
+	execSig  string    // execSignature when attached (--pid: an exec is noticed by polling)
 	// exitRegions: the anonymous memory split, read in the exit stop.
 	exitRegions *frag.Regions
 }
@@ -180,9 +181,10 @@ func strippedStatic(path string) bool {
 func (s *Session) watchCalls(targets []*target) {
 	var calls map[uint32]uint64
 	for _, t := range targets {
-		if t.cov.unprobed != "" || t.cov.called || time.Since(t.cov.since) < UnprobedAfter {
+		if t.cov.unprobed != "" || t.cov.called || time.Since(t.cov.since) < UnprobedAfter || time.Since(t.cov.watched) < time.Second {
 			continue
 		}
+		t.cov.watched = time.Now()
 		if calls == nil {
 			var err error
 			if calls, err = s.objs.ProcCalls(); err != nil {
@@ -195,8 +197,11 @@ func (s *Session) watchCalls(targets []*target) {
 		}
 		rss := rssAnon(t.pid)
 		if rss > t.cov.rss0+UnprobedGrowth {
-			t.cov.unprobed = unprobedMessage(t, rss-t.cov.rss0, time.Since(t.cov.since))
-			s.opts.Notify(fmt.Sprintf("process %d (%s): %s", t.pid, t.comm, t.cov.unprobed))
+			msg := unprobedMessage(t, rss-t.cov.rss0, time.Since(t.cov.since))
+			s.mu.Lock()
+			t.cov.unprobed = msg
+			s.mu.Unlock()
+			s.opts.Notify(fmt.Sprintf("process %d (%s): %s", t.pid, t.comm, msg))
 		}
 	}
 }
@@ -212,8 +217,11 @@ func unprobedMessage(t *target, growth uint64, d time.Duration) string {
 // counts of exited processes are gone).
 func (s *Session) finalNotes(t *target, calls map[uint32]uint64, sampled map[int]bool) []string {
 	var notes []string
-	if t.cov.unprobed != "" {
-		notes = append(notes, t.cov.unprobed)
+	s.mu.Lock()
+	unprobed := t.cov.unprobed
+	s.mu.Unlock()
+	if unprobed != "" {
+		notes = append(notes, unprobed)
 	} else if calls[uint32(t.pid)] == 0 && !t.cov.called && !sampled[t.pid] {
 		notes = append(notes, "no allocator call was seen for this process: if it allocated, it did so through something memprof does not probe (memory from its own mmap, a runtime's heap, or an unrecognised allocator)")
 	}
