@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -155,6 +156,11 @@ func (s *Session) addPid(pid int) error {
 	}
 	t.cov = attachedCoverage(pid, "attached to the running process")
 	t.cov.execSig = execSignature(pid)
+	if slices.Contains(s.opts.Pids, pid) && !s.opts.FollowChildren {
+		if kids := childrenOf(pid); len(kids) > 0 {
+			s.opts.Notify(fmt.Sprintf("process %d has %d child process(es) %v: they are not profiled (pass --follow-children to include them)", pid, len(kids), kids))
+		}
+	}
 	sp, err := s.sym.Snapshot(pid)
 	if err != nil {
 		s.att.Detach(pid)
