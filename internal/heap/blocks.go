@@ -1,10 +1,39 @@
 package heap
 
 import (
+	"errors"
 	"fmt"
+
+	"github.com/cilium/ebpf"
 
 	mbpf "github.com/memprof/memprof/bpf"
 )
+
+// batch is how many live blocks one batched map operation moves.
+const batch = 4096
+
+// eachLiveBatch is eachLive with batched lookups (one system call per
+// 4096 blocks instead of two per block), falling back to eachLive where
+// the kernel has no batch operations.
+func eachLiveBatch(m Maps, fn func(mbpf.MemprofLiveKey, mbpf.MemprofLiveBlock)) error {
+	keys := make([]mbpf.MemprofLiveKey, batch)
+	vals := make([]mbpf.MemprofLiveBlock, batch)
+	var cur ebpf.MapBatchCursor
+	for first := true; ; first = false {
+		n, err := m.Live.BatchLookup(&cur, keys, vals, nil)
+		for i := 0; i < n; i++ {
+			fn(keys[i], vals[i])
+		}
+		switch {
+		case errors.Is(err, ebpf.ErrKeyNotExist):
+			return nil
+		case err != nil && first && n == 0 && errors.Is(err, ebpf.ErrNotSupported):
+			return eachLive(m, fn)
+		case err != nil:
+			return fmt.Errorf("read live blocks: %w", err)
+		}
+	}
+}
 
 // Block is one sampled live block of a process.
 type Block struct {
@@ -15,7 +44,7 @@ type Block struct {
 // of them (0: no limit). Every block is listed at sample rate 1.
 func LiveBlocks(m Maps, pid uint32, limit int) ([]Block, error) {
 	var out []Block
-	err := eachLive(m, func(k mbpf.MemprofLiveKey, b mbpf.MemprofLiveBlock) {
+	err := eachLiveBatch(m, func(k mbpf.MemprofLiveKey, b mbpf.MemprofLiveBlock) {
 		if k.Tgid == pid && (limit == 0 || len(out) < limit) {
 			out = append(out, Block{Addr: k.Addr, Size: b.Size})
 		}
@@ -32,25 +61,33 @@ func CopyLive(m Maps, parent, child uint32) (int, error) {
 		k mbpf.MemprofLiveKey
 		b mbpf.MemprofLiveBlock
 	}
-	var list []entry
-	if err := eachLive(m, func(k mbpf.MemprofLiveKey, b mbpf.MemprofLiveBlock) {
+	var keys []mbpf.MemprofLiveKey
+	var vals []mbpf.MemprofLiveBlock
+	if err := eachLiveBatch(m, func(k mbpf.MemprofLiveKey, b mbpf.MemprofLiveBlock) {
 		if k.Tgid == parent {
-			list = append(list, entry{k, b})
+			k.Tgid = child
+			keys = append(keys, k)
+			vals = append(vals, b)
 		}
 	}); err != nil {
 		return 0, err
 	}
-	copied, failed := 0, 0
-	for _, e := range list {
-		e.k.Tgid = child
-		if err := m.Live.Put(e.k, e.b); err != nil {
-			failed++
-			continue
+	copied := 0
+	for i := 0; i < len(keys); i += batch {
+		j := min(i+batch, len(keys))
+		n, err := m.Live.BatchUpdate(keys[i:j], vals[i:j], nil)
+		if err != nil && errors.Is(err, ebpf.ErrNotSupported) {
+			n = 0
+			for k := i; k < j; k++ {
+				if m.Live.Put(keys[k], vals[k]) == nil {
+					n++
+				}
+			}
 		}
-		copied++
+		copied += n
 	}
-	if failed > 0 {
-		return copied, fmt.Errorf("copy the live blocks of process %d to its child %d: %d of %d did not fit in the live map", parent, child, failed, len(list))
+	if copied < len(keys) {
+		return copied, fmt.Errorf("copy the live blocks of process %d to its child %d: %d of %d did not fit in the live map", parent, child, len(keys)-copied, len(keys))
 	}
 	return copied, nil
 }
@@ -60,7 +97,7 @@ func CopyLive(m Maps, parent, child uint32) (int, error) {
 // It returns how many were deleted.
 func DropLive(m Maps, pid uint32) (int, error) {
 	var keys []mbpf.MemprofLiveKey
-	err := eachLive(m, func(k mbpf.MemprofLiveKey, _ mbpf.MemprofLiveBlock) {
+	err := eachLiveBatch(m, func(k mbpf.MemprofLiveKey, _ mbpf.MemprofLiveBlock) {
 		if k.Tgid == pid {
 			keys = append(keys, k)
 		}
