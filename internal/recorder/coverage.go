@@ -55,8 +55,11 @@ var (
 	UnprobedGrowth = uint64(4 << 20)
 )
 
-func fullCoverage(how string) coverage {
-	return coverage{complete: true, how: how, since: time.Now(), rss0: rssAnon(0)}
+// fullCoverage is the coverage of process pid seen from its start; its
+// anonymous RSS now (a forked child shares its parent's) is where the calls
+// watch starts.
+func fullCoverage(pid int, how string) coverage {
+	return coverage{complete: true, how: how, since: time.Now(), rss0: rssAnon(pid)}
 }
 
 // attachedCoverage is the coverage of a process memprof attached to while
@@ -73,9 +76,6 @@ func attachedCoverage(pid int, how string) coverage {
 }
 
 func rssAnon(pid int) uint64 {
-	if pid == 0 {
-		return 0
-	}
 	pm, err := frag.ReadProcess(pid)
 	if err != nil {
 		return 0
@@ -104,10 +104,12 @@ func (s *Session) commandForked(parent, child int, vfork bool) {
 	s.mu.Lock()
 	pt := s.procs[parent]
 	s.mu.Unlock()
-	cov := fullCoverage(fmt.Sprintf("forked by process %d under the probes", parent))
+	cov := fullCoverage(child, fmt.Sprintf("forked by process %d under the probes", parent))
 	if pt != nil && !pt.cov.complete {
+		rss0 := cov.rss0
 		cov = pt.cov
 		cov.how = fmt.Sprintf("forked by process %d (%s)", parent, pt.cov.how)
+		cov.rss0, cov.unprobed, cov.called = rss0, "", false
 	}
 	if !vfork {
 		// vfork's child shares its parent's memory until it execs.

@@ -69,7 +69,7 @@ func (s *Session) attachCommand(pid int, libs []string, reexec bool) error {
 			if a := allocatorOf(objs); a != frag.Unknown {
 				t.allocator = a
 			}
-			t.cov = fullCoverage("recorded from its exec of " + libs[0])
+			t.cov = fullCoverage(pid, "recorded from its exec of "+libs[0])
 			t.cov.traced = true
 			if t.sym != nil {
 				t.sym.Refresh()
@@ -94,7 +94,7 @@ func (s *Session) attachCommand(pid int, libs []string, reexec bool) error {
 	}
 	s.noteObjects(objs)
 	t := &target{pid: pid, comm: procmaps.Comm(pid), cgroup: memoryCgroup(pid), allocator: allocatorOf(objs)}
-	t.cov = fullCoverage("started by memprof")
+	t.cov = fullCoverage(pid, "started by memprof")
 	if reexec {
 		t.cov.how = "recorded from its exec of " + libs[0]
 	}
