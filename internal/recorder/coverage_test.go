@@ -13,6 +13,7 @@ import (
 
 	"github.com/google/pprof/profile"
 
+	"github.com/memprof/memprof/internal/cgroups"
 	"github.com/memprof/memprof/internal/frag"
 	"github.com/memprof/memprof/internal/testprog"
 	"github.com/memprof/memprof/pprofout"
@@ -356,4 +357,32 @@ func TestCommandStrippedStatic(t *testing.T) {
 	if !strings.Contains(err.Error(), "no allocator found") || !strings.Contains(err.Error(), "stripped") {
 		t.Errorf("error %q, want 'no allocator found' and why (stripped)", err)
 	}
+}
+
+// TestCgroupUnprofiledSaid: a process of a followed cgroup that memprof
+// cannot attach to (a stripped static executable) is named in the report
+// as not profiled, not left out silently.
+func TestCgroupUnprofiledSaid(t *testing.T) {
+	testprog.RequireRoot(t)
+	v1, v2 := cgroups.Root()
+	root := v1
+	if root == "" {
+		root = v2
+	}
+	dir := filepath.Join(root, fmt.Sprintf("memprof-test-unprof-%d", os.Getpid()))
+	if err := cgroups.Create(dir, 0); err != nil {
+		t.Fatalf("create cgroup: %v", err)
+	}
+	t.Cleanup(func() { cgroups.Remove(dir) })
+	bin := testprog.Build(t, "alloc_family.c", "-static", "-s")
+	prog := testprog.Start(t, bin, nil, "30")
+	if err := cgroups.AddProcess(dir, prog.Pid()); err != nil {
+		t.Fatal(err)
+	}
+	record(t, Options{SampleRate: 1, Cgroups: []string{dir}}, func(s *Session) {
+		rep := verdictOf(t, s, prog.Pid())
+		if note := strings.Join(rep.Notes, " "); !strings.Contains(note, "not profiled") {
+			t.Errorf("report %+v, want a note that the process is not profiled", rep)
+		}
+	})
 }

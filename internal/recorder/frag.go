@@ -80,6 +80,11 @@ func (s *Session) Fragmentation(built *profile.Profile) []FragReport {
 	var out []FragReport
 	for _, t := range targets {
 		if t.skipped {
+			// A process of a followed cgroup memprof could not attach
+			// to: say so rather than leave it out silently.
+			out = append(out, FragReport{Scope: fmt.Sprintf("pid %d (%s)", t.pid, t.comm),
+				Notes: []string{"not profiled: it maps no allocator memprof can probe (or it exited before it could be attached); its memory is not in the profile"},
+				Err:   fmt.Errorf("no verdict: not profiled")})
 			continue
 		}
 		scope := fmt.Sprintf("pid %d (%s)", t.pid, t.comm)
