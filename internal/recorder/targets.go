@@ -281,23 +281,27 @@ func (s *Session) loop(ctx context.Context) {
 				s.freeze(t.pid, "exited", nil)
 				continue
 			}
-			if time.Since(t.lastMap) > time.Second {
-				// Pick up allocators loaded with dlopen and new mappings
-				// for symbolization.
+			// An exec, seen by polling (every tick: the new program's
+			// own allocator, e.g. a container's libc after runc's init,
+			// is attached without waiting for the periodic rescan).
+			execd := false
+			if sig := execSignature(t.pid); t.cov.execSig != "" && sig != "" && sig != t.cov.execSig {
+				execd = true
+				t.cov.execSig = sig
+				t.comm = procmaps.Comm(t.pid)
+				if a, _ := frag.DetectAllocator(t.pid, nil); a != frag.Unknown {
+					t.allocator = a
+				}
+				exe, _, _ := strings.Cut(sig, "@")
+				t.cov.how += "; it exec'd " + exe + " since"
+				s.opts.Notify(fmt.Sprintf("process %d exec'd %s: following the new program", t.pid, t.comm))
+			}
+			if execd || time.Since(t.lastMap) > time.Second {
+				// Pick up allocators loaded with dlopen (or by the new
+				// program: the probes of libraries it maps again stay
+				// in place) and new mappings for symbolization.
 				if objs, err := s.att.Process(t.pid); err == nil {
 					s.noteObjects(objs)
-				}
-				if sig := execSignature(t.pid); t.cov.execSig != "" && sig != "" && sig != t.cov.execSig {
-					// An exec seen by polling: the probes of the libraries
-					// it maps again stay in place; new ones were attached
-					// just above.
-					t.cov.execSig = sig
-					t.comm = procmaps.Comm(t.pid)
-					if a, _ := frag.DetectAllocator(t.pid, nil); a != frag.Unknown {
-						t.allocator = a
-					}
-					t.cov.how += "; it exec'd " + strings.TrimSuffix(sig[:max(strings.LastIndexByte(sig, '@'), 0)], " (deleted)") + " since"
-					s.opts.Notify(fmt.Sprintf("process %d exec'd %s: following the new program", t.pid, t.comm))
 				}
 				if t.sym != nil {
 					t.sym.Refresh()
