@@ -65,6 +65,10 @@ func TestRecordAllocatorFamilies(t *testing.T) {
 			lib := testprog.PrefixedJemalloc(t, "_rjem_")
 			return testprog.Build(t, "alloc_family.c", "-DJE_PREFIX=_rjem_", "-Wl,--whole-archive", lib, "-Wl,--no-whole-archive", "-lm", "-ldl")
 		}, nil, "jemalloc", true},
+		{"jemalloc-je-prefixed-static", func(t *testing.T) string { // as upstream Redis builds it
+			lib := testprog.PrefixedJemalloc(t, "je_")
+			return testprog.Build(t, "alloc_family.c", "-DJE_PREFIX=je_", "-Wl,--whole-archive", lib, "-Wl,--no-whole-archive", "-lm", "-ldl")
+		}, nil, "jemalloc", true},
 		{"musl-dynamic", func(t *testing.T) string { return buildMusl(t, "alloc_family.c") }, nil, "musl", false},
 		{"musl-static", func(t *testing.T) string { return buildMusl(t, "alloc_family.c", "-static") }, nil, "static", false},
 	} {
