@@ -45,6 +45,7 @@ func recordCommand() *cli.Command {
 			&cli.BoolFlag{Name: "all-ooms", Usage: "also report OOM kills of processes that are not targets"},
 			&cli.IntFlag{Name: "top", Value: 10, Usage: "stacks shown in the summary"},
 			&cli.StringFlag{Name: "fail-on-growth", Usage: "leak gate: exit with status 3, naming the stacks, when a stack classified growing (medium or high confidence) rises faster than this rate (e.g. 1MiB/min)"},
+			&cli.BoolFlag{Name: "follow-children", Usage: "with --pid: also profile the targets' child processes, found while they run (a command after -- has its whole process tree followed from each fork)"},
 		}, podPathFlags()...),
 		Action: runRecord,
 	}
@@ -58,6 +59,8 @@ func runRecord(c *cli.Context) error {
 		Command:    c.Args().Slice(),
 		AllOOMs:    c.Bool("all-ooms"),
 		StackMode:  c.String("stack-mode"),
+
+		FollowChildren: c.Bool("follow-children"),
 	}
 	if opts.SampleRate == 0 {
 		return fmt.Errorf("--sample-rate must be at least 1 byte")
@@ -233,11 +236,20 @@ func writeResult(s *recorder.Session, out string, extraLabels map[string]string,
 		fmt.Fprintln(w, "memprof: no events lost")
 	}
 	for _, f := range frags {
+		if f.Coverage != "" {
+			fmt.Fprintf(w, "coverage %s: %s\n", f.Scope, f.Coverage)
+		}
+		for _, n := range f.Notes {
+			fmt.Fprintf(w, "NOT SEEN %s: %s\n", f.Scope, n)
+		}
 		if f.Err != nil {
 			fmt.Fprintf(w, "fragmentation %s: %v\n", f.Scope, f.Err)
 			continue
 		}
 		fmt.Fprintf(w, "fragmentation %s: %s\n", f.Scope, f.Verdict.Summary)
+		if f.Regions != nil {
+			fmt.Fprintf(w, "  compared: %s\n", f.Regions)
+		}
 		for _, a := range f.Verdict.Advice {
 			fmt.Fprintf(w, "  advice: %s\n", a)
 		}

@@ -39,9 +39,11 @@ type Object struct {
 	ID    procmaps.FileID
 	Path  string // as the target maps it
 	Sites []Site
-	// Allocator names the allocator family: "glibc", "jemalloc", "libstdc++"
-	// (operator new/delete over another allocator) or "static" (an allocator
-	// linked into the executable).
+	// Allocator names the allocator family: "glibc", "jemalloc",
+	// "tcmalloc", "mimalloc", "musl", "libstdc++" (operator new/delete over
+	// another allocator), "malloc-library" (another library exporting
+	// malloc and free) or "static" (an allocator linked into the
+	// executable).
 	Allocator string
 }
 
@@ -129,7 +131,7 @@ func (a *Attacher) Process(pid int) ([]*Object, error) {
 		added = append(added, obj)
 	}
 	if len(added) == 0 && !a.hasAny(pid) {
-		return nil, fmt.Errorf("process %d (%s): %w: it maps none of glibc's libc.so.6, libjemalloc.so.2 or an executable with malloc/free linked in (Go, JVM and other runtimes with their own heaps are not covered)", pid, procmaps.Comm(pid), ErrNoAllocator)
+		return nil, fmt.Errorf("process %d (%s): %w: it maps none of glibc's libc.so.6, jemalloc, tcmalloc, mimalloc, musl, or an executable with malloc/free (or a prefixed jemalloc) linked in; a static executable stripped of its symbol table hides its malloc (Go, JVM and other runtimes with their own heaps are not covered)", pid, procmaps.Comm(pid), ErrNoAllocator)
 	}
 	return added, nil
 }
@@ -225,13 +227,25 @@ func parseObject(id procmaps.FileID, path string, open func() (*os.File, error))
 // ignored, except libstdc++'s operator new/delete.
 func allocatorName(path string, sites []Site) string {
 	has := map[string]bool{}
+	fam := ""
 	for _, s := range sites {
-		has[s.Symbol] = true
+		for _, n := range s.Names() {
+			has[n] = true
+		}
+		if s.Family != "" && !s.Thunk {
+			fam = s.Family
+		}
 	}
 	base := filepath.Base(path)
 	switch {
 	case strings.HasPrefix(base, "libjemalloc"):
 		return "jemalloc"
+	case fam != "":
+		// tcmalloc, mimalloc, or a jemalloc built with a symbol prefix
+		// (linked into the executable, as Redis and Rust programs do).
+		return fam
+	case (strings.HasPrefix(base, "ld-musl") || strings.HasPrefix(base, "libc.musl") || (base == "libc.so" && strings.Contains(path, "musl"))) && has["malloc"] && has["free"]:
+		return "musl"
 	case strings.HasPrefix(base, "libc.so") || strings.HasPrefix(base, "libc-"):
 		return "glibc"
 	case strings.HasPrefix(base, "libstdc++"):

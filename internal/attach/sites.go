@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"slices"
 	"sort"
 	"strings"
 
@@ -13,7 +14,9 @@ import (
 
 // Site is where one allocator function is probed.
 type Site struct {
-	Symbol     string // the symbol the site was found under (first alias by name)
+	Symbol     string   // the function's most common name among its aliases (C before family before C++)
+	Aliases    []string // the other allocator names at the same address (free: cfree, tc_free, _ZdlPv, ...)
+	Family     string   // "tcmalloc", "mimalloc" or "jemalloc" when a name is that family's own API (tc_*, mi_*, <prefix>malloc)
 	Kind       Kind
 	FileOffset uint64 // file offset of the function's first byte
 	Size       uint64
@@ -55,6 +58,13 @@ func FindSites(f *elf.File) ([]Site, error) {
 	if s, err := f.Symbols(); err == nil {
 		syms = append(syms, s...)
 	}
+	defined := map[string]bool{}
+	for _, s := range syms {
+		if elf.ST_TYPE(s.Info) == elf.STT_FUNC && s.Section != elf.SHN_UNDEF && s.Value != 0 {
+			defined[symName(s.Name)] = true
+		}
+	}
+	names := newNamer(defined)
 	byAddr := map[uint64]*Site{}
 	for _, s := range syms {
 		if elf.ST_TYPE(s.Info) != elf.STT_FUNC && elf.ST_TYPE(s.Info) != elf.STT_GNU_IFUNC {
@@ -63,11 +73,8 @@ func FindSites(f *elf.File) ([]Site, error) {
 		if s.Section == elf.SHN_UNDEF || s.Value == 0 {
 			continue
 		}
-		name := s.Name
-		if i := indexByte(name, '@'); i >= 0 { // versioned names in some tools' output
-			name = name[:i]
-		}
-		kind, ok := KindOf(name)
+		name := symName(s.Name)
+		kind, fam, ok := names.kind(name)
 		if !ok {
 			continue
 		}
@@ -76,16 +83,14 @@ func FindSites(f *elf.File) ([]Site, error) {
 			continue
 		}
 		if prev, dup := byAddr[s.Value]; dup {
-			if preferName(name, prev.Symbol) {
-				prev.Symbol = name
-			}
+			prev.addAlias(name, kind, fam)
 			continue
 		}
 		off, err := fileOffset(f, s.Value)
 		if err != nil {
 			continue
 		}
-		byAddr[s.Value] = &Site{Symbol: name, Kind: kind, FileOffset: off, Size: s.Size, RetSites: MayThrow(name)}
+		byAddr[s.Value] = &Site{Symbol: name, Kind: kind, Family: fam, FileOffset: off, Size: s.Size, RetSites: MayThrow(name)}
 	}
 	text := newTextReader(f)
 	allocFn := func(target uint64) bool {
@@ -123,13 +128,40 @@ func FindSites(f *elf.File) ([]Site, error) {
 	return out, nil
 }
 
-// preferName picks the canonical name among aliases of one function
-// (free over cfree), else the lexically smallest for stable output.
-func preferName(a, b string) bool {
-	if (a == "cfree") != (b == "cfree") {
-		return b == "cfree"
+// addAlias records another name of the site's function. The most common
+// name (nameRank: free before cfree, tc_free or _ZdlPv; the lexically
+// smallest among equals, for stable output) becomes the site's Symbol, and
+// decides its kind; the others are kept in Aliases, so that whoever
+// classifies the object sees every name it exports (tcmalloc's and
+// mimalloc's free is also tc_free/mi_free, cfree and operator delete).
+func (s *Site) addAlias(name string, kind Kind, fam string) {
+	if name == s.Symbol || slices.Contains(s.Aliases, name) {
+		return
 	}
-	return a < b
+	if fam != "" && s.Family == "" {
+		s.Family = fam
+	}
+	// One name that may throw (tcmalloc's tc_new is also _Znwm) makes the
+	// function's result be taken at its ret instructions.
+	s.RetSites = s.RetSites || MayThrow(name)
+	if r, pr := nameRank(name), nameRank(s.Symbol); r < pr || (r == pr && name < s.Symbol) {
+		s.Aliases = append(s.Aliases, s.Symbol)
+		s.Symbol, s.Kind = name, kind
+	} else {
+		s.Aliases = append(s.Aliases, name)
+	}
+	sort.Strings(s.Aliases)
+}
+
+// Names lists every allocator name of the site's function, Symbol first.
+func (s *Site) Names() []string { return append([]string{s.Symbol}, s.Aliases...) }
+
+// symName drops a symbol version suffix (name@VERSION) some tools add.
+func symName(name string) string {
+	if i := indexByte(name, '@'); i >= 0 {
+		return name[:i]
+	}
+	return name
 }
 
 func indexByte(s string, b byte) int {

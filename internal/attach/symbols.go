@@ -4,7 +4,12 @@
 // targets trap.
 package attach
 
-import mbpf "github.com/memprof/memprof/bpf"
+import (
+	"sort"
+	"strings"
+
+	mbpf "github.com/memprof/memprof/bpf"
+)
 
 // Kind says which BPF entry program serves an allocator function and how its
 // arguments are read. The values are enum probe_kind of bpf/memprof.h (the low byte of a
@@ -119,4 +124,148 @@ func KindOf(name string) (Kind, bool) {
 	}
 	k, ok := cxxSymbols[name]
 	return k, ok
+}
+
+// Allocator families that export their API under their own names besides
+// (or instead of) the C ones. Where a library exports both, the aliases share
+// one address and one probe; where the family names are separate functions
+// (mimalloc's mi_* variants) each is probed, a call nested in another being
+// left to the outer one by the BPF side.
+
+// tcSymbols are gperftools tcmalloc's tc_* entry points (libtcmalloc and
+// libtcmalloc_minimal, gperftools/tcmalloc.h).
+var tcSymbols = map[string]Kind{
+	"tc_malloc": Malloc, "tc_malloc_skip_new_handler": Malloc, "tc_valloc": Malloc, "tc_pvalloc": Malloc,
+	"tc_calloc": Calloc, "tc_realloc": Realloc, "tc_memalign": Memalign, "tc_posix_memalign": PosixMemalign,
+	"tc_free": Free, "tc_cfree": Free, "tc_free_sized": Free,
+	"tc_new": Malloc, "tc_newarray": Malloc, "tc_new_nothrow": Malloc, "tc_newarray_nothrow": Malloc,
+	"tc_new_aligned": Malloc, "tc_newarray_aligned": Malloc, "tc_new_aligned_nothrow": Malloc, "tc_newarray_aligned_nothrow": Malloc,
+	"tc_delete": Free, "tc_deletearray": Free, "tc_delete_sized": Free, "tc_deletearray_sized": Free,
+	"tc_delete_nothrow": Free, "tc_deletearray_nothrow": Free, "tc_delete_aligned": Free, "tc_deletearray_aligned": Free,
+	"tc_delete_sized_aligned": Free, "tc_deletearray_sized_aligned": Free, "tc_delete_aligned_nothrow": Free, "tc_deletearray_aligned_nothrow": Free,
+}
+
+// miSymbols are mimalloc's mi_* entry points whose arguments match a Kind
+// (mimalloc.h): size first (malloc-like), count and size (calloc-like), old
+// block then size or count and size (realloc-like); extra alignment or
+// offset arguments come after the ones read. Not probed: the mi_heap_*
+// functions (a heap comes first), mi_strdup/mi_strndup/mi_realpath (the size
+// is not an argument), mi_expand and mi_reallocarr (other result contracts).
+var miSymbols = map[string]Kind{
+	"mi_malloc": Malloc, "mi_zalloc": Malloc, "mi_malloc_small": Malloc, "mi_zalloc_small": Malloc,
+	"mi_malloc_aligned": Malloc, "mi_malloc_aligned_at": Malloc, "mi_zalloc_aligned": Malloc, "mi_zalloc_aligned_at": Malloc,
+	"mi_valloc": Malloc, "mi_pvalloc": Malloc,
+	"mi_new": Malloc, "mi_new_nothrow": Malloc, "mi_new_aligned": Malloc, "mi_new_aligned_nothrow": Malloc,
+	"mi_calloc": Calloc, "mi_mallocn": Calloc, "mi_calloc_aligned": Calloc, "mi_calloc_aligned_at": Calloc, "mi_new_n": Calloc,
+	"mi_realloc": Realloc, "mi_rezalloc": Realloc, "mi_reallocf": Realloc, "mi_new_realloc": Realloc,
+	"mi_realloc_aligned": Realloc, "mi_realloc_aligned_at": Realloc, "mi_rezalloc_aligned": Realloc, "mi_rezalloc_aligned_at": Realloc,
+	"mi_reallocn": Reallocarray, "mi_recalloc": Reallocarray, "mi_reallocarray": Reallocarray, "mi_new_reallocn": Reallocarray,
+	"mi_recalloc_aligned": Reallocarray, "mi_recalloc_aligned_at": Reallocarray,
+	"mi_memalign": Memalign, "mi_aligned_alloc": Memalign, "mi_posix_memalign": PosixMemalign,
+	"mi_free": Free, "mi_cfree": Free, "mi_free_size": Free, "mi_free_aligned": Free, "mi_free_size_aligned": Free,
+}
+
+// family is an allocator API recognised by its own exported names.
+type family struct {
+	name    string          // allocator name reported ("tcmalloc", "mimalloc")
+	symbols map[string]Kind // its entry points
+	anchors []string        // names that must all be defined for the family to count
+}
+
+var families = []family{
+	{"tcmalloc", tcSymbols, []string{"tc_malloc", "tc_free", "tc_version"}},
+	{"mimalloc", miSymbols, []string{"mi_malloc", "mi_free", "mi_version"}},
+}
+
+// jemallocOnly are names only jemalloc's API has: a prefix P under which at
+// least two of them are defined (P+"mallctl", P+"mallocx", ...) is a jemalloc
+// built with --with-jemalloc-prefix=P (upstream Redis: je_; Rust's
+// tikv-jemallocator: _rjem_). Two, because a Rust binary linked with
+// --gc-sections keeps only the functions it calls (mallocx, sdallocx, ...).
+var jemallocOnly = []string{"mallctl", "mallctlnametomib", "mallctlbymib", "mallocx", "rallocx", "xallocx", "sallocx", "dallocx", "sdallocx", "nallocx", "malloc_stats_print"}
+
+// jemallocPrefixes returns the prefixes under which defined lists a
+// prefixed jemalloc API (never the empty prefix: the plain names are in
+// cSymbols already).
+func jemallocPrefixes(defined map[string]bool) []string {
+	count := map[string]int{}
+	for name := range defined {
+		for _, s := range jemallocOnly {
+			if p, ok := strings.CutSuffix(name, s); ok && p != "" {
+				count[p]++
+			}
+		}
+	}
+	var out []string
+	for p, n := range count {
+		if n >= 2 && (defined[p+"malloc"] || defined[p+"mallocx"]) {
+			out = append(out, p)
+		}
+	}
+	sort.Strings(out)
+	return out
+}
+
+// namer resolves allocator symbol names for one object: the C and C++ names,
+// plus the names of the families the object defines.
+type namer struct {
+	fam      map[string]string // family symbol -> family name
+	kinds    map[string]Kind
+	prefixes []string // jemalloc prefixes
+}
+
+func newNamer(defined map[string]bool) *namer {
+	n := &namer{fam: map[string]string{}, kinds: map[string]Kind{}}
+	for _, f := range families {
+		ok := true
+		for _, a := range f.anchors {
+			ok = ok && defined[a]
+		}
+		if !ok {
+			continue
+		}
+		for s, k := range f.symbols {
+			n.fam[s] = f.name
+			n.kinds[s] = k
+		}
+	}
+	n.prefixes = jemallocPrefixes(defined)
+	for _, p := range n.prefixes {
+		for s, k := range cSymbols {
+			if s == "cfree" {
+				continue
+			}
+			n.fam[p+s] = "jemalloc"
+			n.kinds[p+s] = k
+		}
+	}
+	return n
+}
+
+// kind returns the kind of name in this object, and the family it belongs
+// to ("" for the plain C and C++ names).
+func (n *namer) kind(name string) (Kind, string, bool) {
+	if k, ok := KindOf(name); ok {
+		return k, "", true
+	}
+	if k, ok := n.kinds[name]; ok {
+		return k, n.fam[name], true
+	}
+	return 0, "", false
+}
+
+// nameRank orders aliases of one function: the C names first (free before
+// cfree), then family names, then C++ operators, so the site is reported and
+// classified by its most common name.
+func nameRank(name string) int {
+	if name == "cfree" {
+		return 1
+	}
+	if _, ok := cSymbols[name]; ok {
+		return 0
+	}
+	if _, ok := cxxSymbols[name]; ok {
+		return 3
+	}
+	return 2
 }

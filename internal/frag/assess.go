@@ -28,12 +28,16 @@ type Verdict struct {
 	Alarm     bool    // Ratio > AlarmRatio and Excess > AlarmExcess
 	Summary   string
 	Advice    []string
+	// Withheld says why no verdict is given although the figures are
+	// there (live bytes known to be incomplete); Alarm and Advice are then
+	// empty.
+	Withheld string
 }
 
 // Covers reports whether the RSS/live ratio is meaningful for a: only for
 // malloc implementations. Runtimes with their own heaps (Go, JVM, V8,
 // pymalloc) hold memory malloc never sees.
-func Covers(a Allocator) bool { return a == Glibc || a == Jemalloc || a == Tcmalloc }
+func Covers(a Allocator) bool { return a == Glibc || a == Jemalloc || a == Tcmalloc || a == Mimalloc }
 
 // Assess judges a process whose allocator is a, with rss anonymous resident
 // bytes (ProcessMem.RssAnon) and live bytes allocated through malloc. pm, if
@@ -124,7 +128,7 @@ func notCovered(a Allocator) string {
 	case Python:
 		return "Python: pymalloc serves small objects from its own arenas, so RSS/malloc-live is meaningless; use tracemalloc, or PYTHONMALLOC=malloc to route everything through malloc"
 	}
-	return "allocator not recognised (not glibc, jemalloc or tcmalloc; static or musl binary?), so the RSS/live ratio would not mean anything"
+	return "allocator not recognised (not glibc, jemalloc, tcmalloc or mimalloc; a musl or unknown static allocator?), so the RSS/live ratio would not mean anything"
 }
 
 func advice(a Allocator, pm *ProcessMem) []string {
@@ -144,6 +148,10 @@ func advice(a Allocator, pm *ProcessMem) []string {
 			"let jemalloc return free pages sooner: MALLOC_CONF=background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0 (purges dirty pages after 1 s from a background thread instead of 10 s on allocation calls)",
 			"if many threads allocate, cap arenas with MALLOC_CONF=narenas:2 (one set of partly used pages per arena)",
 			"pages pinned by a few long-lived small objects stay resident whatever the decay: check the top live stacks for such survivors",
+		}
+	case Mimalloc:
+		return []string{
+			"make mimalloc return freed pages sooner: MIMALLOC_RESET_DELAY=0 (mimalloc 2.0; MIMALLOC_PURGE_DELAY=0 from 2.1), and call mi_collect(true) after large frees",
 		}
 	case Tcmalloc:
 		return []string{
@@ -166,4 +174,31 @@ func AssessProcess(pid int, live uint64) (Verdict, error) {
 	}
 	a, _ := DetectAllocator(pid, nil)
 	return Assess(a, pm.RssAnon, live, &pm), nil
+}
+
+// Bounded judges a process whose live bytes are only partly known: live
+// were seen, and up to unseen more may exist (blocks allocated before the
+// profiler attached). The verdict of Assess stands only when it does not
+// depend on the unseen part: an alarm must hold with live+unseen too (all
+// unseen memory live), a healthy or low ratio with live alone. Otherwise no
+// verdict is given: the figures are reported with why.
+func Bounded(a Allocator, rss, live, unseen uint64, pm *ProcessMem, why string) Verdict {
+	v := Assess(a, rss, live, pm)
+	if unseen == 0 || !v.Covered {
+		return v
+	}
+	hi := Assess(a, rss, live+unseen, pm)
+	if v.Alarm && hi.Alarm {
+		v.Summary += fmt.Sprintf(" (holds even if all %s of allocator memory mapped before the attach held live blocks)", human(unseen))
+		return v
+	}
+	if !v.Alarm {
+		return v
+	}
+	v.Withheld = fmt.Sprintf("%s; up to %s of blocks may predate it, enough to explain the excess", why, human(unseen))
+	v.Summary = fmt.Sprintf("no verdict: %s (%s of anonymous RSS, %s live seen, ratio %.2f with what was seen; %.2f if all of that memory were live)",
+		v.Withheld, human(rss), human(live), v.Ratio, hi.Ratio)
+	v.Alarm = false
+	v.Advice = nil
+	return v
 }

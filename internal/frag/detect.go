@@ -25,6 +25,7 @@ const (
 	Glibc    Allocator = "glibc"
 	Jemalloc Allocator = "jemalloc"
 	Tcmalloc Allocator = "tcmalloc"
+	Mimalloc Allocator = "mimalloc"
 	Go       Allocator = "go"
 	JVM      Allocator = "jvm"
 	V8       Allocator = "v8"
@@ -66,6 +67,8 @@ func DetectAllocator(pid int, maps []procmaps.Mapping) (Allocator, string) {
 			a = Jemalloc
 		case strings.HasPrefix(base, "libtcmalloc"):
 			a = Tcmalloc
+		case strings.HasPrefix(base, "libmimalloc"):
+			a = Mimalloc
 		case base == "libc.so.6":
 			a = Glibc
 		default:
@@ -97,7 +100,7 @@ func DetectAllocator(pid int, maps []procmaps.Mapping) (Allocator, string) {
 			}
 		}
 	}
-	for _, a := range []Allocator{JVM, V8, Python, Go, Jemalloc, Tcmalloc, Glibc} {
+	for _, a := range []Allocator{JVM, V8, Python, Go, Jemalloc, Tcmalloc, Mimalloc, Glibc} {
 		if d, ok := found[a]; ok {
 			return a, d
 		}
@@ -111,7 +114,8 @@ func DetectAllocator(pid int, maps []procmaps.Mapping) (Allocator, string) {
 // exeTraits inspects the executable at path: goBin when it was built by Go
 // (a .go.buildinfo section, or a runtime.main symbol), and static, the
 // allocator linked into it when it defines jemalloc's mallctl (also with the
-// je_ or Rust jemallocator _rjem_ prefix) or tcmalloc's tc_malloc.
+// je_ or Rust jemallocator _rjem_ prefix, or <prefix>mallocx), tcmalloc's
+// tc_malloc or mimalloc's mi_malloc.
 func exeTraits(path string) (goBin bool, static Allocator) {
 	f, err := elf.Open(path)
 	if err != nil {
@@ -134,6 +138,15 @@ func exeTraits(path string) (goBin bool, static Allocator) {
 			case "tc_malloc":
 				if static == "" {
 					static = Tcmalloc
+				}
+			case "mi_malloc":
+				if static == "" {
+					static = Mimalloc
+				}
+			default:
+				// jemalloc under another prefix: <prefix>mallocx.
+				if strings.HasSuffix(s.Name, "mallocx") && elf.ST_TYPE(s.Info) == elf.STT_FUNC {
+					static = Jemalloc
 				}
 			}
 		}

@@ -114,13 +114,10 @@ func parseLine(line string) (Mapping, error) {
 		return m, fmt.Errorf("maps line %q: %w", line, err)
 	}
 	if len(f) > 5 {
-		// The path is everything after the inode column; it may contain spaces.
-		idx := strings.Index(line, f[4]+" ")
-		if idx >= 0 {
-			m.Path = strings.TrimSpace(line[idx+len(f[4]):])
-		} else {
-			m.Path = strings.Join(f[5:], " ")
-		}
+		// The path is everything after the inode column; it may contain
+		// spaces. (Searching for the inode's text would stop inside the
+		// offset column when the inode is 0, as for [heap].)
+		m.Path = strings.TrimSpace(afterFields(line, 5))
 		m.Path = strings.TrimSuffix(m.Path, " (deleted)")
 	}
 	return m, nil
@@ -201,4 +198,18 @@ func Alive(pid int) bool {
 		return false
 	}
 	return b[i+2] != 'Z' && b[i+2] != 'X'
+}
+
+// afterFields returns what follows the first n space-separated fields of line.
+func afterFields(line string, n int) string {
+	rest := line
+	for i := 0; i < n; i++ {
+		rest = strings.TrimLeft(rest, " \t")
+		j := strings.IndexAny(rest, " \t")
+		if j < 0 {
+			return ""
+		}
+		rest = rest[j:]
+	}
+	return rest
 }

@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"strconv"
 	"strings"
 	"syscall"
 
@@ -22,6 +23,13 @@ import (
 // Signals it receives are passed through unchanged. When it execs another
 // program (env, a shell wrapper), the new program's allocators are attached
 // at that exec the same way.
+//
+// The whole process tree is followed (PTRACE_O_TRACEFORK, TRACEVFORK,
+// TRACECLONE): a child process stops before it runs its first instruction,
+// gets its own probes (uprobes attached for one pid are not inherited at
+// fork) while its parent is still stopped in the fork, and is then let go.
+// Threads are traced too (a fork from any thread must be seen); they stop
+// only at their creation, their exit and on signals, never on system calls.
 type command struct {
 	argv   []string
 	env    []string
@@ -35,11 +43,25 @@ type cmdExit struct {
 	err    error
 }
 
+// commandHooks are called on the tracer thread with the process stopped.
+type commandHooks struct {
+	// attach: right after an exec (exec false: the command's own first
+	// one), libs the objects the new program maps or will map.
+	attach func(pid int, libs []string, exec bool) error
+	// atExit: the process is in its exit, its address space intact.
+	atExit func(pid int)
+	// forked: a new process child of parent exists and has not run yet;
+	// parent is stopped in its fork. vfork: the child shares the parent's
+	// memory until it execs or exits.
+	forked func(parent, child int, vfork bool)
+}
+
 // startCommand starts argv. attach is called with the child stopped right
 // after exec, the libraries it will map listed by path; atExit is called
-// with the child stopped in its exit, its address space still intact.
-// Both run on the tracer thread.
-func startCommand(argv []string, env []string, attach func(pid int, libs []string, exec bool) error, atExit func(pid int)) (*command, error) {
+// with the child stopped in its exit, its address space still intact;
+// forked (may be nil) when a process of the tree forks. All run on the
+// tracer thread.
+func startCommand(argv []string, env []string, attach func(pid int, libs []string, exec bool) error, atExit func(pid int), forked ...func(parent, child int, vfork bool)) (*command, error) {
 	if len(argv) == 0 {
 		return nil, fmt.Errorf("no command given after --")
 	}
@@ -49,15 +71,24 @@ func startCommand(argv []string, env []string, attach func(pid int, libs []strin
 	}
 	path, _ = filepath.Abs(path)
 	c := &command{argv: argv, env: env, status: make(chan cmdExit, 1)}
+	h := commandHooks{attach: attach, atExit: atExit, forked: func(int, int, bool) {}}
+	if len(forked) > 0 && forked[0] != nil {
+		h.forked = forked[0]
+	}
 	started := make(chan error, 1)
-	go c.trace(path, attach, atExit, started)
+	go c.trace(path, h, started)
 	if err := <-started; err != nil {
 		return nil, err
 	}
 	return c, nil
 }
 
-func (c *command) trace(path string, attach func(int, []string, bool) error, atExit func(int), started chan<- error) {
+// waitAny is wait4(-1) limited to the tracer thread's own children and
+// tracees (__WNOTHREAD), so processes other goroutines of memprof start are
+// never reaped here.
+const waitAny = syscall.WALL | unix.WNOTHREAD
+
+func (c *command) trace(path string, h commandHooks, started chan<- error) {
 	// ptrace requests must come from the thread that became the tracer.
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
@@ -78,10 +109,16 @@ func (c *command) trace(path string, attach func(int, []string, bool) error, atE
 		started <- fmt.Errorf("start %s: child did not stop at exec (%v, status %v)", path, err, ws)
 		return
 	}
-	_ = syscall.PtraceSetOptions(pid, unix.PTRACE_O_TRACEEXIT|unix.PTRACE_O_TRACEEXEC|unix.PTRACE_O_EXITKILL)
-	libs := []string{path}
-	libs = append(libs, loadedLibraries(path, c.env)...)
-	if err := attach(pid, libs, false); err != nil {
+	_ = syscall.PtraceSetOptions(pid, unix.PTRACE_O_TRACEEXIT|unix.PTRACE_O_TRACEEXEC|unix.PTRACE_O_EXITKILL|
+		unix.PTRACE_O_TRACEFORK|unix.PTRACE_O_TRACEVFORK|unix.PTRACE_O_TRACECLONE)
+	// The program the kernel runs: for a #! script, its interpreter.
+	exe := path
+	if real, err := os.Readlink(fmt.Sprintf("/proc/%d/exe", pid)); err == nil {
+		exe = real
+	}
+	libs := []string{exe}
+	libs = append(libs, loadedLibraries(exe, c.env)...)
+	if err := h.attach(pid, libs, false); err != nil {
 		syscall.Kill(pid, syscall.SIGKILL)
 		syscall.PtraceCont(pid, 0)
 		syscall.Wait4(pid, &ws, 0, nil)
@@ -93,47 +130,118 @@ func (c *command) trace(path string, attach func(int, []string, bool) error, atE
 		return
 	}
 	started <- nil
+	c.follow(pid, h)
+}
 
+// follow services the stops of the traced tree until no tracee is left.
+func (c *command) follow(root int, h commandHooks) {
+	tgid := map[int]int{root: root} // traced task -> its process
+	fresh := map[int]bool{}         // new tasks whose first stop (SIGSTOP) is still to come
+	early := map[int]bool{}         // new tasks that stopped before their creator's event
+	reported := false
+	var ws syscall.WaitStatus
 	for {
-		_, err := syscall.Wait4(pid, &ws, syscall.WALL, nil)
+		wpid, err := syscall.Wait4(-1, &ws, waitAny, nil)
 		if err != nil {
 			if err == syscall.EINTR {
 				continue
 			}
-			c.status <- cmdExit{code: -1, err: err}
+			if !reported {
+				c.status <- cmdExit{code: -1, err: err}
+			}
 			return
 		}
 		switch {
-		case ws.Exited():
-			c.status <- cmdExit{code: ws.ExitStatus()}
-			return
-		case ws.Signaled():
-			c.status <- cmdExit{code: 128 + int(ws.Signal()), signal: ws.Signal()}
-			return
-		case ws.Stopped():
-			sig := ws.StopSignal()
-			if sig == syscall.SIGTRAP && ws.TrapCause() == syscall.PTRACE_EVENT_EXIT {
-				atExit(pid)
-				syscall.PtraceCont(pid, 0)
-				continue
-			}
-			if sig == syscall.SIGTRAP && ws.TrapCause() == syscall.PTRACE_EVENT_EXEC {
-				// A new program in the same process: attach to the
-				// allocators it will load before it runs.
-				exe, err := os.Readlink(fmt.Sprintf("/proc/%d/exe", pid))
-				if err == nil {
-					libs := append([]string{exe}, loadedLibraries(exe, processEnv(pid))...)
-					attach(pid, libs, true)
+		case ws.Exited() || ws.Signaled():
+			delete(tgid, wpid)
+			delete(fresh, wpid)
+			delete(early, wpid)
+			if wpid == root && !reported {
+				reported = true
+				if ws.Exited() {
+					c.status <- cmdExit{code: ws.ExitStatus()}
+				} else {
+					c.status <- cmdExit{code: 128 + int(ws.Signal()), signal: ws.Signal()}
 				}
-				syscall.PtraceCont(pid, 0)
+			}
+			continue
+		case !ws.Stopped():
+			continue
+		}
+		sig := ws.StopSignal()
+		if _, known := tgid[wpid]; !known {
+			// A new task's first stop can come before its creator's event.
+			early[wpid] = true
+			continue
+		}
+		if sig == syscall.SIGTRAP {
+			switch ws.TrapCause() {
+			case syscall.PTRACE_EVENT_EXIT:
+				if tgid[wpid] == wpid {
+					h.atExit(wpid)
+				}
+				syscall.PtraceCont(wpid, 0)
+				continue
+			case syscall.PTRACE_EVENT_EXEC:
+				// A new program in the same process: attach to the
+				// allocators it will load before it runs. (An exec from
+				// a thread other than the leader is reported under the
+				// process's pid.)
+				tgid[wpid] = wpid
+				exe, err := os.Readlink(fmt.Sprintf("/proc/%d/exe", wpid))
+				if err == nil {
+					libs := append([]string{exe}, loadedLibraries(exe, processEnv(wpid))...)
+					h.attach(wpid, libs, true)
+				}
+				syscall.PtraceCont(wpid, 0)
+				continue
+			case syscall.PTRACE_EVENT_FORK, syscall.PTRACE_EVENT_VFORK, syscall.PTRACE_EVENT_CLONE:
+				msg, err := unix.PtraceGetEventMsg(wpid)
+				if err == nil {
+					child := int(msg)
+					parent := tgid[wpid]
+					if ws.TrapCause() == syscall.PTRACE_EVENT_CLONE && threadOf(child) == parent {
+						tgid[child] = parent // a thread of the same process
+					} else {
+						tgid[child] = child
+						h.forked(parent, child, ws.TrapCause() == syscall.PTRACE_EVENT_VFORK)
+					}
+					if early[child] {
+						delete(early, child)
+						syscall.PtraceCont(child, 0)
+					} else {
+						fresh[child] = true
+					}
+				}
+				syscall.PtraceCont(wpid, 0)
 				continue
 			}
-			if sig == syscall.SIGTRAP {
-				sig = 0
-			}
-			syscall.PtraceCont(pid, int(sig))
+			sig = 0
+		}
+		if sig == syscall.SIGSTOP && fresh[wpid] {
+			// The SIGSTOP every auto-attached task starts with.
+			delete(fresh, wpid)
+			syscall.PtraceCont(wpid, 0)
+			continue
+		}
+		syscall.PtraceCont(wpid, int(sig))
+	}
+}
+
+// threadOf returns the process (thread group) task tid belongs to, 0 if
+// unknown.
+func threadOf(tid int) int {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", tid))
+	if err != nil {
+		return 0
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "Tgid:"); ok {
+			n, _ := strconv.Atoi(strings.TrimSpace(v))
+			return n
 		}
 	}
+	return 0
 }
 
 // processEnv reads a process's environment (NUL-separated).

@@ -31,6 +31,11 @@ type OOMKill struct {
 	Profile *pprofout.Profile
 	// Allocator of the victim, for the fragmentation verdict.
 	Allocator frag.Allocator
+	// Coverage of the victim's heap ("complete: ..." or "partial: ..."),
+	// and for partial coverage the bound on the bytes of blocks allocated
+	// before the attach (see coverage.go).
+	Coverage string
+	Unseen   uint64
 }
 
 // startOOM attaches the OOM programs and starts reading their events.
@@ -116,6 +121,10 @@ func (s *Session) handleOOM(ev mbpf.MemprofOomEvent) {
 		kill.Target = true
 		t.oomed = true
 		kill.Allocator = t.allocator
+		kill.Coverage = t.cov.describe()
+		if !t.cov.complete {
+			kill.Unseen = t.cov.preAttach
+		}
 		s.freeze(pid, "was OOM-killed", func(snap *heap.Snapshot) {
 			p, err := s.profileOf(snap, func(p uint32) bool { return p == uint32(pid) })
 			if err == nil {
@@ -165,8 +174,15 @@ func WriteOOM(k *OOMKill, dir string) ([]string, error) {
 			return nil, fmt.Errorf("build OOM profile: %w", err)
 		}
 		live := inuseBytes(built)
-		v := frag.Assess(k.Allocator, k.Victim.AnonRSS, uint64(live), nil)
+		// The whole anonymous RSS (stacks and the program's own mappings
+		// included: the victim's smaps is being torn down), bounded by
+		// what the recording may have missed.
+		v := frag.Bounded(k.Allocator, k.Victim.AnonRSS, uint64(live), k.Unseen, nil, "the recording did not see the victim start")
 		r.Fragmentation = &v
+		if k.Coverage != "" {
+			r.Notes = append(r.Notes, "heap coverage: "+k.Coverage)
+			k.Profile.Comments = append(k.Profile.Comments, pprofout.MetaComment("coverage", k.Coverage))
+		}
 		k.Profile.Comments = append(k.Profile.Comments, fragComments(v)...)
 		path := filepath.Join(dir, base+".pb.gz")
 		if err := pprofout.WriteFile(path, k.Profile); err != nil {

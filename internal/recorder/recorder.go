@@ -60,6 +60,10 @@ type Options struct {
 	// ClassicOOM takes OOM kills from the classic tracepoint (pid only, as
 	// before Linux 6.8) even where the victim's task is available.
 	ClassicOOM bool
+	// FollowChildren also profiles the child processes of the Pids
+	// targets, found by polling after they started (a command's children
+	// are always followed, from their fork).
+	FollowChildren bool
 }
 
 // Session is one recording.
@@ -83,6 +87,9 @@ type Session struct {
 	// addMu serializes addPid, so that a process found by two scans at
 	// once (AddCgroup and the poll loop) is attached once, not twice.
 	addMu sync.Mutex
+	// hookMu: the command tracer's hooks hold it (read) while they use
+	// the session; Close takes it once so none runs past it.
+	hookMu sync.RWMutex
 
 	mu      sync.Mutex
 	procs   map[int]*target
@@ -108,6 +115,8 @@ type target struct {
 	// skipped: not profiled (no allocator memprof knows, or excluded),
 	// remembered so its cgroup's rescans do not retry it.
 	skipped bool
+	// cov: how much of its live heap the recording sees (coverage.go).
+	cov coverage
 }
 
 // Start loads the programs and attaches to the targets.
@@ -186,7 +195,7 @@ func Start(ctx context.Context, opts Options) (*Session, error) {
 		if env == nil {
 			env = os.Environ()
 		}
-		cmd, err := startCommand(opts.Command, env, s.attachCommand, s.commandExiting)
+		cmd, err := startCommand(opts.Command, env, s.attachCommand, s.commandExiting, s.commandForked)
 		if err != nil {
 			s.Close()
 			return nil, err
@@ -275,6 +284,8 @@ func (s *Session) Close() {
 	default:
 		close(s.done)
 	}
+	s.hookMu.Lock() // let a tracer hook in progress finish; later ones see done
+	s.hookMu.Unlock()
 	if s.oomStop != nil {
 		s.oomStop()
 	}

@@ -9,7 +9,9 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
+	"strings"
 	"time"
 
 	"github.com/memprof/memprof/internal/attach"
@@ -40,8 +42,12 @@ func (s *Session) noteObjects(objs []*attach.Object) {
 }
 
 // attachCommand runs with the command stopped at exec (the first one, or a
-// later exec of another program by the same process).
+// later exec of another program by a process of the command's tree).
 func (s *Session) attachCommand(pid int, libs []string, reexec bool) error {
+	if !s.enterHook() {
+		return nil
+	}
+	defer s.hookMu.RUnlock()
 	objs, err := s.att.Files(pid, libs)
 	if err != nil {
 		if reexec {
@@ -52,6 +58,9 @@ func (s *Session) attachCommand(pid int, libs []string, reexec bool) error {
 	}
 	if reexec {
 		s.noteObjects(objs)
+		// Every block of the old program died with it (a forked child
+		// also held copies of its parent's).
+		heap.DropLive(heap.FromObjects(&s.objs.MemprofObjects), uint32(pid))
 		s.mu.Lock()
 		t := s.procs[pid]
 		s.mu.Unlock()
@@ -60,6 +69,8 @@ func (s *Session) attachCommand(pid int, libs []string, reexec bool) error {
 			if a := allocatorOf(objs); a != frag.Unknown {
 				t.allocator = a
 			}
+			t.cov = fullCoverage(pid, "recorded from its exec of "+libs[0])
+			t.cov.traced = true
 			if t.sym != nil {
 				t.sym.Refresh()
 			}
@@ -68,15 +79,26 @@ func (s *Session) attachCommand(pid int, libs []string, reexec bool) error {
 			} else {
 				s.setupStacks(t, libs)
 			}
+			s.opts.Notify(fmt.Sprintf("process %d now runs %s", pid, libs[0]))
+			return nil
 		}
-		s.opts.Notify(fmt.Sprintf("process %d now runs %s", pid, libs[0]))
-		return nil
+		s.opts.Notify(fmt.Sprintf("process %d runs %s", pid, libs[0]))
 	}
 	if len(objs) == 0 {
-		return fmt.Errorf("command %s: %w among the libraries it loads (%v)", s.opts.Command[0], attach.ErrNoAllocator, libs)
+		if strippedStatic(libs[0]) {
+			return fmt.Errorf("command %s: %w: %s is a static executable without a symbol table (stripped), so its malloc cannot be found; build it without stripping (no -s, no strip), or link it dynamically", s.opts.Command[0], attach.ErrNoAllocator, libs[0])
+		}
+		if !reexec {
+			s.opts.Notify(fmt.Sprintf("%s maps no allocator memprof knows (%v); following it and its children in case they run a program that does", libs[0], libs))
+		}
 	}
 	s.noteObjects(objs)
 	t := &target{pid: pid, comm: procmaps.Comm(pid), cgroup: memoryCgroup(pid), allocator: allocatorOf(objs)}
+	t.cov = fullCoverage(pid, "started by memprof")
+	if reexec {
+		t.cov.how = "recorded from its exec of " + libs[0]
+	}
+	t.cov.traced = true
 	s.setupStacks(t, libs)
 	if sp, err := s.sym.Snapshot(pid); err == nil {
 		t.sym = sp
@@ -90,6 +112,10 @@ func (s *Session) attachCommand(pid int, libs []string, reexec bool) error {
 // commandExiting runs with the command stopped in its exit: the address
 // space is still there to read.
 func (s *Session) commandExiting(pid int) {
+	if !s.enterHook() {
+		return // the session's maps are gone; the command outlived it
+	}
+	defer s.hookMu.RUnlock()
 	s.mu.Lock()
 	t := s.procs[pid]
 	s.mu.Unlock()
@@ -101,6 +127,9 @@ func (s *Session) commandExiting(pid int) {
 		// fragmentation verdict.
 		if pm, err := frag.ReadProcess(pid); err == nil {
 			t.exitMem = &pm
+			if r, err := s.regions(t); err == nil {
+				t.cov.exitRegions = &r
+			}
 		}
 	}
 	s.freeze(pid, "exited", nil)
@@ -129,6 +158,18 @@ func (s *Session) attachPid(pid int) (bool, error) {
 	s.noteObjects(objs)
 	t := &target{pid: pid, comm: procmaps.Comm(pid), cgroup: memoryCgroup(pid), lastMap: time.Now()}
 	t.allocator, _ = frag.DetectAllocator(pid, nil)
+	if t.allocator == frag.Unknown || t.allocator == frag.Glibc {
+		if a := allocatorOf(objs); a != frag.Unknown {
+			t.allocator = a
+		}
+	}
+	t.cov = attachedCoverage(pid, "attached to the running process")
+	t.cov.execSig = execSignature(pid)
+	if slices.Contains(s.opts.Pids, pid) && !s.opts.FollowChildren {
+		if kids := childrenOf(pid); len(kids) > 0 {
+			s.opts.Notify(fmt.Sprintf("process %d has %d child process(es) %v: they are not profiled (pass --follow-children to include them)", pid, len(kids), kids))
+		}
+	}
 	sp, err := s.sym.Snapshot(pid)
 	if err != nil {
 		s.att.Detach(pid)
@@ -236,8 +277,13 @@ func (s *Session) loop(ctx context.Context) {
 				s.pruneStacks()
 			}
 		}
-		for _, t := range s.liveTargets() {
-			if s.cmd != nil && t.pid == s.cmd.pid {
+		live := s.liveTargets()
+		s.watchCalls(live)
+		if s.opts.FollowChildren {
+			s.followChildren(live)
+		}
+		for _, t := range live {
+			if t.cov.traced {
 				if time.Since(t.lastMap) > time.Second && t.sym != nil {
 					t.sym.Refresh()
 					t.lastMap = time.Now()
@@ -248,9 +294,25 @@ func (s *Session) loop(ctx context.Context) {
 				s.freeze(t.pid, "exited", nil)
 				continue
 			}
-			if time.Since(t.lastMap) > time.Second {
-				// Pick up allocators loaded with dlopen and new mappings
-				// for symbolization.
+			// An exec, seen by polling (every tick: the new program's
+			// own allocator, e.g. a container's libc after runc's init,
+			// is attached without waiting for the periodic rescan).
+			execd := false
+			if sig := execSignature(t.pid); t.cov.execSig != "" && sig != "" && sig != t.cov.execSig {
+				execd = true
+				t.cov.execSig = sig
+				t.comm = procmaps.Comm(t.pid)
+				if a, _ := frag.DetectAllocator(t.pid, nil); a != frag.Unknown {
+					t.allocator = a
+				}
+				exe, _, _ := strings.Cut(sig, "@")
+				t.cov.how += "; it exec'd " + exe + " since"
+				s.opts.Notify(fmt.Sprintf("process %d exec'd %s: following the new program", t.pid, t.comm))
+			}
+			if execd || time.Since(t.lastMap) > time.Second {
+				// Pick up allocators loaded with dlopen (or by the new
+				// program: the probes of libraries it maps again stay
+				// in place) and new mappings for symbolization.
 				if objs, err := s.att.Process(t.pid); err == nil {
 					s.noteObjects(objs)
 				}
@@ -405,13 +467,18 @@ func cgroupDir(rel string) string {
 }
 
 // allocatorOf names the allocator from the objects attached before exec
-// (jemalloc wins over glibc: when both are mapped, jemalloc was preloaded).
+// (jemalloc, tcmalloc or mimalloc win over glibc: when both are mapped,
+// the other was preloaded or linked in ahead of libc).
 func allocatorOf(objs []*attach.Object) frag.Allocator {
 	a := frag.Unknown
 	for _, o := range objs {
 		switch o.Allocator {
 		case "jemalloc":
 			return frag.Jemalloc
+		case "tcmalloc":
+			return frag.Tcmalloc
+		case "mimalloc":
+			return frag.Mimalloc
 		case "glibc", "static":
 			a = frag.Glibc
 		}
