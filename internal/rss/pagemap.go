@@ -1,0 +1,174 @@
+package rss
+
+import (
+	"encoding/binary"
+	"fmt"
+	"os"
+	"sort"
+)
+
+// /proc/PID/pagemap: one little-endian 64-bit entry per virtual page
+// (Documentation/admin-guide/mm/pagemap.rst).
+const (
+	pmPresent = 1 << 63 // page present in RAM
+	pmSwapped = 1 << 62 // page swapped out
+	pmFile    = 1 << 61 // file page or shared anonymous page
+	pageSize  = 4096
+	// maxPagemapRead bounds one read (entries for 64 MiB of address space).
+	maxPagemapRead = 128 << 10
+)
+
+// residency is what pagemap says about one sampled folio now.
+type residency struct {
+	present int // pages present and anonymous (not file or shared)
+	swapped int // pages swapped out
+	pages   int // pages in the folio
+}
+
+// fraction is the part of the sampled folio still resident (more than 1
+// when the sampled page belongs to a transparent huge page: its fault made
+// the whole huge page resident).
+func (r residency) fraction() float64 {
+	if r.pages == 0 {
+		return 0
+	}
+	return float64(r.present) / float64(r.pages)
+}
+
+// gone reports whether nothing of the folio is left (neither resident nor
+// swapped out): its entry can be forgotten.
+func (r residency) gone() bool { return r.present == 0 && r.swapped == 0 }
+
+// folio is a sampled folio's range in a process.
+type folio struct {
+	addr, size uint64
+}
+
+// pfnMask selects the page frame number of a present entry (bits 0-54).
+const pfnMask = 1<<55 - 1
+
+// kpageflags bit of a page that is part of a transparent huge page
+// (Documentation/admin-guide/mm/pagemap.rst: KPF_THP).
+const kpfTHP = 1 << 22
+
+// thpSize is the x86-64 PMD-mapped huge page size.
+const thpSize = 2 << 20
+
+// widenTHP re-checks, for each sampled 4 KiB page that /proc/kpageflags
+// shows to be part of a transparent huge page, the whole 2 MiB range: the
+// fault that mapped it made 2 MiB resident at once. It returns the folios
+// to check (THP ranges widened) and whether each was widened.
+func widenTHP(pid int, pm interface {
+	ReadAt([]byte, int64) (int, error)
+}, folios []folio) ([]folio, []bool) {
+	kf, err := os.Open("/proc/kpageflags")
+	if err != nil {
+		return folios, make([]bool, len(folios))
+	}
+	defer kf.Close()
+	out := make([]folio, len(folios))
+	wide := make([]bool, len(folios))
+	var b [8]byte
+	for i, fo := range folios {
+		out[i] = fo
+		if fo.size != pageSize {
+			continue
+		}
+		if n, _ := pm.ReadAt(b[:], int64(fo.addr/pageSize*8)); n != 8 {
+			continue
+		}
+		e := binary.LittleEndian.Uint64(b[:])
+		if e&pmPresent == 0 || e&pfnMask == 0 {
+			continue
+		}
+		if n, _ := kf.ReadAt(b[:], int64(e&pfnMask*8)); n != 8 {
+			continue
+		}
+		if binary.LittleEndian.Uint64(b[:])&kpfTHP != 0 {
+			out[i] = folio{addr: fo.addr &^ (thpSize - 1), size: thpSize}
+			wide[i] = true
+		}
+	}
+	return out, wide
+}
+
+// checkResidency reads /proc/PID/pagemap for each folio (sorted and merged
+// into runs, each read at most maxPagemapRead bytes) and returns their
+// residency in the order given. It fails only when pagemap cannot be opened
+// (the process has exited).
+func checkResidency(pid int, folios []folio) ([]residency, error) {
+	f, err := os.Open(fmt.Sprintf("/proc/%d/pagemap", pid))
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	wide, widened := widenTHP(pid, f, folios)
+	res := residencyFrom(f, wide)
+	for i := range res {
+		if widened[i] {
+			// In units of the sampled page: a resident THP counts 512.
+			res[i].pages = 1
+		}
+	}
+	return res, nil
+}
+
+// residencyFrom is checkResidency over any reader of pagemap entries.
+func residencyFrom(r interface {
+	ReadAt([]byte, int64) (int, error)
+}, folios []folio) []residency {
+	out := make([]residency, len(folios))
+	order := make([]int, len(folios))
+	for i := range order {
+		order[i] = i
+	}
+	sort.Slice(order, func(a, b int) bool { return folios[order[a]].addr < folios[order[b]].addr })
+	buf := make([]byte, 0, 4096)
+	for i := 0; i < len(order); {
+		// A run of folios whose entries lie within one bounded read.
+		start := folios[order[i]].addr / pageSize
+		end := start
+		j := i
+		for ; j < len(order); j++ {
+			fo := folios[order[j]]
+			first, last := fo.addr/pageSize, (fo.addr+max(fo.size, pageSize))/pageSize
+			if first < start || (last-start)*8 > maxPagemapRead {
+				break
+			}
+			end = max(end, last)
+		}
+		if j == i { // a folio larger than one read (cannot happen with sizes <= 64 MiB)
+			j = i + 1
+			fo := folios[order[i]]
+			end = start + min(max(fo.size, pageSize), maxPagemapRead*pageSize/8)/pageSize
+		}
+		n := int(end-start) * 8
+		if cap(buf) < n {
+			buf = make([]byte, n)
+		}
+		buf = buf[:n]
+		got, _ := r.ReadAt(buf, int64(start*8))
+		for _, idx := range order[i:j] {
+			fo := folios[idx]
+			first := fo.addr / pageSize
+			pages := int(max(fo.size, pageSize) / pageSize)
+			res := residency{pages: pages}
+			for p := 0; p < pages; p++ {
+				off := int(first-start+uint64(p)) * 8
+				if off+8 > got {
+					break
+				}
+				e := binary.LittleEndian.Uint64(buf[off:])
+				switch {
+				case e&pmPresent != 0 && e&pmFile == 0:
+					res.present++
+				case e&pmSwapped != 0:
+					res.swapped++
+				}
+			}
+			out[idx] = res
+		}
+		i = j
+	}
+	return out
+}
