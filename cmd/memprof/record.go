@@ -44,12 +44,16 @@ func recordCommand() *cli.Command {
 			&cli.StringFlag{Name: "oom-dir", Usage: "where OOM post-mortems go (default: next to the profile)"},
 			&cli.BoolFlag{Name: "all-ooms", Usage: "also report OOM kills of processes that are not targets"},
 			&cli.IntFlag{Name: "top", Value: 10, Usage: "stacks shown in the summary"},
+			&cli.BoolFlag{Name: "rss", Usage: "record an RSS profile instead (which stacks faulted in the resident anonymous memory; page-fault tracepoints, no uprobes)"},
 		}, podPathFlags()...),
 		Action: runRecord,
 	}
 }
 
 func runRecord(c *cli.Context) error {
+	if c.Bool("rss") {
+		return runRecordRSS(c)
+	}
 	opts := recorder.Options{
 		SampleRate: c.Uint64("sample-rate"),
 		Pids:       c.IntSlice("pid"),

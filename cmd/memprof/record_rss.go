@@ -1,0 +1,117 @@
+package main
+
+import (
+	"fmt"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/memprof/memprof/internal/podfind"
+	"github.com/memprof/memprof/internal/rss"
+	"github.com/memprof/memprof/pprofout"
+)
+
+// runRecordRSS is `memprof record --rss`: the RSS tier alone (page-fault
+// tracepoints, no uprobes).
+func runRecordRSS(c *cli.Context) error {
+	opts := rss.Options{
+		SampleRate:    c.Uint64("sample-rate"),
+		Pids:          c.IntSlice("pid"),
+		Cgroups:       c.StringSlice("cgroup"),
+		Command:       c.Args().Slice(),
+		FramePointers: c.String("stack-mode") == "fp",
+		AllOOMs:       c.Bool("all-ooms"),
+	}
+	if opts.SampleRate == 0 {
+		return fmt.Errorf("--sample-rate must be at least 1 byte")
+	}
+	target := "rss"
+	var podLabels map[string]string
+	if pod := c.String("pod"); pod != "" {
+		conts, err := podfind.Discover(c.Context, podPathsFrom(c))
+		if err != nil {
+			return fmt.Errorf("find pods on this node: %w", err)
+		}
+		sel, err := podfind.Select(conts, pod, c.String("namespace"), c.String("container"))
+		if err != nil {
+			return err
+		}
+		for _, ct := range sel {
+			dir := ct.CgroupV1Memory
+			if dir == "" {
+				dir = ct.CgroupV2
+			}
+			opts.Cgroups = append(opts.Cgroups, dir)
+		}
+		podLabels = map[string]string{"namespace": sel[0].Namespace, "pod": sel[0].Pod, "node": hostname()}
+		if len(sel) == 1 {
+			podLabels["container"] = sel[0].Name
+		}
+		target = sel[0].Namespace + "-" + sel[0].Pod
+	}
+	out := c.String("output")
+	if out == "" {
+		out = fmt.Sprintf("memprof-%s-%s.rss.pb.gz", target, time.Now().Format("20060102-150405"))
+	}
+	oomDir := c.String("oom-dir")
+	if oomDir == "" {
+		oomDir = filepath.Dir(out)
+	}
+	stderr := os.Stderr
+	opts.Notify = func(msg string) { fmt.Fprintln(stderr, "memprof:", msg) }
+	opts.OOM = func(k *rss.OOMKill) {
+		if k.Profile == nil {
+			fmt.Fprintf(stderr, "memprof: OOM kill of pid %d (%s), not a target\n", k.Pid, k.Comm)
+			return
+		}
+		path, err := rss.WriteOOM(k, oomDir)
+		if err != nil {
+			fmt.Fprintf(stderr, "memprof: OOM kill of pid %d (%s): writing the RSS post-mortem failed: %v\n", k.Pid, k.Comm, err)
+			return
+		}
+		fmt.Fprintf(stderr, "memprof: OOM KILL of pid %d (%s): RSS post-mortem written: %s\n", k.Pid, k.Comm, path)
+	}
+	ctx, stop := signal.NotifyContext(c.Context, os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	s, err := rss.Start(ctx, opts)
+	if err != nil {
+		return err
+	}
+	defer s.Close()
+	fmt.Fprintf(stderr, "memprof: recording RSS of %s (sample rate %d bytes; page-fault tracepoints, no uprobes)\n", target, opts.SampleRate)
+	reason := s.Wait(ctx, c.Duration("duration"))
+	fmt.Fprintf(stderr, "memprof: stopped: %s after %s\n", reason, time.Since(s.StartTime()).Round(time.Millisecond))
+	p, sums, err := s.Profile(nil)
+	if err != nil {
+		return err
+	}
+	for i := range p.Samples {
+		for k, v := range podLabels {
+			p.Samples[i].Labels[k] = v
+		}
+	}
+	if err := pprofout.WriteRSSFile(out, p); err != nil {
+		return err
+	}
+	cn, _ := s.Counters()
+	fmt.Fprintf(stderr, "\nmemprof: %d anonymous page faults seen (%s), %d sampled\n", cn.Folios, pprofout.HumanBytes(int64(cn.Bytes)), cn.Samples)
+	if lost := cn.Lost(); len(lost) > 0 {
+		fmt.Fprintf(stderr, "memprof: LOST (also in the profile's comments): %v\n", lost)
+	}
+	for _, sm := range sums {
+		fmt.Fprintf(stderr, "pid %d (%s): RssAnon %s, attributed to stacks %s, %s %s\n", sm.Pid, sm.Comm,
+			pprofout.HumanBytes(sm.RssAnon), pprofout.HumanBytes(sm.Attributed), rss.ResidentBefore, pprofout.HumanBytes(sm.Before))
+	}
+	if built, err := pprofout.BuildRSS(p); err == nil {
+		if rows, err := pprofout.Top(built, pprofout.RSSSpace, c.Int("top")); err == nil && len(rows) > 0 {
+			fmt.Fprintf(stderr, "\ntop %d stacks by resident bytes (rss_space):\n", len(rows))
+			pprofout.FormatTop(stderr, rows, pprofout.RSSSpace, 8)
+		}
+	}
+	fmt.Fprintf(stderr, "\nRSS profile written to %s\nview it with: go tool pprof -http=: %s\n", out, out)
+	return nil
+}
