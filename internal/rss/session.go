@@ -54,6 +54,14 @@ type Options struct {
 	DropExited bool
 }
 
+// Kinds of targets in use (RSS_KIND_* in bpf/rss.h): BPF consults only
+// the maps of the kinds set.
+const (
+	RSSKindPids    = 1
+	RSSKindMemcgs  = 2
+	RSSKindCgroups = 4
+)
+
 // Session is one RSS recording.
 type Session struct {
 	opts   Options
@@ -180,7 +188,7 @@ func (s *Session) AddPid(pid int) error { return s.addPid(pid, uint8(mbpf.RssRss
 func (s *Session) addPid(pid int, flags uint8) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	s.setKinds(1)
+	s.setKinds(RSSKindPids)
 	if err := s.objs.RssPids.Put(uint32(pid), flags); err != nil {
 		return fmt.Errorf("add process %d to the RSS targets: %w", pid, err)
 	}
@@ -243,9 +251,9 @@ func (s *Session) scanCgroup(dir string) error {
 		// A v1 directory is the memory controller's (its id is the
 		// task's memcg); a v2 directory is matched by the task's v2
 		// cgroup id (on pure v2 hosts both are the same id).
-		m, kind := s.objs.RssCgroups, uint32(4)
+		m, kind := s.objs.RssCgroups, uint32(RSSKindCgroups)
 		if v == 1 {
-			m, kind = s.objs.RssMemcgs, 2
+			m, kind = s.objs.RssMemcgs, RSSKindMemcgs
 		}
 		if err := m.Put(id, uint8(1)); err != nil {
 			s.mu.Unlock()
