@@ -82,6 +82,14 @@ func load(opts loadOptions) (*objects, error) {
 	if err := spec.Variables["rss_copy_stacks"].Set(copyStacks); err != nil {
 		return nil, err
 	}
+	if opts.SampleRate <= 1 {
+		// Every fault copies its stack: a burst of faults (memset of a
+		// large buffer) outruns the reader of the default 32 MiB ring;
+		// --sample-rate 1 is a diagnostic mode and gets 256 MiB. Copies
+		// that still do not fit fall back to frame-pointer stacks and
+		// are counted (rss_ringbuf_full).
+		spec.Maps["rss_events"].MaxEntries = 256 << 20
+	}
 	o := &objects{}
 	if err := spec.LoadAndAssign(&o.RssObjects, nil); err != nil {
 		var ve *ebpf.VerifierError

@@ -176,6 +176,9 @@ func (s *Session) profile(only func(pid uint32) bool) (*pprofout.RSSProfile, []P
 		if sum.RssAnon > 0 {
 			sum.Before = max(0, min(pr.startAnon, sum.RssAnon-sum.Attributed))
 		}
+		if sum.RssAnon == 0 && sum.Faulted == 0 {
+			continue // exited without a sampled fault (a short-lived helper)
+		}
 		if sum.Before > 0 {
 			p.Samples = append(p.Samples, pprofout.RSSSample{
 				Stack: []*pprofout.Location{before}, Size: pageSize, ResidentBytes: sum.Before,

@@ -186,3 +186,82 @@ func TestKnownDefaultRate(t *testing.T) {
 	}
 	t.Logf("total rss_space %.2f MiB, RssAnon %.2f MiB", float64(total)/mib, float64(pm.RssAnon)/mib)
 }
+
+// recordFunc starts bin (waiting for its go line), records it by pid at
+// rate, and returns rss_space under stacks containing fn, the total, and
+// the process's RssAnon at the snapshot.
+func recordFunc(t *testing.T, rate uint64, fn string, bin string, args ...string) (inFn, total int64, rssAnon uint64) {
+	t.Helper()
+	k := startWaiting(t, bin, args...)
+	s, err := Start(context.Background(), Options{SampleRate: rate, Pids: []int{k.cmd.Process.Pid}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	k.run(t)
+	p, _, err := s.Profile(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pm, err := frag.ReadProcess(k.cmd.Process.Pid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	built, err := pprofout.BuildRSS(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rss, _, total := byFunction(built, []string{fn})
+	if rows, err := pprofout.Top(built, pprofout.RSSSpace, 3); err == nil {
+		var b strings.Builder
+		pprofout.FormatTop(&b, rows, pprofout.RSSSpace, 12)
+		t.Logf("top stacks:\n%s", b.String())
+	}
+	return rss[fn], total, pm.RssAnon
+}
+
+func TestGoLeak(t *testing.T) {
+	testprog.RequireRoot(t)
+	bin := t.TempDir() + "/rss_goleak"
+	if out, err := exec.Command("go", "build", "-o", bin, testprog.Testdata("rss_goleak")).CombinedOutput(); err != nil {
+		t.Fatalf("go build: %v\n%s", err, out)
+	}
+	const want = 64 * mib
+	for _, rate := range []uint64{1, DefaultSampleRate} {
+		got, total, anon := recordFunc(t, rate, "main.leakSlices", bin, "64")
+		q := 1 - math.Exp(-4096.0/float64(rate))
+		tol := 0.03 * want
+		if rate > 1 {
+			tol = 4 * 4096 * math.Sqrt(want/4096*(1-q)/q)
+		}
+		t.Logf("rate %d: main.leakSlices rss_space %.2f MiB (truth 64, tolerance %.2f); total %.2f MiB, RssAnon %.2f MiB",
+			rate, float64(got)/mib, tol/mib, float64(total)/mib, float64(anon)/mib)
+		if math.Abs(float64(got)-want) > tol {
+			t.Errorf("rate %d: main.leakSlices rss_space %.2f MiB, want 64 within %.2f", rate, float64(got)/mib, tol/mib)
+		}
+		if rate == 1 && math.Abs(float64(total)-float64(anon)) > 0.03*float64(anon) {
+			t.Errorf("total rss_space %.2f MiB vs RssAnon %.2f MiB", float64(total)/mib, float64(anon)/mib)
+		}
+	}
+}
+
+func TestPythonGrow(t *testing.T) {
+	testprog.RequireRoot(t)
+	// The interpreter itself, not a wrapper script (pyenv shims fork).
+	out, err := exec.Command("python3", "-c", "import sys; print(sys.executable)").Output()
+	if err != nil {
+		t.Fatalf("python3: %v", err)
+	}
+	py := strings.TrimSpace(string(out))
+	// bytes repetition fills each 64 KiB object: the pages fault in
+	// memset under CPython's bytes_repeat (Objects/bytesobject.c, 3.11).
+	const want = 64 * mib
+	got, total, anon := recordFunc(t, 1, "bytes_repeat", py, testprog.Testdata("rss_pygrow.py"))
+	t.Logf("bytes_repeat rss_space %.2f MiB (truth 64 + object headers); total %.2f MiB, RssAnon %.2f MiB", float64(got)/mib, float64(total)/mib, float64(anon)/mib)
+	if math.Abs(float64(got)-want) > 0.05*want {
+		t.Errorf("bytes_repeat rss_space %.2f MiB, want 64 within 5%%", float64(got)/mib)
+	}
+	if math.Abs(float64(total)-float64(anon)) > 0.03*float64(anon) {
+		t.Errorf("total rss_space %.2f MiB vs RssAnon %.2f MiB", float64(total)/mib, float64(anon)/mib)
+	}
+}
