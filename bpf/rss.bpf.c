@@ -38,6 +38,7 @@ const volatile __u32 rss_copy_stacks = 1;
 // Exposes enums and event layouts to the generated Go types.
 const volatile enum rss_counter rss_nr_counters = NR_RSS_COUNTERS;
 const volatile enum rss_target_flag rss_unused_flag = RT_TARGET;
+const volatile enum rss_thp_mode rss_unused_thp = THP_NEVER;
 const volatile enum rss_event_type rss_unused_event = RE_STACK;
 const struct rss_stack_event *rss_unused_stack_event __attribute__((unused));
 const struct rss_oom_event *rss_unused_oom_event __attribute__((unused));
@@ -183,6 +184,7 @@ static __always_inline void record(void *ctx, struct task_struct *task, __u32 tg
 	struct rss_page_key k = {.tgid = tgid, .addr = addr & ~(size - 1)};
 	struct rss_page p = {
 		.size = size,
+		.fault = addr,
 		.memcg = memcg,
 		.cgroup = cgroup,
 		.ts = bpf_ktime_get_ns(),
@@ -200,8 +202,22 @@ struct rss_thread {
 	__u64 addr;	// faulting address
 	__u64 ip, sp;	// user registers at the fault: identify it at the increment
 	__u32 active;
-	__u32 _pad;
+	__u32 thp;	// a transparent huge page is expected
 };
+
+struct vma_ctx {
+	__u64 addr;
+	__u32 thp;
+};
+
+// vma_check runs with the faulting address's mapping (bpf_find_vma).
+static long vma_check(struct task_struct *task, struct vm_area_struct *vma, struct vma_ctx *c)
+{
+	if (vma->vm_file || vma->vm_ops) // not anonymous memory
+		return 0;
+	c->thp = rss_thp_expected(rss_thp_mode, vma->vm_flags, vma->vm_start, vma->vm_end, c->addr);
+	return 0;
+}
 
 struct {
 	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
@@ -232,6 +248,13 @@ static __always_inline void on_fault(__u64 address)
 	t->ip = BPF_CORE_READ(regs, ip);
 	t->sp = BPF_CORE_READ(regs, sp);
 	t->active = 1;
+	t->thp = 0;
+	if (rss_thp_mode != THP_NEVER) {
+		struct vma_ctx c = {.addr = address};
+		// Fails (no huge page expected) if the mmap lock is contended.
+		bpf_find_vma(task, address, vma_check, &c, 0);
+		t->thp = c.thp;
+	}
 }
 
 SEC("tp_btf/page_fault_user")
@@ -270,9 +293,10 @@ int BPF_PROG(rss_stat_hook, struct mm_struct *mm, int member)
 		return 0;
 	t->active = 0;
 	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
-	// The counter's delta is not passed: a fault counts one page here; a
-	// transparent huge page is recognised by memprof at snapshot time.
-	__u64 size = 4096;
+	// The counter's delta is not passed: the folio's size is the one
+	// expected from the mapping (a 2 MiB huge page where THP applies);
+	// memprof checks it against /proc/kpageflags at snapshot time.
+	__u64 size = t->thp ? RSS_THP_SIZE : 4096;
 	rss_count(RC_FOLIOS, 1);
 	rss_count(RC_BYTES, size);
 	__u32 zero = 0;

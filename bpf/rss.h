@@ -42,7 +42,8 @@ struct rss_page_key {
 };
 
 struct rss_page {
-	__u64 size;	// folio bytes (4096, or 2 MiB for a THP)
+	__u64 size;	// folio bytes as sampled: 4096, or 2 MiB where a THP was expected
+	__u64 fault;	// the faulting address
 	__u64 memcg;	// kernfs id of the memory controller's cgroup
 	__u64 cgroup;	// cgroup v2 id
 	__u64 ts;	// ktime of the fault
@@ -124,6 +125,35 @@ struct {
 volatile __u32 rss_filter_kinds;
 // 1: every fault is sampled (--sample-rate 1).
 const volatile __u32 rss_sample_all;
+// Transparent huge pages for anonymous memory
+// (/sys/kernel/mm/transparent_hugepage/enabled): enum rss_thp_mode.
+const volatile __u32 rss_thp_mode;
+
+enum rss_thp_mode {
+	THP_NEVER = 0,
+	THP_MADVISE = 1,	// only in regions given MADV_HUGEPAGE
+	THP_ALWAYS = 2,
+};
+
+#define RSS_VM_HUGEPAGE 0x20000000ULL	// VM_HUGEPAGE (include/linux/mm.h)
+#define RSS_VM_NOHUGEPAGE 0x40000000ULL	// VM_NOHUGEPAGE
+#define RSS_THP_SIZE (2ULL << 20)
+
+// rss_thp_expected reports whether a first fault at addr in an anonymous
+// mapping [start, end) with flags is expected to map a 2 MiB transparent
+// huge page: THP enabled for it, and the aligned 2 MiB around addr inside
+// the mapping. (The kernel may still fall back to 4 KiB pages: no huge page
+// free, the range already has a page table; memprof corrects that at
+// snapshot time from /proc/kpageflags.)
+static __always_inline int rss_thp_expected(__u32 mode, __u64 flags, __u64 start, __u64 end, __u64 addr)
+{
+	if (mode == THP_NEVER || (flags & RSS_VM_NOHUGEPAGE))
+		return 0;
+	if (mode == THP_MADVISE && !(flags & RSS_VM_HUGEPAGE))
+		return 0;
+	__u64 h = addr & ~(RSS_THP_SIZE - 1);
+	return h >= start && h + RSS_THP_SIZE <= end;
+}
 
 #define RSS_KIND_PIDS 1
 #define RSS_KIND_MEMCGS 2
@@ -186,7 +216,10 @@ struct rss_test_ctx {
 	__u64 size;
 	__s64 gap;
 	__u32 sampled;		// out
+	__u32 thp;		// out: rss_thp_expected(thp_mode, vm_flags, vm_start, vm_end, addr)
+	__u32 thp_mode;
 	__u32 _pad;
+	__u64 vm_flags, vm_start, vm_end, addr;
 };
 
 #endif

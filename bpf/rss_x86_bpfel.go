@@ -55,6 +55,7 @@ type RssRssOomEvent struct {
 type RssRssPage struct {
 	_       structs.HostLayout
 	Size    uint64
+	Fault   uint64
 	Memcg   uint64
 	Cgroup  uint64
 	Ts      uint64
@@ -89,13 +90,21 @@ const (
 	RssRssTargetFlagRT_FOLLOW_FORKS RssRssTargetFlag = 2
 )
 
+type RssRssThpMode uint32
+
+const (
+	RssRssThpModeTHP_NEVER   RssRssThpMode = 0
+	RssRssThpModeTHP_MADVISE RssRssThpMode = 1
+	RssRssThpModeTHP_ALWAYS  RssRssThpMode = 2
+)
+
 type RssRssThread struct {
 	_      structs.HostLayout
 	Addr   uint64
 	Ip     uint64
 	Sp     uint64
 	Active uint32
-	Pad    uint32
+	Thp    uint32
 }
 
 // Names of all BPF objects in the ELF.
@@ -123,10 +132,12 @@ const (
 	RssVarRssNrCounters       = "rss_nr_counters"
 	RssVarRssSampleAll        = "rss_sample_all"
 	RssVarRssStackSeq         = "rss_stack_seq"
+	RssVarRssThpMode          = "rss_thp_mode"
 	RssVarRssUnusedEvent      = "rss_unused_event"
 	RssVarRssUnusedFlag       = "rss_unused_flag"
 	RssVarRssUnusedOomEvent   = "rss_unused_oom_event"
 	RssVarRssUnusedStackEvent = "rss_unused_stack_event"
+	RssVarRssUnusedThp        = "rss_unused_thp"
 )
 
 // LoadRss returns the embedded CollectionSpec for Rss.
@@ -204,10 +215,12 @@ type RssVariableSpecs struct {
 	RssNrCounters       *ebpf.VariableSpec `ebpf:"rss_nr_counters"`
 	RssSampleAll        *ebpf.VariableSpec `ebpf:"rss_sample_all"`
 	RssStackSeq         *ebpf.VariableSpec `ebpf:"rss_stack_seq"`
+	RssThpMode          *ebpf.VariableSpec `ebpf:"rss_thp_mode"`
 	RssUnusedEvent      *ebpf.VariableSpec `ebpf:"rss_unused_event"`
 	RssUnusedFlag       *ebpf.VariableSpec `ebpf:"rss_unused_flag"`
 	RssUnusedOomEvent   *ebpf.VariableSpec `ebpf:"rss_unused_oom_event"`
 	RssUnusedStackEvent *ebpf.VariableSpec `ebpf:"rss_unused_stack_event"`
+	RssUnusedThp        *ebpf.VariableSpec `ebpf:"rss_unused_thp"`
 }
 
 // RssObjects contains all objects after they have been loaded into the kernel.
@@ -268,10 +281,12 @@ type RssVariables struct {
 	RssNrCounters       *ebpf.Variable `ebpf:"rss_nr_counters"`
 	RssSampleAll        *ebpf.Variable `ebpf:"rss_sample_all"`
 	RssStackSeq         *ebpf.Variable `ebpf:"rss_stack_seq"`
+	RssThpMode          *ebpf.Variable `ebpf:"rss_thp_mode"`
 	RssUnusedEvent      *ebpf.Variable `ebpf:"rss_unused_event"`
 	RssUnusedFlag       *ebpf.Variable `ebpf:"rss_unused_flag"`
 	RssUnusedOomEvent   *ebpf.Variable `ebpf:"rss_unused_oom_event"`
 	RssUnusedStackEvent *ebpf.Variable `ebpf:"rss_unused_stack_event"`
+	RssUnusedThp        *ebpf.Variable `ebpf:"rss_unused_thp"`
 }
 
 // RssPrograms contains all programs after they have been loaded into the kernel.

@@ -23,7 +23,13 @@ type RssTestRssTestCtx struct {
 	Size      uint64
 	Gap       int64
 	Sampled   uint32
+	Thp       uint32
+	ThpMode   uint32
 	Pad       uint32
+	VmFlags   uint64
+	VmStart   uint64
+	VmEnd     uint64
+	Addr      uint64
 }
 
 // Names of all BPF objects in the ELF.
@@ -37,6 +43,7 @@ const (
 	RssTestProgRssTestDecide = "rss_test_decide"
 	RssTestVarRssFilterKinds = "rss_filter_kinds"
 	RssTestVarRssSampleAll   = "rss_sample_all"
+	RssTestVarRssThpMode     = "rss_thp_mode"
 )
 
 // LoadRssTest returns the embedded CollectionSpec for RssTest.
@@ -100,6 +107,7 @@ type RssTestMapSpecs struct {
 type RssTestVariableSpecs struct {
 	RssFilterKinds *ebpf.VariableSpec `ebpf:"rss_filter_kinds"`
 	RssSampleAll   *ebpf.VariableSpec `ebpf:"rss_sample_all"`
+	RssThpMode     *ebpf.VariableSpec `ebpf:"rss_thp_mode"`
 }
 
 // RssTestObjects contains all objects after they have been loaded into the kernel.
@@ -143,6 +151,7 @@ func (m *RssTestMaps) Close() error {
 type RssTestVariables struct {
 	RssFilterKinds *ebpf.Variable `ebpf:"rss_filter_kinds"`
 	RssSampleAll   *ebpf.Variable `ebpf:"rss_sample_all"`
+	RssThpMode     *ebpf.Variable `ebpf:"rss_thp_mode"`
 }
 
 // RssTestPrograms contains all programs after they have been loaded into the kernel.

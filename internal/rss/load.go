@@ -10,6 +10,7 @@
 package rss
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"math"
@@ -90,6 +91,9 @@ func load(opts loadOptions) (*objects, error) {
 		// are counted (rss_ringbuf_full).
 		spec.Maps["rss_events"].MaxEntries = 256 << 20
 	}
+	if err := spec.Variables["rss_thp_mode"].Set(uint32(thpMode())); err != nil {
+		return nil, err
+	}
 	o := &objects{}
 	if err := spec.LoadAndAssign(&o.RssObjects, nil); err != nil {
 		var ve *ebpf.VerifierError
@@ -127,6 +131,22 @@ func load(opts loadOptions) (*objects, error) {
 		o.oom = true
 	}
 	return o, nil
+}
+
+// thpMode reads the anonymous THP policy, the [bracketed] word of
+// /sys/kernel/mm/transparent_hugepage/enabled (never when unreadable).
+func thpMode() mbpf.RssRssThpMode {
+	b, err := os.ReadFile("/sys/kernel/mm/transparent_hugepage/enabled")
+	if err != nil {
+		return mbpf.RssRssThpModeTHP_NEVER
+	}
+	switch {
+	case bytes.Contains(b, []byte("[always]")):
+		return mbpf.RssRssThpModeTHP_ALWAYS
+	case bytes.Contains(b, []byte("[madvise]")):
+		return mbpf.RssRssThpModeTHP_MADVISE
+	}
+	return mbpf.RssRssThpModeTHP_NEVER
 }
 
 // setRate fills the table of exponential gaps for a mean of rate bytes:

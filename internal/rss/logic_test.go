@@ -110,3 +110,35 @@ func TestSamplingDecision(t *testing.T) {
 		t.Errorf("sample_all: sampled %d countdown %d, want 1 and untouched", got.Sampled, got.Countdown)
 	}
 }
+
+func TestTHPExpected(t *testing.T) {
+	o := loadLogic(t, false)
+	const (
+		huge   = 0x20000000
+		nohuge = 0x40000000
+		m2     = 2 << 20
+	)
+	never, madvise, always := uint32(mbpf.RssRssThpModeTHP_NEVER), uint32(mbpf.RssRssThpModeTHP_MADVISE), uint32(mbpf.RssRssThpModeTHP_ALWAYS)
+	cases := []struct {
+		name                    string
+		mode                    uint32
+		flags, start, end, addr uint64
+		want                    uint32
+	}{
+		{"never", never, huge, 0, 8 * m2, m2 + 5, 0},
+		{"madvise without MADV_HUGEPAGE", madvise, 0, 0, 8 * m2, m2 + 5, 0},
+		{"madvise with MADV_HUGEPAGE", madvise, huge, 0, 8 * m2, m2 + 5, 1},
+		{"always", always, 0, 0, 8 * m2, m2 + 5, 1},
+		{"always but MADV_NOHUGEPAGE", always, nohuge, 0, 8 * m2, m2 + 5, 0},
+		{"aligned range starts before the mapping", always, 0, m2 + 4096, 8 * m2, m2 + 8192, 0},
+		{"aligned range ends after the mapping", always, 0, 0, 2*m2 - 4096, m2 + 8192, 0},
+		{"mapping exactly one huge page", always, 0, m2, 2 * m2, 2*m2 - 1, 1},
+	}
+	for _, c := range cases {
+		got := runLogic(t, o, mbpf.RssTestRssTestCtx{Countdown: 1 << 40, Size: 4096, Gap: 1,
+			ThpMode: c.mode, VmFlags: c.flags, VmStart: c.start, VmEnd: c.end, Addr: c.addr})
+		if got.Thp != c.want {
+			t.Errorf("%s: thp expected = %d, want %d", c.name, got.Thp, c.want)
+		}
+	}
+}

@@ -42,6 +42,7 @@ func (r residency) gone() bool { return r.present == 0 && r.swapped == 0 }
 // folio is a sampled folio's range in a process.
 type folio struct {
 	addr, size uint64
+	fault      uint64 // faulting address (0: addr)
 }
 
 // pfnMask selects the page frame number of a present entry (bits 0-54).
@@ -54,42 +55,55 @@ const kpfTHP = 1 << 22
 // thpSize is the x86-64 PMD-mapped huge page size.
 const thpSize = 2 << 20
 
-// widenTHP re-checks, for each sampled 4 KiB page that /proc/kpageflags
-// shows to be part of a transparent huge page, the whole 2 MiB range: the
-// fault that mapped it made 2 MiB resident at once. It returns the folios
-// to check (THP ranges widened) and whether each was widened.
-func widenTHP(pid int, pm interface {
+// classifyTHP decides from /proc/kpageflags which range each sampled folio
+// really is. A 4 KiB sample that is part of a transparent huge page is
+// widened to the huge page (the fault made it all resident: units of the
+// sampled size, up to 512). A sample expected as a 2 MiB huge page that the
+// kernel mapped with 4 KiB pages (no huge page free, a page table already
+// there) is narrowed to its faulting page (1/512 of the sampled size). It
+// returns the ranges to check and the denominators of their fractions.
+func classifyTHP(pm interface {
 	ReadAt([]byte, int64) (int, error)
-}, folios []folio) ([]folio, []bool) {
-	kf, err := os.Open("/proc/kpageflags")
-	if err != nil {
-		return folios, make([]bool, len(folios))
-	}
-	defer kf.Close()
+}, folios []folio) ([]folio, []int) {
 	out := make([]folio, len(folios))
-	wide := make([]bool, len(folios))
-	var b [8]byte
-	for i, fo := range folios {
-		out[i] = fo
-		if fo.size != pageSize {
-			continue
+	denom := make([]int, len(folios))
+	kf, kerr := os.Open("/proc/kpageflags")
+	if kerr == nil {
+		defer kf.Close()
+	}
+	isTHP := func(addr uint64) bool {
+		if kerr != nil {
+			return false
 		}
-		if n, _ := pm.ReadAt(b[:], int64(fo.addr/pageSize*8)); n != 8 {
-			continue
+		var b [8]byte
+		if n, _ := pm.ReadAt(b[:], int64(addr/pageSize*8)); n != 8 {
+			return false
 		}
 		e := binary.LittleEndian.Uint64(b[:])
 		if e&pmPresent == 0 || e&pfnMask == 0 {
-			continue
+			return false
 		}
 		if n, _ := kf.ReadAt(b[:], int64(e&pfnMask*8)); n != 8 {
-			continue
+			return false
 		}
-		if binary.LittleEndian.Uint64(b[:])&kpfTHP != 0 {
-			out[i] = folio{addr: fo.addr &^ (thpSize - 1), size: thpSize}
-			wide[i] = true
+		return binary.LittleEndian.Uint64(b[:])&kpfTHP != 0
+	}
+	for i, fo := range folios {
+		out[i], denom[i] = fo, 0 // 0: the folio's own pages
+		fault := fo.fault
+		if fault == 0 {
+			fault = fo.addr
+		}
+		switch {
+		case fo.size == pageSize && isTHP(fault):
+			out[i] = folio{addr: fault &^ (thpSize - 1), size: thpSize}
+			denom[i] = 1
+		case fo.size == thpSize && kerr == nil && !isTHP(fault):
+			out[i] = folio{addr: fault &^ (pageSize - 1), size: pageSize}
+			denom[i] = thpSize / pageSize
 		}
 	}
-	return out, wide
+	return out, denom
 }
 
 // checkResidency reads /proc/PID/pagemap for each folio (sorted and merged
@@ -102,12 +116,11 @@ func checkResidency(pid int, folios []folio) ([]residency, error) {
 		return nil, err
 	}
 	defer f.Close()
-	wide, widened := widenTHP(pid, f, folios)
-	res := residencyFrom(f, wide)
+	ranges, denom := classifyTHP(f, folios)
+	res := residencyFrom(f, ranges)
 	for i := range res {
-		if widened[i] {
-			// In units of the sampled page: a resident THP counts 512.
-			res[i].pages = 1
+		if denom[i] != 0 {
+			res[i].pages = denom[i] // fractions in units of the sampled size
 		}
 	}
 	return res, nil

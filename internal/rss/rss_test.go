@@ -170,14 +170,12 @@ func TestKnownDefaultRate(t *testing.T) {
 		}
 		// Standard deviation of the Poisson estimate for N folios of
 		// S bytes: S*sqrt(N*(1-q)/q), q = 1-exp(-S/rate).
-		// A THP fault is sampled as one 4 KiB page (the counter's delta
-		// is not known in BPF) and weighted with its real 2 MiB at
-		// snapshot: unbiased, but 4 such faults give a wide sd.
+		// Huge pages are sampled as 2 MiB folios (4 of them).
 		size := 4096.0
-		q := 1 - math.Exp(-size/rate)
 		if f == "thp_region" {
 			size = 2 * mib
 		}
+		q := 1 - math.Exp(-size/rate)
 		sd := size * math.Sqrt(want/size*(1-q)/q)
 		t.Logf("%-14s rss_space %8.2f MiB (truth %6.2f, sd %.2f)", f, got/mib, want/mib, sd/mib)
 		if math.Abs(got-want) > 4*sd {

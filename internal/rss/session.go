@@ -491,7 +491,7 @@ func (s *Session) residencyOf(pid int, pages []pageEntry) []float64 {
 	out := make([]float64, len(pages))
 	folios := make([]folio, len(pages))
 	for i, e := range pages {
-		folios[i] = folio{addr: e.key.Addr, size: e.page.Size}
+		folios[i] = folio{addr: e.key.Addr, size: e.page.Size, fault: e.page.Fault}
 	}
 	res, err := checkResidency(pid, folios)
 	if err != nil {
