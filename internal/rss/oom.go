@@ -50,9 +50,10 @@ func (s *Session) handleOOM(raw []byte) {
 		return
 	}
 	if k.Target {
-		p, sums, err := s.profile(func(p uint32) bool { return p == uint32(pid) })
+		p, sums, err := s.profile(func(p uint32) bool { return p == uint32(pid) }, false)
 		if err == nil {
 			p.Comments = append(p.Comments, pprofout.MetaComment("oom_victim", fmt.Sprint(pid)),
+				pprofout.MetaComment("rss_residency", "as of the last pagemap check (the kill tears the memory down)"),
 				pprofout.MetaComment("oom_anon_rss", fmt.Sprint(k.AnonRSS)))
 			if k.Memcg != "" {
 				p.Comments = append(p.Comments, pprofout.MetaComment("oom_memcg", k.Memcg))

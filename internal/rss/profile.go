@@ -35,10 +35,13 @@ type bucket struct {
 // pid, nil for all) and a summary per process.
 func (s *Session) Profile(only func(pid uint32) bool) (*pprofout.RSSProfile, []ProcSummary, error) {
 	s.drain()
-	return s.profile(only)
+	return s.profile(only, true)
 }
 
-func (s *Session) profile(only func(pid uint32) bool) (*pprofout.RSSProfile, []ProcSummary, error) {
+// profile builds the profile; without verify every sampled folio still in
+// the map counts as resident (an OOM victim, whose memory the kill is
+// tearing down: the map holds what was not given back by the last check).
+func (s *Session) profile(only func(pid uint32) bool, verify bool) (*pprofout.RSSProfile, []ProcSummary, error) {
 	if only == nil {
 		only = func(uint32) bool { return true }
 	}
@@ -57,6 +60,14 @@ func (s *Session) profile(only func(pid uint32) bool) (*pprofout.RSSProfile, []P
 			r := make([]float64, len(entries))
 			for i, e := range entries {
 				r[i] = fz[e.key]
+			}
+			res[pid] = r
+			continue
+		}
+		if !verify {
+			r := make([]float64, len(entries))
+			for i := range r {
+				r[i] = 1
 			}
 			res[pid] = r
 			continue

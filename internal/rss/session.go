@@ -82,6 +82,29 @@ type Session struct {
 	errs    []string
 	ooms    int
 	reclaim time.Time
+	// verified: last check of every sampled folio against pagemap
+	verified time.Time
+}
+
+// VerifyInterval is how often every sampled folio is checked against
+// /proc/PID/pagemap and the ones given back are forgotten: it bounds the
+// map for processes that churn through address space, and it is what an
+// OOM post-mortem's residency is as of.
+var VerifyInterval = 5 * time.Second
+
+// verifyAll checks every sampled folio of live processes and forgets the
+// ones given back.
+func (s *Session) verifyAll() {
+	s.verified = time.Now()
+	for pid, entries := range s.pagesOf(func(uint32) bool { return true }) {
+		s.mu.Lock()
+		p := s.procs[int(pid)]
+		frozen := p != nil && p.frozen != nil
+		s.mu.Unlock()
+		if !frozen && procmaps.Alive(int(pid)) {
+			s.residencyOf(int(pid), entries)
+		}
+	}
 }
 
 // proc is what the session knows about one process.
@@ -366,6 +389,9 @@ func (s *Session) loop(ctx context.Context) {
 		}
 		if time.Since(s.reclaim) > 2*time.Second {
 			s.reclaimExited()
+		}
+		if time.Since(s.verified) > VerifyInterval {
+			s.verifyAll()
 		}
 	}
 }
