@@ -59,6 +59,10 @@ type Config struct {
 	MaxOOMEntries    int           // OOM post-mortems listed in /oom and kept on disk (default 200)
 
 	Logf func(format string, args ...any) // default log.Printf
+
+	// NoRSS turns off the RSS profiles every container gets by default
+	// (rss.go).
+	NoRSS bool
 }
 
 func (c *Config) defaults() {
@@ -119,6 +123,7 @@ type Agent struct {
 	pushErrs   uint64
 	pushes     uint64
 	saved      uint64
+	rss        *rssTier // nil: RSS profiles off
 }
 
 // labelSet identifies a container in metrics.
@@ -211,6 +216,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	a.lastTick = time.Now()
 	a.mu.Unlock()
 	a.cfg.Logf("memprof agent: listening on %s, node %s, sample rate %d bytes; %s", a.Addr(), a.cfg.NodeName, a.cfg.SampleRate, s.Features())
+	a.startRSS(ctx)
 
 	srvErr := make(chan error, 1)
 	go func() { srvErr <- a.srv.Serve(a.ln) }()
@@ -245,6 +251,7 @@ func (a *Agent) Run(ctx context.Context) error {
 				return
 			case <-t.C:
 				a.saveProfiles(ctx)
+				a.saveRSSProfiles(ctx)
 			}
 		}
 	}()
@@ -268,6 +275,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		delete(a.profiled, id)
 	}
 	a.mu.Unlock()
+	a.stopRSS()
 	s.Close()
 	a.cfg.Logf("memprof agent: stopped; detached from %d containers", n)
 	return runErr
@@ -390,6 +398,7 @@ func (a *Agent) discover(ctx context.Context) {
 	}
 	a.mu.Unlock()
 
+	a.rssSync()
 	for _, c := range toAdd {
 		if err := a.s.AddCgroup(c.dir); err != nil {
 			a.cfg.Logf("memprof agent: attach to %s: %v", c.name(), err)
