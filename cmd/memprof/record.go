@@ -45,6 +45,7 @@ func recordCommand() *cli.Command {
 			&cli.BoolFlag{Name: "all-ooms", Usage: "also report OOM kills of processes that are not targets"},
 			&cli.IntFlag{Name: "top", Value: 10, Usage: "stacks shown in the summary"},
 			&cli.BoolFlag{Name: "rss", Usage: "record an RSS profile instead (which stacks faulted in the resident anonymous memory; page-fault tracepoints, no uprobes)"},
+			&cli.BoolFlag{Name: "heap", Usage: "with --rss: record the heap profile too (-o), the RSS profile beside it (.rss.pb.gz), and compare them per process"},
 		}, podPathFlags()...),
 		Action: runRecord,
 	}

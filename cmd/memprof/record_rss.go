@@ -1,16 +1,19 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"time"
 
 	"github.com/urfave/cli/v2"
 
 	"github.com/memprof/memprof/internal/podfind"
+	"github.com/memprof/memprof/internal/recorder"
 	"github.com/memprof/memprof/internal/rss"
 	"github.com/memprof/memprof/pprofout"
 )
@@ -77,6 +80,9 @@ func runRecordRSS(c *cli.Context) error {
 	}
 	ctx, stop := signal.NotifyContext(c.Context, os.Interrupt, syscall.SIGTERM)
 	defer stop()
+	if c.Bool("heap") {
+		return runRecordBoth(ctx, c, opts, out, podLabels)
+	}
 	s, err := rss.Start(ctx, opts)
 	if err != nil {
 		return err
@@ -85,6 +91,12 @@ func runRecordRSS(c *cli.Context) error {
 	fmt.Fprintf(stderr, "memprof: recording RSS of %s (sample rate %d bytes; page-fault tracepoints, no uprobes)\n", target, opts.SampleRate)
 	reason := s.Wait(ctx, c.Duration("duration"))
 	fmt.Fprintf(stderr, "memprof: stopped: %s after %s\n", reason, time.Since(s.StartTime()).Round(time.Millisecond))
+	return writeRSSResult(s, out, podLabels, c.Int("top"))
+}
+
+// writeRSSResult writes the RSS profile and prints its summary.
+func writeRSSResult(s *rss.Session, out string, podLabels map[string]string, top int) error {
+	stderr := os.Stderr
 	p, sums, err := s.Profile(nil)
 	if err != nil {
 		return err
@@ -107,11 +119,84 @@ func runRecordRSS(c *cli.Context) error {
 			pprofout.HumanBytes(sm.RssAnon), pprofout.HumanBytes(sm.Attributed), rss.ResidentBefore, pprofout.HumanBytes(sm.Before))
 	}
 	if built, err := pprofout.BuildRSS(p); err == nil {
-		if rows, err := pprofout.Top(built, pprofout.RSSSpace, c.Int("top")); err == nil && len(rows) > 0 {
+		if rows, err := pprofout.Top(built, pprofout.RSSSpace, top); err == nil && len(rows) > 0 {
 			fmt.Fprintf(stderr, "\ntop %d stacks by resident bytes (rss_space):\n", len(rows))
 			pprofout.FormatTop(stderr, rows, pprofout.RSSSpace, 8)
 		}
 	}
 	fmt.Fprintf(stderr, "\nRSS profile written to %s\nview it with: go tool pprof -http=: %s\n", out, out)
+	return nil
+}
+
+// runRecordBoth records the heap (allocator probes) and RSS (page faults) of
+// the same targets in one recording: two profiles, and a summary comparing
+// them per process.
+func runRecordBoth(ctx context.Context, c *cli.Context, ropts rss.Options, out string, podLabels map[string]string) error {
+	stderr := os.Stderr
+	command := ropts.Command
+	ropts.Command, ropts.AllowEmpty = nil, true
+	rs, err := rss.Start(ctx, ropts)
+	if err != nil {
+		return err
+	}
+	defer rs.Close()
+	hopts := recorder.Options{
+		SampleRate: ropts.SampleRate,
+		Pids:       ropts.Pids,
+		Cgroups:    ropts.Cgroups,
+		Command:    command,
+		AllOOMs:    ropts.AllOOMs,
+		StackMode:  c.String("stack-mode"),
+		Notify:     ropts.Notify,
+		AtExec: func(pid int) {
+			if err := rs.AddCommand(pid); err != nil {
+				fmt.Fprintf(stderr, "memprof: RSS of the command: %v\n", err)
+			}
+		},
+		AtExit: rs.Freeze,
+	}
+	hs, err := recorder.Start(ctx, hopts)
+	if err != nil {
+		return err
+	}
+	defer hs.Close()
+	fmt.Fprintf(stderr, "memprof: recording heap and RSS (sample rate %d bytes); %s\n", hopts.SampleRate, hs.Features())
+	reason := hs.Wait(ctx, c.Duration("duration"))
+	fmt.Fprintf(stderr, "memprof: stopped: %s after %s\n", reason, time.Since(hs.StartTime()).Round(time.Millisecond))
+	if err := writeResult(hs, out, podLabels, c.Int("top"), stderr); err != nil {
+		return err
+	}
+	rssOut := strings.TrimSuffix(out, ".pb.gz") + ".rss.pb.gz"
+	if err := writeRSSResult(rs, rssOut, podLabels, c.Int("top")); err != nil {
+		return err
+	}
+	// Heap against RSS, per process.
+	hp, err := hs.Profile()
+	if err != nil {
+		return err
+	}
+	built, err := pprofout.Build(hp)
+	if err != nil {
+		return err
+	}
+	live := recorder.LiveByPid(built)
+	rp, sums, err := rs.Profile(nil)
+	if err != nil {
+		return err
+	}
+	cats := rss.Categorize(rp)
+	fmt.Fprintln(stderr, "\nheap against RSS, per process (anonymous memory):")
+	for _, sm := range sums {
+		b := cats[sm.Pid]
+		if b == nil {
+			b = &rss.Breakdown{}
+		}
+		r := sm.Regions
+		fmt.Fprintf(stderr, "  pid %d (%s): RssAnon %s; live heap (allocator probes) %s\n", sm.Pid, sm.Comm, pprofout.HumanBytes(sm.RssAnon), pprofout.HumanBytes(live[sm.Pid]))
+		fmt.Fprintf(stderr, "    by mapping: brk heap %s, anonymous mappings (allocator mmaps, own mmaps, thread stacks) %s, main stack %s, written file data %s, resident before recording %s\n",
+			pprofout.HumanBytes(r.Brk), pprofout.HumanBytes(r.Anon), pprofout.HumanBytes(r.Stack), pprofout.HumanBytes(r.Data), pprofout.HumanBytes(sm.Before))
+		fmt.Fprintf(stderr, "    by faulting stack: inside allocator functions %s, elsewhere (the program touching its blocks or own mappings) %s\n",
+			pprofout.HumanBytes(b.Allocator), pprofout.HumanBytes(b.Other))
+	}
 	return nil
 }

@@ -114,13 +114,19 @@ func parseLine(line string) (Mapping, error) {
 		return m, fmt.Errorf("maps line %q: %w", line, err)
 	}
 	if len(f) > 5 {
-		// The path is everything after the inode column; it may contain spaces.
-		idx := strings.Index(line, f[4]+" ")
-		if idx >= 0 {
-			m.Path = strings.TrimSpace(line[idx+len(f[4]):])
-		} else {
-			m.Path = strings.Join(f[5:], " ")
+		// The path is everything after the inode column; it may contain
+		// spaces. Skip the five columns (searching for the inode's text
+		// could match inside an earlier column: "...c9df000 rw-p").
+		rest := line
+		for i := 0; i < 5; i++ {
+			rest = strings.TrimLeft(rest, " \t")
+			if j := strings.IndexAny(rest, " \t"); j >= 0 {
+				rest = rest[j:]
+			} else {
+				rest = ""
+			}
 		}
+		m.Path = strings.TrimSpace(rest)
 		m.Path = strings.TrimSuffix(m.Path, " (deleted)")
 	}
 	return m, nil

@@ -60,6 +60,11 @@ type Options struct {
 	// ClassicOOM takes OOM kills from the classic tracepoint (pid only, as
 	// before Linux 6.8) even where the victim's task is available.
 	ClassicOOM bool
+	// AtExec and AtExit, if set, are called with the command stopped at
+	// its first exec and in its exit (another tier recording the same
+	// command: the RSS tier follows it from its first instruction and
+	// reads its memory before the kernel unmaps it).
+	AtExec, AtExit func(pid int)
 }
 
 // Session is one recording.

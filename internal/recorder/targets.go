@@ -75,6 +75,9 @@ func (s *Session) attachCommand(pid int, libs []string, reexec bool) error {
 	if len(objs) == 0 {
 		return fmt.Errorf("command %s: %w among the libraries it loads (%v)", s.opts.Command[0], attach.ErrNoAllocator, libs)
 	}
+	if s.opts.AtExec != nil {
+		s.opts.AtExec(pid)
+	}
 	s.noteObjects(objs)
 	t := &target{pid: pid, comm: procmaps.Comm(pid), cgroup: memoryCgroup(pid), allocator: allocatorOf(objs)}
 	s.setupStacks(t, libs)
@@ -90,6 +93,9 @@ func (s *Session) attachCommand(pid int, libs []string, reexec bool) error {
 // commandExiting runs with the command stopped in its exit: the address
 // space is still there to read.
 func (s *Session) commandExiting(pid int) {
+	if s.opts.AtExit != nil {
+		s.opts.AtExit(pid)
+	}
 	s.mu.Lock()
 	t := s.procs[pid]
 	s.mu.Unlock()

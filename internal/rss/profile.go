@@ -2,11 +2,13 @@ package rss
 
 import (
 	"math"
+	"sort"
 	"strconv"
 	"time"
 
 	mbpf "github.com/memprof/memprof/bpf"
 	"github.com/memprof/memprof/internal/frag"
+	"github.com/memprof/memprof/internal/procmaps"
 	"github.com/memprof/memprof/pprofout"
 )
 
@@ -24,6 +26,8 @@ type ProcSummary struct {
 	Before  int64
 	Exited  bool
 	Faulted int64 // estimated bytes faulted in during the recording
+	// Regions splits Attributed by the kind of mapping it lies in.
+	Regions Regions
 }
 
 type bucket struct {
@@ -48,20 +52,21 @@ func (s *Session) profile(only func(pid uint32) bool, verify bool) (*pprofout.RS
 	pages := s.pagesOf(only)
 	res := map[uint32][]float64{}
 	s.mu.Lock()
-	frozen := map[uint32]map[mbpf.RssRssPageKey]float64{}
 	for pid, p := range s.procs {
-		if p.frozen != nil {
-			frozen[uint32(pid)] = p.frozen
+		if p.frozen == nil || !only(uint32(pid)) {
+			continue
 		}
+		// An exited command: its folios as read in the exit stop.
+		entries := make([]pageEntry, len(p.frozen))
+		r := make([]float64, len(p.frozen))
+		for i, f := range p.frozen {
+			entries[i], r[i] = f.pageEntry, f.resident
+		}
+		pages[uint32(pid)], res[uint32(pid)] = entries, r
 	}
 	s.mu.Unlock()
 	for pid, entries := range pages {
-		if fz := frozen[pid]; fz != nil {
-			r := make([]float64, len(entries))
-			for i, e := range entries {
-				r[i] = fz[e.key]
-			}
-			res[pid] = r
+		if _, ok := res[pid]; ok {
 			continue
 		}
 		if !verify {
@@ -112,6 +117,24 @@ func (s *Session) profile(only func(pid uint32) bool, verify bool) (*pprofout.RS
 			buckets[k] = b
 		}
 		return b
+	}
+	regions := map[uint32]*Regions{}
+	for pid, entries := range pages {
+		var maps []procmaps.Mapping
+		s.mu.Lock()
+		if p := s.procs[int(pid)]; p != nil && p.frozen != nil {
+			maps = p.frozenMaps
+		}
+		s.mu.Unlock()
+		if maps == nil {
+			maps, _ = procmaps.Read(int(pid))
+		}
+		sort.Slice(maps, func(i, j int) bool { return maps[i].Start < maps[j].Start })
+		r := &Regions{}
+		regions[pid] = r
+		for i, e := range entries {
+			r.add(regionOf(maps, e.key.Addr), int64(math.Round(res[pid][i]*float64(e.page.Size)*scaleOf(e.page.Size, s.opts.SampleRate))))
+		}
 	}
 	s.stacks.mu.Lock()
 	for pid, entries := range pages {
@@ -174,6 +197,9 @@ func (s *Session) profile(only func(pid uint32) bool, verify bool) (*pprofout.RS
 		}
 		sum := ProcSummary{Pid: pid, Comm: pr.comm, Cgroup: pr.cgroup, Exited: pr.exited,
 			Attributed: int64(math.Round(attributed[uint32(pid)])), Faulted: int64(math.Round(faulted[uint32(pid)]))}
+		if r := regions[uint32(pid)]; r != nil {
+			sum.Regions = *r
+		}
 		switch {
 		case pr.frozen != nil:
 			sum.RssAnon = pr.frozenAnon

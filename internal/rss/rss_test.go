@@ -150,6 +150,10 @@ func TestKnownRate1(t *testing.T) {
 	}
 	t.Logf("unattributed %.2f MiB, before bucket %.2f MiB; total rss_space %.2f MiB, RssAnon %.2f MiB; summary %+v",
 		float64(rss[""])/mib, float64(rss[ResidentBefore])/mib, float64(total)/mib, float64(pm.RssAnon)/mib, sums)
+	// small_mallocs fills the brk heap; the rest is in anonymous mappings.
+	if len(sums) != 1 || math.Abs(float64(sums[0].Regions.Brk)-knownTruth["small_mallocs"]) > 0.03*knownTruth["small_mallocs"] {
+		t.Errorf("regions %+v: want the brk heap = small_mallocs' %.2f MiB", sums, knownTruth["small_mallocs"]/mib)
+	}
 	if d := math.Abs(float64(total) - float64(pm.RssAnon)); d > 0.03*float64(pm.RssAnon) {
 		t.Errorf("total rss_space %.2f MiB vs RssAnon %.2f MiB: more than 3%% apart", float64(total)/mib, float64(pm.RssAnon)/mib)
 	}

@@ -116,8 +116,9 @@ type proc struct {
 	sym       *symbolize.Process
 	exited    bool
 	// frozen: residency read in the exit stop of a command (nil: read live)
-	frozen     map[mbpf.RssRssPageKey]float64
+	frozen     []frozenPage
 	frozenAnon int64
+	frozenMaps []procmaps.Mapping
 	// exitFaults: BPF fault buckets of an exited process, kept for the profile
 }
 
@@ -461,6 +462,14 @@ func (s *Session) dropProc(pid int) {
 	s.stacks.mu.Unlock()
 }
 
+// AddCommand makes pid and its future children targets: a command another
+// tier started, stopped at its exec.
+func (s *Session) AddCommand(pid int) error { return s.commandStarted(pid) }
+
+// Freeze reads pid's residency now and keeps it for later profiles: a
+// command another tier traces, stopped in its exit.
+func (s *Session) Freeze(pid int) { s.freeze(pid) }
+
 // commandStarted runs with the command stopped at its exec.
 func (s *Session) commandStarted(pid int) error {
 	return s.addPid(pid, uint8(mbpf.RssRssTargetFlagRT_TARGET|mbpf.RssRssTargetFlagRT_FOLLOW_FORKS))
@@ -482,13 +491,21 @@ func (s *Session) freeze(pid int) {
 	if p.sym != nil {
 		p.sym.Refresh()
 	}
-	p.frozen = map[mbpf.RssRssPageKey]float64{}
+	p.frozen = make([]frozenPage, 0, len(res))
 	for i, e := range pages[uint32(pid)] {
-		p.frozen[e.key] = res[i]
+		p.frozen = append(p.frozen, frozenPage{e, res[i]})
 	}
 	if pm, err := frag.ReadProcess(pid); err == nil {
 		p.frozenAnon = int64(pm.RssAnon)
 	}
+	p.frozenMaps, _ = procmaps.Read(pid)
+}
+
+// frozenPage is a sampled folio of an exited command with its residency
+// read in the exit stop.
+type frozenPage struct {
+	pageEntry
+	resident float64
 }
 
 type pageEntry struct {
