@@ -201,8 +201,9 @@ static __always_inline void record(void *ctx, struct task_struct *task, __u32 tg
 struct rss_thread {
 	__u64 addr;	// faulting address
 	__u64 ip, sp;	// user registers at the fault: identify it at the increment
+	__s64 count0;	// global part of the mm's anonymous-page counter at the fault
 	__u32 active;
-	__u32 thp;	// a transparent huge page is expected
+	__u32 _pad;
 };
 
 struct vma_ctx {
@@ -247,14 +248,8 @@ static __always_inline void on_fault(__u64 address)
 	t->addr = address;
 	t->ip = BPF_CORE_READ(regs, ip);
 	t->sp = BPF_CORE_READ(regs, sp);
+	t->count0 = BPF_CORE_READ(task, mm, rss_stat[MM_ANONPAGES].count);
 	t->active = 1;
-	t->thp = 0;
-	if (rss_thp_mode != THP_NEVER) {
-		struct vma_ctx c = {.addr = address};
-		// Fails (no huge page expected) if the mmap lock is contended.
-		bpf_find_vma(task, address, vma_check, &c, 0);
-		t->thp = c.thp;
-	}
 }
 
 SEC("tp_btf/page_fault_user")
@@ -293,16 +288,27 @@ int BPF_PROG(rss_stat_hook, struct mm_struct *mm, int member)
 		return 0;
 	t->active = 0;
 	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
-	// The counter's delta is not passed: the folio's size is the one
-	// expected from the mapping (a 2 MiB huge page where THP applies);
-	// memprof checks it against /proc/kpageflags at snapshot time.
-	__u64 size = t->thp ? RSS_THP_SIZE : 4096;
-	rss_count(RC_FOLIOS, 1);
-	rss_count(RC_BYTES, size);
 	__u32 zero = 0;
 	__s64 *cd = bpf_map_lookup_elem(&rss_countdown, &zero);
 	if (!cd)
 		return 0;
+	// The counter's delta is not passed. A 2 MiB huge page adds 512
+	// pages, more than the per-CPU batch (max(32, 2 x CPUs)), so this
+	// CPU's part is folded into the global count, which jumps by about 512
+	// since the fault began (other CPUs' folds move it a batch at a time).
+	// Only then is the mapping looked at: a huge page is expected where
+	// THP applies to it. memprof checks the guess against
+	// /proc/kpageflags at snapshot time.
+	__u64 size = 4096;
+	if (rss_thp_mode != THP_NEVER && BPF_CORE_READ(mm, rss_stat[MM_ANONPAGES].count) - t->count0 >= 256) {
+		struct vma_ctx c = {.addr = t->addr};
+		// Fails (no huge page expected) if the mmap lock is contended.
+		bpf_find_vma(task, t->addr, vma_check, &c, 0);
+		if (c.thp)
+			size = RSS_THP_SIZE;
+	}
+	rss_count(RC_FOLIOS, 1);
+	rss_count(RC_BYTES, size);
 	__s64 gap = (!rss_sample_all && *cd <= (__s64)size) ? rss_draw_gap() : 1;
 	if (!rss_sampled(cd, size, gap))
 		return 0;

@@ -103,8 +103,9 @@ type RssRssThread struct {
 	Addr   uint64
 	Ip     uint64
 	Sp     uint64
+	Count0 int64
 	Active uint32
-	Thp    uint32
+	Pad    uint32
 }
 
 // Names of all BPF objects in the ELF.
