@@ -267,3 +267,29 @@ func TestPythonGrow(t *testing.T) {
 		t.Errorf("total rss_space %.2f MiB vs RssAnon %.2f MiB", float64(total)/mib, float64(anon)/mib)
 	}
 }
+
+func TestJVMGrow(t *testing.T) {
+	testprog.RequireRoot(t)
+	if _, err := exec.LookPath("javac"); err != nil {
+		t.Fatalf("javac not found (Debian default-jdk-headless, in the Makefile's APT_PKGS): %v", err)
+	}
+	dir := t.TempDir()
+	if out, err := exec.Command("javac", "-d", dir, testprog.Testdata("RssGrow.java")).CombinedOutput(); err != nil {
+		t.Fatalf("javac: %v\n%s", err, out)
+	}
+	java, err := exec.LookPath("java")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// 64 arrays of 1 MiB, allocated by the interpreter (InterpreterRuntime::newarray)
+	// and zeroed by the VM (JIT and interpreter frames above it are unsymbolized).
+	const want = 64 * mib
+	got, total, anon := recordFunc(t, 1, "MemAllocator::allocate", java, "-Xms256m", "-Xmx512m", "-XX:+UseSerialGC", "-cp", dir, "RssGrow")
+	t.Logf("MemAllocator::allocate rss_space %.2f MiB (truth 64); total %.2f MiB, RssAnon %.2f MiB", float64(got)/mib, float64(total)/mib, float64(anon)/mib)
+	if math.Abs(float64(got)-want) > 0.05*want {
+		t.Errorf("MemAllocator::allocate rss_space %.2f MiB, want 64 within 5%%", float64(got)/mib)
+	}
+	if math.Abs(float64(total)-float64(anon)) > 0.03*float64(anon) {
+		t.Errorf("total rss_space %.2f MiB vs RssAnon %.2f MiB", float64(total)/mib, float64(anon)/mib)
+	}
+}
