@@ -68,26 +68,33 @@ func classifyTHP(pm interface {
 	out := make([]folio, len(folios))
 	denom := make([]int, len(folios))
 	kf, kerr := os.Open("/proc/kpageflags")
+	thp := make([]bool, len(folios))
 	if kerr == nil {
 		defer kf.Close()
+		// The pagemap entries of the faulting pages, then the page flags
+		// of the present ones: both read in merged runs.
+		idx := make([]uint64, len(folios))
+		for i, fo := range folios {
+			f := fo.fault
+			if f == 0 {
+				f = fo.addr
+			}
+			idx[i] = f / pageSize
+		}
+		ents := readEntries(pm, idx, 64)
+		var pfns []uint64
+		var who []int
+		for i, e := range ents {
+			if e&pmPresent != 0 && e&pfnMask != 0 {
+				pfns = append(pfns, e&pfnMask)
+				who = append(who, i)
+			}
+		}
+		for j, fl := range readEntries(kf, pfns, 4) {
+			thp[who[j]] = fl&kpfTHP != 0
+		}
 	}
-	isTHP := func(addr uint64) bool {
-		if kerr != nil {
-			return false
-		}
-		var b [8]byte
-		if n, _ := pm.ReadAt(b[:], int64(addr/pageSize*8)); n != 8 {
-			return false
-		}
-		e := binary.LittleEndian.Uint64(b[:])
-		if e&pmPresent == 0 || e&pfnMask == 0 {
-			return false
-		}
-		if n, _ := kf.ReadAt(b[:], int64(e&pfnMask*8)); n != 8 {
-			return false
-		}
-		return binary.LittleEndian.Uint64(b[:])&kpfTHP != 0
-	}
+	isTHP := func(i int) bool { return thp[i] }
 	for i, fo := range folios {
 		out[i], denom[i] = fo, 0 // 0: the folio's own pages
 		fault := fo.fault
@@ -95,10 +102,10 @@ func classifyTHP(pm interface {
 			fault = fo.addr
 		}
 		switch {
-		case fo.size == pageSize && isTHP(fault):
+		case fo.size == pageSize && isTHP(i):
 			out[i] = folio{addr: fault &^ (thpSize - 1), size: thpSize}
 			denom[i] = 1
-		case fo.size == thpSize && kerr == nil && !isTHP(fault):
+		case fo.size == thpSize && kerr == nil && !isTHP(i):
 			out[i] = folio{addr: fault &^ (pageSize - 1), size: pageSize}
 			denom[i] = thpSize / pageSize
 		}
@@ -180,6 +187,46 @@ func residencyFrom(r interface {
 				}
 			}
 			out[idx] = res
+		}
+		i = j
+	}
+	return out
+}
+
+// readEntries reads the 8-byte entries at the given indexes of r (pagemap
+// by page number, kpageflags by page frame number), sorted and merged into
+// runs of nearby entries of at most maxPagemapRead bytes. Entries that cannot be read are 0.
+func readEntries(r interface {
+	ReadAt([]byte, int64) (int, error)
+}, idx []uint64, maxGap uint64) []uint64 {
+	out := make([]uint64, len(idx))
+	order := make([]int, len(idx))
+	for i := range order {
+		order[i] = i
+	}
+	sort.Slice(order, func(a, b int) bool { return idx[order[a]] < idx[order[b]] })
+	var buf []byte
+	for i := 0; i < len(order); {
+		start := idx[order[i]]
+		j := i
+		// Extend the run while the next entry is within maxGap entries
+		// (the kernel computes every entry of a read) and the read stays
+		// bounded.
+		for j < len(order) && (idx[order[j]]-start+1)*8 <= maxPagemapRead &&
+			(j == i || idx[order[j]]-idx[order[j-1]] <= maxGap) {
+			j++
+		}
+		n := int(idx[order[j-1]]-start+1) * 8
+		if cap(buf) < n {
+			buf = make([]byte, n)
+		}
+		buf = buf[:n]
+		got, _ := r.ReadAt(buf, int64(start*8))
+		for _, k := range order[i:j] {
+			off := int(idx[k]-start) * 8
+			if off+8 <= got {
+				out[k] = binary.LittleEndian.Uint64(buf[off:])
+			}
 		}
 		i = j
 	}

@@ -60,3 +60,14 @@ func TestResidencyShortRead(t *testing.T) {
 		t.Errorf("short read: %+v", got[0])
 	}
 }
+
+func TestReadEntries(t *testing.T) {
+	f := fakePagemap{5: 50, 6: 60, 1 << 30: 7, 700: 70}
+	got := readEntries(f, []uint64{1 << 30, 6, 5, 700, 9}, 64)
+	want := []uint64{7, 60, 50, 70, 0}
+	for i := range want {
+		if got[i] != want[i] {
+			t.Errorf("entry %d = %d, want %d", i, got[i], want[i])
+		}
+	}
+}
