@@ -249,8 +249,10 @@ func TestGoLeak(t *testing.T) {
 
 func TestPythonGrow(t *testing.T) {
 	testprog.RequireRoot(t)
-	// The interpreter itself, not a wrapper script (pyenv shims fork).
-	out, err := exec.Command("python3", "-c", "import sys; print(sys.executable)").Output()
+	// Debian's interpreter (not a wrapper script: pyenv shims fork); its
+	// static functions are named from python3-dbg's separate debug file,
+	// found by build ID (both in the Makefile's APT_PKGS).
+	out, err := exec.Command("/usr/bin/python3", "-c", "import sys; print(sys.executable)").Output()
 	if err != nil {
 		t.Fatalf("python3: %v", err)
 	}
