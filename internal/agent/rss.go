@@ -26,6 +26,7 @@ const (
 	MetricRSSSampled = "memprof_container_rss_profiled_bytes"
 	MetricRSSBefore  = "memprof_container_rss_before_recording_bytes"
 	MetricRSSFaulted = "memprof_container_rss_faulted_bytes"
+	MetricRSSRegion  = "memprof_container_rss_region_bytes"
 )
 
 type rssTier struct {
@@ -33,6 +34,7 @@ type rssTier struct {
 	mu      sync.Mutex
 	dirs    map[string]labelSet   // cgroup directories followed
 	figures map[labelSet][3]int64 // profiled, before, faulted (last profile)
+	regions map[labelSet]rss.Regions
 }
 
 // startRSS starts the RSS session; without it (an old kernel) the agent
@@ -53,7 +55,7 @@ func (a *Agent) startRSS(ctx context.Context) {
 		a.cfg.Logf("memprof agent: RSS profiles disabled: %v", err)
 		return
 	}
-	t := &rssTier{s: s, dirs: map[string]labelSet{}, figures: map[labelSet][3]int64{}}
+	t := &rssTier{s: s, dirs: map[string]labelSet{}, figures: map[labelSet][3]int64{}, regions: map[labelSet]rss.Regions{}}
 	a.mu.Lock()
 	a.rss = t
 	a.mu.Unlock()
@@ -103,6 +105,7 @@ func (a *Agent) rssSync() {
 			t.s.RemoveCgroup(dir)
 			delete(t.dirs, dir)
 			delete(t.figures, l)
+			delete(t.regions, l)
 		}
 	}
 }
@@ -142,13 +145,19 @@ func (a *Agent) saveRSSProfiles(ctx context.Context) {
 			continue
 		}
 		var fig [3]int64
+		var reg rss.Regions
 		for _, s := range sums {
 			fig[0] += s.Attributed
 			fig[1] += s.Before
 			fig[2] += s.Faulted
+			reg.Brk += s.Regions.Brk
+			reg.Anon += s.Regions.Anon
+			reg.Stack += s.Regions.Stack
+			reg.Data += s.Regions.Data
 		}
 		t.mu.Lock()
 		t.figures[l] = fig
+		t.regions[l] = reg
 		t.mu.Unlock()
 		if len(p.Samples) == 0 {
 			continue
@@ -226,6 +235,7 @@ type rssCollector struct{ a *Agent }
 var (
 	descRSSProfiled = prometheus.NewDesc(MetricRSSSampled, "Anonymous resident bytes faulted in while memprof watched, by the stacks of the last RSS profile (estimate).", []string{"namespace", "pod", "container", "node"}, nil)
 	descRSSBefore   = prometheus.NewDesc(MetricRSSBefore, "Anonymous resident bytes that were resident before memprof started watching the process (last RSS profile).", []string{"namespace", "pod", "container", "node"}, nil)
+	descRSSRegion   = prometheus.NewDesc(MetricRSSRegion, "Profiled anonymous resident bytes by kind of mapping (brk heap, anonymous mappings, main stack, written file data), last RSS profile (estimate).", []string{"namespace", "pod", "container", "node", "region"}, nil)
 	descRSSFaulted  = prometheus.NewDesc(MetricRSSFaulted, "Anonymous bytes faulted in since memprof started watching (estimate, last RSS profile; includes memory given back since).", []string{"namespace", "pod", "container", "node"}, nil)
 )
 
@@ -233,6 +243,7 @@ func (c *rssCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- descRSSProfiled
 	ch <- descRSSBefore
 	ch <- descRSSFaulted
+	ch <- descRSSRegion
 }
 
 func (c *rssCollector) Collect(ch chan<- prometheus.Metric) {
@@ -249,5 +260,12 @@ func (c *rssCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(descRSSProfiled, prometheus.GaugeValue, float64(f[0]), lv...)
 		ch <- prometheus.MustNewConstMetric(descRSSBefore, prometheus.GaugeValue, float64(f[1]), lv...)
 		ch <- prometheus.MustNewConstMetric(descRSSFaulted, prometheus.GaugeValue, float64(f[2]), lv...)
+		r := t.regions[l]
+		for _, kv := range []struct {
+			k string
+			v int64
+		}{{"brk", r.Brk}, {"anon", r.Anon}, {"stack", r.Stack}, {"file_data", r.Data}} {
+			ch <- prometheus.MustNewConstMetric(descRSSRegion, prometheus.GaugeValue, float64(kv.v), append(lv, kv.k)...)
+		}
 	}
 }

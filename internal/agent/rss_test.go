@@ -100,6 +100,12 @@ func TestAgentRSS(t *testing.T) {
 	if !ok || v < 0.8*leakTotal {
 		t.Errorf("%s = %v (present %t), want about %d", MetricRSSSampled, v, ok, leakTotal)
 	}
+	// 64 KiB blocks come from glibc's brk heap (below the mmap threshold).
+	brk, ok := metric(string(b), MetricRSSRegion, map[string]string{"namespace": ns, "pod": "leaky", "region": "brk"})
+	t.Logf("%s{region=brk} = %.1f MiB", MetricRSSRegion, brk/(1<<20))
+	if !ok || brk < 0.8*leakTotal {
+		t.Errorf("%s{region=brk} = %v (present %t), want about %d", MetricRSSRegion, brk, ok, leakTotal)
+	}
 
 	// OOM kill of a container that is not selected for allocator probes
 	oomPod := kube.Pod{Namespace: ns, Name: "oomer", UID: newUID()}
