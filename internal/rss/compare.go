@@ -56,16 +56,27 @@ func (r *Regions) add(kind string, n int64) {
 	}
 }
 
+// allocatorNames are C allocator entry points and glibc malloc.c internals,
+// with their __libc_/__GI_/_int_ prefixes stripped (see allocatorFrame).
+var allocatorNames = map[string]bool{
+	"malloc": true, "calloc": true, "realloc": true, "reallocarray": true, "memalign": true,
+	"posix_memalign": true, "aligned_alloc": true, "valloc": true, "pvalloc": true,
+	"sysmalloc": true, "sysmalloc_mmap": true, "mid_memalign": true, "tcache_init": true,
+	"malloc_consolidate": true, "mallocx": true, "rallocx": true, "xallocx": true,
+}
+
 // allocatorFrame reports whether a function name is a C/C++ allocator's
-// (glibc malloc.c, jemalloc, libstdc++ operator new).
+// (glibc malloc.c, jemalloc — whose internals are all je_-prefixed in
+// Debian's build —, libstdc++ operator new).
 func allocatorFrame(fn string) bool {
-	switch {
-	case strings.Contains(fn, "malloc"), strings.Contains(fn, "calloc"), strings.Contains(fn, "realloc"),
-		strings.Contains(fn, "memalign"), strings.Contains(fn, "aligned_alloc"), strings.HasPrefix(fn, "operator new"),
-		strings.HasPrefix(fn, "je_"), strings.Contains(fn, "mallocx"), strings.Contains(fn, "rallocx"):
+	if strings.HasPrefix(fn, "operator new") || strings.HasPrefix(fn, "je_") {
 		return true
 	}
-	return false
+	name := strings.TrimLeft(fn, "_")
+	for _, p := range []string{"GI_", "libc_", "int_"} {
+		name = strings.TrimLeft(strings.TrimPrefix(name, p), "_")
+	}
+	return allocatorNames[name]
 }
 
 // Categorize splits the rss_space of p per process (pid label) into

@@ -31,6 +31,18 @@ func TestCategorize(t *testing.T) {
 	}
 }
 
+func TestAllocatorFrame(t *testing.T) {
+	for fn, want := range map[string]bool{
+		"malloc": true, "__GI___libc_malloc": true, "_int_malloc": true, "sysmalloc": true, "__libc_calloc": true,
+		"operator new(unsigned long)": true, "je_malloc_default": true, "_int_realloc": true, "tcache_init": true,
+		"big_mallocs": false, "small_mallocs": false, "my_calloc_wrapper": false, "main": false, "memset": false,
+	} {
+		if got := allocatorFrame(fn); got != want {
+			t.Errorf("allocatorFrame(%q) = %v, want %v", fn, got, want)
+		}
+	}
+}
+
 func TestRegionOf(t *testing.T) {
 	maps, err := procmaps.Parse([]byte("55665b980000-55665c9df000 rw-p 00000000 00:00 0                          [heap]\n" +
 		"7f0000000000-7f0000100000 rw-p 00000000 00:00 0 \n" +
