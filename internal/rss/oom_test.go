@@ -78,3 +78,42 @@ func TestOOMPostMortemGo(t *testing.T) {
 		t.Errorf("victim memcg %q, want %q", kill.Memcg, dir)
 	}
 }
+
+// A process in a v2 cgroup (the controller-less unified hierarchy of this
+// hybrid host) is recorded through the BPF v2-cgroup filter.
+func TestCgroupV2Target(t *testing.T) {
+	testprog.RequireRoot(t)
+	_, v2 := cgroups.Root()
+	if v2 == "" {
+		t.Fatal("no cgroup v2 hierarchy mounted")
+	}
+	dir := filepath.Join(v2, fmt.Sprintf("memprof-rss-v2-%d", os.Getpid()))
+	if err := os.Mkdir(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cgroups.Remove(dir) })
+	bin := testprog.Build(t, "rss_known.c")
+	k := startWaiting(t, bin)
+	if err := cgroups.AddProcess(dir, k.cmd.Process.Pid); err != nil {
+		t.Fatal(err)
+	}
+	s, err := Start(context.Background(), Options{SampleRate: 1, Cgroups: []string{dir}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	k.run(t)
+	p, _, err := s.Profile(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	built, err := pprofout.BuildRSS(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rss, _, _ := byFunction(built, knownFuncs)
+	t.Logf("v2 cgroup target: own_mmap %.2f MiB (truth 24)", float64(rss["own_mmap"])/mib)
+	if got := float64(rss["own_mmap"]); got < 0.97*24*mib || got > 1.03*24*mib {
+		t.Errorf("own_mmap rss_space %.2f MiB, want 24", got/mib)
+	}
+}
