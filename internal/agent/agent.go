@@ -398,7 +398,6 @@ func (a *Agent) discover(ctx context.Context) {
 	}
 	a.mu.Unlock()
 
-	a.rssSync()
 	for _, c := range toAdd {
 		if err := a.s.AddCgroup(c.dir); err != nil {
 			a.cfg.Logf("memprof agent: attach to %s: %v", c.name(), err)
@@ -409,6 +408,7 @@ func (a *Agent) discover(ctx context.Context) {
 		a.mu.Unlock()
 		a.cfg.Logf("memprof agent: profiling %s (cgroup %s)", c.name(), c.dir)
 	}
+	a.rssSync()
 }
 
 func (c *container) name() string {

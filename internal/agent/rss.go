@@ -72,14 +72,17 @@ func (a *Agent) stopRSS() {
 	}
 }
 
-// rssSync follows the cgroup of every known container and stops following
-// the ones gone.
+// rssSync follows the cgroup of every known pod container and stops
+// following the ones gone. It runs after the heap tier has attached to new
+// containers, so it never delays that.
 func (a *Agent) rssSync() {
 	a.mu.Lock()
 	t := a.rss
 	want := map[string]labelSet{}
 	for _, c := range a.known {
-		if c.dir != "" {
+		// Pod containers only (as the heap tier): a cgroup discovery
+		// found without a pod has no name to file its profiles under.
+		if c.dir != "" && c.labels.Namespace != "" && c.labels.Pod != "" {
 			want[c.dir] = c.labels
 		}
 	}
