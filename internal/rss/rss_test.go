@@ -295,3 +295,42 @@ func TestJVMGrow(t *testing.T) {
 		t.Errorf("total rss_space %.2f MiB vs RssAnon %.2f MiB", float64(total)/mib, float64(anon)/mib)
 	}
 }
+
+// Memory made resident before the recording starts is one explicit bucket,
+// not dropped and not attributed to the stacks that fault later.
+func TestResidentBefore(t *testing.T) {
+	testprog.RequireRoot(t)
+	bin := t.TempDir() + "/rss_goleak"
+	if out, err := exec.Command("go", "build", "-o", bin, testprog.Testdata("rss_goleak")).CombinedOutput(); err != nil {
+		t.Fatalf("go build: %v\n%s", err, out)
+	}
+	k := startWaiting(t, bin, "32")
+	k.run(t) // 32 MiB resident before memprof starts
+	s, err := Start(context.Background(), Options{SampleRate: 1, Pids: []int{k.cmd.Process.Pid}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	fmt.Fprintln(k.stdin, "more 16")
+	if l, err := k.out.ReadString('\n'); err != nil || strings.TrimSpace(l) != "ready" {
+		t.Fatalf("rss_goleak: %q %v", l, err)
+	}
+	p, _, err := s.Profile(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	built, err := pprofout.BuildRSS(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rss, _, total := byFunction(built, []string{"main.leakMore", ResidentBefore})
+	pm, _ := frag.ReadProcess(k.cmd.Process.Pid)
+	t.Logf("main.leakMore %.2f MiB (truth 16), %s %.2f MiB (truth 32 + runtime), total %.2f MiB, RssAnon %.2f MiB",
+		float64(rss["main.leakMore"])/mib, ResidentBefore, float64(rss[ResidentBefore])/mib, float64(total)/mib, float64(pm.RssAnon)/mib)
+	if got := float64(rss["main.leakMore"]); math.Abs(got-16*mib) > 0.03*16*mib {
+		t.Errorf("main.leakMore rss_space %.2f MiB, want 16", got/mib)
+	}
+	if got := float64(rss[ResidentBefore]); got < 32*mib || got > 36*mib {
+		t.Errorf("%s %.2f MiB, want 32 MiB plus the runtime's own (< 4 MiB)", ResidentBefore, got/mib)
+	}
+}

@@ -3,7 +3,9 @@
 //
 //	rss_goleak MIB      wait for a line on stdin, leak MIB MiB in 64 KiB
 //	                    slices from main.leakSlices (touching every page),
-//	                    print "ready", wait for another line, exit
+//	                    print "ready"; then for each line "more N" leak N
+//	                    MiB more from main.leakMore and print "ready"; exit
+//	                    at any other line or EOF
 //	rss_goleak -oom     leak 1 MiB slices from main.leakSlices forever
 //	                    (until the kernel kills the process)
 package main
@@ -42,5 +44,16 @@ func main() {
 	in.ReadString('\n')
 	leakSlices(mib)
 	fmt.Println("ready")
-	in.ReadString('\n')
+	for {
+		l, _ := in.ReadString('\n')
+		var n int
+		if _, err := fmt.Sscanf(l, "more %d", &n); err != nil {
+			return
+		}
+		leakMore(n)
+		fmt.Println("ready")
+	}
 }
+
+//go:noinline
+func leakMore(mib int) { leakSlices(mib) }
