@@ -36,6 +36,7 @@ func agentCommand() *cli.Command {
 			&cli.Float64Flag{Name: "max-calls-per-second", Value: 200000, Usage: "overhead budget: a target process making more allocator calls per second is detached (0: no budget)"},
 			&cli.Uint64Flag{Name: "sample-rate", Value: recorder.DefaultSampleRate, Usage: "mean bytes between samples (Poisson)"},
 			&cli.DurationFlag{Name: "rediscover-interval", Value: agentDefault.DiscoverInterval, Usage: "how often the node's pods are listed again"},
+			&cli.BoolFlag{Name: "no-rss", Usage: "no RSS profiles (by default every container on the node gets them, and every OOM kill an RSS post-mortem)"},
 			&cli.DurationFlag{Name: "collect-interval", Value: agentDefault.CollectInterval, Usage: "how often metrics are computed and the budget checked"},
 		}, podPathFlags()...),
 		Action: runAgent,
@@ -64,6 +65,7 @@ func runAgent(c *cli.Context) error {
 		DiscoverInterval:  c.Duration("rediscover-interval"),
 		CollectInterval:   c.Duration("collect-interval"),
 		Logf:              log.New(os.Stderr, "", log.LstdFlags).Printf,
+		NoRSS:             c.Bool("no-rss"),
 	}
 	a, err := agent.New(cfg)
 	if err != nil {

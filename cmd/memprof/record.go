@@ -46,12 +46,17 @@ func recordCommand() *cli.Command {
 			&cli.IntFlag{Name: "top", Value: 10, Usage: "stacks shown in the summary"},
 			&cli.StringFlag{Name: "fail-on-growth", Usage: "leak gate: exit with status 3, naming the stacks, when a stack classified growing (medium or high confidence) rises faster than this rate (e.g. 1MiB/min)"},
 			&cli.BoolFlag{Name: "follow-children", Usage: "with --pid: also profile the targets' child processes, found while they run (a command after -- has its whole process tree followed from each fork)"},
+			&cli.BoolFlag{Name: "rss", Usage: "record an RSS profile instead (which stacks faulted in the resident anonymous memory; page-fault tracepoints, no uprobes)"},
+			&cli.BoolFlag{Name: "heap", Usage: "with --rss: record the heap profile too (-o), the RSS profile beside it (.rss.pb.gz), and compare them per process"},
 		}, podPathFlags()...),
 		Action: runRecord,
 	}
 }
 
 func runRecord(c *cli.Context) error {
+	if c.Bool("rss") {
+		return runRecordRSS(c)
+	}
 	opts := recorder.Options{
 		SampleRate: c.Uint64("sample-rate"),
 		Pids:       c.IntSlice("pid"),

@@ -17,7 +17,7 @@ func reportCommand() *cli.Command {
 		Usage:     "print the top stacks, fragmentation figures and losses recorded in a memprof profile",
 		ArgsUsage: "FILE",
 		Flags: []cli.Flag{
-			&cli.StringFlag{Name: "sample-index", Value: "inuse_space", Usage: "inuse_space, inuse_objects, alloc_space or alloc_objects"},
+			&cli.StringFlag{Name: "sample-index", Usage: "inuse_space, inuse_objects, alloc_space or alloc_objects; for RSS profiles rss_space, faulted_space or faulted_objects (default: the profile's default)"},
 			&cli.IntFlag{Name: "top", Value: 10, Usage: "stacks to show"},
 			&cli.IntFlag{Name: "frames", Value: 8, Usage: "frames per stack"},
 			&cli.StringFlag{Name: "format", Value: "text", Usage: "text, or json: per stack frames, inuse and alloc bytes, trend, growth rate and series"},
@@ -77,12 +77,19 @@ func reportCommand() *cli.Command {
 					fmt.Fprintln(w, "  "+l)
 				}
 			}
-			rows, err := pprofout.Top(p, c.String("sample-index"), c.Int("top"))
+			index := c.String("sample-index")
+			if index == "" {
+				index = p.DefaultSampleType
+			}
+			if index == "" {
+				index = "inuse_space"
+			}
+			rows, err := pprofout.Top(p, index, c.Int("top"))
 			if err != nil {
 				return err
 			}
-			fmt.Fprintf(w, "\ntop %d stacks by %s:\n", len(rows), c.String("sample-index"))
-			if err := pprofout.FormatTop(w, rows, c.String("sample-index"), c.Int("frames")); err != nil {
+			fmt.Fprintf(w, "\ntop %d stacks by %s:\n", len(rows), index)
+			if err := pprofout.FormatTop(w, rows, index, c.Int("frames")); err != nil {
 				return err
 			}
 			if err := report.WriteGrowth(w, rep, c.Int("top"), c.Int("frames")); err != nil {

@@ -63,6 +63,10 @@ type Config struct {
 	// Logf receives the agent's log lines (default log.Printf), control
 	// characters escaped (see escapingLogf).
 	Logf func(format string, args ...any)
+
+	// NoRSS turns off the RSS profiles every container gets by default
+	// (rss.go).
+	NoRSS bool
 }
 
 func (c *Config) defaults() {
@@ -124,6 +128,7 @@ type Agent struct {
 	pushErrs   uint64
 	pushes     uint64
 	saved      uint64
+	rss        *rssTier // nil: RSS profiles off
 }
 
 // labelSet identifies a container in metrics.
@@ -216,6 +221,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	a.lastTick = time.Now()
 	a.mu.Unlock()
 	a.cfg.Logf("memprof agent: listening on %s, node %s, sample rate %d bytes; %s", a.Addr(), a.cfg.NodeName, a.cfg.SampleRate, s.Features())
+	a.startRSS(ctx)
 
 	srvErr := make(chan error, 1)
 	go func() { srvErr <- a.srv.Serve(a.ln) }()
@@ -250,6 +256,7 @@ func (a *Agent) Run(ctx context.Context) error {
 				return
 			case <-t.C:
 				a.saveProfiles(ctx)
+				a.saveRSSProfiles(ctx)
 			}
 		}
 	}()
@@ -273,6 +280,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		delete(a.profiled, id)
 	}
 	a.mu.Unlock()
+	a.stopRSS()
 	s.Close()
 	a.cfg.Logf("memprof agent: stopped; detached from %d containers", n)
 	return runErr
@@ -405,6 +413,7 @@ func (a *Agent) discover(ctx context.Context) {
 		a.mu.Unlock()
 		a.cfg.Logf("memprof agent: profiling %s (cgroup %s)", c.name(), c.dir)
 	}
+	a.rssSync()
 }
 
 func (c *container) name() string {

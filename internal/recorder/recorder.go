@@ -64,6 +64,12 @@ type Options struct {
 	// targets, found by polling after they started (a command's children
 	// are always followed, from their fork).
 	FollowChildren bool
+
+	// AtExec and AtExit, if set, are called with the command stopped at
+	// its first exec and in its exit (another tier recording the same
+	// command: the RSS tier follows it from its first instruction and
+	// reads its memory before the kernel unmaps it).
+	AtExec, AtExit func(pid int)
 }
 
 // Session is one recording.

@@ -92,6 +92,9 @@ func (s *Session) attachCommand(pid int, libs []string, reexec bool) error {
 			s.opts.Notify(fmt.Sprintf("%s maps no allocator memprof knows (%v); following it and its children in case they run a program that does", libs[0], libs))
 		}
 	}
+	if s.opts.AtExec != nil {
+		s.opts.AtExec(pid)
+	}
 	s.noteObjects(objs)
 	t := &target{pid: pid, comm: procmaps.Comm(pid), cgroup: memoryCgroup(pid), allocator: allocatorOf(objs)}
 	t.cov = fullCoverage(pid, "started by memprof")
@@ -116,6 +119,9 @@ func (s *Session) commandExiting(pid int) {
 		return // the session's maps are gone; the command outlived it
 	}
 	defer s.hookMu.RUnlock()
+	if s.opts.AtExit != nil {
+		s.opts.AtExit(pid)
+	}
 	s.mu.Lock()
 	t := s.procs[pid]
 	s.mu.Unlock()

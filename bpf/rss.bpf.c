@@ -1,0 +1,356 @@
+//go:build ignore
+
+// SPDX-License-Identifier: GPL-2.0
+//
+// The RSS tier: which stacks made a process's anonymous memory resident.
+//
+// Anonymous memory becomes resident through a page fault (on untouched
+// memory, on the shared zero page, or a copy-on-write of a file page), in
+// the thread and at the user stack that touched it. exceptions:page_fault_user
+// (and page_fault_kernel, for faults the kernel takes on the process's
+// behalf, such as read(2) into a fresh buffer) notes the fault of a target
+// thread; kmem:rss_stat, which fires on every change of an mm's RSS counters
+// (6.2+), confirms that the fault added an anonymous page. Only then is the
+// fault counted and, Poisson over bytes, sampled: failed faults, faults on
+// file or shared pages and copy-on-write of an anonymous page shared after
+// fork (RssAnon does not change) are not. (An fentry program on
+// folio_add_new_anon_rmap would give the folio's size directly, but fentry
+// needs the function tracer, which kernels such as this project's are built
+// without.)
+//
+// Sampled folios are kept by (process, address); userspace checks them
+// against /proc/PID/pagemap when it takes a profile, so memory given back in
+// any way (munmap, MADV_DONTNEED/FREE, brk shrink, swap-out, exit) leaves
+// the profile without hooking any system call.
+
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_tracing.h>
+#include <bpf/bpf_core_read.h>
+
+#include "rss.h"
+
+char LICENSE[] SEC("license") = "GPL";
+
+// 1: copy registers and stack of sampled faults for CFI unwinding in
+// userspace; 0: frame-pointer walk in BPF only.
+const volatile __u32 rss_copy_stacks = 1;
+// Exposes enums and event layouts to the generated Go types.
+const volatile enum rss_counter rss_nr_counters = NR_RSS_COUNTERS;
+const volatile enum rss_target_flag rss_unused_flag = RT_TARGET;
+const volatile enum rss_thp_mode rss_unused_thp = THP_NEVER;
+const volatile enum rss_event_type rss_unused_event = RE_STACK;
+const struct rss_stack_event *rss_unused_stack_event __attribute__((unused));
+const struct rss_oom_event *rss_unused_oom_event __attribute__((unused));
+
+__u32 rss_stack_seq;
+
+// Bytes to the next sample, per CPU (a Poisson process over bytes stays one
+// when its stream is split among CPUs).
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __s64);
+} rss_countdown SEC(".maps");
+
+// Sampled folios that were resident when faulted in, by (process, address).
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, RSS_MAX_PAGES);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct rss_page_key);
+	__type(value, struct rss_page);
+} rss_pages SEC(".maps");
+
+// Sampled faults per (process, stack, folio size), for stacks walked in BPF
+// (copied stacks are counted from their events in userspace).
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, RSS_MAX_FAULT_BUCKETS);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct rss_fault_key);
+	__type(value, __u64);
+} rss_faults SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_STACK_TRACE);
+	__uint(max_entries, RSS_MAX_STACKS);
+	__uint(key_size, sizeof(__u32));
+	__uint(value_size, RSS_STACK_DEPTH * sizeof(__u64));
+} rss_stacks SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, NR_RSS_COUNTERS);
+	__type(key, __u32);
+	__type(value, __u64);
+} rss_counters SEC(".maps");
+
+// Stack copies and OOM kills for userspace.
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 1 << 25); // 32 MiB: ~4000 stack copies in flight
+} rss_events SEC(".maps");
+
+static __always_inline void rss_count(__u32 idx, __u64 n)
+{
+	__u64 *c = bpf_map_lookup_elem(&rss_counters, &idx);
+	if (c)
+		*c += n;
+}
+
+// rss_memcg is the kernfs id of the task's memory controller cgroup: the v1
+// memory hierarchy on hybrid hosts, the unified one on cgroup v2 hosts.
+static __always_inline __u64 rss_memcg(struct task_struct *task)
+{
+	int id = bpf_core_enum_value(enum cgroup_subsys_id, memory_cgrp_id);
+	if (id < 0 || id >= CGROUP_SUBSYS_COUNT)
+		return 0;
+	return BPF_CORE_READ(task, cgroups, subsys[id], cgroup, kn, id);
+}
+
+
+// copy_stack sends the user registers and the top of the user stack to
+// userspace and returns RSS_STACK_COPIED|seq, or -1 if the ring buffer is
+// full.
+static __always_inline __s64 copy_stack(struct task_struct *task, __u32 tgid, __u64 size)
+{
+	struct rss_stack_event *e = bpf_ringbuf_reserve(&rss_events, sizeof(*e), 0);
+	if (!e) {
+		rss_count(RC_EVENTS_LOST, 1);
+		return -1;
+	}
+	struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(task);
+	__u32 seq = __sync_fetch_and_add(&rss_stack_seq, 1) % (RSS_STACK_COPIED - 1);
+	e->type = RE_STACK;
+	e->tgid = tgid;
+	e->seq = seq;
+	e->size = size;
+	e->ip = BPF_CORE_READ(regs, ip);
+	e->sp = BPF_CORE_READ(regs, sp);
+	e->bp = BPF_CORE_READ(regs, bp);
+	// Copy up to RSS_STACK_COPY bytes, but not past the main thread's
+	// stack top (a read crossing the end of the mapping fails whole);
+	// shorter copies if the read still fails.
+	__u64 n = RSS_STACK_COPY;
+	__u64 top = BPF_CORE_READ(task, mm, start_stack);
+	if (top > e->sp && top - e->sp < RSS_STACK_COPY)
+		n = top - e->sp;
+	n &= RSS_STACK_COPY * 2 - 1;
+	if (n > RSS_STACK_COPY)
+		n = RSS_STACK_COPY;
+	void *sp = (void *)e->sp;
+	e->len = 0;
+	if (n > 0 && bpf_probe_read_user(e->data, n, sp) == 0)
+		e->len = n;
+	else if (bpf_probe_read_user(e->data, RSS_STACK_COPY / 4, sp) == 0)
+		e->len = RSS_STACK_COPY / 4;
+	else if (bpf_probe_read_user(e->data, RSS_STACK_COPY / 16, sp) == 0)
+		e->len = RSS_STACK_COPY / 16;
+	bpf_ringbuf_submit(e, 0);
+	rss_count(RC_STACK_COPIES, 1);
+	return RSS_STACK_COPIED | seq;
+}
+
+static __always_inline void record(void *ctx, struct task_struct *task, __u32 tgid, __u64 addr,
+				   __u64 size, __u64 memcg, __u64 cgroup)
+{
+	rss_count(RC_SAMPLES, 1);
+	__s64 sid = -1;
+	if (rss_copy_stacks)
+		sid = copy_stack(task, tgid, size);
+	if (sid < 0) {
+		sid = bpf_get_stackid(ctx, &rss_stacks, BPF_F_USER_STACK);
+		if (sid < 0) {
+			rss_count(sid == -17 /* EEXIST */ ? RC_STACK_COLLISION : RC_STACK_LOST, 1);
+			sid = RSS_STACK_UNKNOWN;
+		}
+		struct rss_fault_key fk = {.tgid = tgid, .stack_id = sid, .size = size};
+		__u64 *n = bpf_map_lookup_elem(&rss_faults, &fk);
+		if (n) {
+			__sync_fetch_and_add(n, 1);
+		} else {
+			__u64 one = 1;
+			if (bpf_map_update_elem(&rss_faults, &fk, &one, BPF_NOEXIST) != 0) {
+				n = bpf_map_lookup_elem(&rss_faults, &fk);
+				if (n)
+					__sync_fetch_and_add(n, 1);
+				else
+					rss_count(RC_BUCKETS_FULL, 1);
+			}
+		}
+	}
+	struct rss_page_key k = {.tgid = tgid, .addr = addr & ~(size - 1)};
+	struct rss_page p = {
+		.size = size,
+		.fault = addr,
+		.memcg = memcg,
+		.cgroup = cgroup,
+		.ts = bpf_ktime_get_ns(),
+		.stack_id = sid,
+	};
+	if (!p.memcg)
+		p.memcg = rss_memcg(task);
+	if (bpf_map_update_elem(&rss_pages, &k, &p, BPF_ANY) != 0)
+		rss_count(RC_PAGES_FULL, 1);
+}
+
+// Per-thread state: the user fault in progress (set at the fault, consumed
+// by the anonymous-page counter increment it causes).
+struct rss_thread {
+	__u64 addr;	// faulting address
+	__u64 ip, sp;	// user registers at the fault: identify it at the increment
+	__s64 count0;	// global part of the mm's anonymous-page counter at the fault
+	__u32 active;
+	__u32 _pad;
+};
+
+struct vma_ctx {
+	__u64 addr;
+	__u32 thp;
+};
+
+// vma_check runs with the faulting address's mapping (bpf_find_vma).
+static long vma_check(struct task_struct *task, struct vm_area_struct *vma, struct vma_ctx *c)
+{
+	if (vma->vm_file || vma->vm_ops) // not anonymous memory
+		return 0;
+	c->thp = rss_thp_expected(rss_thp_mode, vma->vm_flags, vma->vm_start, vma->vm_end, c->addr);
+	return 0;
+}
+
+struct {
+	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct rss_thread);
+} rss_threads SEC(".maps");
+
+// on_fault notes a page fault of a target thread on a user address (in user
+// mode, or in the kernel on the process's behalf: read(2) into a fresh
+// buffer). Non-targets pay the filter only.
+static __always_inline void on_fault(__u64 address)
+{
+	struct task_struct *task = bpf_get_current_task_btf();
+	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	__u32 kinds = rss_filter_kinds;
+	if (!kinds)
+		return;
+	__u64 memcg = (kinds & RSS_KIND_MEMCGS) ? rss_memcg(task) : 0;
+	__u64 cgroup = (kinds & RSS_KIND_CGROUPS) ? bpf_get_current_cgroup_id() : 0;
+	if (!rss_is_target(tgid, memcg, cgroup))
+		return;
+	struct rss_thread *t = bpf_task_storage_get(&rss_threads, task, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
+	if (!t)
+		return;
+	struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(task);
+	t->addr = address;
+	t->ip = BPF_CORE_READ(regs, ip);
+	t->sp = BPF_CORE_READ(regs, sp);
+	t->count0 = BPF_CORE_READ(task, mm, rss_stat[MM_ANONPAGES].count);
+	t->active = 1;
+}
+
+SEC("tp_btf/page_fault_user")
+int BPF_PROG(rss_fault_user, unsigned long address, struct pt_regs *regs, unsigned long error_code)
+{
+	on_fault(address);
+	return 0;
+}
+
+SEC("tp_btf/page_fault_kernel")
+int BPF_PROG(rss_fault_kernel, unsigned long address, struct pt_regs *regs, unsigned long error_code)
+{
+	if (address < 0x800000000000ULL) // user half of the x86-64 address space
+		on_fault(address);
+	return 0;
+}
+
+// Every change of an mm's RSS counters. The increment of the anonymous-page
+// counter of the current process, during the fault noted above (same user
+// registers), is that fault's new anonymous page: a fault that failed, a
+// copy-on-write of an anonymous page shared after fork (no counter change)
+// or a fault on file pages never gets here.
+SEC("tp_btf/rss_stat")
+int BPF_PROG(rss_stat_hook, struct mm_struct *mm, int member)
+{
+	if (member != MM_ANONPAGES)
+		return 0;
+	struct task_struct *task = bpf_get_current_task_btf();
+	if (BPF_CORE_READ(task, mm) != mm)
+		return 0;
+	struct rss_thread *t = bpf_task_storage_get(&rss_threads, task, 0, 0);
+	if (!t || !t->active)
+		return 0;
+	struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(task);
+	if (BPF_CORE_READ(regs, ip) != t->ip || BPF_CORE_READ(regs, sp) != t->sp)
+		return 0;
+	t->active = 0;
+	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	__u32 zero = 0;
+	__s64 *cd = bpf_map_lookup_elem(&rss_countdown, &zero);
+	if (!cd)
+		return 0;
+	// The counter's delta is not passed. A 2 MiB huge page adds 512
+	// pages, more than the per-CPU batch (max(32, 2 x CPUs)), so this
+	// CPU's part is folded into the global count, which jumps by about 512
+	// since the fault began (other CPUs' folds move it a batch at a time).
+	// Only then is the mapping looked at: a huge page is expected where
+	// THP applies to it. memprof checks the guess against
+	// /proc/kpageflags at snapshot time.
+	__u64 size = 4096;
+	if (rss_thp_mode != THP_NEVER && BPF_CORE_READ(mm, rss_stat[MM_ANONPAGES].count) - t->count0 >= 256) {
+		struct vma_ctx c = {.addr = t->addr};
+		// Fails (no huge page expected) if the mmap lock is contended.
+		bpf_find_vma(task, t->addr, vma_check, &c, 0);
+		if (c.thp)
+			size = RSS_THP_SIZE;
+	}
+	rss_count(RC_FOLIOS, 1);
+	rss_count(RC_BYTES, size);
+	__s64 gap = (!rss_sample_all && *cd <= (__s64)size) ? rss_draw_gap() : 1;
+	if (!rss_sampled(cd, size, gap))
+		return 0;
+	record(ctx, task, tgid, t->addr, size, 0, bpf_get_current_cgroup_id());
+	return 0;
+}
+
+// Children of a process marked RT_FOLLOW_FORKS (a command memprof started)
+// become targets before they run.
+SEC("tp_btf/sched_process_fork")
+int BPF_PROG(rss_fork, struct task_struct *parent, struct task_struct *child)
+{
+	__u32 ptgid = BPF_CORE_READ(parent, tgid), ctgid = BPF_CORE_READ(child, tgid);
+	if (ptgid == ctgid)
+		return 0; // a thread
+	__u8 *f = bpf_map_lookup_elem(&rss_pids, &ptgid);
+	if (!f || !(*f & RT_FOLLOW_FORKS))
+		return 0;
+	__u8 v = *f;
+	bpf_map_update_elem(&rss_pids, &ctgid, &v, BPF_ANY);
+	return 0;
+}
+
+// OOM kills (the victim's task, 6.8+): userspace takes the victim's RSS
+// profile at once, before the OOM reaper unmaps its memory.
+SEC("tp_btf/mark_victim")
+int BPF_PROG(rss_oom, struct task_struct *task)
+{
+	struct rss_oom_event *e = bpf_ringbuf_reserve(&rss_events, sizeof(*e), 0);
+	if (!e) {
+		rss_count(RC_EVENTS_LOST, 1);
+		return 0;
+	}
+	__builtin_memset(e, 0, sizeof(*e));
+	e->type = RE_OOM;
+	e->pid = BPF_CORE_READ(task, tgid);
+	e->ts = bpf_ktime_get_ns();
+	e->memcg = rss_memcg(task);
+	BPF_CORE_READ_STR_INTO(&e->comm, task, comm);
+	struct mm_struct *mm = BPF_CORE_READ(task, mm);
+	if (mm)
+		e->anon_rss = BPF_CORE_READ(mm, rss_stat[MM_ANONPAGES].count) * 4;
+	bpf_ringbuf_submit(e, 0);
+	return 0;
+}

@@ -1,0 +1,202 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/memprof/memprof/internal/podfind"
+	"github.com/memprof/memprof/internal/recorder"
+	"github.com/memprof/memprof/internal/rss"
+	"github.com/memprof/memprof/pprofout"
+)
+
+// runRecordRSS is `memprof record --rss`: the RSS tier alone (page-fault
+// tracepoints, no uprobes).
+func runRecordRSS(c *cli.Context) error {
+	opts := rss.Options{
+		SampleRate:    c.Uint64("sample-rate"),
+		Pids:          c.IntSlice("pid"),
+		Cgroups:       c.StringSlice("cgroup"),
+		Command:       c.Args().Slice(),
+		FramePointers: c.String("stack-mode") == "fp",
+		AllOOMs:       c.Bool("all-ooms"),
+	}
+	if opts.SampleRate == 0 {
+		return fmt.Errorf("--sample-rate must be at least 1 byte")
+	}
+	target := "rss"
+	var podLabels map[string]string
+	if pod := c.String("pod"); pod != "" {
+		conts, err := podfind.Discover(c.Context, podPathsFrom(c))
+		if err != nil {
+			return fmt.Errorf("find pods on this node: %w", err)
+		}
+		sel, err := podfind.Select(conts, pod, c.String("namespace"), c.String("container"))
+		if err != nil {
+			return err
+		}
+		for _, ct := range sel {
+			dir := ct.CgroupV1Memory
+			if dir == "" {
+				dir = ct.CgroupV2
+			}
+			opts.Cgroups = append(opts.Cgroups, dir)
+		}
+		podLabels = map[string]string{"namespace": sel[0].Namespace, "pod": sel[0].Pod, "node": hostname()}
+		if len(sel) == 1 {
+			podLabels["container"] = sel[0].Name
+		}
+		target = sel[0].Namespace + "-" + sel[0].Pod
+	}
+	out := c.String("output")
+	if out == "" {
+		out = fmt.Sprintf("memprof-%s-%s.rss.pb.gz", target, time.Now().Format("20060102-150405"))
+	}
+	oomDir := c.String("oom-dir")
+	if oomDir == "" {
+		oomDir = filepath.Dir(out)
+	}
+	stderr := os.Stderr
+	opts.Notify = func(msg string) { fmt.Fprintln(stderr, "memprof:", msg) }
+	opts.OOM = func(k *rss.OOMKill) {
+		if k.Profile == nil {
+			fmt.Fprintf(stderr, "memprof: OOM kill of pid %d (%s), not a target\n", k.Pid, k.Comm)
+			return
+		}
+		path, err := rss.WriteOOM(k, oomDir)
+		if err != nil {
+			fmt.Fprintf(stderr, "memprof: OOM kill of pid %d (%s): writing the RSS post-mortem failed: %v\n", k.Pid, k.Comm, err)
+			return
+		}
+		fmt.Fprintf(stderr, "memprof: OOM KILL of pid %d (%s): RSS post-mortem written: %s\n", k.Pid, k.Comm, path)
+	}
+	ctx, stop := signal.NotifyContext(c.Context, os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if c.Bool("heap") {
+		return runRecordBoth(ctx, c, opts, out, podLabels)
+	}
+	s, err := rss.Start(ctx, opts)
+	if err != nil {
+		return err
+	}
+	defer s.Close()
+	fmt.Fprintf(stderr, "memprof: recording RSS of %s (sample rate %d bytes; page-fault tracepoints, no uprobes)\n", target, opts.SampleRate)
+	reason := s.Wait(ctx, c.Duration("duration"))
+	fmt.Fprintf(stderr, "memprof: stopped: %s after %s\n", reason, time.Since(s.StartTime()).Round(time.Millisecond))
+	return writeRSSResult(s, out, podLabels, c.Int("top"))
+}
+
+// writeRSSResult writes the RSS profile and prints its summary.
+func writeRSSResult(s *rss.Session, out string, podLabels map[string]string, top int) error {
+	stderr := os.Stderr
+	p, sums, err := s.Profile(nil)
+	if err != nil {
+		return err
+	}
+	for i := range p.Samples {
+		for k, v := range podLabels {
+			p.Samples[i].Labels[k] = v
+		}
+	}
+	if err := pprofout.WriteRSSFile(out, p); err != nil {
+		return err
+	}
+	cn, _ := s.Counters()
+	fmt.Fprintf(stderr, "\nmemprof: %d anonymous page faults seen (%s), %d sampled\n", cn.Folios, pprofout.HumanBytes(int64(cn.Bytes)), cn.Samples)
+	if lost := cn.Lost(); len(lost) > 0 {
+		fmt.Fprintf(stderr, "memprof: LOST (also in the profile's comments): %v\n", lost)
+	}
+	for _, sm := range sums {
+		fmt.Fprintf(stderr, "pid %d (%s): RssAnon %s, attributed to stacks %s, %s %s\n", sm.Pid, sm.Comm,
+			pprofout.HumanBytes(sm.RssAnon), pprofout.HumanBytes(sm.Attributed), rss.ResidentBefore, pprofout.HumanBytes(sm.Before))
+	}
+	if built, err := pprofout.BuildRSS(p); err == nil {
+		if rows, err := pprofout.Top(built, pprofout.RSSSpace, top); err == nil && len(rows) > 0 {
+			fmt.Fprintf(stderr, "\ntop %d stacks by resident bytes (rss_space):\n", len(rows))
+			pprofout.FormatTop(stderr, rows, pprofout.RSSSpace, 8)
+		}
+	}
+	fmt.Fprintf(stderr, "\nRSS profile written to %s\nview it with: go tool pprof -http=: %s\n", out, out)
+	return nil
+}
+
+// runRecordBoth records the heap (allocator probes) and RSS (page faults) of
+// the same targets in one recording: two profiles, and a summary comparing
+// them per process.
+func runRecordBoth(ctx context.Context, c *cli.Context, ropts rss.Options, out string, podLabels map[string]string) error {
+	stderr := os.Stderr
+	command := ropts.Command
+	ropts.Command, ropts.AllowEmpty = nil, true
+	rs, err := rss.Start(ctx, ropts)
+	if err != nil {
+		return err
+	}
+	defer rs.Close()
+	hopts := recorder.Options{
+		SampleRate: ropts.SampleRate,
+		Pids:       ropts.Pids,
+		Cgroups:    ropts.Cgroups,
+		Command:    command,
+		AllOOMs:    ropts.AllOOMs,
+		StackMode:  c.String("stack-mode"),
+		Notify:     ropts.Notify,
+		AtExec: func(pid int) {
+			if err := rs.AddCommand(pid); err != nil {
+				fmt.Fprintf(stderr, "memprof: RSS of the command: %v\n", err)
+			}
+		},
+		AtExit: rs.Freeze,
+	}
+	hs, err := recorder.Start(ctx, hopts)
+	if err != nil {
+		return err
+	}
+	defer hs.Close()
+	fmt.Fprintf(stderr, "memprof: recording heap and RSS (sample rate %d bytes); %s\n", hopts.SampleRate, hs.Features())
+	reason := hs.Wait(ctx, c.Duration("duration"))
+	fmt.Fprintf(stderr, "memprof: stopped: %s after %s\n", reason, time.Since(hs.StartTime()).Round(time.Millisecond))
+	if err := writeResult(hs, out, podLabels, c.Int("top"), stderr); err != nil {
+		return err
+	}
+	rssOut := strings.TrimSuffix(out, ".pb.gz") + ".rss.pb.gz"
+	if err := writeRSSResult(rs, rssOut, podLabels, c.Int("top")); err != nil {
+		return err
+	}
+	// Heap against RSS, per process.
+	hp, err := hs.Profile()
+	if err != nil {
+		return err
+	}
+	built, err := pprofout.Build(hp)
+	if err != nil {
+		return err
+	}
+	live := recorder.LiveByPid(built)
+	rp, sums, err := rs.Profile(nil)
+	if err != nil {
+		return err
+	}
+	cats := rss.Categorize(rp)
+	fmt.Fprintln(stderr, "\nheap against RSS, per process (anonymous memory):")
+	for _, sm := range sums {
+		b := cats[sm.Pid]
+		if b == nil {
+			b = &rss.Breakdown{}
+		}
+		r := sm.Regions
+		fmt.Fprintf(stderr, "  pid %d (%s): RssAnon %s; live heap (allocator probes) %s\n", sm.Pid, sm.Comm, pprofout.HumanBytes(sm.RssAnon), pprofout.HumanBytes(live[sm.Pid]))
+		fmt.Fprintf(stderr, "    by mapping: brk heap %s, anonymous mappings (allocator mmaps, own mmaps, thread stacks) %s, main stack %s, written file data %s, resident before recording %s\n",
+			pprofout.HumanBytes(r.Brk), pprofout.HumanBytes(r.Anon), pprofout.HumanBytes(r.Stack), pprofout.HumanBytes(r.Data), pprofout.HumanBytes(sm.Before))
+		fmt.Fprintf(stderr, "    by faulting stack: inside allocator functions %s, elsewhere (the program touching its blocks or own mappings) %s\n",
+			pprofout.HumanBytes(b.Allocator), pprofout.HumanBytes(b.Other))
+	}
+	return nil
+}

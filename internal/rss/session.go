@@ -1,0 +1,660 @@
+package rss
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/ringbuf"
+
+	mbpf "github.com/memprof/memprof/bpf"
+	"github.com/memprof/memprof/internal/cgroups"
+	"github.com/memprof/memprof/internal/frag"
+	"github.com/memprof/memprof/internal/procmaps"
+	"github.com/memprof/memprof/internal/symbolize"
+	"github.com/memprof/memprof/pprofout"
+)
+
+// DefaultSampleRate is the mean number of faulted bytes between samples.
+const DefaultSampleRate = 512 * 1024
+
+// ResidentBefore names the bucket of anonymous memory that was resident
+// before the recording started (or before the process was first seen) and
+// is still resident.
+const ResidentBefore = "[resident before recording]"
+
+// Options configure an RSS session.
+type Options struct {
+	SampleRate uint64   // mean faulted bytes between samples; 1 = every fault
+	Pids       []int    // processes
+	Cgroups    []string // cgroup directories (v1 memory or v2): every process in them and their descendants
+	Command    []string // a command to start (its children are followed)
+	Env        []string // its environment (nil: memprof's own)
+	// FramePointers walks stacks in BPF only; by default sampled faults
+	// copy the user stack and memprof unwinds it with the objects' CFI
+	// (frame pointers where an object has none).
+	FramePointers bool
+	Poll          time.Duration // cgroup rescans and reclaim of exited processes (default 200ms)
+	Notify        func(msg string)
+	// OOM is called for each OOM kill of a target (or of any process with
+	// AllOOMs) with the victim's RSS profile at the kill.
+	OOM        func(*OOMKill)
+	AllOOMs    bool
+	AllowEmpty bool // start without targets (the agent adds cgroups later)
+	// DropExited forgets exited processes entirely (the agent); otherwise
+	// their faults stay in the profile.
+	DropExited bool
+}
+
+// Kinds of targets in use (RSS_KIND_* in bpf/rss.h): BPF consults only
+// the maps of the kinds set.
+const (
+	RSSKindPids    = 1
+	RSSKindMemcgs  = 2
+	RSSKindCgroups = 4
+)
+
+// Session is one RSS recording.
+type Session struct {
+	opts   Options
+	objs   *objects
+	rd     *ringbuf.Reader
+	stacks *stackTable
+	sym    *symbolize.Cache
+	start  time.Time
+	cmd    *command
+	done   chan struct{}
+	wg     sync.WaitGroup
+
+	mu      sync.Mutex
+	procs   map[int]*proc
+	cgDirs  map[string]bool   // target cgroup directories
+	cgIDs   map[uint64]string // registered cgroup ids (descendants included) -> dir
+	kinds   uint32
+	errs    []string
+	ooms    int
+	reclaim time.Time
+	// verified: last check of every sampled folio against pagemap
+	verified time.Time
+}
+
+// VerifyInterval is how often every sampled folio is checked against
+// /proc/PID/pagemap and the ones given back are forgotten: it bounds the
+// map for processes that churn through address space, and it is what an
+// OOM post-mortem's residency is as of.
+var VerifyInterval = 5 * time.Second
+
+// verifyAll checks every sampled folio of live processes and forgets the
+// ones given back.
+func (s *Session) verifyAll() {
+	s.verified = time.Now()
+	for pid, entries := range s.pagesOf(func(uint32) bool { return true }) {
+		s.mu.Lock()
+		p := s.procs[int(pid)]
+		frozen := p != nil && p.frozen != nil
+		s.mu.Unlock()
+		if !frozen && procmaps.Alive(int(pid)) {
+			s.residencyOf(int(pid), entries)
+		}
+	}
+}
+
+// proc is what the session knows about one process.
+type proc struct {
+	pid       int
+	comm      string
+	cgroup    string // memory cgroup path (label)
+	startAnon int64  // RssAnon when first seen
+	sym       *symbolize.Process
+	exited    bool
+	// frozen: residency read in the exit stop of a command (nil: read live)
+	frozen     []frozenPage
+	frozenAnon int64
+	frozenMaps []procmaps.Mapping
+	// exitFaults: BPF fault buckets of an exited process, kept for the profile
+}
+
+// Start loads the RSS programs and starts following the targets.
+func Start(ctx context.Context, opts Options) (*Session, error) {
+	if len(opts.Pids) == 0 && len(opts.Cgroups) == 0 && len(opts.Command) == 0 && !opts.AllowEmpty {
+		return nil, errors.New("nothing to record: give --pid, --cgroup, --pod or a command after --")
+	}
+	if opts.SampleRate == 0 {
+		opts.SampleRate = DefaultSampleRate
+	}
+	if opts.Poll == 0 {
+		opts.Poll = 200 * time.Millisecond
+	}
+	if opts.Notify == nil {
+		opts.Notify = func(string) {}
+	}
+	for _, pid := range opts.Pids {
+		if !procmaps.Alive(pid) {
+			return nil, fmt.Errorf("process %d not found: no such process on this host", pid)
+		}
+	}
+	for _, cg := range opts.Cgroups {
+		if st, err := os.Stat(cg); err != nil || !st.IsDir() {
+			return nil, fmt.Errorf("cgroup %s does not exist: give a directory under /sys/fs/cgroup", cg)
+		}
+	}
+	objs, err := load(loadOptions{SampleRate: opts.SampleRate, CopyStacks: !opts.FramePointers})
+	if err != nil {
+		return nil, err
+	}
+	rd, err := ringbuf.NewReader(objs.RssEvents)
+	if err != nil {
+		objs.close()
+		return nil, fmt.Errorf("open RSS ring buffer: %w", err)
+	}
+	s := &Session{
+		opts: opts, objs: objs, rd: rd, stacks: newStackTable(),
+		sym:   symbolize.NewCache(symbolize.Options{}),
+		start: time.Now(), done: make(chan struct{}),
+		procs: map[int]*proc{}, cgDirs: map[string]bool{}, cgIDs: map[uint64]string{},
+	}
+	s.wg.Add(1)
+	go s.readEvents()
+	for _, pid := range opts.Pids {
+		if err := s.AddPid(pid); err != nil {
+			s.Close()
+			return nil, err
+		}
+	}
+	for _, cg := range opts.Cgroups {
+		if err := s.AddCgroup(cg); err != nil {
+			s.Close()
+			return nil, err
+		}
+	}
+	if len(opts.Command) > 0 {
+		env := opts.Env
+		if env == nil {
+			env = os.Environ()
+		}
+		cmd, err := startCommand(opts.Command, env, s.commandStarted, s.commandExiting)
+		if err != nil {
+			s.Close()
+			return nil, err
+		}
+		s.cmd = cmd
+	}
+	s.wg.Add(1)
+	go s.loop(ctx)
+	return s, nil
+}
+
+// OOMSupported reports whether OOM kills get an RSS post-mortem (the
+// kernel's mark_victim passes the victim's task: Linux 6.8+).
+func (s *Session) OOMSupported() bool { return s.objs.oom }
+
+// StartTime is when the recording started.
+func (s *Session) StartTime() time.Time { return s.start }
+
+func (s *Session) setKinds(k uint32) {
+	s.kinds |= k
+	if err := s.objs.RssFilterKinds.Set(s.kinds); err != nil {
+		s.recordErr(fmt.Errorf("set RSS filter kinds: %w", err))
+	}
+}
+
+// AddPid makes pid a target (flags: mbpf.RssRssTargetFlag bits).
+func (s *Session) AddPid(pid int) error { return s.addPid(pid, uint8(mbpf.RssRssTargetFlagRT_TARGET)) }
+
+func (s *Session) addPid(pid int, flags uint8) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.setKinds(RSSKindPids)
+	if err := s.objs.RssPids.Put(uint32(pid), flags); err != nil {
+		return fmt.Errorf("add process %d to the RSS targets: %w", pid, err)
+	}
+	s.noteProc(pid)
+	return nil
+}
+
+// AddCgroup makes every process of cgroup directory dir (v1 memory or v2)
+// and of its descendants a target, including later ones.
+func (s *Session) AddCgroup(dir string) error {
+	s.mu.Lock()
+	s.cgDirs[filepath.Clean(dir)] = true
+	s.mu.Unlock()
+	return s.scanCgroup(filepath.Clean(dir))
+}
+
+// RemoveCgroup stops recording cgroup dir (the agent, when a container goes).
+func (s *Session) RemoveCgroup(dir string) {
+	dir = filepath.Clean(dir)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	delete(s.cgDirs, dir)
+	for id, d := range s.cgIDs {
+		if d == dir || isUnder(d, dir) {
+			s.objs.RssMemcgs.Delete(id)
+			s.objs.RssCgroups.Delete(id)
+			delete(s.cgIDs, id)
+		}
+	}
+}
+
+func isUnder(p, dir string) bool {
+	rel, err := filepath.Rel(dir, p)
+	return err == nil && rel != "." && rel != ".." && !filepath.IsAbs(rel) && len(rel) > 0 && rel[0] != '.'
+}
+
+// scanCgroup registers dir and its descendants' ids with BPF and notes
+// their processes.
+func (s *Session) scanCgroup(dir string) error {
+	v, err := cgroups.Version(dir)
+	if err != nil {
+		return fmt.Errorf("cgroup %s: %w", dir, err)
+	}
+	var dirs []string
+	filepath.WalkDir(dir, func(p string, d os.DirEntry, err error) error {
+		if err == nil && d.IsDir() {
+			dirs = append(dirs, p)
+		}
+		return nil
+	})
+	s.mu.Lock()
+	for _, d := range dirs {
+		id, err := cgroups.ID(d)
+		if err != nil {
+			continue
+		}
+		if _, ok := s.cgIDs[id]; ok {
+			continue
+		}
+		// A v1 directory is the memory controller's (its id is the
+		// task's memcg); a v2 directory is matched by the task's v2
+		// cgroup id (on pure v2 hosts both are the same id).
+		m, kind := s.objs.RssCgroups, uint32(RSSKindCgroups)
+		if v == 1 {
+			m, kind = s.objs.RssMemcgs, RSSKindMemcgs
+		}
+		if err := m.Put(id, uint8(1)); err != nil {
+			s.mu.Unlock()
+			return fmt.Errorf("add cgroup %s to the RSS targets: %w", d, err)
+		}
+		s.setKinds(kind)
+		s.cgIDs[id] = dir
+	}
+	s.mu.Unlock()
+	pids, err := cgroups.Procs(dir, true)
+	if err != nil {
+		return fmt.Errorf("list processes of cgroup %s: %w", dir, err)
+	}
+	s.mu.Lock()
+	for _, pid := range pids {
+		s.noteProc(pid)
+	}
+	s.mu.Unlock()
+	return nil
+}
+
+// noteProc records a process the first time it is seen: its name, cgroup,
+// RssAnon now, and an open view of its files for symbolization (caller
+// holds mu).
+func (s *Session) noteProc(pid int) *proc {
+	if p := s.procs[pid]; p != nil {
+		return p
+	}
+	p := &proc{pid: pid, comm: procmaps.Comm(pid)}
+	if v1, v2, err := cgroups.OfProcess(pid); err == nil {
+		p.cgroup = v1
+		if p.cgroup == "" {
+			p.cgroup = v2
+		}
+	}
+	if pm, err := frag.ReadProcess(pid); err == nil {
+		p.startAnon = int64(pm.RssAnon)
+	} else {
+		p.exited = !procmaps.Alive(pid)
+	}
+	if sp, err := s.sym.Snapshot(pid); err == nil {
+		p.sym = sp
+	}
+	s.procs[pid] = p
+	return p
+}
+
+func (s *Session) recordErr(err error) {
+	msg := err.Error()
+	for _, e := range s.errs {
+		if e == msg {
+			return
+		}
+	}
+	s.errs = append(s.errs, msg)
+}
+
+// readEvents consumes stack copies and OOM kills.
+func (s *Session) readEvents() {
+	defer s.wg.Done()
+	for {
+		rec, err := s.rd.Read()
+		if err != nil {
+			if errors.Is(err, ringbuf.ErrClosed) {
+				return
+			}
+			continue
+		}
+		if len(rec.RawSample) < 4 {
+			continue
+		}
+		switch binary.LittleEndian.Uint32(rec.RawSample) {
+		case uint32(mbpf.RssRssEventTypeRE_STACK):
+			if err := s.stacks.handleStack(rec.RawSample); err != nil {
+				s.mu.Lock()
+				s.recordErr(err)
+				s.mu.Unlock()
+			}
+		case uint32(mbpf.RssRssEventTypeRE_OOM):
+			s.handleOOM(rec.RawSample)
+		}
+	}
+}
+
+// loop rescans cgroups and reclaims the state of exited processes.
+func (s *Session) loop(ctx context.Context) {
+	defer s.wg.Done()
+	tick := time.NewTicker(s.opts.Poll)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-s.done:
+			return
+		case <-tick.C:
+		}
+		s.mu.Lock()
+		dirs := make([]string, 0, len(s.cgDirs))
+		for d := range s.cgDirs {
+			dirs = append(dirs, d)
+		}
+		s.mu.Unlock()
+		for _, d := range dirs {
+			if err := s.scanCgroup(d); err != nil && !os.IsNotExist(errors.Unwrap(err)) {
+				s.mu.Lock()
+				s.recordErr(err)
+				s.mu.Unlock()
+			}
+		}
+		if time.Since(s.reclaim) > 2*time.Second {
+			s.reclaimExited()
+		}
+		if time.Since(s.verified) > VerifyInterval {
+			s.verifyAll()
+		}
+	}
+}
+
+// reclaimExited removes the sampled folios of processes that have exited
+// (their memory is gone) from the BPF map, and forgets them entirely with
+// DropExited.
+func (s *Session) reclaimExited() {
+	s.reclaim = time.Now()
+	var dead []mbpf.RssRssPageKey
+	var k mbpf.RssRssPageKey
+	var v mbpf.RssRssPage
+	gone := map[uint32]bool{}
+	it := s.objs.RssPages.Iterate()
+	for it.Next(&k, &v) {
+		g, ok := gone[k.Tgid]
+		if !ok {
+			g = !procmaps.Alive(int(k.Tgid))
+			gone[k.Tgid] = g
+		}
+		if g {
+			dead = append(dead, k)
+		}
+	}
+	for _, k := range dead {
+		s.objs.RssPages.Delete(k)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for pid, p := range s.procs {
+		if p.exited || procmaps.Alive(pid) {
+			continue
+		}
+		p.exited = true
+		s.objs.RssPids.Delete(uint32(pid))
+		s.stacks.forget(pid)
+		if s.opts.DropExited {
+			s.dropProc(pid)
+		}
+	}
+}
+
+// dropProc forgets pid's fault counts and state (caller holds mu).
+func (s *Session) dropProc(pid int) {
+	if p := s.procs[pid]; p != nil && p.sym != nil {
+		p.sym.Close()
+	}
+	delete(s.procs, pid)
+	var fk mbpf.RssRssFaultKey
+	var n uint64
+	var del []mbpf.RssRssFaultKey
+	it := s.objs.RssFaults.Iterate()
+	for it.Next(&fk, &n) {
+		if fk.Tgid == uint32(pid) {
+			del = append(del, fk)
+		}
+	}
+	for _, k := range del {
+		s.objs.RssFaults.Delete(k)
+	}
+	s.stacks.mu.Lock()
+	for k := range s.stacks.faults {
+		if k.pid == uint32(pid) {
+			delete(s.stacks.faults, k)
+		}
+	}
+	s.stacks.mu.Unlock()
+}
+
+// AddCommand makes pid and its future children targets: a command another
+// tier started, stopped at its exec.
+func (s *Session) AddCommand(pid int) error { return s.commandStarted(pid) }
+
+// Freeze reads pid's residency now and keeps it for later profiles: a
+// command another tier traces, stopped in its exit.
+func (s *Session) Freeze(pid int) { s.freeze(pid) }
+
+// commandStarted runs with the command stopped at its exec.
+func (s *Session) commandStarted(pid int) error {
+	return s.addPid(pid, uint8(mbpf.RssRssTargetFlagRT_TARGET|mbpf.RssRssTargetFlagRT_FOLLOW_FORKS))
+}
+
+// commandExiting runs with the command stopped in its exit: its memory is
+// still mapped, so its residency is read and kept.
+func (s *Session) commandExiting(pid int) {
+	s.freeze(pid)
+}
+
+// freeze reads pid's residency now and keeps it for later profiles.
+func (s *Session) freeze(pid int) {
+	pages := s.pagesOf(func(t uint32) bool { return t == uint32(pid) })
+	res := s.residencyOf(pid, pages[uint32(pid)])
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	p := s.noteProc(pid)
+	if p.sym != nil {
+		p.sym.Refresh()
+	}
+	p.frozen = make([]frozenPage, 0, len(res))
+	for i, e := range pages[uint32(pid)] {
+		p.frozen = append(p.frozen, frozenPage{e, res[i]})
+	}
+	if pm, err := frag.ReadProcess(pid); err == nil {
+		p.frozenAnon = int64(pm.RssAnon)
+	}
+	p.frozenMaps, _ = procmaps.Read(pid)
+}
+
+// frozenPage is a sampled folio of an exited command with its residency
+// read in the exit stop.
+type frozenPage struct {
+	pageEntry
+	resident float64
+}
+
+type pageEntry struct {
+	key  mbpf.RssRssPageKey
+	page mbpf.RssRssPage
+}
+
+// pagesOf reads the sampled folios of the processes keep selects.
+func (s *Session) pagesOf(keep func(uint32) bool) map[uint32][]pageEntry {
+	out := map[uint32][]pageEntry{}
+	var k mbpf.RssRssPageKey
+	var v mbpf.RssRssPage
+	it := s.objs.RssPages.Iterate()
+	for it.Next(&k, &v) {
+		if keep(k.Tgid) {
+			out[k.Tgid] = append(out[k.Tgid], pageEntry{k, v})
+		}
+	}
+	return out
+}
+
+// residencyOf checks pid's sampled folios against pagemap and forgets the
+// ones entirely gone; it returns the resident fraction of each (all 0 when
+// the process has exited).
+func (s *Session) residencyOf(pid int, pages []pageEntry) []float64 {
+	out := make([]float64, len(pages))
+	folios := make([]folio, len(pages))
+	for i, e := range pages {
+		folios[i] = folio{addr: e.key.Addr, size: e.page.Size, fault: e.page.Fault}
+	}
+	res, err := checkResidency(pid, folios)
+	if err != nil {
+		return out
+	}
+	for i, r := range res {
+		out[i] = r.fraction()
+		if r.gone() {
+			s.objs.RssPages.Delete(pages[i].key)
+		}
+	}
+	return out
+}
+
+// drain lets the event reader consume pending stack copies.
+func (s *Session) drain() {
+	for i := 0; i < 100 && s.rd.AvailableBytes() > 0; i++ {
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// Counters returns the BPF side's counters.
+func (s *Session) Counters() (Counters, error) { return s.objs.counters() }
+
+// Pids lists the processes seen so far.
+func (s *Session) Pids() []int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var out []int
+	for pid := range s.procs {
+		out = append(out, pid)
+	}
+	sort.Ints(out)
+	return out
+}
+
+// Wait blocks until d passes (0: no limit), ctx is cancelled, or the
+// command exits (without a command: until ctx or d).
+func (s *Session) Wait(ctx context.Context, d time.Duration) string {
+	var timeout <-chan time.Time
+	if d > 0 {
+		t := time.NewTimer(d)
+		defer t.Stop()
+		timeout = t.C
+	}
+	var cmdDone <-chan cmdExit
+	if s.cmd != nil {
+		cmdDone = s.cmd.status
+	}
+	select {
+	case <-ctx.Done():
+		return "interrupted"
+	case <-timeout:
+		return "duration reached"
+	case st := <-cmdDone:
+		if st.signal != 0 {
+			return fmt.Sprintf("command killed by signal %d (%s)", int(st.signal), st.signal)
+		}
+		return fmt.Sprintf("command exited with status %d", st.code)
+	}
+}
+
+// CommandPid is the pid of the command memprof started (0: none).
+func (s *Session) CommandPid() int {
+	if s.cmd == nil {
+		return 0
+	}
+	return s.cmd.pid
+}
+
+// Close detaches the programs and frees everything.
+func (s *Session) Close() {
+	select {
+	case <-s.done:
+		return
+	default:
+		close(s.done)
+	}
+	s.rd.Close()
+	s.wg.Wait()
+	s.objs.close()
+	s.mu.Lock()
+	for _, p := range s.procs {
+		if p.sym != nil {
+			p.sym.Close()
+		}
+	}
+	s.mu.Unlock()
+}
+
+// statsComments are the session's counters as profile comments.
+func (s *Session) statsComments() []string {
+	var out []string
+	if c, err := s.objs.counters(); err == nil {
+		out = append(out,
+			pprofout.MetaComment("rss_folios", strconv.FormatUint(c.Folios, 10)),
+			pprofout.MetaComment("rss_faulted_bytes", strconv.FormatUint(c.Bytes, 10)),
+			pprofout.MetaComment("rss_samples", strconv.FormatUint(c.Samples, 10)),
+			pprofout.MetaComment("rss_stack_copies", strconv.FormatUint(c.StackCopies, 10)))
+		lost := c.Lost()
+		keys := make([]string, 0, len(lost))
+		for k := range lost {
+			keys = append(keys, k)
+		}
+		sort.Strings(keys)
+		for _, k := range keys {
+			out = append(out, pprofout.MetaComment("lost_"+k, strconv.FormatUint(lost[k], 10)))
+		}
+	}
+	s.stacks.mu.Lock()
+	if s.stacks.full > 0 {
+		out = append(out, pprofout.MetaComment("lost_rss_user_buckets_full", strconv.FormatUint(s.stacks.full, 10)))
+	}
+	out = append(out, pprofout.MetaComment("rss_stacks_unwound", strconv.FormatUint(s.stacks.unwound, 10)),
+		pprofout.MetaComment("rss_stacks_truncated", strconv.FormatUint(s.stacks.trunc, 10)))
+	s.stacks.mu.Unlock()
+	out = append(out, pprofout.MetaComment("sample_rate", strconv.FormatUint(s.opts.SampleRate, 10)))
+	n := s.objs.RssPages.MaxEntries()
+	out = append(out, pprofout.MetaComment("rss_page_map_capacity", strconv.FormatUint(uint64(n), 10)))
+	return out
+}
+
+var _ = ebpf.UpdateAny
