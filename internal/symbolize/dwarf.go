@@ -2,6 +2,7 @@ package symbolize
 
 import (
 	"debug/dwarf"
+	"fmt"
 	"sort"
 
 	"github.com/memprof/memprof/pprofout"
@@ -35,11 +36,13 @@ type dwTables struct {
 }
 
 type tableBuilder struct {
-	d       *dwarf.Data
-	t       *dwTables
-	strIdx  map[string]uint32
-	names   map[dwarf.Offset]string
-	resolve *dwarf.Reader
+	d        *dwarf.Data
+	t        *dwTables
+	strIdx   map[string]uint32
+	names    map[dwarf.Offset]string
+	resolve  *dwarf.Reader
+	nodes    uint64 // function nodes made
+	maxNodes uint64
 }
 
 func (b *tableBuilder) str(s string) uint32 {
@@ -54,9 +57,19 @@ func (b *tableBuilder) str(s string) uint32 {
 }
 
 // buildTables reads every compilation unit's line table and subprogram /
-// inlined-subroutine tree.
-func buildTables(d *dwarf.Data) (*dwTables, error) {
-	b := &tableBuilder{d: d, t: &dwTables{}, strIdx: map[string]uint32{}, names: map[dwarf.Offset]string{}, resolve: d.Reader()}
+// inlined-subroutine tree. lineBytes is the size of .debug_line: every row
+// a line program emits costs at least one byte of it, so more rows than
+// bytes means a malformed table that would not end; reading stops there
+// with an error.
+//
+// dwarfBytes is the size of all DWARF sections: function nodes (one per
+// PC range of a subprogram or inlined call) are capped at dwarfBytes/4, as
+// a range list reused by many entries could otherwise multiply them.
+func buildTables(d *dwarf.Data, lineBytes, dwarfBytes uint64) (*dwTables, error) {
+	maxRows := lineBytes + 1
+	lineFiles := map[int64][]uint32{}
+	b := &tableBuilder{d: d, t: &dwTables{}, strIdx: map[string]uint32{}, names: map[dwarf.Offset]string{}, resolve: d.Reader(),
+		maxNodes: dwarfBytes/4 + 1024}
 	b.str("")
 	r := d.Reader()
 	for {
@@ -72,8 +85,12 @@ func buildTables(d *dwarf.Data) (*dwTables, error) {
 			continue
 		}
 		var files []uint32
-		lr, err := d.LineReader(cu)
-		if err == nil && lr != nil {
+		// A line table shared by several units (dwz partial units) is read
+		// once: rows then stay within the bytes of .debug_line.
+		stmt, hasStmt := cu.Val(dwarf.AttrStmtList).(int64)
+		if f, seen := lineFiles[stmt]; hasStmt && seen {
+			files = f
+		} else if lr, err := d.LineReader(cu); err == nil && lr != nil {
 			var le dwarf.LineEntry
 			for {
 				if err := lr.Next(&le); err != nil {
@@ -84,6 +101,9 @@ func buildTables(d *dwarf.Data) (*dwTables, error) {
 					fi = b.str(le.File.Name)
 				}
 				b.t.rows = append(b.t.rows, lineRow{addr: le.Address, file: fi, line: uint32(le.Line), end: le.EndSequence})
+				if uint64(len(b.t.rows)) > maxRows {
+					return nil, fmt.Errorf("line tables emit more rows (%d) than .debug_line has bytes (%d): malformed", len(b.t.rows), lineBytes)
+				}
 			}
 			for _, f := range lr.Files() {
 				if f == nil {
@@ -91,6 +111,9 @@ func buildTables(d *dwarf.Data) (*dwTables, error) {
 				} else {
 					files = append(files, b.str(f.Name))
 				}
+			}
+			if hasStmt {
+				lineFiles[stmt] = files
 			}
 		}
 		if !cu.Children {
@@ -154,6 +177,9 @@ func (b *tableBuilder) walkCU(r *dwarf.Reader, files []uint32) error {
 				if rg[1] <= rg[0] {
 					continue
 				}
+				if b.nodes++; b.nodes > b.maxNodes {
+					return fmt.Errorf("more than %d function ranges for %d bytes of DWARF: malformed", b.maxNodes, (b.maxNodes-1024)*4)
+				}
 				n := &funcNode{low: rg[0], high: rg[1], name: name, callFile: cf, callLine: cl}
 				nodes = append(nodes, n)
 				attached := false
@@ -192,8 +218,14 @@ func nearestFuncs(stack []dwLevel) []*funcNode {
 
 // entryName returns the raw (linkage if any) name of a subprogram or inlined
 // subroutine, following abstract origins and specifications.
-func (b *tableBuilder) entryName(e *dwarf.Entry) string {
-	if e == nil {
+func (b *tableBuilder) entryName(e *dwarf.Entry) string { return b.entryNameDepth(e, 0) }
+
+// maxOriginDepth bounds chains of abstract origins and specifications
+// (real ones are 1-3 deep; a malformed chain must not exhaust the stack).
+const maxOriginDepth = 16
+
+func (b *tableBuilder) entryNameDepth(e *dwarf.Entry, depth int) string {
+	if e == nil || depth > maxOriginDepth {
 		return ""
 	}
 	if s, ok := e.Val(dwarf.AttrLinkageName).(string); ok && s != "" {
@@ -216,7 +248,7 @@ func (b *tableBuilder) entryName(e *dwarf.Entry) string {
 		b.names[ref] = "" // breaks cycles in malformed DWARF
 		b.resolve.Seek(ref)
 		if next, err := b.resolve.Next(); err == nil && next != nil {
-			n = b.entryName(next)
+			n = b.entryNameDepth(next, depth+1)
 		}
 		b.names[ref] = n
 	}
