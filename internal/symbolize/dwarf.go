@@ -65,9 +65,14 @@ func (b *tableBuilder) str(s string) uint32 {
 // dwarfBytes is the size of all DWARF sections: function nodes (one per
 // PC range of a subprogram or inlined call) are capped at dwarfBytes/4, as
 // a range list reused by many entries could otherwise multiply them.
-func buildTables(d *dwarf.Data, lineBytes, dwarfBytes uint64) (*dwTables, error) {
+//
+// debugLine is the raw .debug_line: each unit's line-program header is
+// checked (checkLineHeader) before debug/dwarf reads it.
+func buildTables(d *dwarf.Data, debugLine []byte, dwarfBytes uint64) (*dwTables, error) {
+	lineBytes := uint64(len(debugLine))
 	maxRows := lineBytes + 1
 	lineFiles := map[int64][]uint32{}
+	lineErrs := 0
 	b := &tableBuilder{d: d, t: &dwTables{}, strIdx: map[string]uint32{}, names: map[dwarf.Offset]string{}, resolve: d.Reader(),
 		maxNodes: dwarfBytes/4 + 1024}
 	b.str("")
@@ -90,6 +95,9 @@ func buildTables(d *dwarf.Data, lineBytes, dwarfBytes uint64) (*dwTables, error)
 		stmt, hasStmt := cu.Val(dwarf.AttrStmtList).(int64)
 		if f, seen := lineFiles[stmt]; hasStmt && seen {
 			files = f
+		} else if hasStmt && checkLineHeader(debugLine, stmt) != nil {
+			// A header debug/dwarf would choke on: no lines for this unit.
+			lineErrs++
 		} else if lr, err := d.LineReader(cu); err == nil && lr != nil {
 			var le dwarf.LineEntry
 			for {
@@ -122,6 +130,9 @@ func buildTables(d *dwarf.Data, lineBytes, dwarfBytes uint64) (*dwTables, error)
 		if err := b.walkCU(r, files); err != nil {
 			return nil, err
 		}
+	}
+	if lineErrs > 0 && len(b.t.rows) == 0 {
+		return nil, fmt.Errorf("%d malformed line-table headers and no usable line table", lineErrs)
 	}
 	t := b.t
 	sort.SliceStable(t.rows, func(i, j int) bool {

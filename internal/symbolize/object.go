@@ -394,18 +394,21 @@ func readDWARF(src *io.SectionReader) (*dwTables, error) {
 	if err != nil {
 		return nil, err
 	}
-	var lineBytes, dwarfBytes uint64
+	var debugLine []byte
+	var dwarfBytes uint64
 	for _, s := range ef.Sections {
 		switch {
 		case s.Name == ".debug_line" || s.Name == ".zdebug_line":
-			lineBytes = s.Size
+			if debugLine, err = targetfs.SectionData(s, targetfs.MaxSectionBytes); err != nil {
+				return nil, err
+			}
 			dwarfBytes += s.Size
 		case strings.HasPrefix(s.Name, ".debug_") || strings.HasPrefix(s.Name, ".zdebug_"):
 			dwarfBytes += s.Size
 		}
 	}
 	// The tables keep what lookups need; the raw DWARF is dropped.
-	return buildTables(d, lineBytes, dwarfBytes)
+	return buildTables(d, debugLine, dwarfBytes)
 }
 
 // dwTables returns the object's DWARF tables, building them on first use
