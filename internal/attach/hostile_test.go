@@ -88,3 +88,24 @@ func TestFindSitesHostile(t *testing.T) {
 		})
 	}
 }
+
+// FuzzFindSites runs the probe-site finder on arbitrary ELF images (seed
+// corpus in testdata/fuzz/FuzzFindSites; `make fuzz` runs it), headers
+// unchecked: FindSites itself must not panic.
+func FuzzFindSites(f *testing.F) {
+	f.Fuzz(func(t *testing.T, data []byte) {
+		ef, err := elf.NewFile(bytes.NewReader(data))
+		if err != nil {
+			return
+		}
+		sites, err := FindSites(ef)
+		if err != nil {
+			return
+		}
+		for _, s := range sites {
+			if s.Offset > maxFunctionBytes {
+				t.Fatalf("site %+v beyond the code read", s)
+			}
+		}
+	})
+}

@@ -67,7 +67,7 @@ func checkLineHeader(data []byte, off int64) error {
 		for i := uint64(0); i < count && !r.err; i++ {
 			for _, f := range forms {
 				if !r.skipForm(f, offSize) {
-					return nil // a form compilers do not use here: left to debug/dwarf
+					return fmt.Errorf("line table at %#x: unexpected form %#x in the %s format", off, f, what)
 				}
 			}
 		}
@@ -159,8 +159,16 @@ func (r *lhReader) skipForm(f uint64, offSize int) bool {
 		r.skip(1)
 	case 0x0e, 0x1f, 0x17: // strp, line_strp, sec_offset
 		r.skip(offSize)
-	case 0x0f: // udata
+	case 0x0f, 0x1a: // udata, strx
 		r.uleb()
+	case 0x25: // strx1
+		r.skip(1)
+	case 0x26: // strx2
+		r.skip(2)
+	case 0x27: // strx3
+		r.skip(3)
+	case 0x28: // strx4
+		r.skip(4)
 	case 0x0b: // data1
 		r.skip(1)
 	case 0x05: // data2
