@@ -33,7 +33,7 @@ func FuzzCFI(f *testing.F) {
 func FuzzEval(f *testing.F) {
 	f.Add([]byte{0x77, 0x08}, uint64(0x7ffe0000), uint64(0x7ffe0040))                   // breg7 (rsp) +8
 	f.Add([]byte{0x77, 0x08, 0x06, 0x23, 0x10}, uint64(0x7ffe0000), uint64(0x7ffe0040)) // deref, plus_uconst
-	f.Add([]byte{0x30, 0x28, 0xfd, 0xff, 0x2f, 0xfa, 0xff}, uint64(0), uint64(0))      // lit0, bra -3, skip -6
+	f.Add([]byte{0x30, 0x28, 0xfd, 0xff, 0x2f, 0xfa, 0xff}, uint64(0), uint64(0))       // lit0, bra -3, skip -6
 	f.Fuzz(func(t *testing.T, expr []byte, sp, bp uint64) {
 		stack := make([]byte, 256)
 		for i := 0; i < len(stack); i += 8 {

@@ -55,8 +55,8 @@ func ehFDE(off, cieOff int, begin, size uint64) []byte {
 // FDEs (a 730 KiB section) must store the expression once, not per FDE
 // (which made 256 KiB of input cost 685 MiB).
 func TestSharedCIEExpression(t *testing.T) {
-	expr := bytes.Repeat([]byte{0x96}, 256<<10) // DW_OP_nop
-	ins := uleb([]byte{0x0f}, uint64(len(expr)))  // def_cfa_expression
+	expr := bytes.Repeat([]byte{0x96}, 256<<10)  // DW_OP_nop
+	ins := uleb([]byte{0x0f}, uint64(len(expr))) // def_cfa_expression
 	ins = append(ins, expr...)
 	data := ehCIE(ins)
 	const n = 20000
