@@ -693,7 +693,14 @@ func (s *cfiState) toRow(pc uint64, signal bool) row {
 		rw.cfaOff = int32(s.cfaExp)
 	} else {
 		rw.cfaReg = uint8(s.cfaReg)
-		if s.cfaReg > 0xf0 || int64(int32(s.cfaOff)) != s.cfaOff {
+		if s.cfaReg > 0xf0 {
+			// Not a register the unwinder knows; and its low byte must not
+			// alias the cfaExpr / cfaNone markers (a fuzzer-found row whose
+			// "register" 0xfe named a missing expression).
+			rw.cfaReg = 0
+			rw.flags |= flagUnsupported
+		}
+		if int64(int32(s.cfaOff)) != s.cfaOff {
 			rw.flags |= flagUnsupported
 		}
 		if s.cfaReg != regRSP && s.cfaReg != regRBP {
