@@ -36,13 +36,17 @@ type dwTables struct {
 }
 
 type tableBuilder struct {
-	d        *dwarf.Data
-	t        *dwTables
-	strIdx   map[string]uint32
-	names    map[dwarf.Offset]string
-	resolve  *dwarf.Reader
-	nodes    uint64 // function nodes made
-	maxNodes uint64
+	d          *dwarf.Data
+	t          *dwTables
+	strIdx     map[string]uint32
+	names      map[dwarf.Offset]string
+	resolve    *dwarf.Reader
+	entries    uint64 // entries read
+	maxEntries uint64
+	seen       bool         // an entry was read
+	last       dwarf.Offset // offset of the last entry read
+	nodes      uint64       // function nodes made
+	maxNodes   uint64
 }
 
 func (b *tableBuilder) str(s string) uint32 {
@@ -74,7 +78,7 @@ func buildTables(d *dwarf.Data, debugLine []byte, dwarfBytes uint64) (*dwTables,
 	lineFiles := map[int64][]uint32{}
 	lineErrs := 0
 	b := &tableBuilder{d: d, t: &dwTables{}, strIdx: map[string]uint32{}, names: map[dwarf.Offset]string{}, resolve: d.Reader(),
-		maxNodes: dwarfBytes/4 + 1024}
+		maxNodes: dwarfBytes/4 + 1024, maxEntries: dwarfBytes + 1}
 	b.str("")
 	r := d.Reader()
 	for {
@@ -84,6 +88,9 @@ func buildTables(d *dwarf.Data, debugLine []byte, dwarfBytes uint64) (*dwTables,
 		}
 		if cu == nil {
 			break
+		}
+		if err := b.forward(cu); err != nil {
+			return nil, err
 		}
 		if cu.Tag != dwarf.TagCompileUnit && cu.Tag != dwarf.TagPartialUnit {
 			r.SkipChildren()
@@ -146,6 +153,25 @@ func buildTables(d *dwarf.Data, debugLine []byte, dwarfBytes uint64) (*dwTables,
 	return t, nil
 }
 
+// forward checks that the reader moved forward: a DW_AT_sibling pointing
+// back (followed by debug/dwarf's SkipChildren) would otherwise loop over
+// the same entries forever (a fuzzer-found hang).
+func (b *tableBuilder) forward(e *dwarf.Entry) error {
+	// Every entry takes at least a byte: more entries than DWARF bytes is
+	// a loop, even through null entries (which debug/dwarf gives no offset).
+	if b.entries++; b.entries > b.maxEntries {
+		return fmt.Errorf("more DWARF entries than bytes (%d): a sibling reference loops back", b.maxEntries)
+	}
+	if e.Tag == 0 {
+		return nil
+	}
+	if b.seen && e.Offset <= b.last {
+		return fmt.Errorf("DWARF entry at %#x after the one at %#x: a sibling reference loops back", e.Offset, b.last)
+	}
+	b.seen, b.last = true, e.Offset
+	return nil
+}
+
 // dwLevel holds, for each open DWARF entry with children, the function nodes
 // it created (none for entries that are not functions).
 type dwLevel struct{ nodes []*funcNode }
@@ -161,6 +187,9 @@ func (b *tableBuilder) walkCU(r *dwarf.Reader, files []uint32) error {
 		}
 		if e == nil {
 			return nil
+		}
+		if err := b.forward(e); err != nil {
+			return err
 		}
 		if e.Tag == 0 {
 			stack = stack[:len(stack)-1]

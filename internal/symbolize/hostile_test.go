@@ -4,6 +4,7 @@ import (
 	"debug/elf"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -42,6 +43,22 @@ type hostileCase struct {
 	// wantErr is a substring of the error reported for the object ("" when
 	// the object may be read without error).
 	wantErr string
+}
+
+// fuzzInput reads the single []byte value of a committed fuzz corpus file.
+func fuzzInput(t *testing.T, target, name string) []byte {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join("testdata", "fuzz", target, name))
+	if err != nil {
+		t.Fatal(err)
+	}
+	lines := strings.Split(strings.TrimSpace(string(b)), "\n")
+	q := strings.TrimSuffix(strings.TrimPrefix(lines[len(lines)-1], "[]byte("), ")")
+	v, err := strconv.Unquote(q)
+	if err != nil {
+		t.Fatalf("corpus file %s: %v", name, err)
+	}
+	return []byte(v)
 }
 
 func mkfifo(t *testing.T, path string) {
@@ -108,6 +125,15 @@ func TestHostileObjects(t *testing.T) {
 			}
 			copy(dl[pos:], []byte{0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x08}) // uleb128 2^45
 		}), wantErr: "malformed line-table headers"},
+		{name: "debug_info-sibling-loop", make: func(t *testing.T, dir, lib string) string {
+			// The fuzzer-found object whose DW_AT_sibling loops back: reading
+			// its units never ended.
+			out := filepath.Join(dir, "libloop.so")
+			if err := os.WriteFile(out, fuzzInput(t, "FuzzLoadObject", "9e0788d558e297a9"), 0o755); err != nil {
+				t.Fatal(err)
+			}
+			return out
+		}, wantErr: "loops back"},
 		{name: "absolute-symlink-to-host-fifo", make: func(t *testing.T, dir, lib string) string {
 			out := filepath.Join(dir, "liblink.so")
 			copyFile(t, lib, out)
