@@ -6,8 +6,9 @@
 // A Process is a snapshot of one process's executable mappings whose files are
 // held open, so symbolization keeps working after the process exits and for
 // processes in other mount namespaces. Parsed objects live in a Cache shared by
-// every process, keyed by GNU build ID (else device and inode) and bounded by
-// an LRU.
+// every process, keyed by GNU build ID and content hash (so one tenant's file
+// cannot stand in for another's) and bounded by an LRU. Every file is read as
+// hostile input through package targetfs.
 package symbolize
 
 import (
@@ -40,7 +41,7 @@ type Options struct {
 }
 
 // Cache holds parsed object files (symbols, line tables) keyed by GNU build
-// ID when present, else by (device, inode). It is shared by every process,
+// ID, content hash and debug file (objKey). It is shared by every process,
 // safe for concurrent use, and bounded by Options.MaxObjects.
 type Cache struct {
 	opts  Options

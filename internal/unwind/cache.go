@@ -12,8 +12,8 @@ import (
 	"github.com/memprof/memprof/internal/targetfs"
 )
 
-// Cache holds parsed unwind tables per object, keyed by GNU build ID when
-// present, else (device, inode); shared by all processes; bounded by bytes
+// Cache holds parsed unwind tables per object, keyed by GNU build ID and
+// content hash (objectKey); shared by all processes; bounded by bytes
 // (least recently used tables are evicted first).
 type Cache struct {
 	maxBytes int64
@@ -133,8 +133,9 @@ func (c *Cache) get(key, name string, f *elf.File) (*cached, error) {
 
 // objectKey is the cache key of an object: its GNU build ID (if any) and
 // the SHA-256 of its whole contents (targetfs.Digest), so a file claiming
-// another's build ID cannot stand in for it; else its (device, inode).
-func objectKey(f *elf.File, file *os.File, dev, inode uint64) (string, error) {
+// another's build ID cannot stand in for it, and copies of one library in
+// several containers share one table.
+func objectKey(f *elf.File, file *os.File) (string, error) {
 	d, err := targetfs.Digest(file)
 	if err != nil {
 		return "", err

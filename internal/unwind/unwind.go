@@ -139,7 +139,7 @@ func (p *Process) newMapping(m *procmaps.Mapping) (*pmap, error) {
 			if ef, err = targetfs.NewELF(f); err != nil {
 				return err
 			}
-			key, err = objectKey(ef, f, id.Dev, id.Inode)
+			key, err = objectKey(ef, f)
 			return err
 		})
 		if err != nil {
