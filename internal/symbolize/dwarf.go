@@ -108,7 +108,7 @@ func buildTables(d *dwarf.Data, debugLine []byte, dwarfBytes uint64) (*dwTables,
 		} else if lr, err := d.LineReader(cu); err == nil && lr != nil {
 			var le dwarf.LineEntry
 			for {
-				if err := lr.Next(&le); err != nil {
+				if err := nextLine(lr, &le); err != nil {
 					break // io.EOF, or a corrupt table: keep the rows read so far
 				}
 				fi := uint32(0)
@@ -170,6 +170,19 @@ func (b *tableBuilder) forward(e *dwarf.Entry) error {
 	}
 	b.seen, b.last = true, e.Offset
 	return nil
+}
+
+// nextLine is lr.Next, with debug/dwarf's own panics on malformed line
+// programs (a DW_LNS_set_file index that is negative as an int indexes its
+// file table: found by FuzzDWARFLines) turned into an error that ends this
+// line table only.
+func nextLine(lr *dwarf.LineReader, le *dwarf.LineEntry) (err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			err = fmt.Errorf("debug/dwarf failed on a malformed line program: %v", r)
+		}
+	}()
+	return lr.Next(le)
 }
 
 // dwLevel holds, for each open DWARF entry with children, the function nodes
