@@ -10,7 +10,7 @@ APT_PKGS  := clang llvm libbpf-dev bpftool gcc g++ libc6-dev libc6-dbg binutils 
              default-jdk-headless python3 python3-dbg
 DEMO_DIR  := bin/demo
 
-.PHONY: all build generate check-generated vmlinux deps test bench demo report-assets clean image
+.PHONY: all build generate check-generated vmlinux deps test bench fuzz demo report-assets clean image
 
 all: build
 
@@ -53,6 +53,21 @@ deps:
 test:
 	$(GO) vet ./...
 	$(GO) test -count=1 -p 1 -timeout 30m ./...
+
+# Fuzz the readers of a target's files (ELF objects and symbols, DWARF line
+# tables, build-ID notes, CFI and its expressions, probe sites), each for
+# FUZZTIME, from the seed corpora in each package's testdata/fuzz/. New
+# coverage inputs are not minimized (that stalls on large ELF seeds).
+FUZZTIME ?= 30s
+FUZZ_TARGETS := internal/symbolize:FuzzLoadObject internal/symbolize:FuzzDWARFLines \
+                internal/symbolize:FuzzLineHeader internal/symbolize:FuzzNotes \
+                internal/unwind:FuzzCFI internal/unwind:FuzzEval internal/unwind:FuzzNoteBuildID \
+                internal/unwind:FuzzParseTable internal/attach:FuzzFindSites
+fuzz:
+	@set -e; for t in $(FUZZ_TARGETS); do pkg=$${t%%:*}; fn=$${t##*:}; \
+		echo "fuzz $$fn ($$pkg) for $(FUZZTIME)"; \
+		$(GO) test -run '^$$' -fuzz "^$$fn$$" -fuzztime $(FUZZTIME) -fuzzminimizetime 1x ./$$pkg; \
+	done
 
 # ns per malloc+free pair: no probes, empty probes (floor), entry-site probes,
 # memprof at the default rate and at rate 1, glibc and jemalloc, side by side.

@@ -2,6 +2,7 @@ package pprofout
 
 import (
 	"bytes"
+	"compress/gzip"
 	"fmt"
 	"io"
 	"os"
@@ -69,16 +70,37 @@ func WriteFile(path string, p *Profile) (err error) {
 	return nil
 }
 
-// ReadFile reads a pprof profile (gzipped or not) from path.
+// MaxProfileBytes caps the size of a profile ReadFile accepts, compressed
+// and once decompressed: a gzip bomb (14 MB that inflate to tens of GiB) is
+// refused with an error instead of exhausting memory. Real heap profiles
+// are a few MiB.
+const MaxProfileBytes = 256 << 20
+
+// ReadFile reads a pprof profile (gzipped or not) from path, of at most
+// MaxProfileBytes before and after decompression.
 func ReadFile(path string) (*profile.Profile, error) {
-	data, err := os.ReadFile(path)
+	f, err := os.Open(path)
 	if err != nil {
 		return nil, fmt.Errorf("pprofout: read profile: %w", err)
+	}
+	defer f.Close()
+	data, err := readCapped(f, path)
+	if err != nil {
+		return nil, err
 	}
 	if len(data) == 0 {
 		return nil, fmt.Errorf("pprofout: %s is not a pprof profile: file is empty", path)
 	}
-	p, err := profile.ParseData(data)
+	if len(data) >= 2 && data[0] == 0x1f && data[1] == 0x8b {
+		zr, err := gzip.NewReader(bytes.NewReader(data))
+		if err != nil {
+			return nil, fmt.Errorf("pprofout: %s is not a pprof profile: %w", path, err)
+		}
+		if data, err = readCapped(zr, path+" (decompressed)"); err != nil {
+			return nil, err
+		}
+	}
+	p, err := profile.ParseUncompressed(data)
 	if err != nil {
 		return nil, fmt.Errorf("pprofout: %s is not a pprof profile: %w", path, err)
 	}
@@ -86,6 +108,18 @@ func ReadFile(path string) (*profile.Profile, error) {
 		return nil, fmt.Errorf("pprofout: %s is not a pprof profile: it has no sample types", path)
 	}
 	return p, nil
+}
+
+// readCapped reads r to its end, failing once it passes MaxProfileBytes.
+func readCapped(r io.Reader, name string) ([]byte, error) {
+	data, err := io.ReadAll(io.LimitReader(r, MaxProfileBytes+1))
+	if err != nil {
+		return nil, fmt.Errorf("pprofout: read profile %s: %w", name, err)
+	}
+	if len(data) > MaxProfileBytes {
+		return nil, fmt.Errorf("pprofout: %s is larger than %d MiB: not read (a gzip bomb, or not a heap profile)", name, MaxProfileBytes>>20)
+	}
+	return data, nil
 }
 
 // metaPrefix starts every machine-readable comment.

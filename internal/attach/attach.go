@@ -1,7 +1,6 @@
 package attach
 
 import (
-	"debug/elf"
 	"errors"
 	"fmt"
 	"os"
@@ -15,6 +14,7 @@ import (
 
 	mbpf "github.com/memprof/memprof/bpf"
 	"github.com/memprof/memprof/internal/procmaps"
+	"github.com/memprof/memprof/internal/targetfs"
 )
 
 // Programs are the loaded BPF programs to attach: one entry program per kind,
@@ -125,7 +125,10 @@ func (a *Attacher) Process(pid int) ([]*Object, error) {
 		if obj == nil {
 			continue
 		}
-		if err := a.attach(pid, obj, procmaps.HostPath(pid, m.Path), mapFilesPath(pid, m)); err != nil {
+		// The kernel resolves the path given for the uprobe: /proc/PID/map_files
+		// leads to the mapped file itself; the path through the process's root
+		// could follow a symlink the target planted to another file.
+		if err := a.attach(pid, obj, procmaps.MapFilesPath(pid, m), procmaps.HostPath(pid, m.Path)); err != nil {
 			return added, err
 		}
 		added = append(added, obj)
@@ -149,7 +152,7 @@ func (a *Attacher) Files(pid int, paths []string) ([]*Object, error) {
 		if a.attachedTo(pid, id) {
 			continue
 		}
-		obj, err := a.object(id, p, func() (*os.File, error) { return os.Open(p) })
+		obj, err := a.object(id, p, func() (*os.File, error) { return targetfs.Open(p) })
 		if err != nil {
 			return added, err
 		}
@@ -202,13 +205,18 @@ func parseObject(id procmaps.FileID, path string, open func() (*os.File, error))
 		// caller reports "no allocator" if nothing else is found.
 		return nil, nil
 	}
-	defer f.Close()
-	ef, err := elf.NewFile(f)
-	if err != nil {
-		return nil, nil
-	}
-	defer ef.Close()
-	sites, err := FindSites(ef)
+	// The file is a target's: its headers are checked before any section is
+	// read, and a malformed one can neither panic nor stall the caller.
+	var sites []Site
+	err = targetfs.Guard(path, 0, func() error {
+		defer f.Close()
+		ef, err := targetfs.NewELF(f)
+		if err != nil {
+			return nil // not an ELF object we can read: no allocator
+		}
+		sites, err = FindSites(ef)
+		return err
+	})
 	if err != nil {
 		return nil, fmt.Errorf("find allocator functions in %s: %w", path, err)
 	}
@@ -263,10 +271,6 @@ func allocatorName(path string, sites []Site) string {
 		return "static"
 	}
 	return ""
-}
-
-func mapFilesPath(pid int, m *procmaps.Mapping) string {
-	return filepath.Join(procmaps.ProcRoot, fmt.Sprint(pid), "map_files", fmt.Sprintf("%x-%x", m.Start, m.End))
 }
 
 // attach plants the probes of one object for one process. path is how the

@@ -189,15 +189,20 @@ func functionBytes(f *elf.File, vaddr, size uint64) ([]byte, error) {
 		if s.Type != elf.SHT_PROGBITS || s.Flags&elf.SHF_EXECINSTR == 0 {
 			continue
 		}
-		if vaddr < s.Addr || vaddr >= s.Addr+s.Size {
+		if vaddr < s.Addr || vaddr-s.Addr >= s.Size {
 			continue
 		}
-		if size == 0 || vaddr+size > s.Addr+s.Size {
-			size = s.Addr + s.Size - vaddr
-			if size > 4096 {
-				size = 4096
-			}
+		if s.Flags&elf.SHF_COMPRESSED != 0 || s.ReaderAt == nil {
+			// debug/elf gives a compressed section no ReaderAt: code is
+			// never compressed in a loadable object.
+			return nil, fmt.Errorf("code section %s is compressed", s.Name)
 		}
+		// Read at most maxFunctionBytes: a symbol's size is the target's
+		// word (2^50 in a hostile file) and only the prefix matters.
+		if room := s.Size - (vaddr - s.Addr); size == 0 || size > room {
+			size = room
+		}
+		size = min(size, maxFunctionBytes)
 		buf := make([]byte, size)
 		if _, err := s.ReadAt(buf, int64(vaddr-s.Addr)); err != nil && !errors.Is(err, io.EOF) {
 			return nil, err
@@ -206,6 +211,11 @@ func functionBytes(f *elf.File, vaddr, size uint64) ([]byte, error) {
 	}
 	return nil, fmt.Errorf("address %#x is in no code section", vaddr)
 }
+
+// maxFunctionBytes bounds the code read per allocator function: the probe
+// search looks at the first maxPrefix bytes and the branches of a function
+// of ordinary size.
+const maxFunctionBytes = 64 << 10
 
 // maxPrefix bounds how far into a function the probe may move.
 const maxPrefix = 64

@@ -14,6 +14,7 @@ import (
 	"strings"
 
 	"github.com/memprof/memprof/internal/procmaps"
+	"github.com/memprof/memprof/internal/targetfs"
 )
 
 // Allocator names the heap implementation of a process.
@@ -117,11 +118,20 @@ func DetectAllocator(pid int, maps []procmaps.Mapping) (Allocator, string) {
 // je_ or Rust jemallocator _rjem_ prefix, or <prefix>mallocx), tcmalloc's
 // tc_malloc or mimalloc's mi_malloc.
 func exeTraits(path string) (goBin bool, static Allocator) {
-	f, err := elf.Open(path)
+	fd, err := targetfs.Open(path)
 	if err != nil {
 		return false, ""
 	}
-	defer f.Close()
+	defer fd.Close()
+	f, err := targetfs.NewELF(fd) // a target's file: sizes checked before reading
+	if err != nil {
+		return false, ""
+	}
+	defer func() {
+		if recover() != nil { // a malformed executable only loses its traits
+			goBin, static = false, ""
+		}
+	}()
 	goBin = f.Section(".go.buildinfo") != nil
 	dyn, _ := f.DynamicSymbols()
 	syms, _ := f.Symbols()

@@ -13,6 +13,8 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+
+	"github.com/memprof/memprof/internal/targetfs"
 )
 
 // ProcRoot is the procfs mount. The Kubernetes agent points it at the host's
@@ -129,37 +131,58 @@ func HostPath(pid int, p string) string {
 	return filepath.Join(ProcRoot, strconv.Itoa(pid), "root", p)
 }
 
-// Open opens the file behind a mapping of process pid. It tries the process's
-// root first (right for containers) and falls back to /proc/PID/map_files,
-// which works even when the path was deleted or replaced. The returned file is
-// checked to be the very (device, inode) the process maps.
+// MapFilesPath is /proc/PID/map_files/<start>-<end>: a link to the very file
+// process pid maps at m, whatever its path now names.
+func MapFilesPath(pid int, m *Mapping) string {
+	return filepath.Join(ProcRoot, strconv.Itoa(pid), "map_files", fmt.Sprintf("%x-%x", m.Start, m.End))
+}
+
+// RootPath is /proc/PID/root, the root directory of process pid.
+func RootPath(pid int) string {
+	return filepath.Join(ProcRoot, strconv.Itoa(pid), "root")
+}
+
+// Open opens the file behind a mapping of process pid, as a hostile input
+// (package targetfs): first through /proc/PID/map_files (the mapped file
+// itself, needs CAP_SYS_ADMIN), else by its path confined to the process's
+// root (openat2 RESOLVE_IN_ROOT, so an absolute symlink in a container
+// cannot lead to a host file). Either way the file is opened non-blocking,
+// must be a regular file, and must be the very (device, inode) the process
+// maps.
 func Open(pid int, m *Mapping) (*os.File, error) {
 	if !m.IsFile() {
 		return nil, fmt.Errorf("mapping %x-%x is not file backed", m.Start, m.End)
 	}
-	candidates := []string{
-		HostPath(pid, m.Path),
-		filepath.Join(ProcRoot, strconv.Itoa(pid), "map_files", fmt.Sprintf("%x-%x", m.Start, m.End)),
+	type cand struct {
+		desc string
+		open func() (*os.File, error)
 	}
-	var firstErr error
+	candidates := []cand{
+		{MapFilesPath(pid, m), func() (*os.File, error) { return targetfs.Open(MapFilesPath(pid, m)) }},
+		{m.Path + " in the root of process " + strconv.Itoa(pid), func() (*os.File, error) { return targetfs.OpenInRoot(RootPath(pid), m.Path) }},
+	}
+	var errs []error
 	for _, c := range candidates {
-		f, err := os.Open(c)
+		f, err := c.open()
 		if err != nil {
-			if firstErr == nil {
-				firstErr = err
-			}
+			errs = append(errs, err)
 			continue
 		}
-		if ino, ok := InodeOf(f); ok && ino != m.Inode {
+		st, err := targetfs.StatOf(f)
+		if err != nil {
 			f.Close()
-			if firstErr == nil {
-				firstErr = fmt.Errorf("%s is inode %d, process %d maps inode %d", c, ino, pid, m.Inode)
-			}
+			errs = append(errs, err)
+			continue
+		}
+		if st.Inode != m.Inode || st.Major() != m.DevMajor || st.Minor() != m.DevMinor {
+			f.Close()
+			errs = append(errs, fmt.Errorf("%s is file %x:%x/%d, process %d maps %x:%x/%d",
+				c.desc, st.Major(), st.Minor(), st.Inode, pid, m.DevMajor, m.DevMinor, m.Inode))
 			continue
 		}
 		return f, nil
 	}
-	return nil, fmt.Errorf("open %s of process %d: %w", m.Path, pid, firstErr)
+	return nil, fmt.Errorf("open %s of process %d: %w", m.Path, pid, errors.Join(errs...))
 }
 
 // Processes lists the pids in ProcRoot.

@@ -14,6 +14,8 @@ import (
 	"syscall"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/memprof/memprof/internal/targetfs"
 )
 
 // command runs a program under memprof: it is started stopped at its exec
@@ -264,7 +266,12 @@ func processEnv(pid int) []string {
 // asking the executable's own loader (`ld.so --list`, which loads nothing
 // and runs none of the program's code). A static executable has none.
 func loadedLibraries(exe string, env []string) []string {
-	f, err := elf.Open(exe)
+	fd, err := targetfs.Open(exe) // non-blocking, regular files only
+	if err != nil {
+		return nil
+	}
+	defer fd.Close()
+	f, err := targetfs.NewELF(fd) // PT_INTERP checked to lie inside the file
 	if err != nil {
 		return nil
 	}
@@ -277,7 +284,6 @@ func loadedLibraries(exe string, env []string) []string {
 			}
 		}
 	}
-	f.Close()
 	if interp == "" {
 		return nil
 	}

@@ -1,7 +1,6 @@
 package recorder
 
 import (
-	"debug/elf"
 	"encoding/binary"
 	"fmt"
 	"path/filepath"
@@ -14,6 +13,7 @@ import (
 	mbpf "github.com/memprof/memprof/bpf"
 	"github.com/memprof/memprof/internal/heap"
 	"github.com/memprof/memprof/internal/procmaps"
+	"github.com/memprof/memprof/internal/targetfs"
 	"github.com/memprof/memprof/internal/unwind"
 )
 
@@ -351,8 +351,25 @@ type fpCache struct {
 	m  map[procmaps.FileID]bool
 }
 
-// hasFP reports whether the object at path (a host path) keeps frame
-// pointers; unreadable objects count as having them.
+// objectFile is an object a process maps or will map: name is its path as
+// the process names it (it decides whether it is a C runtime object), path
+// is where memprof opens it: /proc/PID/map_files/* for a mapped object (the
+// mapped file itself, whatever symlinks the target planted), or a host path
+// for a command memprof starts.
+type objectFile struct{ name, path string }
+
+// hostObjects wraps host paths (a command's libraries) as objectFiles.
+func hostObjects(paths []string) []objectFile {
+	out := make([]objectFile, len(paths))
+	for i, p := range paths {
+		out[i] = objectFile{name: p, path: p}
+	}
+	return out
+}
+
+// hasFP reports whether the object at path (a host path or a /proc magic
+// link) keeps frame pointers; unreadable or broken objects count as having
+// them. The file is opened and parsed as hostile input (package targetfs).
 func (c *fpCache) hasFP(path string) bool {
 	id, err := procmaps.StatID(path)
 	if err != nil {
@@ -365,8 +382,18 @@ func (c *fpCache) hasFP(path string) bool {
 		return v
 	}
 	v = true
-	if f, err := elf.Open(path); err == nil {
-		v = unwind.HasFramePointers(f)
+	if f, err := targetfs.Open(path); err == nil {
+		_ = targetfs.Guard(path, 0, func() error {
+			ef, err := targetfs.NewELF(f)
+			if err != nil {
+				return err
+			}
+			fp := unwind.HasFramePointers(ef)
+			c.mu.Lock()
+			v = fp
+			c.mu.Unlock()
+			return nil
+		})
 		f.Close()
 	}
 	c.mu.Lock()
@@ -386,45 +413,46 @@ func (c *fpCache) hasFP(path string) bool {
 var cRuntime = []string{"libc.so", "libc-", "ld-linux", "libm.so", "libpthread", "libdl.so", "librt.so",
 	"libjemalloc", "libstdc++", "libgcc_s", "linux-vdso"}
 
-// needsCFI reports whether a process mapping these objects (host paths)
-// needs CFI unwinding: its executable or any library of its own was built
-// without frame pointers, so the frame-pointer walk would lose or invent
-// frames in the middle of its stacks (mixed stacks included: an executable
-// with frame pointers calling such a library, or the reverse).
-func (c *fpCache) needsCFI(paths []string) bool {
-	for _, p := range paths {
-		base := filepath.Base(p)
+// needsCFI reports whether a process mapping these objects needs CFI
+// unwinding: its executable or any library of its own was built without
+// frame pointers, so the frame-pointer walk would lose or invent frames in
+// the middle of its stacks (mixed stacks included: an executable with frame
+// pointers calling such a library, or the reverse).
+func (c *fpCache) needsCFI(objects []objectFile) bool {
+	for _, o := range objects {
+		base := filepath.Base(o.name)
 		runtime := false
 		for _, r := range cRuntime {
 			runtime = runtime || strings.HasPrefix(base, r)
 		}
-		if !runtime && !c.hasFP(p) {
+		if !runtime && !c.hasFP(o.path) {
 			return true
 		}
 	}
 	return false
 }
 
-// objectPaths lists the host paths of the executable file mappings of pid.
-func objectPaths(pid int) []string {
+// objectPaths lists the executable file mappings of pid, opened through
+// /proc/PID/map_files.
+func objectPaths(pid int) []objectFile {
 	maps, err := procmaps.Read(pid)
 	if err != nil {
 		return nil
 	}
 	seen := map[procmaps.FileID]bool{}
-	var out []string
+	var out []objectFile
 	for i := range maps {
 		m := &maps[i]
 		if m.Exec() && m.IsFile() && !seen[m.ID()] {
 			seen[m.ID()] = true
-			out = append(out, procmaps.HostPath(pid, m.Path))
+			out = append(out, objectFile{name: m.Path, path: procmaps.MapFilesPath(pid, m)})
 		}
 	}
 	return out
 }
 
 // hasFramePointers reports whether the executable of pid was built with
-// frame pointers (read through its root, so containers work).
+// frame pointers (read through /proc/PID/exe, so containers work).
 func hasFramePointers(pid int) bool {
 	var c fpCache
 	return c.hasFP(filepath.Join(procmaps.ProcRoot, strconv.Itoa(pid), "exe"))

@@ -3,12 +3,14 @@
 package recorder
 
 import (
+	"fmt"
 	"sort"
 	"strconv"
 	"time"
 
 	"github.com/memprof/memprof/internal/bpfload"
 	"github.com/memprof/memprof/internal/heap"
+	"github.com/memprof/memprof/internal/targetfs"
 	"github.com/memprof/memprof/pprofout"
 )
 
@@ -112,9 +114,23 @@ func (s *Session) profileOf(snap *heap.Snapshot, only func(pid uint32) bool) (*p
 			Labels:     labels,
 		})
 	}
+	// Name the objects memprof could not read (broken, hostile or over a
+	// limit of package targetfs): their frames carry no function names.
+	for pid, t := range procs {
+		if t.sym == nil || (only != nil && !only(uint32(pid))) {
+			continue
+		}
+		for _, e := range t.sym.Errors() {
+			s.recordErr(fmt.Errorf("process %d: %w", pid, e))
+		}
+	}
 	c, err := s.objs.ReadCounters()
 	if err == nil {
 		p.Comments = append(p.Comments, countersComments(c)...)
+	}
+	if panicked, timedOut := targetfs.Failures(); panicked+timedOut > 0 {
+		p.Comments = append(p.Comments, pprofout.MetaComment("objects_skipped_panic", strconv.FormatInt(panicked, 10)),
+			pprofout.MetaComment("objects_skipped_deadline", strconv.FormatInt(timedOut, 10)))
 	}
 	p.Comments = append(p.Comments, pprofout.MetaComment("sample_rate", strconv.FormatUint(s.opts.SampleRate, 10)),
 		pprofout.MetaComment("stack_mode", s.opts.StackMode))

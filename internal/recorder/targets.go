@@ -77,7 +77,7 @@ func (s *Session) attachCommand(pid int, libs []string, reexec bool) error {
 			if t.dwarf {
 				s.dwarf.refresh(pid)
 			} else {
-				s.setupStacks(t, libs)
+				s.setupStacks(t, hostObjects(libs))
 			}
 			s.opts.Notify(fmt.Sprintf("process %d now runs %s", pid, libs[0]))
 			return nil
@@ -102,7 +102,7 @@ func (s *Session) attachCommand(pid int, libs []string, reexec bool) error {
 		t.cov.how = "recorded from its exec of " + libs[0]
 	}
 	t.cov.traced = true
-	s.setupStacks(t, libs)
+	s.setupStacks(t, hostObjects(libs))
 	if sp, err := s.sym.Snapshot(pid); err == nil {
 		t.sym = sp
 	}
@@ -192,9 +192,8 @@ func (s *Session) attachPid(pid int) (bool, error) {
 // setupStacks decides how the target's stacks are taken: CFI unwinding in
 // userspace (dwarf mode, or auto mode when the process's own code lacks
 // frame pointers somewhere) or the frame-pointer walk in BPF. objects are
-// the host paths of what the process maps or is about to map (nil: read its
-// mappings now).
-func (s *Session) setupStacks(t *target, objects []string) {
+// what the process maps or is about to map (nil: read its mappings now).
+func (s *Session) setupStacks(t *target, objects []objectFile) {
 	if s.dwarf == nil || t.dwarf {
 		return
 	}

@@ -2,6 +2,7 @@ package symbolize
 
 import (
 	"debug/dwarf"
+	"fmt"
 	"sort"
 
 	"github.com/memprof/memprof/pprofout"
@@ -35,11 +36,17 @@ type dwTables struct {
 }
 
 type tableBuilder struct {
-	d       *dwarf.Data
-	t       *dwTables
-	strIdx  map[string]uint32
-	names   map[dwarf.Offset]string
-	resolve *dwarf.Reader
+	d          *dwarf.Data
+	t          *dwTables
+	strIdx     map[string]uint32
+	names      map[dwarf.Offset]string
+	resolve    *dwarf.Reader
+	entries    uint64 // entries read
+	maxEntries uint64
+	seen       bool         // an entry was read
+	last       dwarf.Offset // offset of the last entry read
+	nodes      uint64       // function nodes made
+	maxNodes   uint64
 }
 
 func (b *tableBuilder) str(s string) uint32 {
@@ -54,9 +61,24 @@ func (b *tableBuilder) str(s string) uint32 {
 }
 
 // buildTables reads every compilation unit's line table and subprogram /
-// inlined-subroutine tree.
-func buildTables(d *dwarf.Data) (*dwTables, error) {
-	b := &tableBuilder{d: d, t: &dwTables{}, strIdx: map[string]uint32{}, names: map[dwarf.Offset]string{}, resolve: d.Reader()}
+// inlined-subroutine tree. lineBytes is the size of .debug_line: every row
+// a line program emits costs at least one byte of it, so more rows than
+// bytes means a malformed table that would not end; reading stops there
+// with an error.
+//
+// dwarfBytes is the size of all DWARF sections: function nodes (one per
+// PC range of a subprogram or inlined call) are capped at dwarfBytes/4, as
+// a range list reused by many entries could otherwise multiply them.
+//
+// debugLine is the raw .debug_line: each unit's line-program header is
+// checked (checkLineHeader) before debug/dwarf reads it.
+func buildTables(d *dwarf.Data, debugLine []byte, dwarfBytes uint64) (*dwTables, error) {
+	lineBytes := uint64(len(debugLine))
+	maxRows := lineBytes + 1
+	lineFiles := map[int64][]uint32{}
+	lineErrs := 0
+	b := &tableBuilder{d: d, t: &dwTables{}, strIdx: map[string]uint32{}, names: map[dwarf.Offset]string{}, resolve: d.Reader(),
+		maxNodes: dwarfBytes/4 + 1024, maxEntries: dwarfBytes + 1}
 	b.str("")
 	r := d.Reader()
 	for {
@@ -67,16 +89,26 @@ func buildTables(d *dwarf.Data) (*dwTables, error) {
 		if cu == nil {
 			break
 		}
+		if err := b.forward(cu); err != nil {
+			return nil, err
+		}
 		if cu.Tag != dwarf.TagCompileUnit && cu.Tag != dwarf.TagPartialUnit {
 			r.SkipChildren()
 			continue
 		}
 		var files []uint32
-		lr, err := d.LineReader(cu)
-		if err == nil && lr != nil {
+		// A line table shared by several units (dwz partial units) is read
+		// once: rows then stay within the bytes of .debug_line.
+		stmt, hasStmt := cu.Val(dwarf.AttrStmtList).(int64)
+		if f, seen := lineFiles[stmt]; hasStmt && seen {
+			files = f
+		} else if hasStmt && checkLineHeader(debugLine, stmt) != nil {
+			// A header debug/dwarf would choke on: no lines for this unit.
+			lineErrs++
+		} else if lr, err := d.LineReader(cu); err == nil && lr != nil {
 			var le dwarf.LineEntry
 			for {
-				if err := lr.Next(&le); err != nil {
+				if err := nextLine(lr, &le); err != nil {
 					break // io.EOF, or a corrupt table: keep the rows read so far
 				}
 				fi := uint32(0)
@@ -84,6 +116,9 @@ func buildTables(d *dwarf.Data) (*dwTables, error) {
 					fi = b.str(le.File.Name)
 				}
 				b.t.rows = append(b.t.rows, lineRow{addr: le.Address, file: fi, line: uint32(le.Line), end: le.EndSequence})
+				if uint64(len(b.t.rows)) > maxRows {
+					return nil, fmt.Errorf("line tables emit more rows (%d) than .debug_line has bytes (%d): malformed", len(b.t.rows), lineBytes)
+				}
 			}
 			for _, f := range lr.Files() {
 				if f == nil {
@@ -92,6 +127,9 @@ func buildTables(d *dwarf.Data) (*dwTables, error) {
 					files = append(files, b.str(f.Name))
 				}
 			}
+			if hasStmt {
+				lineFiles[stmt] = files
+			}
 		}
 		if !cu.Children {
 			continue
@@ -99,6 +137,9 @@ func buildTables(d *dwarf.Data) (*dwTables, error) {
 		if err := b.walkCU(r, files); err != nil {
 			return nil, err
 		}
+	}
+	if lineErrs > 0 && len(b.t.rows) == 0 {
+		return nil, fmt.Errorf("%d malformed line-table headers and no usable line table", lineErrs)
 	}
 	t := b.t
 	sort.SliceStable(t.rows, func(i, j int) bool {
@@ -110,6 +151,38 @@ func buildTables(d *dwarf.Data) (*dwTables, error) {
 	sort.Slice(t.funcs, func(i, j int) bool { return t.funcs[i].low < t.funcs[j].low })
 	t.bytes += int64(len(t.rows))*24 + int64(len(t.funcs))*64
 	return t, nil
+}
+
+// forward checks that the reader moved forward: a DW_AT_sibling pointing
+// back (followed by debug/dwarf's SkipChildren) would otherwise loop over
+// the same entries forever (a fuzzer-found hang).
+func (b *tableBuilder) forward(e *dwarf.Entry) error {
+	// Every entry takes at least a byte: more entries than DWARF bytes is
+	// a loop, even through null entries (which debug/dwarf gives no offset).
+	if b.entries++; b.entries > b.maxEntries {
+		return fmt.Errorf("more DWARF entries than bytes (%d): a sibling reference loops back", b.maxEntries)
+	}
+	if e.Tag == 0 {
+		return nil
+	}
+	if b.seen && e.Offset <= b.last {
+		return fmt.Errorf("DWARF entry at %#x after the one at %#x: a sibling reference loops back", e.Offset, b.last)
+	}
+	b.seen, b.last = true, e.Offset
+	return nil
+}
+
+// nextLine is lr.Next, with debug/dwarf's own panics on malformed line
+// programs (a DW_LNS_set_file index that is negative as an int indexes its
+// file table: found by FuzzDWARFLines) turned into an error that ends this
+// line table only.
+func nextLine(lr *dwarf.LineReader, le *dwarf.LineEntry) (err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			err = fmt.Errorf("debug/dwarf failed on a malformed line program: %v", r)
+		}
+	}()
+	return lr.Next(le)
 }
 
 // dwLevel holds, for each open DWARF entry with children, the function nodes
@@ -127,6 +200,9 @@ func (b *tableBuilder) walkCU(r *dwarf.Reader, files []uint32) error {
 		}
 		if e == nil {
 			return nil
+		}
+		if err := b.forward(e); err != nil {
+			return err
 		}
 		if e.Tag == 0 {
 			stack = stack[:len(stack)-1]
@@ -153,6 +229,9 @@ func (b *tableBuilder) walkCU(r *dwarf.Reader, files []uint32) error {
 			for _, rg := range ranges {
 				if rg[1] <= rg[0] {
 					continue
+				}
+				if b.nodes++; b.nodes > b.maxNodes {
+					return fmt.Errorf("more than %d function ranges for %d bytes of DWARF: malformed", b.maxNodes, (b.maxNodes-1024)*4)
 				}
 				n := &funcNode{low: rg[0], high: rg[1], name: name, callFile: cf, callLine: cl}
 				nodes = append(nodes, n)
@@ -192,8 +271,14 @@ func nearestFuncs(stack []dwLevel) []*funcNode {
 
 // entryName returns the raw (linkage if any) name of a subprogram or inlined
 // subroutine, following abstract origins and specifications.
-func (b *tableBuilder) entryName(e *dwarf.Entry) string {
-	if e == nil {
+func (b *tableBuilder) entryName(e *dwarf.Entry) string { return b.entryNameDepth(e, 0) }
+
+// maxOriginDepth bounds chains of abstract origins and specifications
+// (real ones are 1-3 deep; a malformed chain must not exhaust the stack).
+const maxOriginDepth = 16
+
+func (b *tableBuilder) entryNameDepth(e *dwarf.Entry, depth int) string {
+	if e == nil || depth > maxOriginDepth {
 		return ""
 	}
 	if s, ok := e.Val(dwarf.AttrLinkageName).(string); ok && s != "" {
@@ -216,7 +301,7 @@ func (b *tableBuilder) entryName(e *dwarf.Entry) string {
 		b.names[ref] = "" // breaks cycles in malformed DWARF
 		b.resolve.Seek(ref)
 		if next, err := b.resolve.Next(); err == nil && next != nil {
-			n = b.entryName(next)
+			n = b.entryNameDepth(next, depth+1)
 		}
 		b.names[ref] = n
 	}

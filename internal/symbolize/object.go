@@ -14,23 +14,33 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/ianlancetaylor/demangle"
-	"github.com/memprof/memprof/internal/procmaps"
+	"github.com/memprof/memprof/internal/targetfs"
 )
 
-// objKey identifies a parsed object in the cache: by GNU build ID when the
-// file has one, else by the (device, inode) of the file.
+// objKey identifies a parsed object in the cache by content, so that one
+// target's file can never stand in for another's: the GNU build ID (if any),
+// the SHA-256 of the mapped file (targetfs.Digest) and the identity of the
+// separate debug file used, if any (it is found per process root, so two
+// targets with one build ID may have different debug files). A hostile file
+// claiming a victim's build ID has another digest, hence another entry.
 type objKey struct {
 	buildID string
-	id      procmaps.FileID
+	digest  string
+	dbg     targetfs.Stat
 }
 
 func (k objKey) String() string {
-	if k.buildID != "" {
-		return "build-id " + k.buildID
+	d := k.digest
+	if len(d) > 12 {
+		d = d[:12]
 	}
-	return "file " + k.id.String()
+	if k.buildID != "" {
+		return "build-id " + k.buildID + " sha256 " + d
+	}
+	return "sha256 " + d
 }
 
 // segment is one PT_LOAD program header.
@@ -49,6 +59,7 @@ type symbol struct {
 // (lazily) DWARF line and inline tables.
 type object struct {
 	key      objKey
+	name     string // path of the mapped file, for reports
 	buildID  string
 	exec     bool // ET_EXEC (non-PIE)
 	segs     []segment
@@ -60,6 +71,7 @@ type object struct {
 	hasDW     bool
 	dwInDebug bool
 	dwMu      sync.Mutex
+	dwReady   chan struct{} // closed when a build started by a caller ends
 	dwDone    bool
 	tables    *dwTables
 	dwErr     error
@@ -146,7 +158,7 @@ func debugLink(f *elf.File) (string, uint32, bool) {
 	if s == nil {
 		return "", 0, false
 	}
-	data, err := s.Data()
+	data, err := targetfs.SectionData(s, maxDebugLinkBytes)
 	if err != nil {
 		return "", 0, false
 	}
@@ -162,18 +174,45 @@ func debugLink(f *elf.File) (string, uint32, bool) {
 	return name, f.ByteOrder.Uint32(data[off : off+4]), true
 }
 
-// fileCRC is the CRC-32 (the zlib polynomial, as GNU debuglink uses) of a whole file.
-func fileCRC(path string) (uint32, error) {
-	f, err := os.Open(path)
+// maxDebugLinkBytes bounds .gnu_debuglink (a file name, padding and a CRC).
+const maxDebugLinkBytes = 4096
+
+// crcs caches debug-file CRCs by file identity: a debug file shared by many
+// targets is read once.
+var (
+	crcMu sync.Mutex
+	crcs  = map[targetfs.Stat]uint32{}
+)
+
+// fileCRC is the CRC-32 (the zlib polynomial, as GNU debuglink uses) of the
+// whole of an open regular file of at most targetfs.MaxObjectBytes (a 1 TiB
+// sparse file is refused, not read).
+func fileCRC(f *os.File) (uint32, error) {
+	st, err := targetfs.StatOf(f)
 	if err != nil {
 		return 0, err
 	}
-	defer f.Close()
+	crcMu.Lock()
+	v, ok := crcs[st]
+	crcMu.Unlock()
+	if ok {
+		return v, nil
+	}
+	if st.Size > targetfs.MaxObjectBytes {
+		return 0, fmt.Errorf("debug file %s is %d bytes: %w", f.Name(), st.Size, targetfs.ErrTooLarge)
+	}
 	h := crc32.NewIEEE()
-	if _, err := io.Copy(h, f); err != nil {
+	if _, err := io.Copy(h, io.NewSectionReader(f, 0, st.Size)); err != nil {
 		return 0, err
 	}
-	return h.Sum32(), nil
+	v = h.Sum32()
+	crcMu.Lock()
+	if len(crcs) > 4096 {
+		clear(crcs)
+	}
+	crcs[st] = v
+	crcMu.Unlock()
+	return v, nil
 }
 
 // hasDebugInfo reports whether f carries DWARF line info.
@@ -191,78 +230,127 @@ func hasSymtab(f *elf.File) bool {
 }
 
 // findDebugFile looks for the separate debug file of an object whose path in
-// its process is procPath. roots are the path prefixes to try in order (the
-// process's /proc/PID/root first, then "" for the host). Candidates are
-// checked: a build-ID match, or the debuglink CRC.
-func findDebugFile(f *elf.File, buildID, procPath string, roots, debugDirs []string) (*os.File, string) {
+// its process is procPath: by build ID (DebugDir/.build-id/xx/yyyy.debug),
+// else by .gnu_debuglink name (next to the object, in its .debug/
+// subdirectory, and under each debug directory), first inside the process's
+// root procRoot, then in the host's debug directories. Every candidate is
+// opened confined to its root (targetfs.OpenInRoot: a target's symlinks and
+// ".." cannot lead outside), non-blocking and only if it is a regular file,
+// and checked on the very descriptor that is returned: a build-ID match, or
+// the debuglink CRC. It returns the file and its identity.
+func findDebugFile(f *elf.File, buildID, procPath, procRoot string, debugDirs []string) (*os.File, targetfs.Stat) {
+	type cand struct{ root, rel string }
+	var cands []cand
 	if buildID != "" && len(buildID) > 2 {
 		rel := filepath.Join(".build-id", buildID[:2], buildID[2:]+".debug")
-		for _, root := range roots {
-			for _, dir := range debugDirs {
-				p := filepath.Join(root, dir, rel)
-				if df := openDebugCandidate(p, buildID, 0, false); df != nil {
-					return df, p
-				}
+		for _, dir := range debugDirs {
+			cands = append(cands, cand{procRoot, filepath.Join(dir, rel)})
+		}
+		for _, dir := range debugDirs {
+			cands = append(cands, cand{dir, rel})
+		}
+		for _, c := range cands {
+			if df, st := openDebugCandidate(c.root, c.rel, buildID, 0, false); df != nil {
+				return df, st
 			}
 		}
+		cands = cands[:0]
 	}
 	name, crc, ok := debugLink(f)
 	if !ok || strings.Contains(name, "/") {
-		return nil, ""
+		return nil, targetfs.Stat{}
 	}
 	dir := filepath.Dir(procPath)
-	rels := []string{filepath.Join(dir, name), filepath.Join(dir, ".debug", name)}
+	cands = append(cands, cand{procRoot, filepath.Join(dir, name)}, cand{procRoot, filepath.Join(dir, ".debug", name)})
 	for _, dd := range debugDirs {
-		rels = append(rels, filepath.Join(dd, dir, name))
+		cands = append(cands, cand{procRoot, filepath.Join(dd, dir, name)})
 	}
-	for _, root := range roots {
-		for _, r := range rels {
-			p := filepath.Join(root, r)
-			if df := openDebugCandidate(p, buildID, crc, true); df != nil {
-				return df, p
-			}
+	for _, dd := range debugDirs {
+		cands = append(cands, cand{dd, filepath.Join(dir, name)})
+	}
+	for _, c := range cands {
+		if df, st := openDebugCandidate(c.root, c.rel, buildID, crc, true); df != nil {
+			return df, st
 		}
 	}
-	return nil, ""
+	return nil, targetfs.Stat{}
 }
 
-// openDebugCandidate opens p if it is an ELF debug file matching the object:
-// same build ID (when both have one) and, for a debuglink, the right CRC.
-func openDebugCandidate(p, buildID string, crc uint32, checkCRC bool) *os.File {
-	st, err := os.Stat(p)
-	if err != nil || !st.Mode().IsRegular() {
-		return nil
-	}
-	if checkCRC {
-		got, err := fileCRC(p)
-		if err != nil || got != crc {
-			return nil
-		}
-	}
-	df, err := os.Open(p)
+// openDebugCandidate opens rel inside root if it is an ELF debug file
+// matching the object: same build ID (when both have one) and, for a
+// debuglink, the right CRC (of at most targetfs.MaxObjectBytes).
+func openDebugCandidate(root, rel, buildID string, crc uint32, checkCRC bool) (*os.File, targetfs.Stat) {
+	df, err := targetfs.OpenInRoot(root, rel)
 	if err != nil {
-		return nil
+		return nil, targetfs.Stat{}
 	}
-	ef, err := elf.NewFile(df)
+	st, err := targetfs.StatOf(df)
 	if err != nil {
 		df.Close()
-		return nil
+		return nil, targetfs.Stat{}
+	}
+	if checkCRC {
+		got, err := fileCRC(df)
+		if err != nil || got != crc {
+			df.Close()
+			return nil, targetfs.Stat{}
+		}
+	}
+	ef, err := targetfs.NewELF(df)
+	if err != nil {
+		df.Close()
+		return nil, targetfs.Stat{}
 	}
 	if id := readBuildID(ef); buildID != "" && id != "" && id != buildID {
 		df.Close()
+		return nil, targetfs.Stat{}
+	}
+	return df, st
+}
+
+// newELF parses the ELF headers of r (a target's file of r.Size() bytes) and
+// checks them (targetfs.CheckELF) before any section is read.
+func newELF(r *io.SectionReader) (*elf.File, error) {
+	ef, err := elf.NewFile(r)
+	if err != nil {
+		return nil, err
+	}
+	if err := targetfs.CheckELF(ef, r.Size()); err != nil {
+		return nil, err
+	}
+	return ef, nil
+}
+
+// symbols returns the symbols of the table of type typ in ef, if the table
+// is at most targetfs.MaxSymtabBytes.
+func symbols(ef *elf.File, typ elf.SectionType) []elf.Symbol {
+	s := ef.SectionByType(typ)
+	if s == nil || s.Size > targetfs.MaxSymtabBytes {
 		return nil
 	}
-	return df
+	var syms []elf.Symbol
+	var err error
+	if typ == elf.SHT_SYMTAB {
+		syms, err = ef.Symbols()
+	} else {
+		syms, err = ef.DynamicSymbols()
+	}
+	if err != nil {
+		return nil
+	}
+	return syms
 }
 
 // loadObject parses the mapped file f (and its separate debug file dbg, if
-// any) into an object.
-func loadObject(key objKey, f, dbg io.ReaderAt, name string) (*object, error) {
-	ef, err := elf.NewFile(f)
+// any) into an object. Both are a target's files: headers are checked and
+// every read is bounded (package targetfs); callers run it under
+// targetfs.Guard.
+func loadObject(key objKey, f, dbg *io.SectionReader, name string) (*object, error) {
+	ef, err := newELF(f)
 	if err != nil {
 		return nil, fmt.Errorf("parse ELF %s: %w", name, err)
 	}
-	o := &object{key: key, buildID: key.buildID, exec: ef.Type == elf.ET_EXEC}
+	o := &object{key: key, buildID: key.buildID, exec: ef.Type == elf.ET_EXEC, name: name}
 	for _, p := range ef.Progs {
 		if p.Type == elf.PT_LOAD {
 			o.segs = append(o.segs, segment{vaddr: p.Vaddr, off: p.Off, filesz: p.Filesz})
@@ -270,23 +358,17 @@ func loadObject(key objKey, f, dbg io.ReaderAt, name string) (*object, error) {
 	}
 	var def *elf.File
 	if dbg != nil {
-		def, err = elf.NewFile(dbg)
+		def, err = newELF(dbg)
 		if err != nil {
 			def = nil
 		}
 	}
 	// Symbols: .symtab of the file, else of the debug file, plus .dynsym.
-	var syms []elf.Symbol
-	if s, err := ef.Symbols(); err == nil && len(s) > 0 {
-		syms = s
-	} else if def != nil {
-		if s, err := def.Symbols(); err == nil {
-			syms = s
-		}
+	syms := symbols(ef, elf.SHT_SYMTAB)
+	if len(syms) == 0 && def != nil {
+		syms = symbols(def, elf.SHT_SYMTAB)
 	}
-	if ds, err := ef.DynamicSymbols(); err == nil {
-		syms = append(syms, ds...)
-	}
+	syms = append(syms, symbols(ef, elf.SHT_DYNSYM)...)
 	o.setSymbols(syms)
 	// DWARF: the file's own, else the debug file's.
 	switch {
@@ -298,16 +380,59 @@ func loadObject(key objKey, f, dbg io.ReaderAt, name string) (*object, error) {
 	return o, nil
 }
 
+// readDWARF builds the DWARF tables of src, a target's file, within the
+// bounds of package targetfs.
+func readDWARF(src *io.SectionReader) (*dwTables, error) {
+	ef, err := newELF(src)
+	if err != nil {
+		return nil, err
+	}
+	if err := targetfs.CheckDWARF(ef); err != nil {
+		return nil, err
+	}
+	d, err := ef.DWARF()
+	if err != nil {
+		return nil, err
+	}
+	var debugLine []byte
+	var dwarfBytes uint64
+	for _, s := range ef.Sections {
+		switch {
+		case s.Name == ".debug_line" || s.Name == ".zdebug_line":
+			if debugLine, err = targetfs.SectionData(s, targetfs.MaxSectionBytes); err != nil {
+				return nil, err
+			}
+			dwarfBytes += s.Size
+		case strings.HasPrefix(s.Name, ".debug_") || strings.HasPrefix(s.Name, ".zdebug_"):
+			dwarfBytes += s.Size
+		}
+	}
+	// The tables keep what lookups need; the raw DWARF is dropped.
+	return buildTables(d, debugLine, dwarfBytes)
+}
+
 // dwTables returns the object's DWARF tables, building them on first use
 // from f (the mapped file) or dbg (its debug file). It returns nil when the
-// object has no DWARF or it cannot be read.
-func (o *object) dwTables(f, dbg io.ReaderAt) *dwTables {
+// object has no DWARF or it cannot be read. The build runs under
+// targetfs.Guard: callers wait for it at most targetfs.ObjectDeadline, then
+// the object keeps function names only and the error is reported.
+func (o *object) dwTables(f, dbg *io.SectionReader) *dwTables {
 	if !o.hasDW {
 		return nil
 	}
 	o.dwMu.Lock()
-	defer o.dwMu.Unlock()
 	if o.dwDone {
+		defer o.dwMu.Unlock()
+		return o.tables
+	}
+	if ready := o.dwReady; ready != nil { // another caller is building them
+		o.dwMu.Unlock()
+		select {
+		case <-ready:
+		case <-time.After(targetfs.ObjectDeadline):
+		}
+		o.dwMu.Lock()
+		defer o.dwMu.Unlock()
 		return o.tables
 	}
 	src := f
@@ -315,24 +440,32 @@ func (o *object) dwTables(f, dbg io.ReaderAt) *dwTables {
 		src = dbg
 	}
 	if src == nil {
+		o.dwMu.Unlock()
 		return nil // this caller lacks the file; another may have it
 	}
+	ready := make(chan struct{})
+	o.dwReady = ready
+	o.dwMu.Unlock()
+
+	var t *dwTables
+	err := targetfs.Guard("DWARF of "+o.name, 0, func() error {
+		tab, err := readDWARF(src)
+		o.dwMu.Lock()
+		t = tab
+		o.dwMu.Unlock()
+		return err
+	})
+	o.dwMu.Lock()
+	defer o.dwMu.Unlock()
 	o.dwDone = true
-	ef, err := elf.NewFile(src)
-	if err != nil {
-		o.dwErr = err
-		return nil
+	if err == nil {
+		o.tables = t
 	}
-	d, err := ef.DWARF()
-	if err != nil {
-		o.dwErr = err
-		return nil
-	}
-	// The tables keep what lookups need; the raw DWARF is dropped.
-	o.tables, o.dwErr = buildTables(d)
+	o.dwErr = err
 	if o.tables != nil {
 		o.tablesBytes.Store(o.tables.bytes)
 	}
+	close(ready)
 	return o.tables
 }
 

@@ -6,13 +6,13 @@
 // A Process is a snapshot of one process's executable mappings whose files are
 // held open, so symbolization keeps working after the process exits and for
 // processes in other mount namespaces. Parsed objects live in a Cache shared by
-// every process, keyed by GNU build ID (else device and inode) and bounded by
-// an LRU.
+// every process, keyed by GNU build ID and content hash (so one tenant's file
+// cannot stand in for another's) and bounded by an LRU. Every file is read as
+// hostile input through package targetfs.
 package symbolize
 
 import (
 	"container/list"
-	"debug/elf"
 	"fmt"
 	"io"
 	"os"
@@ -23,6 +23,7 @@ import (
 	"sync"
 
 	"github.com/memprof/memprof/internal/procmaps"
+	"github.com/memprof/memprof/internal/targetfs"
 	"github.com/memprof/memprof/pprofout"
 )
 
@@ -40,7 +41,7 @@ type Options struct {
 }
 
 // Cache holds parsed object files (symbols, line tables) keyed by GNU build
-// ID when present, else by (device, inode). It is shared by every process,
+// ID, content hash and debug file (objKey). It is shared by every process,
 // safe for concurrent use, and bounded by Options.MaxObjects.
 type Cache struct {
 	opts  Options
@@ -102,10 +103,12 @@ func (c *Cache) insert(o *object) *object {
 // fileRef is one mapped file of a process, held open.
 type fileRef struct {
 	id      procmaps.FileID
-	path    string   // as the process sees it
-	f       *os.File // nil if it could not be opened
-	dbg     *os.File // separate debug file, if one was found
+	path    string            // as the process sees it
+	f       *os.File          // nil if it could not be opened
+	dbg     *os.File          // separate debug file, if one was found
+	fr, dr  *io.SectionReader // f and dbg, bounded by their size when opened
 	key     objKey
+	keyed   bool // key is set (the file was identified)
 	openErr error
 
 	hasFunctions, hasLines bool
@@ -228,77 +231,118 @@ func (p *Process) Refresh() error {
 	return nil
 }
 
-// openFile opens a mapped file, identifies it and loads (or finds cached) its
-// object, so the mapping's flags are known.
+// openFile opens a mapped file (procmaps.Open: confined to the process,
+// non-blocking, regular, the very device and inode mapped), identifies it by
+// build ID and content (objKey), finds its separate debug file if it lacks
+// symbols or DWARF, and loads (or finds cached) its object, so the
+// mapping's flags are known. Any failure is kept in ref.openErr, naming the
+// file; the process's other objects are unaffected.
 func (p *Process) openFile(m *procmaps.Mapping) *fileRef {
-	ref := &fileRef{id: m.ID(), path: m.Path, key: objKey{id: m.ID()}}
+	ref := &fileRef{id: m.ID(), path: m.Path}
 	f, err := procmaps.Open(p.pid, m)
 	if err != nil {
 		ref.openErr = err
 		return ref
 	}
 	ref.f = f
-	ef, err := elf.NewFile(f)
+	st, err := targetfs.StatOf(f)
 	if err != nil {
-		ref.openErr = fmt.Errorf("%s of process %d is not a readable ELF file: %w", m.Path, p.pid, err)
+		ref.openErr = err
 		return ref
 	}
-	if id := readBuildID(ef); id != "" {
-		ref.key = objKey{buildID: id}
-	}
-	o := p.c.lookup(ref.key)
-	if o != nil && o.dwInDebug {
-		// Cached from another process: this one needs its own handle on the
-		// debug file in case the tables are not built yet or get evicted.
-		ref.dbg, _ = findDebugFile(ef, ref.key.buildID, m.Path, p.roots(), p.c.opts.DebugDirs)
-	}
-	if o == nil {
-		if !hasDebugInfo(ef) || !hasSymtab(ef) {
-			ref.dbg, _ = findDebugFile(ef, ref.key.buildID, m.Path, p.roots(), p.c.opts.DebugDirs)
-		}
-		o, err = p.load(ref)
+	ref.fr = io.NewSectionReader(f, 0, st.Size)
+	// Identification runs under a deadline; if it is abandoned, whatever it
+	// opens late is closed by it (abandoned is set under mu).
+	var (
+		mu        sync.Mutex
+		abandoned bool
+		key       objKey
+		dbg       *os.File
+		dst       targetfs.Stat
+	)
+	err = targetfs.Guard(m.Path, 0, func() error {
+		ef, err := newELF(ref.fr)
 		if err != nil {
-			ref.openErr = err
-			return ref
+			return fmt.Errorf("%s of process %d is not a readable ELF file: %w", m.Path, p.pid, err)
 		}
+		digest, err := targetfs.Digest(f)
+		if err != nil {
+			return err
+		}
+		k := objKey{buildID: readBuildID(ef), digest: digest}
+		var df *os.File
+		var dfs targetfs.Stat
+		if !hasDebugInfo(ef) || !hasSymtab(ef) {
+			df, dfs = findDebugFile(ef, k.buildID, m.Path, procmaps.RootPath(p.pid), p.c.opts.DebugDirs)
+			k.dbg = dfs
+		}
+		mu.Lock()
+		defer mu.Unlock()
+		if abandoned {
+			if df != nil {
+				df.Close()
+			}
+			return nil
+		}
+		key, dbg, dst = k, df, dfs
+		return nil
+	})
+	mu.Lock()
+	abandoned = true
+	mu.Unlock()
+	if err != nil {
+		if dbg != nil {
+			dbg.Close()
+		}
+		ref.openErr = err
+		return ref
+	}
+	ref.key, ref.keyed = key, true
+	if dbg != nil {
+		ref.dbg, ref.dr = dbg, io.NewSectionReader(dbg, 0, dst.Size)
+	}
+	o, err := p.load(ref)
+	if err != nil {
+		ref.openErr = err
+		return ref
 	}
 	ref.hasFunctions = len(o.syms) > 0
 	ref.hasLines = o.hasLines()
 	return ref
 }
 
-// roots are the prefixes under which debug files are searched: the
-// process's root first, then the host.
-func (p *Process) roots() []string {
-	return []string{filepath.Join(procmaps.ProcRoot, strconv.Itoa(p.pid), "root"), "/"}
-}
-
-// load parses ref's file into the cache.
+// load returns ref's object from the cache, or parses it (under
+// targetfs.Guard: a panic or a stuck parse fails this object only) and
+// caches it.
 func (p *Process) load(ref *fileRef) (*object, error) {
-	var dbg io.ReaderAt
-	if ref.dbg != nil {
-		dbg = ref.dbg
+	if o := p.c.lookup(ref.key); o != nil {
+		return o, nil
 	}
-	o, err := loadObject(ref.key, ref.f, dbg, ref.path)
+	var (
+		mu sync.Mutex
+		o  *object
+	)
+	err := targetfs.Guard(ref.path, 0, func() error {
+		obj, err := loadObject(ref.key, ref.fr, ref.dr, ref.path)
+		mu.Lock()
+		o = obj
+		mu.Unlock()
+		return err
+	})
 	if err != nil {
 		return nil, err
 	}
-	return p.c.insert(o), nil
+	mu.Lock()
+	obj := o
+	mu.Unlock()
+	return p.c.insert(obj), nil
 }
 
 // object returns ref's parsed object, reparsing it from the held file if
 // the cache evicted it.
 func (p *Process) object(ref *fileRef) *object {
-	if ref.f == nil || ref.openErr != nil {
+	if ref.f == nil || ref.openErr != nil || !ref.keyed {
 		return nil
-	}
-	if o := p.c.lookup(ref.key); o != nil {
-		return o
-	}
-	if ref.dbg == nil {
-		if ef, err := elf.NewFile(ref.f); err == nil && (!hasDebugInfo(ef) || !hasSymtab(ef)) {
-			ref.dbg, _ = findDebugFile(ef, ref.key.buildID, ref.path, p.roots(), p.c.opts.DebugDirs)
-		}
 	}
 	o, err := p.load(ref)
 	if err != nil {
@@ -363,11 +407,7 @@ func (p *Process) locate(addr uint64) *pprofout.Location {
 		}
 		v = pc
 	}
-	var dbg io.ReaderAt
-	if pm.ref.dbg != nil {
-		dbg = pm.ref.dbg
-	}
-	loc.Lines = o.lines(v, o.dwTables(pm.ref.f, dbg))
+	loc.Lines = o.lines(v, o.dwTables(pm.ref.fr, pm.ref.dr))
 	return loc
 }
 

@@ -4,13 +4,16 @@ import (
 	"debug/elf"
 	"encoding/binary"
 	"encoding/hex"
-	"fmt"
+	"errors"
+	"os"
 	"sync"
 	"sync/atomic"
+
+	"github.com/memprof/memprof/internal/targetfs"
 )
 
-// Cache holds parsed unwind tables per object, keyed by GNU build ID when
-// present, else (device, inode); shared by all processes; bounded by bytes
+// Cache holds parsed unwind tables per object, keyed by GNU build ID and
+// content hash (objectKey); shared by all processes; bounded by bytes
 // (least recently used tables are evicted first).
 type Cache struct {
 	maxBytes int64
@@ -56,8 +59,10 @@ func (c *Cache) touch(e *cached) {
 	e.lastUse.Store(c.clock.Add(1))
 }
 
-// get returns the table for key, parsing it from f on a miss.
-func (c *Cache) get(key string, f *elf.File) (*cached, error) {
+// get returns the table for key, parsing it from f on a miss. The parse runs
+// under targetfs.Guard: a panic or a parse outliving its deadline fails the
+// object (named by name) only.
+func (c *Cache) get(key, name string, f *elf.File) (*cached, error) {
 	c.mu.Lock()
 	if e, ok := c.tables[key]; ok {
 		c.mu.Unlock()
@@ -66,7 +71,25 @@ func (c *Cache) get(key string, f *elf.File) (*cached, error) {
 	}
 	c.mu.Unlock()
 
-	tab, err := parseTable(f) // outside the lock: glibc takes milliseconds
+	// Outside the lock: glibc takes milliseconds.
+	var (
+		mu  sync.Mutex
+		tab *table
+		err error
+	)
+	if gerr := targetfs.Guard("call-frame information of "+name, 0, func() error {
+		t, err := parseTable(f)
+		mu.Lock()
+		tab = t
+		mu.Unlock()
+		return err
+	}); gerr != nil && (errors.Is(gerr, targetfs.ErrPanic) || errors.Is(gerr, targetfs.ErrDeadline)) {
+		return nil, gerr
+	} else {
+		err = gerr
+	}
+	mu.Lock()
+	defer mu.Unlock()
 	if tab == nil {
 		return nil, err
 	}
@@ -108,22 +131,26 @@ func (c *Cache) get(key string, f *elf.File) (*cached, error) {
 	return e, err
 }
 
-// objectKey is the cache key of an object: its GNU build ID, else its
-// (device, inode) identity.
-func objectKey(f *elf.File, dev, inode uint64) string {
-	if id := BuildID(f); id != "" {
-		return "b:" + id
+// objectKey is the cache key of an object: its GNU build ID (if any) and
+// the SHA-256 of its whole contents (targetfs.Digest), so a file claiming
+// another's build ID cannot stand in for it, and copies of one library in
+// several containers share one table.
+func objectKey(f *elf.File, file *os.File) (string, error) {
+	d, err := targetfs.Digest(file)
+	if err != nil {
+		return "", err
 	}
-	return fmt.Sprintf("i:%x:%d", dev, inode)
+	return "b:" + BuildID(f) + ":" + d, nil
 }
 
-// BuildID returns the hex GNU build ID of f, or "" if it has none.
+// BuildID returns the hex GNU build ID of f, or "" if it has none. It reads
+// at most targetfs.MaxNoteBytes of each note section or PT_NOTE segment.
 func BuildID(f *elf.File) string {
 	for _, s := range f.Sections {
 		if s.Type != elf.SHT_NOTE {
 			continue
 		}
-		data, err := s.Data()
+		data, err := targetfs.SectionData(s, targetfs.MaxNoteBytes)
 		if err != nil {
 			continue
 		}
@@ -132,7 +159,7 @@ func BuildID(f *elf.File) string {
 		}
 	}
 	for _, p := range f.Progs {
-		if p.Type != elf.PT_NOTE {
+		if p.Type != elf.PT_NOTE || p.Filesz > targetfs.MaxNoteBytes {
 			continue
 		}
 		data := make([]byte, p.Filesz)

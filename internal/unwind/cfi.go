@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"slices"
 	"sort"
+
+	"github.com/memprof/memprof/internal/targetfs"
 )
 
 // x86-64 DWARF register numbers used by the unwinder.
@@ -64,6 +66,8 @@ type table struct {
 	frFDE int                // FDEs of functions that set up a frame (CFA moves; no PLT expressions)
 	fpFDE int                // of those, FDEs whose CFA is rbp-based after the prologue
 	bytes int64
+	// truncated is set when the table hit maxRows and FDEs were dropped.
+	truncated bool
 }
 
 // lookup returns the row for ELF virtual address pc, or nil if no FDE covers it.
@@ -109,6 +113,10 @@ type cie struct {
 	lsdaEnc    uint8
 	version    uint8
 	parseError error
+
+	initDone bool     // init holds the state after the initial instructions
+	init     cfiState //
+	initErr  error
 }
 
 // parser holds the section being parsed.
@@ -117,7 +125,8 @@ type parser struct {
 	addr    uint64 // virtual address of data[0] (for pcrel pointers)
 	eh      bool   // .eh_frame rather than .debug_frame
 	exprs   *[][]byte
-	dataRel uint64 // base for DW_EH_PE_datarel (address of .eh_frame_hdr, or 0)
+	dataRel uint64      // base for DW_EH_PE_datarel (address of .eh_frame_hdr, or 0)
+	exprAt  map[int]int // section offset of an expression -> index in exprs
 }
 
 type fde struct {
@@ -146,7 +155,7 @@ func (r *reader) u8() uint8 {
 }
 
 func (r *reader) bytes(n int) []byte {
-	if n < 0 || r.pos+n > len(r.b) {
+	if n < 0 || n > len(r.b)-r.pos {
 		r.err = errShort
 		r.pos = len(r.b)
 		return nil
@@ -221,10 +230,17 @@ func (r *reader) sleb() int64 {
 	return v
 }
 
+// maxCString bounds a CIE augmentation string (real ones: "zR", "zPLR", ...).
+const maxCString = 64
+
 func (r *reader) cstring() string {
 	start := r.pos
 	for r.pos < len(r.b) && r.b[r.pos] != 0 {
 		r.pos++
+		if r.pos-start > maxCString {
+			r.err = errShort
+			return ""
+		}
 	}
 	s := string(r.b[start:r.pos])
 	if r.pos >= len(r.b) {
@@ -371,6 +387,9 @@ func (p *parser) parseEntries() ([]fde, error) {
 	return fdes, nil
 }
 
+// cieAt parses the CIE at section offset off (a CIE that follows the FDEs
+// using it). Its length, 32- or 64-bit, is checked against the section
+// before anything is sliced.
 func (p *parser) cieAt(off uint64) *cie {
 	if off >= uint64(len(p.data)) {
 		return nil
@@ -379,15 +398,22 @@ func (p *parser) cieAt(off uint64) *cie {
 	length := uint64(r.u32())
 	if length == 0xffffffff {
 		length = r.u64()
-		r.u64()
-	} else {
-		r.u32()
 	}
-	end := int(off) + int(length) + 4
-	if r.err != nil || end > len(p.data) || length == 0 {
+	bodyStart := uint64(r.pos)
+	if r.err != nil || length == 0 || length > uint64(len(p.data))-bodyStart {
 		return nil
 	}
-	return p.parseCIE(&reader{b: p.data[:end], pos: r.pos})
+	end := int(bodyStart + length)
+	body := &reader{b: p.data[:end], pos: r.pos}
+	if length >= 1<<32-1 && !p.eh {
+		body.u64() // 64-bit CIE id
+	} else {
+		body.u32()
+	}
+	if body.err != nil {
+		return nil
+	}
+	return p.parseCIE(body)
 }
 
 func (p *parser) parseCIE(r *reader) *cie {
@@ -408,7 +434,7 @@ func (p *parser) parseCIE(r *reader) *cie {
 	if len(aug) > 0 && aug[0] == 'z' {
 		c.hasAug = true
 		n := r.uleb()
-		augData := &reader{b: r.bytes(int(n))}
+		augData := &reader{b: r.bytes(clampLen(n))}
 		for _, ch := range aug[1:] {
 			switch ch {
 			case 'L':
@@ -462,7 +488,7 @@ func (p *parser) parseFDE(r *reader, c *cie) (fde, bool) {
 	}
 	if c.hasAug {
 		n := r.uleb()
-		r.bytes(int(n))
+		r.bytes(clampLen(n))
 	}
 	if r.err != nil || f.end <= f.begin || f.begin == 0 {
 		return f, false
@@ -471,10 +497,39 @@ func (p *parser) parseFDE(r *reader, c *cie) (fde, bool) {
 	return f, true
 }
 
-func (p *parser) addExpr(b []byte) int {
+// addExpr records the DWARF expression b found at section offset off and
+// returns its index in the table's exprs. An expression is stored once per
+// offset, however many FDEs share it (a CIE's initial instructions run for
+// every FDE of the CIE: a hostile 512 KiB expression in one CIE must not be
+// copied per FDE).
+func (p *parser) addExpr(off int, b []byte) int {
+	if i, ok := p.exprAt[off]; ok {
+		return i
+	}
+	if p.exprAt == nil {
+		p.exprAt = map[int]int{}
+	}
 	*p.exprs = append(*p.exprs, append([]byte(nil), b...))
-	return len(*p.exprs) - 1
+	i := len(*p.exprs) - 1
+	p.exprAt[off] = i
+	return i
 }
+
+// clampLen converts a length read from CFI to an int, mapping values that do
+// not fit to -1 (which reader.bytes rejects).
+func clampLen(n uint64) int {
+	if n > 1<<31 {
+		return -1
+	}
+	return int(n)
+}
+
+// maxStateStack bounds DW_CFA_remember_state nesting (compilers use 1-2).
+const maxStateStack = 64
+
+// maxRows bounds the rows of one object's table (24 bytes each): a hostile
+// FDE could otherwise turn each byte of its instructions into a row.
+const maxRows = 8 << 20
 
 // run executes CFA instructions, calling emit(loc, state) before each
 // location advance. It stops at limit (exclusive).
@@ -563,6 +618,9 @@ func (p *parser) run(start, end int, c *cie, st *cfiState, initial *cfiState, lo
 			reg := r.uleb()
 			setRule(reg, regRule{kind: ruleRegister, off: int64(r.uleb())})
 		case 0x0a: // remember_state
+			if len(stack) >= maxStateStack {
+				return fmt.Errorf("DW_CFA_remember_state nested deeper than %d", maxStateStack)
+			}
 			stack = append(stack, *st)
 		case 0x0b: // restore_state
 			if len(stack) == 0 {
@@ -582,14 +640,16 @@ func (p *parser) run(start, end int, c *cie, st *cfiState, initial *cfiState, lo
 			st.cfaOff = int64(r.uleb())
 		case 0x0f: // def_cfa_expression
 			n := r.uleb()
-			b := r.bytes(int(n))
+			off := r.pos
+			b := r.bytes(clampLen(n))
 			st.cfaIsX = true
-			st.cfaExp = p.addExpr(b)
+			st.cfaExp = p.addExpr(off, b)
 		case 0x10: // expression
 			reg := r.uleb()
 			n := r.uleb()
-			b := r.bytes(int(n))
-			setRule(reg, regRule{kind: ruleExpr, off: int64(p.addExpr(b))})
+			off := r.pos
+			b := r.bytes(clampLen(n))
+			setRule(reg, regRule{kind: ruleExpr, off: int64(p.addExpr(off, b))})
 		case 0x11: // offset_extended_sf
 			reg := r.uleb()
 			setRule(reg, regRule{kind: ruleOffset, off: r.sleb() * c.dataAlign})
@@ -608,8 +668,9 @@ func (p *parser) run(start, end int, c *cie, st *cfiState, initial *cfiState, lo
 		case 0x16: // val_expression
 			reg := r.uleb()
 			n := r.uleb()
-			b := r.bytes(int(n))
-			setRule(reg, regRule{kind: ruleValExpr, off: int64(p.addExpr(b))})
+			off := r.pos
+			b := r.bytes(clampLen(n))
+			setRule(reg, regRule{kind: ruleValExpr, off: int64(p.addExpr(off, b))})
 		case 0x2e: // GNU_args_size
 			r.uleb()
 		case 0x2f: // GNU_negative_offset_extended
@@ -632,7 +693,14 @@ func (s *cfiState) toRow(pc uint64, signal bool) row {
 		rw.cfaOff = int32(s.cfaExp)
 	} else {
 		rw.cfaReg = uint8(s.cfaReg)
-		if s.cfaReg > 0xf0 || int64(int32(s.cfaOff)) != s.cfaOff {
+		if s.cfaReg > 0xf0 {
+			// Not a register the unwinder knows; and its low byte must not
+			// alias the cfaExpr / cfaNone markers (a fuzzer-found row whose
+			// "register" 0xfe named a missing expression).
+			rw.cfaReg = 0
+			rw.flags |= flagUnsupported
+		}
+		if int64(int32(s.cfaOff)) != s.cfaOff {
 			rw.flags |= flagUnsupported
 		}
 		if s.cfaReg != regRSP && s.cfaReg != regRBP {
@@ -688,17 +756,25 @@ func buildTable(fdes []fde, exprs *[][]byte) *table {
 		init.ra = regRule{kind: ruleSame}
 		init.bp = regRule{kind: ruleSame}
 		init.sp = regRule{kind: ruleValOffset}
-		loc := f.begin
-		// CIE initial instructions never advance the location in practice.
-		if err := f.p.run(c.initStart, c.initEnd, c, &init, nil, &loc, f.end, func(uint64, *cfiState) {}); err != nil {
+		// The CIE's initial instructions are run once per CIE, not per FDE:
+		// they never advance the location in practice, so their result does
+		// not depend on the FDE.
+		if !c.initDone {
+			c.initDone = true
+			var zero uint64
+			c.init = init
+			c.initErr = f.p.run(c.initStart, c.initEnd, c, &c.init, nil, &zero, ^uint64(0), func(uint64, *cfiState) {})
+		}
+		if c.initErr != nil {
 			continue
 		}
-		loc = f.begin
+		init = c.init
+		loc := f.begin
 		st := init
 		var rows []row
 		fp, moved, expr := false, false, false
 		emit := func(at uint64, s *cfiState) {
-			if at >= f.end {
+			if at >= f.end || len(rows) >= maxRows {
 				return
 			}
 			switch {
@@ -740,6 +816,10 @@ func buildTable(fdes []fde, exprs *[][]byte) *table {
 				t.fpFDE++
 			}
 		}
+		if len(t.rows)+len(rows) > maxRows {
+			t.truncated = true
+			break
+		}
 		for _, rw := range rows {
 			push(rw)
 		}
@@ -770,7 +850,7 @@ func parseTable(f *elf.File) (*table, error) {
 		if s == nil || s.Type == elf.SHT_NOBITS || s.Size == 0 {
 			continue
 		}
-		data, err := s.Data()
+		data, err := targetfs.SectionData(s, targetfs.MaxCFIBytes)
 		if err != nil {
 			errs = append(errs, fmt.Errorf("read %s: %w", name, err))
 			continue
@@ -799,6 +879,10 @@ func parseTable(f *elf.File) (*table, error) {
 		}
 	}
 	t := buildTable(all, &exprs)
+	if t.truncated {
+		errs = append(errs, fmt.Errorf("more than %d unwind rows: FDEs beyond them are ignored", maxRows))
+		return t, errors.Join(errs...)
+	}
 	if t.fdes == 0 && len(errs) > 0 {
 		return t, errors.Join(errs...)
 	}

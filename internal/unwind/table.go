@@ -2,6 +2,7 @@ package unwind
 
 import (
 	"debug/elf"
+	"os"
 
 	"github.com/memprof/memprof/internal/procmaps"
 )
@@ -147,6 +148,8 @@ func (t *Table) Bytes() int64 { return t.t.bytes }
 // file offset); false when no segment does.
 func LoadBias(ef *elf.File, m *procmaps.Mapping) (uint64, bool) { return loadBias(ef, m) }
 
-// ObjectKey identifies an object across processes: "b:" and its GNU build
-// ID, else "i:" and its (device, inode).
-func ObjectKey(ef *elf.File, id procmaps.FileID) string { return objectKey(ef, id.Dev, id.Inode) }
+// ObjectKey identifies an object across processes by its GNU build ID and
+// the SHA-256 of its contents (targetfs.Digest), so that a file claiming
+// another tenant's build ID never shares its table. f is the open file ef
+// was parsed from; errors are those of reading it.
+func ObjectKey(ef *elf.File, f *os.File) (string, error) { return objectKey(ef, f) }

@@ -17,6 +17,7 @@ import (
 	"sync/atomic"
 
 	"github.com/memprof/memprof/internal/procmaps"
+	"github.com/memprof/memprof/internal/targetfs"
 )
 
 // Regs are the user registers captured with the stack.
@@ -38,6 +39,7 @@ type Process struct {
 }
 
 type object struct {
+	name string // path in the process, for reports
 	file *os.File
 	ef   *elf.File
 	key  string
@@ -130,13 +132,22 @@ func (p *Process) newMapping(m *procmaps.Mapping) (*pmap, error) {
 			p.mu.Unlock()
 			return nil, fmt.Errorf("unwind: open mapping %x-%x of process %d: %w", m.Start, m.End, p.pid, err)
 		}
-		ef, err := elf.NewFile(f)
+		var ef *elf.File
+		var key string
+		err = targetfs.Recover(m.Path, func() error {
+			var err error
+			if ef, err = targetfs.NewELF(f); err != nil {
+				return err
+			}
+			key, err = objectKey(ef, f)
+			return err
+		})
 		if err != nil {
 			f.Close()
 			p.mu.Unlock()
 			return nil, fmt.Errorf("unwind: parse ELF %s of process %d: %w", m.Path, p.pid, err)
 		}
-		obj = &object{file: f, ef: ef, key: objectKey(ef, id.Dev, id.Inode)}
+		obj = &object{file: f, ef: ef, key: key, name: m.Path}
 		p.objs[id] = obj
 	}
 	obj.refs++
@@ -153,7 +164,7 @@ func (p *Process) newMapping(m *procmaps.Mapping) (*pmap, error) {
 	}
 	pm.bias = bias
 	// Load the table now so the object is parsed while its file is certainly readable.
-	if _, err := p.c.get(obj.key, obj.ef); err != nil {
+	if _, err := p.c.get(obj.key, obj.name, obj.ef); err != nil {
 		return pm, fmt.Errorf("unwind: call-frame information of %s: %w", m.Path, err)
 	}
 	return pm, nil
@@ -233,7 +244,7 @@ func (p *Process) findMap(pc uint64) *pmap {
 func (p *Process) table(obj *object) *table {
 	e := obj.ent.Load()
 	if e == nil || (e.evicted.Load() && !e.oversize) {
-		e, _ = p.c.get(obj.key, obj.ef) // errors were reported when the mapping was added
+		e, _ = p.c.get(obj.key, obj.name, obj.ef) // errors were reported when the mapping was added
 		if e == nil {
 			return nil
 		}

@@ -14,6 +14,7 @@ import (
 	"github.com/cilium/ebpf"
 
 	"github.com/memprof/memprof/internal/procmaps"
+	"github.com/memprof/memprof/internal/targetfs"
 	"github.com/memprof/memprof/internal/unwind"
 )
 
@@ -238,7 +239,16 @@ func (s *Store) mapping(pid int, m *procmaps.Mapping) (procMap, error) {
 	if err != nil {
 		return procMap{}, fmt.Errorf("unwindtable: open mapping %x-%x of process %d: %w", m.Start, m.End, pid, err)
 	}
-	ef, err := elf.NewFile(f)
+	var ef *elf.File
+	var key string
+	err = targetfs.Recover(m.Path, func() error {
+		var err error
+		if ef, err = targetfs.NewELF(f); err != nil {
+			return err
+		}
+		key, err = unwind.ObjectKey(ef, f)
+		return err
+	})
 	if err != nil {
 		f.Close()
 		return procMap{}, fmt.Errorf("unwindtable: parse ELF %s of process %d: %w", m.Path, pid, err)
@@ -248,7 +258,6 @@ func (s *Store) mapping(pid int, m *procmaps.Mapping) (procMap, error) {
 		f.Close()
 		return procMap{}, fmt.Errorf("unwindtable: no PT_LOAD segment of %s covers file offset %#x", m.Path, m.Offset)
 	}
-	key := unwind.ObjectKey(ef, m.ID())
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	o := s.objs[key]
