@@ -1,5 +1,5 @@
 // Package symbolize turns the absolute return addresses of a process's stacks
-// into pprof locations: function names (C++ demangled), source files and lines
+// into pprof locations: function names (C++ and Rust demangled), source files and lines
 // with inlined frames, and mappings carrying build IDs and file offsets so
 // pprof can re-symbolize.
 //
