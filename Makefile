@@ -5,7 +5,7 @@ GO        ?= go
 BIN       := bin/memprof
 APT_PKGS  := clang llvm libbpf-dev bpftool gcc g++ libc6-dev libc6-dbg binutils \
              libjemalloc2 libjemalloc-dev redis-server redis-tools runc containerd \
-             prometheus util-linux mount
+             prometheus util-linux mount rustc
 DEMO_DIR  := bin/demo
 
 .PHONY: all build generate check-generated vmlinux deps test bench demo clean image
