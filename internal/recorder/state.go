@@ -65,7 +65,9 @@ func (s *Session) Profile() (*pprofout.Profile, error) {
 	if err != nil {
 		return nil, err
 	}
-	return s.profileOf(snap, nil)
+	p, err := s.profileOf(snap, nil)
+	s.releaseSymbols(snap)
+	return p, err
 }
 
 // profileOf turns a snapshot into a profile; only selects processes (nil: all).
@@ -140,6 +142,33 @@ func (s *Session) profileOf(snap *heap.Snapshot, only func(pid uint32) bool) (*p
 	return p, nil
 }
 
+// releaseSymbols lets each target's symbolizer drop the mappings that left
+// the process (dlclose) and that no stack of snap refers to any more. snap
+// must hold every target's samples (Snapshot), after they were symbolized.
+func (s *Session) releaseSymbols(snap *heap.Snapshot) {
+	s.mu.Lock()
+	procs := map[int]*target{}
+	for pid, t := range s.procs {
+		procs[pid] = t
+	}
+	s.mu.Unlock()
+	addrs := map[uint32][]uint64{}
+	seen := map[[2]uint32]bool{}
+	for _, b := range snap.Buckets {
+		k := [2]uint32{b.Pid, b.StackID}
+		if seen[k] {
+			continue
+		}
+		seen[k] = true
+		addrs[b.Pid] = append(addrs[b.Pid], snap.Stacks[b.StackID]...)
+	}
+	for pid, t := range procs {
+		if t.sym != nil {
+			t.sym.Release(addrs[uint32(pid)])
+		}
+	}
+}
+
 func countersComments(c bpfload.Counters) []string {
 	out := []string{
 		pprofout.MetaComment("calls", strconv.FormatUint(c.Calls, 10)),
@@ -169,7 +198,9 @@ func (s *Session) ProfileFor(only func(pid uint32) bool) (*pprofout.Profile, err
 	if err != nil {
 		return nil, err
 	}
-	return s.profileOf(snap, only)
+	p, err := s.profileOf(snap, only)
+	s.releaseSymbols(snap)
+	return p, err
 }
 
 // Attacher exposes probe statistics (links in place).
