@@ -33,6 +33,9 @@ type fieldCase struct {
 	name  string
 	build func(t *testing.T) []string // the command line to record
 	truth []fcSite
+	// unloads: the program unloads a library whose frames the profile
+	// needs, which the profile must report as kept.
+	unloads bool
 }
 
 var fieldCases = []fieldCase{
@@ -44,23 +47,23 @@ var fieldCases = []fieldCase{
 		{"fc_getline", 40_001, 80_122, nil},
 		{"fc_memstream", 30_001, 60_002, nil},
 		{"fc_direct", 20_000, 20_000, nil},
-	}},
+	}, false},
 	{"libstdc++-strings", func(t *testing.T) []string {
 		return []string{testprog.Build(t, "fc_cxx.cc", "-O2")}
 	}, []fcSite{
 		{"fc_string", 70_033, 70_033, nil},
 		{"fc_append", 100_033, 200_033, nil},
 		{"fc_vector", 100_024, 100_024, nil},
-	}},
+	}, false},
 	{"rust-legacy-mangling", func(t *testing.T) []string {
 		return []string{buildRust(t)}
-	}, rustTruth},
+	}, rustTruth, false},
 	{"rust-v0-mangling", func(t *testing.T) []string {
 		return []string{buildRust(t, "-C", "symbol-mangling-version=v0")}
-	}, rustTruth},
+	}, rustTruth, false},
 	{"dlopen-dlclose-plugin", buildDlclose, []fcSite{
 		{"plug_inner", 3 * 1 << 20, 3 * 1 << 20, []string{"plug_outer", "main"}},
-	}},
+	}, true},
 }
 
 // rustTruth is what testdata/fc_rust.rs states.
@@ -177,6 +180,12 @@ func TestFieldCases(t *testing.T) {
 						}
 					})
 					checkFieldCase(t, p, fc.truth)
+					if kept, _ := pprofoutComment(p, "unloaded_mappings_kept"); fc.unloads && (kept == "" || kept == "0") {
+						t.Errorf("profile reports %q unloaded mappings kept, want at least 1 (the plugin)", kept)
+					}
+					if lost, ok := pprofoutComment(p, "lost_unloaded_mappings"); ok {
+						t.Errorf("profile reports %s unloaded mappings dropped, want none", lost)
+					}
 				})
 			}
 		})

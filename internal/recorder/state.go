@@ -131,6 +131,19 @@ func (s *Session) profileOf(snap *heap.Snapshot, only func(pid uint32) bool) (*p
 			pprofout.MetaComment("unwind_tables", strconv.Itoa(tables)),
 			pprofout.MetaComment("unwind_table_bytes", strconv.FormatInt(bytes, 10)))
 	}
+	var gone int
+	var dropped uint64
+	for _, t := range procs {
+		if t.sym != nil {
+			g, d := t.sym.Retained()
+			gone, dropped = gone+g, dropped+d
+		}
+	}
+	p.Comments = append(p.Comments, pprofout.MetaComment("unloaded_mappings_kept", strconv.Itoa(gone)))
+	if dropped > 0 {
+		// Frames in these mappings are left unsymbolized (symbolize.MaxGoneMappings).
+		p.Comments = append(p.Comments, pprofout.MetaComment("lost_unloaded_mappings", strconv.FormatUint(dropped, 10)))
+	}
 	objects, symBytes := s.sym.Stats()
 	p.Comments = append(p.Comments, pprofout.MetaComment("symbol_objects", strconv.Itoa(objects)),
 		pprofout.MetaComment("symbol_bytes", strconv.FormatInt(symBytes, 10)))
