@@ -133,3 +133,42 @@ func TestGoneMappingsBounded(t *testing.T) {
 		}
 	}
 }
+
+// TestConcurrentRefresh: Refresh called from several goroutines at once
+// (the recorder's poll loop and its stack-event reader) opens each mapped
+// file once.
+func TestConcurrentRefresh(t *testing.T) {
+	testprog.RequireRoot(t)
+	lib := buildLib(t, t.TempDir())
+	bin := testprog.Build(t, "sym_dlopen.c", "-ldl")
+	pr := start(t, bin, lib)
+	p := snapshot(t, NewCache(Options{}), pr.cmd.Process.Pid)
+	if _, err := io.WriteString(pr.stdin, "go\n"); err != nil {
+		t.Fatal(err)
+	}
+	pr.waitReady(t)
+	done := make(chan error)
+	for i := 0; i < 8; i++ {
+		go func() { done <- p.Refresh() }()
+	}
+	for i := 0; i < 8; i++ {
+		if err := <-done; err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Each mapped file is held once: count memprof's descriptors of the
+	// library.
+	fds, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for _, fd := range fds {
+		if target, err := os.Readlink("/proc/self/fd/" + fd.Name()); err == nil && target == lib {
+			n++
+		}
+	}
+	if n != 1 {
+		t.Errorf("%d descriptors of %s held after 8 concurrent Refresh calls, want 1", n, lib)
+	}
+}

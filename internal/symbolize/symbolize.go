@@ -129,6 +129,10 @@ type Process struct {
 	c   *Cache
 	pid int
 
+	// refreshMu serializes Refresh (the recorder calls it from its poll
+	// loop and from its stack-event reader), so a file is opened once.
+	refreshMu sync.Mutex
+
 	mu     sync.Mutex
 	exe    string  // path of the main executable as the process sees it
 	maps   []*pmap // active mappings sorted by start
@@ -168,6 +172,8 @@ func (p *Process) Pid() int { return p.pid }
 // process (dlclose), so addresses recorded before still symbolize, until
 // Release finds no sample referring to them or MaxGoneMappings drops them.
 func (p *Process) Refresh() error {
+	p.refreshMu.Lock()
+	defer p.refreshMu.Unlock()
 	ms, err := procmaps.Read(p.pid)
 	if err != nil {
 		return fmt.Errorf("symbolize: snapshot of process %d failed (has it exited?): %w", p.pid, err)
