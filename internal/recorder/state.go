@@ -61,12 +61,13 @@ func (s *Session) Snapshot() (*heap.Snapshot, error) {
 
 // Profile builds the heap profile of everything recorded so far.
 func (s *Session) Profile() (*pprofout.Profile, error) {
+	marks := s.goneMarks()
 	snap, err := s.Snapshot()
 	if err != nil {
 		return nil, err
 	}
 	p, err := s.profileOf(snap, nil)
-	s.releaseSymbols(snap)
+	s.releaseSymbols(snap, marks)
 	return p, err
 }
 
@@ -155,30 +156,56 @@ func (s *Session) profileOf(snap *heap.Snapshot, only func(pid uint32) bool) (*p
 	return p, nil
 }
 
-// releaseSymbols lets each target's symbolizer drop the mappings that left
-// the process (dlclose) and that no stack of snap refers to any more. snap
-// must hold every target's samples (Snapshot), after they were symbolized.
-func (s *Session) releaseSymbols(snap *heap.Snapshot) {
+// goneMarks takes each target symbolizer's GoneMark, before a Snapshot:
+// only mappings gone before it may be released after that snapshot. Targets
+// with no unloaded mapping (nothing to release) are left out.
+func (s *Session) goneMarks() map[int]uint64 {
 	s.mu.Lock()
 	procs := map[int]*target{}
 	for pid, t := range s.procs {
 		procs[pid] = t
 	}
 	s.mu.Unlock()
+	marks := map[int]uint64{}
+	for pid, t := range procs {
+		if t.sym == nil {
+			continue
+		}
+		if gone, _ := t.sym.Retained(); gone > 0 {
+			marks[pid] = t.sym.GoneMark()
+		}
+	}
+	return marks
+}
+
+// releaseSymbols lets each target's symbolizer drop the mappings that left
+// the process (dlclose) before marks were taken and that no stack of snap
+// refers to any more. snap must hold every target's samples (Snapshot),
+// read after the marks and already symbolized.
+func (s *Session) releaseSymbols(snap *heap.Snapshot, marks map[int]uint64) {
+	if len(marks) == 0 {
+		return
+	}
+	s.mu.Lock()
+	procs := map[int]*target{}
+	for pid := range marks {
+		if t := s.procs[pid]; t != nil && t.sym != nil {
+			procs[pid] = t
+		}
+	}
+	s.mu.Unlock()
 	addrs := map[uint32][]uint64{}
 	seen := map[[2]uint32]bool{}
 	for _, b := range snap.Buckets {
 		k := [2]uint32{b.Pid, b.StackID}
-		if seen[k] {
+		if procs[int(b.Pid)] == nil || seen[k] {
 			continue
 		}
 		seen[k] = true
 		addrs[b.Pid] = append(addrs[b.Pid], snap.Stacks[b.StackID]...)
 	}
 	for pid, t := range procs {
-		if t.sym != nil {
-			t.sym.Release(addrs[uint32(pid)])
-		}
+		t.sym.Release(addrs[uint32(pid)], marks[pid])
 	}
 }
 
@@ -207,12 +234,13 @@ func (s *Session) ProcCalls() (map[uint32]uint64, error) { return s.objs.ProcCal
 // ProfileFor builds the profile of the processes only selects, from the
 // current state (including kept state of exited ones).
 func (s *Session) ProfileFor(only func(pid uint32) bool) (*pprofout.Profile, error) {
+	marks := s.goneMarks()
 	snap, err := s.Snapshot()
 	if err != nil {
 		return nil, err
 	}
 	p, err := s.profileOf(snap, only)
-	s.releaseSymbols(snap)
+	s.releaseSymbols(snap, marks)
 	return p, err
 }
 

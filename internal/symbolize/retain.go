@@ -68,11 +68,20 @@ func (p *Process) forget(m *pmap) {
 	m.ref.close()
 }
 
-// Release drops the mappings that are gone from the process and contain
-// none of addrs (the addresses the process's samples still refer to),
-// closing their files. It returns how many it dropped. Mappings still
-// mapped are never dropped.
-func (p *Process) Release(addrs []uint64) int {
+// GoneMark returns a mark of the mappings gone so far, for Release: take it
+// before reading the samples whose addresses Release is given.
+func (p *Process) GoneMark() uint64 {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.goneSeq
+}
+
+// Release drops the mappings that left the process no later than mark
+// (GoneMark; ^uint64(0): any) and contain none of addrs (the addresses the
+// process's samples refer to, read after mark was taken), closing their
+// files. It returns how many it dropped. A mapping still mapped, or gone
+// after the mark (its samples may be missing from addrs), is kept.
+func (p *Process) Release(addrs []uint64, mark uint64) int {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.closed {
@@ -80,7 +89,7 @@ func (p *Process) Release(addrs []uint64) int {
 	}
 	var gone []*pmap
 	for _, m := range p.all {
-		if m.gone {
+		if m.gone && m.goneAt <= mark {
 			gone = append(gone, m)
 		}
 	}

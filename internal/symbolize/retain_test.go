@@ -50,10 +50,14 @@ func TestAfterDlclose(t *testing.T) {
 	wantLine(t, "unloaded library", l.Lines[0], "sym_lib_variant_a", "sym_lib.c", pr.intField(t, "lib", 2))
 
 	direct := pr.addr(t, "direct")
-	if n := p.Release([]uint64{direct, la}); n != 0 {
+	if n := p.Release(nil, 0); n != 0 {
+		t.Errorf("Release with a mark taken before the dlclose dropped %d mappings, want 0", n)
+	}
+	mark := p.GoneMark()
+	if n := p.Release([]uint64{direct, la}, mark); n != 0 {
 		t.Errorf("Release with an address in the unloaded library dropped %d mappings, want 0", n)
 	}
-	if n := p.Release([]uint64{direct}); n != 1 {
+	if n := p.Release([]uint64{direct}, mark); n != 1 {
 		t.Errorf("Release with no address in the unloaded library dropped %d mappings, want 1", n)
 	}
 	if gone, _ := p.Retained(); gone != 0 {
