@@ -1,5 +1,5 @@
-// fc_dlmain: 400 ms after the start, loads a plugin (fc_plugin.c, no frame
-// pointers) with dlopen, lets it allocate, unloads it with dlclose 150 ms
+// fc_dlmain: 300 ms after the start, loads a plugin (fc_plugin.c, no frame
+// pointers) with dlopen, lets it allocate, unloads it with dlclose 600 ms
 // later and exits at once: the plugin lives between two of the profiler's
 // periodic rescans of the mappings (1 s apart), and when the profile is
 // taken it is no longer mapped. Built by the tests with
@@ -17,7 +17,7 @@ int main(int argc, char **argv)
 {
 	if (argc < 2)
 		return 2;
-	usleep(400 * 1000);
+	usleep(300 * 1000);
 	void *h = dlopen(argv[1], RTLD_NOW);
 	if (!h) {
 		fprintf(stderr, "dlopen: %s\n", dlerror());
@@ -27,7 +27,7 @@ int main(int argc, char **argv)
 	if (!outer)
 		return 2;
 	outer(6);
-	usleep(150 * 1000);
+	usleep(600 * 1000);
 	if (dlclose(h) != 0)
 		return 2;
 	return 0;
