@@ -7,7 +7,7 @@ APT_PKGS  := clang llvm libbpf-dev bpftool gcc g++ libc6-dev libc6-dbg binutils 
              libjemalloc2 libjemalloc-dev redis-server redis-tools runc containerd \
              prometheus util-linux mount chromium libtcmalloc-minimal4 libgoogle-perftools4 \
              libmimalloc2.0 musl-tools librust-jemalloc-sys-dev \
-             default-jdk-headless python3 python3-dbg
+             default-jdk-headless python3 python3-dbg rustc
 DEMO_DIR  := bin/demo
 
 .PHONY: all build generate check-generated vmlinux deps test bench fuzz demo report-assets clean image

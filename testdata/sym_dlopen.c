@@ -1,6 +1,8 @@
 /* Test program for internal/symbolize: prints a capture, waits for a line on
  * stdin, then dlopens argv[1] (built from sym_lib.c), calls sym_lib_entry and
- * prints "ready" again; then blocks until stdin closes. */
+ * prints "ready" again; on a further line it dlcloses the library (unmapped:
+ * it is loaded by nothing else) and prints "ready"; then blocks until stdin
+ * closes. */
 #include <dlfcn.h>
 #include <stdio.h>
 #include <unistd.h>
@@ -26,6 +28,12 @@ int main(int argc, char **argv) {
 	entry();
 	printf("ready\n");
 	fflush(stdout);
+	if (read(0, buf, sizeof buf) > 0) {
+		if (dlclose(h) != 0)
+			return 1;
+		printf("ready\n");
+		fflush(stdout);
+	}
 	while (read(0, buf, sizeof buf) > 0) {
 	}
 	return 0;

@@ -41,6 +41,11 @@ const maxCFIBuckets = 1 << 18
 // canonical stack id shared by identical stacks.
 type dwarfStacks struct {
 	cache *unwind.Cache
+	// mapped, if set, is called after a walk made the unwinder re-read a
+	// process's mappings (a library mapped since, such as a dlopen): the
+	// symbolizer takes them at once too, so the library's frames still
+	// resolve if it is unloaded (dlclose) before the profile is taken.
+	mapped func(pid int)
 
 	mu        sync.Mutex
 	procs     map[int]*dwarfProc
@@ -180,6 +185,9 @@ func (d *dwarfStacks) handle(raw []byte) error {
 			// command started under memprof maps its libraries after the
 			// probes are in place; dlopen): retry with fresh mappings.
 			d.refresh(tgid)
+			if d.mapped != nil {
+				d.mapped(tgid)
+			}
 			pcs, truncated = p.up.Unwind(regs, data, maxUnwindFrames)
 			if truncated && len(pcs) > 0 && !p.up.Covers(pcs[len(pcs)-1]) {
 				d.mu.Lock()

@@ -179,6 +179,7 @@ func Start(ctx context.Context, opts Options) (*Session, error) {
 	}
 	if opts.StackMode != StackFP {
 		s.dwarf = newDwarfStacks()
+		s.dwarf.mapped = s.refreshSymbols
 	}
 	if err := s.startOOM(); err != nil {
 		s.Close()

@@ -63,11 +63,14 @@ func (s *Session) Snapshot() (*heap.Snapshot, error) {
 
 // Profile builds the heap profile of everything recorded so far.
 func (s *Session) Profile() (*pprofout.Profile, error) {
+	marks := s.goneMarks()
 	snap, err := s.Snapshot()
 	if err != nil {
 		return nil, err
 	}
-	return s.profileOf(snap, nil)
+	p, err := s.profileOf(snap, nil)
+	s.releaseSymbols(snap, marks)
+	return p, err
 }
 
 // profileOf turns a snapshot into a profile; only selects processes (nil: all).
@@ -145,6 +148,19 @@ func (s *Session) profileOf(snap *heap.Snapshot, only func(pid uint32) bool) (*p
 			pprofout.MetaComment("unwind_tables", strconv.Itoa(tables)),
 			pprofout.MetaComment("unwind_table_bytes", strconv.FormatInt(bytes, 10)))
 	}
+	var gone int
+	var dropped uint64
+	for _, t := range procs {
+		if t.sym != nil {
+			g, d := t.sym.Retained()
+			gone, dropped = gone+g, dropped+d
+		}
+	}
+	p.Comments = append(p.Comments, pprofout.MetaComment("unloaded_mappings_kept", strconv.Itoa(gone)))
+	if dropped > 0 {
+		// Frames in these mappings are left unsymbolized (symbolize.MaxGoneMappings).
+		p.Comments = append(p.Comments, pprofout.MetaComment("lost_unloaded_mappings", strconv.FormatUint(dropped, 10)))
+	}
 	objects, symBytes := s.sym.Stats()
 	p.Comments = append(p.Comments, pprofout.MetaComment("symbol_objects", strconv.Itoa(objects)),
 		pprofout.MetaComment("symbol_bytes", strconv.FormatInt(symBytes, 10)))
@@ -154,6 +170,59 @@ func (s *Session) profileOf(snap *heap.Snapshot, only func(pid uint32) bool) (*p
 	}
 	s.mu.Unlock()
 	return p, nil
+}
+
+// goneMarks takes each target symbolizer's GoneMark, before a Snapshot:
+// only mappings gone before it may be released after that snapshot. Targets
+// with no unloaded mapping (nothing to release) are left out.
+func (s *Session) goneMarks() map[int]uint64 {
+	s.mu.Lock()
+	procs := map[int]*target{}
+	for pid, t := range s.procs {
+		procs[pid] = t
+	}
+	s.mu.Unlock()
+	marks := map[int]uint64{}
+	for pid, t := range procs {
+		if t.sym == nil {
+			continue
+		}
+		if gone, _ := t.sym.Retained(); gone > 0 {
+			marks[pid] = t.sym.GoneMark()
+		}
+	}
+	return marks
+}
+
+// releaseSymbols lets each target's symbolizer drop the mappings that left
+// the process (dlclose) before marks were taken and that no stack of snap
+// refers to any more. snap must hold every target's samples (Snapshot),
+// read after the marks and already symbolized.
+func (s *Session) releaseSymbols(snap *heap.Snapshot, marks map[int]uint64) {
+	if len(marks) == 0 {
+		return
+	}
+	s.mu.Lock()
+	procs := map[int]*target{}
+	for pid := range marks {
+		if t := s.procs[pid]; t != nil && t.sym != nil {
+			procs[pid] = t
+		}
+	}
+	s.mu.Unlock()
+	addrs := map[uint32][]uint64{}
+	seen := map[[2]uint32]bool{}
+	for _, b := range snap.Buckets {
+		k := [2]uint32{b.Pid, b.StackID}
+		if procs[int(b.Pid)] == nil || seen[k] {
+			continue
+		}
+		seen[k] = true
+		addrs[b.Pid] = append(addrs[b.Pid], snap.Stacks[b.StackID]...)
+	}
+	for pid, t := range procs {
+		t.sym.Release(addrs[uint32(pid)], marks[pid])
+	}
 }
 
 func countersComments(c bpfload.Counters) []string {
@@ -181,11 +250,14 @@ func (s *Session) ProcCalls() (map[uint32]uint64, error) { return s.objs.ProcCal
 // ProfileFor builds the profile of the processes only selects, from the
 // current state (including kept state of exited ones).
 func (s *Session) ProfileFor(only func(pid uint32) bool) (*pprofout.Profile, error) {
+	marks := s.goneMarks()
 	snap, err := s.Snapshot()
 	if err != nil {
 		return nil, err
 	}
-	return s.profileOf(snap, only)
+	p, err := s.profileOf(snap, only)
+	s.releaseSymbols(snap, marks)
+	return p, err
 }
 
 // Attacher exposes probe statistics (links in place).

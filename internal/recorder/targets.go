@@ -335,6 +335,18 @@ func (s *Session) loop(ctx context.Context) {
 	}
 }
 
+// refreshSymbols makes pid's symbolizer take the mappings the process has
+// now. Mappings it has seen are kept after they go (dlclose), so frames of
+// an unloaded library stay symbolized.
+func (s *Session) refreshSymbols(pid int) {
+	s.mu.Lock()
+	t := s.procs[pid]
+	s.mu.Unlock()
+	if t != nil && t.sym != nil {
+		t.sym.Refresh()
+	}
+}
+
 func (s *Session) liveTargets() []*target {
 	s.mu.Lock()
 	defer s.mu.Unlock()

@@ -524,18 +524,44 @@ func (o *object) lookupSymbol(pc uint64) (symbol, bool) {
 	return symbol{}, false
 }
 
-// demangle returns the readable (pprof style: parameters dropped) name of a
-// raw symbol name.
+// maxMangledLen bounds the raw names handed to the demangler: a symbol name
+// is target-controlled input, and real mangled names stay far below this.
+const maxMangledLen = 16 << 10
+
+// demangleOpts render names pprof style (parameters, enclosing parameters
+// and clone suffixes dropped; Rust's legacy "::h<hash>" suffix is dropped by
+// the library) with the output capped at 2^16 bytes.
+var demangleOpts = []demangle.Option{demangle.NoParams, demangle.NoEnclosingParams, demangle.NoClones, demangle.MaxLength(16)}
+
+// demangle returns the readable name of a raw symbol name: Itanium C++
+// ("_Z…"), legacy Rust ("_ZN…17h<16 hex>E") and Rust v0 ("_R…") names are
+// demangled with github.com/ianlancetaylor/demangle; anything else, or a
+// name the library rejects, is returned unchanged.
 func (o *object) demangle(raw string) string {
-	if !strings.HasPrefix(raw, "_Z") {
+	if !strings.HasPrefix(raw, "_Z") && !strings.HasPrefix(raw, "_R") {
 		return raw
 	}
 	if v, ok := o.demangled.Load(raw); ok {
 		return v.(string)
 	}
-	d := demangle.Filter(raw, demangle.NoParams, demangle.NoEnclosingParams, demangle.NoClones)
+	d := demangleName(raw)
 	o.demangled.Store(raw, d)
 	return d
+}
+
+// demangleName is demangle without the per-object memo.
+func demangleName(raw string) (out string) {
+	if !strings.HasPrefix(raw, "_Z") && !strings.HasPrefix(raw, "_R") || len(raw) > maxMangledLen {
+		return raw
+	}
+	defer func() {
+		// The library turns its own parse errors into errors; anything
+		// else it panics with must not take memprof down either.
+		if recover() != nil {
+			out = raw
+		}
+	}()
+	return demangle.Filter(raw, demangleOpts...)
 }
 
 // ntGNUBuildID is the note type of a GNU build ID (NT_GNU_BUILD_ID).

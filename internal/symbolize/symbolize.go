@@ -1,5 +1,5 @@
 // Package symbolize turns the absolute return addresses of a process's stacks
-// into pprof locations: function names (C++ demangled), source files and lines
+// into pprof locations: function names (C++ and Rust demangled), source files and lines
 // with inlined frames, and mappings carrying build IDs and file offsets so
 // pprof can re-symbolize.
 //
@@ -120,12 +120,21 @@ type pmap struct {
 	pm  *pprofout.Mapping
 	ref *fileRef
 	seq int // order of discovery
+	// gone: absent from the process's maps at the last Refresh (kept
+	// for the samples that refer to it, see retain.go); goneAt orders
+	// such mappings by when they went.
+	gone   bool
+	goneAt uint64
 }
 
 // Process is a symbolization snapshot of one process.
 type Process struct {
 	c   *Cache
 	pid int
+
+	// refreshMu serializes Refresh (the recorder calls it from its poll
+	// loop and from its stack-event reader), so a file is opened once.
+	refreshMu sync.Mutex
 
 	mu     sync.Mutex
 	exe    string  // path of the main executable as the process sees it
@@ -135,6 +144,9 @@ type Process struct {
 	locs   map[uint64]*pprofout.Location
 	seq    int
 	closed bool
+	// goneSeq numbers unmapped mappings; dropped counts those dropped by
+	// MaxGoneMappings.
+	goneSeq, dropped uint64
 }
 
 // Snapshot reads /proc/PID/maps now and opens the file of every executable
@@ -159,9 +171,12 @@ func (c *Cache) Snapshot(pid int) (*Process, error) {
 func (p *Process) Pid() int { return p.pid }
 
 // Refresh re-reads the process's maps and adds newly mapped objects (dlopen).
-// Mappings seen before are kept, so addresses recorded before a dlclose still
-// symbolize.
+// Mappings seen before are kept with their files open after they leave the
+// process (dlclose), so addresses recorded before still symbolize, until
+// Release finds no sample referring to them or MaxGoneMappings drops them.
 func (p *Process) Refresh() error {
+	p.refreshMu.Lock()
+	defer p.refreshMu.Unlock()
 	ms, err := procmaps.Read(p.pid)
 	if err != nil {
 		return fmt.Errorf("symbolize: snapshot of process %d failed (has it exited?): %w", p.pid, err)
@@ -174,12 +189,14 @@ func (p *Process) Refresh() error {
 		p.mu.Unlock()
 	}
 	var added []*pmap
+	present := map[[4]uint64]bool{}
 	for i := range ms {
 		m := ms[i]
 		if !m.Exec() || !m.IsFile() {
 			continue
 		}
 		k := [4]uint64{m.Start, m.End, m.Offset, m.Inode}
+		present[k] = true
 		p.mu.Lock()
 		_, seen := p.all[k]
 		ref := p.files[m.ID()]
@@ -228,6 +245,7 @@ func (p *Process) Refresh() error {
 		p.maps = append(kept, a)
 	}
 	sort.Slice(p.maps, func(i, j int) bool { return p.maps[i].m.Start < p.maps[j].m.Start })
+	p.markGone(present)
 	return nil
 }
 
