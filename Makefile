@@ -7,10 +7,10 @@ APT_PKGS  := clang llvm libbpf-dev bpftool gcc g++ libc6-dev libc6-dbg binutils 
              libjemalloc2 libjemalloc-dev redis-server redis-tools runc containerd \
              prometheus util-linux mount chromium libtcmalloc-minimal4 libgoogle-perftools4 \
              libmimalloc2.0 musl-tools librust-jemalloc-sys-dev \
-             default-jdk-headless python3 python3-dbg rustc
+             default-jdk-headless python3 python3-dbg rustc clang-format
 DEMO_DIR  := bin/demo
 
-.PHONY: all build generate check-generated vmlinux deps test bench fuzz demo report-assets clean image
+.PHONY: all build generate check-generated vmlinux deps test test-unit test-root lint bench fuzz demo report-assets clean image
 
 all: build
 
@@ -50,9 +50,28 @@ deps:
 	@# elsewhere Debian's kubernetes-client provides it.
 	@command -v kubectl >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kubernetes-client >/dev/null
 
-test:
+# The whole suite, in the order CI runs it: lint, the fast unit tier, the
+# root tier (real BPF, uprobes, cgroups, OOM kills; -p 1: OOM kills and
+# timing tests of one package must not land in another's).
+test: lint test-unit test-root
+
+# Tests that need neither root nor BPF (-short skips the root tier), with
+# the race detector.
+test-unit:
+	$(GO) test -short -race -count=1 ./...
+
+test-root:
 	$(GO) vet ./...
-	$(GO) test -count=1 -p 1 -timeout 30m ./...
+	$(GO) test -count=1 -p 1 -timeout 45m ./...
+
+# golangci-lint v2 (.golangci.yml; pinned in internal/tools/go.mod) and
+# clang-format (.clang-format) for the BPF C sources.
+LINT := bin/golangci-lint
+BPF_C := $(filter-out bpf/vmlinux.h,$(wildcard bpf/*.c bpf/*.h))
+lint:
+	cd internal/tools && $(GO) build -o ../../$(LINT) github.com/golangci/golangci-lint/v2/cmd/golangci-lint
+	$(LINT) run ./...
+	clang-format --dry-run --Werror $(BPF_C)
 
 # Fuzz the readers of a target's files (ELF objects and symbols, DWARF line
 # tables, build-ID notes, CFI and its expressions, probe sites), each for

@@ -49,6 +49,9 @@ const Jemalloc = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
 // programs and create cgroups, and CI runs them as root.
 func RequireRoot(t testing.TB) {
 	t.Helper()
+	if testing.Short() {
+		t.Skip("root tier (real BPF, uprobes, cgroups): run without -short")
+	}
 	if os.Geteuid() != 0 {
 		t.Fatalf("this test needs root (BPF, uprobes, cgroups); run the suite as root")
 	}
