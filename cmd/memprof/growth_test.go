@@ -256,7 +256,7 @@ func absDur(d time.Duration) time.Duration {
 // headless Chromium and checks the page it drew: no console messages or
 // script errors, the flame graph's frames and the timeline's lines in the
 // DOM, the three stacks in the growth table, and a screenshot.
-// MEMPROF_REPORT_PNG=path keeps the screenshot (docs/report.png).
+// MEMPROF_REPORT_PNG=path keeps the screenshot (internal/report/screenshot.png, shown in the README).
 func checkHTML(t *testing.T, memprof, profile, dir string) {
 	t.Helper()
 	html := filepath.Join(dir, "report.html")
