@@ -6,6 +6,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -105,8 +106,10 @@ func TestCheckELF(t *testing.T) {
 
 func TestGuard(t *testing.T) {
 	p0, d0 := Failures()
-	err := Guard("obj.so", time.Second, func() error { var m map[int]int; m[1] = 1; return nil })
-	if !errors.Is(err, ErrPanic) {
+	// The panic a parser trusting a length from the object would hit.
+	at := func(b []byte, i int) byte { return b[i] }
+	err := Guard("obj.so", time.Second, func() error { at(make([]byte, 4), 8); return nil })
+	if !errors.Is(err, ErrPanic) || !strings.Contains(err.Error(), "obj.so") || !strings.Contains(err.Error(), "index out of range") {
 		t.Errorf("Guard(panic) = %v", err)
 	}
 	start := time.Now()
