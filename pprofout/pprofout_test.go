@@ -489,7 +489,7 @@ func TestTop(t *testing.T) {
 	}
 	text := out.String()
 	i4, i2, i1 := strings.Index(text, "4.0 MiB"), strings.Index(text, "2.0 MiB"), strings.Index(text, "1.0 MiB")
-	if i4 < 0 || i2 < 0 || i1 < 0 || !(i4 < i2 && i2 < i1) {
+	if i4 < 0 || i2 < 0 || i1 < 0 || i4 >= i2 || i2 >= i1 {
 		t.Errorf("FormatTop output lacks 4.0, 2.0, 1.0 MiB in that order:\n%s", text)
 	}
 	for _, s := range []string{"57.14%", "28.57%", "14.29%", "1024", "inlinedHelper app.c:10", "makeBuffer app.c:20",

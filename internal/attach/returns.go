@@ -82,7 +82,7 @@ func gotSymbols(f *elf.File) map[uint64]string {
 		return out
 	}
 	for _, s := range f.Sections {
-		if s.Type != elf.SHT_RELA || s.Size > 64<<20 {
+		if s.Type != elf.SHT_RELA || s.Size > 64<<20 { //nolint:misspell // ELF SHT_RELA
 			continue
 		}
 		data, err := s.Data()

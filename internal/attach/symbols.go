@@ -16,6 +16,7 @@ import (
 // probe's cookie).
 type Kind int
 
+// The kinds of allocator function, by the registers their arguments are in.
 const (
 	Malloc        = Kind(mbpf.MemprofProbeKindP_MALLOC)         // size in rdi: malloc, valloc, pvalloc, mallocx, operator new
 	Calloc        = Kind(mbpf.MemprofProbeKindP_CALLOC)         // n in rdi, size in rsi

@@ -505,7 +505,7 @@ func (p *program) wait() error {
 	for range p.lines {
 	}
 	if err := p.cmd.Wait(); err != nil {
-		return fmt.Errorf("program %v: %v; stderr: %s", p.cmd.Args, err, strings.TrimSpace(p.stderr.String()))
+		return fmt.Errorf("program %v: %w; stderr: %s", p.cmd.Args, err, strings.TrimSpace(p.stderr.String()))
 	}
 	return nil
 }

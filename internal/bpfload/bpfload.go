@@ -80,7 +80,7 @@ func Check() error {
 		}
 	}
 	if _, err := btf.LoadKernelSpec(); err != nil {
-		return fmt.Errorf("kernel BTF not available (%v): memprof needs a kernel built with CONFIG_DEBUG_INFO_BTF=y (/sys/kernel/btf/vmlinux), Linux 5.15 or newer", err)
+		return fmt.Errorf("kernel BTF not available (%w): memprof needs a kernel built with CONFIG_DEBUG_INFO_BTF=y (/sys/kernel/btf/vmlinux), Linux 5.15 or newer", err)
 	}
 	if _, err := os.Stat("/sys/bus/event_source/devices/uprobe"); err != nil {
 		return fmt.Errorf("uprobes not available (no /sys/bus/event_source/devices/uprobe): the kernel needs CONFIG_UPROBE_EVENTS=y")
@@ -138,7 +138,8 @@ func Load(opts Options) (*Objects, error) {
 	if err := spec.LoadAndAssign(&o.MemprofObjects, nil); err != nil {
 		var ve *ebpf.VerifierError
 		if errors.As(err, &ve) {
-			return nil, fmt.Errorf("the kernel's verifier rejected memprof's BPF programs: %+v", ve)
+			// %+v of the VerifierError is the whole log, not only its end.
+			return nil, fmt.Errorf("the kernel's verifier rejected memprof's BPF programs: %w\n%s", err, fmt.Sprintf("%+v", ve))
 		}
 		if errors.Is(err, os.ErrPermission) {
 			return nil, fmt.Errorf("load BPF programs: %w: run as root or grant CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN", err)

@@ -1,6 +1,7 @@
 package bpfload
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"strconv"
@@ -62,7 +63,7 @@ func (o *Objects) ReadCounters() (Counters, error) {
 	var c Counters
 	get := func(idx mbpf.MemprofCounter) (uint64, error) {
 		var per []uint64
-		if err := o.MemprofObjects.Counters.Lookup(uint32(idx), &per); err != nil {
+		if err := o.Counters.Lookup(uint32(idx), &per); err != nil {
 			return 0, fmt.Errorf("read BPF counter %d: %w", idx, err)
 		}
 		var sum uint64
@@ -151,9 +152,14 @@ func (o *Objects) ProcCalls() (map[uint32]uint64, error) {
 	return out, nil
 }
 
-// ForgetProc drops a process's call count (after it exited).
-func (o *Objects) ForgetProc(pid uint32) {
-	o.MemprofObjects.ProcCalls.Delete(pid)
+// ForgetProc drops a process's call count (after it exited). A pid with no
+// count is not an error; any other failure leaves the entry taking a slot of
+// proc_calls and is returned for the caller to report.
+func (o *Objects) ForgetProc(pid uint32) error {
+	if err := o.MemprofObjects.ProcCalls.Delete(pid); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return fmt.Errorf("forget call count of pid %d: %w", pid, err)
+	}
+	return nil
 }
 
 // MapStat is the occupancy of one BPF map.

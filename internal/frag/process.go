@@ -20,7 +20,9 @@ const GlibcHeapMax = 64 << 20
 
 // ProcessMem is the memory state of one process, in bytes, from /proc.
 type ProcessMem struct {
-	VmRSS, RssAnon, RssFile, RssShmem uint64
+	// VMRSS is /proc/PID/status's VmRSS (the sum of the Rss* fields); the
+	// Rss* fields keep their /proc names, which are already Go-cased.
+	VMRSS, RssAnon, RssFile, RssShmem uint64
 	Threads                           int
 	OOMScoreAdj                       int
 	// GlibcArenas counts glibc's non-main arena heaps: anonymous mappings
@@ -54,7 +56,7 @@ func ReadProcess(pid int) (ProcessMem, error) {
 		n, _ := strconv.ParseUint(f[0], 10, 64)
 		switch k {
 		case "VmRSS":
-			pm.VmRSS = n << 10
+			pm.VMRSS = n << 10
 		case "RssAnon":
 			pm.RssAnon = n << 10
 		case "RssFile":

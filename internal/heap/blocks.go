@@ -57,10 +57,6 @@ func LiveBlocks(m Maps, pid uint32, limit int) ([]Block, error) {
 // the child's frees of its copies then find them. It returns how many were
 // copied; entries that do not fit in the map are counted in the error.
 func CopyLive(m Maps, parent, child uint32) (int, error) {
-	type entry struct {
-		k mbpf.MemprofLiveKey
-		b mbpf.MemprofLiveBlock
-	}
 	var keys []mbpf.MemprofLiveKey
 	var vals []mbpf.MemprofLiveBlock
 	if err := eachLiveBatch(m, func(k mbpf.MemprofLiveKey, b mbpf.MemprofLiveBlock) {

@@ -168,7 +168,7 @@ func TestDiscoverKubeletLayouts(t *testing.T) {
 	_, err = sel("web", "", "")
 	wantErr(err, "ambiguous", `"other"`, `"shop"`, "--namespace")
 	ids, err := sel("web", "shop", "")
-	if err != nil || len(ids) != 2 || !(ids[0] == a1 && ids[1] == a2) {
+	if err != nil || len(ids) != 2 || ids[0] != a1 || ids[1] != a2 {
 		t.Errorf("Select(web, shop) = %v, %v; want [app sidecar] ids", ids, err)
 	}
 	ids, err = sel("web", "shop", "sidecar")

@@ -119,7 +119,7 @@ func Discover(ctx context.Context, p Paths) ([]Container, error) {
 	var partial error
 	invs, criErr := queryAllCRI(ctx, p.CRISockets)
 	if criErr != nil {
-		partial = fmt.Errorf("%w: %v; names fall back to %s", ErrPartial, criErr, p.PodLogs)
+		partial = fmt.Errorf("%w: %w; names fall back to %s", ErrPartial, criErr, p.PodLogs)
 	}
 	sandboxes := map[string]bool{}
 	known := map[string]CRIContainer{}

@@ -108,9 +108,9 @@ func parseLine(line string) (Mapping, error) {
 	}
 	dev := strings.SplitN(f[3], ":", 2)
 	if len(dev) == 2 {
-		maj, _ := strconv.ParseUint(dev[0], 16, 32)
-		min, _ := strconv.ParseUint(dev[1], 16, 32)
-		m.DevMajor, m.DevMinor = uint32(maj), uint32(min)
+		major, _ := strconv.ParseUint(dev[0], 16, 32)
+		minor, _ := strconv.ParseUint(dev[1], 16, 32)
+		m.DevMajor, m.DevMinor = uint32(major), uint32(minor)
 	}
 	if m.Inode, err = strconv.ParseUint(f[4], 10, 64); err != nil {
 		return m, fmt.Errorf("maps line %q: %w", line, err)

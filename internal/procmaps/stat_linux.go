@@ -24,7 +24,7 @@ func StatID(path string) (FileID, error) {
 	if err := syscall.Stat(path, &st); err != nil {
 		return FileID{}, err
 	}
-	maj := uint64((st.Dev>>8)&0xfff) | uint64((st.Dev>>32)&^0xfff)
-	min := uint64(st.Dev&0xff) | uint64((st.Dev>>12)&^0xff)
-	return FileID{Dev: maj<<20 | min, Inode: st.Ino}, nil
+	major := uint64((st.Dev>>8)&0xfff) | uint64((st.Dev>>32)&^0xfff)
+	minor := uint64(st.Dev&0xff) | uint64((st.Dev>>12)&^0xff)
+	return FileID{Dev: major<<20 | minor, Inode: st.Ino}, nil
 }

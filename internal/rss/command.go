@@ -58,16 +58,30 @@ func (c *command) trace(path string, argv, env []string, started func(int) error
 	pid := proc.Pid
 	c.pid = pid
 	var ws syscall.WaitStatus
-	if _, err := syscall.Wait4(pid, &ws, 0, nil); err != nil || !ws.Stopped() {
-		ready <- fmt.Errorf("start %s: child did not stop at exec (%v, status %v)", path, err, ws)
+	if _, err := syscall.Wait4(pid, &ws, 0, nil); err != nil {
+		ready <- fmt.Errorf("start %s: wait for exec stop: %w", path, err)
 		return
 	}
-	syscall.PtraceSetOptions(pid, unix.PTRACE_O_TRACEEXIT|unix.PTRACE_O_EXITKILL)
-	if err := started(pid); err != nil {
-		syscall.Kill(pid, syscall.SIGKILL)
-		syscall.PtraceCont(pid, 0)
-		syscall.Wait4(pid, &ws, 0, nil)
+	if !ws.Stopped() {
+		ready <- fmt.Errorf("start %s: child did not stop at exec (status %v)", path, ws)
+		return
+	}
+	// abort kills the child stopped at its exec and reaps it; errors on the
+	// way are moot (it is being discarded), err says why.
+	abort := func(err error) {
+		_ = syscall.Kill(pid, syscall.SIGKILL)
+		_ = syscall.PtraceCont(pid, 0)
+		_, _ = syscall.Wait4(pid, &ws, 0, nil)
 		ready <- err
+	}
+	// Without TRACEEXIT the exit-time residency is never read, without
+	// EXITKILL the child would outlive memprof stopped: refuse to run it so.
+	if err := syscall.PtraceSetOptions(pid, unix.PTRACE_O_TRACEEXIT|unix.PTRACE_O_EXITKILL); err != nil {
+		abort(fmt.Errorf("start %s: set ptrace options: %w", path, err))
+		return
+	}
+	if err := started(pid); err != nil {
+		abort(err)
 		return
 	}
 	if err := syscall.PtraceCont(pid, 0); err != nil {
@@ -94,13 +108,15 @@ func (c *command) trace(path string, argv, env []string, started func(int) error
 			sig := ws.StopSignal()
 			if sig == syscall.SIGTRAP && ws.TrapCause() == unix.PTRACE_EVENT_EXIT {
 				exiting(pid)
-				syscall.PtraceCont(pid, 0)
+				// Fails only with ESRCH, when the child was killed
+				// meanwhile: the next Wait4 reports that.
+				_ = syscall.PtraceCont(pid, 0)
 				continue
 			}
 			if sig == syscall.SIGTRAP {
 				sig = 0
 			}
-			syscall.PtraceCont(pid, int(sig))
+			_ = syscall.PtraceCont(pid, int(sig)) // as above
 		}
 	}
 }

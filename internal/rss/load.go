@@ -51,7 +51,7 @@ type loadOptions struct {
 func Supported() error {
 	spec, err := btf.LoadKernelSpec()
 	if err != nil {
-		return fmt.Errorf("kernel BTF not available (%v): the RSS tier needs CONFIG_DEBUG_INFO_BTF=y", err)
+		return fmt.Errorf("kernel BTF not available (%w): the RSS tier needs CONFIG_DEBUG_INFO_BTF=y", err)
 	}
 	var td *btf.Typedef
 	if err := spec.TypeByName(counterHook, &td); err != nil {
@@ -98,7 +98,8 @@ func load(opts loadOptions) (*objects, error) {
 	if err := spec.LoadAndAssign(&o.RssObjects, nil); err != nil {
 		var ve *ebpf.VerifierError
 		if errors.As(err, &ve) {
-			return nil, fmt.Errorf("the kernel's verifier rejected memprof's RSS programs: %+v", ve)
+			// %+v of the VerifierError is the whole log, not only its end.
+			return nil, fmt.Errorf("the kernel's verifier rejected memprof's RSS programs: %w\n%s", err, fmt.Sprintf("%+v", ve))
 		}
 		if errors.Is(err, os.ErrPermission) {
 			return nil, fmt.Errorf("load RSS BPF programs: %w: run as root or grant CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN", err)
@@ -175,7 +176,7 @@ func (o *objects) close() {
 	for _, l := range o.links {
 		l.Close()
 	}
-	o.RssObjects.Close()
+	o.Close()
 }
 
 // Counters are the RSS programs' counts summed over CPUs.

@@ -169,7 +169,7 @@ func (s *Session) profile(only func(pid uint32) bool, verify bool) (*pprofout.RS
 	for k, b := range buckets {
 		pr := s.noteProc(int(k.pid))
 		if pr.sym != nil && !refreshed[k.pid] && pr.frozen == nil && !pr.exited {
-			pr.sym.Refresh()
+			s.refreshSym(pr)
 			refreshed[k.pid] = true
 		}
 		var stack []*pprofout.Location

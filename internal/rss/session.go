@@ -237,11 +237,35 @@ func (s *Session) RemoveCgroup(dir string) {
 	delete(s.cgDirs, dir)
 	for id, d := range s.cgIDs {
 		if d == dir || isUnder(d, dir) {
-			s.objs.RssMemcgs.Delete(id)
-			s.objs.RssCgroups.Delete(id)
+			if err := errors.Join(deleteKey(s.objs.RssMemcgs, id), deleteKey(s.objs.RssCgroups, id)); err != nil {
+				s.recordErr(fmt.Errorf("remove cgroup %s: %w", d, err))
+			}
 			delete(s.cgIDs, id)
 		}
 	}
+}
+
+// deleteKey deletes key from m on a cleanup path: a key already gone is
+// not an error; any other failure leaves a stale entry the caller reports.
+func deleteKey(m *ebpf.Map, key any) error {
+	if err := m.Delete(key); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return fmt.Errorf("delete from BPF map %s: %w", m, err)
+	}
+	return nil
+}
+
+// deleteKeys deletes keys from m as deleteKey, counting the failures; err
+// is the first one.
+func deleteKeys[K any](m *ebpf.Map, keys []K) (failed int, err error) {
+	for _, k := range keys {
+		if e := deleteKey(m, k); e != nil {
+			if failed == 0 {
+				err = e
+			}
+			failed++
+		}
+	}
+	return failed, err
 }
 
 func isUnder(p, dir string) bool {
@@ -257,7 +281,9 @@ func (s *Session) scanCgroup(dir string) error {
 		return fmt.Errorf("cgroup %s: %w", dir, err)
 	}
 	var dirs []string
-	filepath.WalkDir(dir, func(p string, d os.DirEntry, err error) error {
+	// The callback skips what cannot be read and never fails, nor does
+	// WalkDir then.
+	_ = filepath.WalkDir(dir, func(p string, d os.DirEntry, err error) error {
 		if err == nil && d.IsDir() {
 			dirs = append(dirs, p)
 		}
@@ -325,6 +351,16 @@ func (s *Session) noteProc(pid int) *proc {
 	return p
 }
 
+// refreshSym re-reads p's mappings for symbolization; failing for a process
+// that has exited meanwhile is expected (its last view is kept), otherwise
+// the error is reported (caller holds mu).
+func (s *Session) refreshSym(p *proc) {
+	if err := p.sym.Refresh(); err != nil && procmaps.Alive(p.pid) {
+		s.recordErr(fmt.Errorf("refresh mappings of pid %d: %w", p.pid, err))
+	}
+}
+
+// recordErr notes err once for the profile's comments (caller holds mu).
 func (s *Session) recordErr(err error) {
 	msg := err.Error()
 	for _, e := range s.errs {
@@ -417,17 +453,20 @@ func (s *Session) reclaimExited() {
 			dead = append(dead, k)
 		}
 	}
-	for _, k := range dead {
-		s.objs.RssPages.Delete(k)
-	}
+	failed, err := deleteKeys(s.objs.RssPages, dead)
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if err != nil {
+		s.recordErr(fmt.Errorf("forget %d of %d folios of exited processes: %w", failed, len(dead), err))
+	}
 	for pid, p := range s.procs {
 		if p.exited || procmaps.Alive(pid) {
 			continue
 		}
 		p.exited = true
-		s.objs.RssPids.Delete(uint32(pid))
+		if err := deleteKey(s.objs.RssPids, uint32(pid)); err != nil {
+			s.recordErr(fmt.Errorf("forget exited pid %d: %w", pid, err))
+		}
 		s.stacks.forget(pid)
 		if s.opts.DropExited {
 			s.dropProc(pid)
@@ -450,8 +489,8 @@ func (s *Session) dropProc(pid int) {
 			del = append(del, fk)
 		}
 	}
-	for _, k := range del {
-		s.objs.RssFaults.Delete(k)
+	if failed, err := deleteKeys(s.objs.RssFaults, del); err != nil {
+		s.recordErr(fmt.Errorf("forget %d of %d fault buckets of pid %d: %w", failed, len(del), pid, err))
 	}
 	s.stacks.mu.Lock()
 	for k := range s.stacks.faults {
@@ -489,7 +528,7 @@ func (s *Session) freeze(pid int) {
 	defer s.mu.Unlock()
 	p := s.noteProc(pid)
 	if p.sym != nil {
-		p.sym.Refresh()
+		s.refreshSym(p)
 	}
 	p.frozen = make([]frozenPage, 0, len(res))
 	for i, e := range pages[uint32(pid)] {
@@ -540,11 +579,17 @@ func (s *Session) residencyOf(pid int, pages []pageEntry) []float64 {
 	if err != nil {
 		return out
 	}
+	var gone []mbpf.RssRssPageKey
 	for i, r := range res {
 		out[i] = r.fraction()
 		if r.gone() {
-			s.objs.RssPages.Delete(pages[i].key)
+			gone = append(gone, pages[i].key)
 		}
+	}
+	if failed, err := deleteKeys(s.objs.RssPages, gone); err != nil {
+		s.mu.Lock()
+		s.recordErr(fmt.Errorf("forget %d of %d folios given back by pid %d: %w", failed, len(gone), pid, err))
+		s.mu.Unlock()
 	}
 	return out
 }

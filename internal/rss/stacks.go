@@ -102,7 +102,9 @@ func (t *stackTable) unwinder(pid int, force bool) *unwindProc {
 		p = &unwindProc{up: up}
 		t.procs[pid] = p
 	} else {
-		p.up.Update(maps)
+		// As with Process above: objects whose unwind tables cannot be
+		// read stay without, and stacks through them end there.
+		_ = p.up.Update(maps)
 	}
 	p.lastRefresh = time.Now()
 	return p

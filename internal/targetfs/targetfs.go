@@ -102,8 +102,10 @@ type Stat struct {
 	Mtime, Ctime int64 // nanoseconds since the epoch
 }
 
-// Major and Minor split Dev.
+// Major is the major device number of Dev.
 func (s Stat) Major() uint32 { return unix.Major(s.Dev) }
+
+// Minor is the minor device number of Dev.
 func (s Stat) Minor() uint32 { return unix.Minor(s.Dev) }
 
 // StatOf returns the identity of an open file.

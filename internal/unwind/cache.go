@@ -75,18 +75,16 @@ func (c *Cache) get(key, name string, f *elf.File) (*cached, error) {
 	var (
 		mu  sync.Mutex
 		tab *table
-		err error
 	)
-	if gerr := targetfs.Guard("call-frame information of "+name, 0, func() error {
+	err := targetfs.Guard("call-frame information of "+name, 0, func() error {
 		t, err := parseTable(f)
 		mu.Lock()
 		tab = t
 		mu.Unlock()
 		return err
-	}); gerr != nil && (errors.Is(gerr, targetfs.ErrPanic) || errors.Is(gerr, targetfs.ErrDeadline)) {
-		return nil, gerr
-	} else {
-		err = gerr
+	})
+	if errors.Is(err, targetfs.ErrPanic) || errors.Is(err, targetfs.ErrDeadline) {
+		return nil, err
 	}
 	mu.Lock()
 	defer mu.Unlock()

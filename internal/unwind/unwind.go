@@ -23,7 +23,7 @@ import (
 // Regs are the user registers captured with the stack.
 type Regs struct{ IP, SP, BP uint64 }
 
-// DefaultMaxFrames is used by Unwind when max <= 0.
+// DefaultMaxFrames is used by Unwind when maxFrames <= 0.
 const DefaultMaxFrames = 128
 
 // Process is the view of one process: its executable mappings and their open
@@ -273,28 +273,28 @@ func (s *stackReader) contains(addr uint64) bool {
 	return addr >= s.base && addr-s.base < uint64(len(s.stack))
 }
 
-// Unwind returns the program counters of the stack, starting with regs.IP, at
-// most max frames (DefaultMaxFrames if max <= 0). stack is a copy of user
-// memory starting at regs.SP. truncated is true when the walk stopped before
-// reaching the outermost frame: no CFI for a pc and no usable frame pointer,
-// a read past the copied stack, a pc outside every mapping, a rule it cannot
-// evaluate, or max frames reached. The pcs returned are always ones it could
-// justify; a doubtful frame ends the walk instead.
-func (p *Process) Unwind(regs Regs, stack []byte, max int) (pcs []uint64, truncated bool) {
-	if max <= 0 {
-		max = DefaultMaxFrames
+// Unwind returns the program counters of the stack, starting with regs.IP,
+// at most maxFrames of them (DefaultMaxFrames if maxFrames <= 0). stack is a
+// copy of user memory starting at regs.SP. truncated is true when the walk
+// stopped before reaching the outermost frame: no CFI for a pc and no usable
+// frame pointer, a read past the copied stack, a pc outside every mapping, a
+// rule it cannot evaluate, or maxFrames reached. The pcs returned are always
+// ones it could justify; a doubtful frame ends the walk instead.
+func (p *Process) Unwind(regs Regs, stack []byte, maxFrames int) (pcs []uint64, truncated bool) {
+	if maxFrames <= 0 {
+		maxFrames = DefaultMaxFrames
 	}
-	return p.AppendUnwind(make([]uint64, 0, min(max, 32)), regs, stack, max)
+	return p.AppendUnwind(make([]uint64, 0, min(maxFrames, 32)), regs, stack, maxFrames)
 }
 
 // AppendUnwind is Unwind appending the pcs to dst (reuse a buffer to avoid
-// the allocation); at most max frames are appended.
-func (p *Process) AppendUnwind(dst []uint64, regs Regs, stack []byte, max int) (pcs []uint64, truncated bool) {
-	if max <= 0 {
-		max = DefaultMaxFrames
+// the allocation); at most maxFrames frames are appended.
+func (p *Process) AppendUnwind(dst []uint64, regs Regs, stack []byte, maxFrames int) (pcs []uint64, truncated bool) {
+	if maxFrames <= 0 {
+		maxFrames = DefaultMaxFrames
 	}
 	pcs = dst
-	max += len(dst)
+	limit := len(dst) + maxFrames
 	st := stackReader{base: regs.SP, stack: stack}
 	f := frame{pc: regs.IP, sp: regs.SP, bp: regs.BP, bpValid: true, exact: true}
 
@@ -305,7 +305,7 @@ func (p *Process) AppendUnwind(dst []uint64, regs Regs, stack []byte, max int) (
 			return pcs, false
 		}
 		pcs = append(pcs, f.pc)
-		if len(pcs) >= max {
+		if len(pcs) >= limit {
 			return pcs, true
 		}
 		lookup := f.lookupPC()
@@ -328,12 +328,12 @@ func (p *Process) AppendUnwind(dst []uint64, regs Regs, stack []byte, max int) (
 	}
 }
 
-// UnwindFP walks the stack by the frame-pointer rule alone (what the BPF
+// FramePointers walks the stack by the frame-pointer rule alone (what the BPF
 // side's frame-pointer walk does), for comparison and for the "fp" stack
 // mode. It stops (truncated) when rbp leaves the copied stack.
-func UnwindFP(regs Regs, stack []byte, max int) (pcs []uint64, truncated bool) {
-	if max <= 0 {
-		max = DefaultMaxFrames
+func FramePointers(regs Regs, stack []byte, maxFrames int) (pcs []uint64, truncated bool) {
+	if maxFrames <= 0 {
+		maxFrames = DefaultMaxFrames
 	}
 	st := stackReader{base: regs.SP, stack: stack}
 	pc, sp, bp := regs.IP, regs.SP, regs.BP
@@ -342,7 +342,7 @@ func UnwindFP(regs Regs, stack []byte, max int) (pcs []uint64, truncated bool) {
 			return pcs, false
 		}
 		pcs = append(pcs, pc)
-		if len(pcs) >= max {
+		if len(pcs) >= maxFrames {
 			return pcs, true
 		}
 		if bp == 0 {

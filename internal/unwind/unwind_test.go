@@ -397,7 +397,7 @@ func TestUnwindChain(t *testing.T) {
 			checkStack(t, sym, pcs, truncated, chainWant(), false)
 
 			if tc.exe == omitFP && tc.lib == omitFP {
-				fp, _ := UnwindFP(regs, stack, 128)
+				fp, _ := FramePointers(regs, stack, 128)
 				fpNames := sym.names(fp)
 				t.Logf("frame-pointer walk alone: %d frames: %v", len(fp), fpNames)
 				if containsRun(fpNames, chainWant()) {

@@ -174,7 +174,7 @@ func TestBPFWalkMatchesUserspace(t *testing.T) {
 				t.Errorf("no frame in %s [%#x, %#x): %x", tc.outerFn, lo, hi, got)
 			}
 			if tc.name == "omit-fp" && tc.mode == "chain" {
-				fp, _ := unwind.UnwindFP(regs, stack, 127)
+				fp, _ := unwind.FramePointers(regs, stack, 127)
 				if slices.ContainsFunc(fp[1:], func(pc uint64) bool { return pc-1 >= lo && pc-1 < hi }) {
 					t.Errorf("the frame-pointer walk reaches main on a -fomit-frame-pointer build: the test proves nothing")
 				}

@@ -16,8 +16,8 @@ type bpfStack struct {
 // MaxFrames is UW_MAX_FRAMES, the frame limit of a BPF walk.
 const MaxFrames = 127
 
-// Status of a BPF walk (enum uw_status); StatusComplete is the only one not
-// truncated.
+// StatusComplete is the status (enum uw_status) of a BPF walk that reached
+// the stack's end: every other status is a truncation.
 const StatusComplete = 0
 
 // ReadStack returns the frames and status of the stack uw_intern stored

@@ -80,6 +80,7 @@ type Stats struct {
 	TooLarge        uint64 // tables over the per-object row limit (frames there end the walk)
 	BuildErrors     uint64 // objects whose ELF or CFI could not be read
 	MappingsDropped uint64 // executable mappings beyond MaxMappings in a process
+	EvictFailed     uint64 // evictions refused: the table's pending mark could not be written
 }
 
 // Store keeps the compact unwind tables of the objects mapped by the
@@ -423,10 +424,20 @@ func (s *Store) load(o *object, t *Table) error {
 	}
 	if o.base = t.Base; o.base != 0 {
 		// The mapping biases of processes using it include the base.
+		var errs []error
 		for pid, list := range s.procs {
 			if slices.ContainsFunc(list, func(pm procMap) bool { return pm.obj == o }) {
-				s.writeProc(pid)
+				if err := s.writeProc(pid); err != nil {
+					errs = append(errs, err)
+				}
 			}
+		}
+		// A process with a stale bias would unwind this object wrongly:
+		// the table stays pending (its frames end the walk) instead.
+		if err := errors.Join(errs...); err != nil {
+			s.freeSpan(span{first, n})
+			s.st.BuildErrors++
+			return err
 		}
 	}
 	// Rows and biases first, then the object entry: a walk sees the table
@@ -497,8 +508,12 @@ func (s *Store) evictOne(keep *object) bool {
 	if victim == nil {
 		return false
 	}
-	// Pending first, so no walk reads rows about to be reused.
-	s.m.Objects.Put(victim.id, bpfObject{})
+	// Pending first, so no walk reads rows about to be reused; if that
+	// fails the table must stay (the caller then finds no room).
+	if err := s.m.Objects.Put(victim.id, bpfObject{}); err != nil {
+		s.st.EvictFailed++
+		return false
+	}
 	if victim.state == objReady {
 		s.freeSpan(span{victim.first, victim.rows})
 	}
@@ -577,7 +592,10 @@ func (s *Store) Refresh(read func(pid int) ([]procmaps.Mapping, error)) (int, er
 	var errs []error
 	n := 0
 	for _, pid := range pids {
-		s.m.Stale.Delete(pid) // before the rescan: a later miss marks it again
+		// Before the rescan: a later miss marks it again.
+		if err := s.m.Stale.Delete(pid); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			errs = append(errs, fmt.Errorf("unwindtable: clear stale mark of process %d: %w", pid, err))
+		}
 		s.mu.Lock()
 		_, known := s.procs[pid]
 		s.mu.Unlock()
