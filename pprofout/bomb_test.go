@@ -40,7 +40,9 @@ func TestReadFileGzipBomb(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "larger than") {
 		t.Fatalf("ReadFile(gzip bomb) = %v, want a size error", err)
 	}
-	if grew > 3*MaxProfileBytes {
-		t.Errorf("allocated %d MiB reading the bomb, want at most ~%d", grew>>20, 3*MaxProfileBytes>>20)
+	// The file itself is read (1 MiB here); the decompressed stream is only
+	// counted. 16 MiB leaves room for the race detector's bookkeeping.
+	if grew > 16<<20 {
+		t.Errorf("allocated %d MiB reading the bomb, want at most 16", grew>>20)
 	}
 }

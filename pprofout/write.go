@@ -92,11 +92,7 @@ func ReadFile(path string) (*profile.Profile, error) {
 		return nil, fmt.Errorf("pprofout: %s is not a pprof profile: file is empty", path)
 	}
 	if len(data) >= 2 && data[0] == 0x1f && data[1] == 0x8b {
-		zr, err := gzip.NewReader(bytes.NewReader(data))
-		if err != nil {
-			return nil, fmt.Errorf("pprofout: %s is not a pprof profile: %w", path, err)
-		}
-		if data, err = readCapped(zr, path+" (decompressed)"); err != nil {
+		if data, err = gunzipCapped(data, path); err != nil {
 			return nil, err
 		}
 	}
@@ -120,6 +116,32 @@ func readCapped(r io.Reader, name string) ([]byte, error) {
 		return nil, fmt.Errorf("pprofout: %s is larger than %d MiB: not read (a gzip bomb, or not a heap profile)", name, MaxProfileBytes>>20)
 	}
 	return data, nil
+}
+
+// gunzipCapped decompresses data in two passes: the first counts the
+// decompressed bytes in constant memory and refuses more than
+// MaxProfileBytes (a gzip bomb costs memprof no memory), the second fills a
+// buffer allocated once at the exact size.
+func gunzipCapped(data []byte, path string) ([]byte, error) {
+	zr, err := gzip.NewReader(bytes.NewReader(data))
+	if err != nil {
+		return nil, fmt.Errorf("pprofout: %s is not a pprof profile: %w", path, err)
+	}
+	n, err := io.Copy(io.Discard, io.LimitReader(zr, MaxProfileBytes+1))
+	if err != nil {
+		return nil, fmt.Errorf("pprofout: %s is not a pprof profile: %w", path, err)
+	}
+	if n > MaxProfileBytes {
+		return nil, fmt.Errorf("pprofout: %s (decompressed) is larger than %d MiB: not read (a gzip bomb, or not a heap profile)", path, MaxProfileBytes>>20)
+	}
+	if err := zr.Reset(bytes.NewReader(data)); err != nil {
+		return nil, fmt.Errorf("pprofout: %s is not a pprof profile: %w", path, err)
+	}
+	out := make([]byte, n)
+	if _, err := io.ReadFull(zr, out); err != nil {
+		return nil, fmt.Errorf("pprofout: read profile %s: %w", path, err)
+	}
+	return out, nil
 }
 
 // metaPrefix starts every machine-readable comment.
