@@ -9,7 +9,10 @@
 //   exc::after_aligned_nothrow 819,200 (100 x new (align 64, nothrow) char[8192])
 // Prints "caught=N" (N = 6: 3 throwing, 3 aligned throwing) and "nulls=N"
 // (N = 6: 3 nothrow, 3 aligned nothrow) and exits 0.
-// Usage: exc_new [--wait-start] [--wait-end]
+// Usage: exc_new [--wait-start] [--wait-end] [--signal]
+// --wait-start/--wait-end print READY/DONE and wait for a line on stdin, or
+// with --signal for SIGUSR1 (a detached container has no stdin).
+#include <csignal>
 #include <cstdio>
 #include <cstring>
 #include <new>
@@ -60,11 +63,24 @@ NOINLINE void after_aligned_nothrow(int i)
 }
 } // namespace exc
 
+static bool use_signal;
+static volatile sig_atomic_t got_usr1;
+static void on_usr1(int) { got_usr1 = 1; }
+
 static void wait_line(const char *say)
 {
 	char line[64];
 	printf("%s\n", say);
 	fflush(stdout);
+	if (use_signal) {
+		// SIGUSR1 is blocked from main's start: none is lost before this
+		sigset_t none;
+		sigemptyset(&none);
+		while (!got_usr1)
+			sigsuspend(&none);
+		got_usr1 = 0;
+		return;
+	}
 	if (!fgets(line, sizeof line, stdin))
 		return;
 }
@@ -77,6 +93,18 @@ int main(int argc, char **argv)
 			wait_start = true;
 		else if (!strcmp(argv[i], "--wait-end"))
 			wait_end = true;
+		else if (!strcmp(argv[i], "--signal"))
+			use_signal = true;
+	}
+	if (use_signal) {
+		struct sigaction sa;
+		memset(&sa, 0, sizeof sa);
+		sa.sa_handler = on_usr1;
+		sigaction(SIGUSR1, &sa, nullptr);
+		sigset_t usr1;
+		sigemptyset(&usr1);
+		sigaddset(&usr1, SIGUSR1);
+		sigprocmask(SIG_BLOCK, &usr1, nullptr);
 	}
 	if (wait_start)
 		wait_line("READY");

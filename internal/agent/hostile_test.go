@@ -6,6 +6,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"syscall"
 	"testing"
@@ -23,7 +24,8 @@ import (
 // exists only on the host. Following the symlink through /proc/PID/root
 // resolves it against the agent's root: an open of that path blocked the
 // agent forever (discovery stopped for every pod). The agent must attach to
-// both containers, profile the good one exactly, and stay responsive.
+// both containers, profile the good one exactly, and stay responsive and
+// within its memory limit.
 func TestAgentHostileContainer(t *testing.T) {
 	testprog.RequireRoot(t)
 	bin := testprog.Build(t, "agent_workload.c")
@@ -67,6 +69,8 @@ func TestAgentHostileContainer(t *testing.T) {
 		t.Fatalf("no libc among the libraries of %s", bin)
 	}
 
+	limit := daemonSetMemoryLimit(t)
+	mem := startMemWatch(t)
 	a, tok, _ := startAgent(t, Config{
 		Paths:            podfind.Paths{CgroupRoot: "/sys/fs/cgroup", ProcRoot: "/proc", PodLogs: logs},
 		Namespaces:       []string{ns},
@@ -93,6 +97,7 @@ func TestAgentHostileContainer(t *testing.T) {
 			start := time.Now()
 			get(t, base+"/healthz", "")
 			worst = max(worst, time.Since(start))
+			mem.sample()
 		}
 	}()
 
@@ -140,6 +145,30 @@ func TestAgentHostileContainer(t *testing.T) {
 	t.Logf("slowest /healthz answer %v", worst)
 	if worst > 2*time.Second {
 		t.Errorf("/healthz took %v while the agent handled the hostile container, want < 2s", worst)
+	}
+
+	// Within its memory limit: the whole test process (the agent, the test
+	// and its HTTP client) at its peak RSS, plus the agent's BPF maps, fits
+	// in the DaemonSet's memory limit (an over-count: RSS includes the test
+	// and the mmapped ring buffers counted again as maps); and the agent's
+	// Go heap stays within heapPeakMax at its peak and heapLiveMax retained.
+	mem.sample()
+	rss, maps := peakRSS(t), bpfMapMemory()
+	peak := int64(mem.peakHeap.Load()) - int64(mem.heap0)
+	var ms runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&ms)
+	live := int64(ms.HeapAlloc) - int64(mem.live0)
+	t.Logf("memory: test process peak RSS %.1f MiB + BPF maps %.1f MiB = %.1f MiB (DaemonSet limit %d MiB); Go heap in use %+.1f MiB at its peak (bound %d MiB), live after GC %+.1f MiB at the end (bound %d MiB)",
+		mib(rss), mib(maps), mib(rss+maps), limit>>20, mib(peak), heapPeakMax>>20, mib(live), heapLiveMax>>20)
+	if rss+maps > limit {
+		t.Errorf("peak RSS %.1f MiB + BPF maps %.1f MiB exceed the DaemonSet's memory limit %d MiB", mib(rss), mib(maps), limit>>20)
+	}
+	if peak > heapPeakMax {
+		t.Errorf("the Go heap in use grew by %.1f MiB at its peak while the agent handled the hostile container, want < %d MiB", mib(peak), heapPeakMax>>20)
+	}
+	if live > heapLiveMax {
+		t.Errorf("the agent retains %.1f MiB of Go heap after the hostile container, want < %d MiB", mib(live), heapLiveMax>>20)
 	}
 	if !fifoUnopened(fifo) {
 		t.Errorf("the agent opened the host FIFO %s", fifo)
