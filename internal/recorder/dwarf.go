@@ -12,21 +12,36 @@ import (
 	"unsafe"
 
 	mbpf "github.com/memprof/memprof/bpf"
+	"github.com/memprof/memprof/internal/bpfload"
 	"github.com/memprof/memprof/internal/heap"
+	"github.com/memprof/memprof/pprofout"
 	"github.com/memprof/memprof/internal/procmaps"
 	"github.com/memprof/memprof/internal/unwind"
+	"github.com/memprof/memprof/internal/unwindtable"
 )
 
 // Stack modes (--stack-mode).
 const (
-	StackAuto  = "auto"  // per process: unwind with CFI when its executable has no frame pointers
+	StackCFI   = "cfi"   // CFI walk in BPF for everything (default); frame pointers where an object has no CFI
 	StackFP    = "fp"    // frame-pointer walk in BPF for everything
-	StackDwarf = "dwarf" // CFI unwinding in userspace for everything
+	StackDwarf = "dwarf" // stack copies unwound with CFI in userspace for everything
+	StackAuto  = "auto"  // per process: stack copies when its own code lacks frame pointers, else fp
 )
+
+var stackModes = map[string]mbpf.MemprofStackMode{
+	StackCFI: mbpf.MemprofStackModeSM_CFI, StackFP: mbpf.MemprofStackModeSM_FP,
+	StackDwarf: mbpf.MemprofStackModeSM_DWARF, StackAuto: mbpf.MemprofStackModeSM_AUTO,
+}
 
 // stackFlag marks a live block's stack id as a copied stack's sequence
 // number (STACK_DWARF in bpf/memprof.h).
 const stackFlag = heap.CopiedStack
+
+// copiedStack tells the ids of copied stacks (sequence numbers, canonical
+// ids once resolved) from the others.
+func copiedStack(id uint64) bool {
+	return !heap.CFIStack(id) && id&stackFlag != 0 && id != heap.StackUnknown
+}
 
 // maxUnwindFrames bounds an unwound stack.
 const maxUnwindFrames = 128
@@ -39,26 +54,36 @@ const maxCFIBuckets = 1 << 18
 // allocation's copy is unwound once, when its event arrives (the process
 // and its mappings are alive then), and its sequence number maps to a
 // canonical stack id shared by identical stacks.
+//
+// In cfi mode (objs.Unwind set) stacks are walked in BPF from the tables of
+// the store, which learns each target's mappings here; only the samples
+// whose walk met code not described yet (a library just mapped, a table
+// still being built) are copied, and unwound here with a userspace
+// unwinder made for the process on its first such copy.
 type dwarfStacks struct {
 	cache *unwind.Cache
+	objs  *bpfload.Objects
+	store *unwindtable.Store // cfi mode; nil otherwise
 
 	mu        sync.Mutex
 	procs     map[int]*dwarfProc
-	byKey     map[string]uint32
-	keys      map[uint32]string // byKey reversed, for pruning
-	stacks    map[uint32][]uint64
-	truncated map[uint32]bool
+	cfiProcs  map[int]bool // cfi mode: processes given to the store
+	byKey     map[string]uint64
+	keys      map[uint64]string // byKey reversed, for pruning
+	stacks    map[uint64][]uint64
+	truncated map[uint64]bool
 	seqs      map[uint32]seqInfo
 	allocs    map[heap.Key]uint64 // sampled allocations per (pid, canonical stack, size)
-	next      uint32
+	next      uint64
 	gen       uint64
+	stop      chan struct{}
 	// Totals for the summary.
 	unwound, truncatedN, noProc uint64
 	bucketsFull                 uint64 // allocation counts lost to maxCFIBuckets
 }
 
 type seqInfo struct {
-	id  uint32
+	id  uint64
 	pid uint32
 	gen uint64
 }
@@ -82,22 +107,75 @@ func (d *dwarfStacks) shouldRefresh(p *dwarfProc, pc uint64) bool {
 	return !p.uncovered[pc>>12] && len(p.uncovered) < 4096
 }
 
-func newDwarfStacks() *dwarfStacks {
-	return &dwarfStacks{
+func newDwarfStacks(objs *bpfload.Objects) *dwarfStacks {
+	d := &dwarfStacks{
 		cache:     unwind.NewCache(256 << 20),
+		objs:      objs,
 		procs:     map[int]*dwarfProc{},
-		byKey:     map[string]uint32{},
-		keys:      map[uint32]string{},
-		stacks:    map[uint32][]uint64{},
-		truncated: map[uint32]bool{},
+		cfiProcs:  map[int]bool{},
+		byKey:     map[string]uint64{},
+		keys:      map[uint64]string{},
+		stacks:    map[uint64][]uint64{},
+		truncated: map[uint64]bool{},
 		seqs:      map[uint32]seqInfo{},
 		allocs:    map[heap.Key]uint64{},
 		next:      stackFlag,
+	}
+	if objs != nil && objs.Unwind != nil {
+		d.store = objs.Unwind
+		d.stop = make(chan struct{})
+		go d.refreshLoop()
+	}
+	return d
+}
+
+// staleInterval is how often the processes whose BPF walks met code
+// outside their known mappings are rescanned (each at most once per
+// interval): their samples are copied for userspace unwinding meanwhile.
+const staleInterval = 20 * time.Millisecond
+
+// refreshLoop rescans the store's stale processes until close.
+func (d *dwarfStacks) refreshLoop() {
+	t := time.NewTicker(staleInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-d.stop:
+			return
+		case <-t.C:
+			d.store.Refresh(procmaps.Read) // errors: processes gone meanwhile
+		}
+	}
+}
+
+// close stops the background refresh.
+func (d *dwarfStacks) close() {
+	if d.stop != nil {
+		select {
+		case <-d.stop:
+		default:
+			close(d.stop)
+		}
 	}
 }
 
 // addProcess prepares unwinding for pid (its mappings now).
 func (d *dwarfStacks) addProcess(pid int) error {
+	if d.store != nil {
+		maps, err := procmaps.Read(pid)
+		if err != nil {
+			return err
+		}
+		d.mu.Lock()
+		d.cfiProcs[pid] = true
+		d.mu.Unlock()
+		return d.store.SetProcess(pid, maps)
+	}
+	return d.addUnwinder(pid)
+}
+
+// addUnwinder prepares userspace unwinding of stack copies for pid.
+func (d *dwarfStacks) addUnwinder(pid int) error {
 	maps, err := procmaps.Read(pid)
 	if err != nil {
 		return err
@@ -119,7 +197,16 @@ func (d *dwarfStacks) addProcess(pid int) error {
 func (d *dwarfStacks) refresh(pid int) {
 	d.mu.Lock()
 	p := d.procs[pid]
+	cfi := d.cfiProcs[pid]
 	d.mu.Unlock()
+	if cfi {
+		// The BPF walk marks the process when it meets code mapped since
+		// (refreshLoop); a full rescan here catches code that no sample
+		// has met yet, so its table is ready before it is needed.
+		if maps, err := procmaps.Read(pid); err == nil {
+			d.store.SetProcess(pid, maps)
+		}
+	}
 	if p == nil {
 		return
 	}
@@ -137,6 +224,10 @@ func (d *dwarfStacks) removeProcess(pid int) {
 	if p := d.procs[pid]; p != nil {
 		p.up.Close()
 		delete(d.procs, pid)
+	}
+	if d.cfiProcs[pid] {
+		delete(d.cfiProcs, pid)
+		d.store.RemoveProcess(pid)
 	}
 	for k := range d.allocs {
 		if k.Pid == uint32(pid) {
@@ -170,7 +261,17 @@ func (d *dwarfStacks) handle(raw []byte) error {
 
 	d.mu.Lock()
 	p := d.procs[tgid]
+	lazy := p == nil && d.cfiProcs[tgid]
 	d.mu.Unlock()
+	if lazy {
+		// cfi mode: the first copy of this process (its walk met code not
+		// described yet).
+		if d.addUnwinder(tgid) == nil {
+			d.mu.Lock()
+			p = d.procs[tgid]
+			d.mu.Unlock()
+		}
+	}
 	var pcs []uint64
 	truncated := true
 	if p != nil {
@@ -257,8 +358,8 @@ func (d *dwarfStacks) resolve(s *heap.Snapshot, keep func(uint32) bool) {
 	}
 	for _, b := range s.Buckets {
 		k := b.Key
-		if k.StackID&stackFlag != 0 && k.StackID != heap.StackUnknown {
-			seq := k.StackID &^ stackFlag
+		if copiedStack(k.StackID) {
+			seq := uint32(k.StackID &^ stackFlag)
 			seen[seq] = true
 			if info, ok := d.seqs[seq]; ok {
 				k.StackID = info.id
@@ -283,11 +384,11 @@ func (d *dwarfStacks) resolve(s *heap.Snapshot, keep func(uint32) bool) {
 			b.AllocCount = b.InuseCount
 		}
 		s.Buckets = append(s.Buckets, *b)
-		if k.StackID&stackFlag != 0 && k.StackID != heap.StackUnknown {
+		if copiedStack(k.StackID) {
 			s.Stacks[k.StackID] = d.stacks[k.StackID]
 			if d.truncated[k.StackID] {
 				if s.Truncated == nil {
-					s.Truncated = map[uint32]bool{}
+					s.Truncated = map[uint64]bool{}
 				}
 				s.Truncated[k.StackID] = true
 			}
@@ -309,7 +410,7 @@ func (d *dwarfStacks) resolve(s *heap.Snapshot, keep func(uint32) bool) {
 func (d *dwarfStacks) prune() (removed int) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	refs := map[uint32]bool{}
+	refs := map[uint64]bool{}
 	for _, info := range d.seqs {
 		refs[info.id] = true
 	}
@@ -329,6 +430,61 @@ func (d *dwarfStacks) prune() (removed int) {
 	return removed
 }
 
+// tableStats reports the unwind tables held: the store's in cfi mode
+// (rows and rules in BPF maps), else the userspace unwinder's.
+func (d *dwarfStacks) tableStats() (tables int, bytes int64) {
+	if d.store != nil {
+		st := d.store.Stats()
+		return st.Objects, st.Bytes + st.ProcBytes
+	}
+	return d.cache.Stats()
+}
+
+// cfiStats sums the BPF walks' outcomes (cfi mode): walks truncated (those
+// that fell back to a stack copy are counted by the copy's unwinding
+// instead), stopped at a table not built yet, and stacks not stored
+// (uw_stacks hash collision or full).
+func (d *dwarfStacks) cfiStats() (truncated, pending, lost uint64, err error) {
+	w, err := unwindtable.ReadWalkStats(d.objs.UwStats)
+	if err != nil {
+		return 0, 0, 0, err
+	}
+	in, err := unwindtable.ReadInternStats(d.objs.UwInternStats)
+	if err != nil {
+		return 0, 0, 0, err
+	}
+	c, err := d.objs.ReadCounters()
+	if err != nil {
+		return 0, 0, 0, err
+	}
+	truncated = w.Truncated()
+	if copies := c.StackCopies; copies <= truncated {
+		truncated -= copies // walks that fell back to a copy
+	}
+	return truncated, w.Pending, in.Collisions + in.Full + w.Busy, nil
+}
+
+// comments are the profile's cfi-mode figures.
+func (d *dwarfStacks) comments() []string {
+	if d.store == nil {
+		return nil
+	}
+	tr, pend, lost, err := d.cfiStats()
+	if err != nil {
+		return []string{"memprof error: " + err.Error()}
+	}
+	st := d.store.Stats()
+	return []string{
+		pprofout.MetaComment("bpf_walks_truncated", strconv.FormatUint(tr, 10)),
+		pprofout.MetaComment("bpf_walks_table_pending", strconv.FormatUint(pend, 10)),
+		pprofout.MetaComment("bpf_stacks_lost", strconv.FormatUint(lost, 10)),
+		pprofout.MetaComment("unwind_table_rows", strconv.FormatUint(st.Rows, 10)),
+		pprofout.MetaComment("unwind_table_row_capacity", strconv.FormatUint(st.RowCapacity, 10)),
+		pprofout.MetaComment("unwind_tables_evicted", strconv.FormatUint(st.Evicted, 10)),
+		pprofout.MetaComment("unwind_tables_no_room", strconv.FormatUint(st.NoRoom+st.TooLarge, 10)),
+	}
+}
+
 // size is the number of interned stacks.
 func (d *dwarfStacks) size() int {
 	d.mu.Lock()
@@ -340,8 +496,18 @@ func (d *dwarfStacks) size() int {
 // bucket bound.
 func (d *dwarfStacks) stats() (unwound, truncated, bucketsFull uint64) {
 	d.mu.Lock()
-	defer d.mu.Unlock()
-	return d.unwound, d.truncatedN, d.bucketsFull
+	unwound, truncated, bucketsFull = d.unwound, d.truncatedN, d.bucketsFull
+	d.mu.Unlock()
+	if d.store != nil {
+		// cfi mode: the BPF walks too.
+		if tr, _, lost, err := d.cfiStats(); err == nil {
+			truncated += tr + lost
+		}
+		if w, err := unwindtable.ReadWalkStats(d.objs.UwStats); err == nil {
+			unwound += w.Complete + w.Truncated()
+		}
+	}
+	return unwound, truncated, bucketsFull
 }
 
 // fpCache remembers, per object file, whether it was built with frame

@@ -78,6 +78,9 @@ func TestStacksWithoutFramePointers(t *testing.T) {
 	for _, tc := range []struct {
 		name, mode, bin string
 	}{
+		{"cfi-default", "", noFPs},
+		{"cfi-exe-fp-lib-none", StackCFI, buildDeep(t, withFP, noFP)},
+		{"cfi-exe-none-lib-fp", StackCFI, buildDeep(t, noFP, withFP)},
 		{"auto", StackAuto, noFPs},
 		{"dwarf", StackDwarf, noFPs},
 		{"fp", StackFP, noFPs},

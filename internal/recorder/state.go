@@ -77,6 +77,7 @@ func (s *Session) profileOf(snap *heap.Snapshot, only func(pid uint32) bool) (*p
 	}
 	unknown := &pprofout.Location{Lines: []pprofout.Line{{Function: "[stack unavailable]"}}}
 	truncated := &pprofout.Location{Lines: []pprofout.Line{{Function: "[truncated]"}}}
+	pending := &pprofout.Location{Lines: []pprofout.Line{{Function: "[table pending]"}}}
 	s.mu.Lock()
 	procs := map[int]*target{}
 	for pid, t := range s.procs {
@@ -94,6 +95,8 @@ func (s *Session) profileOf(snap *heap.Snapshot, only func(pid uint32) bool) (*p
 		}
 		if len(stack) == 0 {
 			stack = []*pprofout.Location{unknown}
+		} else if snap.Pending[b.StackID] {
+			stack = append(stack[:len(stack):len(stack)], pending, truncated)
 		} else if snap.Truncated[b.StackID] {
 			stack = append(stack[:len(stack):len(stack)], truncated)
 		}
@@ -120,7 +123,7 @@ func (s *Session) profileOf(snap *heap.Snapshot, only func(pid uint32) bool) (*p
 		pprofout.MetaComment("stack_mode", s.opts.StackMode))
 	if s.dwarf != nil {
 		u, tr, full := s.dwarf.stats()
-		tables, bytes := s.dwarf.cache.Stats()
+		tables, bytes := s.dwarf.tableStats()
 		if full > 0 {
 			p.Comments = append(p.Comments, pprofout.MetaComment("lost_cfi_alloc_buckets_full", strconv.FormatUint(full, 10)))
 		}
@@ -128,6 +131,7 @@ func (s *Session) profileOf(snap *heap.Snapshot, only func(pid uint32) bool) (*p
 			pprofout.MetaComment("stacks_truncated", strconv.FormatUint(tr, 10)),
 			pprofout.MetaComment("unwind_tables", strconv.Itoa(tables)),
 			pprofout.MetaComment("unwind_table_bytes", strconv.FormatInt(bytes, 10)))
+		p.Comments = append(p.Comments, s.dwarf.comments()...)
 	}
 	objects, symBytes := s.sym.Stats()
 	p.Comments = append(p.Comments, pprofout.MetaComment("symbol_objects", strconv.Itoa(objects)),
@@ -190,7 +194,7 @@ func (s *Session) pruneStacks() {
 		return
 	}
 	if s.staleStacks == nil {
-		s.staleStacks = map[uint32]bool{}
+		s.staleStacks = map[uint64]bool{}
 	}
 	heap.PruneStacks(m, refs, s.staleStacks)
 	if s.dwarf != nil {
