@@ -14,10 +14,10 @@ import (
 	mbpf "github.com/memprof/memprof/bpf"
 	"github.com/memprof/memprof/internal/bpfload"
 	"github.com/memprof/memprof/internal/heap"
-	"github.com/memprof/memprof/pprofout"
 	"github.com/memprof/memprof/internal/procmaps"
 	"github.com/memprof/memprof/internal/unwind"
 	"github.com/memprof/memprof/internal/unwindtable"
+	"github.com/memprof/memprof/pprofout"
 )
 
 // Stack modes (--stack-mode).
