@@ -159,9 +159,41 @@ func (d *dwarfStacks) close() {
 	}
 }
 
-// addProcess prepares unwinding for pid (its mappings now).
-func (d *dwarfStacks) addProcess(pid int) error {
+// tableWait bounds how long a target waits for its unwind tables before
+// its probes fire (pid targets) or it runs on (commands stopped at their
+// exec); samples in code whose table is not ready by then are copied.
+const tableWait = 3 * time.Second
+
+// prepare builds the unwind tables of the objects pid maps (cfi mode),
+// waiting up to tableWait, so that its first samples find them ready.
+func (d *dwarfStacks) prepare(pid int) {
+	if d.store == nil {
+		return
+	}
+	maps, err := procmaps.Read(pid)
+	if err != nil {
+		return
+	}
+	seen := map[procmaps.FileID]bool{}
+	for i := range maps {
+		m := &maps[i]
+		if m.Exec() && m.IsFile() && !seen[m.ID()] {
+			seen[m.ID()] = true
+			d.store.Prepare(procmaps.HostPath(pid, m.Path)) // errors: SetProcess reports them
+		}
+	}
+	d.store.WaitFor(tableWait)
+}
+
+// addProcess prepares unwinding for pid (its mappings now). objects are
+// host paths of objects it is about to map (a command stopped at its exec:
+// its libraries), nil if none: in cfi mode their tables are built now, and
+// the call waits up to tableWait for the tables.
+func (d *dwarfStacks) addProcess(pid int, objects []string) error {
 	if d.store != nil {
+		for _, path := range objects {
+			d.store.Prepare(path) // errors: SetProcess reports those of objects mapped
+		}
 		maps, err := procmaps.Read(pid)
 		if err != nil {
 			return err
@@ -169,7 +201,9 @@ func (d *dwarfStacks) addProcess(pid int) error {
 		d.mu.Lock()
 		d.cfiProcs[pid] = true
 		d.mu.Unlock()
-		return d.store.SetProcess(pid, maps)
+		err = d.store.SetProcess(pid, maps)
+		d.store.WaitFor(tableWait)
+		return err
 	}
 	return d.addUnwinder(pid)
 }
