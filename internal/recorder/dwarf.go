@@ -67,7 +67,8 @@ type dwarfStacks struct {
 
 	mu        sync.Mutex
 	procs     map[int]*dwarfProc
-	cfiProcs  map[int]bool // cfi mode: processes given to the store
+	cfiProcs  map[int]bool      // cfi mode: processes given to the store
+	rescanned map[int]time.Time // cfi mode: last rescan prompted by a stack copy
 	byKey     map[string]uint64
 	keys      map[uint64]string // byKey reversed, for pruning
 	stacks    map[uint64][]uint64
@@ -113,6 +114,7 @@ func newDwarfStacks(objs *bpfload.Objects) *dwarfStacks {
 		objs:      objs,
 		procs:     map[int]*dwarfProc{},
 		cfiProcs:  map[int]bool{},
+		rescanned: map[int]time.Time{},
 		byKey:     map[string]uint64{},
 		keys:      map[uint64]string{},
 		stacks:    map[uint64][]uint64{},
@@ -133,6 +135,10 @@ func newDwarfStacks(objs *bpfload.Objects) *dwarfStacks {
 // outside their known mappings are rescanned (each at most once per
 // interval): their samples are copied for userspace unwinding meanwhile.
 const staleInterval = 20 * time.Millisecond
+
+// rescanInterval rate-limits the rescans of a process prompted by its
+// stack copies (cfi mode).
+const rescanInterval = 2 * time.Millisecond
 
 // refreshLoop rescans the store's stale processes until close.
 func (d *dwarfStacks) refreshLoop() {
@@ -259,6 +265,7 @@ func (d *dwarfStacks) removeProcess(pid int) {
 		p.up.Close()
 		delete(d.procs, pid)
 	}
+	delete(d.rescanned, pid)
 	if d.cfiProcs[pid] {
 		delete(d.cfiProcs, pid)
 		d.store.RemoveProcess(pid)
@@ -295,8 +302,21 @@ func (d *dwarfStacks) handle(raw []byte) error {
 
 	d.mu.Lock()
 	p := d.procs[tgid]
-	lazy := p == nil && d.cfiProcs[tgid]
+	cfi := d.cfiProcs[tgid]
+	lazy := p == nil && cfi
+	rescan := cfi && time.Since(d.rescanned[tgid]) >= rescanInterval
+	if rescan {
+		d.rescanned[tgid] = time.Now()
+	}
 	d.mu.Unlock()
+	if rescan {
+		// cfi mode: a copy means the BPF walk met code not described yet
+		// (mapped since the last scan, or a table still being built):
+		// rescan now, so the next samples are walked in BPF.
+		if maps, err := procmaps.Read(tgid); err == nil {
+			d.store.SetProcess(tgid, maps)
+		}
+	}
 	if lazy {
 		// cfi mode: the first copy of this process (its walk met code not
 		// described yet).
