@@ -191,7 +191,7 @@ func readStackID(m Maps, id uint64) ([]uint64, error) {
 	if m.RetStacks == nil {
 		return nil, nil
 	}
-	if err := m.RetStacks.Lookup(id, &rs); err != nil {
+	if err := m.RetStacks.Lookup(uint32(id), &rs); err != nil {
 		if errors.Is(err, ebpf.ErrKeyNotExist) {
 			return nil, nil
 		}

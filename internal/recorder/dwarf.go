@@ -8,6 +8,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 	"unsafe"
 
@@ -78,6 +79,9 @@ type dwarfStacks struct {
 	next      uint64
 	gen       uint64
 	stop      chan struct{}
+	// handling counts events being unwound (handle): a read waits for
+	// them, so a copy taken from the ring buffer is never missed.
+	handling atomic.Int32
 	// Totals for the summary.
 	unwound, truncatedN, noProc uint64
 	bucketsFull                 uint64 // allocation counts lost to maxCFIBuckets
@@ -170,25 +174,14 @@ func (d *dwarfStacks) close() {
 // exec); samples in code whose table is not ready by then are copied.
 const tableWait = 3 * time.Second
 
-// prepare builds the unwind tables of the objects pid maps (cfi mode),
-// waiting up to tableWait, so that its first samples find them ready.
+// prepare gives pid's mappings to the store and builds their unwind
+// tables (cfi mode), waiting up to tableWait, so that its first samples
+// find them ready. A target that is not attached after all is forgotten
+// with removeProcess.
 func (d *dwarfStacks) prepare(pid int) {
-	if d.store == nil {
-		return
+	if d.store != nil {
+		d.addProcess(pid, nil) // errors: reported when setupStacks adds it again
 	}
-	maps, err := procmaps.Read(pid)
-	if err != nil {
-		return
-	}
-	seen := map[procmaps.FileID]bool{}
-	for i := range maps {
-		m := &maps[i]
-		if m.Exec() && m.IsFile() && !seen[m.ID()] {
-			seen[m.ID()] = true
-			d.store.Prepare(procmaps.HostPath(pid, m.Path)) // errors: SetProcess reports them
-		}
-	}
-	d.store.WaitFor(tableWait)
 }
 
 // addProcess prepares unwinding for pid (its mappings now). objects are
@@ -286,6 +279,8 @@ var stackEventHeader = int(unsafe.Offsetof(mbpf.MemprofStackEvent{}.Data))
 
 // handle unwinds one stack event.
 func (d *dwarfStacks) handle(raw []byte) error {
+	d.handling.Add(1)
+	defer d.handling.Add(-1)
 	if len(raw) < stackEventHeader {
 		return fmt.Errorf("short stack event (%d bytes)", len(raw))
 	}
@@ -394,6 +389,11 @@ func stackKey(pcs []uint64, truncated bool) string {
 // the processes keep selects. Sequence numbers of blocks of those processes
 // no longer live are forgotten.
 func (d *dwarfStacks) resolve(s *heap.Snapshot, keep func(uint32) bool) {
+	// A copy being unwound (the first of a process in cfi mode prepares
+	// its userspace unwinder: tens of milliseconds) is waited for.
+	for i := 0; i < 500 && d.handling.Load() > 0; i++ {
+		time.Sleep(10 * time.Millisecond)
+	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	gen := d.gen
@@ -528,7 +528,12 @@ func (d *dwarfStacks) comments() []string {
 		return []string{"memprof error: " + err.Error()}
 	}
 	st := d.store.Stats()
+	var walks uint64
+	if w, err := unwindtable.ReadWalkStats(d.objs.UwStats); err == nil {
+		walks = w.Complete + w.Truncated()
+	}
 	return []string{
+		pprofout.MetaComment("bpf_walks", strconv.FormatUint(walks, 10)),
 		pprofout.MetaComment("bpf_walks_truncated", strconv.FormatUint(tr, 10)),
 		pprofout.MetaComment("bpf_walks_table_pending", strconv.FormatUint(pend, 10)),
 		pprofout.MetaComment("bpf_stacks_lost", strconv.FormatUint(lost, 10)),
@@ -546,19 +551,18 @@ func (d *dwarfStacks) size() int {
 	return len(d.stacks)
 }
 
-// stats reports unwinding totals and the allocation counts lost to the
-// bucket bound.
+// stats reports unwinding totals: stack copies unwound in userspace,
+// stacks truncated (copies and, in cfi mode, BPF walks), and the
+// allocation counts lost to the bucket bound.
 func (d *dwarfStacks) stats() (unwound, truncated, bucketsFull uint64) {
 	d.mu.Lock()
 	unwound, truncated, bucketsFull = d.unwound, d.truncatedN, d.bucketsFull
 	d.mu.Unlock()
 	if d.store != nil {
-		// cfi mode: the BPF walks too.
+		// cfi mode: the BPF walks' truncations too (unwound counts the
+		// copies only: the walks are bpf_walks).
 		if tr, _, lost, err := d.cfiStats(); err == nil {
 			truncated += tr + lost
-		}
-		if w, err := unwindtable.ReadWalkStats(d.objs.UwStats); err == nil {
-			unwound += w.Complete + w.Truncated()
 		}
 	}
 	return unwound, truncated, bucketsFull

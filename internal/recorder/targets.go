@@ -127,6 +127,7 @@ func (s *Session) attachPid(pid int) (bool, error) {
 	}
 	objs, err := s.att.Process(pid)
 	if err != nil {
+		s.dropStacks(pid)
 		return false, err
 	}
 	s.noteObjects(objs)
