@@ -126,6 +126,60 @@ func TestCFIFieldCases(t *testing.T) {
 	}
 }
 
+// TestCFICxxString: std::string construction and appends, whose blocks
+// libstdc++ allocates through operator new (results taken at its ret
+// instructions), in a program built without frame pointers: in the
+// default mode every live byte of the program's own is on a complete stack
+// under its calling function <- main, exact at --sample-rate 1. The one
+// block allocated before main (libstdc++'s emergency exception pool, by a
+// constructor ld.so runs from _dl_init) is left out of the check; a
+// stack that ends in [truncated] must be counted.
+func TestCFICxxString(t *testing.T) {
+	dir := t.TempDir()
+	bin := filepath.Join(dir, "cfi_cxxstr")
+	if out, err := exec.Command("g++", "-g", "-O2", noFP, "-o", bin, testprog.Testdata("cfi_cxxstr.cc")).CombinedOutput(); err != nil {
+		t.Fatalf("g++: %v\n%s", err, out)
+	}
+	p := record(t, Options{SampleRate: 1, Command: []string{bin}}, runToExit(t))
+	under := map[string]int64{}
+	var total, complete, truncatedSamples int64
+	for _, smp := range p.Sample {
+		f := frames(smp)
+		if f[len(f)-1] == "[truncated]" {
+			truncatedSamples += smp.Value[0]
+		}
+		v := smp.Value[3]
+		if v == 0 || indexOf(f, "_dl_init") >= 0 {
+			continue
+		}
+		total += v
+		if indexOf(f, "main") >= 0 && f[len(f)-1] != "[truncated]" {
+			complete += v
+		}
+		for _, fn := range []string{"f_string", "f_append"} {
+			if i := indexOf(f, fn); i >= 0 && hasInOrder(f[i:], fn, "main") {
+				under[fn] += v
+			}
+		}
+	}
+	t.Logf("live bytes %d, on complete stacks reaching main %d; by caller %v", total, complete, under)
+	if total == 0 || complete != total {
+		t.Errorf("%d of %d live bytes on complete stacks reaching main, want all", complete, total)
+	}
+	if under["f_string"] != 32+100_001 {
+		t.Errorf("f_string: %d live bytes under it, want 100033 (object and buffer)", under["f_string"])
+	}
+	if under["f_append"] < 32+100_001 {
+		t.Errorf("f_append: %d live bytes under it, want at least 100033", under["f_append"])
+	}
+	if v, _ := pprofoutComment(p, "stacks_truncated"); v != strconv.FormatInt(truncatedSamples, 10) {
+		t.Errorf("stacks_truncated=%s, but %d samples end in [truncated]: each must be counted", v, truncatedSamples)
+	}
+	if t.Failed() {
+		logSamples(t, p)
+	}
+}
+
 // TestCFITightLoop: a binary without frame pointers allocating 100,000
 // blocks in a tight loop at --sample-rate 1 loses no stack in the default
 // mode (no stack copy once the tables are ready: nothing fills the ring
