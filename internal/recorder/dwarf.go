@@ -70,6 +70,7 @@ type dwarfStacks struct {
 	procs     map[int]*dwarfProc
 	cfiProcs  map[int]bool      // cfi mode: processes given to the store
 	rescanned map[int]time.Time // cfi mode: last rescan prompted by a stack copy
+	given     map[int]string    // cfi mode: the executable mappings last given to the store (execKey)
 	byKey     map[string]uint64
 	keys      map[uint64]string // byKey reversed, for pruning
 	stacks    map[uint64][]uint64
@@ -119,6 +120,7 @@ func newDwarfStacks(objs *bpfload.Objects) *dwarfStacks {
 		procs:     map[int]*dwarfProc{},
 		cfiProcs:  map[int]bool{},
 		rescanned: map[int]time.Time{},
+		given:     map[int]string{},
 		byKey:     map[string]uint64{},
 		keys:      map[uint64]string{},
 		stacks:    map[uint64][]uint64{},
@@ -138,7 +140,7 @@ func newDwarfStacks(objs *bpfload.Objects) *dwarfStacks {
 // staleInterval is how often the processes whose BPF walks met code
 // outside their known mappings are rescanned (each at most once per
 // interval): their samples are copied for userspace unwinding meanwhile.
-const staleInterval = 20 * time.Millisecond
+const staleInterval = 5 * time.Millisecond
 
 // rescanInterval rate-limits the rescans of a process prompted by its
 // stack copies (cfi mode).
@@ -207,6 +209,19 @@ func (d *dwarfStacks) addProcess(pid int, objects []string) error {
 	return d.addUnwinder(pid)
 }
 
+// execKey identifies a process's executable file mappings (address
+// ranges and files), to tell whether they changed.
+func execKey(maps []procmaps.Mapping) string {
+	var b strings.Builder
+	for i := range maps {
+		m := &maps[i]
+		if m.Exec() && m.IsFile() {
+			fmt.Fprintf(&b, "%x-%x:%x:%d:%d:%d;", m.Start, m.End, m.Offset, m.DevMajor, m.DevMinor, m.Inode)
+		}
+	}
+	return b.String()
+}
+
 // addUnwinder prepares userspace unwinding of stack copies for pid.
 func (d *dwarfStacks) addUnwinder(pid int) error {
 	maps, err := procmaps.Read(pid)
@@ -234,10 +249,18 @@ func (d *dwarfStacks) refresh(pid int) {
 	d.mu.Unlock()
 	if cfi {
 		// The BPF walk marks the process when it meets code mapped since
-		// (refreshLoop); a full rescan here catches code that no sample
-		// has met yet, so its table is ready before it is needed.
+		// (refreshLoop); a rescan here catches code that no sample has
+		// met yet, so its table is ready before it is needed. The store
+		// is told only when the executable mappings changed.
 		if maps, err := procmaps.Read(pid); err == nil {
-			d.store.SetProcess(pid, maps)
+			key := execKey(maps)
+			d.mu.Lock()
+			changed := d.given[pid] != key
+			d.given[pid] = key
+			d.mu.Unlock()
+			if changed {
+				d.store.SetProcess(pid, maps)
+			}
 		}
 	}
 	if p == nil {
@@ -259,6 +282,7 @@ func (d *dwarfStacks) removeProcess(pid int) {
 		delete(d.procs, pid)
 	}
 	delete(d.rescanned, pid)
+	delete(d.given, pid)
 	if d.cfiProcs[pid] {
 		delete(d.cfiProcs, pid)
 		d.store.RemoveProcess(pid)
