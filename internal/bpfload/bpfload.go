@@ -145,9 +145,13 @@ func Load(opts Options) (*Objects, error) {
 	if err := spec.Variables["stack_mode"].Set(uint32(opts.StackMode)); err != nil {
 		return nil, err
 	}
-	// The unwind tables' row array is preallocated: sized for the CFI
-	// walk, one entry otherwise.
+	// The unwind tables' arrays are preallocated: sized for the CFI walk,
+	// one entry otherwise (then the walk is never run).
 	rows, nstacks := uint32(1), uint32(1)
+	if opts.StackMode != mbpf.MemprofStackModeSM_CFI {
+		spec.Maps["uw_objects"].MaxEntries = 1
+		spec.Maps["uw_rules"].MaxEntries = 1
+	}
 	if opts.StackMode == mbpf.MemprofStackModeSM_CFI {
 		rows, nstacks = opts.UnwindRows, opts.UnwindStacks
 		if rows == 0 {
