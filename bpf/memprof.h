@@ -78,7 +78,7 @@ enum counter {
 	C_STACK_COLLISION,	// stack map hash collision: stack lost
 	C_STACK_LOST,		// other stack walk failure
 	C_READ_FAILED,		// user memory read failed (posix_memalign result, return address at a ret site)
-	C_EVENTS_LOST,		// ring buffer full (OOM event, or a stack copy: then the frame-pointer stack is used)
+	C_EVENTS_LOST,		// ring buffer full (OOM event, or a stack copy: then the frame-pointer stack is used, in SM_CFI mode the truncated CFI walk)
 	C_STACK_COPIES,		// stacks copied for userspace unwinding
 	C_TAIL_CALLS,		// tail jumps from an allocator function to another
 	NR_COUNTERS,
