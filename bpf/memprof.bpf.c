@@ -18,6 +18,7 @@
 #include <bpf/bpf_core_read.h>
 
 #include "calls.h"
+#include "unwind.h"
 
 char LICENSE[] SEC("license") = "GPL";
 
@@ -177,12 +178,58 @@ static __always_inline __s64 ret_stack_id(struct pt_regs *ctx, __s64 sid)
 	return sid;
 }
 
-// track records a sampled block. at_ret: the probe is on the allocator's
-// ret instruction ([sp] holds the return address), else just after the
-// return (a return probe).
-static __always_inline void track(struct pt_regs *ctx, __u32 tgid, __u64 ptr, __u64 size, int at_ret)
+// cfi_stack_id walks the user stack with the objects' CFI tables
+// (unwind.h) and returns its key in uw_stacks (>= 2^32), or STACK_UNKNOWN
+// when the walk could not run or its stack could not be stored (counted in
+// uw_stats, uw_intern_stats or C_STACK_COLLISION). A walk that stopped at
+// code userspace has not described yet (a mapping not listed: a command's
+// libraries just mapped, dlopen; a table still being built) falls back to
+// copying the stack for userspace unwinding (STACK_DWARF | seq), which
+// happens after the mappings are refreshed; if the ring buffer is full the
+// truncated walk is stored, marked. Other truncated walks are stored with
+// their status: userspace marks them.
+static __always_inline __u64 cfi_stack_id(struct pt_regs *ctx, __u32 tgid, __u64 size, int at_ret)
 {
-	count(C_SAMPLES);
+	__u64 ip = PT_REGS_IP(ctx), sp = PT_REGS_SP(ctx), bp = PT_REGS_FP(ctx), ret;
+	if (at_ret && read_user_u64(sp, &ret) == 0) {
+		// The registers as they are once ret has run, as a return probe
+		// sees them: the caller's pc (exact) and sp above the return
+		// address (rbp is restored before ret). If [sp] cannot be read the
+		// walk starts at the ret itself, whose CFI row says the same.
+		ip = ret;
+		sp += 8;
+	}
+	struct uw_state *w = uw_walk(tgid, ip, sp, bp);
+	if (!w)
+		return STACK_UNKNOWN;
+	__u32 status = w->stack.status;
+	if (status == UW_TRUNC_NO_MAPPING || status == UW_TRUNC_PENDING) {
+		uw_release(w);
+		__s64 sid = copy_stack(ip, sp, bp, tgid, size);
+		if (sid >= 0)
+			return sid;
+		w = uw_walk(tgid, ip, sp, bp);
+		if (!w)
+			return STACK_UNKNOWN;
+	}
+	__u64 id = uw_intern(w);
+	uw_release(w);
+	if (id == 0)
+		return STACK_UNKNOWN;
+	if ((id >> 32) == 0) {
+		// Keys below 2^32 are the other modes' ids (copied stacks):
+		// a 2^-32 chance per stack, counted.
+		count(C_STACK_COLLISION);
+		return STACK_UNKNOWN;
+	}
+	return id;
+}
+
+// fp_stack_id takes the stack of the SM_FP, SM_DWARF and SM_AUTO modes:
+// a copy for userspace unwinding (STACK_DWARF | seq) or the frame-pointer
+// walk's id (STACK_RET | hash at a ret instruction).
+static __always_inline __u64 fp_stack_id(struct pt_regs *ctx, __u32 tgid, __u64 size, int at_ret)
+{
 	__s64 sid = -1;
 	if (wants_copy(tgid)) {
 		__u64 ip = PT_REGS_IP(ctx), sp = PT_REGS_SP(ctx);
@@ -198,13 +245,27 @@ static __always_inline void track(struct pt_regs *ctx, __u32 tgid, __u64 ptr, __
 		sid = bpf_get_stackid(ctx, &stacks, BPF_F_USER_STACK);
 		if (sid < 0) {
 			count(sid == -EEXIST ? C_STACK_COLLISION : C_STACK_LOST);
-			sid = STACK_UNKNOWN;
-		} else if (at_ret) {
-			sid = ret_stack_id(ctx, sid);
+			return STACK_UNKNOWN;
 		}
+		if (at_ret)
+			sid = ret_stack_id(ctx, sid);
 	}
+	return (__u64)sid;
+}
+
+// track records a sampled block. at_ret: the probe is on the allocator's
+// ret instruction ([sp] holds the return address), else just after the
+// return (a return probe).
+static __always_inline void track(struct pt_regs *ctx, __u32 tgid, __u64 ptr, __u64 size, int at_ret)
+{
+	count(C_SAMPLES);
+	__u64 sid;
+	if (stack_mode == SM_CFI)
+		sid = cfi_stack_id(ctx, tgid, size, at_ret);
+	else
+		sid = fp_stack_id(ctx, tgid, size, at_ret);
 	// Copied stacks are counted from their events in userspace.
-	if (sid != STACK_UNKNOWN && (sid & STACK_DWARF))
+	if (sid != STACK_UNKNOWN && sid < (1ULL << 32) && (sid & STACK_DWARF))
 		goto live;
 	struct alloc_key ak = {.tgid = tgid, .stack_id = sid, .size = size};
 	__u64 *n = bpf_map_lookup_elem(&allocs, &ak);

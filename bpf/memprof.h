@@ -16,7 +16,9 @@ enum bounds {
 	MAX_CALL_FNS = 3,		// functions of one pending call remembered for nested calls
 };
 
-// Stack id values and flags (live_block.stack_id, alloc_key.stack_id).
+// Stack id values and flags (live_block.stack_id, alloc_key.stack_id) of
+// values below 2^32. Ids from 2^32 up are keys of uw_stacks (SM_CFI mode:
+// 64-bit hashes, see uw_intern).
 enum stack_id_flag {
 	STACK_RET = 0x40000000,		// a key of ret_stacks: a stack taken at a return instruction
 	STACK_DWARF = 0x80000000,	// a sequence number of a stack_event
@@ -75,8 +77,8 @@ enum counter {
 	C_ALLOCS_FULL,		// alloc bucket map full: sample's alloc count lost
 	C_STACK_COLLISION,	// stack map hash collision: stack lost
 	C_STACK_LOST,		// other stack walk failure
-	C_READ_FAILED,		// user memory read failed (posix_memalign result)
-	C_EVENTS_LOST,		// ring buffer full (OOM event, or a stack copy: then the frame-pointer stack is used)
+	C_READ_FAILED,		// user memory read failed (posix_memalign result, return address at a ret site)
+	C_EVENTS_LOST,		// ring buffer full (OOM event, or a stack copy: then the frame-pointer stack is used, in SM_CFI mode the truncated CFI walk)
 	C_STACK_COPIES,		// stacks copied for userspace unwinding
 	C_TAIL_CALLS,		// tail jumps from an allocator function to another
 	NR_COUNTERS,
@@ -121,8 +123,7 @@ struct live_block {
 	__u64 memcg;	// kernfs id of the memory controller's cgroup (v1 memcg on hybrid hosts)
 	__u64 cgroup;	// cgroup v2 id
 	__u64 ts;	// ktime of the allocation
-	__u32 stack_id;
-	__u32 _pad;
+	__u64 stack_id;	// see enum stack_id_flag; in SM_CFI mode a key of uw_stacks
 };
 
 // A stack taken at a return instruction: the frame-pointer walk there
@@ -137,7 +138,8 @@ struct ret_stack {
 
 struct alloc_key {
 	__u32 tgid;
-	__u32 stack_id;
+	__u32 _pad;
+	__u64 stack_id;
 	__u64 size;
 };
 
@@ -153,6 +155,7 @@ enum stack_mode {
 	SM_FP = 0,	// frame-pointer walk in BPF (bpf_get_stackid)
 	SM_DWARF = 1,	// copy registers and stack for every sampled allocation
 	SM_AUTO = 2,	// copy for the processes in dwarf_procs, walk frame pointers for the rest
+	SM_CFI = 3,	// CFI walk in BPF (unwind.h), stacks interned in uw_stacks; copies where the walk meets code not described yet
 };
 
 // A sampled allocation's registers and top of its user stack, taken at the

@@ -16,7 +16,8 @@ import (
 type MemprofAllocKey struct {
 	_       structs.HostLayout
 	Tgid    uint32
-	StackId uint32
+	Pad     uint32
+	StackId uint64
 	Size    uint64
 }
 
@@ -75,8 +76,7 @@ type MemprofLiveBlock struct {
 	Memcg   uint64
 	Cgroup  uint64
 	Ts      uint64
-	StackId uint32
-	Pad     uint32
+	StackId uint64
 }
 
 type MemprofLiveKey struct {
@@ -166,6 +166,7 @@ const (
 	MemprofStackModeSM_FP    MemprofStackMode = 0
 	MemprofStackModeSM_DWARF MemprofStackMode = 1
 	MemprofStackModeSM_AUTO  MemprofStackMode = 2
+	MemprofStackModeSM_CFI   MemprofStackMode = 3
 )
 
 type MemprofThreadState struct {
@@ -192,6 +193,72 @@ type MemprofThreadState struct {
 	}
 }
 
+type MemprofUwObject struct {
+	_        structs.HostLayout
+	FirstRow uint32
+	Nrows    uint32
+	State    uint32
+	Pad      uint32
+}
+
+type MemprofUwProc struct {
+	_    structs.HostLayout
+	N    uint32
+	Pad  uint32
+	Maps [512]struct {
+		_      structs.HostLayout
+		Start  uint64
+		End    uint64
+		Bias   uint64
+		Object uint32
+		Pad    uint32
+	}
+}
+
+type MemprofUwRow struct {
+	_    structs.HostLayout
+	Pc   uint32
+	Rule uint32
+}
+
+type MemprofUwRule struct {
+	_      structs.HostLayout
+	Cfa    uint8
+	Ra     uint8
+	Bp     uint8
+	Pad    uint8
+	CfaOff int32
+	BpOff  int32
+}
+
+type MemprofUwStack struct {
+	_      structs.HostLayout
+	Check  uint64
+	N      uint32
+	Status uint32
+	Pcs    [127]uint64
+}
+
+type MemprofUwState struct {
+	_       structs.HostLayout
+	Busy    uint32
+	Pid     uint32
+	Pc      uint64
+	Sp      uint64
+	Bp      uint64
+	RaSlot  uint64
+	BpValid uint8
+	Exact   uint8
+	Pad     uint16
+	Object  uint32
+	M_start uint64
+	M_end   uint64
+	M_bias  uint64
+	Lo      uint32
+	Hi      uint32
+	Stack   MemprofUwStack
+}
+
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
@@ -206,6 +273,15 @@ const (
 	MemprofMapRetStacks           = "ret_stacks"
 	MemprofMapStacks              = "stacks"
 	MemprofMapThreads             = "threads"
+	MemprofMapUwInternStats       = "uw_intern_stats"
+	MemprofMapUwObjects           = "uw_objects"
+	MemprofMapUwProcs             = "uw_procs"
+	MemprofMapUwRows              = "uw_rows"
+	MemprofMapUwRules             = "uw_rules"
+	MemprofMapUwScratch           = "uw_scratch"
+	MemprofMapUwStacks            = "uw_stacks"
+	MemprofMapUwStale             = "uw_stale"
+	MemprofMapUwStats             = "uw_stats"
 	MemprofProgAllocReturn        = "alloc_return"
 	MemprofProgAllocSession       = "alloc_session"
 	MemprofProgCallocEnter        = "calloc_enter"
@@ -301,16 +377,25 @@ type MemprofProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type MemprofMapSpecs struct {
-	Allocs     *ebpf.MapSpec `ebpf:"allocs"`
-	Counters   *ebpf.MapSpec `ebpf:"counters"`
-	DwarfProcs *ebpf.MapSpec `ebpf:"dwarf_procs"`
-	Events     *ebpf.MapSpec `ebpf:"events"`
-	Gaps       *ebpf.MapSpec `ebpf:"gaps"`
-	Live       *ebpf.MapSpec `ebpf:"live"`
-	ProcCalls  *ebpf.MapSpec `ebpf:"proc_calls"`
-	RetStacks  *ebpf.MapSpec `ebpf:"ret_stacks"`
-	Stacks     *ebpf.MapSpec `ebpf:"stacks"`
-	Threads    *ebpf.MapSpec `ebpf:"threads"`
+	Allocs        *ebpf.MapSpec `ebpf:"allocs"`
+	Counters      *ebpf.MapSpec `ebpf:"counters"`
+	DwarfProcs    *ebpf.MapSpec `ebpf:"dwarf_procs"`
+	Events        *ebpf.MapSpec `ebpf:"events"`
+	Gaps          *ebpf.MapSpec `ebpf:"gaps"`
+	Live          *ebpf.MapSpec `ebpf:"live"`
+	ProcCalls     *ebpf.MapSpec `ebpf:"proc_calls"`
+	RetStacks     *ebpf.MapSpec `ebpf:"ret_stacks"`
+	Stacks        *ebpf.MapSpec `ebpf:"stacks"`
+	Threads       *ebpf.MapSpec `ebpf:"threads"`
+	UwInternStats *ebpf.MapSpec `ebpf:"uw_intern_stats"`
+	UwObjects     *ebpf.MapSpec `ebpf:"uw_objects"`
+	UwProcs       *ebpf.MapSpec `ebpf:"uw_procs"`
+	UwRows        *ebpf.MapSpec `ebpf:"uw_rows"`
+	UwRules       *ebpf.MapSpec `ebpf:"uw_rules"`
+	UwScratch     *ebpf.MapSpec `ebpf:"uw_scratch"`
+	UwStacks      *ebpf.MapSpec `ebpf:"uw_stacks"`
+	UwStale       *ebpf.MapSpec `ebpf:"uw_stale"`
+	UwStats       *ebpf.MapSpec `ebpf:"uw_stats"`
 }
 
 // MemprofVariableSpecs contains global variables before they are loaded into the kernel.
@@ -352,16 +437,25 @@ func (o *MemprofObjects) Close() error {
 //
 // It can be passed to LoadMemprofObjects or ebpf.CollectionSpec.LoadAndAssign.
 type MemprofMaps struct {
-	Allocs     *ebpf.Map `ebpf:"allocs"`
-	Counters   *ebpf.Map `ebpf:"counters"`
-	DwarfProcs *ebpf.Map `ebpf:"dwarf_procs"`
-	Events     *ebpf.Map `ebpf:"events"`
-	Gaps       *ebpf.Map `ebpf:"gaps"`
-	Live       *ebpf.Map `ebpf:"live"`
-	ProcCalls  *ebpf.Map `ebpf:"proc_calls"`
-	RetStacks  *ebpf.Map `ebpf:"ret_stacks"`
-	Stacks     *ebpf.Map `ebpf:"stacks"`
-	Threads    *ebpf.Map `ebpf:"threads"`
+	Allocs        *ebpf.Map `ebpf:"allocs"`
+	Counters      *ebpf.Map `ebpf:"counters"`
+	DwarfProcs    *ebpf.Map `ebpf:"dwarf_procs"`
+	Events        *ebpf.Map `ebpf:"events"`
+	Gaps          *ebpf.Map `ebpf:"gaps"`
+	Live          *ebpf.Map `ebpf:"live"`
+	ProcCalls     *ebpf.Map `ebpf:"proc_calls"`
+	RetStacks     *ebpf.Map `ebpf:"ret_stacks"`
+	Stacks        *ebpf.Map `ebpf:"stacks"`
+	Threads       *ebpf.Map `ebpf:"threads"`
+	UwInternStats *ebpf.Map `ebpf:"uw_intern_stats"`
+	UwObjects     *ebpf.Map `ebpf:"uw_objects"`
+	UwProcs       *ebpf.Map `ebpf:"uw_procs"`
+	UwRows        *ebpf.Map `ebpf:"uw_rows"`
+	UwRules       *ebpf.Map `ebpf:"uw_rules"`
+	UwScratch     *ebpf.Map `ebpf:"uw_scratch"`
+	UwStacks      *ebpf.Map `ebpf:"uw_stacks"`
+	UwStale       *ebpf.Map `ebpf:"uw_stale"`
+	UwStats       *ebpf.Map `ebpf:"uw_stats"`
 }
 
 func (m *MemprofMaps) Close() error {
@@ -376,6 +470,15 @@ func (m *MemprofMaps) Close() error {
 		m.RetStacks,
 		m.Stacks,
 		m.Threads,
+		m.UwInternStats,
+		m.UwObjects,
+		m.UwProcs,
+		m.UwRows,
+		m.UwRules,
+		m.UwScratch,
+		m.UwStacks,
+		m.UwStale,
+		m.UwStats,
 	)
 }
 

@@ -39,8 +39,7 @@ type CallsLiveBlock struct {
 	Memcg   uint64
 	Cgroup  uint64
 	Ts      uint64
-	StackId uint32
-	Pad     uint32
+	StackId uint64
 }
 
 type CallsLiveKey struct {

@@ -40,7 +40,7 @@ func recordCommand() *cli.Command {
 			&cli.DurationFlag{Name: "duration", Aliases: []string{"d"}, Usage: "how long to record (default: until the targets exit or Ctrl-C)"},
 			&cli.StringFlag{Name: "output", Aliases: []string{"o"}, Usage: "profile file (default memprof-<target>-<time>.pb.gz)"},
 			&cli.Uint64Flag{Name: "sample-rate", Value: recorder.DefaultSampleRate, Usage: "mean bytes between samples (Poisson); 1 records every allocation exactly"},
-			&cli.StringFlag{Name: "stack-mode", Value: recorder.StackAuto, Usage: "auto: .eh_frame unwinding for processes whose executable or own libraries lack frame pointers, frame-pointer walk otherwise; fp: frame pointers only (cheapest); dwarf: .eh_frame unwinding for everything"},
+			&cli.StringFlag{Name: "stack-mode", Value: recorder.StackCFI, Usage: "cfi: .eh_frame/.debug_frame walk in BPF for every stack (frame pointers where an object has no CFI); fp: frame pointers only (cheapest); dwarf: stack copies unwound in userspace; auto: dwarf for processes whose own code lacks frame pointers, fp otherwise"},
 			&cli.StringFlag{Name: "oom-dir", Usage: "where OOM post-mortems go (default: next to the profile)"},
 			&cli.BoolFlag{Name: "all-ooms", Usage: "also report OOM kills of processes that are not targets"},
 			&cli.IntFlag{Name: "top", Value: 10, Usage: "stacks shown in the summary"},

@@ -26,7 +26,9 @@ import (
 	"github.com/memprof/memprof/bpf/empty"
 	"github.com/memprof/memprof/internal/attach"
 	"github.com/memprof/memprof/internal/bpfload"
+	"github.com/memprof/memprof/internal/procmaps"
 	"github.com/memprof/memprof/internal/testprog"
+	"github.com/memprof/memprof/internal/unwindtable"
 )
 
 var (
@@ -54,6 +56,7 @@ type config struct {
 	entryOnly bool   // probes at offset 0 instead of memprof's sites
 	rate      uint64 // memprof's sample rate
 	dwarf     bool   // copy every sampled stack for userspace unwinding
+	cfi       bool   // walk every sampled stack with CFI in BPF (the default stack mode)
 	noSession bool   // entry and return links (kernels before 6.13) instead of session links
 	retSites  bool   // every result taken at ret instructions instead of return probes
 	second    bool   // a second target (idle, same libraries) attached by the same session
@@ -75,6 +78,8 @@ var configs = []config{
 	{name: "6-memprof-default-dwarf", column: "dwarf-default", probes: memprofProbes, rate: defaultRate, dwarf: true},
 	{name: "7-memprof-rate1-dwarf", column: "dwarf-rate1", probes: memprofProbes, rate: 1, dwarf: true},
 	{name: "8-memprof-default-retsites", column: "default-retsites", probes: memprofProbes, rate: defaultRate, retSites: true},
+	{name: "9-memprof-default-cfi", column: "cfi-default", probes: memprofProbes, rate: defaultRate, cfi: true},
+	{name: "9b-memprof-rate1-cfi", column: "cfi-rate1", probes: memprofProbes, rate: 1, cfi: true},
 }
 
 // allocators are the rows: the allocator (the attached object that must be
@@ -202,6 +207,9 @@ func runConfig(b *testing.B, bin, row, alloc string, env []string, size int, c c
 		if c.dwarf {
 			mode = mbpf.MemprofStackModeSM_DWARF
 		}
+		if c.cfi {
+			mode = mbpf.MemprofStackModeSM_CFI
+		}
 		var err error
 		objs, err = bpfload.Load(bpfload.Options{SampleRate: rate, StackMode: mode, NoSession: c.noSession})
 		if err != nil {
@@ -274,6 +282,25 @@ func runConfig(b *testing.B, bin, row, alloc string, env []string, size int, c c
 			b.Fatalf("%s: attach probes to pid %d: %v", what, prog.cmd.Process.Pid, err)
 		}
 		b.Logf("%s: attach took %v (%d probes)", what, time.Since(t0), att.Links())
+		if c.cfi {
+			// The unwind tables of the program's objects, built before
+			// it proceeds (as memprof does before a pid target's probes
+			// fire).
+			pid := prog.cmd.Process.Pid
+			maps, err := procmaps.Read(pid)
+			if err != nil {
+				b.Fatalf("%s: %v", what, err)
+			}
+			t0 := time.Now()
+			if err := objs.Unwind.SetProcess(pid, maps); err != nil {
+				b.Fatalf("%s: unwind tables: %v", what, err)
+			}
+			if !objs.Unwind.WaitFor(30 * time.Second) {
+				b.Fatalf("%s: unwind tables not built within 30s", what)
+			}
+			st := objs.Unwind.Stats()
+			b.Logf("%s: unwind tables built in %v: %d objects, %d rows, %d bytes", what, time.Since(t0), st.Objects, st.Rows, st.Bytes)
+		}
 		found := false
 		for _, o := range attached {
 			found = found || o.Allocator == alloc
@@ -314,6 +341,15 @@ func runConfig(b *testing.B, bin, row, alloc string, env []string, size int, c c
 		}
 		if c.dwarf && ctr.StackCopies == 0 {
 			b.Errorf("%s: no stack copied in dwarf mode", what)
+		}
+		if c.cfi {
+			w, err := unwindtable.ReadWalkStats(objs.UwStats)
+			if err != nil {
+				b.Fatalf("%s: %v", what, err)
+			}
+			if w.Complete == 0 || w.Truncated() != 0 || ctr.StackCopies != 0 {
+				b.Errorf("%s: BPF walks: %d complete, %d truncated (%+v), %d stack copies; want all complete, none copied", what, w.Complete, w.Truncated(), w, ctr.StackCopies)
+			}
 		}
 		if c.rate == 1 && ctr.Samples < r.total {
 			b.Errorf("%s: rate 1 sampled %d allocations, fewer than the %d made", what, ctr.Samples, r.total)
@@ -550,7 +586,7 @@ func printSummary(w io.Writer) {
 	for _, c := range configs {
 		fmt.Fprintf(tw, "%s\t", c.column)
 	}
-	fmt.Fprint(tw, "default/floor\tno-session/floor\t2-targets/floor\tdwarf-default/floor\tretsites/floor\tentry/floor\tdwarf cost/sample\t\n")
+	fmt.Fprint(tw, "default/floor\tno-session/floor\t2-targets/floor\tdwarf-default/floor\tcfi-default/floor\tretsites/floor\tentry/floor\tdwarf cost/sample\tcfi cost/sample\tcfi/fp per sample\t\n")
 	for _, row := range results.rows {
 		alloc, size, _ := strings.Cut(row, "/")
 		fmt.Fprintf(tw, "%s\t%s\t", alloc, size)
@@ -562,7 +598,7 @@ func printSummary(w io.Writer) {
 			}
 		}
 		floor := median(results.ns[row+"/empty-floor"])
-		for _, col := range []string{"memprof-default", "default-no-session", "default-2-targets", "dwarf-default", "default-retsites", "empty-entry"} {
+		for _, col := range []string{"memprof-default", "default-no-session", "default-2-targets", "dwarf-default", "cfi-default", "default-retsites", "empty-entry"} {
 			if v := median(results.ns[row+"/"+col]); v > 0 && floor > 0 {
 				fmt.Fprintf(tw, "%.2f\t", v/floor)
 			} else {
@@ -572,8 +608,18 @@ func printSummary(w io.Writer) {
 		// At rate 1 every pair has one sampled allocation: the difference
 		// is what a stack copy costs the target per sample over the
 		// frame-pointer walk.
-		if d, f := median(results.ns[row+"/dwarf-rate1"]), median(results.ns[row+"/memprof-rate1"]); d > 0 && f > 0 {
-			fmt.Fprintf(tw, "%+.0f ns\t", d-f)
+		fp := median(results.ns[row+"/memprof-rate1"])
+		for _, col := range []string{"dwarf-rate1", "cfi-rate1"} {
+			if d := median(results.ns[row+"/"+col]); d > 0 && fp > 0 {
+				fmt.Fprintf(tw, "%+.0f ns\t", d-fp)
+			} else {
+				fmt.Fprint(tw, "-\t")
+			}
+		}
+		// Per sampled allocation over the floor (probes that do nothing):
+		// the CFI walk's whole sample against the frame-pointer walk's.
+		if cfi := median(results.ns[row+"/cfi-rate1"]); cfi > 0 && fp > floor && floor > 0 {
+			fmt.Fprintf(tw, "%.2f\t", (cfi-floor)/(fp-floor))
 		} else {
 			fmt.Fprint(tw, "-\t")
 		}
@@ -587,7 +633,10 @@ func printSummary(w io.Writer) {
 	fmt.Fprintln(w, "dwarf-default/floor: the same with every sampled stack copied for CFI unwinding (--stack-mode dwarf)")
 	fmt.Fprintln(w, "retsites/floor: the same with every result taken by probes on ret instructions instead of return probes (memprof does so only for operator new, which may throw)")
 	fmt.Fprintln(w, "entry/floor: empty probes at each function's first instruction over empty probes at memprof's sites")
+	fmt.Fprintln(w, "cfi-default/floor: the same with every sampled stack walked with CFI in BPF (--stack-mode cfi, the default)")
 	fmt.Fprintln(w, "dwarf cost/sample: copying registers and 8 KiB of stack instead of the frame-pointer walk, per sampled allocation (rate-1 columns)")
+	fmt.Fprintln(w, "cfi cost/sample: the CFI walk in BPF (and interning its stack) instead of the frame-pointer walk, per sampled allocation (rate-1 columns)")
+	fmt.Fprintln(w, "cfi/fp per sample: (cfi-rate1 - empty-floor) / (memprof-rate1 - empty-floor): a sampled pair's whole BPF cost with the CFI walk over that with the frame-pointer walk (target <= 1.5)")
 	// The sites the workload goes through (the full lists are in the
 	// 2-empty-floor logs).
 	for _, alloc := range results.order {

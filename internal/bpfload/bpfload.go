@@ -19,6 +19,7 @@ import (
 
 	mbpf "github.com/memprof/memprof/bpf"
 	"github.com/memprof/memprof/internal/attach"
+	"github.com/memprof/memprof/internal/unwindtable"
 )
 
 // GapTableSize is the number of entries of the BPF gap table.
@@ -27,10 +28,18 @@ const GapTableSize = int(mbpf.MemprofBoundsGAP_TABLE_SIZE)
 // Options are the load-time settings.
 type Options struct {
 	SampleRate uint64 // mean bytes between samples; 1 = every allocation
-	// StackMode: mbpf.MemprofStackModeSM_FP (frame pointers in BPF),
-	// SM_DWARF (copy every sampled stack for userspace unwinding) or
-	// SM_AUTO (copy for the processes put in the DwarfProcs map).
+	// StackMode: mbpf.MemprofStackModeSM_CFI (CFI walk in BPF from the
+	// tables of Objects.Unwind), SM_FP (frame pointers in BPF), SM_DWARF
+	// (copy every sampled stack for userspace unwinding) or SM_AUTO (copy
+	// for the processes put in the DwarfProcs map).
 	StackMode mbpf.MemprofStackMode
+	// UnwindRows is the capacity of uw_rows in SM_CFI mode, the memory
+	// bound of all unwind tables (8 bytes a row; 0: DefaultUnwindRows).
+	UnwindRows uint32
+	// UnwindStacks is the capacity of uw_stacks in SM_CFI mode: distinct
+	// stacks kept at once (~1 KiB each, allocated as used; 0:
+	// DefaultUnwindStacks).
+	UnwindStacks uint32
 	// ClassicOOM uses the classic oom/mark_victim tracepoint (pid only, the
 	// path of kernels before 6.8) even where the BTF-typed one exists.
 	ClassicOOM bool
@@ -39,11 +48,39 @@ type Options struct {
 	NoSession bool
 }
 
+// Defaults of Options.UnwindRows (32 MiB of tables) and UnwindStacks.
+const (
+	DefaultUnwindRows   = 1 << 22
+	DefaultUnwindStacks = 1 << 16
+)
+
 // Objects are the loaded programs and maps.
 type Objects struct {
 	mbpf.MemprofObjects
 	Features Features
+	// Unwind keeps the unwind tables of the targets' objects in the uw_*
+	// maps (SM_CFI mode; nil otherwise). One store for every tier: a tier
+	// loaded as another collection shares it by loading with
+	// UnwindReplacements.
+	Unwind   *unwindtable.Store
 	oomLinks []link.Link
+}
+
+// UnwindMaps are the uw_* maps the Store manages.
+func (o *Objects) UnwindMaps() unwindtable.Maps {
+	return unwindtable.Maps{Procs: o.UwProcs, Objects: o.UwObjects, Rows: o.UwRows, Rules: o.UwRules, Stale: o.UwStale}
+}
+
+// UnwindReplacements are the maps of bpf/unwind.h by name, for
+// ebpf.CollectionOptions.MapReplacements of another collection that
+// includes unwind.h: its walks then use the same tables, stacks and
+// counters.
+func (o *Objects) UnwindReplacements() map[string]*ebpf.Map {
+	return map[string]*ebpf.Map{
+		"uw_procs": o.UwProcs, "uw_objects": o.UwObjects, "uw_rows": o.UwRows, "uw_rules": o.UwRules,
+		"uw_stale": o.UwStale, "uw_stats": o.UwStats, "uw_stacks": o.UwStacks, "uw_intern_stats": o.UwInternStats,
+		"uw_scratch": o.UwScratch,
+	}
 }
 
 // Features says which kernel paths are in use.
@@ -108,6 +145,24 @@ func Load(opts Options) (*Objects, error) {
 	if err := spec.Variables["stack_mode"].Set(uint32(opts.StackMode)); err != nil {
 		return nil, err
 	}
+	// The unwind tables' arrays are preallocated: sized for the CFI walk,
+	// one entry otherwise (then the walk is never run).
+	rows, nstacks := uint32(1), uint32(1)
+	if opts.StackMode != mbpf.MemprofStackModeSM_CFI {
+		spec.Maps["uw_objects"].MaxEntries = 1
+		spec.Maps["uw_rules"].MaxEntries = 1
+	}
+	if opts.StackMode == mbpf.MemprofStackModeSM_CFI {
+		rows, nstacks = opts.UnwindRows, opts.UnwindStacks
+		if rows == 0 {
+			rows = DefaultUnwindRows
+		}
+		if nstacks == 0 {
+			nstacks = DefaultUnwindStacks
+		}
+	}
+	spec.Maps["uw_rows"].MaxEntries = rows
+	spec.Maps["uw_stacks"].MaxEntries = nstacks
 	feats := detect()
 	if opts.ClassicOOM {
 		feats.OOMTaskBTF = false
@@ -165,6 +220,9 @@ func Load(opts Options) (*Objects, error) {
 	if err := o.SetRate(opts.SampleRate); err != nil {
 		o.Close()
 		return nil, err
+	}
+	if opts.StackMode == mbpf.MemprofStackModeSM_CFI {
+		o.Unwind = unwindtable.NewStore(o.UnwindMaps(), 0, 2)
 	}
 	return o, nil
 }

@@ -179,6 +179,7 @@ func (o *Objects) MapStats() []MapStat {
 		m    *ebpf.Map
 	}{
 		{"allocs", o.Allocs}, {"live", o.Live}, {"proc_calls", o.MemprofObjects.ProcCalls}, {"stacks", o.Stacks},
+		{"uw_stacks", o.UwStacks},
 	} {
 		out = append(out, MapStat{Name: m.name, Entries: countKeys(m.m), Capacity: int(m.m.MaxEntries())})
 	}

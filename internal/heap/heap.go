@@ -6,17 +6,19 @@ package heap
 import (
 	"errors"
 	"fmt"
+	"math"
 	"sort"
 
 	"github.com/cilium/ebpf"
 
 	mbpf "github.com/memprof/memprof/bpf"
+	"github.com/memprof/memprof/internal/unwindtable"
 )
 
 // Key identifies a bucket.
 type Key struct {
 	Pid     uint32
-	StackID uint32
+	StackID uint64 // see StackUnknown, CopiedStack, RetStack; with Maps.UwStacks a key of uw_stacks
 	Size    uint64
 }
 
@@ -30,40 +32,54 @@ type Bucket struct {
 // Snapshot is the sampled heap state of some processes at one moment.
 type Snapshot struct {
 	Buckets []Bucket
-	Stacks  map[uint32][]uint64 // stack id -> return addresses, leaf first
+	Stacks  map[uint64][]uint64 // stack id -> return addresses, leaf first
 	// Memcg is, per process, the memory cgroup id its live blocks were
 	// allocated in (the most common one).
 	Memcg map[uint32]uint64
 	// Truncated marks stacks whose unwinding stopped before the outermost
 	// frame.
-	Truncated map[uint32]bool
+	Truncated map[uint64]bool
+	// Pending marks the truncated stacks whose walk stopped at an object
+	// whose unwind table was not built yet (a subset of Truncated).
+	Pending map[uint64]bool
 }
 
 // CopiedStack is the flag of stack ids that are sequence numbers of stacks
 // copied for userspace unwinding (STACK_DWARF in bpf/memprof.h): their
 // stacks and allocation counts are resolved by the recorder.
-const CopiedStack = uint32(mbpf.MemprofStackIdFlagSTACK_DWARF)
+const CopiedStack = uint64(mbpf.MemprofStackIdFlagSTACK_DWARF)
 
 // RetStack is the flag of stack ids that are keys of the ret_stacks map:
 // stacks taken at an allocator's ret instruction, whose first frame (the
 // allocator) is replaced by the caller's return address (STACK_RET).
-const RetStack = uint32(mbpf.MemprofStackIdFlagSTACK_RET)
+const RetStack = uint64(mbpf.MemprofStackIdFlagSTACK_RET)
 
-func copied(id uint32) bool { return id&CopiedStack != 0 && id != StackUnknown }
+// CFIStack reports whether id is a key of uw_stacks: a stack walked with
+// CFI in BPF (ids from 2^32 up; the other kinds are below).
+func CFIStack(id uint64) bool { return id > math.MaxUint32 }
 
-func atRet(id uint32) bool { return id&RetStack != 0 && !copied(id) && id != StackUnknown }
+func (m Maps) copied(id uint64) bool {
+	return !CFIStack(id) && id&CopiedStack != 0 && id != StackUnknown
+}
+
+func (m Maps) atRet(id uint64) bool {
+	return !CFIStack(id) && id&RetStack != 0 && !m.copied(id) && id != StackUnknown
+}
 
 // StackUnknown is the stack id of samples whose stack walk failed.
-const StackUnknown = uint32(mbpf.MemprofStackIdFlagSTACK_UNKNOWN)
+const StackUnknown = uint64(mbpf.MemprofStackIdFlagSTACK_UNKNOWN)
 
 // Maps are the BPF maps a Reader reads.
 type Maps struct {
 	Live, Allocs, Stacks, RetStacks *ebpf.Map
+	// UwStacks is uw_stacks: the stacks walked with CFI in BPF (stack
+	// ids for which CFIStack is true; --stack-mode cfi). nil: none.
+	UwStacks *ebpf.Map
 }
 
 // FromObjects picks the maps out of the loaded objects.
 func FromObjects(o *mbpf.MemprofObjects) Maps {
-	return Maps{Live: o.Live, Allocs: o.Allocs, Stacks: o.Stacks, RetStacks: o.RetStacks}
+	return Maps{Live: o.Live, Allocs: o.Allocs, Stacks: o.Stacks, RetStacks: o.RetStacks, UwStacks: o.UwStacks}
 }
 
 // Read aggregates the state of the processes keep selects (nil: all).
@@ -114,7 +130,7 @@ func read(m Maps, keep func(pid uint32) bool, withStacks bool) (*Snapshot, error
 		return nil, err
 	}
 
-	s := &Snapshot{Stacks: map[uint32][]uint64{}, Memcg: map[uint32]uint64{}}
+	s := &Snapshot{Stacks: map[uint64][]uint64{}, Memcg: map[uint32]uint64{}}
 	for pid, votes := range memcgVotes {
 		best, bestN := uint64(0), -1
 		for id, n := range votes {
@@ -125,7 +141,7 @@ func read(m Maps, keep func(pid uint32) bool, withStacks bool) (*Snapshot, error
 		s.Memcg[pid] = best
 	}
 	for _, b := range buckets {
-		if copied(b.StackID) {
+		if m.copied(b.StackID) {
 			s.Buckets = append(s.Buckets, *b)
 			continue
 		}
@@ -136,6 +152,15 @@ func read(m Maps, keep func(pid uint32) bool, withStacks bool) (*Snapshot, error
 		}
 		s.Buckets = append(s.Buckets, *b)
 		if _, ok := s.Stacks[b.StackID]; withStacks && !ok && b.StackID != StackUnknown {
+			if CFIStack(b.StackID) {
+				if m.UwStacks == nil {
+					continue
+				}
+				if err := s.readCFIStack(m.UwStacks, b.StackID); err != nil {
+					return nil, err
+				}
+				continue
+			}
 			st, err := readStackID(m, b.StackID)
 			if err != nil {
 				return nil, err
@@ -158,21 +183,21 @@ func read(m Maps, keep func(pid uint32) bool, withStacks bool) (*Snapshot, error
 
 // readStackID reads a stack by id: from the stack map, or for a RetStack id
 // the caller's address followed by its stack's frames after the first.
-func readStackID(m Maps, id uint32) ([]uint64, error) {
-	if !atRet(id) {
+func readStackID(m Maps, id uint64) ([]uint64, error) {
+	if !m.atRet(id) {
 		return readStack(m.Stacks, id)
 	}
 	var rs mbpf.MemprofRetStack
 	if m.RetStacks == nil {
 		return nil, nil
 	}
-	if err := m.RetStacks.Lookup(id, &rs); err != nil {
+	if err := m.RetStacks.Lookup(uint32(id), &rs); err != nil {
 		if errors.Is(err, ebpf.ErrKeyNotExist) {
 			return nil, nil
 		}
 		return nil, fmt.Errorf("read return-site stack %#x: %w", id, err)
 	}
-	st, err := readStack(m.Stacks, rs.StackId)
+	st, err := readStack(m.Stacks, uint64(rs.StackId))
 	if err != nil || len(st) == 0 {
 		return st, err
 	}
@@ -180,9 +205,9 @@ func readStackID(m Maps, id uint32) ([]uint64, error) {
 	return st, nil
 }
 
-func readStack(m *ebpf.Map, id uint32) ([]uint64, error) {
+func readStack(m *ebpf.Map, id uint64) ([]uint64, error) {
 	var raw [mbpf.MemprofBoundsMAX_STACK_DEPTH]uint64
-	if err := m.Lookup(id, &raw); err != nil {
+	if err := m.Lookup(uint32(id), &raw); err != nil {
 		if errors.Is(err, ebpf.ErrKeyNotExist) {
 			return nil, nil
 		}
@@ -272,9 +297,15 @@ func (s *Snapshot) Merge(other *Snapshot) {
 	}
 	for id := range other.Truncated {
 		if s.Truncated == nil {
-			s.Truncated = map[uint32]bool{}
+			s.Truncated = map[uint64]bool{}
 		}
 		s.Truncated[id] = true
+	}
+	for id := range other.Pending {
+		if s.Pending == nil {
+			s.Pending = map[uint64]bool{}
+		}
+		s.Pending[id] = true
 	}
 }
 
@@ -293,8 +324,8 @@ func (s *Snapshot) Pids() []uint32 {
 }
 
 // Referenced returns the stack ids the live and allocation maps refer to.
-func Referenced(m Maps) (map[uint32]bool, error) {
-	refs := map[uint32]bool{}
+func Referenced(m Maps) (map[uint64]bool, error) {
+	refs := map[uint64]bool{}
 	if err := eachAlloc(m, func(k mbpf.MemprofAllocKey, _ uint64) { refs[k.StackId] = true }); err != nil {
 		return nil, err
 	}
@@ -303,10 +334,10 @@ func Referenced(m Maps) (map[uint32]bool, error) {
 	}
 	// A return-site stack refers to a stack of the stack map.
 	for id := range refs {
-		if atRet(id) && m.RetStacks != nil {
+		if m.atRet(id) && m.RetStacks != nil {
 			var rs mbpf.MemprofRetStack
-			if m.RetStacks.Lookup(id, &rs) == nil {
-				refs[rs.StackId] = true
+			if m.RetStacks.Lookup(uint32(id), &rs) == nil {
+				refs[uint64(rs.StackId)] = true
 			}
 		}
 	}
@@ -319,41 +350,81 @@ func Referenced(m Maps) (map[uint32]bool, error) {
 // processes gone, so a long-running session does not fill the map. A stack
 // must stay unreferenced across two prunes, so one that a sample reuses
 // right after it was found unreferenced survives.
-func PruneStacks(m Maps, refs map[uint32]bool, stale map[uint32]bool) (removed int) {
+func PruneStacks(m Maps, refs map[uint64]bool, stale map[uint64]bool) (removed int) {
+	type entry struct {
+		id  uint64
+		del func() error
+	}
+	var ids []entry
 	var id uint32
-	var ids []uint32
 	it := m.Stacks.Iterate()
 	var raw [mbpf.MemprofBoundsMAX_STACK_DEPTH]uint64
 	for it.Next(&id, &raw) {
-		ids = append(ids, id)
+		k := id
+		ids = append(ids, entry{uint64(k), func() error { return m.Stacks.Delete(k) }})
 	}
 	if m.RetStacks != nil {
 		var rs mbpf.MemprofRetStack
 		it := m.RetStacks.Iterate()
 		for it.Next(&id, &rs) {
-			ids = append(ids, id)
+			k := id
+			ids = append(ids, entry{uint64(k), func() error { return m.RetStacks.Delete(k) }})
 		}
 	}
-	next := map[uint32]bool{}
-	for _, id := range ids {
-		if refs[id] {
+	if m.UwStacks != nil {
+		// Keys only: a stack's value is 1 KiB.
+		var key, next uint64
+		var cur any
+		for m.UwStacks.NextKey(cur, &next) == nil {
+			k := next
+			ids = append(ids, entry{k, func() error { return m.UwStacks.Delete(k) }})
+			key = next
+			cur = key
+		}
+	}
+	nextStale := map[uint64]bool{}
+	for _, e := range ids {
+		if refs[e.id] {
 			continue
 		}
-		if stale[id] {
-			del := m.Stacks.Delete
-			if atRet(id) {
-				del = m.RetStacks.Delete
-			}
-			if del(id) == nil {
+		if stale[e.id] {
+			if e.del() == nil {
 				removed++
 			}
 			continue
 		}
-		next[id] = true
+		nextStale[e.id] = true
 	}
 	clear(stale)
-	for id := range next {
+	for id := range nextStale {
 		stale[id] = true
 	}
 	return removed
+}
+
+// readCFIStack reads stack id of uw_stacks into s: its frames, and whether
+// the walk was truncated (and stopped at a table not built yet). A stack
+// deleted meanwhile (pruned) is left out: its samples show no stack.
+func (s *Snapshot) readCFIStack(stacks *ebpf.Map, id uint64) error {
+	pcs, status, err := unwindtable.ReadStackStatus(stacks, id)
+	if err != nil {
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			return nil
+		}
+		return err
+	}
+	s.Stacks[id] = pcs
+	if status != unwindtable.StatusComplete {
+		if s.Truncated == nil {
+			s.Truncated = map[uint64]bool{}
+		}
+		s.Truncated[id] = true
+	}
+	if status == unwindtable.StatusPending {
+		if s.Pending == nil {
+			s.Pending = map[uint64]bool{}
+		}
+		s.Pending[id] = true
+	}
+	return nil
 }

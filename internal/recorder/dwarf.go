@@ -7,26 +7,42 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 	"unsafe"
 
 	mbpf "github.com/memprof/memprof/bpf"
+	"github.com/memprof/memprof/internal/bpfload"
 	"github.com/memprof/memprof/internal/heap"
 	"github.com/memprof/memprof/internal/procmaps"
 	"github.com/memprof/memprof/internal/targetfs"
 	"github.com/memprof/memprof/internal/unwind"
+	"github.com/memprof/memprof/internal/unwindtable"
+	"github.com/memprof/memprof/pprofout"
 )
 
 // Stack modes (--stack-mode).
 const (
-	StackAuto  = "auto"  // per process: unwind with CFI when its executable has no frame pointers
+	StackCFI   = "cfi"   // CFI walk in BPF for everything (default); frame pointers where an object has no CFI
 	StackFP    = "fp"    // frame-pointer walk in BPF for everything
-	StackDwarf = "dwarf" // CFI unwinding in userspace for everything
+	StackDwarf = "dwarf" // stack copies unwound with CFI in userspace for everything
+	StackAuto  = "auto"  // per process: stack copies when its own code lacks frame pointers, else fp
 )
+
+var stackModes = map[string]mbpf.MemprofStackMode{
+	StackCFI: mbpf.MemprofStackModeSM_CFI, StackFP: mbpf.MemprofStackModeSM_FP,
+	StackDwarf: mbpf.MemprofStackModeSM_DWARF, StackAuto: mbpf.MemprofStackModeSM_AUTO,
+}
 
 // stackFlag marks a live block's stack id as a copied stack's sequence
 // number (STACK_DWARF in bpf/memprof.h).
 const stackFlag = heap.CopiedStack
+
+// copiedStack tells the ids of copied stacks (sequence numbers, canonical
+// ids once resolved) from the others.
+func copiedStack(id uint64) bool {
+	return !heap.CFIStack(id) && id&stackFlag != 0 && id != heap.StackUnknown
+}
 
 // maxUnwindFrames bounds an unwound stack.
 const maxUnwindFrames = 128
@@ -39,8 +55,16 @@ const maxCFIBuckets = 1 << 18
 // allocation's copy is unwound once, when its event arrives (the process
 // and its mappings are alive then), and its sequence number maps to a
 // canonical stack id shared by identical stacks.
+//
+// In cfi mode (objs.Unwind set) stacks are walked in BPF from the tables of
+// the store, which learns each target's mappings here; only the samples
+// whose walk met code not described yet (a library just mapped, a table
+// still being built) are copied, and unwound here with a userspace
+// unwinder made for the process on its first such copy.
 type dwarfStacks struct {
 	cache *unwind.Cache
+	objs  *bpfload.Objects
+	store *unwindtable.Store // cfi mode; nil otherwise
 	// mapped, if set, is called after a walk made the unwinder re-read a
 	// process's mappings (a library mapped since, such as a dlopen): the
 	// symbolizer takes them at once too, so the library's frames still
@@ -49,21 +73,28 @@ type dwarfStacks struct {
 
 	mu        sync.Mutex
 	procs     map[int]*dwarfProc
-	byKey     map[string]uint32
-	keys      map[uint32]string // byKey reversed, for pruning
-	stacks    map[uint32][]uint64
-	truncated map[uint32]bool
+	cfiProcs  map[int]bool      // cfi mode: processes given to the store
+	rescanned map[int]time.Time // cfi mode: last rescan prompted by a stack copy
+	given     map[int]string    // cfi mode: the executable mappings last given to the store (execKey)
+	byKey     map[string]uint64
+	keys      map[uint64]string // byKey reversed, for pruning
+	stacks    map[uint64][]uint64
+	truncated map[uint64]bool
 	seqs      map[uint32]seqInfo
 	allocs    map[heap.Key]uint64 // sampled allocations per (pid, canonical stack, size)
-	next      uint32
+	next      uint64
 	gen       uint64
+	stop      chan struct{}
+	// handling counts events being unwound (handle): a read waits for
+	// them, so a copy taken from the ring buffer is never missed.
+	handling atomic.Int32
 	// Totals for the summary.
 	unwound, truncatedN, noProc uint64
 	bucketsFull                 uint64 // allocation counts lost to maxCFIBuckets
 }
 
 type seqInfo struct {
-	id  uint32
+	id  uint64
 	pid uint32
 	gen uint64
 }
@@ -87,22 +118,117 @@ func (d *dwarfStacks) shouldRefresh(p *dwarfProc, pc uint64) bool {
 	return !p.uncovered[pc>>12] && len(p.uncovered) < 4096
 }
 
-func newDwarfStacks() *dwarfStacks {
-	return &dwarfStacks{
+func newDwarfStacks(objs *bpfload.Objects) *dwarfStacks {
+	d := &dwarfStacks{
 		cache:     unwind.NewCache(256 << 20),
+		objs:      objs,
 		procs:     map[int]*dwarfProc{},
-		byKey:     map[string]uint32{},
-		keys:      map[uint32]string{},
-		stacks:    map[uint32][]uint64{},
-		truncated: map[uint32]bool{},
+		cfiProcs:  map[int]bool{},
+		rescanned: map[int]time.Time{},
+		given:     map[int]string{},
+		byKey:     map[string]uint64{},
+		keys:      map[uint64]string{},
+		stacks:    map[uint64][]uint64{},
+		truncated: map[uint64]bool{},
 		seqs:      map[uint32]seqInfo{},
 		allocs:    map[heap.Key]uint64{},
 		next:      stackFlag,
 	}
+	if objs != nil && objs.Unwind != nil {
+		d.store = objs.Unwind
+		d.stop = make(chan struct{})
+		go d.refreshLoop()
+	}
+	return d
 }
 
-// addProcess prepares unwinding for pid (its mappings now).
-func (d *dwarfStacks) addProcess(pid int) error {
+// staleInterval is how often the processes whose BPF walks met code
+// outside their known mappings are rescanned (each at most once per
+// interval): their samples are copied for userspace unwinding meanwhile.
+const staleInterval = 5 * time.Millisecond
+
+// rescanInterval rate-limits the rescans of a process prompted by its
+// stack copies (cfi mode).
+const rescanInterval = 2 * time.Millisecond
+
+// refreshLoop rescans the store's stale processes until close.
+func (d *dwarfStacks) refreshLoop() {
+	t := time.NewTicker(staleInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-d.stop:
+			return
+		case <-t.C:
+			d.store.Refresh(procmaps.Read) // errors: processes gone meanwhile
+		}
+	}
+}
+
+// close stops the background refresh.
+func (d *dwarfStacks) close() {
+	if d.stop != nil {
+		select {
+		case <-d.stop:
+		default:
+			close(d.stop)
+		}
+	}
+}
+
+// tableWait bounds how long a target waits for its unwind tables before
+// its probes fire (pid targets) or it runs on (commands stopped at their
+// exec); samples in code whose table is not ready by then are copied.
+const tableWait = 3 * time.Second
+
+// prepare gives pid's mappings to the store and builds their unwind
+// tables (cfi mode), waiting up to tableWait, so that its first samples
+// find them ready. A target that is not attached after all is forgotten
+// with removeProcess.
+func (d *dwarfStacks) prepare(pid int) {
+	if d.store != nil {
+		d.addProcess(pid, nil) // errors: reported when setupStacks adds it again
+	}
+}
+
+// addProcess prepares unwinding for pid (its mappings now). objects are
+// host paths of objects it is about to map (a command stopped at its exec:
+// its libraries), nil if none: in cfi mode their tables are built now, and
+// the call waits up to tableWait for the tables.
+func (d *dwarfStacks) addProcess(pid int, objects []objectFile) error {
+	if d.store != nil {
+		for _, o := range objects {
+			_ = d.store.Prepare(o.path) // errors: SetProcess reports those of objects mapped
+		}
+		maps, err := procmaps.Read(pid)
+		if err != nil {
+			return err
+		}
+		d.mu.Lock()
+		d.cfiProcs[pid] = true
+		d.mu.Unlock()
+		err = d.store.SetProcess(pid, maps)
+		d.store.WaitFor(tableWait)
+		return err
+	}
+	return d.addUnwinder(pid)
+}
+
+// execKey identifies a process's executable file mappings (address
+// ranges and files), to tell whether they changed.
+func execKey(maps []procmaps.Mapping) string {
+	var b strings.Builder
+	for i := range maps {
+		m := &maps[i]
+		if m.Exec() && m.IsFile() {
+			fmt.Fprintf(&b, "%x-%x:%x:%d:%d:%d;", m.Start, m.End, m.Offset, m.DevMajor, m.DevMinor, m.Inode)
+		}
+	}
+	return b.String()
+}
+
+// addUnwinder prepares userspace unwinding of stack copies for pid.
+func (d *dwarfStacks) addUnwinder(pid int) error {
 	maps, err := procmaps.Read(pid)
 	if err != nil {
 		return err
@@ -124,7 +250,24 @@ func (d *dwarfStacks) addProcess(pid int) error {
 func (d *dwarfStacks) refresh(pid int) {
 	d.mu.Lock()
 	p := d.procs[pid]
+	cfi := d.cfiProcs[pid]
 	d.mu.Unlock()
+	if cfi {
+		// The BPF walk marks the process when it meets code mapped since
+		// (refreshLoop); a rescan here catches code that no sample has
+		// met yet, so its table is ready before it is needed. The store
+		// is told only when the executable mappings changed.
+		if maps, err := procmaps.Read(pid); err == nil {
+			key := execKey(maps)
+			d.mu.Lock()
+			changed := d.given[pid] != key
+			d.given[pid] = key
+			d.mu.Unlock()
+			if changed {
+				d.store.SetProcess(pid, maps)
+			}
+		}
+	}
 	if p == nil {
 		return
 	}
@@ -143,6 +286,12 @@ func (d *dwarfStacks) removeProcess(pid int) {
 		p.up.Close()
 		delete(d.procs, pid)
 	}
+	delete(d.rescanned, pid)
+	delete(d.given, pid)
+	if d.cfiProcs[pid] {
+		delete(d.cfiProcs, pid)
+		d.store.RemoveProcess(pid)
+	}
 	for k := range d.allocs {
 		if k.Pid == uint32(pid) {
 			delete(d.allocs, k)
@@ -159,6 +308,8 @@ var stackEventHeader = int(unsafe.Offsetof(mbpf.MemprofStackEvent{}.Data))
 
 // handle unwinds one stack event.
 func (d *dwarfStacks) handle(raw []byte) error {
+	d.handling.Add(1)
+	defer d.handling.Add(-1)
 	if len(raw) < stackEventHeader {
 		return fmt.Errorf("short stack event (%d bytes)", len(raw))
 	}
@@ -175,7 +326,30 @@ func (d *dwarfStacks) handle(raw []byte) error {
 
 	d.mu.Lock()
 	p := d.procs[tgid]
+	cfi := d.cfiProcs[tgid]
+	lazy := p == nil && cfi
+	rescan := cfi && time.Since(d.rescanned[tgid]) >= rescanInterval
+	if rescan {
+		d.rescanned[tgid] = time.Now()
+	}
 	d.mu.Unlock()
+	if rescan {
+		// cfi mode: a copy means the BPF walk met code not described yet
+		// (mapped since the last scan, or a table still being built):
+		// rescan now, so the next samples are walked in BPF.
+		if maps, err := procmaps.Read(tgid); err == nil {
+			d.store.SetProcess(tgid, maps)
+		}
+	}
+	if lazy {
+		// cfi mode: the first copy of this process (its walk met code not
+		// described yet).
+		if d.addUnwinder(tgid) == nil {
+			d.mu.Lock()
+			p = d.procs[tgid]
+			d.mu.Unlock()
+		}
+	}
 	var pcs []uint64
 	truncated := true
 	if p != nil {
@@ -247,6 +421,11 @@ func stackKey(pcs []uint64, truncated bool) string {
 // the processes keep selects. Sequence numbers of blocks of those processes
 // no longer live are forgotten.
 func (d *dwarfStacks) resolve(s *heap.Snapshot, keep func(uint32) bool) {
+	// A copy being unwound (the first of a process in cfi mode prepares
+	// its userspace unwinder: tens of milliseconds) is waited for.
+	for i := 0; i < 500 && d.handling.Load() > 0; i++ {
+		time.Sleep(10 * time.Millisecond)
+	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	gen := d.gen
@@ -265,8 +444,8 @@ func (d *dwarfStacks) resolve(s *heap.Snapshot, keep func(uint32) bool) {
 	}
 	for _, b := range s.Buckets {
 		k := b.Key
-		if k.StackID&stackFlag != 0 && k.StackID != heap.StackUnknown {
-			seq := k.StackID &^ stackFlag
+		if copiedStack(k.StackID) {
+			seq := uint32(k.StackID &^ stackFlag)
 			seen[seq] = true
 			if info, ok := d.seqs[seq]; ok {
 				k.StackID = info.id
@@ -291,11 +470,11 @@ func (d *dwarfStacks) resolve(s *heap.Snapshot, keep func(uint32) bool) {
 			b.AllocCount = b.InuseCount
 		}
 		s.Buckets = append(s.Buckets, *b)
-		if k.StackID&stackFlag != 0 && k.StackID != heap.StackUnknown {
+		if copiedStack(k.StackID) {
 			s.Stacks[k.StackID] = d.stacks[k.StackID]
 			if d.truncated[k.StackID] {
 				if s.Truncated == nil {
-					s.Truncated = map[uint32]bool{}
+					s.Truncated = map[uint64]bool{}
 				}
 				s.Truncated[k.StackID] = true
 			}
@@ -317,7 +496,7 @@ func (d *dwarfStacks) resolve(s *heap.Snapshot, keep func(uint32) bool) {
 func (d *dwarfStacks) prune() (removed int) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	refs := map[uint32]bool{}
+	refs := map[uint64]bool{}
 	for _, info := range d.seqs {
 		refs[info.id] = true
 	}
@@ -337,6 +516,66 @@ func (d *dwarfStacks) prune() (removed int) {
 	return removed
 }
 
+// tableStats reports the unwind tables held: the store's in cfi mode
+// (rows and rules in BPF maps), else the userspace unwinder's.
+func (d *dwarfStacks) tableStats() (tables int, bytes int64) {
+	if d.store != nil {
+		st := d.store.Stats()
+		return st.Objects, st.Bytes + st.ProcBytes
+	}
+	return d.cache.Stats()
+}
+
+// cfiStats sums the BPF walks' outcomes (cfi mode): walks truncated (those
+// that fell back to a stack copy are counted by the copy's unwinding
+// instead), stopped at a table not built yet, and stacks not stored
+// (uw_stacks hash collision or full).
+func (d *dwarfStacks) cfiStats() (truncated, pending, lost uint64, err error) {
+	w, err := unwindtable.ReadWalkStats(d.objs.UwStats)
+	if err != nil {
+		return 0, 0, 0, err
+	}
+	in, err := unwindtable.ReadInternStats(d.objs.UwInternStats)
+	if err != nil {
+		return 0, 0, 0, err
+	}
+	c, err := d.objs.ReadCounters()
+	if err != nil {
+		return 0, 0, 0, err
+	}
+	truncated = w.Truncated()
+	if copies := c.StackCopies; copies <= truncated {
+		truncated -= copies // walks that fell back to a copy
+	}
+	return truncated, w.Pending, in.Collisions + in.Full + w.Busy, nil
+}
+
+// comments are the profile's cfi-mode figures.
+func (d *dwarfStacks) comments() []string {
+	if d.store == nil {
+		return nil
+	}
+	tr, pend, lost, err := d.cfiStats()
+	if err != nil {
+		return []string{"memprof error: " + err.Error()}
+	}
+	st := d.store.Stats()
+	var walks uint64
+	if w, err := unwindtable.ReadWalkStats(d.objs.UwStats); err == nil {
+		walks = w.Complete + w.Truncated()
+	}
+	return []string{
+		pprofout.MetaComment("bpf_walks", strconv.FormatUint(walks, 10)),
+		pprofout.MetaComment("bpf_walks_truncated", strconv.FormatUint(tr, 10)),
+		pprofout.MetaComment("bpf_walks_table_pending", strconv.FormatUint(pend, 10)),
+		pprofout.MetaComment("bpf_stacks_lost", strconv.FormatUint(lost, 10)),
+		pprofout.MetaComment("unwind_table_rows", strconv.FormatUint(st.Rows, 10)),
+		pprofout.MetaComment("unwind_table_row_capacity", strconv.FormatUint(st.RowCapacity, 10)),
+		pprofout.MetaComment("unwind_tables_evicted", strconv.FormatUint(st.Evicted, 10)),
+		pprofout.MetaComment("unwind_tables_no_room", strconv.FormatUint(st.NoRoom+st.TooLarge, 10)),
+	}
+}
+
 // size is the number of interned stacks.
 func (d *dwarfStacks) size() int {
 	d.mu.Lock()
@@ -344,12 +583,21 @@ func (d *dwarfStacks) size() int {
 	return len(d.stacks)
 }
 
-// stats reports unwinding totals and the allocation counts lost to the
-// bucket bound.
+// stats reports unwinding totals: stack copies unwound in userspace,
+// stacks truncated (copies and, in cfi mode, BPF walks), and the
+// allocation counts lost to the bucket bound.
 func (d *dwarfStacks) stats() (unwound, truncated, bucketsFull uint64) {
 	d.mu.Lock()
-	defer d.mu.Unlock()
-	return d.unwound, d.truncatedN, d.bucketsFull
+	unwound, truncated, bucketsFull = d.unwound, d.truncatedN, d.bucketsFull
+	d.mu.Unlock()
+	if d.store != nil {
+		// cfi mode: the BPF walks' truncations too (unwound counts the
+		// copies only: the walks are bpf_walks).
+		if tr, _, lost, err := d.cfiStats(); err == nil {
+			truncated += tr + lost
+		}
+	}
+	return unwound, truncated, bucketsFull
 }
 
 // fpCache remembers, per object file, whether it was built with frame

@@ -67,7 +67,7 @@ func TestExceptionsThroughOperatorNew(t *testing.T) {
 		// (auto mode, the program has frame pointers) with the caller put
 		// in place of operator new's frame, and copied for CFI unwinding
 		// with the registers as they are after the ret.
-		for _, mode := range []string{StackAuto, StackDwarf} {
+		for _, mode := range []string{StackCFI, StackAuto, StackDwarf} {
 			t.Run(al.name+"/command-"+mode, func(t *testing.T) {
 				var reason string
 				p := record(t, Options{SampleRate: 1, StackMode: mode, Command: []string{bin}, Env: append(os.Environ(), privateLibs(t, al.env)...)}, func(s *Session) {

@@ -14,7 +14,6 @@ import (
 
 	"github.com/cilium/ebpf/ringbuf"
 
-	mbpf "github.com/memprof/memprof/bpf"
 	"github.com/memprof/memprof/internal/attach"
 	"github.com/memprof/memprof/internal/bpfload"
 	"github.com/memprof/memprof/internal/frag"
@@ -55,7 +54,7 @@ type Options struct {
 	// NoSession uses uprobe_multi entry and return links even where the
 	// kernel has uprobe sessions (the path kernels before 6.13 take).
 	NoSession bool
-	// StackMode is StackAuto (default), StackFP or StackDwarf.
+	// StackMode is StackCFI (default), StackFP, StackDwarf or StackAuto.
 	StackMode string
 	// ClassicOOM takes OOM kills from the classic tracepoint (pid only, as
 	// before Linux 6.8) even where the victim's task is available.
@@ -88,7 +87,7 @@ type Session struct {
 
 	// Stack pruning of long-running (DropExited) sessions.
 	lastPrune   time.Time
-	staleStacks map[uint32]bool
+	staleStacks map[uint64]bool
 
 	// addMu serializes addPid, so that a process found by two scans at
 	// once (AddCgroup and the poll loop) is attached once, not twice.
@@ -150,13 +149,11 @@ func Start(ctx context.Context, opts Options) (*Session, error) {
 		}
 	}
 	if opts.StackMode == "" {
-		opts.StackMode = StackAuto
+		opts.StackMode = StackCFI
 	}
-	mode, ok := map[string]mbpf.MemprofStackMode{
-		StackAuto: mbpf.MemprofStackModeSM_AUTO, StackFP: mbpf.MemprofStackModeSM_FP, StackDwarf: mbpf.MemprofStackModeSM_DWARF,
-	}[opts.StackMode]
+	mode, ok := stackModes[opts.StackMode]
 	if !ok {
-		return nil, fmt.Errorf("unknown stack mode %q: use auto, fp or dwarf", opts.StackMode)
+		return nil, fmt.Errorf("unknown stack mode %q: use cfi, fp, dwarf or auto", opts.StackMode)
 	}
 	objs, err := bpfload.Load(bpfload.Options{SampleRate: opts.SampleRate, StackMode: mode, ClassicOOM: opts.ClassicOOM, NoSession: opts.NoSession})
 	if err != nil {
@@ -174,11 +171,11 @@ func Start(ctx context.Context, opts Options) (*Session, error) {
 		start:   time.Now(),
 		done:    make(chan struct{}),
 		procs:   map[int]*target{},
-		frozen:  &heap.Snapshot{Stacks: map[uint32][]uint64{}, Memcg: map[uint32]uint64{}},
+		frozen:  &heap.Snapshot{Stacks: map[uint64][]uint64{}, Memcg: map[uint32]uint64{}},
 		objects: map[procmaps.FileID]*attach.Object{},
 	}
 	if opts.StackMode != StackFP {
-		s.dwarf = newDwarfStacks()
+		s.dwarf = newDwarfStacks(objs)
 		s.dwarf.mapped = s.refreshSymbols
 	}
 	if err := s.startOOM(); err != nil {
@@ -295,6 +292,9 @@ func (s *Session) Close() {
 	s.hookMu.Unlock()
 	if s.oomStop != nil {
 		s.oomStop()
+	}
+	if s.dwarf != nil {
+		s.dwarf.close()
 	}
 	s.att.Close()
 	s.mu.Lock()

@@ -89,20 +89,20 @@ func TestSeriesOfACgroup(t *testing.T) {
 // stacks of that process's live blocks; a read of the process does forget
 // its blocks that are gone.
 func TestResolveKeepsProcessesNotRead(t *testing.T) {
-	d := newDwarfStacks()
+	d := newDwarfStacks(nil)
 	d.seqs[1] = seqInfo{id: stackFlag, pid: 10, gen: 0}
 	d.seqs[2] = seqInfo{id: stackFlag + 1, pid: 20, gen: 0}
 	d.seqs[3] = seqInfo{id: stackFlag + 1, pid: 20, gen: 0}
 	d.gen = 1
 	only := func(pid uint32) func(uint32) bool { return func(p uint32) bool { return p == pid } }
 	// Pid 10 read: its block (seq 1) is live; pid 20 is not read.
-	snap := &heap.Snapshot{Stacks: map[uint32][]uint64{}, Buckets: []heap.Bucket{{Key: heap.Key{Pid: 10, StackID: stackFlag | 1, Size: 8}, InuseCount: 1}}}
+	snap := &heap.Snapshot{Stacks: map[uint64][]uint64{}, Buckets: []heap.Bucket{{Key: heap.Key{Pid: 10, StackID: stackFlag | 1, Size: 8}, InuseCount: 1}}}
 	d.resolve(snap, only(10))
 	if _, ok := d.seqs[2]; !ok {
 		t.Fatal("a read of pid 10 forgot the live blocks of pid 20")
 	}
 	// Pid 20 read: seq 2 live, seq 3 gone.
-	snap = &heap.Snapshot{Stacks: map[uint32][]uint64{}, Buckets: []heap.Bucket{{Key: heap.Key{Pid: 20, StackID: stackFlag | 2, Size: 8}, InuseCount: 1}}}
+	snap = &heap.Snapshot{Stacks: map[uint64][]uint64{}, Buckets: []heap.Bucket{{Key: heap.Key{Pid: 20, StackID: stackFlag | 2, Size: 8}, InuseCount: 1}}}
 	d.resolve(snap, only(20))
 	if _, ok := d.seqs[3]; ok {
 		t.Fatal("seq 3 of pid 20, no longer live, kept")

@@ -78,6 +78,9 @@ func TestStacksWithoutFramePointers(t *testing.T) {
 	for _, tc := range []struct {
 		name, mode, bin string
 	}{
+		{"cfi-default", "", noFPs},
+		{"cfi-exe-fp-lib-none", StackCFI, buildDeep(t, withFP, noFP)},
+		{"cfi-exe-none-lib-fp", StackCFI, buildDeep(t, noFP, withFP)},
 		{"auto", StackAuto, noFPs},
 		{"dwarf", StackDwarf, noFPs},
 		{"fp", StackFP, noFPs},
@@ -156,7 +159,9 @@ var _ = fmt.Sprint
 
 // TestStacksReclaimed: a long-running session (the agent's DropExited)
 // drops the stacks nothing refers to any more once their processes are
-// gone: the BPF stack map and the interned CFI stacks return to empty.
+// gone: the BPF stack maps and the interned CFI stacks return to empty,
+// in auto mode (frame-pointer stack map, stacks copied and unwound in
+// userspace) and in the default cfi mode (uw_stacks).
 func TestStacksReclaimed(t *testing.T) {
 	testprog.RequireRoot(t)
 	old := PruneInterval
@@ -164,47 +169,55 @@ func TestStacksReclaimed(t *testing.T) {
 	t.Cleanup(func() { PruneInterval = old })
 	fpBin := testprog.Build(t, "rec_leaky.c")
 	noFPBin := buildDeep(t, noFP, noFP)
-	s, err := Start(context.Background(), Options{SampleRate: 1, AllowEmpty: true, DropExited: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
-	stacks := func() int {
-		for _, m := range s.MapStats() {
-			if m.Name == "stacks" {
-				return m.Entries
+	for _, mode := range []string{StackAuto, StackCFI} {
+		t.Run(mode, func(t *testing.T) {
+			s, err := Start(context.Background(), Options{SampleRate: 1, AllowEmpty: true, DropExited: true, StackMode: mode})
+			if err != nil {
+				t.Fatal(err)
 			}
-		}
-		t.Fatal("no stacks map in MapStats")
-		return 0
-	}
-	fp := testprog.Start(t, fpBin, nil, "--wait-start", "--wait-end")
-	fp.Expect(t, "READY")
-	deep := testprog.Start(t, "/bin/sh", nil, "-c", `read x; exec "$0"`, noFPBin)
-	for _, pid := range []int{fp.Pid(), deep.Pid()} {
-		if err := s.AddPid(pid); err != nil {
-			t.Fatal(err)
-		}
-	}
-	deep.Send(t, "go")
-	deep.Expect(t, "DONE")
-	fp.Send(t, "go")
-	fp.Expect(t, "DONE")
-	time.Sleep(300 * time.Millisecond) // let the stack copies be unwound
-	inUse, interned := stacks(), s.dwarf.size()
-	t.Logf("while the targets live: %d stacks in the BPF map, %d interned CFI stacks", inUse, interned)
-	if inUse == 0 || interned == 0 {
-		t.Fatalf("no stacks recorded (BPF %d, CFI %d): the test proves nothing", inUse, interned)
-	}
-	fp.Send(t, "go")
-	deep.Send(t, "go")
-	fp.Cmd.Wait()
-	deep.Cmd.Wait()
-	deadline := time.Now().Add(10 * time.Second)
-	for stacks() != 0 || s.dwarf.size() != 0 {
-		if time.Now().After(deadline) {
-			t.Fatalf("after the targets exited: %d stacks left in the BPF map, %d interned CFI stacks, want 0 and 0 within 10s", stacks(), s.dwarf.size())
-		}
-		time.Sleep(50 * time.Millisecond)
+			defer s.Close()
+			mapName := "stacks"
+			if mode == StackCFI {
+				mapName = "uw_stacks"
+			}
+			stacks := func() int {
+				for _, m := range s.MapStats() {
+					if m.Name == mapName {
+						return m.Entries
+					}
+				}
+				t.Fatalf("no %s map in MapStats", mapName)
+				return 0
+			}
+			fp := testprog.Start(t, fpBin, nil, "--wait-start", "--wait-end")
+			fp.Expect(t, "READY")
+			deep := testprog.Start(t, "/bin/sh", nil, "-c", `read x; exec "$0"`, noFPBin)
+			for _, pid := range []int{fp.Pid(), deep.Pid()} {
+				if err := s.AddPid(pid); err != nil {
+					t.Fatal(err)
+				}
+			}
+			deep.Send(t, "go")
+			deep.Expect(t, "DONE")
+			fp.Send(t, "go")
+			fp.Expect(t, "DONE")
+			time.Sleep(300 * time.Millisecond) // let the stack copies be unwound
+			inUse, interned := stacks(), s.dwarf.size()
+			t.Logf("while the targets live: %d stacks in %s, %d interned CFI stacks (copies)", inUse, mapName, interned)
+			if inUse == 0 || (mode == StackAuto && interned == 0) {
+				t.Fatalf("no stacks recorded (BPF %d, CFI %d): the test proves nothing", inUse, interned)
+			}
+			fp.Send(t, "go")
+			deep.Send(t, "go")
+			fp.Cmd.Wait()
+			deep.Cmd.Wait()
+			deadline := time.Now().Add(10 * time.Second)
+			for stacks() != 0 || s.dwarf.size() != 0 {
+				if time.Now().After(deadline) {
+					t.Fatalf("after the targets exited: %d stacks left in %s, %d interned CFI stacks, want 0 and 0 within 10s", stacks(), mapName, s.dwarf.size())
+				}
+				time.Sleep(50 * time.Millisecond)
+			}
+		})
 	}
 }

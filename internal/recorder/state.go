@@ -82,6 +82,7 @@ func (s *Session) profileOf(snap *heap.Snapshot, only func(pid uint32) bool) (*p
 	}
 	unknown := &pprofout.Location{Lines: []pprofout.Line{{Function: "[stack unavailable]"}}}
 	truncated := &pprofout.Location{Lines: []pprofout.Line{{Function: "[truncated]"}}}
+	pending := &pprofout.Location{Lines: []pprofout.Line{{Function: "[table pending]"}}}
 	s.mu.Lock()
 	procs := map[int]*target{}
 	for pid, t := range s.procs {
@@ -99,6 +100,8 @@ func (s *Session) profileOf(snap *heap.Snapshot, only func(pid uint32) bool) (*p
 		}
 		if len(stack) == 0 {
 			stack = []*pprofout.Location{unknown}
+		} else if snap.Pending[b.StackID] {
+			stack = append(stack[:len(stack):len(stack)], pending, truncated)
 		} else if snap.Truncated[b.StackID] {
 			stack = append(stack[:len(stack):len(stack)], truncated)
 		}
@@ -139,7 +142,7 @@ func (s *Session) profileOf(snap *heap.Snapshot, only func(pid uint32) bool) (*p
 		pprofout.MetaComment("stack_mode", s.opts.StackMode))
 	if s.dwarf != nil {
 		u, tr, full := s.dwarf.stats()
-		tables, bytes := s.dwarf.cache.Stats()
+		tables, bytes := s.dwarf.tableStats()
 		if full > 0 {
 			p.Comments = append(p.Comments, pprofout.MetaComment("lost_cfi_alloc_buckets_full", strconv.FormatUint(full, 10)))
 		}
@@ -147,6 +150,7 @@ func (s *Session) profileOf(snap *heap.Snapshot, only func(pid uint32) bool) (*p
 			pprofout.MetaComment("stacks_truncated", strconv.FormatUint(tr, 10)),
 			pprofout.MetaComment("unwind_tables", strconv.Itoa(tables)),
 			pprofout.MetaComment("unwind_table_bytes", strconv.FormatInt(bytes, 10)))
+		p.Comments = append(p.Comments, s.dwarf.comments()...)
 	}
 	var gone int
 	var dropped uint64
@@ -211,9 +215,13 @@ func (s *Session) releaseSymbols(snap *heap.Snapshot, marks map[int]uint64) {
 	}
 	s.mu.Unlock()
 	addrs := map[uint32][]uint64{}
-	seen := map[[2]uint32]bool{}
+	type key struct {
+		pid   uint32
+		stack uint64
+	}
+	seen := map[key]bool{}
 	for _, b := range snap.Buckets {
-		k := [2]uint32{b.Pid, b.StackID}
+		k := key{b.Pid, b.StackID}
 		if procs[int(b.Pid)] == nil || seen[k] {
 			continue
 		}
@@ -278,7 +286,7 @@ func (s *Session) pruneStacks() {
 		return
 	}
 	if s.staleStacks == nil {
-		s.staleStacks = map[uint32]bool{}
+		s.staleStacks = map[uint64]bool{}
 	}
 	heap.PruneStacks(m, refs, s.staleStacks)
 	if s.dwarf != nil {

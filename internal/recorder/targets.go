@@ -157,8 +157,12 @@ func (s *Session) attachPid(pid int) (bool, error) {
 	if known {
 		return false, nil
 	}
+	if s.dwarf != nil {
+		s.dwarf.prepare(pid) // cfi mode: its unwind tables built before its probes fire
+	}
 	objs, err := s.att.Process(pid)
 	if err != nil {
+		s.dropStacks(pid)
 		return false, err
 	}
 	s.noteObjects(objs)
@@ -209,7 +213,7 @@ func (s *Session) setupStacks(t *target, objects []objectFile) {
 			return
 		}
 	}
-	if err := s.dwarf.addProcess(t.pid); err != nil {
+	if err := s.dwarf.addProcess(t.pid, objects); err != nil {
 		s.recordErr(fmt.Errorf("process %d: prepare unwinding: %w", t.pid, err))
 	}
 	t.dwarf = true

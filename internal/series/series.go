@@ -242,7 +242,7 @@ func ReadFile(path string) (*Series, error) {
 // BPF side numbers it.
 type Key struct {
 	Pid     uint32
-	StackID uint32
+	StackID uint64
 }
 
 // ProcPoint is one process's memory at one tick (Absent where unread).

@@ -38,4 +38,9 @@
 // SetProcess when a target is added, RemoveProcess when it exits, Refresh
 // periodically (processes whose walks met code mapped later, such as by
 // dlopen), and report Stats, Tables, ReadWalkStats and ReadInternStats.
+// Prepare builds the table of a file before any process maps it (a command
+// stopped at its exec: the libraries ld.so will map) and WaitFor bounds the
+// wait for the builds. The heap tier (internal/recorder, --stack-mode cfi)
+// gets its Store from bpfload.Objects.Unwind; another collection shares it
+// by loading with bpfload.Objects.UnwindReplacements (uw_scratch included).
 package unwindtable

@@ -203,6 +203,68 @@ func (s *Store) RemoveProcess(pid int) error {
 // Wait blocks until every table build started so far has finished.
 func (s *Store) Wait() { s.wg.Wait() }
 
+// WaitFor is Wait bounded by d: it reports whether every build finished.
+func (s *Store) WaitFor(d time.Duration) bool {
+	done := make(chan struct{})
+	go func() { s.wg.Wait(); close(done) }()
+	select {
+	case <-done:
+		return true
+	case <-time.After(d):
+		return false
+	}
+}
+
+// Prepare starts building the table of the object file at path (a host
+// path) before any process maps it, such as the libraries a command
+// stopped at its exec will load: SetProcess then finds it built (or
+// building), keyed as a mapping of the same file would be. The table is
+// evictable until a process maps the object. Errors: the file cannot be
+// opened or is not ELF; a full table id space.
+func (s *Store) Prepare(path string) error {
+	f, err := targetfs.Open(path)
+	if err != nil {
+		return fmt.Errorf("unwindtable: %w", err)
+	}
+	var ef *elf.File
+	var key string
+	err = targetfs.Recover(path, func() error {
+		var err error
+		if ef, err = targetfs.NewELF(f); err != nil {
+			return err
+		}
+		key, err = unwind.ObjectKey(ef, f)
+		return err
+	})
+	if err != nil {
+		f.Close()
+		return fmt.Errorf("unwindtable: parse ELF %s: %w", path, err)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if o := s.objs[key]; o != nil {
+		f.Close()
+		return nil
+	}
+	tid, err := s.newID()
+	if err != nil {
+		f.Close()
+		return err
+	}
+	o := &object{key: key, id: tid}
+	s.objs[key] = o
+	s.byID[tid] = o
+	if err := s.m.Objects.Put(tid, bpfObject{}); err != nil {
+		f.Close()
+		return fmt.Errorf("unwindtable: reset table id %d: %w", tid, err)
+	}
+	s.clock++
+	o.lastUse = s.clock
+	s.wg.Add(1)
+	go s.build(o, f, ef)
+	return nil
+}
+
 // Stats reports the tables held.
 func (s *Store) Stats() Stats {
 	s.mu.Lock()

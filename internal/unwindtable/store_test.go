@@ -6,6 +6,7 @@ import (
 	"slices"
 	"strconv"
 	"testing"
+	"time"
 	"unsafe"
 
 	"github.com/cilium/ebpf"
@@ -310,5 +311,51 @@ func TestStoreBounded(t *testing.T) {
 	tiny.Wait()
 	if ts := tiny.Stats(); ts.TooLarge < 2 {
 		t.Errorf("64-row object limit: %+v; want libc and ld.so over the limit", ts)
+	}
+}
+
+// TestStorePrepare: tables built ahead by path (a command's libraries,
+// before ld.so maps them) are the ones a later mapping of the same files
+// uses: SetProcess finds them ready and builds nothing more, and the walk
+// of the process completes.
+func TestStorePrepare(t *testing.T) {
+	testprog.RequireRoot(t)
+	p := buildPair(t, "omit-fp", omitFP, omitFP)
+	tg := startTarget(t, p.exe, "chain")
+	o := loadBPF(t, testRows)
+	st := NewStore(testMaps(o), 0, 1)
+	seen := map[procmaps.FileID]bool{}
+	for i := range tg.maps {
+		m := &tg.maps[i]
+		if m.Exec() && m.IsFile() && !seen[m.ID()] {
+			seen[m.ID()] = true
+			if err := st.Prepare(procmaps.HostPath(tg.pid, m.Path)); err != nil {
+				t.Fatalf("prepare %s: %v", m.Path, err)
+			}
+		}
+	}
+	if !st.WaitFor(30 * time.Second) {
+		t.Fatal("tables not built within 30s")
+	}
+	before := st.Stats()
+	if before.Objects != len(seen) || before.Processes != 0 {
+		t.Fatalf("after preparing %d objects: %+v, want as many tables and no process", len(seen), before)
+	}
+	if err := st.Prepare("/nonexistent/lib.so"); err == nil {
+		t.Error("preparing a missing file gave no error")
+	}
+	if err := st.SetProcess(tg.pid, tg.maps); err != nil {
+		t.Fatal(err)
+	}
+	st.Wait()
+	after := st.Stats()
+	t.Logf("prepared: %+v; after SetProcess: %+v", before, after)
+	if after.Objects != before.Objects || after.Built != before.Built || after.Ready+after.NoCFI != after.Objects {
+		t.Errorf("SetProcess after Prepare: %+v, want the %d prepared tables reused, none built again", after, before.Objects)
+	}
+	regs, stack := capture(t, tg.pid, tg.tid, 32<<10)
+	newSnapshot(t, o, regs.SP, stack)
+	if got, status := bpfWalk(t, o, tg.pid, regs); status != bpf.UnwindtestUwStatusUW_COMPLETE {
+		t.Errorf("walk with prepared tables: %x status %v, want complete", got, status)
 	}
 }
