@@ -9,6 +9,8 @@
 #ifndef MEMPROF_CALLS_H
 #define MEMPROF_CALLS_H
 
+#include <bpf/bpf_core_read.h>
+
 #include "memprof.h"
 
 // Set by the loader before load.
@@ -62,6 +64,7 @@ struct call_in {
 	__u64 ip;	  // the probed instruction's address
 	__u64 sp;	  // stack pointer at the probe (at a return probe: the one at entry)
 	__u64 a1, a2, a3; // argument registers at entry; a1 is rax at a return
+	__u64 tramp;	  // the process's uretprobe trampoline address; 0: read it from the current task
 	__u32 tgid;
 };
 
@@ -155,14 +158,46 @@ static __always_inline void abandon(struct thread_state *ts)
 	count(C_MISSED_RETURN);
 }
 
+// uretprobe_trampoline returns the address of the current process's
+// uretprobe trampoline (0 while it has none): the kernel writes it over the
+// return address at [sp] when a return probe is armed, after the entry
+// program has run (kernel/events/uprobes.c: handler_chain, then
+// prepare_uretprobe; uprobe_get_trampoline_vaddr is xol_area->vaddr). The
+// test programs give it in in->tramp.
+static __always_inline __u64 uretprobe_trampoline(const struct call_in *in)
+{
+	if (in->tramp)
+		return in->tramp;
+	struct task_struct *task = bpf_get_current_task_btf();
+	return BPF_CORE_READ(task, mm, uprobes_state.xol_area, vaddr);
+}
+
+// frame_live reports whether the pending call's frame is still on the
+// stack: [sp] holds the return address it had at entry, or the uretprobe
+// trampoline that replaced it when the call's return probe was armed.
+static __always_inline int frame_live(const struct pending *p, const struct call_in *in)
+{
+	__u64 v = 0;
+	if (read_user_u64(p->sp, &v) != 0)
+		return 0;
+	if (v == p->ret)
+		return 1;
+	__u64 tramp = uretprobe_trampoline(in);
+	return tramp && v == tramp;
+}
+
 // nested reports whether an allocator entry at in->sp runs inside the
 // thread's pending call, which then keeps it. The pending call's frame is
-// live while the return address it found at entry is still at its stack
-// pointer; a call nested in it is made from the code of a function the call
-// entered (a wrapper's call of malloc, realloc's free) at a lower stack
-// pointer, or continues it after a tail jump at the same stack pointer. Any
-// other entry means the pending call was abandoned, whatever the depth: it
-// is dropped and counted, and the entry is a call of its own.
+// live while the return address it found at entry (or the uretprobe
+// trampoline the kernel put in its place) is still at its stack pointer; a
+// call nested in it is made from the code of a function the call entered (a
+// wrapper's call of malloc, realloc's free) at a lower stack pointer, or
+// continues it after a tail jump at the same stack pointer. After a tail
+// jump to a function that is not probed (mimalloc's realloc -> jmp
+// mi_heap_realloc@plt), whose code memprof does not know the bounds of, any
+// call below the live frame is nested in it. Any other entry means the
+// pending call was abandoned, whatever the depth: it is dropped and counted,
+// and the entry is a call of its own.
 static __always_inline int nested(struct thread_state *ts, const struct call_in *in)
 {
 	if (!ts->active)
@@ -173,10 +208,9 @@ static __always_inline int nested(struct thread_state *ts, const struct call_in 
 		add_fn(p, fn_of(in));
 		return 1;
 	}
-	if (in->sp < p->sp) {
-		__u64 v = 0, ret = 0;
-		if (read_user_u64(p->sp, &v) == 0 && v == p->ret &&
-		    read_user_u64(in->sp, &ret) == 0 && in_fns(p, ret)) {
+	if (in->sp < p->sp && frame_live(p, in)) {
+		__u64 ret = 0;
+		if (read_user_u64(in->sp, &ret) == 0 && (p->tail || in_fns(p, ret))) {
 			add_fn(p, fn_of(in));
 			return 1;
 		}
@@ -319,9 +353,10 @@ static __always_inline int call_enter(struct thread_state *ts, const struct call
 }
 
 // call_tail handles a jmp from a probed function to another allocator
-// function (glibc realloc(NULL, n) -> malloc, reallocarray -> realloc): the
+// function (glibc realloc(NULL, n) -> malloc, reallocarray -> realloc), or
+// to a PLT stub (mimalloc's realloc -> mi_heap_realloc, not probed): the
 // function's frame is gone and the callee, entered at the same stack
-// pointer, returns for it.
+// pointer, returns for it (see nested for a callee that is not probed).
 static __always_inline void call_tail(struct thread_state *ts, const struct call_in *in)
 {
 	if (ts->active && ts->pending.sp == in->sp) {

@@ -47,6 +47,7 @@ type harness struct {
 	t     *testing.T
 	objs  CallsObjects
 	stack []uint64
+	tramp uint64 // the uretprobe trampoline address the probe hits report (0: the test process's)
 }
 
 func newHarness(t *testing.T, sampleAll bool) *harness {
@@ -98,6 +99,7 @@ func (h *harness) run(op CallsTestOpKind, f fn, sp uint64, a1, a2, a3 uint64) Ca
 	o.In.Sp = sp
 	o.In.A1, o.In.A2, o.In.A3 = a1, a2, a3
 	o.In.Tgid = tgid
+	o.In.Tramp = h.tramp
 	if err := h.objs.TestOps.Put(uint32(0), o); err != nil {
 		h.t.Fatal(err)
 	}
@@ -190,6 +192,66 @@ func TestCallLogic(t *testing.T) {
 			}
 			if n := h.counter(CallsCounterC_MISSED_RETURN); n != 0 {
 				t.Errorf("abandoned calls %d, want 0", n)
+			}
+		}},
+		{"calloc -> malloc@plt while calloc's return probe is armed (musl)", true, func(t *testing.T, h *harness) {
+			h.tramp = 0x7fff0000 // [uprobes] page
+			s := h.sp(100, userCode)
+			if !h.enter(calloc, s, 1000, 1000, 0) {
+				t.Fatal("calloc entry: want its return seen")
+			}
+			h.stack[100] = h.tramp // the kernel arms the return probe after the entry program
+			if h.enter(malloc, h.sp(96, calloc.start+0x24), 1000000, 0, 0) {
+				t.Error("malloc nested in calloc asked for its return")
+			}
+			h.ret(h.sp(96, 0), 0xe000) // malloc's return: nested, left to calloc
+			if h.live(0xe000) != 0 {
+				t.Fatal("the nested malloc recorded the block")
+			}
+			if r := h.ret(s, 0xe000); r.Ret == 0 || h.live(0xe000) != 1000000 {
+				t.Errorf("calloc's return recorded %v, live %d; want 1000000 bytes", r.Ret != 0, h.live(0xe000))
+			}
+			if n := h.counter(CallsCounterC_NESTED); n != 1 {
+				t.Errorf("nested %d, want 1", n)
+			}
+			if n := h.counter(CallsCounterC_MISSED_RETURN); n != 0 {
+				t.Errorf("abandoned %d, want 0: the trampoline at the frame's slot is its return address", n)
+			}
+			// A stale slot after longjmp still abandons the call, trampoline or not.
+			h.enter(calloc, s, 10, 10, 0)
+			h.stack[100] = userCode + 0x40
+			if !h.enter(malloc, h.sp(96, userCode+0x80), 100, 0, 0) {
+				t.Error("a call from user code below a stale frame was taken as nested")
+			}
+			if n := h.counter(CallsCounterC_MISSED_RETURN); n != 1 {
+				t.Errorf("abandoned %d, want 1", n)
+			}
+		}},
+		{"realloc tail-jumps to a function that is not probed, which frees nested (mimalloc)", true, func(t *testing.T, h *harness) {
+			h.tramp = 0x7fff0000
+			const old, unprobed = 0x5000, 0x30000 // mi_heap_realloc's code
+			h.track(old, 1000)
+			s := h.sp(100, userCode)
+			if !h.enter(realloc, s, old, 2000, 0) {
+				t.Fatal("realloc entry: want its return seen")
+			}
+			h.stack[100] = h.tramp
+			h.tail(s) // jmp mi_heap_realloc@plt
+			h.enter(malloc, h.sp(90, unprobed+0x40), 2000, 0, 0)
+			h.ret(h.sp(90, 0), 0x6000)
+			h.enter(free, h.sp(90, unprobed+0x60), old, 0, 0)
+			if h.live(old) != 1000 || h.live(0x6000) != 0 {
+				t.Error("calls nested in the tail-called function were taken as calls of their own")
+			}
+			r := h.ret(s, 0x6000)
+			if r.Ret == 0 || h.live(0x6000) != 2000 || h.live(old) != 0 {
+				t.Errorf("after return: recorded %v, live new %d, old %d; want the new 2000-byte block only", r.Ret != 0, h.live(0x6000), h.live(old))
+			}
+			if n := h.counter(CallsCounterC_NESTED); n != 2 {
+				t.Errorf("nested %d, want 2 (malloc, free)", n)
+			}
+			if n := h.counter(CallsCounterC_MISSED_RETURN); n != 0 {
+				t.Errorf("abandoned %d, want 0", n)
 			}
 		}},
 		{"missed return at the same depth", true, func(t *testing.T, h *harness) {

@@ -86,6 +86,7 @@ type CallsTestOp struct {
 		A1     uint64
 		A2     uint64
 		A3     uint64
+		Tramp  uint64
 		Tgid   uint32
 		_      [4]byte
 	}
