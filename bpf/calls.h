@@ -64,7 +64,7 @@ struct call_in {
 	__u64 ip;	  // the probed instruction's address
 	__u64 sp;	  // stack pointer at the probe (at a return probe: the one at entry)
 	__u64 a1, a2, a3; // argument registers at entry; a1 is rax at a return
-	__u64 tramp;	  // the process's uretprobe trampoline address; 0: read it from the current task
+	__u64 tramp; // the process's uretprobe trampoline address; 0: read it from the current task
 	__u32 tgid;
 };
 
@@ -314,7 +314,7 @@ static __always_inline int enter_kind(struct thread_state *ts, const struct call
 	switch (kind) {
 	case P_MALLOC: // malloc(size), valloc, pvalloc, mallocx, operator new
 		return begin(ts, in, K_PTR, a1, 0, always);
-	case P_CALLOC: // calloc(n, size)
+	case P_CALLOC:				   // calloc(n, size)
 		if (mul_overflows(a1, a2, &total)) // calloc fails
 			total = 0;
 		return begin(ts, in, K_PTR, total, 0, always);
@@ -324,7 +324,7 @@ static __always_inline int enter_kind(struct thread_state *ts, const struct call
 		return begin(ts, in, K_MEMPTR, a3, a1, always);
 	case P_REALLOC: // realloc(ptr, size), rallocx
 		return begin(ts, in, K_REALLOC, a2, a1, always);
-	case P_REALLOCARRAY: // reallocarray(ptr, n, size)
+	case P_REALLOCARRAY:			   // reallocarray(ptr, n, size)
 		if (mul_overflows(a2, a3, &total)) // fails and keeps the block
 			total = ~0ULL;
 		return begin(ts, in, K_REALLOC, total, a1, always);
@@ -368,7 +368,8 @@ static __always_inline void call_tail(struct thread_state *ts, const struct call
 // call_return handles the return of the call whose entry had stack pointer
 // in->sp with result in->a1. It returns 1 when out holds a sampled block to
 // record.
-static __always_inline int call_return(struct thread_state *ts, const struct call_in *in, struct call_out *out)
+static __always_inline int call_return(struct thread_state *ts, const struct call_in *in,
+				       struct call_out *out)
 {
 	if (!ts->active)
 		return 0;

@@ -23,7 +23,7 @@
 char LICENSE[] SEC("license") = "GPL";
 
 // Set by the loader before load.
-const volatile __u32 stack_mode = SM_FP;	// enum stack_mode
+const volatile __u32 stack_mode = SM_FP; // enum stack_mode
 // Exposes enum counter and enum call_kind to the generated Go types.
 const volatile enum counter nr_counters = NR_COUNTERS;
 const volatile enum call_kind max_kind = K_XALLOCX;
@@ -130,7 +130,8 @@ static __always_inline __s64 copy_stack(__u64 ip, __u64 sp, __u64 bp, __u32 tgid
 	// tried if the read still fails.
 	void *usp = (void *)sp;
 	__u64 n = STACK_COPY;
-	__u64 top = BPF_CORE_READ((struct task_struct *)bpf_get_current_task_btf(), mm, start_stack);
+	__u64 top =
+	    BPF_CORE_READ((struct task_struct *)bpf_get_current_task_btf(), mm, start_stack);
 	if (top > sp && top - sp < STACK_COPY)
 		n = top - sp;
 	n &= STACK_COPY * 2 - 1; // bounds for the verifier
@@ -167,7 +168,8 @@ static __always_inline __s64 ret_stack_id(struct pt_regs *ctx, __s64 sid)
 		count(C_READ_FAILED);
 		return sid;
 	}
-	__u64 h = (rs.caller ^ (rs.caller >> 29) ^ ((__u64)sid * 0x9e3779b97f4a7c15ULL)) * 0xff51afd7ed558ccdULL;
+	__u64 h = (rs.caller ^ (rs.caller >> 29) ^ ((__u64)sid * 0x9e3779b97f4a7c15ULL)) *
+		  0xff51afd7ed558ccdULL;
 	__u32 id = STACK_RET | ((h >> 33) & (STACK_RET - 1));
 	if (bpf_map_update_elem(&ret_stacks, &id, &rs, BPF_NOEXIST) == 0)
 		return id;
@@ -256,7 +258,8 @@ static __always_inline __u64 fp_stack_id(struct pt_regs *ctx, __u32 tgid, __u64 
 // track records a sampled block. at_ret: the probe is on the allocator's
 // ret instruction ([sp] holds the return address), else just after the
 // return (a return probe).
-static __always_inline void track(struct pt_regs *ctx, __u32 tgid, __u64 ptr, __u64 size, int at_ret)
+static __always_inline void track(struct pt_regs *ctx, __u32 tgid, __u64 ptr, __u64 size,
+				  int at_ret)
 {
 	count(C_SAMPLES);
 	__u64 sid;
@@ -285,11 +288,11 @@ live:;
 	struct task_struct *task = bpf_get_current_task_btf();
 	struct live_key k = {.tgid = tgid, .addr = ptr};
 	struct live_block b = {
-		.size = size,
-		.stack_id = sid,
-		.memcg = memcg_id(task),
-		.cgroup = bpf_get_current_cgroup_id(),
-		.ts = bpf_ktime_get_ns(),
+	    .size = size,
+	    .stack_id = sid,
+	    .memcg = memcg_id(task),
+	    .cgroup = bpf_get_current_cgroup_id(),
+	    .ts = bpf_ktime_get_ns(),
 	};
 	if (bpf_map_update_elem(&live, &k, &b, BPF_ANY) != 0)
 		count(C_LIVE_FULL);
@@ -300,13 +303,13 @@ live:;
 static __always_inline struct call_in call_in(struct pt_regs *ctx, __u64 cookie, __u64 sp)
 {
 	struct call_in in = {
-		.cookie = cookie,
-		.ip = PT_REGS_IP(ctx),
-		.sp = sp,
-		.a1 = PT_REGS_PARM1(ctx),
-		.a2 = PT_REGS_PARM2(ctx),
-		.a3 = PT_REGS_PARM3(ctx),
-		.tgid = bpf_get_current_pid_tgid() >> 32,
+	    .cookie = cookie,
+	    .ip = PT_REGS_IP(ctx),
+	    .sp = sp,
+	    .a1 = PT_REGS_PARM1(ctx),
+	    .a2 = PT_REGS_PARM2(ctx),
+	    .a3 = PT_REGS_PARM3(ctx),
+	    .tgid = bpf_get_current_pid_tgid() >> 32,
 	};
 	return in;
 }
@@ -365,8 +368,12 @@ static __always_inline int on_site(struct pt_regs *ctx, __u64 cookie)
 
 // One program per kind for per-probe (perf event) attachment; the cookie
 // carries the flags, the probe offset and the function size...
-#define ENTER_PROG(name, kind) \
-	SEC("uprobe") int name(struct pt_regs *ctx) { on_enter(ctx, kind, bpf_get_attach_cookie(ctx)); return 0; }
+#define ENTER_PROG(name, kind)                                                                     \
+	SEC("uprobe") int name(struct pt_regs *ctx)                                                \
+	{                                                                                          \
+		on_enter(ctx, kind, bpf_get_attach_cookie(ctx));                                   \
+		return 0;                                                                          \
+	}
 ENTER_PROG(malloc_enter, P_MALLOC)
 ENTER_PROG(calloc_enter, P_CALLOC)
 ENTER_PROG(memalign_enter, P_MEMALIGN)
@@ -377,25 +384,42 @@ ENTER_PROG(xallocx_enter, P_XALLOCX)
 ENTER_PROG(free_enter, P_FREE)
 
 SEC("uprobe")
-int ret_site(struct pt_regs *ctx) { return on_return(ctx, PT_REGS_SP(ctx), 1); }
+int ret_site(struct pt_regs *ctx)
+{
+	return on_return(ctx, PT_REGS_SP(ctx), 1);
+}
 
 SEC("uprobe")
-int tail_site(struct pt_regs *ctx) { on_tail(ctx); return 0; }
+int tail_site(struct pt_regs *ctx)
+{
+	on_tail(ctx);
+	return 0;
+}
 
 // ...and one for uprobe_multi links (6.6+), where each probe's cookie says
 // what it is: a process's probes in one object are one link, attached and
 // detached with one kernel synchronization instead of one per probe.
 SEC("uprobe.multi")
-int enter_multi(struct pt_regs *ctx) { on_site(ctx, bpf_get_attach_cookie(ctx)); return 0; }
+int enter_multi(struct pt_regs *ctx)
+{
+	on_site(ctx, bpf_get_attach_cookie(ctx));
+	return 0;
+}
 
 // Return probes, for the functions whose return is not taken at their ret
 // instructions: just after the return, the stack pointer is one slot above
 // the one at entry.
 SEC("uretprobe")
-int alloc_return(struct pt_regs *ctx) { return on_return(ctx, PT_REGS_SP(ctx) - 8, 0); }
+int alloc_return(struct pt_regs *ctx)
+{
+	return on_return(ctx, PT_REGS_SP(ctx) - 8, 0);
+}
 
 SEC("uretprobe.multi")
-int return_multi(struct pt_regs *ctx) { return on_return(ctx, PT_REGS_SP(ctx) - 8, 0); }
+int return_multi(struct pt_regs *ctx)
+{
+	return on_return(ctx, PT_REGS_SP(ctx) - 8, 0);
+}
 
 extern bool bpf_session_is_return(void) __ksym __weak;
 

@@ -110,7 +110,6 @@ static __always_inline __u64 rss_memcg(struct task_struct *task)
 	return BPF_CORE_READ(task, cgroups, subsys[id], cgroup, kn, id);
 }
 
-
 // copy_stack sends the user registers and the top of the user stack to
 // userspace and returns RSS_STACK_COPIED|seq, or -1 if the ring buffer is
 // full.
@@ -183,12 +182,12 @@ static __always_inline void record(void *ctx, struct task_struct *task, __u32 tg
 	}
 	struct rss_page_key k = {.tgid = tgid, .addr = addr & ~(size - 1)};
 	struct rss_page p = {
-		.size = size,
-		.fault = addr,
-		.memcg = memcg,
-		.cgroup = cgroup,
-		.ts = bpf_ktime_get_ns(),
-		.stack_id = sid,
+	    .size = size,
+	    .fault = addr,
+	    .memcg = memcg,
+	    .cgroup = cgroup,
+	    .ts = bpf_ktime_get_ns(),
+	    .stack_id = sid,
 	};
 	if (!p.memcg)
 		p.memcg = rss_memcg(task);
@@ -199,9 +198,9 @@ static __always_inline void record(void *ctx, struct task_struct *task, __u32 tg
 // Per-thread state: the user fault in progress (set at the fault, consumed
 // by the anonymous-page counter increment it causes).
 struct rss_thread {
-	__u64 addr;	// faulting address
-	__u64 ip, sp;	// user registers at the fault: identify it at the increment
-	__s64 count0;	// global part of the mm's anonymous-page counter at the fault
+	__u64 addr;   // faulting address
+	__u64 ip, sp; // user registers at the fault: identify it at the increment
+	__s64 count0; // global part of the mm's anonymous-page counter at the fault
 	__u32 active;
 	__u32 _pad;
 };
@@ -241,7 +240,8 @@ static __always_inline void on_fault(__u64 address)
 	__u64 cgroup = (kinds & RSS_KIND_CGROUPS) ? bpf_get_current_cgroup_id() : 0;
 	if (!rss_is_target(tgid, memcg, cgroup))
 		return;
-	struct rss_thread *t = bpf_task_storage_get(&rss_threads, task, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
+	struct rss_thread *t =
+	    bpf_task_storage_get(&rss_threads, task, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
 	if (!t)
 		return;
 	struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(task);
@@ -260,7 +260,8 @@ int BPF_PROG(rss_fault_user, unsigned long address, struct pt_regs *regs, unsign
 }
 
 SEC("tp_btf/page_fault_kernel")
-int BPF_PROG(rss_fault_kernel, unsigned long address, struct pt_regs *regs, unsigned long error_code)
+int BPF_PROG(rss_fault_kernel, unsigned long address, struct pt_regs *regs,
+	     unsigned long error_code)
 {
 	if (address < 0x800000000000ULL) // user half of the x86-64 address space
 		on_fault(address);
@@ -300,7 +301,8 @@ int BPF_PROG(rss_stat_hook, struct mm_struct *mm, int member)
 	// THP applies to it. memprof checks the guess against
 	// /proc/kpageflags at snapshot time.
 	__u64 size = 4096;
-	if (rss_thp_mode != THP_NEVER && BPF_CORE_READ(mm, rss_stat[MM_ANONPAGES].count) - t->count0 >= 256) {
+	if (rss_thp_mode != THP_NEVER &&
+	    BPF_CORE_READ(mm, rss_stat[MM_ANONPAGES].count) - t->count0 >= 256) {
 		struct vma_ctx c = {.addr = t->addr};
 		// Fails (no huge page expected) if the mmap lock is contended.
 		bpf_find_vma(task, t->addr, vma_check, &c, 0);

@@ -5,40 +5,41 @@
 #ifndef MEMPROF_RSS_H
 #define MEMPROF_RSS_H
 
-#define RSS_GAP_TABLE_SIZE 4096		// power of two
-#define RSS_MAX_PAGES 131072		// sampled resident folios across all targets
-#define RSS_MAX_FAULT_BUCKETS 65536	// (process, stack, folio size) buckets
-#define RSS_MAX_STACKS 16384
-#define RSS_MAX_TARGETS 16384		// pids, memory cgroups, v2 cgroups (each)
-#define RSS_STACK_DEPTH 127
-#define RSS_STACK_COPY 8192		// bytes of user stack copied for CFI unwinding
-#define RSS_STACK_UNKNOWN 0xffffffff
-#define RSS_STACK_COPIED 0x80000000	// stack_id flag: sequence number of an rss_stack_event
+#define RSS_GAP_TABLE_SIZE    4096   // power of two
+#define RSS_MAX_PAGES	      131072 // sampled resident folios across all targets
+#define RSS_MAX_FAULT_BUCKETS 65536  // (process, stack, folio size) buckets
+#define RSS_MAX_STACKS	      16384
+#define RSS_MAX_TARGETS	      16384 // pids, memory cgroups, v2 cgroups (each)
+#define RSS_STACK_DEPTH	      127
+#define RSS_STACK_COPY	      8192 // bytes of user stack copied for CFI unwinding
+#define RSS_STACK_UNKNOWN     0xffffffff
+#define RSS_STACK_COPIED      0x80000000 // stack_id flag: sequence number of an rss_stack_event
 
 // Target flags (values of the rss_pids map).
 enum rss_target_flag {
-	RT_TARGET = 1,		// the process is a target
-	RT_FOLLOW_FORKS = 2,	// its children become targets (a command memprof started)
+	RT_TARGET = 1,	     // the process is a target
+	RT_FOLLOW_FORKS = 2, // its children become targets (a command memprof started)
 };
 
 // Counter indexes (names in internal/rss).
 enum rss_counter {
-	RC_FOLIOS = 0,		// new anonymous folios of targets seen
-	RC_BYTES,		// their bytes
-	RC_SAMPLES,		// sampled
-	RC_PAGES_FULL,		// sampled-page map full: sample's residency lost
-	RC_BUCKETS_FULL,	// fault bucket map full: sample's fault count lost
-	RC_STACK_COLLISION,	// stack map hash collision: stack lost
-	RC_STACK_LOST,		// other stack walk failure
-	RC_EVENTS_LOST,		// ring buffer full (stack copy: frame-pointer stack used instead; OOM event lost)
-	RC_STACK_COPIES,	// stacks copied for userspace unwinding
+	RC_FOLIOS = 0,	    // new anonymous folios of targets seen
+	RC_BYTES,	    // their bytes
+	RC_SAMPLES,	    // sampled
+	RC_PAGES_FULL,	    // sampled-page map full: sample's residency lost
+	RC_BUCKETS_FULL,    // fault bucket map full: sample's fault count lost
+	RC_STACK_COLLISION, // stack map hash collision: stack lost
+	RC_STACK_LOST,	    // other stack walk failure
+	RC_EVENTS_LOST, // ring buffer full (stack copy: frame-pointer stack used instead; OOM event
+			// lost)
+	RC_STACK_COPIES, // stacks copied for userspace unwinding
 	NR_RSS_COUNTERS,
 };
 
 struct rss_page_key {
 	__u32 tgid;
 	__u32 _pad;
-	__u64 addr;	// first byte of the folio in the process (aligned to its size)
+	__u64 addr; // first byte of the folio in the process (aligned to its size)
 };
 
 struct rss_page {
@@ -47,7 +48,7 @@ struct rss_page {
 	__u64 memcg;	// kernfs id of the memory controller's cgroup
 	__u64 cgroup;	// cgroup v2 id
 	__u64 ts;	// ktime of the fault
-	__u32 stack_id;	// stack map id, RSS_STACK_COPIED|seq, or RSS_STACK_UNKNOWN
+	__u32 stack_id; // stack map id, RSS_STACK_COPIED|seq, or RSS_STACK_UNKNOWN
 	__u32 _pad;
 };
 
@@ -68,18 +69,18 @@ struct rss_stack_event {
 	__u32 type;
 	__u32 tgid;
 	__u32 seq;
-	__u32 len;	// bytes copied from sp
-	__u64 size;	// folio bytes
+	__u32 len;  // bytes copied from sp
+	__u64 size; // folio bytes
 	__u64 ip, sp, bp;
 	__u8 data[RSS_STACK_COPY];
 };
 
 struct rss_oom_event {
 	__u32 type;
-	__u32 pid;	// victim (thread group id)
+	__u32 pid; // victim (thread group id)
 	__u64 ts;
 	__u64 memcg;
-	__u64 anon_rss;	// KiB (the counters' global part)
+	__u64 anon_rss; // KiB (the counters' global part)
 	char comm[16];
 };
 
@@ -131,13 +132,13 @@ const volatile __u32 rss_thp_mode;
 
 enum rss_thp_mode {
 	THP_NEVER = 0,
-	THP_MADVISE = 1,	// only in regions given MADV_HUGEPAGE
+	THP_MADVISE = 1, // only in regions given MADV_HUGEPAGE
 	THP_ALWAYS = 2,
 };
 
-#define RSS_VM_HUGEPAGE 0x20000000ULL	// VM_HUGEPAGE (include/linux/mm.h)
-#define RSS_VM_NOHUGEPAGE 0x40000000ULL	// VM_NOHUGEPAGE
-#define RSS_THP_SIZE (2ULL << 20)
+#define RSS_VM_HUGEPAGE	  0x20000000ULL // VM_HUGEPAGE (include/linux/mm.h)
+#define RSS_VM_NOHUGEPAGE 0x40000000ULL // VM_NOHUGEPAGE
+#define RSS_THP_SIZE	  (2ULL << 20)
 
 // rss_thp_expected reports whether a first fault at addr in an anonymous
 // mapping [start, end) with flags is expected to map a 2 MiB transparent
@@ -145,7 +146,8 @@ enum rss_thp_mode {
 // the mapping. (The kernel may still fall back to 4 KiB pages: no huge page
 // free, the range already has a page table; memprof corrects that at
 // snapshot time from /proc/kpageflags.)
-static __always_inline int rss_thp_expected(__u32 mode, __u64 flags, __u64 start, __u64 end, __u64 addr)
+static __always_inline int rss_thp_expected(__u32 mode, __u64 flags, __u64 start, __u64 end,
+					    __u64 addr)
 {
 	if (mode == THP_NEVER || (flags & RSS_VM_NOHUGEPAGE))
 		return 0;
@@ -155,8 +157,8 @@ static __always_inline int rss_thp_expected(__u32 mode, __u64 flags, __u64 start
 	return h >= start && h + RSS_THP_SIZE <= end;
 }
 
-#define RSS_KIND_PIDS 1
-#define RSS_KIND_MEMCGS 2
+#define RSS_KIND_PIDS	 1
+#define RSS_KIND_MEMCGS	 2
 #define RSS_KIND_CGROUPS 4
 
 // rss_is_target reports whether a fault of process tgid, in memory cgroup
@@ -209,14 +211,14 @@ static __always_inline __s64 rss_draw_gap(void)
 // Inputs and outputs of the BPF_PROG_RUN test program (rss_test.bpf.c).
 struct rss_test_ctx {
 	__u32 tgid;
-	__u32 is_target;	// out
+	__u32 is_target; // out
 	__u64 memcg;
 	__u64 cgroup;
-	__s64 countdown;	// in and out
+	__s64 countdown; // in and out
 	__u64 size;
 	__s64 gap;
-	__u32 sampled;		// out
-	__u32 thp;		// out: rss_thp_expected(thp_mode, vm_flags, vm_start, vm_end, addr)
+	__u32 sampled; // out
+	__u32 thp;     // out: rss_thp_expected(thp_mode, vm_flags, vm_start, vm_end, addr)
 	__u32 thp_mode;
 	__u32 _pad;
 	__u64 vm_flags, vm_start, vm_end, addr;

@@ -20,6 +20,7 @@ int rss_test_decide(struct rss_test_ctx *ctx)
 	__s64 cd = ctx->countdown;
 	ctx->sampled = rss_sampled(&cd, ctx->size, ctx->gap);
 	ctx->countdown = cd;
-	ctx->thp = rss_thp_expected(ctx->thp_mode, ctx->vm_flags, ctx->vm_start, ctx->vm_end, ctx->addr);
+	ctx->thp =
+	    rss_thp_expected(ctx->thp_mode, ctx->vm_flags, ctx->vm_start, ctx->vm_end, ctx->addr);
 	return 0;
 }

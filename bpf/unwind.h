@@ -44,22 +44,22 @@
 
 #include <bpf/bpf_core_read.h>
 
-#define UW_MAX_FRAMES 127 // frames per walk (unwindtable.MaxFrames; as MAX_STACK_DEPTH)
-#define UW_MAX_MAPPINGS 512	    // executable mappings per process (power of two)
-#define UW_MAPPING_STEPS 10	    // log2(UW_MAX_MAPPINGS) + 1
+#define UW_MAX_FRAMES	  127	    // frames per walk (unwindtable.MaxFrames; as MAX_STACK_DEPTH)
+#define UW_MAX_MAPPINGS	  512	    // executable mappings per process (power of two)
+#define UW_MAPPING_STEPS  10	    // log2(UW_MAX_MAPPINGS) + 1
 #define UW_MAX_TABLE_ROWS (1 << 23) // rows of one object's table
-#define UW_ROW_STEPS 24		    // log2(UW_MAX_TABLE_ROWS) + 1
-#define UW_MAX_ROWS (1 << 22)     // default total rows (32 MiB); resized by userspace before load
-#define UW_MAX_RULES 65536	      // distinct rules of all objects
-#define UW_MAX_OBJECTS 16384      // table ids
-#define UW_MAX_PROCS 8192	      // processes with mappings
+#define UW_ROW_STEPS	  24	    // log2(UW_MAX_TABLE_ROWS) + 1
+#define UW_MAX_ROWS	  (1 << 22) // default total rows (32 MiB); resized by userspace before load
+#define UW_MAX_RULES	  65536	    // distinct rules of all objects
+#define UW_MAX_OBJECTS	  16384	    // table ids
+#define UW_MAX_PROCS	  8192	    // processes with mappings
 
 // How the CFA of a row is computed (struct uw_rule.cfa).
 enum uw_cfa_kind {
-	UW_CFA_RSP = 1,  // CFA = rsp + cfa_off
-	UW_CFA_RBP = 2,  // CFA = rbp + cfa_off
-	UW_CFA_PLT = 3,  // PLT entry: rsp + 8, + 8 more once (rip & 15) >= cfa_off
-	UW_CFA_FP = 4,   // no CFI here: the frame-pointer rule
+	UW_CFA_RSP = 1,	 // CFA = rsp + cfa_off
+	UW_CFA_RBP = 2,	 // CFA = rbp + cfa_off
+	UW_CFA_PLT = 3,	 // PLT entry: rsp + 8, + 8 more once (rip & 15) >= cfa_off
+	UW_CFA_FP = 4,	 // no CFI here: the frame-pointer rule
 	UW_CFA_STOP = 5, // not evaluable here (unknown expression, register)
 	// Signal trampoline: the interrupted rsp (= CFA) saved at rsp + cfa_off,
 	// its rip right after, its rbp at rsp + bp_off; the caller's pc is exact.
@@ -69,36 +69,36 @@ enum uw_cfa_kind {
 // Where the return address is (struct uw_rule.ra).
 enum uw_ra_kind {
 	UW_RA_SAVED = 0, // at CFA - 8
-	UW_RA_END = 1,   // undefined: outermost frame
+	UW_RA_END = 1,	 // undefined: outermost frame
 };
 
 // How the caller's rbp is recovered (struct uw_rule.bp).
 enum uw_bp_kind {
-	UW_BP_SAME = 0,  // unchanged
+	UW_BP_SAME = 0,	 // unchanged
 	UW_BP_SAVED = 1, // saved at CFA + bp_off
 	UW_BP_UNDEF = 2, // unknown
 };
 
 // How a walk ended (struct uw_state.status; index of uw_stats).
 enum uw_status {
-	UW_COMPLETE = 0,	      // reached the outermost frame
+	UW_COMPLETE = 0,	  // reached the outermost frame
 	UW_TRUNC_MAX_FRAMES = 1,  // UW_MAX_FRAMES reached
 	UW_TRUNC_NO_MAPPING = 2,  // pc in no known mapping (or process unknown)
-	UW_TRUNC_PENDING = 3,     // the object's table is not loaded yet
+	UW_TRUNC_PENDING = 3,	  // the object's table is not loaded yet
 	UW_TRUNC_UNSUPPORTED = 4, // an UW_CFA_STOP row
-	UW_TRUNC_READ = 5,	      // a memory read failed
-	UW_TRUNC_BAD_FRAME = 6,   // CFA not above rsp, unusable frame pointer, rbp unknown
-	UW_TRUNC_MAP = 7,	      // a table lookup failed (inconsistent maps)
-	UW_BUSY = 8,		      // no free walk state on this CPU: no walk
-	UW_TRUNC_URETPROBE = 9,	      // a return address replaced by a uretprobe, not resolved
+	UW_TRUNC_READ = 5,	  // a memory read failed
+	UW_TRUNC_BAD_FRAME = 6,	  // CFA not above rsp, unusable frame pointer, rbp unknown
+	UW_TRUNC_MAP = 7,	  // a table lookup failed (inconsistent maps)
+	UW_BUSY = 8,		  // no free walk state on this CPU: no walk
+	UW_TRUNC_URETPROBE = 9,	  // a return address replaced by a uretprobe, not resolved
 	UW_NR_STATUS = 10,
 };
 
 // State of a table id (struct uw_object.state).
 enum uw_object_state {
 	UW_OBJ_PENDING = 0, // table being built (or id unused)
-	UW_OBJ_READY = 1,	// rows loaded
-	UW_OBJ_NO_CFI = 2,	// object without CFI: the frame-pointer rule everywhere
+	UW_OBJ_READY = 1,   // rows loaded
+	UW_OBJ_NO_CFI = 2,  // object without CFI: the frame-pointer rule everywhere
 };
 
 struct uw_row {
@@ -294,7 +294,8 @@ static __always_inline int uw_find_mapping(struct uw_state *s, __u64 addr)
 // uw_find_rule returns the rule of row pc rpc in object o, or NULL where
 // the frame-pointer rule applies (before the first row); NULL with *status
 // set when a lookup fails.
-static __always_inline struct uw_rule *uw_find_rule(struct uw_state *s, struct uw_object *o, __u32 rpc, int *status)
+static __always_inline struct uw_rule *uw_find_rule(struct uw_state *s, struct uw_object *o,
+						    __u32 rpc, int *status)
 {
 	__u32 first = o->first_row;
 	if (o->nrows > UW_MAX_TABLE_ROWS) {

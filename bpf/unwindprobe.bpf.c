@@ -38,7 +38,8 @@ int uw_probe(struct pt_regs *ctx)
 	if (!out)
 		return 0;
 	__u64 t0 = bpf_ktime_get_ns();
-	struct uw_state *s = uw_walk(bpf_get_current_pid_tgid() >> 32, PT_REGS_IP(ctx), PT_REGS_SP(ctx), PT_REGS_FP(ctx));
+	struct uw_state *s = uw_walk(bpf_get_current_pid_tgid() >> 32, PT_REGS_IP(ctx),
+				     PT_REGS_SP(ctx), PT_REGS_FP(ctx));
 	if (s)
 		out->stack_id = uw_intern(s); // timed too: a tier interns every stack
 	__u64 dt = bpf_ktime_get_ns() - t0;

@@ -22,9 +22,9 @@ struct uw_test_in {
 
 struct uw_test_out {
 	__u32 n;
-	__u32 status; // enum uw_status
-	__u64 ns;     // bench programs: total ns of UW_BENCH_REPS walks
-	__s64 err;    // bpf_get_stack's result (fp_bench)
+	__u32 status;	// enum uw_status
+	__u64 ns;	// bench programs: total ns of UW_BENCH_REPS walks
+	__s64 err;	// bpf_get_stack's result (fp_bench)
 	__u64 stack_id; // uw_intern's key (uw_test)
 	__u64 pcs[UW_MAX_FRAMES];
 };
