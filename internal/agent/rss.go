@@ -3,7 +3,6 @@ package agent
 import (
 	"bytes"
 	"context"
-	"errors"
 	"fmt"
 	"net/http"
 	"os"
@@ -292,7 +291,8 @@ func (a *Agent) serveRSS(w http.ResponseWriter, r *http.Request) {
 	}
 	p, _, err := a.rssProfileOf(t, dirs)
 	if err == nil && p == nil {
-		err = errors.New("no process in the container's cgroup")
+		http.Error(w, fmt.Sprintf("no process in the cgroup of namespace=%q pod=%q container=%q (restarting?)", ns, pod, name), http.StatusNotFound)
+		return
 	}
 	var built *profile.Profile
 	if err == nil {
