@@ -145,8 +145,13 @@ func (a *Agent) writeEntry(e *OOMEntry) {
 	if e.Report == "" {
 		return
 	}
-	if b, err := json.MarshalIndent(e, "", "  "); err == nil {
-		writeAtomic(strings.TrimSuffix(e.Report, ".json")+entrySuffix, b)
+	path := strings.TrimSuffix(e.Report, ".json") + entrySuffix
+	b, err := json.MarshalIndent(e, "", "  ")
+	if err == nil {
+		err = writeAtomic(path, b)
+	}
+	if err != nil {
+		a.cfg.Logf("memprof agent: keep OOM entry %s (not listed after a restart): %v", path, err)
 	}
 }
 

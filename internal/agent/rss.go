@@ -309,7 +309,7 @@ func (a *Agent) serveRSS(w http.ResponseWriter, r *http.Request) {
 	}
 	w.Header().Set("Content-Type", "application/octet-stream")
 	w.Header().Set("Content-Disposition", fmt.Sprintf(`attachment; filename="rss-%s-%s.pb.gz"`, unsafeName.ReplaceAllString(pod, "-"), time.Now().UTC().Format("20060102T150405Z")))
-	w.Write(buf.Bytes())
+	_, _ = w.Write(buf.Bytes()) // an error is the client gone: nothing to tell it
 }
 
 // onRSSOOM writes the victim's RSS post-mortem next to the heap tier's

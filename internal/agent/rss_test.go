@@ -309,7 +309,7 @@ func rssUnder(t *testing.T, p *profile.Profile, fn, ns string) int64 {
 // and only the entry of the same kill (pid and time).
 func TestLinkRSSOOM(t *testing.T) {
 	dir := t.TempDir()
-	a := &Agent{cfg: Config{DataDir: dir, MaxOOMEntries: 10}, rss: &rssTier{oomPending: map[int]rssOOMRef{}}}
+	a := &Agent{cfg: Config{DataDir: dir, MaxOOMEntries: 10, Logf: t.Logf}, rss: &rssTier{oomPending: map[int]rssOOMRef{}}}
 	now := time.Now()
 
 	// the entry first: linked in place, its file rewritten
