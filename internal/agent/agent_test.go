@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -43,6 +44,40 @@ type ingest struct {
 	from, until int64
 	format      string
 	prof        *profile.Profile
+	// sampleTypes: the multipart field sample_type_config (JSON by
+	// sample type), nil when absent
+	sampleTypes map[string]map[string]any
+}
+
+// profileTypes are the profile type IDs (name:sample_type:unit:period_type:
+// period_unit) Pyroscope 1.x files the upload under: the name is "memory"
+// when a sample type, or its display-name in sample_type_config, contains
+// inuse_ or alloc_ (the rule of Pyroscope's pkg/og/convert/pprof
+// metricName, CPU and the rarer kinds left out), else the last sample type.
+func (in ingest) profileTypes() []string {
+	name := ""
+	for _, st := range in.prof.SampleType {
+		d := st.Type
+		if c, ok := in.sampleTypes[st.Type]; ok {
+			if dn, _ := c["display-name"].(string); dn != "" {
+				d = dn
+			}
+		}
+		if strings.Contains(d, "inuse_") || strings.Contains(d, "alloc_") {
+			name = "memory"
+			break
+		}
+		name = st.Type
+	}
+	var out []string
+	for _, st := range in.prof.SampleType {
+		pt := ":"
+		if in.prof.PeriodType != nil {
+			pt = in.prof.PeriodType.Type + ":" + in.prof.PeriodType.Unit
+		}
+		out = append(out, name+":"+st.Type+":"+st.Unit+":"+pt)
+	}
+	return out
 }
 
 // parseName splits a Pyroscope segment key "app{k=v,k2=v2}".
@@ -111,6 +146,13 @@ func (f *fakePyroscope) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if in.prof, err = profile.Parse(bytes.NewReader(data)); err != nil {
 		fail("profile.Parse: " + err.Error())
 		return
+	}
+	if cf, _, err := r.FormFile("sample_type_config"); err == nil {
+		b, _ := io.ReadAll(cf)
+		if err := json.Unmarshal(b, &in.sampleTypes); err != nil {
+			fail("sample_type_config: " + err.Error())
+			return
+		}
 	}
 	f.mu.Lock()
 	f.got = append(f.got, in)
@@ -317,6 +359,9 @@ func TestAgentPods(t *testing.T) {
 	}
 	if up.app != ns+"/app" || up.format != "pprof" || up.until <= up.from || up.until < t0.Unix() {
 		t.Errorf("pyroscope upload app %q format %q from %d until %d", up.app, up.format, up.from, up.until)
+	}
+	if types := up.profileTypes(); !slices.Contains(types, "memory:inuse_space:bytes:space:bytes") {
+		t.Errorf("heap upload's Pyroscope profile types %v, want memory:inuse_space:bytes:space:bytes", types)
 	}
 	if ptop := topOf(t, up.prof, "inuse_space"); !hasFrame(ptop, "agent_leak_known") {
 		t.Errorf("pushed profile's top inuse stack %v, want agent_leak_known", ptop.Frames)

@@ -240,6 +240,7 @@ func (a *Agent) handler() http.Handler {
 	})
 	mux.Handle("GET /metrics", a.metricsHandler())
 	mux.Handle("GET /profiles/heap", a.auth(http.HandlerFunc(a.serveHeap)))
+	mux.Handle("GET /profiles/rss", a.auth(http.HandlerFunc(a.serveRSS)))
 	mux.Handle("GET /profiles/growth", a.auth(http.HandlerFunc(a.serveGrowth)))
 	mux.Handle("GET /profiles", a.auth(http.HandlerFunc(a.serveList)))
 	mux.Handle("GET /oom", a.auth(http.HandlerFunc(a.serveOOM)))
@@ -375,7 +376,7 @@ func (a *Agent) serveOOM(w http.ResponseWriter, r *http.Request) {
 func (a *Agent) serveOOMFile(w http.ResponseWriter, r *http.Request) {
 	want := r.URL.Query().Get("path")
 	for _, e := range a.OOMs() {
-		for _, p := range []string{e.Profile, e.Report, e.Text} {
+		for _, p := range []string{e.Profile, e.RSSProfile, e.Report, e.Text} {
 			if p != "" && p == want {
 				http.ServeFile(w, r, p)
 				return

@@ -27,13 +27,17 @@ type OOMEntry struct {
 	Comm      string    `json:"comm"`
 	// Profiled: the victim was being profiled, so Profile holds its heap
 	// at the kill; otherwise this is an OOM event with the report only.
-	Profiled bool        `json:"profiled"`
-	Kind     string      `json:"kind,omitempty"`
-	Profile  string      `json:"profile,omitempty"`
-	Report   string      `json:"report,omitempty"`
-	Text     string      `json:"text,omitempty"`
-	Details  *oom.Report `json:"details,omitempty"`
-	Error    string      `json:"error,omitempty"`
+	Profiled bool   `json:"profiled"`
+	Kind     string `json:"kind,omitempty"`
+	Profile  string `json:"profile,omitempty"`
+	// RSSProfile is the victim's RSS post-mortem (rss_space by stack at
+	// the kill, any language; the RSS tier follows every container),
+	// empty when the victim was in no followed container.
+	RSSProfile string      `json:"rssProfile,omitempty"`
+	Report     string      `json:"report,omitempty"`
+	Text       string      `json:"text,omitempty"`
+	Details    *oom.Report `json:"details,omitempty"`
+	Error      string      `json:"error,omitempty"`
 }
 
 // onOOM runs for every OOM kill on the node (the recorder reports all).
@@ -100,16 +104,12 @@ func (a *Agent) onOOM(k *recorder.OOMKill) {
 		a.cfg.Logf("memprof agent: OOM kill of pid %d (%s) in %s (not profiled): report %s", e.Pid, e.Comm, who, strings.Join(paths, ", "))
 	}
 
-	// The entry itself, so /oom lists it with its labels after a restart.
-	var entryPath string
-	if e.Report != "" {
-		entryPath = strings.TrimSuffix(e.Report, ".json") + entrySuffix
-		if b, err := json.MarshalIndent(e, "", "  "); err == nil {
-			writeAtomic(entryPath, b)
-		}
-	}
-
 	a.mu.Lock()
+	// the RSS session's post-mortem of the same kill, if it came first
+	e.RSSProfile = a.takeRSSOOM(e.Pid, e.Time)
+	// The entry itself, so /oom lists it with its labels after a restart
+	// (written under a.mu: linkRSSOOM rewrites it once it is listed).
+	a.writeEntry(&e)
 	a.oomTotal[k.Target]++
 	if c != nil {
 		a.oomKills[c.labels]++
@@ -126,7 +126,7 @@ func (a *Agent) onOOM(k *recorder.OOMKill) {
 	a.mu.Unlock()
 	// Bounded disk too: the oldest post-mortems go with their entries.
 	for _, d := range drop {
-		for _, p := range []string{d.Profile, d.Report, d.Text} {
+		for _, p := range []string{d.Profile, d.RSSProfile, d.Report, d.Text} {
 			if p != "" {
 				os.Remove(p)
 			}
@@ -138,6 +138,22 @@ func (a *Agent) onOOM(k *recorder.OOMKill) {
 }
 
 func (a *Agent) oomDir() string { return filepath.Join(a.cfg.DataDir, "oom") }
+
+// writeEntry writes e next to its report (nothing without a report), so
+// /oom lists it with its labels after a restart.
+func (a *Agent) writeEntry(e *OOMEntry) {
+	if e.Report == "" {
+		return
+	}
+	path := strings.TrimSuffix(e.Report, ".json") + entrySuffix
+	b, err := json.MarshalIndent(e, "", "  ")
+	if err == nil {
+		err = writeAtomic(path, b)
+	}
+	if err != nil {
+		a.cfg.Logf("memprof agent: keep OOM entry %s (not listed after a restart): %v", path, err)
+	}
+}
 
 // entrySuffix names the file holding an OOMEntry next to its report.
 const entrySuffix = ".entry"

@@ -136,25 +136,27 @@ func (a *Agent) saveProfiles(ctx context.Context) {
 			}
 		}
 		if a.cfg.PyroscopeURL != "" {
-			a.push(ctx, c, from, now, buf.Bytes())
+			a.push(ctx, c.labels, from, now, buf.Bytes(), nil)
 		}
 	}
 	a.applyRetention(now)
 }
 
-func (a *Agent) push(ctx context.Context, c *container, from, until time.Time, data []byte) {
-	service := c.labels.Namespace + "/" + c.labels.Container
+// push sends one gzipped pprof of the container l to Pyroscope; types
+// describes sample types Pyroscope does not know (nil for heap profiles).
+func (a *Agent) push(ctx context.Context, l labelSet, from, until time.Time, data []byte, types map[string]pyroscope.SampleType) {
+	service := l.Namespace + "/" + l.Container
 	labels := map[string]string{
 		"service_name": service,
-		"namespace":    c.labels.Namespace,
-		"pod":          c.labels.Pod,
-		"container":    c.labels.Container,
+		"namespace":    l.Namespace,
+		"pod":          l.Pod,
+		"container":    l.Container,
 		"node":         a.cfg.NodeName,
 	}
 	pctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 	pu := &pyroscope.Pusher{URL: a.cfg.PyroscopeURL}
-	err := pu.Push(pctx, pyroscope.Upload{App: service, Labels: labels, From: from, Until: until, Pprof: data})
+	err := pu.Push(pctx, pyroscope.Upload{App: service, Labels: labels, From: from, Until: until, Pprof: data, SampleTypes: types})
 	a.mu.Lock()
 	if err != nil {
 		a.pushErrs++
@@ -163,7 +165,7 @@ func (a *Agent) push(ctx context.Context, c *container, from, until time.Time, d
 	}
 	a.mu.Unlock()
 	if err != nil {
-		a.cfg.Logf("memprof agent: push profile of %s to Pyroscope: %v", c.name(), err)
+		a.cfg.Logf("memprof agent: push profile of %s/%s/%s to Pyroscope: %v", l.Namespace, l.Pod, l.Container, err)
 	}
 }
 

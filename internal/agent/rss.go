@@ -1,15 +1,23 @@
 package agent
 
 import (
+	"bytes"
 	"context"
 	"fmt"
+	"net/http"
 	"os"
 	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
 	"sync"
 	"time"
 
+	"github.com/google/pprof/profile"
+
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/memprof/memprof/internal/agent/pyroscope"
 	"github.com/memprof/memprof/internal/cgroups"
 	"github.com/memprof/memprof/internal/rss"
 	"github.com/memprof/memprof/pprofout"
@@ -35,6 +43,10 @@ type rssTier struct {
 	dirs    map[string]labelSet   // cgroup directories followed
 	figures map[labelSet][3]int64 // profiled, before, faulted (last profile)
 	regions map[labelSet]rss.Regions
+	// oomPending: RSS post-mortems by victim pid, until /oom's entry of
+	// the kill takes them (at most maxPendingRSSOOMs)
+	oomPending map[int]rssOOMRef
+	prof       sync.Mutex // one RSS profile built at a time (periodic, HTTP)
 }
 
 // startRSS starts the RSS session; without it (an old kernel) the agent
@@ -55,7 +67,7 @@ func (a *Agent) startRSS(ctx context.Context) {
 		a.cfg.Logf("memprof agent: RSS profiles disabled: %v", err)
 		return
 	}
-	t := &rssTier{s: s, dirs: map[string]labelSet{}, figures: map[labelSet][3]int64{}, regions: map[labelSet]rss.Regions{}}
+	t := &rssTier{s: s, dirs: map[string]labelSet{}, figures: map[labelSet][3]int64{}, regions: map[labelSet]rss.Regions{}, oomPending: map[int]rssOOMRef{}}
 	a.mu.Lock()
 	a.rss = t
 	a.mu.Unlock()
@@ -113,9 +125,64 @@ func (a *Agent) rssSync() {
 	}
 }
 
+// rssPyroscopeTypes describes the RSS profile's sample types to Pyroscope,
+// which knows only Go's. Pyroscope (1.x) names a pprof upload's profile type
+// after its sample types, "memory" when one of them (or its display name)
+// contains "inuse_" or "alloc_" (pkg/og/convert/pprof metricName): the
+// display name of rss_space makes the RSS profile
+// memory:rss_space:bytes:space:bytes (and memory:faulted_space:...) next
+// to the heap profile's memory:inuse_space:bytes:space:bytes. Pyroscope
+// 0.x, which ingests only the configured types, shows them as
+// <app>.inuse_rss_space and <app>.faulted_space.
+var rssPyroscopeTypes = map[string]pyroscope.SampleType{
+	pprofout.RSSSpace:          {Units: "bytes", Aggregation: "average", DisplayName: "inuse_rss_space"},
+	pprofout.RSSFaultedSpace:   {Units: "bytes", Aggregation: "sum"},
+	pprofout.RSSFaultedObjects: {Units: "objects", Aggregation: "sum"},
+}
+
+// rssProfileOf builds the RSS profile of the processes in the cgroup
+// directories dirs, each sample labelled with its container and node. A
+// nil profile (and no error) means no process is in them.
+func (a *Agent) rssProfileOf(t *rssTier, dirs map[string]labelSet) (*pprofout.RSSProfile, []rss.ProcSummary, error) {
+	byPid := map[uint32]labelSet{}
+	for dir, l := range dirs {
+		pids, err := cgroups.Procs(dir, true)
+		if err != nil {
+			continue // gone since: its processes are not in the profile
+		}
+		for _, p := range pids {
+			byPid[uint32(p)] = l
+		}
+	}
+	if len(byPid) == 0 {
+		return nil, nil, nil
+	}
+	t.prof.Lock()
+	p, sums, err := t.s.Profile(func(pid uint32) bool { _, ok := byPid[pid]; return ok })
+	t.prof.Unlock()
+	if err != nil {
+		return nil, nil, err
+	}
+	for i := range p.Samples {
+		smp := &p.Samples[i]
+		if smp.Labels == nil {
+			smp.Labels = map[string]string{}
+		}
+		pid, _ := strconv.Atoi(smp.Labels["pid"])
+		if l, ok := byPid[uint32(pid)]; ok {
+			smp.Labels["namespace"] = l.Namespace
+			smp.Labels["pod"] = l.Pod
+			smp.Labels["container"] = l.Container
+		}
+		smp.Labels["node"] = a.cfg.NodeName
+	}
+	return p, sums, nil
+}
+
 // saveRSSProfiles writes one RSS profile per container
-// (profiles/<ns>_<pod>_<container>/<time>.rss.pb.gz) and updates the
-// per-container figures.
+// (profiles/<ns>_<pod>_<container>/<time>.rss.pb.gz, removed with the heap
+// profiles by the retention), pushes it to Pyroscope when configured, and
+// updates the per-container figures.
 func (a *Agent) saveRSSProfiles(ctx context.Context) {
 	a.mu.Lock()
 	t := a.rss
@@ -130,21 +197,17 @@ func (a *Agent) saveRSSProfiles(ctx context.Context) {
 	}
 	t.mu.Unlock()
 	now := time.Now()
+	from := now.Add(-a.cfg.ProfileInterval)
 	for dir, l := range dirs {
 		if ctx.Err() != nil {
 			return
 		}
-		pids, err := cgroups.Procs(dir, true)
-		if err != nil || len(pids) == 0 {
-			continue
-		}
-		in := map[uint32]bool{}
-		for _, p := range pids {
-			in[uint32(p)] = true
-		}
-		p, sums, err := t.s.Profile(func(pid uint32) bool { return in[pid] })
+		p, sums, err := a.rssProfileOf(t, map[string]labelSet{dir: l})
 		if err != nil {
 			a.cfg.Logf("memprof agent: RSS profile of %s/%s/%s: %v", l.Namespace, l.Pod, l.Container, err)
+			continue
+		}
+		if p == nil {
 			continue
 		}
 		var fig [3]int64
@@ -165,21 +228,88 @@ func (a *Agent) saveRSSProfiles(ctx context.Context) {
 		if len(p.Samples) == 0 {
 			continue
 		}
-		for i := range p.Samples {
-			p.Samples[i].Labels["namespace"] = l.Namespace
-			p.Samples[i].Labels["pod"] = l.Pod
-			p.Samples[i].Labels["container"] = l.Container
-			p.Samples[i].Labels["node"] = a.cfg.NodeName
-		}
-		cdir := a.containerDir(&container{labels: l})
-		if err := os.MkdirAll(cdir, 0o755); err != nil {
+		built, err := pprofout.BuildRSS(p)
+		if err != nil {
+			a.cfg.Logf("memprof agent: RSS profile of %s/%s/%s: %v", l.Namespace, l.Pod, l.Container, err)
 			continue
 		}
-		path := filepath.Join(cdir, now.UTC().Format("20060102T150405Z")+".rss.pb.gz")
-		if err := pprofout.WriteRSSFile(path, p); err != nil {
-			a.cfg.Logf("memprof agent: keep RSS profile of %s/%s/%s: %v", l.Namespace, l.Pod, l.Container, err)
+		var buf bytes.Buffer
+		if err := built.Write(&buf); err != nil {
+			continue
+		}
+		cdir := a.containerDir(&container{labels: l})
+		if err := os.MkdirAll(cdir, 0o755); err == nil {
+			path := filepath.Join(cdir, now.UTC().Format("20060102T150405Z")+".rss.pb.gz")
+			if err := writeAtomic(path, buf.Bytes()); err != nil {
+				a.cfg.Logf("memprof agent: keep RSS profile of %s/%s/%s: %v", l.Namespace, l.Pod, l.Container, err)
+			}
+		}
+		if a.cfg.PyroscopeURL != "" {
+			a.push(ctx, l, from, now, buf.Bytes(), rssPyroscopeTypes)
 		}
 	}
+	// the heap tier's saveProfiles applies the retention to every file of
+	// profiles/ (heap and RSS); do it here too, so that RSS profiles age
+	// out when no container is selected for allocator probes
+	a.applyRetention(now)
+}
+
+// serveRSS serves GET /profiles/rss?namespace=&pod=&container=: the RSS
+// profile of the container(s) now, gzipped pprof (default sample type
+// rss_space). Parameters as /profiles/heap; 404 names the containers the
+// RSS tier follows.
+func (a *Agent) serveRSS(w http.ResponseWriter, r *http.Request) {
+	q := r.URL.Query()
+	ns, pod, name := q.Get("namespace"), q.Get("pod"), q.Get("container")
+	if pod == "" {
+		http.Error(w, "give ?pod=NAME (and namespace=, container=); GET /profiles/rss?pod= with an unknown pod lists the containers with RSS profiles", http.StatusBadRequest)
+		return
+	}
+	a.mu.Lock()
+	t := a.rss
+	a.mu.Unlock()
+	if t == nil {
+		http.Error(w, "RSS profiles are off on this node (--no-rss, or the kernel lacks the page-fault tracepoints: see the agent's log)", http.StatusNotFound)
+		return
+	}
+	dirs := map[string]labelSet{}
+	t.mu.Lock()
+	for d, l := range t.dirs {
+		if l.Pod == pod && (ns == "" || l.Namespace == ns) && (name == "" || l.Container == name) {
+			dirs[d] = l
+		}
+	}
+	t.mu.Unlock()
+	if len(dirs) == 0 {
+		known := a.RSSProfiled()
+		sort.Strings(known)
+		if len(known) > 50 {
+			known = append(known[:50], fmt.Sprintf("... (%d more)", len(known)-50))
+		}
+		http.Error(w, fmt.Sprintf("no container with RSS profiles namespace=%q pod=%q container=%q on node %s; followed (namespace/pod/container): %s", ns, pod, name, a.cfg.NodeName, strings.Join(known, ", ")), http.StatusNotFound)
+		return
+	}
+	p, _, err := a.rssProfileOf(t, dirs)
+	if err == nil && p == nil {
+		http.Error(w, fmt.Sprintf("no process in the cgroup of namespace=%q pod=%q container=%q (restarting?)", ns, pod, name), http.StatusNotFound)
+		return
+	}
+	var built *profile.Profile
+	if err == nil {
+		built, err = pprofout.BuildRSS(p)
+	}
+	if err != nil {
+		http.Error(w, "build RSS profile: "+err.Error(), http.StatusInternalServerError)
+		return
+	}
+	var buf bytes.Buffer
+	if err := built.Write(&buf); err != nil {
+		http.Error(w, err.Error(), http.StatusInternalServerError)
+		return
+	}
+	w.Header().Set("Content-Type", "application/octet-stream")
+	w.Header().Set("Content-Disposition", fmt.Sprintf(`attachment; filename="rss-%s-%s.pb.gz"`, unsafeName.ReplaceAllString(pod, "-"), time.Now().UTC().Format("20060102T150405Z")))
+	_, _ = w.Write(buf.Bytes()) // an error is the client gone: nothing to tell it
 }
 
 // onRSSOOM writes the victim's RSS post-mortem next to the heap tier's
@@ -213,7 +343,71 @@ func (a *Agent) onRSSOOM(k *rss.OOMKill) {
 		a.cfg.Logf("memprof agent: RSS post-mortem of pid %d (%s): %v", k.Pid, k.Comm, err)
 		return
 	}
+	a.linkRSSOOM(k.Pid, k.Time, path)
 	a.cfg.Logf("memprof agent: OOM kill of pid %d (%s) in %s/%s/%s: RSS post-mortem %s", k.Pid, k.Comm, l.Namespace, l.Pod, l.Container, path)
+}
+
+// rssOOMRef is an RSS post-mortem whose /oom entry has not been made yet.
+type rssOOMRef struct {
+	path string
+	at   time.Time // the kill, as the RSS session saw it
+}
+
+// Bounds of the RSS post-mortems waiting for their /oom entry: the
+// recorder's event of the same kill comes within a second or two; one that
+// never comes (the heap tier's OOM events unsupported) leaves its file
+// listed under oom/ only.
+const (
+	maxPendingRSSOOMs = 256
+	rssOOMMatch       = time.Minute // same pid within this: the same kill
+)
+
+func sameKill(a, b time.Time) bool { return a.Sub(b).Abs() <= rssOOMMatch }
+
+// linkRSSOOM records the RSS post-mortem path of victim pid in its /oom
+// entry (OOMEntry.RSSProfile). The entry comes from the heap tier's OOM
+// event, which may arrive before or after the RSS session's: before, the
+// entry is updated (and its file rewritten); after, onOOM takes the path
+// from the pending list.
+func (a *Agent) linkRSSOOM(pid int, at time.Time, path string) {
+	a.mu.Lock()
+	for i := len(a.ooms) - 1; i >= 0; i-- {
+		if e := &a.ooms[i]; e.Pid == pid && e.RSSProfile == "" && sameKill(e.Time, at) {
+			e.RSSProfile = path
+			a.writeEntry(e)
+			a.mu.Unlock()
+			return
+		}
+	}
+	t := a.rss
+	if t != nil {
+		t.mu.Lock()
+		for p, r := range t.oomPending {
+			if time.Since(r.at) > rssOOMMatch || len(t.oomPending) >= maxPendingRSSOOMs {
+				delete(t.oomPending, p)
+			}
+		}
+		t.oomPending[pid] = rssOOMRef{path: path, at: at}
+		t.mu.Unlock()
+	}
+	a.mu.Unlock()
+}
+
+// takeRSSOOM returns (and forgets) the RSS post-mortem of the kill of pid at
+// time at, "" if none came yet. The caller holds a.mu.
+func (a *Agent) takeRSSOOM(pid int, at time.Time) string {
+	t := a.rss
+	if t == nil {
+		return ""
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	r, ok := t.oomPending[pid]
+	if !ok || !sameKill(r.at, at) {
+		return ""
+	}
+	delete(t.oomPending, pid)
+	return r.path
 }
 
 // RSSProfiled lists the containers whose cgroups the RSS tier follows.

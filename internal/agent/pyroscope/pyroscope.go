@@ -1,11 +1,13 @@
 // Package pyroscope pushes pprof profiles to a Pyroscope server through its
 // HTTP ingest API: POST /ingest?name=<app>{k=v,...}&from=&until=&format=pprof
-// with the profile in the multipart form field "profile".
+// with the profile in the multipart form field "profile" (and, for sample
+// types Pyroscope does not know, their description in "sample_type_config").
 package pyroscope
 
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"mime/multipart"
@@ -24,6 +26,20 @@ type Upload struct {
 	From   time.Time
 	Until  time.Time
 	Pprof  []byte // gzipped pprof protobuf
+	// SampleTypes, when set, is sent as the multipart field
+	// "sample_type_config" (JSON keyed by the pprof sample type): how
+	// Pyroscope names, units and aggregates sample types it does not know.
+	// nil: Pyroscope's defaults (Go's heap and CPU sample types).
+	SampleTypes map[string]SampleType
+}
+
+// SampleType is one entry of Pyroscope's sample_type_config (the JSON keys
+// of Pyroscope's tree.SampleTypeConfig).
+type SampleType struct {
+	Units       string `json:"units,omitempty"`        // "bytes", "objects", "samples"
+	Aggregation string `json:"aggregation,omitempty"`  // "sum" or "average"
+	DisplayName string `json:"display-name,omitempty"` // name shown instead of the sample type
+	Cumulative  bool   `json:"cumulative,omitempty"`   // values grow over the process's life
 }
 
 // Pusher sends profiles to one server.
@@ -95,6 +111,19 @@ func (p *Pusher) Push(ctx context.Context, u Upload) error {
 	}
 	if _, err := fw.Write(u.Pprof); err != nil {
 		return err
+	}
+	if u.SampleTypes != nil {
+		cfg, err := json.Marshal(u.SampleTypes)
+		if err != nil {
+			return err
+		}
+		fw, err := mw.CreateFormFile("sample_type_config", "sample_type_config.json")
+		if err != nil {
+			return err
+		}
+		if _, err := fw.Write(cfg); err != nil {
+			return err
+		}
 	}
 	if err := mw.Close(); err != nil {
 		return err
