@@ -265,7 +265,7 @@ func writeResult(s *recorder.Session, out string, extraLabels map[string]string,
 			fmt.Fprintln(w, "\nno live sampled allocations")
 		} else {
 			fmt.Fprintf(w, "\ntop %d stacks by live bytes (inuse_space):\n", len(rows))
-			pprofout.FormatTop(w, rows, "inuse_space", 8)
+			_ = pprofout.FormatTop(w, rows, "inuse_space", 8) // the summary on a terminal: nothing to do if it fails
 		}
 	}
 	fmt.Fprintf(w, "\nprofile written to %s\nview it with: go tool pprof -http=: %s\n", out, out)

@@ -121,7 +121,7 @@ func writeRSSResult(s *rss.Session, out string, podLabels map[string]string, top
 	if built, err := pprofout.BuildRSS(p); err == nil {
 		if rows, err := pprofout.Top(built, pprofout.RSSSpace, top); err == nil && len(rows) > 0 {
 			fmt.Fprintf(stderr, "\ntop %d stacks by resident bytes (rss_space):\n", len(rows))
-			pprofout.FormatTop(stderr, rows, pprofout.RSSSpace, 8)
+			_ = pprofout.FormatTop(stderr, rows, pprofout.RSSSpace, 8) // the summary on a terminal
 		}
 	}
 	fmt.Fprintf(stderr, "\nRSS profile written to %s\nview it with: go tool pprof -http=: %s\n", out, out)

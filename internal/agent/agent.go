@@ -270,7 +270,9 @@ func (a *Agent) Run(ctx context.Context) error {
 		}
 	}
 	shutCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	a.srv.Shutdown(shutCtx)
+	if err := a.srv.Shutdown(shutCtx); err != nil {
+		a.cfg.Logf("http: shutdown: %v (connections closed)", err)
+	}
 	cancel()
 	wg.Wait()
 	a.mu.Lock()

@@ -215,7 +215,9 @@ func (t *tokenFile) check(r *http.Request) bool {
 			changed = ino != t.ino || !st.ModTime().Equal(t.mod) || st.Size() != t.size || !t.ok
 		}
 		if changed {
-			t.reload() // a missing or empty file locks everyone out
+			// A missing or empty file locks everyone out (t.ok false); the
+			// error is the one New reported at start-up.
+			_ = t.reload()
 		}
 	}
 	ok, sum := t.ok, t.sum
@@ -315,7 +317,10 @@ func (a *Agent) serveHeap(w http.ResponseWriter, r *http.Request) {
 		// this response comes the window later than others: extend its
 		// write deadline by the window (net/http clears the read deadline
 		// once the request is read, so ReadTimeout does not cut it)
-		http.NewResponseController(w).SetWriteDeadline(time.Now().Add(window + a.cfg.HTTP.WriteTimeout))
+		if err := http.NewResponseController(w).SetWriteDeadline(time.Now().Add(window + a.cfg.HTTP.WriteTimeout)); err != nil {
+			http.Error(w, "cannot hold the connection for the window: "+err.Error(), http.StatusInternalServerError)
+			return
+		}
 		p, err = a.allocProfile(r.Context(), conts, window)
 	} else {
 		p, err = a.heapProfile(conts)
@@ -331,7 +336,7 @@ func (a *Agent) serveHeap(w http.ResponseWriter, r *http.Request) {
 	}
 	w.Header().Set("Content-Type", "application/octet-stream")
 	w.Header().Set("Content-Disposition", fmt.Sprintf(`attachment; filename="heap-%s-%s.pb.gz"`, unsafeName.ReplaceAllString(pod, "-"), time.Now().UTC().Format("20060102T150405Z")))
-	w.Write(buf.Bytes())
+	_, _ = w.Write(buf.Bytes()) // a client that went away: nothing to do
 }
 
 // ContainerInfo is one entry of GET /profiles.
@@ -390,5 +395,5 @@ func writeJSON(w http.ResponseWriter, v any) {
 	w.Header().Set("Content-Type", "application/json")
 	enc := json.NewEncoder(w)
 	enc.SetIndent("", "  ")
-	enc.Encode(v)
+	_ = enc.Encode(v) // the values are ours and encodable; a write error is a client gone
 }

@@ -2,6 +2,7 @@ package agent
 
 import (
 	"bufio"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -126,7 +127,7 @@ func TestIdleConnections(t *testing.T) {
 	}
 	t0 := time.Now()
 	silent.SetReadDeadline(time.Now().Add(10 * time.Second))
-	if n, err := silent.Read(make([]byte, 1)); err != io.EOF {
+	if n, err := silent.Read(make([]byte, 1)); !errors.Is(err, io.EOF) {
 		t.Errorf("silent connection: read %d bytes, %v; want EOF (closed by the agent)", n, err)
 	}
 	silentFor := time.Since(t0)
