@@ -293,8 +293,11 @@ func (d *dwarfStacks) resolve(s *heap.Snapshot, keep func(uint32) bool) {
 			}
 		}
 	}
+	// Only the processes read can tell which of their blocks are gone: the
+	// sequence numbers of the others stay (a read of one exiting process
+	// must not orphan the stacks of every other one).
 	for seq, info := range d.seqs {
-		if !seen[seq] && info.gen < gen {
+		if !seen[seq] && info.gen < gen && (keep == nil || keep(info.pid)) {
 			delete(d.seqs, seq)
 		}
 	}

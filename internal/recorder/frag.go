@@ -43,30 +43,33 @@ func LiveByPid(p *profile.Profile) map[int]int64 {
 
 // Fragmentation judges every live target, and every recorded cgroup, from
 // the live bytes estimated in the built profile against RSS now. Targets
-// that exited have no RSS left to judge and are reported as such.
+// that exited have no RSS left to judge and are reported as such (a
+// command's, read in its exit stop, is judged at its exit).
 func (s *Session) Fragmentation(built *profile.Profile) []FragReport {
 	live := LiveByPid(built)
 	s.mu.Lock()
 	var targets []*target
 	for _, t := range s.procs {
-		targets = append(targets, t)
+		if !t.skipped {
+			targets = append(targets, t)
+		}
 	}
+	kept := append([]*keptTarget(nil), s.kept...)
 	s.mu.Unlock()
 	sort.Slice(targets, func(i, j int) bool { return targets[i].pid < targets[j].pid })
 	var out []FragReport
+	for _, k := range kept {
+		scope := fmt.Sprintf("pid %d (%s)", k.pid, k.comm)
+		switch {
+		case k.exitMem != nil:
+			v := frag.Assess(k.allocator, k.exitMem.RssAnon, k.live, k.exitMem)
+			out = append(out, FragReport{Scope: scope + " at exit", Verdict: v})
+		case len(k.samples) > 0:
+			out = append(out, FragReport{Scope: scope, Err: fmt.Errorf("process %s during the recording: no RSS to compare", k.why)})
+		}
+	}
 	for _, t := range targets {
 		scope := fmt.Sprintf("pid %d (%s)", t.pid, t.comm)
-		if t.exited && t.exitMem != nil {
-			v := frag.Assess(t.allocator, t.exitMem.RssAnon, uint64(max(live[t.pid], 0)), t.exitMem)
-			out = append(out, FragReport{Scope: scope + " at exit", Verdict: v})
-			continue
-		}
-		if t.exited {
-			if _, ok := live[t.pid]; ok {
-				out = append(out, FragReport{Scope: scope, Err: fmt.Errorf("process exited during the recording: no RSS to compare")})
-			}
-			continue
-		}
 		v, err := frag.AssessProcess(t.pid, uint64(max(live[t.pid], 0)))
 		out = append(out, FragReport{Scope: scope, Verdict: v, Err: err})
 	}
@@ -79,10 +82,8 @@ func (s *Session) Fragmentation(built *profile.Profile) []FragReport {
 		var sum int64
 		var allocs []frag.Allocator
 		for _, t := range targets {
-			if !t.exited {
-				sum += live[t.pid]
-				allocs = append(allocs, t.allocator)
-			}
+			sum += live[t.pid]
+			allocs = append(allocs, t.allocator)
 		}
 		out = append(out, FragReport{Scope: "cgroup " + dir, Verdict: frag.AssessCgroup(st, uint64(max(sum, 0)), allocs)})
 	}

@@ -16,7 +16,6 @@ import (
 	mbpf "github.com/memprof/memprof/bpf"
 	"github.com/memprof/memprof/internal/cgroups"
 	"github.com/memprof/memprof/internal/frag"
-	"github.com/memprof/memprof/internal/heap"
 	"github.com/memprof/memprof/internal/oom"
 	"github.com/memprof/memprof/internal/procmaps"
 	"github.com/memprof/memprof/pprofout"
@@ -112,18 +111,21 @@ func (s *Session) handleOOM(ev mbpf.MemprofOomEvent) {
 		}
 	}
 	kill := &OOMKill{Victim: v, Allocator: frag.Unknown}
-	if t != nil && !t.exited {
+	if t != nil && !t.skipped {
 		kill.Target = true
-		t.oomed = true
 		kill.Allocator = t.allocator
-		s.freeze(pid, "was OOM-killed", func(snap *heap.Snapshot) {
-			p, err := s.profileOf(snap, func(p uint32) bool { return p == uint32(pid) })
-			if err == nil {
-				p.Start = v.Time
-				p.Duration = 0
-				p.Comments = append(p.Comments, "memprof: heap of OOM victim "+strconv.Itoa(pid)+" ("+v.Comm+") at the kill")
-				kill.Profile = p
+		// Called on the event reader: it cannot wait for itself to drain
+		// the ring buffer.
+		s.exit(pid, "was OOM-killed", true, func(k *keptTarget) {
+			p := s.newProfile()
+			for _, smp := range k.samples {
+				smp.Labels = copyLabels(smp.Labels)
+				p.Samples = append(p.Samples, smp)
 			}
+			p.Start = v.Time
+			p.Duration = 0
+			p.Comments = append(p.Comments, "memprof: heap of OOM victim "+strconv.Itoa(pid)+" ("+v.Comm+") at the kill")
+			kill.Profile = p
 		})
 	} else if !s.opts.AllOOMs {
 		return

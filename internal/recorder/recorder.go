@@ -18,7 +18,6 @@ import (
 	"github.com/memprof/memprof/internal/attach"
 	"github.com/memprof/memprof/internal/bpfload"
 	"github.com/memprof/memprof/internal/frag"
-	"github.com/memprof/memprof/internal/heap"
 	"github.com/memprof/memprof/internal/procmaps"
 	"github.com/memprof/memprof/internal/symbolize"
 )
@@ -60,6 +59,9 @@ type Options struct {
 	// ClassicOOM takes OOM kills from the classic tracepoint (pid only, as
 	// before Linux 6.8) even where the victim's task is available.
 	ClassicOOM bool
+	// Symbols is the symbol cache to use (nil: a new one). Sessions may
+	// share one: objects are cached by build ID or (device, inode).
+	Symbols *symbolize.Cache
 }
 
 // Session is one recording.
@@ -80,20 +82,27 @@ type Session struct {
 	lastPrune   time.Time
 	staleStacks map[uint32]bool
 
-	mu      sync.Mutex
-	procs   map[int]*target
-	frozen  *heap.Snapshot // state of targets that exited
-	objects map[procmaps.FileID]*attach.Object
-	errs    []string
+	// exitMu is held for the whole handling of a target's exit (exit) and
+	// while the state is read for a profile, so a profile sees every target
+	// either live or kept, never neither nor both.
+	exitMu sync.Mutex
+	exits  chan struct{} // signalled after each exit handled
+
+	mu           sync.Mutex
+	procs        map[int]*target // targets running, and skipped processes remembered
+	kept         []*keptTarget   // state of targets that went, oldest first
+	targetCounts map[string]uint64
+	objects      map[procmaps.FileID]*attach.Object
+	errs         []string
 }
 
 type target struct {
 	pid     int
+	start   uint64 // start time (procmaps.StartTime): with pid, the identity
 	comm    string
 	cgroup  string // memory cgroup path relative to the hierarchy root
+	via     string // cgroup directory it was found through ("" for --pid, a command)
 	sym     *symbolize.Process
-	exited  bool
-	oomed   bool
 	lastMap time.Time
 	// allocator of the process, for the fragmentation verdict
 	allocator frag.Allocator
@@ -102,7 +111,7 @@ type target struct {
 	// dwarf: stacks are copied and unwound with CFI in userspace.
 	dwarf bool
 	// skipped: not profiled (no allocator memprof knows, or excluded),
-	// remembered so its cgroup's rescans do not retry it.
+	// remembered so its cgroup's rescans do not retry it while it runs.
 	skipped bool
 }
 
@@ -151,13 +160,17 @@ func Start(ctx context.Context, opts Options) (*Session, error) {
 		opts:    opts,
 		objs:    objs,
 		att:     attach.New(progs),
-		sym:     symbolize.NewCache(symbolize.Options{}),
+		sym:     opts.Symbols,
 		start:   time.Now(),
 		done:    make(chan struct{}),
-		procs:   map[int]*target{},
-		frozen:  &heap.Snapshot{Stacks: map[uint32][]uint64{}, Memcg: map[uint32]uint64{}},
-		objects: map[procmaps.FileID]*attach.Object{},
+		procs:        map[int]*target{},
+		targetCounts: map[string]uint64{},
+		objects:      map[procmaps.FileID]*attach.Object{},
 	}
+	if s.sym == nil {
+		s.sym = symbolize.NewCache(symbolize.Options{})
+	}
+	s.exits = make(chan struct{}, 1)
 	if opts.StackMode != StackFP {
 		s.dwarf = newDwarfStacks()
 	}
@@ -173,8 +186,9 @@ func Start(ctx context.Context, opts Options) (*Session, error) {
 	}
 	for _, cg := range opts.Cgroups {
 		if _, err := s.scanCgroup(cg); err != nil {
-			s.Close()
-			return nil, err
+			// A process that cannot be attached is skipped and counted;
+			// the others are recorded.
+			s.recordErr(err)
 		}
 	}
 	if len(opts.Command) > 0 {
@@ -246,16 +260,20 @@ func (s *Session) Wait(ctx context.Context, d time.Duration) (reason string) {
 		case <-timeout:
 			return "duration reached"
 		case st := <-cmdDone:
-			// The exit stop already froze the state.
-			s.freeze(s.cmd.pid, "exited", nil)
+			// The exit stop kept the state (this waits for it, or handles
+			// an exit the tracer saw no stop for).
+			s.exit(s.cmd.pid, "exited", false, nil)
 			if st.signal != 0 {
 				return fmt.Sprintf("command killed by signal %d (%s)", int(st.signal), st.signal)
 			}
 			return fmt.Sprintf("command exited with status %d", st.code)
 		case <-tick.C:
-			if s.cmd == nil && !s.Running() {
-				return "all targets exited"
-			}
+		case <-s.exits:
+		}
+		// A target leaves the running set only once its state is kept
+		// (exit), so the profile built next holds it.
+		if s.cmd == nil && !s.Running() {
+			return "all targets exited"
 		}
 	}
 }

@@ -15,7 +15,6 @@ import (
 	"github.com/memprof/memprof/internal/attach"
 	"github.com/memprof/memprof/internal/cgroups"
 	"github.com/memprof/memprof/internal/frag"
-	"github.com/memprof/memprof/internal/heap"
 	"github.com/memprof/memprof/internal/procmaps"
 )
 
@@ -77,6 +76,7 @@ func (s *Session) attachCommand(pid int, libs []string, reexec bool) error {
 	}
 	s.noteObjects(objs)
 	t := &target{pid: pid, comm: procmaps.Comm(pid), cgroup: memoryCgroup(pid), allocator: allocatorOf(objs)}
+	t.start, _ = procmaps.StartTime(pid)
 	s.setupStacks(t, libs)
 	if sp, err := s.sym.Snapshot(pid); err == nil {
 		t.sym = sp
@@ -103,22 +103,28 @@ func (s *Session) commandExiting(pid int) {
 			t.exitMem = &pm
 		}
 	}
-	s.freeze(pid, "exited", nil)
+	s.exit(pid, "exited", false, nil)
 }
 
-func (s *Session) addPid(pid int) error {
+func (s *Session) addPid(pid int) error { return s.addTarget(pid, "") }
+
+// addTarget attaches to pid, found through the cgroup directory via ("" if
+// named by pid).
+func (s *Session) addTarget(pid int, via string) error {
 	s.mu.Lock()
 	_, known := s.procs[pid]
 	s.mu.Unlock()
 	if known {
 		return nil
 	}
+	start, _ := procmaps.StartTime(pid)
 	objs, err := s.att.Process(pid)
 	if err != nil {
+		s.att.Detach(pid) // what was attached before the error
 		return err
 	}
 	s.noteObjects(objs)
-	t := &target{pid: pid, comm: procmaps.Comm(pid), cgroup: memoryCgroup(pid), lastMap: time.Now()}
+	t := &target{pid: pid, start: start, via: via, comm: procmaps.Comm(pid), cgroup: memoryCgroup(pid), lastMap: time.Now()}
 	t.allocator, _ = frag.DetectAllocator(pid, nil)
 	sp, err := s.sym.Snapshot(pid)
 	if err != nil {
@@ -169,36 +175,69 @@ func (s *Session) dropStacks(pid int) {
 	s.objs.DwarfProcs.Delete(uint32(pid))
 }
 
-// scanCgroup adds the processes of a cgroup not seen yet.
+// scanCgroup adds the processes of a cgroup not seen yet. A pid known
+// under another start time was reused: the old process's exit is handled
+// and the new one attached. A process that cannot be profiled is skipped,
+// counted by cause and remembered (so it is not retried) while it runs;
+// the first error that is neither is returned after the scan.
 func (s *Session) scanCgroup(dir string) (int, error) {
 	pids, err := cgroups.Procs(dir, true)
 	if err != nil {
 		return 0, fmt.Errorf("list processes of cgroup %s: %w", dir, err)
 	}
 	added := 0
+	var firstErr error
 	for _, pid := range pids {
 		s.mu.Lock()
-		_, known := s.procs[pid]
+		t := s.procs[pid]
 		s.mu.Unlock()
-		if known {
-			continue
-		}
-		if err := s.addPid(pid); err != nil {
-			if errors.Is(err, attach.ErrNoAllocator) || !procmaps.Alive(pid) {
-				// Not profilable (e.g. a Go program) or gone already:
-				// remember it so it is not retried, and say so once.
-				s.mu.Lock()
-				s.procs[pid] = &target{pid: pid, comm: procmaps.Comm(pid), exited: true, skipped: true}
-				s.mu.Unlock()
-				s.opts.Notify(fmt.Sprintf("skipping process %d: %v", pid, err))
+		if t != nil {
+			if alive(t) {
 				continue
 			}
-			return added, err
+			// Gone, and the pid perhaps reused already.
+			if t.skipped {
+				s.mu.Lock()
+				if s.procs[pid] == t {
+					delete(s.procs, pid)
+				}
+				s.mu.Unlock()
+			} else {
+				s.exit(pid, "exited", false, nil)
+			}
+		}
+		start, running := procmaps.StartTime(pid)
+		if !running {
+			s.countTarget(skipGoneAtAttach)
+			continue
+		}
+		if err := s.addTarget(pid, dir); err != nil {
+			cause := skipAttachFailed
+			switch {
+			case errors.Is(err, attach.ErrNoAllocator):
+				cause = skipNoAllocator
+			case !alive(&target{pid: pid, start: start}):
+				cause = skipGoneAtAttach
+			}
+			s.countTarget(cause)
+			if cause == skipGoneAtAttach {
+				continue
+			}
+			// Not profilable (e.g. a Go program) or failing: remember it so
+			// it is not retried while it runs, and say so once.
+			s.mu.Lock()
+			s.procs[pid] = &target{pid: pid, start: start, comm: procmaps.Comm(pid), skipped: true}
+			s.mu.Unlock()
+			s.opts.Notify(fmt.Sprintf("skipping process %d: %v", pid, err))
+			if cause == skipAttachFailed && firstErr == nil {
+				firstErr = fmt.Errorf("attach to process %d in %s: %w", pid, dir, err)
+			}
+			continue
 		}
 		added++
 		s.opts.Notify(fmt.Sprintf("attached to process %d (%s) in %s", pid, procmaps.Comm(pid), dir))
 	}
-	return added, nil
+	return added, firstErr
 }
 
 func (s *Session) loop(ctx context.Context) {
@@ -217,11 +256,9 @@ func (s *Session) loop(ctx context.Context) {
 				s.recordErr(err)
 			}
 		}
-		if s.opts.DropExited {
-			s.forgetSkipped()
-			if time.Since(s.lastPrune) > PruneInterval {
-				s.pruneStacks()
-			}
+		s.forgetSkipped()
+		if s.opts.DropExited && time.Since(s.lastPrune) > PruneInterval {
+			s.pruneStacks()
 		}
 		for _, t := range s.liveTargets() {
 			if s.cmd != nil && t.pid == s.cmd.pid {
@@ -231,8 +268,8 @@ func (s *Session) loop(ctx context.Context) {
 				}
 				continue // the tracer sees its exit
 			}
-			if !procmaps.Alive(t.pid) {
-				s.freeze(t.pid, "exited", nil)
+			if !alive(t) {
+				s.exit(t.pid, "exited", false, nil)
 				continue
 			}
 			if time.Since(t.lastMap) > time.Second {
@@ -255,58 +292,18 @@ func (s *Session) loop(ctx context.Context) {
 	}
 }
 
+// liveTargets lists the targets whose exit has not been handled.
 func (s *Session) liveTargets() []*target {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	var out []*target
 	for _, t := range s.procs {
-		if !t.exited {
+		if !t.skipped {
 			out = append(out, t)
 		}
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].pid < out[j].pid })
 	return out
-}
-
-// freeze keeps the sampled state of a target that is gone (its blocks as
-// they were at exit), detaches it and reclaims its BPF map entries.
-// use, if set, gets the state read at that moment while the target (and
-// its symbols) is still known, before DropExited forgets it.
-func (s *Session) freeze(pid int, why string, use func(*heap.Snapshot)) {
-	s.mu.Lock()
-	t := s.procs[pid]
-	if t == nil || t.exited {
-		s.mu.Unlock()
-		return
-	}
-	t.exited = true
-	s.mu.Unlock()
-	snap, err := s.readState(func(p uint32) bool { return p == uint32(pid) })
-	if err != nil {
-		s.recordErr(fmt.Errorf("read state of exited process %d: %w", pid, err))
-	} else if use != nil {
-		use(snap)
-	}
-	if err == nil && !s.opts.DropExited {
-		s.mu.Lock()
-		s.frozen.Merge(snap)
-		s.mu.Unlock()
-	}
-	s.att.Detach(pid)
-	heap.Forget(heap.FromObjects(&s.objs.MemprofObjects), uint32(pid))
-	s.objs.ForgetProc(uint32(pid))
-	s.dropStacks(pid)
-	if s.opts.DropExited {
-		s.mu.Lock()
-		delete(s.procs, pid)
-		s.mu.Unlock()
-		if t.sym != nil {
-			t.sym.Close()
-		}
-		s.opts.Notify(fmt.Sprintf("process %d (%s) %s", pid, t.comm, why))
-		return
-	}
-	s.opts.Notify(fmt.Sprintf("process %d (%s) %s; its heap as it stood then is kept in the profile", pid, t.comm, why))
 }
 
 // Running reports whether any target is still alive (or, in cgroup mode,
@@ -323,13 +320,13 @@ func (s *Session) Running() bool {
 	return len(s.liveTargets()) > 0
 }
 
-// Targets lists the pids seen (alive or not) with their command names.
+// Targets lists the targets attached now (pid: command name).
 func (s *Session) Targets() map[int]string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	out := map[int]string{}
 	for pid, t := range s.procs {
-		if !t.exited {
+		if !t.skipped {
 			out[pid] = t.comm
 		}
 	}
@@ -341,8 +338,10 @@ func (s *Session) Targets() map[int]string {
 // budget.
 func (s *Session) Exclude(pid int, why string) {
 	s.Forget(pid)
+	start, _ := procmaps.StartTime(pid)
 	s.mu.Lock()
-	s.procs[pid] = &target{pid: pid, comm: procmaps.Comm(pid), exited: true, skipped: true}
+	s.procs[pid] = &target{pid: pid, start: start, comm: procmaps.Comm(pid), skipped: true}
+	s.targetCounts[skipExcluded]++
 	s.mu.Unlock()
 	s.opts.Notify(fmt.Sprintf("process %d detached: %s", pid, why))
 }
@@ -359,9 +358,12 @@ func (s *Session) forgetSkipped() {
 	}
 	s.mu.Unlock()
 	for _, pid := range skipped {
-		if !procmaps.Alive(pid) {
+		s.mu.Lock()
+		t := s.procs[pid]
+		s.mu.Unlock()
+		if t != nil && !alive(t) {
 			s.mu.Lock()
-			if t := s.procs[pid]; t != nil && t.skipped {
+			if s.procs[pid] == t {
 				delete(s.procs, pid)
 			}
 			s.mu.Unlock()
@@ -443,6 +445,7 @@ func (s *Session) RemoveCgroup(dir string, pids []int) {
 	for _, pid := range pids {
 		s.Forget(pid)
 	}
+	s.ReleaseExited(dir)
 }
 
 // AddPid starts profiling one more process.
@@ -451,15 +454,14 @@ func (s *Session) AddPid(pid int) error { return s.addPid(pid) }
 // Forget detaches from a process and drops its state (the agent's budget
 // uses it to drop a target that costs too much).
 func (s *Session) Forget(pid int) {
+	s.exitMu.Lock()
+	defer s.exitMu.Unlock()
 	s.mu.Lock()
 	t := s.procs[pid]
 	delete(s.procs, pid)
 	s.mu.Unlock()
-	s.att.Detach(pid)
-	heap.Forget(heap.FromObjects(&s.objs.MemprofObjects), uint32(pid))
-	s.objs.ForgetProc(uint32(pid))
-	s.dropStacks(pid)
-	if t != nil && t.sym != nil {
-		t.sym.Close()
+	if t == nil {
+		t = &target{pid: pid}
 	}
+	s.release(t)
 }

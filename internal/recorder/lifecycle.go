@@ -1,0 +1,249 @@
+// The target lifecycle: a target's exit is handled once, by one function
+// (exit), whoever notices it first — the polling loop, the command's exit
+// stop, an OOM kill, a reused pid, or a profile about to be built — and the
+// state it leaves is complete before anyone can read the session's state.
+
+package recorder
+
+import (
+	"fmt"
+	"sort"
+	"strconv"
+
+	"github.com/memprof/memprof/internal/frag"
+	"github.com/memprof/memprof/internal/heap"
+	"github.com/memprof/memprof/internal/procmaps"
+	"github.com/memprof/memprof/pprofout"
+)
+
+// keptTarget is the state of a target that is gone (exited, OOM-killed, or
+// replaced by exec), kept for the profile: its samples are symbolized when
+// it goes, so nothing of the process (files, links, BPF entries) is held
+// after it.
+type keptTarget struct {
+	pid       int
+	start     uint64 // start time (clock ticks after boot): with pid, the identity
+	comm      string
+	cgroup    string // memory cgroup, relative to the hierarchy root
+	via       string // cgroup directory it was found through ("" for --pid, a command)
+	why       string // "exited", "was OOM-killed", ...
+	samples   []pprofout.Sample
+	live      uint64 // unsampled live bytes of samples
+	allocator frag.Allocator
+	exitMem   *frag.ProcessMem // memory read in a command's exit stop
+}
+
+// MaxKeptExited bounds the exited targets whose state a session that drops
+// exited targets (the agent) keeps until they are released
+// (ReleaseExited); the oldest go first and are counted as
+// targets_lost_kept_state_bound.
+var MaxKeptExited = 4096
+
+// Causes of targets not profiled (skipped) or not profiled completely,
+// counted per cause and reported as targets_<cause> in the profile's
+// comments and the summary.
+const (
+	skipNoAllocator  = "skipped_no_allocator"   // no allocator memprof can probe (Go, a shell)
+	skipGoneAtAttach = "skipped_exited_before_attach"
+	skipAttachFailed = "skipped_attach_failed"
+	skipExcluded     = "skipped_excluded" // detached by the agent's budget
+	lostUnreadable   = "lost_state_unreadable"   // the state of a target that went could not be read
+	lostKeptBound    = "lost_kept_state_bound"   // MaxKeptExited reached
+	execReplaced     = "exec_replaced_image"     // images replaced by exec (their blocks are no longer live)
+)
+
+// countTarget adds one to a target count (the caller holds no lock).
+func (s *Session) countTarget(cause string) {
+	s.mu.Lock()
+	s.targetCounts[cause]++
+	s.mu.Unlock()
+}
+
+// TargetCounts returns the targets skipped, lost or replaced, by cause
+// (skipped_no_allocator, skipped_exited_before_attach,
+// skipped_attach_failed, skipped_excluded, lost_state_unreadable,
+// lost_kept_state_bound, exec_replaced_image); causes with no count are
+// absent.
+func (s *Session) TargetCounts() map[string]uint64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := map[string]uint64{}
+	for k, v := range s.targetCounts {
+		if v > 0 {
+			out[k] = v
+		}
+	}
+	return out
+}
+
+// Exited counts the targets that went during the recording and whose state
+// is kept in the profile.
+func (s *Session) Exited() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.kept)
+}
+
+// alive tells whether the process t was attached to still runs: the pid
+// exists, is not a zombie, and started when t did (else the pid was reused).
+func alive(t *target) bool {
+	start, ok := procmaps.StartTime(t.pid)
+	return ok && (t.start == 0 || start == t.start)
+}
+
+// exit handles the end of a target: its sampled state is read, symbolized
+// and kept (or, for a session that drops exited targets, kept until
+// released), and everything held for it — probes, BPF map entries,
+// unwinding state, open files — is released. It runs at most once per
+// target; a second call (another observer of the same exit) returns once
+// the first is done. use, if set, gets the kept state before the target is
+// released. onReader is set when called from the BPF event reader itself
+// (OOM kills), which cannot wait for itself to drain the ring buffer.
+func (s *Session) exit(pid int, why string, onReader bool, use func(*keptTarget)) {
+	s.exitMu.Lock()
+	defer s.exitMu.Unlock()
+	s.mu.Lock()
+	t := s.procs[pid]
+	s.mu.Unlock()
+	if t == nil || t.skipped {
+		return
+	}
+	k := &keptTarget{pid: pid, start: t.start, comm: t.comm, cgroup: t.cgroup, via: t.via, why: why,
+		allocator: t.allocator, exitMem: t.exitMem}
+	snap, err := s.read(func(p uint32) bool { return p == uint32(pid) }, heap.Read, !onReader)
+	if err != nil {
+		s.recordErr(fmt.Errorf("read state of process %d that %s: %w", pid, why, err))
+		s.countTarget(lostUnreadable)
+	} else {
+		k.samples = s.samples(snap, map[int]*target{pid: t}, nil)
+		for _, smp := range k.samples {
+			_, b := pprofout.Unsample(smp.InuseCount, smp.Size, s.opts.SampleRate)
+			k.live += uint64(max(b, 0))
+		}
+	}
+	if use != nil {
+		use(k)
+	}
+	s.release(t)
+	s.mu.Lock()
+	if s.procs[pid] == t {
+		delete(s.procs, pid)
+	}
+	if err == nil {
+		s.kept = append(s.kept, k)
+		if s.opts.DropExited && len(s.kept) > MaxKeptExited {
+			n := len(s.kept) - MaxKeptExited
+			s.kept = append(s.kept[:0], s.kept[n:]...)
+			s.targetCounts[lostKeptBound] += uint64(n)
+		}
+	}
+	s.mu.Unlock()
+	select {
+	case s.exits <- struct{}{}:
+	default:
+	}
+	if s.opts.DropExited {
+		s.opts.Notify(fmt.Sprintf("process %d (%s) %s", pid, t.comm, why))
+		return
+	}
+	s.opts.Notify(fmt.Sprintf("process %d (%s) %s; its heap as it stood then is kept in the profile", pid, t.comm, why))
+}
+
+// release detaches a target and frees what memprof holds for it: probes,
+// its BPF map entries, unwinding state and the files held for symbols.
+func (s *Session) release(t *target) {
+	s.att.Detach(t.pid)
+	heap.Forget(heap.FromObjects(&s.objs.MemprofObjects), uint32(t.pid))
+	s.objs.ForgetProc(uint32(t.pid))
+	s.dropStacks(t.pid)
+	if t.sym != nil {
+		t.sym.Close()
+	}
+}
+
+// settle handles the exit of every target that is gone but not noticed yet,
+// so a profile built now holds their state (called before the state is
+// read).
+func (s *Session) settle() {
+	for _, t := range s.liveTargets() {
+		// A command in its exit stop is alive (traced, not a zombie): the
+		// tracer handles its exit there, with its memory still readable.
+		if !alive(t) {
+			s.exit(t.pid, "exited", false, nil)
+		}
+	}
+}
+
+// keptSamples returns the samples of the kept targets only selects (nil:
+// all).
+func (s *Session) keptSamples(only func(*keptTarget) bool) []pprofout.Sample {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var out []pprofout.Sample
+	for _, k := range s.kept {
+		if only == nil || only(k) {
+			for _, smp := range k.samples {
+				smp.Labels = copyLabels(smp.Labels)
+				out = append(out, smp)
+			}
+		}
+	}
+	return out
+}
+
+func copyLabels(m map[string]string) map[string]string {
+	out := make(map[string]string, len(m))
+	for k, v := range m {
+		out[k] = v
+	}
+	return out
+}
+
+// ReleaseExited drops the kept state of the targets that exited after
+// being found through the cgroup directory dir (the agent, once it has
+// saved the container's profile that includes them).
+func (s *Session) ReleaseExited(dir string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	kept := s.kept[:0]
+	for _, k := range s.kept {
+		if k.via != dir {
+			kept = append(kept, k)
+		}
+	}
+	clear(s.kept[len(kept):])
+	s.kept = kept
+}
+
+// ProfileOfCgroups builds the profile of the targets found through the
+// cgroup directories dirs: the live ones as they are now, and the ones that
+// exited as they were then (until ReleaseExited).
+func (s *Session) ProfileOfCgroups(dirs ...string) (*pprofout.Profile, error) {
+	in := map[string]bool{}
+	for _, d := range dirs {
+		in[d] = true
+	}
+	s.mu.Lock()
+	pids := map[uint32]bool{}
+	for pid, t := range s.procs {
+		if !t.skipped && in[t.via] {
+			pids[uint32(pid)] = true
+		}
+	}
+	s.mu.Unlock()
+	return s.profile(func(p uint32) bool { return pids[p] }, func(k *keptTarget) bool { return in[k.via] })
+}
+
+// targetComments records the target counts in profile comments.
+func targetComments(counts map[string]uint64, exited int) []string {
+	keys := make([]string, 0, len(counts))
+	for k := range counts {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	out := []string{pprofout.MetaComment("targets_exited_kept", strconv.Itoa(exited))}
+	for _, k := range keys {
+		out = append(out, pprofout.MetaComment("targets_"+k, strconv.FormatUint(counts[k], 10)))
+	}
+	return out
+}
