@@ -157,12 +157,12 @@ func Start(ctx context.Context, opts Options) (*Session, error) {
 		progs.Multi, progs.MultiReturn, progs.Session = nil, nil, nil
 	}
 	s := &Session{
-		opts:    opts,
-		objs:    objs,
-		att:     attach.New(progs),
-		sym:     opts.Symbols,
-		start:   time.Now(),
-		done:    make(chan struct{}),
+		opts:         opts,
+		objs:         objs,
+		att:          attach.New(progs),
+		sym:          opts.Symbols,
+		start:        time.Now(),
+		done:         make(chan struct{}),
 		procs:        map[int]*target{},
 		targetCounts: map[string]uint64{},
 		objects:      map[procmaps.FileID]*attach.Object{},
