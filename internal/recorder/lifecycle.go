@@ -31,6 +31,7 @@ type keptTarget struct {
 	live      uint64 // unsampled live bytes of samples
 	allocator frag.Allocator
 	exitMem   *frag.ProcessMem // memory read in a command's exit stop
+	seq       uint64           // order of the exits handled, from 1
 }
 
 // MaxKeptExited bounds the exited targets whose state a session that drops
@@ -130,6 +131,8 @@ func (s *Session) exit(pid int, why string, onReader bool, use func(*keptTarget)
 		delete(s.procs, pid)
 	}
 	if err == nil {
+		s.exitSeq++
+		k.seq = s.exitSeq
 		s.kept = append(s.kept, k)
 		if s.opts.DropExited && len(s.kept) > MaxKeptExited {
 			n := len(s.kept) - MaxKeptExited
@@ -175,8 +178,8 @@ func (s *Session) settle() {
 }
 
 // keptSamples returns the samples of the kept targets only selects (nil:
-// all).
-func (s *Session) keptSamples(only func(*keptTarget) bool) []pprofout.Sample {
+// all), and the sequence number of the last exit kept so far.
+func (s *Session) keptSamples(only func(*keptTarget) bool) ([]pprofout.Sample, uint64) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	var out []pprofout.Sample
@@ -188,7 +191,7 @@ func (s *Session) keptSamples(only func(*keptTarget) bool) []pprofout.Sample {
 			}
 		}
 	}
-	return out
+	return out, s.exitSeq
 }
 
 func copyLabels(m map[string]string) map[string]string {
@@ -200,14 +203,15 @@ func copyLabels(m map[string]string) map[string]string {
 }
 
 // ReleaseExited drops the kept state of the targets that exited after
-// being found through the cgroup directory dir (the agent, once it has
-// saved the container's profile that includes them).
-func (s *Session) ReleaseExited(dir string) {
+// being found through the cgroup directory dir, up to the exit mark that
+// ProfileOfCgroups returned (0: all): the agent, once it has saved the
+// container's profile that includes them.
+func (s *Session) ReleaseExited(dir string, mark uint64) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	kept := s.kept[:0]
 	for _, k := range s.kept {
-		if k.via != dir {
+		if k.via != dir || (mark != 0 && k.seq > mark) {
 			kept = append(kept, k)
 		}
 	}
@@ -217,8 +221,9 @@ func (s *Session) ReleaseExited(dir string) {
 
 // ProfileOfCgroups builds the profile of the targets found through the
 // cgroup directories dirs: the live ones as they are now, and the ones that
-// exited as they were then (until ReleaseExited).
-func (s *Session) ProfileOfCgroups(dirs ...string) (*pprofout.Profile, error) {
+// exited as they were then (until ReleaseExited). mark is the exit mark to
+// pass to ReleaseExited to drop exactly the exited targets included.
+func (s *Session) ProfileOfCgroups(dirs ...string) (p *pprofout.Profile, mark uint64, err error) {
 	in := map[string]bool{}
 	for _, d := range dirs {
 		in[d] = true

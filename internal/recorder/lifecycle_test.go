@@ -2,11 +2,13 @@ package recorder
 
 import (
 	"context"
+	"fmt"
 	"testing"
 	"time"
 
 	"github.com/google/pprof/profile"
 
+	"github.com/memprof/memprof/internal/cgroups"
 	"github.com/memprof/memprof/internal/symbolize"
 	"github.com/memprof/memprof/internal/testprog"
 	"github.com/memprof/memprof/pprofout"
@@ -75,5 +77,132 @@ func TestPidExitKeptEveryTime(t *testing.T) {
 			}
 			t.Logf("%d runs, %v per run, exact every time", runs, time.Since(start)/runs)
 		})
+	}
+}
+
+// startInCgroup starts exit_soon (waiting for its "go") inside dir.
+func startInCgroup(t *testing.T, bin, dir string, env []string, args ...string) *testprog.Proc {
+	t.Helper()
+	prog := testprog.Start(t, bin, env, args...)
+	prog.Expect(t, "READY")
+	if err := cgroups.AddProcess(dir, prog.Pid()); err != nil {
+		t.Fatal(err)
+	}
+	return prog
+}
+
+// waitTarget waits until the session has attached to pid.
+func waitTarget(t *testing.T, s *Session, pid int) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		if _, ok := s.Targets()[pid]; ok {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the session did not attach to process %d within 20s (targets %v, counts %v)", pid, s.Targets(), s.TargetCounts())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// TestCgroupExitKeptEveryTime: a process of a followed cgroup that
+// allocates and exits has its heap at exit in the profile built right after
+// it exited (noticed by the polling loop or not yet), exactly, every time.
+func TestCgroupExitKeptEveryTime(t *testing.T) {
+	testprog.RequireRoot(t)
+	bin := testprog.Build(t, "exit_soon.cc")
+	dir := testCgroup(t, "cgexit", 0)
+	syms := symbolize.NewCache(symbolize.Options{})
+	const runs = 50
+	start := time.Now()
+	for i := 0; i < runs; i++ {
+		env := []string(nil)
+		if i%2 == 1 {
+			env = []string{"LD_PRELOAD=" + testprog.Jemalloc}
+		}
+		prog := startInCgroup(t, bin, dir, env, "--hold", "10")
+		s, err := Start(context.Background(), Options{SampleRate: 1, Cgroups: []string{dir}, Symbols: syms})
+		if err != nil {
+			t.Fatalf("run %d: start: %v", i, err)
+		}
+		waitTarget(t, s, prog.Pid())
+		prog.Send(t, "go")
+		prog.Cmd.Wait()
+		// Every other run lets the polling loop notice the exit (or be in
+		// the middle of it) before the profile is built.
+		time.Sleep(time.Duration(i%5) * 60 * time.Millisecond)
+		p := builtProfile(t, s)
+		if n := s.Exited(); n != 1 {
+			t.Errorf("run %d: %d exited targets kept, want 1", i, n)
+		}
+		s.Close()
+		checkExact(t, p, exitSoonTruth)
+		if t.Failed() {
+			t.Fatalf("run %d of %d (env %v): the exited target's heap is not in the profile exactly", i+1, runs, env)
+		}
+	}
+	t.Logf("%d runs, %v per run, exact every time", runs, time.Since(start)/runs)
+}
+
+// scaled multiplies a truth by n processes.
+func scaled(truth []site, n int64) []site {
+	out := make([]site, len(truth))
+	for i, s := range truth {
+		out[i] = site{s.fn, s.inuse * n, s.allocBytes * n}
+	}
+	return out
+}
+
+// TestCFIStacksSurviveOtherExits: with stacks unwound from CFI, two of
+// three processes of a cgroup exit; the survivor's stacks stay whole (the
+// exit of one process must not drop the stacks of another: issue 8, in the
+// agent a cross-tenant loss) and every byte of all three is in the profile.
+func TestCFIStacksSurviveOtherExits(t *testing.T) {
+	testprog.RequireRoot(t)
+	bin := testprog.Build(t, "exit_soon.cc")
+	dir := testCgroup(t, "cfisurvive", 0)
+	var progs []*testprog.Proc
+	for i := 0; i < 3; i++ {
+		progs = append(progs, startInCgroup(t, bin, dir, nil, "--hold", "10", "--wait-end"))
+	}
+	p := record(t, Options{SampleRate: 1, Cgroups: []string{dir}, StackMode: StackDwarf}, func(s *Session) {
+		for _, prog := range progs {
+			waitTarget(t, s, prog.Pid())
+			prog.Send(t, "go")
+			prog.Expect(t, "DONE")
+		}
+		if _, err := s.Counts(); err != nil { // a read of every target, as the agent's metrics do
+			t.Fatal(err)
+		}
+		for _, prog := range progs[:2] {
+			prog.Send(t, "exit")
+			prog.Cmd.Wait()
+			deadline := time.Now().Add(10 * time.Second)
+			for s.Exited() < 1 && time.Now().Before(deadline) {
+				time.Sleep(10 * time.Millisecond)
+			}
+		}
+		deadline := time.Now().Add(10 * time.Second)
+		for s.Exited() < 2 && time.Now().Before(deadline) {
+			time.Sleep(10 * time.Millisecond)
+		}
+		if n := s.Exited(); n != 2 {
+			t.Fatalf("%d exited targets kept, want 2", n)
+		}
+	})
+	checkExact(t, p, scaled(exitSoonTruth, 3))
+	survivor := fmt.Sprint(progs[2].Pid())
+	for _, smp := range p.Sample {
+		if smp.Label["pid"][0] != survivor {
+			continue
+		}
+		for _, loc := range smp.Location {
+			for _, ln := range loc.Line {
+				if ln.Function.Name == "[stack unavailable]" {
+					t.Fatalf("a stack of the surviving process %s became [stack unavailable] after the others exited", survivor)
+				}
+			}
+		}
 	}
 }

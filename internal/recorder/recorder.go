@@ -91,6 +91,7 @@ type Session struct {
 	mu           sync.Mutex
 	procs        map[int]*target // targets running, and skipped processes remembered
 	kept         []*keptTarget   // state of targets that went, oldest first
+	exitSeq      uint64          // exits kept so far (keptTarget.seq)
 	targetCounts map[string]uint64
 	objects      map[procmaps.FileID]*attach.Object
 	errs         []string

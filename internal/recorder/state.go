@@ -64,26 +64,28 @@ func (s *Session) readRunning(only func(uint32) bool) (*heap.Snapshot, map[int]*
 // Profile builds the heap profile of everything recorded so far: the
 // running targets as they are now, the ones that went as they were then.
 func (s *Session) Profile() (*pprofout.Profile, error) {
-	return s.profile(nil, nil)
+	p, _, err := s.profile(nil, nil)
+	return p, err
 }
 
 // profile builds a profile of the running targets onlyLive selects and the
 // kept targets onlyKept selects (nil: all). Exits not noticed yet are
-// handled first, so every target that went is in it.
-func (s *Session) profile(onlyLive func(uint32) bool, onlyKept func(*keptTarget) bool) (*pprofout.Profile, error) {
+// handled first, so every target that went is in it. mark is the exit
+// mark of the last kept target included.
+func (s *Session) profile(onlyLive func(uint32) bool, onlyKept func(*keptTarget) bool) (p *pprofout.Profile, mark uint64, err error) {
 	s.settle()
 	s.exitMu.Lock()
 	snap, procs, err := s.readRunning(onlyLive)
 	if err != nil {
 		s.exitMu.Unlock()
-		return nil, err
+		return nil, 0, err
 	}
 	smps := s.samples(snap, procs, nil)
-	smps = append(smps, s.keptSamples(onlyKept)...)
+	kept, mark := s.keptSamples(onlyKept)
 	s.exitMu.Unlock()
-	p := s.newProfile()
-	p.Samples = smps
-	return p, nil
+	p = s.newProfile()
+	p.Samples = append(smps, kept...)
+	return p, mark, nil
 }
 
 // samples turns a snapshot into profile samples, symbolized with the
@@ -188,7 +190,8 @@ func (s *Session) ProcCalls() (map[uint32]uint64, error) { return s.objs.ProcCal
 // they are now (the state of targets that went is in ProfileOfCgroups and
 // Profile).
 func (s *Session) ProfileFor(only func(pid uint32) bool) (*pprofout.Profile, error) {
-	return s.profile(only, func(*keptTarget) bool { return false })
+	p, _, err := s.profile(only, func(*keptTarget) bool { return false })
+	return p, err
 }
 
 // Attacher exposes probe statistics (links in place).

@@ -445,7 +445,7 @@ func (s *Session) RemoveCgroup(dir string, pids []int) {
 	for _, pid := range pids {
 		s.Forget(pid)
 	}
-	s.ReleaseExited(dir)
+	s.ReleaseExited(dir, 0)
 }
 
 // AddPid starts profiling one more process.
