@@ -7,12 +7,13 @@
 //   leaf_malloc     100,000  (100 x malloc(1000), from a deep non-inlined chain,
 //                             so CFI unwinding has something to walk)
 //
-// Usage: exit_soon [--hold MS] [--wait-end] [--exec PATH ARGS...]
+// Usage: exit_soon [--hold MS] [--wait-end] [--preload LIB] [--exec PATH ARGS...]
 //   Prints "READY" and waits for a line on stdin, allocates, prints "DONE",
 //   holds the blocks for MS milliseconds (default 50) and exits with status 0.
 //   --wait-end   after DONE, wait for a second line on stdin before holding
 //   --exec       after DONE and the hold, exec PATH ARGS (the blocks of this
 //                image are gone with it)
+//   --preload    set LD_PRELOAD=LIB for the program --exec runs
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -67,6 +68,8 @@ int main(int argc, char **argv)
 			hold = std::atol(argv[++i]);
 		else if (!std::strcmp(argv[i], "--wait-end"))
 			wait_end = true;
+		else if (!std::strcmp(argv[i], "--preload") && i + 1 < argc)
+			setenv("LD_PRELOAD", argv[++i], 1);
 		else if (!std::strcmp(argv[i], "--exec") && i + 1 < argc) {
 			exec_argv = &argv[i + 1];
 			break;

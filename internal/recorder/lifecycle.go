@@ -6,13 +6,17 @@
 package recorder
 
 import (
+	"errors"
 	"fmt"
 	"sort"
 	"strconv"
+	"time"
 
+	"github.com/memprof/memprof/internal/attach"
 	"github.com/memprof/memprof/internal/frag"
 	"github.com/memprof/memprof/internal/heap"
 	"github.com/memprof/memprof/internal/procmaps"
+	"github.com/memprof/memprof/internal/procwatch"
 	"github.com/memprof/memprof/pprofout"
 )
 
@@ -45,12 +49,13 @@ var MaxKeptExited = 4096
 // comments and the summary.
 const (
 	skipNoAllocator  = "skipped_no_allocator" // no allocator memprof can probe (Go, a shell)
-	skipGoneAtAttach = "skipped_exited_before_attach"
+	skipGoneAtAttach = "skipped_exited_before_attach" // seen by a scan or forked in a cgroup, gone before attach
 	skipAttachFailed = "skipped_attach_failed"
 	skipExcluded     = "skipped_excluded"      // detached by the agent's budget
 	lostUnreadable   = "lost_state_unreadable" // the state of a target that went could not be read
 	lostKeptBound    = "lost_kept_state_bound" // MaxKeptExited reached
 	execReplaced     = "exec_replaced_image"   // images replaced by exec (their blocks are no longer live)
+	lostProcEvents   = "lost_process_event_overruns" // process events dropped by the kernel (socket full)
 )
 
 // countTarget adds one to a target count (the caller holds no lock).
@@ -90,6 +95,13 @@ func (s *Session) Exited() int {
 func alive(t *target) bool {
 	start, ok := procmaps.StartTime(t.pid)
 	return ok && (t.start == 0 || start == t.start)
+}
+
+// exiting tells whether pid has released its memory map (it is exiting,
+// though not a zombie yet): it maps nothing.
+func exiting(pid int) bool {
+	maps, err := procmaps.Read(pid)
+	return err != nil || len(maps) == 0
 }
 
 // exit handles the end of a target: its sampled state is read, symbolized
@@ -251,4 +263,158 @@ func targetComments(counts map[string]uint64, exited int) []string {
 		out = append(out, pprofout.MetaComment("targets_"+k, strconv.FormatUint(counts[k], 10)))
 	}
 	return out
+}
+
+// famEntry is a process forked by a process of a followed cgroup (so in
+// that cgroup too, unless moved) or seen by a scan, remembered a while so
+// that its exit before attach is counted exactly once whichever of the
+// scan and the process events sees it first.
+type famEntry struct {
+	at    time.Time
+	state int // famForked, famSeen or famCounted
+}
+
+const (
+	famForked  = iota // announced by a fork event, not seen by a scan yet
+	famSeen           // seen by a scan (attached, skipped or counted there)
+	famCounted        // exit event before any scan saw it: counted
+)
+
+// maxFamily bounds the forked processes remembered between two scans.
+const maxFamily = 1 << 16
+
+// watchProcs follows the kernel's process events: a fork by a process of
+// a followed cgroup wakes the scan at once (and is remembered, so its
+// child's exit before any scan saw it is counted, not missed silently), an
+// exec or exit of a target wakes the loop to handle it. The work is left
+// to the loop so the socket is always read quickly.
+func (s *Session) watchProcs() {
+	for {
+		evs, err := s.watch.Read()
+		if errors.Is(err, procwatch.ErrOverrun) {
+			s.countTarget(lostProcEvents)
+			s.poke()
+			continue
+		}
+		if err != nil {
+			return
+		}
+		poke := false
+		s.mu.Lock()
+		for _, e := range evs {
+			if e.Pid != e.Tgid && e.Kind != procwatch.Exec { // an exec by any thread replaces the image
+				continue // threads
+			}
+			switch e.Kind {
+			case procwatch.Fork:
+				p := s.procs[e.ParentTgid]
+				pf := s.family[e.ParentTgid]
+				if (p != nil && (p.via != "" || p.skipped) || pf != nil && pf.state != famCounted) &&
+					s.family[e.Tgid] == nil && s.procs[e.Tgid] == nil && len(s.family) < maxFamily {
+					s.family[e.Tgid] = &famEntry{at: time.Now(), state: famForked}
+					poke = true
+				}
+			case procwatch.Exec:
+				if t := s.procs[e.Tgid]; t != nil && (s.cmd == nil || e.Tgid != s.cmd.pid) {
+					if t.skipped {
+						// A new program: it may have an allocator now.
+						delete(s.procs, e.Tgid)
+					} else {
+						t.execed = true
+					}
+					poke = true
+				}
+			case procwatch.Exit:
+				if s.procs[e.Tgid] != nil {
+					poke = true
+				}
+				if f := s.family[e.Tgid]; f != nil && f.state == famForked {
+					f.state, f.at = famCounted, time.Now()
+					s.targetCounts[skipGoneAtAttach]++
+				}
+			}
+		}
+		s.mu.Unlock()
+		if poke {
+			s.poke()
+		}
+	}
+}
+
+// poke wakes the polling loop.
+func (s *Session) poke() {
+	select {
+	case s.wake <- struct{}{}:
+	default:
+	}
+}
+
+// seen records that a scan saw pid in a followed cgroup; it reports
+// whether pid's exit before attach was counted already.
+func (s *Session) seen(pid int) (counted bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	f := s.family[pid]
+	switch {
+	case f == nil:
+		if len(s.family) < maxFamily {
+			s.family[pid] = &famEntry{at: time.Now(), state: famSeen}
+		}
+	case f.state == famCounted:
+		return true
+	default:
+		f.state, f.at = famSeen, time.Now()
+	}
+	return false
+}
+
+// endScan forgets the processes seen or counted more than two seconds ago
+// (process events arrive within milliseconds), and forked ones never seen
+// for a minute (moved out of the cgroup, or their exit event lost).
+func (s *Session) endScan() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	now := time.Now()
+	for pid, f := range s.family {
+		if (f.state != famForked && now.Sub(f.at) > 2*time.Second) || now.Sub(f.at) > time.Minute {
+			delete(s.family, pid)
+		}
+	}
+}
+
+// replaceImage handles an exec of a target: the old image's state is kept
+// with no live blocks (its heap went with it; its allocations stay counted)
+// and released, and the new image is attached as a new target when it
+// uses an allocator memprof knows.
+func (s *Session) replaceImage(pid int, attachNew bool) {
+	s.mu.Lock()
+	t := s.procs[pid]
+	s.mu.Unlock()
+	if t == nil || t.skipped {
+		return
+	}
+	s.exit(pid, "replaced its program by exec; the old program's blocks are no longer live", false, func(k *keptTarget) {
+		for i := range k.samples {
+			k.samples[i].InuseCount = 0
+		}
+		k.live = 0
+	})
+	s.countTarget(execReplaced)
+	if !attachNew {
+		return
+	}
+	if err := s.addTarget(pid, t.via); err != nil {
+		cause := skipAttachFailed
+		if errors.Is(err, attach.ErrNoAllocator) {
+			cause = skipNoAllocator
+		}
+		s.countTarget(cause)
+		start, _ := procmaps.StartTime(pid)
+		s.mu.Lock()
+		s.procs[pid] = &target{pid: pid, start: start, via: t.via, comm: procmaps.Comm(pid), skipped: true}
+		s.mu.Unlock()
+		s.opts.Notify(fmt.Sprintf("process %d execed %s: not profiled: %v", pid, procmaps.Comm(pid), err))
+		return
+	}
+	s.opts.Notify(fmt.Sprintf("process %d now runs %s: attached", pid, procmaps.Comm(pid)))
 }

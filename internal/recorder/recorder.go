@@ -19,6 +19,7 @@ import (
 	"github.com/memprof/memprof/internal/bpfload"
 	"github.com/memprof/memprof/internal/frag"
 	"github.com/memprof/memprof/internal/procmaps"
+	"github.com/memprof/memprof/internal/procwatch"
 	"github.com/memprof/memprof/internal/symbolize"
 )
 
@@ -87,6 +88,11 @@ type Session struct {
 	// either live or kept, never neither nor both.
 	exitMu sync.Mutex
 	exits  chan struct{} // signalled after each exit handled
+	wake   chan struct{} // wakes the polling loop (process events)
+	watch  *procwatch.Watcher
+	// family: processes forked in followed cgroups or seen by scans lately
+	// (see famEntry).
+	family map[int]*famEntry
 
 	mu           sync.Mutex
 	procs        map[int]*target // targets running, and skipped processes remembered
@@ -114,6 +120,9 @@ type target struct {
 	// skipped: not profiled (no allocator memprof knows, or excluded),
 	// remembered so its cgroup's rescans do not retry it while it runs.
 	skipped bool
+	// execed: the process replaced its program (a process event); the
+	// loop keeps the old image's state and attaches the new one.
+	execed bool
 }
 
 // Start loads the programs and attaches to the targets.
@@ -172,6 +181,8 @@ func Start(ctx context.Context, opts Options) (*Session, error) {
 		s.sym = symbolize.NewCache(symbolize.Options{})
 	}
 	s.exits = make(chan struct{}, 1)
+	s.wake = make(chan struct{}, 1)
+	s.family = map[int]*famEntry{}
 	if opts.StackMode != StackFP {
 		s.dwarf = newDwarfStacks()
 	}
@@ -203,6 +214,12 @@ func Start(ctx context.Context, opts Options) (*Session, error) {
 			return nil, err
 		}
 		s.cmd = cmd
+	}
+	if w, err := procwatch.Open(); err == nil {
+		s.watch = w
+		go s.watchProcs()
+	} else {
+		s.recordErr(fmt.Errorf("%w: processes that live less than a polling interval (%v) are not seen, and an exec is noticed late", err, opts.Poll))
 	}
 	go s.loop(ctx)
 	return s, nil
@@ -292,6 +309,9 @@ func (s *Session) Close() {
 	}
 	if s.oomStop != nil {
 		s.oomStop()
+	}
+	if s.watch != nil {
+		s.watch.Close()
 	}
 	s.att.Close()
 	s.mu.Lock()

@@ -39,40 +39,29 @@ func (s *Session) noteObjects(objs []*attach.Object) {
 }
 
 // attachCommand runs with the command stopped at exec (the first one, or a
-// later exec of another program by the same process).
+// later exec of another program by the same process: the old program's
+// state is kept with no live blocks, and the new one is attached as a new
+// target before it runs).
 func (s *Session) attachCommand(pid int, libs []string, reexec bool) error {
+	if reexec {
+		s.replaceImage(pid, false)
+	}
 	objs, err := s.att.Files(pid, libs)
+	if err == nil && len(objs) == 0 {
+		err = fmt.Errorf("command %s: %w among the libraries it loads (%v)", libs[0], attach.ErrNoAllocator, libs)
+	}
 	if err != nil {
 		if reexec {
+			cause := skipAttachFailed
+			if errors.Is(err, attach.ErrNoAllocator) {
+				cause = skipNoAllocator
+			}
+			s.countTarget(cause)
 			s.recordErr(fmt.Errorf("attach after exec of process %d: %w", pid, err))
+			s.opts.Notify(fmt.Sprintf("process %d now runs %s: not profiled: %v", pid, libs[0], err))
 			return nil
 		}
 		return err
-	}
-	if reexec {
-		s.noteObjects(objs)
-		s.mu.Lock()
-		t := s.procs[pid]
-		s.mu.Unlock()
-		if t != nil {
-			t.comm = procmaps.Comm(pid)
-			if a := allocatorOf(objs); a != frag.Unknown {
-				t.allocator = a
-			}
-			if t.sym != nil {
-				t.sym.Refresh()
-			}
-			if t.dwarf {
-				s.dwarf.refresh(pid)
-			} else {
-				s.setupStacks(t, libs)
-			}
-		}
-		s.opts.Notify(fmt.Sprintf("process %d now runs %s", pid, libs[0]))
-		return nil
-	}
-	if len(objs) == 0 {
-		return fmt.Errorf("command %s: %w among the libraries it loads (%v)", s.opts.Command[0], attach.ErrNoAllocator, libs)
 	}
 	s.noteObjects(objs)
 	t := &target{pid: pid, comm: procmaps.Comm(pid), cgroup: memoryCgroup(pid), allocator: allocatorOf(objs)}
@@ -84,6 +73,9 @@ func (s *Session) attachCommand(pid int, libs []string, reexec bool) error {
 	s.mu.Lock()
 	s.procs[pid] = t
 	s.mu.Unlock()
+	if reexec {
+		s.opts.Notify(fmt.Sprintf("process %d now runs %s", pid, libs[0]))
+	}
 	return nil
 }
 
@@ -205,24 +197,35 @@ func (s *Session) scanCgroup(dir string) (int, error) {
 			} else {
 				s.exit(pid, "exited", false, nil)
 			}
+			// Listed while exiting, or its pid reused already: attach only
+			// another process running under that pid.
+			if start, running := procmaps.StartTime(pid); !running || start == t.start {
+				continue
+			}
 		}
+		counted := s.seen(pid)
 		start, running := procmaps.StartTime(pid)
 		if !running {
-			s.countTarget(skipGoneAtAttach)
+			if !counted {
+				s.countTarget(skipGoneAtAttach)
+			}
 			continue
 		}
 		if err := s.addTarget(pid, dir); err != nil {
 			cause := skipAttachFailed
 			switch {
+			case !alive(&target{pid: pid, start: start}) || exiting(pid):
+				cause = skipGoneAtAttach
 			case errors.Is(err, attach.ErrNoAllocator):
 				cause = skipNoAllocator
-			case !alive(&target{pid: pid, start: start}):
-				cause = skipGoneAtAttach
 			}
-			s.countTarget(cause)
 			if cause == skipGoneAtAttach {
+				if !counted {
+					s.countTarget(cause)
+				}
 				continue
 			}
+			s.countTarget(cause)
 			// Not profilable (e.g. a Go program) or failing: remember it so
 			// it is not retried while it runs, and say so once.
 			s.mu.Lock()
@@ -250,12 +253,14 @@ func (s *Session) loop(ctx context.Context) {
 		case <-s.done:
 			return
 		case <-tick.C:
+		case <-s.wake:
 		}
 		for _, cg := range s.Cgroups() {
 			if _, err := s.scanCgroup(cg); err != nil {
 				s.recordErr(err)
 			}
 		}
+		s.endScan()
 		s.forgetSkipped()
 		if s.opts.DropExited && time.Since(s.lastPrune) > PruneInterval {
 			s.pruneStacks()
@@ -270,6 +275,13 @@ func (s *Session) loop(ctx context.Context) {
 			}
 			if !alive(t) {
 				s.exit(t.pid, "exited", false, nil)
+				continue
+			}
+			s.mu.Lock()
+			execed := t.execed
+			s.mu.Unlock()
+			if execed {
+				s.replaceImage(t.pid, true)
 				continue
 			}
 			if time.Since(t.lastMap) > time.Second {
