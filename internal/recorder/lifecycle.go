@@ -48,13 +48,13 @@ var MaxKeptExited = 4096
 // counted per cause and reported as targets_<cause> in the profile's
 // comments and the summary.
 const (
-	skipNoAllocator  = "skipped_no_allocator" // no allocator memprof can probe (Go, a shell)
+	skipNoAllocator  = "skipped_no_allocator"         // no allocator memprof can probe (Go, a shell)
 	skipGoneAtAttach = "skipped_exited_before_attach" // seen by a scan or forked in a cgroup, gone before attach
 	skipAttachFailed = "skipped_attach_failed"
-	skipExcluded     = "skipped_excluded"      // detached by the agent's budget
-	lostUnreadable   = "lost_state_unreadable" // the state of a target that went could not be read
-	lostKeptBound    = "lost_kept_state_bound" // MaxKeptExited reached
-	execReplaced     = "exec_replaced_image"   // images replaced by exec (their blocks are no longer live)
+	skipExcluded     = "skipped_excluded"            // detached by the agent's budget
+	lostUnreadable   = "lost_state_unreadable"       // the state of a target that went could not be read
+	lostKeptBound    = "lost_kept_state_bound"       // MaxKeptExited reached
+	execReplaced     = "exec_replaced_image"         // images replaced by exec (their blocks are no longer live)
 	lostProcEvents   = "lost_process_event_overruns" // process events dropped by the kernel (socket full)
 )
 
