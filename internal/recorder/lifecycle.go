@@ -280,6 +280,9 @@ const (
 	famCounted        // exit event before any scan saw it: counted
 )
 
+// errExecedDuringAttach: the process execed while memprof attached to it.
+var errExecedDuringAttach = errors.New("process execed during the attach")
+
 // maxFamily bounds the forked processes remembered between two scans.
 const maxFamily = 1 << 16
 
@@ -315,6 +318,9 @@ func (s *Session) watchProcs() {
 					poke = true
 				}
 			case procwatch.Exec:
+				if _, ok := s.attaching[e.Tgid]; ok {
+					s.attaching[e.Tgid] = true
+				}
 				if t := s.procs[e.Tgid]; t != nil && (s.cmd == nil || e.Tgid != s.cmd.pid) {
 					if t.skipped {
 						// A new program: it may have an allocator now.

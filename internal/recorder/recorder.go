@@ -93,6 +93,8 @@ type Session struct {
 	// family: processes forked in followed cgroups or seen by scans lately
 	// (see famEntry).
 	family map[int]*famEntry
+	// attaching: pids being attached by addTarget, true once they exec.
+	attaching map[int]bool
 
 	mu           sync.Mutex
 	procs        map[int]*target // targets running, and skipped processes remembered
@@ -183,6 +185,7 @@ func Start(ctx context.Context, opts Options) (*Session, error) {
 	s.exits = make(chan struct{}, 1)
 	s.wake = make(chan struct{}, 1)
 	s.family = map[int]*famEntry{}
+	s.attaching = map[int]bool{}
 	if opts.StackMode != StackFP {
 		s.dwarf = newDwarfStacks()
 	}

@@ -102,13 +102,31 @@ func (s *Session) addPid(pid int) error { return s.addTarget(pid, "") }
 
 // addTarget attaches to pid, found through the cgroup directory via ("" if
 // named by pid).
-func (s *Session) addTarget(pid int, via string) error {
+func (s *Session) addTarget(pid int, via string) (err error) {
 	s.mu.Lock()
 	_, known := s.procs[pid]
+	if !known {
+		s.attaching[pid] = false // set by an exec event during the attach
+	}
 	s.mu.Unlock()
 	if known {
 		return nil
 	}
+	defer func() {
+		s.mu.Lock()
+		execed := s.attaching[pid]
+		delete(s.attaching, pid)
+		t := s.procs[pid]
+		s.mu.Unlock()
+		switch {
+		case execed && err != nil:
+			// The maps read were perhaps the old program's: the new one
+			// is retried by the next scan.
+			err = fmt.Errorf("%w (it execed a new program meanwhile: retried)", errExecedDuringAttach)
+		case execed && t != nil:
+			s.refreshTarget(t) // attach the new program's allocators
+		}
+	}()
 	start, _ := procmaps.StartTime(pid)
 	objs, err := s.att.Process(pid)
 	if err != nil {
@@ -212,6 +230,9 @@ func (s *Session) scanCgroup(dir string) (int, error) {
 			continue
 		}
 		if err := s.addTarget(pid, dir); err != nil {
+			if errors.Is(err, errExecedDuringAttach) {
+				continue
+			}
 			cause := skipAttachFailed
 			switch {
 			case !alive(&target{pid: pid, start: start}) || exiting(pid):
@@ -285,23 +306,27 @@ func (s *Session) loop(ctx context.Context) {
 				continue
 			}
 			if time.Since(t.lastMap) > time.Second {
-				// Pick up allocators loaded with dlopen and new mappings
-				// for symbolization.
-				if objs, err := s.att.Process(t.pid); err == nil {
-					s.noteObjects(objs)
-				}
-				if t.sym != nil {
-					t.sym.Refresh()
-				}
-				if t.dwarf {
-					s.dwarf.refresh(t.pid)
-				} else {
-					s.setupStacks(t, nil) // a library without frame pointers loaded since?
-				}
-				t.lastMap = time.Now()
+				s.refreshTarget(t)
 			}
 		}
 	}
+}
+
+// refreshTarget picks up allocators loaded since the attach (dlopen, or an
+// exec during it) and new mappings for symbols and unwinding.
+func (s *Session) refreshTarget(t *target) {
+	if objs, err := s.att.Process(t.pid); err == nil {
+		s.noteObjects(objs)
+	}
+	if t.sym != nil {
+		t.sym.Refresh()
+	}
+	if t.dwarf {
+		s.dwarf.refresh(t.pid)
+	} else {
+		s.setupStacks(t, nil) // a library without frame pointers loaded since?
+	}
+	t.lastMap = time.Now()
 }
 
 // liveTargets lists the targets whose exit has not been handled.
