@@ -4,9 +4,11 @@ import (
 	"fmt"
 	"sort"
 	"strconv"
+	"strings"
 
 	"github.com/google/pprof/profile"
 
+	"github.com/memprof/memprof/internal/bpfload"
 	"github.com/memprof/memprof/internal/cgroups"
 	"github.com/memprof/memprof/internal/frag"
 	"github.com/memprof/memprof/pprofout"
@@ -17,6 +19,43 @@ type FragReport struct {
 	Scope   string // "pid 1234 (redis-server)" or "cgroup /sys/fs/cgroup/..."
 	Verdict frag.Verdict
 	Err     error // why no verdict could be made (process gone, ...)
+	// Withheld says why the verdict is not given though the figures are
+	// (the live size is known to be undercounted); Verdict then holds the
+	// figures, no alarm and no advice.
+	Withheld string
+}
+
+// liveUndercount names the losses that make the live size undercounted
+// ("" if none): sampled blocks the live map had no room for, and calls
+// whose result was never recorded.
+func liveUndercount(c bpfload.Counters) string {
+	var why []string
+	for _, l := range []struct {
+		n    uint64
+		what string
+	}{
+		{c.LiveFull, "sampled blocks not tracked: the live-block map was full"},
+		{c.MissedReturn, "allocator calls whose return was never seen (longjmp)"},
+		{c.NoThreadState, "allocator calls of threads without state"},
+		{c.ReadFailed, "allocations whose result could not be read"},
+	} {
+		if l.n > 0 {
+			why = append(why, fmt.Sprintf("%d %s", l.n, l.what))
+		}
+	}
+	return strings.Join(why, ", ")
+}
+
+// withhold turns a verdict into figures only, for the reason given.
+func withhold(r *FragReport, reason string) {
+	if r.Err != nil || !r.Verdict.Covered {
+		return
+	}
+	v := &r.Verdict
+	r.Withheld = reason
+	v.Alarm, v.Advice = false, nil
+	v.Summary = fmt.Sprintf("no verdict: the live size is undercounted (%s); figures only: RSS %s, live at least %s, ratio at most %.2f",
+		reason, pprofout.HumanBytes(int64(v.RSS)), pprofout.HumanBytes(int64(v.Live)), v.Ratio)
 }
 
 // LiveByPid sums the unsampled inuse_space of a built profile per pid label.
@@ -48,10 +87,12 @@ func LiveByPid(p *profile.Profile) map[int]int64 {
 func (s *Session) Fragmentation(built *profile.Profile) []FragReport {
 	live := LiveByPid(built)
 	s.mu.Lock()
-	var targets []*target
+	var targets, skipped []*target
 	for _, t := range s.procs {
 		if !t.skipped {
 			targets = append(targets, t)
+		} else if alive(t) {
+			skipped = append(skipped, t)
 		}
 	}
 	kept := append([]*keptTarget(nil), s.kept...)
@@ -85,9 +126,33 @@ func (s *Session) Fragmentation(built *profile.Profile) []FragReport {
 			sum += live[t.pid]
 			allocs = append(allocs, t.allocator)
 		}
-		out = append(out, FragReport{Scope: "cgroup " + dir, Verdict: frag.AssessCgroup(st, uint64(max(sum, 0)), allocs)})
+		r := FragReport{Scope: "cgroup " + dir, Verdict: frag.AssessCgroup(st, uint64(max(sum, 0)), allocs)}
+		if n := skippedIn(dir, skipped); n > 0 {
+			withhold(&r, fmt.Sprintf("%d of its processes are not profiled", n))
+		}
+		out = append(out, r)
+	}
+	if c, err := s.objs.ReadCounters(); err == nil {
+		if why := liveUndercount(c); why != "" {
+			for i := range out {
+				if out[i].Withheld == "" {
+					withhold(&out[i], why)
+				}
+			}
+		}
 	}
 	return out
+}
+
+// skippedIn counts the skipped processes found through dir.
+func skippedIn(dir string, skipped []*target) int {
+	n := 0
+	for _, t := range skipped {
+		if t.via == dir {
+			n++
+		}
+	}
+	return n
 }
 
 // FragComments records verdicts in profile comments, so `memprof report`
@@ -100,8 +165,12 @@ func FragComments(reports []FragReport) []string {
 			continue
 		}
 		v := r.Verdict
-		out = append(out, pprofout.MetaComment("frag", fmt.Sprintf("%s: allocator=%s rss=%d live=%d ratio=%.3f excess=%d alarm=%t: %s",
-			r.Scope, v.Allocator, v.RSS, v.Live, v.Ratio, v.Excess, v.Alarm, v.Summary)))
+		verdict := "given"
+		if r.Withheld != "" {
+			verdict = "withheld"
+		}
+		out = append(out, pprofout.MetaComment("frag", fmt.Sprintf("%s: allocator=%s rss=%d live=%d ratio=%.3f excess=%d alarm=%t verdict=%s: %s",
+			r.Scope, v.Allocator, v.RSS, v.Live, v.Ratio, v.Excess, v.Alarm, verdict, v.Summary)))
 		for _, a := range v.Advice {
 			out = append(out, pprofout.MetaComment("frag_advice", r.Scope+": "+a))
 		}

@@ -26,6 +26,12 @@ import (
 // DefaultSampleRate is the mean number of bytes between samples.
 const DefaultSampleRate = 512 * 1024
 
+// MaxSampleRate is the largest sample rate accepted: 1 GiB between samples.
+// Above it a process holding less than a few GiB would mostly show no sample
+// at all, and the unsampling factor 1/(1-exp(-size/rate)) of small blocks
+// (above 10^7 for 64-byte blocks) turns one sample into gigabytes.
+const MaxSampleRate = 1 << 30
+
 // Options configure a session.
 type Options struct {
 	SampleRate uint64        // mean bytes between samples; 1 = every allocation
@@ -134,6 +140,9 @@ func Start(ctx context.Context, opts Options) (*Session, error) {
 	}
 	if opts.SampleRate == 0 {
 		opts.SampleRate = DefaultSampleRate
+	}
+	if opts.SampleRate > MaxSampleRate {
+		return nil, fmt.Errorf("sample rate %d bytes is above the maximum of %d (1 GiB): sampling that sparse shows nothing useful; the default is %d", opts.SampleRate, MaxSampleRate, DefaultSampleRate)
 	}
 	if opts.Poll == 0 {
 		opts.Poll = 200 * time.Millisecond
