@@ -325,6 +325,9 @@ func (s *Session) Close() {
 	if s.watch != nil {
 		s.watch.Close()
 	}
+	// An exit being handled finishes before the maps and links go.
+	s.exitMu.Lock()
+	defer s.exitMu.Unlock()
 	s.att.Close()
 	s.mu.Lock()
 	for _, t := range s.procs {
