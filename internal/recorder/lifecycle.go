@@ -332,7 +332,10 @@ func (s *Session) watchProcs() {
 				}
 			case procwatch.Exit:
 				if s.procs[e.Tgid] != nil {
+					// The event comes before the process is a zombie (what
+					// alive checks): look again shortly after.
 					poke = true
+					time.AfterFunc(20*time.Millisecond, s.poke)
 				}
 				if f := s.family[e.Tgid]; f != nil && f.state == famForked {
 					f.state, f.at = famCounted, time.Now()
