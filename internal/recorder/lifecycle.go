@@ -36,6 +36,7 @@ type keptTarget struct {
 	allocator frag.Allocator
 	exitMem   *frag.ProcessMem // memory read in a command's exit stop
 	seq       uint64           // order of the exits handled, from 1
+	at        time.Time        // when its exit was handled
 }
 
 // MaxKeptExited bounds the exited targets whose state a session that drops
@@ -122,7 +123,7 @@ func (s *Session) exit(pid int, why string, onReader bool, use func(*keptTarget)
 		return
 	}
 	k := &keptTarget{pid: pid, start: t.start, comm: t.comm, cgroup: t.cgroup, via: t.via, why: why,
-		allocator: t.allocator, exitMem: t.exitMem}
+		allocator: t.allocator, exitMem: t.exitMem, at: time.Now()}
 	snap, err := s.read(func(p uint32) bool { return p == uint32(pid) }, heap.Read, !onReader)
 	if err != nil {
 		s.recordErr(fmt.Errorf("read state of process %d that %s: %w", pid, why, err))
@@ -187,6 +188,22 @@ func (s *Session) settle() {
 			s.exit(t.pid, "exited", false, nil)
 		}
 	}
+}
+
+// recentlyKept returns the last kept state of pid if its exit was handled
+// within d (nil otherwise).
+func (s *Session) recentlyKept(pid int, d time.Duration) *keptTarget {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for i := len(s.kept) - 1; i >= 0; i-- {
+		if k := s.kept[i]; k.pid == pid {
+			if time.Since(k.at) <= d {
+				return k
+			}
+			return nil
+		}
+	}
+	return nil
 }
 
 // keptSamples returns the samples of the kept targets only selects (nil:

@@ -111,29 +111,44 @@ func (s *Session) handleOOM(ev mbpf.MemprofOomEvent) {
 		}
 	}
 	kill := &OOMKill{Victim: v, Allocator: frag.Unknown}
+	victimProfile := func(k *keptTarget) {
+		p := s.newProfile()
+		for _, smp := range k.samples {
+			smp.Labels = copyLabels(smp.Labels)
+			p.Samples = append(p.Samples, smp)
+		}
+		p.Start = v.Time
+		p.Duration = 0
+		p.Comments = append(p.Comments, "memprof: heap of OOM victim "+strconv.Itoa(pid)+" ("+v.Comm+") at the kill")
+		kill.Profile = p
+		kill.Target = true
+		kill.Allocator = k.allocator
+	}
 	if t != nil && !t.skipped {
 		kill.Target = true
 		kill.Allocator = t.allocator
 		// Called on the event reader: it cannot wait for itself to drain
 		// the ring buffer.
-		s.exit(pid, "was OOM-killed", true, func(k *keptTarget) {
-			p := s.newProfile()
-			for _, smp := range k.samples {
-				smp.Labels = copyLabels(smp.Labels)
-				p.Samples = append(p.Samples, smp)
-			}
-			p.Start = v.Time
-			p.Duration = 0
-			p.Comments = append(p.Comments, "memprof: heap of OOM victim "+strconv.Itoa(pid)+" ("+v.Comm+") at the kill")
-			kill.Profile = p
-		})
-	} else if !s.opts.AllOOMs {
+		s.exit(pid, "was OOM-killed", true, victimProfile)
+	}
+	if kill.Profile == nil {
+		// Its exit was handled first (the kill is fast, the process events
+		// may beat this reader): its kept state is the heap at the kill.
+		if k := s.recentlyKept(pid, oomExitWindow); k != nil {
+			victimProfile(k)
+		}
+	}
+	if !kill.Target && !s.opts.AllOOMs {
 		return
 	}
 	if s.opts.OOM != nil {
 		s.opts.OOM(kill)
 	}
 }
+
+// oomExitWindow is how long before an OOM kill's event the victim's exit
+// may have been handled.
+const oomExitWindow = 10 * time.Second
 
 func cString(b []int8) string {
 	var out []byte
