@@ -116,6 +116,9 @@ func exiting(pid int) bool {
 func (s *Session) exit(pid int, why string, onReader bool, use func(*keptTarget)) {
 	s.exitMu.Lock()
 	defer s.exitMu.Unlock()
+	if s.closed() {
+		return // everything is released already
+	}
 	s.mu.Lock()
 	t := s.procs[pid]
 	s.mu.Unlock()
@@ -163,6 +166,16 @@ func (s *Session) exit(pid int, why string, onReader bool, use func(*keptTarget)
 		return
 	}
 	s.opts.Notify(fmt.Sprintf("process %d (%s) %s; its heap as it stood then is kept in the profile", pid, t.comm, why))
+}
+
+// closed tells whether Close was called.
+func (s *Session) closed() bool {
+	select {
+	case <-s.done:
+		return true
+	default:
+		return false
+	}
 }
 
 // release detaches a target and frees what memprof holds for it: probes,

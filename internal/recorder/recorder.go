@@ -319,15 +319,16 @@ func (s *Session) Close() {
 	default:
 		close(s.done)
 	}
+	// An exit being handled finishes before the event reader, maps and
+	// links go; later ones see the session closed.
+	s.exitMu.Lock()
+	defer s.exitMu.Unlock()
 	if s.oomStop != nil {
 		s.oomStop()
 	}
 	if s.watch != nil {
 		s.watch.Close()
 	}
-	// An exit being handled finishes before the maps and links go.
-	s.exitMu.Lock()
-	defer s.exitMu.Unlock()
 	s.att.Close()
 	s.mu.Lock()
 	for _, t := range s.procs {

@@ -3,6 +3,7 @@
 package recorder
 
 import (
+	"errors"
 	"sort"
 	"strconv"
 	"time"
@@ -16,6 +17,9 @@ import (
 // stacks resolved. drain waits (up to a second) for the event reader to
 // consume the stack copies in flight first.
 func (s *Session) read(keep func(uint32) bool, read func(heap.Maps, func(uint32) bool) (*heap.Snapshot, error), drain bool) (*heap.Snapshot, error) {
+	if s.closed() {
+		return nil, errors.New("the recording session is closed")
+	}
 	if s.events != nil && drain {
 		// Let the event reader consume pending stack copies first.
 		for i := 0; i < 100 && s.events.AvailableBytes() > 0; i++ {

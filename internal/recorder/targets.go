@@ -493,6 +493,9 @@ func (s *Session) AddPid(pid int) error { return s.addPid(pid) }
 func (s *Session) Forget(pid int) {
 	s.exitMu.Lock()
 	defer s.exitMu.Unlock()
+	if s.closed() {
+		return
+	}
 	s.mu.Lock()
 	t := s.procs[pid]
 	delete(s.procs, pid)
