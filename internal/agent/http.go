@@ -317,7 +317,7 @@ func (a *Agent) serveHeap(w http.ResponseWriter, r *http.Request) {
 		http.NewResponseController(w).SetWriteDeadline(time.Now().Add(window + a.cfg.HTTP.WriteTimeout))
 		p, err = a.allocProfile(r.Context(), conts, window)
 	} else {
-		p, err = a.heapProfile(conts)
+		p, err = a.heapProfile(conts, nil)
 	}
 	if err != nil {
 		http.Error(w, "build profile: "+err.Error(), http.StatusInternalServerError)
