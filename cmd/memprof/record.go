@@ -158,10 +158,12 @@ func runRecord(c *cli.Context) error {
 	close(progressDone)
 	clearLine()
 	fmt.Fprintf(stderr, "memprof: stopped: %s after %s\n", reason, time.Since(s.StartTime()).Round(time.Millisecond))
-	if err := writeResult(s, out, podLabels, c.Int("top"), stderr); err != nil {
+	written, err := writeResult(s, out, podLabels, c.Int("top"), stderr)
+	if err != nil {
 		return err
 	}
-	return writeSeries(seriesRec, out, gate, stderr)
+	// Next to the profile as written (the $TMPDIR fallback if -o failed).
+	return writeSeries(seriesRec, written, gate, stderr)
 }
 
 func describeTarget(o recorder.Options) string {
@@ -213,11 +215,12 @@ func progress(s *recorder.Session, w io.Writer, done <-chan struct{}) {
 	}
 }
 
-// writeResult builds and writes the profile, then prints the summary.
-func writeResult(s *recorder.Session, out string, extraLabels map[string]string, top int, w io.Writer) error {
+// writeResult builds and writes the profile, then prints the summary. It
+// returns the path written (out, or the fallback in $TMPDIR).
+func writeResult(s *recorder.Session, out string, extraLabels map[string]string, top int, w io.Writer) (string, error) {
 	p, err := s.Profile()
 	if err != nil {
-		return fmt.Errorf("read recorded state: %w", err)
+		return "", fmt.Errorf("read recorded state: %w", err)
 	}
 	for i := range p.Samples {
 		for k, v := range extraLabels {
@@ -226,13 +229,13 @@ func writeResult(s *recorder.Session, out string, extraLabels map[string]string,
 	}
 	built, err := pprofout.Build(p)
 	if err != nil {
-		return fmt.Errorf("build profile: %w", err)
+		return "", fmt.Errorf("build profile: %w", err)
 	}
 	frags := s.Fragmentation(built)
 	p.Comments = append(p.Comments, recorder.FragComments(frags)...)
 	written, err := writeProfile(out, p, w)
 	if err != nil {
-		return err
+		return "", err
 	}
 	out = written
 	c, _ := s.Counters()
@@ -295,7 +298,7 @@ func writeResult(s *recorder.Session, out string, extraLabels map[string]string,
 		}
 	}
 	fmt.Fprintf(w, "\nprofile written to %s\nview it with: go tool pprof -http=: %s\n", out, out)
-	return nil
+	return out, nil
 }
 
 // checkOutput checks, before recording, that the profile can be written

@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"slices"
 	"sort"
+	"strings"
 	"time"
 
 	"github.com/memprof/memprof/internal/attach"
@@ -369,8 +370,11 @@ func (s *Session) loop(ctx context.Context) {
 			if !execed && sig0 != "" {
 				// Without process events (or with some lost), an exec is
 				// seen by polling its signature.
+				// An exiting process has no exe link and no code left
+				// (startcode 0): that is no exec.
 				sig := execSignature(t.pid)
-				execed = sig != "" && sig != sig0
+				exe, code, _ := strings.Cut(sig, "@")
+				execed = exe != "" && code != "" && code != "0" && sig != sig0 && !exiting(t.pid) && alive(t)
 			}
 			if execed {
 				s.replaceImage(t.pid, true)
