@@ -136,7 +136,19 @@ func (a *Agent) saveProfiles(ctx context.Context) {
 		}
 		dir := a.containerDir(c)
 		if err := os.MkdirAll(dir, 0o755); err == nil {
-			path := filepath.Join(dir, now.UTC().Format("20060102T150405Z")+".pb.gz")
+			// One file per save: a save in the same second as the last
+			// (the loop also saves RSS profiles and may fall behind) takes
+			// the next second's name rather than overwrite a profile
+			// holding processes that exited (released once saved).
+			name := now.UTC()
+			path := filepath.Join(dir, name.Format("20060102T150405Z")+".pb.gz")
+			for i := 0; i < 10; i++ {
+				if _, err := os.Stat(path); err != nil {
+					break
+				}
+				name = name.Add(time.Second)
+				path = filepath.Join(dir, name.Format("20060102T150405Z")+".pb.gz")
+			}
 			if err := writeAtomic(path, buf.Bytes()); err != nil {
 				a.cfg.Logf("memprof agent: keep profile of %s: %v", c.name(), err)
 			} else {

@@ -96,6 +96,15 @@ func (r *SeriesRecorder) loop() {
 // point adds one point: called with r.mu held.
 func (r *SeriesRecorder) point(now time.Time) {
 	s := r.s
+	// The targets, their RSS and their live bytes are read with no exit
+	// handled in between (an exit releases a target's BPF entries before
+	// it leaves the targets: a point could see its RSS but not its heap).
+	s.exitMu.Lock()
+	defer s.exitMu.Unlock()
+	if s.closed() {
+		r.b.ReadError()
+		return
+	}
 	targets := s.Targets()
 	// /proc and the cgroups first: they are read closest to now (the
 	// maps take longer).

@@ -367,14 +367,23 @@ func (s *Session) loop(ctx context.Context) {
 			s.mu.Lock()
 			execed, sig0 := t.execed, t.cov.execSig
 			s.mu.Unlock()
-			if !execed && sig0 != "" {
-				// Without process events (or with some lost), an exec is
-				// seen by polling its signature.
+			if sig0 != "" {
+				// The program's signature confirms an exec event (one for
+				// an exec before the attach may arrive after it) and, with
+				// no process events (or some lost), finds an exec itself.
 				// An exiting process has no exe link and no code left
 				// (startcode 0): that is no exec.
 				sig := execSignature(t.pid)
 				exe, code, _ := strings.Cut(sig, "@")
-				execed = exe != "" && code != "" && code != "0" && sig != sig0 && !exiting(t.pid) && alive(t)
+				switch {
+				case sig == sig0 && execed:
+					s.mu.Lock()
+					t.execed = false
+					s.mu.Unlock()
+					execed = false
+				case !execed:
+					execed = exe != "" && code != "" && code != "0" && sig != sig0 && !exiting(t.pid) && alive(t)
+				}
 			}
 			if execed {
 				s.replaceImage(t.pid, true)
