@@ -70,6 +70,12 @@ func runRecord(c *cli.Context) error {
 	if opts.SampleRate == 0 {
 		return fmt.Errorf("--sample-rate must be at least 1 byte")
 	}
+	if opts.SampleRate > recorder.MaxSampleRate {
+		return fmt.Errorf("--sample-rate %d is above the maximum of %d bytes (1 GiB): sampling that sparse shows nothing useful (default %d)", opts.SampleRate, recorder.MaxSampleRate, recorder.DefaultSampleRate)
+	}
+	if c.IsSet("duration") && c.Duration("duration") <= 0 {
+		return fmt.Errorf("--duration must be positive, got %s (omit it to record until the targets exit or Ctrl-C)", c.Duration("duration"))
+	}
 	target := describeTarget(opts)
 	var podLabels map[string]string
 	if pod := c.String("pod"); pod != "" {
@@ -97,6 +103,9 @@ func runRecord(c *cli.Context) error {
 	out := c.String("output")
 	if out == "" {
 		out = fmt.Sprintf("memprof-%s-%s.pb.gz", target, time.Now().Format("20060102-150405"))
+	}
+	if err := checkOutput(out); err != nil {
+		return err
 	}
 	oomDir := c.String("oom-dir")
 	if oomDir == "" {
@@ -149,10 +158,12 @@ func runRecord(c *cli.Context) error {
 	close(progressDone)
 	clearLine()
 	fmt.Fprintf(stderr, "memprof: stopped: %s after %s\n", reason, time.Since(s.StartTime()).Round(time.Millisecond))
-	if err := writeResult(s, out, podLabels, c.Int("top"), stderr); err != nil {
+	written, err := writeResult(s, out, podLabels, c.Int("top"), stderr)
+	if err != nil {
 		return err
 	}
-	return writeSeries(seriesRec, out, gate, stderr)
+	// Next to the profile as written (the $TMPDIR fallback if -o failed).
+	return writeSeries(seriesRec, written, gate, stderr)
 }
 
 func describeTarget(o recorder.Options) string {
@@ -204,11 +215,12 @@ func progress(s *recorder.Session, w io.Writer, done <-chan struct{}) {
 	}
 }
 
-// writeResult builds and writes the profile, then prints the summary.
-func writeResult(s *recorder.Session, out string, extraLabels map[string]string, top int, w io.Writer) error {
+// writeResult builds and writes the profile, then prints the summary. It
+// returns the path written (out, or the fallback in $TMPDIR).
+func writeResult(s *recorder.Session, out string, extraLabels map[string]string, top int, w io.Writer) (string, error) {
 	p, err := s.Profile()
 	if err != nil {
-		return fmt.Errorf("read recorded state: %w", err)
+		return "", fmt.Errorf("read recorded state: %w", err)
 	}
 	for i := range p.Samples {
 		for k, v := range extraLabels {
@@ -217,13 +229,15 @@ func writeResult(s *recorder.Session, out string, extraLabels map[string]string,
 	}
 	built, err := pprofout.Build(p)
 	if err != nil {
-		return fmt.Errorf("build profile: %w", err)
+		return "", fmt.Errorf("build profile: %w", err)
 	}
 	frags := s.Fragmentation(built)
 	p.Comments = append(p.Comments, recorder.FragComments(frags)...)
-	if err := pprofout.WriteFile(out, p); err != nil {
-		return err
+	written, err := writeProfile(out, p, w)
+	if err != nil {
+		return "", err
 	}
+	out = written
 	c, _ := s.Counters()
 	fmt.Fprintf(w, "\nmemprof: %d allocator calls and %d frees seen, %d sampled\n", c.Calls, c.Frees, c.Samples)
 	if lost := c.Lost(); len(lost) > 0 {
@@ -239,6 +253,21 @@ func writeResult(s *recorder.Session, out string, extraLabels map[string]string,
 		fmt.Fprintf(w, "memprof: LOST events (also in the profile's comments): %s\n", strings.Join(parts, " "))
 	} else {
 		fmt.Fprintln(w, "memprof: no events lost")
+	}
+	if n := s.Exited(); n > 0 {
+		fmt.Fprintf(w, "memprof: %d targets exited during the recording; their heaps as they were then are in the profile\n", n)
+	}
+	if counts := s.TargetCounts(); len(counts) > 0 {
+		keys := make([]string, 0, len(counts))
+		for k := range counts {
+			keys = append(keys, k)
+		}
+		sort.Strings(keys)
+		var parts []string
+		for _, k := range keys {
+			parts = append(parts, fmt.Sprintf("%s=%d", k, counts[k]))
+		}
+		fmt.Fprintf(w, "memprof: TARGETS not profiled or not completely (also in the profile's comments as targets_*): %s\n", strings.Join(parts, " "))
 	}
 	for _, f := range frags {
 		if f.Coverage != "" {
@@ -269,5 +298,44 @@ func writeResult(s *recorder.Session, out string, extraLabels map[string]string,
 		}
 	}
 	fmt.Fprintf(w, "\nprofile written to %s\nview it with: go tool pprof -http=: %s\n", out, out)
+	return out, nil
+}
+
+// checkOutput checks, before recording, that the profile can be written
+// at path: its directory exists and a file can be created in it.
+func checkOutput(path string) error {
+	if st, err := os.Stat(path); err == nil && st.IsDir() {
+		return fmt.Errorf("-o %s is a directory: give a file name (e.g. %s)", path, filepath.Join(path, "heap.pb.gz"))
+	}
+	dir := filepath.Dir(path)
+	st, err := os.Stat(dir)
+	if err != nil {
+		return fmt.Errorf("-o %s: directory %s does not exist (create it first): %w", path, dir, err)
+	}
+	if !st.IsDir() {
+		return fmt.Errorf("-o %s: %s is not a directory", path, dir)
+	}
+	f, err := os.CreateTemp(dir, ".memprof-check-*")
+	if err != nil {
+		return fmt.Errorf("-o %s: cannot write in %s (read-only?): %w", path, dir, err)
+	}
+	f.Close()
+	os.Remove(f.Name())
 	return nil
+}
+
+// writeProfile writes the profile at path; if that fails (disk full, the
+// directory removed meanwhile), it saves it in $TMPDIR instead and says
+// where, so the recording is not lost. It returns the path written.
+func writeProfile(path string, p *pprofout.Profile, w io.Writer) (string, error) {
+	err := pprofout.WriteFile(path, p)
+	if err == nil {
+		return path, nil
+	}
+	fallback := filepath.Join(os.TempDir(), fmt.Sprintf("memprof-%d-%s", os.Getpid(), filepath.Base(path)))
+	if ferr := pprofout.WriteFile(fallback, p); ferr != nil {
+		return "", fmt.Errorf("write profile %s: %w; the fallback %s failed too: %v (the recording is lost)", path, err, fallback, ferr)
+	}
+	fmt.Fprintf(w, "memprof: WRITING %s FAILED: %v\nmemprof: the profile was saved to %s instead\n", path, err, fallback)
+	return fallback, nil
 }

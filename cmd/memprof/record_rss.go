@@ -163,7 +163,8 @@ func runRecordBoth(ctx context.Context, c *cli.Context, ropts rss.Options, out s
 	fmt.Fprintf(stderr, "memprof: recording heap and RSS (sample rate %d bytes); %s\n", hopts.SampleRate, hs.Features())
 	reason := hs.Wait(ctx, c.Duration("duration"))
 	fmt.Fprintf(stderr, "memprof: stopped: %s after %s\n", reason, time.Since(hs.StartTime()).Round(time.Millisecond))
-	if err := writeResult(hs, out, podLabels, c.Int("top"), stderr); err != nil {
+	out, err = writeResult(hs, out, podLabels, c.Int("top"), stderr)
+	if err != nil {
 		return err
 	}
 	rssOut := strings.TrimSuffix(out, ".pb.gz") + ".rss.pb.gz"

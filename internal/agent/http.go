@@ -323,7 +323,7 @@ func (a *Agent) serveHeap(w http.ResponseWriter, r *http.Request) {
 		}
 		p, err = a.allocProfile(r.Context(), conts, window)
 	} else {
-		p, err = a.heapProfile(conts)
+		p, err = a.heapProfile(conts, nil)
 	}
 	if err != nil {
 		http.Error(w, "build profile: "+err.Error(), http.StatusInternalServerError)

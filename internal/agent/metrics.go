@@ -31,6 +31,7 @@ const (
 	MetricDiscoveryErrs = "memprof_discovery_errors_total"
 	MetricPushes        = "memprof_pyroscope_pushes_total"
 	MetricSaved         = "memprof_profiles_saved_total"
+	MetricNotProfiled   = "memprof_target_processes_not_profiled_total"
 )
 
 // containerLabels label the per-container metrics.
@@ -42,7 +43,7 @@ type metricDescs struct {
 
 	budgetTotal, oomTotal, probeRate, probeTotal, profiled, discovered, discErrs, pushes, saved *prometheus.Desc
 
-	lost, targets, mapEntries, mapCapacity *prometheus.Desc
+	lost, targets, notProfiled, mapEntries, mapCapacity *prometheus.Desc
 }
 
 func newMetricDescs() *metricDescs {
@@ -74,6 +75,7 @@ func newMetricDescs() *metricDescs {
 
 		lost:        d(MetricLost, "Events the BPF side dropped, by cause.", "cause"),
 		targets:     d(MetricTargets, "Processes with probes attached."),
+		notProfiled: d(MetricNotProfiled, "Processes of profiled containers not profiled, or not completely, by cause (skipped_no_allocator, skipped_exited_before_attach, skipped_attach_failed, skipped_excluded, lost_state_unreadable, lost_kept_state_bound, exec_replaced_image, lost_process_event_overruns).", "cause"),
 		mapEntries:  d(MetricMapEntries, "Entries in the agent's BPF maps (live sampled blocks, allocation buckets, stacks, per-process call counts).", "map"),
 		mapCapacity: d(MetricMapCapacity, "Capacity (max_entries) of the agent's BPF maps.", "map"),
 	}
@@ -107,7 +109,7 @@ func (c *agentCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, desc := range []*prometheus.Desc{
 		d.liveHeap, d.allocTotal, d.allocRate, d.rssAnon, d.fragRatio, d.processes, d.oomKills, d.budgetCont,
 		d.budgetTotal, d.oomTotal, d.probeRate, d.probeTotal, d.profiled, d.discovered, d.discErrs, d.pushes, d.saved,
-		d.lost, d.targets, d.mapEntries, d.mapCapacity,
+		d.lost, d.targets, d.notProfiled, d.mapEntries, d.mapCapacity,
 	} {
 		ch <- desc
 	}
@@ -206,6 +208,9 @@ func (c *agentCollector) Collect(ch chan<- prometheus.Metric) {
 		}
 	}
 	emit(d.targets, prometheus.GaugeValue, float64(len(s.Targets())))
+	for cause, n := range s.TargetCounts() {
+		emit(d.notProfiled, prometheus.CounterValue, float64(n), cause)
+	}
 	for _, m := range s.MapStats() {
 		emit(d.mapEntries, prometheus.GaugeValue, float64(m.Entries), m.Name)
 		emit(d.mapCapacity, prometheus.GaugeValue, float64(m.Capacity), m.Name)

@@ -7,49 +7,57 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
-	"strconv"
 	"strings"
 	"time"
 
 	"github.com/google/pprof/profile"
 
 	"github.com/memprof/memprof/internal/agent/pyroscope"
-	"github.com/memprof/memprof/internal/cgroups"
 	"github.com/memprof/memprof/pprofout"
 )
 
 // heapProfile builds the current heap profile of containers, labelled with
-// namespace, pod, container and node.
-func (a *Agent) heapProfile(conts []*container) (*profile.Profile, error) {
-	byPid := map[uint32]*container{}
+// namespace, pod, container and node: their processes as they are now, and
+// the ones that exited since the container's last saved profile as they
+// were at their exit. marks, if not nil, gets per container the exit mark
+// to release those exited processes with once the profile is kept.
+func (a *Agent) heapProfile(conts []*container, marks map[*container]uint64) (*profile.Profile, error) {
+	var all *pprofout.Profile
 	for _, c := range conts {
-		pids, _ := cgroups.Procs(c.dir, true)
-		for _, p := range pids {
-			byPid[uint32(p)] = c
+		p, mark, err := a.s.ProfileOfCgroups(c.dir)
+		if err != nil {
+			return nil, err
 		}
-	}
-	p, err := a.s.ProfileFor(func(pid uint32) bool { return byPid[pid] != nil })
-	if err != nil {
-		return nil, err
-	}
-	for i := range p.Samples {
-		smp := &p.Samples[i]
-		pid, _ := strconv.Atoi(smp.Labels["pid"])
-		if c := byPid[uint32(pid)]; c != nil {
+		if marks != nil {
+			marks[c] = mark
+		}
+		for i := range p.Samples {
+			smp := &p.Samples[i]
 			smp.Labels["namespace"] = c.labels.Namespace
 			smp.Labels["pod"] = c.labels.Pod
 			smp.Labels["container"] = c.labels.Container
+			smp.Labels["node"] = a.cfg.NodeName
 		}
-		smp.Labels["node"] = a.cfg.NodeName
+		if all == nil {
+			all = p
+		} else {
+			all.Samples = append(all.Samples, p.Samples...)
+		}
 	}
-	return pprofout.Build(p)
+	if all == nil {
+		var err error
+		if all, _, err = a.s.ProfileOfCgroups(); err != nil {
+			return nil, err
+		}
+	}
+	return pprofout.Build(all)
 }
 
 // allocProfile is the profile of what was allocated during d: the
 // difference of two heap profiles taken d apart (alloc values are the
 // window's allocations, inuse values the change of live memory).
 func (a *Agent) allocProfile(ctx context.Context, conts []*container, d time.Duration) (*profile.Profile, error) {
-	p0, err := a.heapProfile(conts)
+	p0, err := a.heapProfile(conts, nil)
 	if err != nil {
 		return nil, err
 	}
@@ -60,7 +68,7 @@ func (a *Agent) allocProfile(ctx context.Context, conts []*container, d time.Dur
 		return nil, ctx.Err()
 	case <-t.C:
 	}
-	p1, err := a.heapProfile(conts)
+	p1, err := a.heapProfile(conts, nil)
 	if err != nil {
 		return nil, err
 	}
@@ -112,12 +120,14 @@ func (a *Agent) saveProfiles(ctx context.Context) {
 		if ctx.Err() != nil {
 			return
 		}
-		p, err := a.heapProfile([]*container{c})
+		marks := map[*container]uint64{}
+		p, err := a.heapProfile([]*container{c}, marks)
 		if err != nil {
 			a.cfg.Logf("memprof agent: profile of %s: %v", c.name(), err)
 			continue
 		}
 		if len(p.Sample) == 0 {
+			a.s.ReleaseExited(c.dir, marks[c])
 			continue
 		}
 		var buf bytes.Buffer
@@ -126,10 +136,25 @@ func (a *Agent) saveProfiles(ctx context.Context) {
 		}
 		dir := a.containerDir(c)
 		if err := os.MkdirAll(dir, 0o755); err == nil {
-			path := filepath.Join(dir, now.UTC().Format("20060102T150405Z")+".pb.gz")
+			// One file per save: a save in the same second as the last
+			// (the loop also saves RSS profiles and may fall behind) takes
+			// the next second's name rather than overwrite a profile
+			// holding processes that exited (released once saved).
+			name := now.UTC()
+			path := filepath.Join(dir, name.Format("20060102T150405Z")+".pb.gz")
+			for i := 0; i < 10; i++ {
+				if _, err := os.Stat(path); err != nil {
+					break
+				}
+				name = name.Add(time.Second)
+				path = filepath.Join(dir, name.Format("20060102T150405Z")+".pb.gz")
+			}
 			if err := writeAtomic(path, buf.Bytes()); err != nil {
 				a.cfg.Logf("memprof agent: keep profile of %s: %v", c.name(), err)
 			} else {
+				// The processes that exited are in this profile: the
+				// next one holds only the ones that exit after.
+				a.s.ReleaseExited(c.dir, marks[c])
 				a.mu.Lock()
 				a.saved++
 				a.mu.Unlock()

@@ -127,6 +127,7 @@ func (s *Session) commandForked(parent, child int, vfork bool) {
 	}
 	s.noteObjects(objs)
 	t := &target{pid: child, comm: procmaps.Comm(child), cgroup: memoryCgroup(child), lastMap: time.Now(), cov: cov}
+	t.start, _ = procmaps.StartTime(child)
 	if pt != nil {
 		t.allocator = pt.allocator
 	}
@@ -149,15 +150,6 @@ func (s *Session) enterHook() bool {
 		return false
 	}
 	return true
-}
-
-func (s *Session) closed() bool {
-	select {
-	case <-s.done:
-		return true
-	default:
-		return false
-	}
 }
 
 // strippedStatic reports whether the executable at path is static (no
@@ -217,7 +209,9 @@ func unprobedMessage(t *target, growth uint64, d time.Duration) string {
 // its coverage, allocations memprof did not see, children not followed.
 // sampled tells the processes with samples in the profile (the call
 // counts of exited processes are gone).
-func (s *Session) finalNotes(t *target, calls map[uint32]uint64, sampled map[int]bool) []string {
+// running is false for a target whose exit is being handled (its children,
+// if any, are not looked for).
+func (s *Session) finalNotes(t *target, calls map[uint32]uint64, sampled map[int]bool, running bool) []string {
 	var notes []string
 	s.mu.Lock()
 	unprobed := t.cov.unprobed
@@ -227,7 +221,7 @@ func (s *Session) finalNotes(t *target, calls map[uint32]uint64, sampled map[int
 	} else if calls[uint32(t.pid)] == 0 && !t.cov.called && !sampled[t.pid] {
 		notes = append(notes, "no allocator call was seen for this process: if it allocated, it did so through something memprof does not probe (memory from its own mmap, a runtime's heap, or an unrecognised allocator)")
 	}
-	if len(s.opts.Pids) > 0 && !s.opts.FollowChildren && !t.exited {
+	if len(s.opts.Pids) > 0 && !s.opts.FollowChildren && running {
 		if kids := childrenOf(t.pid); len(kids) > 0 {
 			notes = append(notes, fmt.Sprintf("its %d child process(es) %v are not profiled: --pid follows the given processes only; pass --follow-children to include them", len(kids), kids))
 		}
@@ -287,11 +281,16 @@ func (s *Session) followChildren(targets []*target) {
 			if known {
 				continue
 			}
-			if err := s.addPid(kid); err != nil {
+			added, err := s.attachTarget(kid, "")
+			if err != nil {
+				start, _ := procmaps.StartTime(kid)
 				s.mu.Lock()
-				s.procs[kid] = &target{pid: kid, comm: procmaps.Comm(kid), exited: true, skipped: true}
+				s.procs[kid] = &target{pid: kid, start: start, comm: procmaps.Comm(kid), skipped: true}
 				s.mu.Unlock()
 				s.opts.Notify(fmt.Sprintf("skipping process %d, child of %d: %v", kid, t.pid, err))
+				continue
+			}
+			if !added {
 				continue
 			}
 			s.mu.Lock()

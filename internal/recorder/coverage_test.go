@@ -319,29 +319,46 @@ func TestPidChildren(t *testing.T) {
 	}
 }
 
-// TestPidExec: --pid on a process that later execs a program: the probes in
-// glibc stay in place across the exec and the new program's heap is
-// recorded from its first allocation.
+// TestPidExec: --pid on a shell that later execs a program: the exec is
+// handled (the shell's image kept with no live blocks, the new program
+// attached, its coverage saying so) and the new program's heap, allocated
+// once it is attached, is recorded exactly. (Blocks a new program
+// allocates before memprof has handled its exec — milliseconds after a
+// process event — are counted with the old image: an --pid target is not
+// stopped at exec; a command's tree is, see TestRecordProcessTree.)
 func TestPidExec(t *testing.T) {
 	testprog.RequireRoot(t)
-	bin := testprog.Build(t, "alloc_family.c")
-	prog := testprog.Start(t, "/bin/sh", nil, "-c", `read x; exec "$0" 30`, bin)
-	var comm string
-	p := record(t, Options{SampleRate: 1, Pids: []int{prog.Pid()}}, func(s *Session) {
+	bin := testprog.Build(t, "exit_soon.cc")
+	prog := testprog.Start(t, "/bin/sh", nil, "-c", `read x; exec "$0" --hold 0 --wait-end`, bin)
+	pid := prog.Pid()
+	var comm, cov string
+	p := record(t, Options{SampleRate: 1, Pids: []int{pid}}, func(s *Session) {
 		prog.Send(t, "go")
+		prog.Expect(t, "READY")
 		deadline := time.Now().Add(10 * time.Second)
 		for time.Now().Before(deadline) {
-			if comm = s.Targets()[prog.Pid()]; comm == "alloc_family" {
+			comm = s.Targets()[pid]
+			if comm == "exit_soon" && s.TargetCounts()[execReplaced] == 1 {
 				break
 			}
-			time.Sleep(100 * time.Millisecond)
+			time.Sleep(5 * time.Millisecond)
 		}
-		time.Sleep(500 * time.Millisecond) // its heap is built in milliseconds
+		s.mu.Lock()
+		if nt := s.procs[pid]; nt != nil {
+			cov = nt.cov.describe()
+		}
+		s.mu.Unlock()
+		prog.Send(t, "go")
+		prog.Expect(t, "DONE")
+		prog.Send(t, "go")
 	})
-	if comm != "alloc_family" {
-		t.Errorf("target's command %q after the exec, want alloc_family", comm)
+	if comm != "exit_soon" {
+		t.Errorf("target's command %q after the exec, want exit_soon", comm)
 	}
-	checkExact(t, p, familyTruth)
+	if !strings.HasPrefix(cov, "partial: attached after it exec'd exit_soon") {
+		t.Errorf("coverage %q, want partial, attached after the exec", cov)
+	}
+	checkExact(t, p, exitSoonTruth)
 }
 
 // TestCommandStrippedStatic: a stripped static executable is refused with

@@ -480,10 +480,10 @@ func (d *dwarfStacks) resolve(s *heap.Snapshot, keep func(uint32) bool) {
 			}
 		}
 	}
+	// Only the processes read can tell which of their blocks are gone: the
+	// sequence numbers of the others stay (a read of one exiting process
+	// must not orphan the stacks of every other one).
 	for seq, info := range d.seqs {
-		// Only the processes read this time can tell a block is gone: a
-		// read that leaves a process out (it is exiting and being frozen,
-		// or another caller's selection) must not forget its blocks.
 		if !seen[seq] && info.gen < gen && (keep == nil || keep(info.pid)) {
 			delete(d.seqs, seq)
 		}

@@ -4,9 +4,11 @@ import (
 	"fmt"
 	"sort"
 	"strconv"
+	"strings"
 
 	"github.com/google/pprof/profile"
 
+	"github.com/memprof/memprof/internal/bpfload"
 	"github.com/memprof/memprof/internal/cgroups"
 	"github.com/memprof/memprof/internal/frag"
 	"github.com/memprof/memprof/internal/heap"
@@ -27,6 +29,52 @@ type FragReport struct {
 	// Notes tell what memprof could not see (allocations through something
 	// it does not probe, children not followed).
 	Notes []string
+	// Withheld says why the verdict is not given though the figures are
+	// (the live size is known to be undercounted); Verdict then holds the
+	// figures, no alarm and no advice. (Verdict.Withheld, set by
+	// frag.Bounded, is the other reason: blocks predating the attach.)
+	Withheld string
+}
+
+// liveUndercount names the losses that make the live size undercounted
+// ("" if none): sampled blocks the live map had no room for, and calls
+// whose result was never recorded.
+func liveUndercount(c bpfload.Counters) string {
+	var why []string
+	for _, l := range []struct {
+		n    uint64
+		what string
+	}{
+		{c.LiveFull, "sampled blocks not tracked: the live-block map was full"},
+		{c.MissedReturn, "allocator calls whose return was never seen (longjmp)"},
+		{c.NoThreadState, "allocator calls of threads without state"},
+		{c.ReadFailed, "allocations whose result could not be read"},
+	} {
+		if l.n > 0 {
+			why = append(why, fmt.Sprintf("%d %s", l.n, l.what))
+		}
+	}
+	return strings.Join(why, ", ")
+}
+
+// withhold turns a verdict into figures only, for the reason given.
+func withhold(r *FragReport, reason string) {
+	if r.Err != nil || !r.Verdict.Covered {
+		return
+	}
+	v := &r.Verdict
+	if r.Withheld != "" {
+		r.Withheld += "; " + reason
+	} else {
+		r.Withheld = reason
+	}
+	v.Alarm, v.Advice = false, nil
+	v.Summary = fmt.Sprintf("no verdict: the live size is undercounted (%s); figures only: RSS %s, live at least %s, ratio at most %.2f",
+		r.Withheld, pprofout.HumanBytes(int64(v.RSS)), pprofout.HumanBytes(int64(v.Live)), v.Ratio)
+	if v.Withheld != "" {
+		// Bounded by coverage too (frag.Bounded): both reasons hold.
+		v.Summary += "; also: " + v.Withheld
+	}
 }
 
 // LiveByPid sums the unsampled inuse_space of a built profile per pid label.
@@ -62,10 +110,15 @@ func LiveByPid(p *profile.Profile) map[int]int64 {
 func (s *Session) Fragmentation(built *profile.Profile) []FragReport {
 	live := LiveByPid(built)
 	s.mu.Lock()
-	var targets []*target
+	var targets, skipped []*target
 	for _, t := range s.procs {
-		targets = append(targets, t)
+		if !t.skipped {
+			targets = append(targets, t)
+		} else if alive(t) {
+			skipped = append(skipped, t)
+		}
 	}
+	kept := append([]*keptTarget(nil), s.kept...)
 	s.mu.Unlock()
 	sort.Slice(targets, func(i, j int) bool { return targets[i].pid < targets[j].pid })
 	calls, _ := s.objs.ProcCalls()
@@ -78,40 +131,43 @@ func (s *Session) Fragmentation(built *profile.Profile) []FragReport {
 		}
 	}
 	var out []FragReport
-	for _, t := range targets {
-		if t.skipped {
-			// A process of a followed cgroup memprof could not attach
-			// to: say so rather than leave it out silently.
-			out = append(out, FragReport{Scope: fmt.Sprintf("pid %d (%s)", t.pid, t.comm),
-				Notes: []string{"not profiled: it maps no allocator memprof can probe (or it exited before it could be attached); its memory is not in the profile"},
-				Err:   fmt.Errorf("no verdict: not profiled")})
+	for _, k := range kept {
+		scope := fmt.Sprintf("pid %d (%s)", k.pid, k.comm)
+		rep := FragReport{Scope: scope, Coverage: k.cov.describe(), Notes: k.notes}
+		switch {
+		case k.exitMem != nil:
+			rep.Scope += " at exit"
+			rep.Regions = k.cov.exitRegions
+			rep.Verdict = judge(k.allocator, k.cov, k.exitMem, k.cov.exitRegions, k.live)
+		case len(k.samples) > 0:
+			rep.Err = fmt.Errorf("process %s during the recording: no RSS to compare", k.why)
+		default:
 			continue
 		}
-		scope := fmt.Sprintf("pid %d (%s)", t.pid, t.comm)
-		rep := FragReport{Scope: scope, Coverage: t.cov.describe(), Notes: s.finalNotes(t, calls, sampled)}
-		lv := uint64(max(live[t.pid], 0))
-		switch {
-		case t.exited && t.exitMem != nil:
-			rep.Scope += " at exit"
-			rep.Regions = t.cov.exitRegions
-			rep.Verdict = s.judge(t, t.exitMem, t.cov.exitRegions, lv)
-		case t.exited:
-			if _, ok := live[t.pid]; !ok {
-				continue
-			}
-			rep.Err = fmt.Errorf("process exited during the recording: no RSS to compare")
-		default:
-			pm, err := frag.ReadProcess(t.pid)
-			if err != nil {
-				rep.Err = err
-				break
-			}
-			if r, err := s.regions(t); err == nil {
-				rep.Regions = &r
-			}
-			rep.Verdict = s.judge(t, &pm, rep.Regions, lv)
-		}
 		out = append(out, rep)
+	}
+	for _, t := range targets {
+		scope := fmt.Sprintf("pid %d (%s)", t.pid, t.comm)
+		rep := FragReport{Scope: scope, Coverage: t.cov.describe(), Notes: s.finalNotes(t, calls, sampled, true)}
+		pm, err := frag.ReadProcess(t.pid)
+		if err != nil {
+			rep.Err = err
+			out = append(out, rep)
+			continue
+		}
+		if r, err := s.regions(t); err == nil {
+			rep.Regions = &r
+		}
+		rep.Verdict = judge(t.allocator, t.cov, &pm, rep.Regions, uint64(max(live[t.pid], 0)))
+		out = append(out, rep)
+	}
+	sort.Slice(skipped, func(i, j int) bool { return skipped[i].pid < skipped[j].pid })
+	for _, t := range skipped {
+		// A process of a followed cgroup memprof could not attach to (or
+		// excluded): say so rather than leave it out silently.
+		out = append(out, FragReport{Scope: fmt.Sprintf("pid %d (%s)", t.pid, t.comm),
+			Notes: []string{"not profiled: it maps no allocator memprof can probe (or it could not be attached, or was excluded); its memory is not in the profile"},
+			Err:   fmt.Errorf("no verdict: not profiled")})
 	}
 	for _, dir := range s.opts.Cgroups {
 		st, err := cgroups.ReadStats(dir)
@@ -123,12 +179,10 @@ func (s *Session) Fragmentation(built *profile.Profile) []FragReport {
 		var unseen uint64
 		var allocs []frag.Allocator
 		for _, t := range targets {
-			if !t.exited {
-				sum += live[t.pid]
-				allocs = append(allocs, t.allocator)
-				if !t.cov.complete {
-					unseen += t.cov.preAttach
-				}
+			sum += live[t.pid]
+			allocs = append(allocs, t.allocator)
+			if !t.cov.complete {
+				unseen += t.cov.preAttach
 			}
 		}
 		v := frag.AssessCgroup(st, uint64(max(sum, 0)), allocs)
@@ -141,7 +195,18 @@ func (s *Session) Fragmentation(built *profile.Profile) []FragReport {
 				v.Alarm, v.Advice = false, nil
 			}
 		}
-		out = append(out, FragReport{Scope: "cgroup " + dir, Verdict: v})
+		r := FragReport{Scope: "cgroup " + dir, Verdict: v}
+		if n := skippedIn(dir, skipped); n > 0 {
+			withhold(&r, fmt.Sprintf("%d of its processes are not profiled", n))
+		}
+		out = append(out, r)
+	}
+	if c, err := s.objs.ReadCounters(); err == nil {
+		if why := liveUndercount(c); why != "" {
+			for i := range out {
+				withhold(&out[i], why)
+			}
+		}
 	}
 	return out
 }
@@ -149,15 +214,15 @@ func (s *Session) Fragmentation(built *profile.Profile) []FragReport {
 // judge compares the allocator's share of RSS (the whole anonymous RSS
 // when regions is nil) with live, bounded by what the recording may have
 // missed.
-func (s *Session) judge(t *target, pm *frag.ProcessMem, regions *frag.Regions, live uint64) frag.Verdict {
+func judge(a frag.Allocator, cov coverage, pm *frag.ProcessMem, regions *frag.Regions, live uint64) frag.Verdict {
 	rss := pm.RssAnon
 	if regions != nil {
 		rss = regions.AllocatorRSS()
 	}
-	if t.cov.complete {
-		return frag.Assess(t.allocator, rss, live, pm)
+	if cov.complete {
+		return frag.Assess(a, rss, live, pm)
 	}
-	return frag.Bounded(t.allocator, rss, live, t.cov.preAttach, pm, "the recording did not see the process start: "+t.cov.how)
+	return frag.Bounded(a, rss, live, cov.preAttach, pm, "the recording did not see the process start: "+cov.how)
 }
 
 // maxBlocks bounds the live blocks read to classify a process's memory.
@@ -177,6 +242,17 @@ func (s *Session) regions(t *target) (frag.Regions, error) {
 	return frag.ReadRegions(t.pid, t.allocator, blocks)
 }
 
+// skippedIn counts the skipped processes found through dir.
+func skippedIn(dir string, skipped []*target) int {
+	n := 0
+	for _, t := range skipped {
+		if t.via == dir {
+			n++
+		}
+	}
+	return n
+}
+
 // FragComments records verdicts in profile comments, so `memprof report`
 // can show them from the file alone.
 func FragComments(reports []FragReport) []string {
@@ -193,8 +269,12 @@ func FragComments(reports []FragReport) []string {
 			continue
 		}
 		v := r.Verdict
-		out = append(out, pprofout.MetaComment("frag", fmt.Sprintf("%s: allocator=%s rss=%d live=%d ratio=%.3f excess=%d alarm=%t: %s",
-			r.Scope, v.Allocator, v.RSS, v.Live, v.Ratio, v.Excess, v.Alarm, v.Summary)))
+		verdict := "given"
+		if r.Withheld != "" || v.Withheld != "" {
+			verdict = "withheld"
+		}
+		out = append(out, pprofout.MetaComment("frag", fmt.Sprintf("%s: allocator=%s rss=%d live=%d ratio=%.3f excess=%d alarm=%t verdict=%s: %s",
+			r.Scope, v.Allocator, v.RSS, v.Live, v.Ratio, v.Excess, v.Alarm, verdict, v.Summary)))
 		if r.Regions != nil {
 			out = append(out, pprofout.MetaComment("frag_rss", r.Scope+": "+r.Regions.String()))
 		}

@@ -16,7 +16,6 @@ import (
 	mbpf "github.com/memprof/memprof/bpf"
 	"github.com/memprof/memprof/internal/cgroups"
 	"github.com/memprof/memprof/internal/frag"
-	"github.com/memprof/memprof/internal/heap"
 	"github.com/memprof/memprof/internal/oom"
 	"github.com/memprof/memprof/internal/procmaps"
 	"github.com/memprof/memprof/pprofout"
@@ -117,30 +116,52 @@ func (s *Session) handleOOM(ev mbpf.MemprofOomEvent) {
 		}
 	}
 	kill := &OOMKill{Victim: v, Allocator: frag.Unknown}
-	if t != nil && !t.exited {
+	victimProfile := func(k *keptTarget) {
+		p := s.newProfile()
+		for _, smp := range k.samples {
+			smp.Labels = copyLabels(smp.Labels)
+			p.Samples = append(p.Samples, smp)
+		}
+		p.Start = v.Time
+		p.Duration = 0
+		p.Comments = append(p.Comments, "memprof: heap of OOM victim "+strconv.Itoa(pid)+" ("+v.Comm+") at the kill")
+		kill.Profile = p
 		kill.Target = true
-		t.oomed = true
+		kill.Allocator = k.allocator
+		kill.Coverage = k.cov.describe()
+		if !k.cov.complete {
+			kill.Unseen = k.cov.preAttach
+		}
+	}
+	if t != nil && !t.skipped {
+		kill.Target = true
 		kill.Allocator = t.allocator
 		kill.Coverage = t.cov.describe()
 		if !t.cov.complete {
 			kill.Unseen = t.cov.preAttach
 		}
-		s.freeze(pid, "was OOM-killed", func(snap *heap.Snapshot) {
-			p, err := s.profileOf(snap, func(p uint32) bool { return p == uint32(pid) })
-			if err == nil {
-				p.Start = v.Time
-				p.Duration = 0
-				p.Comments = append(p.Comments, "memprof: heap of OOM victim "+strconv.Itoa(pid)+" ("+v.Comm+") at the kill")
-				kill.Profile = p
-			}
-		})
-	} else if !s.opts.AllOOMs {
+		// Called on the event reader: it cannot wait for itself to drain
+		// the ring buffer.
+		s.exit(pid, "was OOM-killed", true, victimProfile)
+	}
+	if kill.Profile == nil {
+		// Its exit was handled first (the kill is fast, the process events
+		// may beat this reader): its kept state is the heap at the kill.
+		if k := s.recentlyKept(pid, oomExitWindow); k != nil {
+			victimProfile(k)
+		}
+	}
+	if !kill.Target && !s.opts.AllOOMs {
 		return
 	}
 	if s.opts.OOM != nil {
 		s.opts.OOM(kill)
 	}
 }
+
+// oomExitWindow is how long before an OOM kill's event the victim's exit
+// may have been handled.
+const oomExitWindow = 10 * time.Second
 
 func cString(b []int8) string {
 	var out []byte

@@ -17,13 +17,19 @@ import (
 	"github.com/memprof/memprof/internal/attach"
 	"github.com/memprof/memprof/internal/bpfload"
 	"github.com/memprof/memprof/internal/frag"
-	"github.com/memprof/memprof/internal/heap"
 	"github.com/memprof/memprof/internal/procmaps"
+	"github.com/memprof/memprof/internal/procwatch"
 	"github.com/memprof/memprof/internal/symbolize"
 )
 
 // DefaultSampleRate is the mean number of bytes between samples.
 const DefaultSampleRate = 512 * 1024
+
+// MaxSampleRate is the largest sample rate accepted: 1 GiB between samples.
+// Above it a process holding less than a few GiB would mostly show no sample
+// at all, and the unsampling factor 1/(1-exp(-size/rate)) of small blocks
+// (above 10^7 for 64-byte blocks) turns one sample into gigabytes.
+const MaxSampleRate = 1 << 30
 
 // Options configure a session.
 type Options struct {
@@ -69,6 +75,9 @@ type Options struct {
 	// command: the RSS tier follows it from its first instruction and
 	// reads its memory before the kernel unmaps it).
 	AtExec, AtExit func(pid int)
+	// Symbols is the symbol cache to use (nil: a new one). Sessions may
+	// share one: objects are cached by build ID or (device, inode).
+	Symbols *symbolize.Cache
 }
 
 // Session is one recording.
@@ -89,27 +98,43 @@ type Session struct {
 	lastPrune   time.Time
 	staleStacks map[uint64]bool
 
-	// addMu serializes addPid, so that a process found by two scans at
+	// addMu serializes addTarget, so that a process found by two scans at
 	// once (AddCgroup and the poll loop) is attached once, not twice.
 	addMu sync.Mutex
 	// hookMu: the command tracer's hooks hold it (read) while they use
 	// the session; Close takes it once so none runs past it.
 	hookMu sync.RWMutex
 
-	mu      sync.Mutex
-	procs   map[int]*target
-	frozen  *heap.Snapshot // state of targets that exited
-	objects map[procmaps.FileID]*attach.Object
-	errs    []string
+	// exitMu is held for the whole handling of a target's exit (exit) and
+	// while the state is read for a profile, so a profile sees every target
+	// either live or kept, never neither nor both.
+	exitMu sync.Mutex
+	exits  chan struct{} // signalled after each exit handled
+	wake   chan struct{} // wakes the polling loop (process events)
+	watch  *procwatch.Watcher
+	// family: processes forked in followed cgroups or seen by scans lately
+	// (see famEntry).
+	family map[int]*famEntry
+	// attaching: pids being attached by addTarget, true once they exec.
+	attaching map[int]bool
+
+	mu           sync.Mutex
+	procs        map[int]*target // targets running, and skipped processes remembered
+	kept         []*keptTarget   // state of targets that went, oldest first
+	seriesRec    *SeriesRecorder // the series being recorded (nil: none)
+	exitSeq      uint64          // exits kept so far (keptTarget.seq)
+	targetCounts map[string]uint64
+	objects      map[procmaps.FileID]*attach.Object
+	errs         []string
 }
 
 type target struct {
 	pid     int
+	start   uint64 // start time (procmaps.StartTime): with pid, the identity
 	comm    string
 	cgroup  string // memory cgroup path relative to the hierarchy root
+	via     string // cgroup directory it was found through ("" for --pid, a command)
 	sym     *symbolize.Process
-	exited  bool
-	oomed   bool
 	lastMap time.Time
 	// allocator of the process, for the fragmentation verdict
 	allocator frag.Allocator
@@ -118,10 +143,13 @@ type target struct {
 	// dwarf: stacks are copied and unwound with CFI in userspace.
 	dwarf bool
 	// skipped: not profiled (no allocator memprof knows, or excluded),
-	// remembered so its cgroup's rescans do not retry it.
+	// remembered so its cgroup's rescans do not retry it while it runs.
 	skipped bool
 	// cov: how much of its live heap the recording sees (coverage.go).
 	cov coverage
+	// execed: the process replaced its program (a process event); the
+	// loop keeps the old image's state and attaches the new one.
+	execed bool
 }
 
 // Start loads the programs and attaches to the targets.
@@ -131,6 +159,9 @@ func Start(ctx context.Context, opts Options) (*Session, error) {
 	}
 	if opts.SampleRate == 0 {
 		opts.SampleRate = DefaultSampleRate
+	}
+	if opts.SampleRate > MaxSampleRate {
+		return nil, fmt.Errorf("sample rate %d bytes is above the maximum of %d (1 GiB): sampling that sparse shows nothing useful; the default is %d", opts.SampleRate, MaxSampleRate, DefaultSampleRate)
 	}
 	if opts.Poll == 0 {
 		opts.Poll = 200 * time.Millisecond
@@ -164,16 +195,23 @@ func Start(ctx context.Context, opts Options) (*Session, error) {
 		progs.Multi, progs.MultiReturn, progs.Session = nil, nil, nil
 	}
 	s := &Session{
-		opts:    opts,
-		objs:    objs,
-		att:     attach.New(progs),
-		sym:     symbolize.NewCache(symbolize.Options{}),
-		start:   time.Now(),
-		done:    make(chan struct{}),
-		procs:   map[int]*target{},
-		frozen:  &heap.Snapshot{Stacks: map[uint64][]uint64{}, Memcg: map[uint32]uint64{}},
-		objects: map[procmaps.FileID]*attach.Object{},
+		opts:         opts,
+		objs:         objs,
+		att:          attach.New(progs),
+		sym:          opts.Symbols,
+		start:        time.Now(),
+		done:         make(chan struct{}),
+		procs:        map[int]*target{},
+		targetCounts: map[string]uint64{},
+		objects:      map[procmaps.FileID]*attach.Object{},
 	}
+	if s.sym == nil {
+		s.sym = symbolize.NewCache(symbolize.Options{})
+	}
+	s.exits = make(chan struct{}, 1)
+	s.wake = make(chan struct{}, 1)
+	s.family = map[int]*famEntry{}
+	s.attaching = map[int]bool{}
 	if opts.StackMode != StackFP {
 		s.dwarf = newDwarfStacks(objs)
 		s.dwarf.mapped = s.refreshSymbols
@@ -190,8 +228,9 @@ func Start(ctx context.Context, opts Options) (*Session, error) {
 	}
 	for _, cg := range opts.Cgroups {
 		if _, err := s.scanCgroup(cg); err != nil {
-			s.Close()
-			return nil, err
+			// A process that cannot be attached is skipped and counted;
+			// the others are recorded.
+			s.recordErr(err)
 		}
 	}
 	if len(opts.Command) > 0 {
@@ -205,6 +244,12 @@ func Start(ctx context.Context, opts Options) (*Session, error) {
 			return nil, err
 		}
 		s.cmd = cmd
+	}
+	if w, err := procwatch.Open(); err == nil {
+		s.watch = w
+		go s.watchProcs()
+	} else {
+		s.recordErr(fmt.Errorf("%w: processes that live less than a polling interval (%v) are not seen, and an exec is noticed late", err, opts.Poll))
 	}
 	go s.loop(ctx)
 	return s, nil
@@ -263,16 +308,20 @@ func (s *Session) Wait(ctx context.Context, d time.Duration) (reason string) {
 		case <-timeout:
 			return "duration reached"
 		case st := <-cmdDone:
-			// The exit stop already froze the state.
-			s.freeze(s.cmd.pid, "exited", nil)
+			// The exit stop kept the state (this waits for it, or handles
+			// an exit the tracer saw no stop for).
+			s.exit(s.cmd.pid, "exited", false, nil)
 			if st.signal != 0 {
 				return fmt.Sprintf("command killed by signal %d (%s)", int(st.signal), st.signal)
 			}
 			return fmt.Sprintf("command exited with status %d", st.code)
 		case <-tick.C:
-			if s.cmd == nil && !s.Running() {
-				return "all targets exited"
-			}
+		case <-s.exits:
+		}
+		// A target leaves the running set only once its state is kept
+		// (exit), so the profile built next holds it.
+		if s.cmd == nil && !s.Running() {
+			return "all targets exited"
 		}
 	}
 }
@@ -290,11 +339,18 @@ func (s *Session) Close() {
 	}
 	s.hookMu.Lock() // let a tracer hook in progress finish; later ones see done
 	s.hookMu.Unlock()
+	// An exit being handled finishes before the event reader, maps and
+	// links go; later ones see the session closed.
+	s.exitMu.Lock()
+	defer s.exitMu.Unlock()
 	if s.oomStop != nil {
 		s.oomStop()
 	}
 	if s.dwarf != nil {
 		s.dwarf.close()
+	}
+	if s.watch != nil {
+		s.watch.Close()
 	}
 	s.att.Close()
 	s.mu.Lock()

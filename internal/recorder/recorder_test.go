@@ -418,6 +418,10 @@ func TestRecordCommandExecs(t *testing.T) {
 		if !found {
 			t.Errorf("jemalloc, preloaded by the exec'd program, was not attached")
 		}
+		// env's own blocks went with its image.
+		if n := s.TargetCounts()[execReplaced]; n != 1 {
+			t.Errorf("%d images replaced by exec counted, want 1 (env)", n)
+		}
 	})
 	truth := append([]site{{"early_alloc", 12345, 12345}}, leakyTruth...)
 	checkExact(t, p, truth)

@@ -18,6 +18,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/memprof/memprof/internal/cgroups"
+	"github.com/memprof/memprof/internal/heap"
 	"github.com/memprof/memprof/internal/procmaps"
 	"github.com/memprof/memprof/internal/series"
 	"github.com/memprof/memprof/pprofout"
@@ -41,6 +42,11 @@ type SeriesRecorder struct {
 	cost time.Duration // moving average of the time a point takes
 	stop chan struct{}
 	done chan struct{}
+
+	// exited: frames of the stacks of targets that went, named at their
+	// exit (their symbols are released then).
+	exitedMu sync.Mutex
+	exited   map[series.Key][]string
 }
 
 // RecordSeries starts sampling the session's memory: a point now, then one
@@ -48,7 +54,10 @@ type SeriesRecorder struct {
 // end it and get the series.
 func (s *Session) RecordSeries() *SeriesRecorder {
 	r := &SeriesRecorder{s: s, b: series.NewBuilder(s.start, s.opts.SampleRate, SeriesInterval, series.MaxPoints),
-		stop: make(chan struct{}), done: make(chan struct{})}
+		stop: make(chan struct{}), done: make(chan struct{}), exited: map[series.Key][]string{}}
+	s.mu.Lock()
+	s.seriesRec = r
+	s.mu.Unlock()
 	go r.loop()
 	return r
 }
@@ -87,6 +96,15 @@ func (r *SeriesRecorder) loop() {
 // point adds one point: called with r.mu held.
 func (r *SeriesRecorder) point(now time.Time) {
 	s := r.s
+	// The targets, their RSS and their live bytes are read with no exit
+	// handled in between (an exit releases a target's BPF entries before
+	// it leaves the targets: a point could see its RSS but not its heap).
+	s.exitMu.Lock()
+	defer s.exitMu.Unlock()
+	if s.closed() {
+		r.b.ReadError()
+		return
+	}
 	targets := s.Targets()
 	// /proc and the cgroups first: they are read closest to now (the
 	// maps take longer).
@@ -189,19 +207,49 @@ func (r *SeriesRecorder) Stop() (*series.Series, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	return r.b.Finish(func(k series.Key) []string {
-		t := procs[int(k.Pid)]
-		addrs := snap.Stacks[k.StackID]
-		if len(addrs) == 0 || t == nil || t.sym == nil {
-			return []string{"[stack unavailable]"}
+		r.exitedMu.Lock()
+		f, ok := r.exited[k]
+		r.exitedMu.Unlock()
+		if ok {
+			return f
 		}
-		locs := t.sym.Locate(addrs)
-		if len(locs) == 0 {
-			return []string{"[stack unavailable]"}
-		}
-		f := pprofout.Frames(locs)
-		if snap.Truncated[k.StackID] {
-			f = append(f, "[truncated]")
-		}
-		return f
+		return stackFrames(snap, procs[int(k.Pid)], k.StackID)
 	}), nil
+}
+
+// stackFrames names the frames of stack id of snap with t's symbols.
+func stackFrames(snap *heap.Snapshot, t *target, id uint64) []string {
+	addrs := snap.Stacks[id]
+	if len(addrs) == 0 || t == nil || t.sym == nil {
+		return []string{"[stack unavailable]"}
+	}
+	locs := t.sym.Locate(addrs)
+	if len(locs) == 0 {
+		return []string{"[stack unavailable]"}
+	}
+	f := pprofout.Frames(locs)
+	if snap.Truncated[id] {
+		f = append(f, "[truncated]")
+	}
+	return f
+}
+
+// nameExited names the stacks of t, read at its exit in snap, while its
+// symbols are still open (Stop names the others).
+func (r *SeriesRecorder) nameExited(snap *heap.Snapshot, t *target) {
+	names := map[series.Key][]string{}
+	for _, b := range snap.Buckets {
+		if int(b.Pid) != t.pid {
+			continue
+		}
+		k := series.Key{Pid: b.Pid, StackID: b.StackID}
+		if _, ok := names[k]; !ok {
+			names[k] = stackFrames(snap, t, b.StackID)
+		}
+	}
+	r.exitedMu.Lock()
+	defer r.exitedMu.Unlock()
+	for k, f := range names {
+		r.exited[k] = f
+	}
 }

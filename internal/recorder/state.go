@@ -3,6 +3,7 @@
 package recorder
 
 import (
+	"errors"
 	"fmt"
 	"sort"
 	"strconv"
@@ -14,14 +15,14 @@ import (
 	"github.com/memprof/memprof/pprofout"
 )
 
-// readState reads the sampled state of the processes keep selects, with
-// copied stacks resolved.
-func (s *Session) readState(keep func(uint32) bool) (*heap.Snapshot, error) {
-	return s.read(keep, heap.Read)
-}
-
-func (s *Session) read(keep func(uint32) bool, read func(heap.Maps, func(uint32) bool) (*heap.Snapshot, error)) (*heap.Snapshot, error) {
-	if s.events != nil {
+// read reads the sampled state of the processes keep selects, with copied
+// stacks resolved. drain waits (up to a second) for the event reader to
+// consume the stack copies in flight first.
+func (s *Session) read(keep func(uint32) bool, read func(heap.Maps, func(uint32) bool) (*heap.Snapshot, error), drain bool) (*heap.Snapshot, error) {
+	if s.closed() {
+		return nil, errors.New("the recording session is closed")
+	}
+	if s.events != nil && drain {
 		// Let the event reader consume pending stack copies first.
 		for i := 0; i < 100 && s.events.AvailableBytes() > 0; i++ {
 			time.Sleep(10 * time.Millisecond)
@@ -40,55 +41,82 @@ func (s *Session) read(keep func(uint32) bool, read func(heap.Maps, func(uint32)
 // Counters returns the BPF side's counters.
 func (s *Session) Counters() (bpfload.Counters, error) { return s.objs.ReadCounters() }
 
-// Snapshot reads the sampled state of all targets now, including the frozen
-// state of the ones that exited.
+// Snapshot reads the sampled state of the running targets now, after
+// handling the exits not noticed yet (the state of targets that went is
+// kept symbolized, in the profiles).
 func (s *Session) Snapshot() (*heap.Snapshot, error) {
-	s.mu.Lock()
-	live := map[uint32]bool{}
-	for pid, t := range s.procs {
-		if !t.exited {
-			live[uint32(pid)] = true
-		}
-	}
-	s.mu.Unlock()
-	snap, err := s.readState(func(p uint32) bool { return live[p] })
-	if err != nil {
-		return nil, err
-	}
-	s.mu.Lock()
-	snap.Merge(s.frozen)
-	s.mu.Unlock()
-	return snap, nil
+	s.settle()
+	s.exitMu.Lock()
+	defer s.exitMu.Unlock()
+	snap, _, err := s.readRunning(nil)
+	return snap, err
 }
 
-// Profile builds the heap profile of everything recorded so far.
-func (s *Session) Profile() (*pprofout.Profile, error) {
-	marks := s.goneMarks()
-	snap, err := s.Snapshot()
-	if err != nil {
-		return nil, err
-	}
-	p, err := s.profileOf(snap, nil)
-	s.releaseSymbols(snap, marks)
-	return p, err
-}
-
-// profileOf turns a snapshot into a profile; only selects processes (nil: all).
-func (s *Session) profileOf(snap *heap.Snapshot, only func(pid uint32) bool) (*pprofout.Profile, error) {
-	p := &pprofout.Profile{
-		SampleRate: s.opts.SampleRate,
-		Start:      s.start,
-		Duration:   time.Since(s.start),
-	}
-	unknown := &pprofout.Location{Lines: []pprofout.Line{{Function: "[stack unavailable]"}}}
-	truncated := &pprofout.Location{Lines: []pprofout.Line{{Function: "[truncated]"}}}
-	pending := &pprofout.Location{Lines: []pprofout.Line{{Function: "[table pending]"}}}
+// readRunning reads the state of the running targets only selects (nil:
+// all); the caller holds exitMu.
+func (s *Session) readRunning(only func(uint32) bool) (*heap.Snapshot, map[int]*target, error) {
 	s.mu.Lock()
 	procs := map[int]*target{}
 	for pid, t := range s.procs {
-		procs[pid] = t
+		if !t.skipped && (only == nil || only(uint32(pid))) {
+			procs[pid] = t
+		}
 	}
 	s.mu.Unlock()
+	snap, err := s.read(func(p uint32) bool { return procs[int(p)] != nil }, heap.Read, true)
+	return snap, procs, err
+}
+
+// Profile builds the heap profile of everything recorded so far: the
+// running targets as they are now, the ones that went as they were then.
+func (s *Session) Profile() (*pprofout.Profile, error) {
+	p, _, err := s.profile(nil, nil)
+	return p, err
+}
+
+// profile builds a profile of the running targets onlyLive selects and the
+// kept targets onlyKept selects (nil: all). Exits not noticed yet are
+// handled first, so every target that went is in it. mark is the exit
+// mark of the last kept target included.
+func (s *Session) profile(onlyLive func(uint32) bool, onlyKept func(*keptTarget) bool) (p *pprofout.Profile, mark uint64, err error) {
+	s.settle()
+	s.exitMu.Lock()
+	marks := s.goneMarks()
+	snap, procs, err := s.readRunning(onlyLive)
+	if err != nil {
+		s.exitMu.Unlock()
+		return nil, 0, err
+	}
+	smps := s.samples(snap, procs, nil)
+	kept, mark := s.keptSamples(onlyKept)
+	if onlyLive == nil {
+		// Only a snapshot of every target can tell that no sample refers
+		// to an unloaded mapping any more.
+		s.releaseSymbols(snap, marks)
+	}
+	// Name the objects memprof could not read (broken, hostile or over a
+	// limit of package targetfs): their frames carry no function names.
+	for pid, t := range procs {
+		if t.sym == nil {
+			continue
+		}
+		for _, e := range t.sym.Errors() {
+			s.recordErr(fmt.Errorf("process %d: %w", pid, e))
+		}
+	}
+	s.exitMu.Unlock()
+	p = s.newProfile()
+	p.Samples = append(smps, kept...)
+	return p, mark, nil
+}
+
+// samples turns a snapshot into profile samples, symbolized with the
+// targets in procs; only selects processes (nil: all).
+func (s *Session) samples(snap *heap.Snapshot, procs map[int]*target, only func(pid uint32) bool) []pprofout.Sample {
+	unknown := &pprofout.Location{Lines: []pprofout.Line{{Function: "[stack unavailable]"}}}
+	truncated := &pprofout.Location{Lines: []pprofout.Line{{Function: "[truncated]"}}}
+	pending := &pprofout.Location{Lines: []pprofout.Line{{Function: "[table pending]"}}}
+	var out []pprofout.Sample
 	for _, b := range snap.Buckets {
 		if only != nil && !only(b.Pid) {
 			continue
@@ -112,7 +140,7 @@ func (s *Session) profileOf(snap *heap.Snapshot, only func(pid uint32) bool) (*p
 				labels["cgroup"] = t.cgroup
 			}
 		}
-		p.Samples = append(p.Samples, pprofout.Sample{
+		out = append(out, pprofout.Sample{
 			Stack:      stack,
 			Size:       b.Size,
 			AllocCount: b.AllocCount,
@@ -120,20 +148,23 @@ func (s *Session) profileOf(snap *heap.Snapshot, only func(pid uint32) bool) (*p
 			Labels:     labels,
 		})
 	}
-	// Name the objects memprof could not read (broken, hostile or over a
-	// limit of package targetfs): their frames carry no function names.
-	for pid, t := range procs {
-		if t.sym == nil || (only != nil && !only(uint32(pid))) {
-			continue
-		}
-		for _, e := range t.sym.Errors() {
-			s.recordErr(fmt.Errorf("process %d: %w", pid, e))
-		}
+	return out
+}
+
+// newProfile is an empty profile of the session with its comments:
+// counters and losses, targets skipped or lost, unwinding and symbol
+// statistics, errors.
+func (s *Session) newProfile() *pprofout.Profile {
+	p := &pprofout.Profile{
+		SampleRate: s.opts.SampleRate,
+		Start:      s.start,
+		Duration:   time.Since(s.start),
 	}
 	c, err := s.objs.ReadCounters()
 	if err == nil {
 		p.Comments = append(p.Comments, countersComments(c)...)
 	}
+	p.Comments = append(p.Comments, targetComments(s.TargetCounts(), s.Exited())...)
 	if panicked, timedOut := targetfs.Failures(); panicked+timedOut > 0 {
 		p.Comments = append(p.Comments, pprofout.MetaComment("objects_skipped_panic", strconv.FormatInt(panicked, 10)),
 			pprofout.MetaComment("objects_skipped_deadline", strconv.FormatInt(timedOut, 10)))
@@ -154,6 +185,12 @@ func (s *Session) profileOf(snap *heap.Snapshot, only func(pid uint32) bool) (*p
 	}
 	var gone int
 	var dropped uint64
+	s.mu.Lock()
+	procs := make([]*target, 0, len(s.procs))
+	for _, t := range s.procs {
+		procs = append(procs, t)
+	}
+	s.mu.Unlock()
 	for _, t := range procs {
 		if t.sym != nil {
 			g, d := t.sym.Retained()
@@ -173,7 +210,26 @@ func (s *Session) profileOf(snap *heap.Snapshot, only func(pid uint32) bool) (*p
 		p.Comments = append(p.Comments, "memprof error: "+e)
 	}
 	s.mu.Unlock()
-	return p, nil
+	return p
+}
+
+func countersComments(c bpfload.Counters) []string {
+	out := []string{
+		pprofout.MetaComment("calls", strconv.FormatUint(c.Calls, 10)),
+		pprofout.MetaComment("frees", strconv.FormatUint(c.Frees, 10)),
+		pprofout.MetaComment("samples", strconv.FormatUint(c.Samples, 10)),
+		pprofout.MetaComment("nested_calls", strconv.FormatUint(c.Nested, 10)),
+	}
+	lost := c.Lost()
+	keys := make([]string, 0, len(lost))
+	for k := range lost {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	for _, k := range keys {
+		out = append(out, pprofout.MetaComment("lost_"+k, strconv.FormatUint(lost[k], 10)))
+	}
+	return out
 }
 
 // goneMarks takes each target symbolizer's GoneMark, before a Snapshot:
@@ -233,42 +289,18 @@ func (s *Session) releaseSymbols(snap *heap.Snapshot, marks map[int]uint64) {
 	}
 }
 
-func countersComments(c bpfload.Counters) []string {
-	out := []string{
-		pprofout.MetaComment("calls", strconv.FormatUint(c.Calls, 10)),
-		pprofout.MetaComment("frees", strconv.FormatUint(c.Frees, 10)),
-		pprofout.MetaComment("samples", strconv.FormatUint(c.Samples, 10)),
-		pprofout.MetaComment("nested_calls", strconv.FormatUint(c.Nested, 10)),
-	}
-	lost := c.Lost()
-	keys := make([]string, 0, len(lost))
-	for k := range lost {
-		keys = append(keys, k)
-	}
-	sort.Strings(keys)
-	for _, k := range keys {
-		out = append(out, pprofout.MetaComment("lost_"+k, strconv.FormatUint(lost[k], 10)))
-	}
-	return out
-}
-
 // ProcCalls returns the allocator calls counted per target process.
 func (s *Session) ProcCalls() (map[uint32]uint64, error) { return s.objs.ProcCalls() }
 
-// ProfileFor builds the profile of the processes only selects, from the
-// current state (including kept state of exited ones).
+// ProfileFor builds the profile of the running processes only selects, as
+// they are now (the state of targets that went is in ProfileOfCgroups and
+// Profile).
 func (s *Session) ProfileFor(only func(pid uint32) bool) (*pprofout.Profile, error) {
-	marks := s.goneMarks()
-	snap, err := s.Snapshot()
-	if err != nil {
-		return nil, err
-	}
-	p, err := s.profileOf(snap, only)
-	s.releaseSymbols(snap, marks)
+	p, _, err := s.profile(only, func(*keptTarget) bool { return false })
 	return p, err
 }
 
-// Attacher exposes probe statistics (links in place).
+// Links is the number of probe links in place.
 func (s *Session) Links() int { return s.att.Links() }
 
 // PruneInterval is how often a long-running session (DropExited) drops the
@@ -302,5 +334,5 @@ func (s *Session) MapStats() []bpfload.MapStat { return s.objs.MapStats() }
 // Snapshot when the maps are full.
 func (s *Session) Counts() (*heap.Snapshot, error) {
 	live := s.Targets()
-	return s.read(func(p uint32) bool { _, ok := live[int(p)]; return ok }, heap.ReadCounts)
+	return s.read(func(p uint32) bool { _, ok := live[int(p)]; return ok }, heap.ReadCounts, true)
 }

@@ -17,7 +17,6 @@ import (
 	"github.com/memprof/memprof/internal/attach"
 	"github.com/memprof/memprof/internal/cgroups"
 	"github.com/memprof/memprof/internal/frag"
-	"github.com/memprof/memprof/internal/heap"
 	"github.com/memprof/memprof/internal/procmaps"
 )
 
@@ -42,61 +41,47 @@ func (s *Session) noteObjects(objs []*attach.Object) {
 }
 
 // attachCommand runs with the command stopped at exec (the first one, or a
-// later exec of another program by a process of the command's tree).
+// later exec of another program by a process of the command's tree: the
+// old program's state is kept with no live blocks, and the new one is
+// attached as a new target before it runs).
 func (s *Session) attachCommand(pid int, libs []string, reexec bool) error {
 	if !s.enterHook() {
 		return nil
 	}
 	defer s.hookMu.RUnlock()
+	if reexec {
+		s.replaceImage(pid, false)
+	}
 	objs, err := s.att.Files(pid, libs)
+	if err == nil && len(objs) == 0 {
+		switch {
+		case strippedStatic(libs[0]):
+			err = fmt.Errorf("command %s: %w: %s is a static executable without a symbol table (stripped), so its malloc cannot be found; build it without stripping (no -s, no strip), or link it dynamically", s.opts.Command[0], attach.ErrNoAllocator, libs[0])
+		case reexec:
+			err = fmt.Errorf("command %s: %w among the libraries it loads (%v)", libs[0], attach.ErrNoAllocator, libs)
+		default:
+			s.opts.Notify(fmt.Sprintf("%s maps no allocator memprof knows (%v); following it and its children in case they run a program that does", libs[0], libs))
+		}
+	}
 	if err != nil {
 		if reexec {
+			cause := skipAttachFailed
+			if errors.Is(err, attach.ErrNoAllocator) {
+				cause = skipNoAllocator
+			}
+			s.countTarget(cause)
 			s.recordErr(fmt.Errorf("attach after exec of process %d: %w", pid, err))
+			s.opts.Notify(fmt.Sprintf("process %d now runs %s: not profiled: %v", pid, libs[0], err))
 			return nil
 		}
 		return err
 	}
-	if reexec {
-		s.noteObjects(objs)
-		// Every block of the old program died with it (a forked child
-		// also held copies of its parent's).
-		heap.DropLive(heap.FromObjects(&s.objs.MemprofObjects), uint32(pid))
-		s.mu.Lock()
-		t := s.procs[pid]
-		s.mu.Unlock()
-		if t != nil {
-			t.comm = procmaps.Comm(pid)
-			if a := allocatorOf(objs); a != frag.Unknown {
-				t.allocator = a
-			}
-			t.cov = fullCoverage(pid, "recorded from its exec of "+libs[0])
-			t.cov.traced = true
-			if t.sym != nil {
-				t.sym.Refresh()
-			}
-			if t.dwarf {
-				s.dwarf.refresh(pid)
-			} else {
-				s.setupStacks(t, hostObjects(libs))
-			}
-			s.opts.Notify(fmt.Sprintf("process %d now runs %s", pid, libs[0]))
-			return nil
-		}
-		s.opts.Notify(fmt.Sprintf("process %d runs %s", pid, libs[0]))
-	}
-	if len(objs) == 0 {
-		if strippedStatic(libs[0]) {
-			return fmt.Errorf("command %s: %w: %s is a static executable without a symbol table (stripped), so its malloc cannot be found; build it without stripping (no -s, no strip), or link it dynamically", s.opts.Command[0], attach.ErrNoAllocator, libs[0])
-		}
-		if !reexec {
-			s.opts.Notify(fmt.Sprintf("%s maps no allocator memprof knows (%v); following it and its children in case they run a program that does", libs[0], libs))
-		}
-	}
-	if s.opts.AtExec != nil {
+	if s.opts.AtExec != nil && !reexec {
 		s.opts.AtExec(pid)
 	}
 	s.noteObjects(objs)
 	t := &target{pid: pid, comm: procmaps.Comm(pid), cgroup: memoryCgroup(pid), allocator: allocatorOf(objs)}
+	t.start, _ = procmaps.StartTime(pid)
 	t.cov = fullCoverage(pid, "started by memprof")
 	if reexec {
 		t.cov.how = "recorded from its exec of " + libs[0]
@@ -109,6 +94,9 @@ func (s *Session) attachCommand(pid int, libs []string, reexec bool) error {
 	s.mu.Lock()
 	s.procs[pid] = t
 	s.mu.Unlock()
+	if reexec {
+		s.opts.Notify(fmt.Sprintf("process %d now runs %s", pid, libs[0]))
+	}
 	return nil
 }
 
@@ -138,35 +126,64 @@ func (s *Session) commandExiting(pid int) {
 			}
 		}
 	}
-	s.freeze(pid, "exited", nil)
+	s.exit(pid, "exited", false, nil)
 }
 
-func (s *Session) addPid(pid int) error {
-	_, err := s.attachPid(pid)
+func (s *Session) addPid(pid int) error { return s.addTarget(pid, "") }
+
+// addTarget attaches to pid, found through the cgroup directory via ("" if
+// named by pid).
+func (s *Session) addTarget(pid int, via string) error {
+	_, err := s.attachTarget(pid, via)
 	return err
 }
 
-// attachPid is addPid telling whether it attached now (false: the process
-// was a target already, or an error).
-func (s *Session) attachPid(pid int) (bool, error) {
+// attachTarget is addTarget telling whether it attached now (false: the
+// process was known already, or an error). addMu serializes it, so a
+// process found by two scans at once is attached once.
+func (s *Session) attachTarget(pid int, via string) (added bool, err error) {
 	s.addMu.Lock()
 	defer s.addMu.Unlock()
 	s.mu.Lock()
 	_, known := s.procs[pid]
+	if !known {
+		s.attaching[pid] = false // set by an exec event during the attach
+	}
 	s.mu.Unlock()
 	if known {
 		return false, nil
 	}
+	defer func() {
+		s.mu.Lock()
+		execed := s.attaching[pid]
+		delete(s.attaching, pid)
+		t := s.procs[pid]
+		s.mu.Unlock()
+		switch {
+		case execed && err != nil:
+			// The maps read were perhaps the old program's: the new one
+			// is retried by the next scan.
+			err = fmt.Errorf("%w (it execed a new program meanwhile: retried)", errExecedDuringAttach)
+		case execed && t != nil:
+			s.refreshTarget(t) // attach the new program's allocators
+			sig := execSignature(pid)
+			s.mu.Lock()
+			t.cov.execSig = sig // the exec is handled: not one for the polling
+			s.mu.Unlock()
+		}
+	}()
+	start, _ := procmaps.StartTime(pid)
 	if s.dwarf != nil {
 		s.dwarf.prepare(pid) // cfi mode: its unwind tables built before its probes fire
 	}
 	objs, err := s.att.Process(pid)
 	if err != nil {
+		s.att.Detach(pid) // what was attached before the error
 		s.dropStacks(pid)
 		return false, err
 	}
 	s.noteObjects(objs)
-	t := &target{pid: pid, comm: procmaps.Comm(pid), cgroup: memoryCgroup(pid), lastMap: time.Now()}
+	t := &target{pid: pid, start: start, via: via, comm: procmaps.Comm(pid), cgroup: memoryCgroup(pid), lastMap: time.Now()}
 	t.allocator, _ = frag.DetectAllocator(pid, nil)
 	if t.allocator == frag.Unknown || t.allocator == frag.Glibc {
 		if a := allocatorOf(objs); a != frag.Unknown {
@@ -228,32 +245,79 @@ func (s *Session) dropStacks(pid int) {
 	s.objs.DwarfProcs.Delete(uint32(pid))
 }
 
-// scanCgroup adds the processes of a cgroup not seen yet.
+// scanCgroup adds the processes of a cgroup not seen yet. A pid known
+// under another start time was reused: the old process's exit is handled
+// and the new one attached. A process that cannot be profiled is skipped,
+// counted by cause and remembered (so it is not retried) while it runs;
+// the first error that is neither is returned after the scan.
 func (s *Session) scanCgroup(dir string) (int, error) {
 	pids, err := cgroups.Procs(dir, true)
 	if err != nil {
 		return 0, fmt.Errorf("list processes of cgroup %s: %w", dir, err)
 	}
 	n := 0
+	var firstErr error
 	for _, pid := range pids {
 		s.mu.Lock()
-		_, known := s.procs[pid]
+		t := s.procs[pid]
 		s.mu.Unlock()
-		if known {
-			continue
-		}
-		added, err := s.attachPid(pid)
-		if err != nil {
-			if errors.Is(err, attach.ErrNoAllocator) || !procmaps.Alive(pid) {
-				// Not profilable (e.g. a Go program) or gone already:
-				// remember it so it is not retried, and say so once.
-				s.mu.Lock()
-				s.procs[pid] = &target{pid: pid, comm: procmaps.Comm(pid), exited: true, skipped: true}
-				s.mu.Unlock()
-				s.opts.Notify(fmt.Sprintf("skipping process %d: %v", pid, err))
+		if t != nil {
+			if alive(t) {
 				continue
 			}
-			return n, err
+			// Gone, and the pid perhaps reused already.
+			if t.skipped {
+				s.mu.Lock()
+				if s.procs[pid] == t {
+					delete(s.procs, pid)
+				}
+				s.mu.Unlock()
+			} else {
+				s.exit(pid, "exited", false, nil)
+			}
+			// Listed while exiting, or its pid reused already: attach only
+			// another process running under that pid.
+			if start, running := procmaps.StartTime(pid); !running || start == t.start {
+				continue
+			}
+		}
+		counted := s.seen(pid)
+		start, running := procmaps.StartTime(pid)
+		if !running {
+			if !counted {
+				s.countTarget(skipGoneAtAttach)
+			}
+			continue
+		}
+		added, err := s.attachTarget(pid, dir)
+		if err != nil {
+			if errors.Is(err, errExecedDuringAttach) {
+				continue
+			}
+			cause := skipAttachFailed
+			switch {
+			case !alive(&target{pid: pid, start: start}) || exiting(pid):
+				cause = skipGoneAtAttach
+			case errors.Is(err, attach.ErrNoAllocator):
+				cause = skipNoAllocator
+			}
+			if cause == skipGoneAtAttach {
+				if !counted {
+					s.countTarget(cause)
+				}
+				continue
+			}
+			s.countTarget(cause)
+			// Not profilable (e.g. a Go program) or failing: remember it so
+			// it is not retried while it runs, and say so once.
+			s.mu.Lock()
+			s.procs[pid] = &target{pid: pid, start: start, comm: procmaps.Comm(pid), skipped: true}
+			s.mu.Unlock()
+			s.opts.Notify(fmt.Sprintf("skipping process %d: %v", pid, err))
+			if cause == skipAttachFailed && firstErr == nil {
+				firstErr = fmt.Errorf("attach to process %d in %s: %w", pid, dir, err)
+			}
+			continue
 		}
 		if !added {
 			continue // another scan attached it meanwhile
@@ -261,7 +325,7 @@ func (s *Session) scanCgroup(dir string) (int, error) {
 		n++
 		s.opts.Notify(fmt.Sprintf("attached to process %d (%s) in %s", pid, procmaps.Comm(pid), dir))
 	}
-	return n, nil
+	return n, firstErr
 }
 
 func (s *Session) loop(ctx context.Context) {
@@ -274,17 +338,17 @@ func (s *Session) loop(ctx context.Context) {
 		case <-s.done:
 			return
 		case <-tick.C:
+		case <-s.wake:
 		}
 		for _, cg := range s.Cgroups() {
 			if _, err := s.scanCgroup(cg); err != nil {
 				s.recordErr(err)
 			}
 		}
-		if s.opts.DropExited {
-			s.forgetSkipped()
-			if time.Since(s.lastPrune) > PruneInterval {
-				s.pruneStacks()
-			}
+		s.endScan()
+		s.forgetSkipped()
+		if s.opts.DropExited && time.Since(s.lastPrune) > PruneInterval {
+			s.pruneStacks()
 		}
 		live := s.liveTargets()
 		s.watchCalls(live)
@@ -299,41 +363,37 @@ func (s *Session) loop(ctx context.Context) {
 				}
 				continue // the tracer sees its exit
 			}
-			if !procmaps.Alive(t.pid) {
-				s.freeze(t.pid, "exited", nil)
+			if !alive(t) {
+				s.exit(t.pid, "exited", false, nil)
 				continue
 			}
-			// An exec, seen by polling (every tick: the new program's
-			// own allocator, e.g. a container's libc after runc's init,
-			// is attached without waiting for the periodic rescan).
-			execd := false
-			if sig := execSignature(t.pid); t.cov.execSig != "" && sig != "" && sig != t.cov.execSig {
-				execd = true
-				t.cov.execSig = sig
-				t.comm = procmaps.Comm(t.pid)
-				if a, _ := frag.DetectAllocator(t.pid, nil); a != frag.Unknown {
-					t.allocator = a
+			s.mu.Lock()
+			execed, sig0 := t.execed, t.cov.execSig
+			s.mu.Unlock()
+			if sig0 != "" {
+				// The program's signature confirms an exec event (one for
+				// an exec before the attach may arrive after it) and, with
+				// no process events (or some lost), finds an exec itself.
+				// An exiting process has no exe link and no code left
+				// (startcode 0): that is no exec.
+				sig := execSignature(t.pid)
+				exe, code, _ := strings.Cut(sig, "@")
+				switch {
+				case sig == sig0 && execed:
+					s.mu.Lock()
+					t.execed = false
+					s.mu.Unlock()
+					execed = false
+				case !execed:
+					execed = exe != "" && code != "" && code != "0" && sig != sig0 && !exiting(t.pid) && alive(t)
 				}
-				exe, _, _ := strings.Cut(sig, "@")
-				t.cov.how += "; it exec'd " + exe + " since"
-				s.opts.Notify(fmt.Sprintf("process %d exec'd %s: following the new program", t.pid, t.comm))
 			}
-			if execd || time.Since(t.lastMap) > time.Second {
-				// Pick up allocators loaded with dlopen (or by the new
-				// program: the probes of libraries it maps again stay
-				// in place) and new mappings for symbolization.
-				if objs, err := s.att.Process(t.pid); err == nil {
-					s.noteObjects(objs)
-				}
-				if t.sym != nil {
-					t.sym.Refresh()
-				}
-				if t.dwarf {
-					s.dwarf.refresh(t.pid)
-				} else {
-					s.setupStacks(t, nil) // a library without frame pointers loaded since?
-				}
-				t.lastMap = time.Now()
+			if execed {
+				s.replaceImage(t.pid, true)
+				continue
+			}
+			if time.Since(t.lastMap) > time.Second {
+				s.refreshTarget(t)
 			}
 		}
 	}
@@ -347,62 +407,39 @@ func (s *Session) refreshSymbols(pid int) {
 	t := s.procs[pid]
 	s.mu.Unlock()
 	if t != nil && t.sym != nil {
-		t.sym.Refresh()
+		_ = t.sym.Refresh() // its errors are named in the profile (Errors)
 	}
 }
 
+// refreshTarget picks up allocators loaded since the attach (dlopen, or an
+// exec during it) and new mappings for symbols and unwinding.
+func (s *Session) refreshTarget(t *target) {
+	if objs, err := s.att.Process(t.pid); err == nil {
+		s.noteObjects(objs)
+	}
+	if t.sym != nil {
+		t.sym.Refresh()
+	}
+	if t.dwarf {
+		s.dwarf.refresh(t.pid)
+	} else {
+		s.setupStacks(t, nil) // a library without frame pointers loaded since?
+	}
+	t.lastMap = time.Now()
+}
+
+// liveTargets lists the targets whose exit has not been handled.
 func (s *Session) liveTargets() []*target {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	var out []*target
 	for _, t := range s.procs {
-		if !t.exited {
+		if !t.skipped {
 			out = append(out, t)
 		}
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].pid < out[j].pid })
 	return out
-}
-
-// freeze keeps the sampled state of a target that is gone (its blocks as
-// they were at exit), detaches it and reclaims its BPF map entries.
-// use, if set, gets the state read at that moment while the target (and
-// its symbols) is still known, before DropExited forgets it.
-func (s *Session) freeze(pid int, why string, use func(*heap.Snapshot)) {
-	s.mu.Lock()
-	t := s.procs[pid]
-	if t == nil || t.exited {
-		s.mu.Unlock()
-		return
-	}
-	t.exited = true
-	s.mu.Unlock()
-	snap, err := s.readState(func(p uint32) bool { return p == uint32(pid) })
-	if err != nil {
-		s.recordErr(fmt.Errorf("read state of exited process %d: %w", pid, err))
-	} else if use != nil {
-		use(snap)
-	}
-	if err == nil && !s.opts.DropExited {
-		s.mu.Lock()
-		s.frozen.Merge(snap)
-		s.mu.Unlock()
-	}
-	s.att.Detach(pid)
-	heap.Forget(heap.FromObjects(&s.objs.MemprofObjects), uint32(pid))
-	s.objs.ForgetProc(uint32(pid))
-	s.dropStacks(pid)
-	if s.opts.DropExited {
-		s.mu.Lock()
-		delete(s.procs, pid)
-		s.mu.Unlock()
-		if t.sym != nil {
-			t.sym.Close()
-		}
-		s.opts.Notify(fmt.Sprintf("process %d (%s) %s", pid, t.comm, why))
-		return
-	}
-	s.opts.Notify(fmt.Sprintf("process %d (%s) %s; its heap as it stood then is kept in the profile", pid, t.comm, why))
 }
 
 // Running reports whether any target is still alive (or, in cgroup mode,
@@ -419,13 +456,13 @@ func (s *Session) Running() bool {
 	return len(s.liveTargets()) > 0
 }
 
-// Targets lists the pids seen (alive or not) with their command names.
+// Targets lists the targets attached now (pid: command name).
 func (s *Session) Targets() map[int]string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	out := map[int]string{}
 	for pid, t := range s.procs {
-		if !t.exited {
+		if !t.skipped {
 			out[pid] = t.comm
 		}
 	}
@@ -437,8 +474,10 @@ func (s *Session) Targets() map[int]string {
 // budget.
 func (s *Session) Exclude(pid int, why string) {
 	s.Forget(pid)
+	start, _ := procmaps.StartTime(pid)
 	s.mu.Lock()
-	s.procs[pid] = &target{pid: pid, comm: procmaps.Comm(pid), exited: true, skipped: true}
+	s.procs[pid] = &target{pid: pid, start: start, comm: procmaps.Comm(pid), skipped: true}
+	s.targetCounts[skipExcluded]++
 	s.mu.Unlock()
 	s.opts.Notify(fmt.Sprintf("process %d detached: %s", pid, why))
 }
@@ -455,9 +494,12 @@ func (s *Session) forgetSkipped() {
 	}
 	s.mu.Unlock()
 	for _, pid := range skipped {
-		if !procmaps.Alive(pid) {
+		s.mu.Lock()
+		t := s.procs[pid]
+		s.mu.Unlock()
+		if t != nil && !alive(t) {
 			s.mu.Lock()
-			if t := s.procs[pid]; t != nil && t.skipped {
+			if s.procs[pid] == t {
 				delete(s.procs, pid)
 			}
 			s.mu.Unlock()
@@ -544,6 +586,7 @@ func (s *Session) RemoveCgroup(dir string, pids []int) {
 	for _, pid := range pids {
 		s.Forget(pid)
 	}
+	s.ReleaseExited(dir, 0)
 }
 
 // AddPid starts profiling one more process.
@@ -552,15 +595,17 @@ func (s *Session) AddPid(pid int) error { return s.addPid(pid) }
 // Forget detaches from a process and drops its state (the agent's budget
 // uses it to drop a target that costs too much).
 func (s *Session) Forget(pid int) {
+	s.exitMu.Lock()
+	defer s.exitMu.Unlock()
+	if s.closed() {
+		return
+	}
 	s.mu.Lock()
 	t := s.procs[pid]
 	delete(s.procs, pid)
 	s.mu.Unlock()
-	s.att.Detach(pid)
-	heap.Forget(heap.FromObjects(&s.objs.MemprofObjects), uint32(pid))
-	s.objs.ForgetProc(uint32(pid))
-	s.dropStacks(pid)
-	if t != nil && t.sym != nil {
-		t.sym.Close()
+	if t == nil {
+		t = &target{pid: pid}
 	}
+	s.release(t)
 }
