@@ -473,6 +473,10 @@ func (s *Session) Targets() map[int]string {
 // attached again (through its cgroup) while it lives: the agent's overhead
 // budget.
 func (s *Session) Exclude(pid int, why string) {
+	// No scan may attach pid again between its removal and the marker
+	// (attachTarget holds addMu; lock order: addMu, then exitMu).
+	s.addMu.Lock()
+	defer s.addMu.Unlock()
 	s.Forget(pid)
 	start, _ := procmaps.StartTime(pid)
 	s.mu.Lock()
