@@ -8,7 +8,7 @@ APT_PKGS  := clang llvm libbpf-dev bpftool gcc g++ libc6-dev libc6-dbg binutils 
              prometheus util-linux mount
 DEMO_DIR  := bin/demo
 
-.PHONY: all build generate check-generated vmlinux deps test bench demo clean image
+.PHONY: all build generate check-generated vmlinux deps test bench bench-agent demo clean image
 
 all: build
 
@@ -56,6 +56,11 @@ test:
 # memprof at the default rate and at rate 1, glibc and jemalloc, side by side.
 bench:
 	$(GO) test -count=1 -run '^$$' -bench . -benchtime=1x -timeout 30m ./internal/bench/
+
+# The node agent's own CPU (% of a core), RSS and time to profile a new
+# container, with 25, 100 and 200 kubelet-style pods (internal/bench/agentbench).
+bench-agent:
+	$(GO) test -count=1 -run '^$$' -bench Agent -benchtime=1x -timeout 30m ./internal/bench/agentbench/
 
 # Build memprof and a leaky example, record it, print the top stacks.
 demo: build
