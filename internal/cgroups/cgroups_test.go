@@ -146,6 +146,15 @@ func TestStatsOfKnownProcess(t *testing.T) {
 	if st.OOMKills != 0 || st.Failcnt != 0 {
 		t.Errorf("OOMKills %d Failcnt %d, want 0 and 0: 24 MiB stays far below the 64 MiB limit", st.OOMKills, st.Failcnt)
 	}
+	// AnonBytes reads the same figure from memory.stat alone (the process
+	// sleeps: it stays within a page of what ReadStats saw).
+	anon, err := AnonBytes(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d := int64(anon) - int64(st.Anon); d < -4096 || d > 4096 {
+		t.Errorf("AnonBytes = %d, ReadStats Anon = %d: want the same figure ±1 page", anon, st.Anon)
+	}
 
 	// Remove kills what is left and deletes the directory.
 	if err := Remove(dir); err != nil {
@@ -187,6 +196,25 @@ func TestNestedLimit(t *testing.T) {
 	}
 	if st.Limit != 0 || st.Ancestor != nil {
 		t.Fatalf("cgroup without limit under the root: Limit %d Ancestor %+v, want 0 and nil (the memory root has no limit)", st.Limit, st.Ancestor)
+	}
+}
+
+func TestStatField(t *testing.T) {
+	v1 := []byte("cache 4096\nrss 8192\nrss_huge 0\ntotal_cache 4096\ntotal_rss 12288\n")
+	v2 := []byte("anon 65536\nfile 0\nanon_thp 0\n")
+	for _, c := range []struct {
+		data []byte
+		key  string
+		want uint64
+		ok   bool
+	}{
+		{v1, "total_rss", 12288, true}, {v1, "rss", 8192, true}, {v1, "anon", 0, false},
+		{v2, "anon", 65536, true}, {v2, "anon_thp", 0, true}, {v2, "total_rss", 0, false},
+		{[]byte("anon x\n"), "anon", 0, false}, {[]byte("anon"), "anon", 0, false}, {nil, "anon", 0, false},
+	} {
+		if v, ok := statField(c.data, c.key); v != c.want || ok != c.ok {
+			t.Errorf("statField(%q, %s) = %d, %t; want %d, %t", c.data, c.key, v, ok, c.want, c.ok)
+		}
 	}
 }
 
