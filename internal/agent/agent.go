@@ -115,15 +115,18 @@ type Agent struct {
 	budgetHits map[labelSet]uint64 // processes detached by the budget, per container
 	budgetAll  uint64
 	lastCalls  map[uint32]uint64
-	lastTotal  uint64
-	lastTick   time.Time
-	probeRate  float64
-	probeTotal uint64
-	discErrs   uint64
-	lastDisc   error
-	pushErrs   uint64
-	pushes     uint64
-	saved      uint64
+	// the targets when the containers' process lists were last read
+	lastTargets map[int]bool
+	lastPidList time.Time
+	lastTotal   uint64
+	lastTick    time.Time
+	probeRate   float64
+	probeTotal  uint64
+	discErrs    uint64
+	lastDisc    error
+	pushErrs    uint64
+	pushes      uint64
+	saved       uint64
 }
 
 // labelSet identifies a container in metrics.
@@ -141,14 +144,13 @@ type container struct {
 	excluded map[int]bool
 
 	// collected figures
-	pids      []int
+	pids      []int // processes of the cgroup (and below) when last read
+	pidsRead  bool
 	live      float64
 	allocCum  map[uint32]float64 // per process, unsampled alloc bytes so far
 	retired   float64            // alloc bytes of processes gone
 	allocTot  float64
 	allocRate float64
-	rssAnon   float64
-	haveRSS   bool
 	procs     int
 }
 
