@@ -145,10 +145,17 @@ func Procs(dir string, recursive bool) ([]int, error) {
 	return out, nil
 }
 
-// subdirs returns dir and all directories below it, parents first.
+// subdirs returns dir and all directories below it, parents first. A
+// cgroup directory's link count is 2 plus its number of child cgroups
+// (kernfs counts them as ext4 does), so a leaf, the usual container
+// cgroup, costs one stat instead of a directory listing.
 func subdirs(dir string) []string {
 	out := []string{dir}
 	for i := 0; i < len(out); i++ {
+		var st unix.Stat_t
+		if unix.Stat(out[i], &st) == nil && st.Nlink == 2 {
+			continue
+		}
 		ents, err := os.ReadDir(out[i])
 		if err != nil {
 			continue

@@ -199,6 +199,37 @@ func TestNestedLimit(t *testing.T) {
 	}
 }
 
+// TestProcsRecursive: a process in a child cgroup is listed by the
+// recursive Procs of its parent (subdirs skips listing leaves by their
+// link count) and not by the plain one.
+func TestProcsRecursive(t *testing.T) {
+	v1 := v1Root(t)
+	bin := testprog.Build(t, "oom_leak.c")
+	parent := newCgroup(t, v1, 0)
+	child := filepath.Join(parent, "a", "b")
+	for _, d := range []string{filepath.Dir(child), child} {
+		if err := Create(d, 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	t.Cleanup(func() { Remove(child); Remove(filepath.Dir(child)) })
+	g := startGated(t, bin, "idle", fmt.Sprint(mib))
+	if err := AddProcess(child, g.Pid()); err != nil {
+		t.Fatal(err)
+	}
+	if got := subdirs(parent); !slices.Equal(got, []string{parent, filepath.Dir(child), child}) {
+		t.Errorf("subdirs(%s) = %v, want the parent, a and a/b", parent, got)
+	}
+	if pids, err := Procs(parent, true); err != nil || !slices.Equal(pids, []int{g.Pid()}) {
+		t.Errorf("Procs(parent, recursive) = %v, %v; want [%d]", pids, err, g.Pid())
+	}
+	if pids, err := Procs(parent, false); err != nil || len(pids) != 0 {
+		t.Errorf("Procs(parent) = %v, %v; want none", pids, err)
+	}
+	g.Cmd.Process.Kill()
+	g.Cmd.Wait()
+}
+
 func TestStatField(t *testing.T) {
 	v1 := []byte("cache 4096\nrss 8192\nrss_huge 0\ntotal_cache 4096\ntotal_rss 12288\n")
 	v2 := []byte("anon 65536\nfile 0\nanon_thp 0\n")
