@@ -98,7 +98,7 @@ type target struct {
 	sym     *symbolize.Process
 	exited  bool
 	oomed   bool
-	lastMap time.Time
+	mapping mapState // when its mappings are next looked at (maps.go)
 	// allocator of the process, for the fragmentation verdict
 	allocator frag.Allocator
 	// exitMem is the memory state read in the exit stop of a command.

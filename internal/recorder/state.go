@@ -83,6 +83,7 @@ func (s *Session) profileOf(snap *heap.Snapshot, only func(pid uint32) bool) (*p
 		procs[pid] = t
 	}
 	s.mu.Unlock()
+	refreshed := map[*target]bool{}
 	for _, b := range snap.Buckets {
 		if only != nil && !only(b.Pid) {
 			continue
@@ -90,6 +91,14 @@ func (s *Session) profileOf(snap *heap.Snapshot, only func(pid uint32) bool) (*p
 		t := procs[int(b.Pid)]
 		var stack []*pprofout.Location
 		if addrs, ok := snap.Stacks[b.StackID]; ok && len(addrs) > 0 && t != nil && t.sym != nil {
+			if !refreshed[t] && !t.sym.Covers(addrs) {
+				// A sample in a mapping not seen yet (the mappings are
+				// looked at rarely while they do not change): read them
+				// now, once per target and profile.
+				refreshed[t] = true
+				t.sym.Refresh()
+				s.MappingsChanged(t.pid)
+			}
 			stack = t.sym.Locate(addrs)
 		}
 		if len(stack) == 0 {

@@ -127,7 +127,7 @@ func (s *Session) attachPid(pid int) (bool, error) {
 		return false, err
 	}
 	s.noteObjects(objs)
-	t := &target{pid: pid, comm: procmaps.Comm(pid), cgroup: memoryCgroup(pid), lastMap: time.Now()}
+	t := &target{pid: pid, comm: procmaps.Comm(pid), cgroup: memoryCgroup(pid), mapping: mapState{next: time.Now().Add(mapCheckMin), gap: mapCheckMin}}
 	t.allocator, _ = frag.DetectAllocator(pid, nil)
 	sp, err := s.sym.Snapshot(pid)
 	if err != nil {
@@ -238,32 +238,14 @@ func (s *Session) loop(ctx context.Context) {
 		}
 		for _, t := range s.liveTargets() {
 			if s.cmd != nil && t.pid == s.cmd.pid {
-				if time.Since(t.lastMap) > time.Second && t.sym != nil {
-					t.sym.Refresh()
-					t.lastMap = time.Now()
-				}
+				s.checkMappings(t, true)
 				continue // the tracer sees its exit
 			}
 			if !procmaps.Alive(t.pid) {
 				s.freeze(t.pid, "exited", nil)
 				continue
 			}
-			if time.Since(t.lastMap) > time.Second {
-				// Pick up allocators loaded with dlopen and new mappings
-				// for symbolization.
-				if objs, err := s.att.Process(t.pid); err == nil {
-					s.noteObjects(objs)
-				}
-				if t.sym != nil {
-					t.sym.Refresh()
-				}
-				if t.dwarf {
-					s.dwarf.refresh(t.pid)
-				} else {
-					s.setupStacks(t, nil) // a library without frame pointers loaded since?
-				}
-				t.lastMap = time.Now()
-			}
+			s.checkMappings(t, false)
 		}
 	}
 }
