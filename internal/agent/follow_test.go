@@ -55,7 +55,7 @@ func TestAgentFollowsContainers(t *testing.T) {
 		return ok
 	})
 	lat := time.Since(time.Unix(0, joinNS))
-	t.Logf("process %d attached %s after it joined its container (discovery every 300 ms, cgroup rescan every second)", pid, lat.Round(time.Millisecond))
+	t.Logf("process %d attached %s after it joined its container (discovery every 300 ms)", pid, lat.Round(time.Millisecond))
 	// Bound: one discovery and one rescan period, attach, and slack for
 	// a loaded machine.
 	if lat > 5*time.Second {

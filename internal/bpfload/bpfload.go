@@ -37,6 +37,11 @@ type Options struct {
 	// NoSession uses entry and return uprobes even where session uprobes
 	// exist (the path of kernels before 6.13).
 	NoSession bool
+	// EventsBytes sizes the ring buffer of OOM events and stack copies
+	// (a power of two, at least a page; 0: the object's 16 MiB). Its
+	// pages are mapped twice into memprof's address space, so its RSS
+	// counts it twice.
+	EventsBytes uint32
 }
 
 // Objects are the loaded programs and maps.
@@ -107,6 +112,12 @@ func Load(opts Options) (*Objects, error) {
 	}
 	if err := spec.Variables["stack_mode"].Set(uint32(opts.StackMode)); err != nil {
 		return nil, err
+	}
+	if n := opts.EventsBytes; n != 0 {
+		if n < uint32(os.Getpagesize()) || n&(n-1) != 0 {
+			return nil, fmt.Errorf("events ring buffer of %d bytes: want a power of two of at least a page", n)
+		}
+		spec.Maps["events"].MaxEntries = n
 	}
 	feats := detect()
 	if opts.ClassicOOM {

@@ -60,6 +60,9 @@ type Options struct {
 	// ClassicOOM takes OOM kills from the classic tracepoint (pid only, as
 	// before Linux 6.8) even where the victim's task is available.
 	ClassicOOM bool
+	// EventsBytes sizes the BPF ring buffer of OOM events and stack
+	// copies (0: 16 MiB; see bpfload.Options).
+	EventsBytes uint32
 }
 
 // Session is one recording.
@@ -143,7 +146,7 @@ func Start(ctx context.Context, opts Options) (*Session, error) {
 	if !ok {
 		return nil, fmt.Errorf("unknown stack mode %q: use auto, fp or dwarf", opts.StackMode)
 	}
-	objs, err := bpfload.Load(bpfload.Options{SampleRate: opts.SampleRate, StackMode: mode, ClassicOOM: opts.ClassicOOM, NoSession: opts.NoSession})
+	objs, err := bpfload.Load(bpfload.Options{SampleRate: opts.SampleRate, StackMode: mode, ClassicOOM: opts.ClassicOOM, NoSession: opts.NoSession, EventsBytes: opts.EventsBytes})
 	if err != nil {
 		return nil, err
 	}
