@@ -47,6 +47,7 @@ type result struct {
 	goHeap               float64 // go_memstats_heap_inuse_bytes at the end
 	latMedian, latMax    time.Duration
 	attached, unattached int
+	ooms                 float64 // OOM kills on the node in the window (each one costs the agent a report)
 }
 
 func BenchmarkAgent(b *testing.B) {
@@ -79,11 +80,11 @@ func BenchmarkAgent(b *testing.B) {
 	}
 	w := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', tabwriter.AlignRight)
 	fmt.Fprintf(w, "\nmemprof agent's own cost (CPU: utime+stime over %s, %d allocations/s per pod)\n", *windowFlag, blocksPerS)
-	fmt.Fprintln(w, "pods\tCPU % of a core\tRSS anon MiB\tRSS total MiB\tGo heap MiB\tto first profiled alloc, median\tmax\tnot attached\t")
+	fmt.Fprintln(w, "pods\tCPU % of a core\tRSS anon MiB\tRSS total MiB\tGo heap MiB\tto first profiled alloc, median\tmax\tnot attached\tnode OOM kills in window\t")
 	for _, r := range rows {
-		fmt.Fprintf(w, "%d\t%.2f\t%.1f\t%.1f\t%.1f\t%s\t%s\t%d\t\n", r.pods, r.cpuPct,
+		fmt.Fprintf(w, "%d\t%.2f\t%.1f\t%.1f\t%.1f\t%s\t%s\t%d\t%.0f\t\n", r.pods, r.cpuPct,
 			float64(r.rssAnon)/(1<<20), float64(r.rssTotal)/(1<<20), r.goHeap/(1<<20),
-			r.latMedian.Round(time.Millisecond), r.latMax.Round(time.Millisecond), r.unattached)
+			r.latMedian.Round(time.Millisecond), r.latMax.Round(time.Millisecond), r.unattached, r.ooms)
 	}
 	w.Flush()
 }
@@ -242,9 +243,15 @@ func runOnce(b *testing.B, memprof, wl string, n int) result {
 	}
 	t0, c0 := time.Now(), cpuTicks(b, pid)
 	nextScrape := t0
+	oom0 := -1.0
 	for time.Since(t0) < *windowFlag {
 		if time.Now().After(nextScrape) {
-			r.goHeap = scrape(b, addr)
+			var ooms float64
+			r.goHeap, ooms = scrape(b, addr)
+			if oom0 < 0 {
+				oom0 = ooms
+			}
+			r.ooms = ooms - oom0
 			nextScrape = nextScrape.Add(scrapeStep)
 		}
 		anon, total := rss(b, pid)
@@ -257,8 +264,11 @@ func runOnce(b *testing.B, memprof, wl string, n int) result {
 		perf.Process.Signal(syscall.SIGINT)
 		perf.Wait()
 	}
-	b.Logf("%d pods: CPU %.2f%% of a core, RSS anon %.1f MiB total %.1f MiB, Go heap %.1f MiB; attach after start: median %s, max %s, %d not attached",
-		n, r.cpuPct, float64(r.rssAnon)/(1<<20), float64(r.rssTotal)/(1<<20), r.goHeap/(1<<20), r.latMedian, r.latMax, r.unattached)
+	if _, ooms := scrape(b, addr); oom0 >= 0 {
+		r.ooms = ooms - oom0
+	}
+	b.Logf("%d pods: CPU %.2f%% of a core, RSS anon %.1f MiB total %.1f MiB, Go heap %.1f MiB; attach after start: median %s, max %s, %d not attached; %.0f OOM kills on the node in the window",
+		n, r.cpuPct, float64(r.rssAnon)/(1<<20), float64(r.rssTotal)/(1<<20), r.goHeap/(1<<20), r.latMedian, r.latMax, r.unattached, r.ooms)
 	return r
 }
 
@@ -300,21 +310,27 @@ func rss(b *testing.B, pid int) (anon, total uint64) {
 }
 
 // scrape reads /metrics as Prometheus would and returns the agent's Go
-// heap in use.
-func scrape(b *testing.B, addr string) float64 {
+// heap in use and the OOM kills it has seen on the node (other work on the
+// machine, e.g. OOM tests, causes them: each costs the agent a report).
+func scrape(b *testing.B, addr string) (heap, ooms float64) {
 	resp, err := http.Get("http://" + addr + "/metrics")
 	if err != nil {
 		b.Logf("scrape: %v", err)
-		return 0
+		return 0, 0
 	}
 	defer resp.Body.Close()
 	sc := bufio.NewScanner(resp.Body)
 	sc.Buffer(make([]byte, 64<<10), 1<<20)
-	var heap float64
 	for sc.Scan() {
-		if v, ok := strings.CutPrefix(sc.Text(), "go_memstats_heap_inuse_bytes "); ok {
+		line := sc.Text()
+		if v, ok := strings.CutPrefix(line, "go_memstats_heap_inuse_bytes "); ok {
 			heap, _ = strconv.ParseFloat(v, 64)
 		}
+		if strings.HasPrefix(line, "memprof_oom_kills_total{") {
+			f := strings.Fields(line)
+			v, _ := strconv.ParseFloat(f[len(f)-1], 64)
+			ooms += v
+		}
 	}
-	return heap
+	return heap, ooms
 }

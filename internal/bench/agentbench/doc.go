@@ -18,7 +18,10 @@
 //     process PID" once the probes are in place, and the workload allocates
 //     every 50 ms, so the first profiled allocation follows that line
 //     within 50 ms. Pods are started while the agent runs, 20 per second;
-//     the median and the largest are reported.
+//     the median and the largest are reported;
+//   - the OOM kills the agent saw on the node in the window: it watches
+//     every OOM kill of the machine and writes a report for each, so OOM
+//     tests run by other work on the machine add to its CPU time.
 //
 // Run it as root:
 //
