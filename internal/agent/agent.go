@@ -203,11 +203,6 @@ func (a *Agent) Addr() string { return a.ln.Addr().String() }
 func (a *Agent) Run(ctx context.Context) error {
 	s, err := recorder.Start(ctx, recorder.Options{
 		SampleRate: a.cfg.SampleRate,
-		// New processes of the followed cgroups are found by rescans
-		// every 2 s (the recorder's default 200 ms costs ten times as
-		// much for every container of the node); a new container is
-		// scanned as soon as discovery finds it.
-		Poll: 2 * time.Second,
 		// 4 MiB of stack copies in flight (~500 at 8 KiB) rather than 16:
 		// the ring is mapped twice, 32 MiB of the agent's RSS otherwise;
 		// copies a full ring drops are counted (lost events).
