@@ -1,7 +1,10 @@
 package recorder
 
 import (
+	"os"
+	"path/filepath"
 	"testing"
+	"time"
 
 	"github.com/memprof/memprof/internal/procmaps"
 )
@@ -44,6 +47,44 @@ func TestExecFingerprint(t *testing.T) {
 	for what, maps := range changed {
 		if got := execFingerprint(parse(maps)); got == fp {
 			t.Errorf("%s: fingerprint unchanged, want a new one", what)
+		}
+	}
+}
+
+// TestRescanGate: the followed cgroups are re-listed when the host's last
+// created pid changes, and at least every rescanMax, not at every poll.
+func TestRescanGate(t *testing.T) {
+	old := procmaps.ProcRoot
+	procmaps.ProcRoot = t.TempDir()
+	t.Cleanup(func() { procmaps.ProcRoot = old })
+	write := func(last string) {
+		if err := os.WriteFile(filepath.Join(procmaps.ProcRoot, "loadavg"), []byte("0.10 0.20 0.30 1/200 "+last+"\n"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var g rescanGate
+	t0 := time.Unix(1000, 0)
+	write("500")
+	for _, c := range []struct {
+		after time.Duration
+		last  string
+		want  bool
+	}{
+		{0, "500", true}, // first poll
+		{200 * time.Millisecond, "500", false},
+		{400 * time.Millisecond, "500", false},
+		{600 * time.Millisecond, "501", true}, // a process started
+		{800 * time.Millisecond, "501", false},
+		{2600 * time.Millisecond, "501", true}, // rescanMax after the last listing
+		{2800 * time.Millisecond, "", true},    // unreadable: always list
+	} {
+		if c.last == "" {
+			os.Remove(filepath.Join(procmaps.ProcRoot, "loadavg"))
+		} else {
+			write(c.last)
+		}
+		if got := g.due(t0.Add(c.after)); got != c.want {
+			t.Errorf("at +%s with last pid %q: due %t, want %t", c.after, c.last, got, c.want)
 		}
 	}
 }

@@ -217,6 +217,8 @@ func (s *Session) scanCgroup(dir string) (int, error) {
 func (s *Session) loop(ctx context.Context) {
 	tick := time.NewTicker(s.opts.Poll)
 	defer tick.Stop()
+	var gate rescanGate
+	var lastLive time.Time
 	for {
 		select {
 		case <-ctx.Done():
@@ -225,11 +227,17 @@ func (s *Session) loop(ctx context.Context) {
 			return
 		case <-tick.C:
 		}
-		for _, cg := range s.Cgroups() {
-			if _, err := s.scanCgroup(cg); err != nil {
-				s.recordErr(err)
+		if cgs := s.Cgroups(); len(cgs) > 0 && gate.due(time.Now()) {
+			for _, cg := range cgs {
+				if _, err := s.scanCgroup(cg); err != nil {
+					s.recordErr(err)
+				}
 			}
 		}
+		if time.Since(lastLive) < liveCheck {
+			continue
+		}
+		lastLive = time.Now()
 		if s.opts.DropExited {
 			s.forgetSkipped()
 			if time.Since(s.lastPrune) > PruneInterval {
