@@ -230,6 +230,28 @@ func TestProcsRecursive(t *testing.T) {
 	g.Cmd.Wait()
 }
 
+func TestReadFileRaw(t *testing.T) {
+	dir := t.TempDir()
+	var buf []byte
+	for _, n := range []int{0, 5, 4096, 4097, 100000} {
+		want := make([]byte, n)
+		for i := range want {
+			want[i] = byte('0' + i%10)
+		}
+		p := filepath.Join(dir, fmt.Sprint(n))
+		if err := os.WriteFile(p, want, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		got, err := readFileRaw(p, &buf)
+		if err != nil || string(got) != string(want) {
+			t.Errorf("readFileRaw of %d bytes: %d bytes, %v", n, len(got), err)
+		}
+	}
+	if _, err := readFileRaw(filepath.Join(dir, "nope"), &buf); !os.IsNotExist(err) {
+		t.Errorf("readFileRaw of a missing file: %v, want not-exist", err)
+	}
+}
+
 func TestStatField(t *testing.T) {
 	v1 := []byte("cache 4096\nrss 8192\nrss_huge 0\ntotal_cache 4096\ntotal_rss 12288\n")
 	v2 := []byte("anon 65536\nfile 0\nanon_thp 0\n")
