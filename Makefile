@@ -10,7 +10,7 @@ APT_PKGS  := clang llvm libbpf-dev bpftool gcc g++ libc6-dev libc6-dbg binutils 
              default-jdk-headless python3 python3-dbg rustc clang-format
 DEMO_DIR  := bin/demo
 
-.PHONY: all build generate check-generated vmlinux deps test test-unit test-root lint bench fuzz demo report-assets clean image
+.PHONY: all build generate check-generated vmlinux deps test test-unit test-root lint bench bench-agent fuzz demo report-assets clean image
 
 all: build
 
@@ -94,6 +94,11 @@ bench:
 	$(GO) test -count=1 -run '^$$' -bench . -benchtime=1x -timeout 30m ./internal/bench/
 	$(GO) test -count=1 -run '^$$' -bench BPFWalk -benchtime=1000x ./internal/unwindtable/
 	$(GO) test -count=1 -run '^$$' -bench 'TableBuild|LiveProbe' -benchtime=1x ./internal/unwindtable/
+
+# The node agent's own CPU (% of a core), RSS and time to profile a new
+# container, with 25, 100 and 200 kubelet-style pods (internal/bench/agentbench).
+bench-agent:
+	$(GO) test -count=1 -run '^$$' -bench Agent -benchtime=1x -timeout 30m ./internal/bench/agentbench/
 
 # Build memprof and a leaky example, record it, print the top stacks and what
 # grew, and write the HTML report (bin/demo/report.html).

@@ -13,6 +13,13 @@
  *   agent_workload spawn N MS BYTES   start N "brief" children (fork), one every
  *                                     MS/4 ms, wait for all, print "done"
  *   agent_workload hot                call malloc/free in a tight loop forever
+ *   agent_workload trickle PROCS RATE write its own pid to PROCS (a cgroup's
+ *                                     cgroup.procs: it joins that container),
+ *                                     print "joined NS" (CLOCK_REALTIME ns after
+ *                                     the write), then allocate RATE small blocks
+ *                                     (64..2048 bytes) per second from
+ *                                     agent_trickle_alloc(), in batches every
+ *                                     50 ms, keeping the last 256 live, forever
  */
 #include <signal.h>
 #include <stdio.h>
@@ -70,6 +77,14 @@ __attribute__((noinline)) void *agent_brief_alloc(size_t size)
 	void *p = malloc(size);
 	if (p)
 		memset(p, 1, 64);
+	return p;
+}
+
+__attribute__((noinline)) void *agent_trickle_alloc(size_t size)
+{
+	void *p = malloc(size);
+	if (p)
+		((volatile char *)p)[0] = 1;
 	return p;
 }
 
@@ -159,6 +174,26 @@ int main(int argc, char **argv)
 			free(p);
 		}
 	}
-	fprintf(stderr, "usage: %s leak TOTAL BLOCK | oom BLOCK | brief MS BYTES | spawn N MS BYTES | hot\n", argv[0]);
+	if (argc >= 4 && strcmp(argv[1], "trickle") == 0) {
+		FILE *f = fopen(argv[2], "w");
+		if (!f || fprintf(f, "%d\n", (int)getpid()) < 0 || fclose(f) != 0) {
+			perror(argv[2]);
+			return 3;
+		}
+		struct timespec now;
+		clock_gettime(CLOCK_REALTIME, &now);
+		printf("joined %lld\n", (long long)now.tv_sec * 1000000000LL + now.tv_nsec);
+		long rate = atol(argv[3]), batch = rate / 20 > 0 ? rate / 20 : 1;
+		void *ring[256] = {0};
+		unsigned long n = 0;
+		for (;;) {
+			for (long i = 0; i < batch; i++, n++) {
+				free(ring[n % 256]);
+				ring[n % 256] = agent_trickle_alloc(64 << (n % 6));
+			}
+			sleep_ms(50);
+		}
+	}
+	fprintf(stderr, "usage: %s leak TOTAL BLOCK | oom BLOCK | brief MS BYTES | spawn N MS BYTES | hot | trickle PROCS RATE\n", argv[0]);
 	return 2;
 }

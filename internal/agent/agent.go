@@ -119,16 +119,19 @@ type Agent struct {
 	budgetHits map[labelSet]uint64 // processes detached by the budget, per container
 	budgetAll  uint64
 	lastCalls  map[uint32]uint64
-	lastTotal  uint64
-	lastTick   time.Time
-	probeRate  float64
-	probeTotal uint64
-	discErrs   uint64
-	lastDisc   error
-	pushErrs   uint64
-	pushes     uint64
-	saved      uint64
-	rss        *rssTier // nil: RSS profiles off
+	// the targets when the containers' process lists were last read
+	lastTargets map[int]bool
+	lastPidList time.Time
+	lastTotal   uint64
+	lastTick    time.Time
+	probeRate   float64
+	probeTotal  uint64
+	discErrs    uint64
+	lastDisc    error
+	pushErrs    uint64
+	pushes      uint64
+	saved       uint64
+	rss         *rssTier // nil: RSS profiles off
 }
 
 // labelSet identifies a container in metrics.
@@ -146,14 +149,13 @@ type container struct {
 	excluded map[int]bool
 
 	// collected figures
-	pids      []int
+	pids      []int // processes of the cgroup (and below) when last read
+	pidsRead  bool
 	live      float64
 	allocCum  map[uint32]float64 // per process, unsampled alloc bytes so far
 	retired   float64            // alloc bytes of processes gone
 	allocTot  float64
 	allocRate float64
-	rssAnon   float64
-	haveRSS   bool
 	procs     int
 }
 
@@ -206,11 +208,15 @@ func (a *Agent) Addr() string { return a.ln.Addr().String() }
 func (a *Agent) Run(ctx context.Context) error {
 	s, err := recorder.Start(ctx, recorder.Options{
 		SampleRate: a.cfg.SampleRate,
-		AllowEmpty: true,
-		DropExited: true,
-		AllOOMs:    true,
-		Notify:     func(msg string) { a.cfg.Logf("memprof agent: %s", msg) },
-		OOM:        a.onOOM,
+		// 4 MiB of stack copies in flight (~500 at 8 KiB) rather than 16:
+		// the ring is mapped twice, 32 MiB of the agent's RSS otherwise;
+		// copies a full ring drops are counted (lost events).
+		EventsBytes: 4 << 20,
+		AllowEmpty:  true,
+		DropExited:  true,
+		AllOOMs:     true,
+		Notify:      func(msg string) { a.cfg.Logf("memprof agent: %s", msg) },
+		OOM:         a.onOOM,
 	})
 	if err != nil {
 		a.ln.Close()

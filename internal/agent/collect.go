@@ -10,28 +10,62 @@ import (
 	"github.com/memprof/memprof/pprofout"
 )
 
+// pidListRefresh bounds how long a container's process list (the pids of
+// /containers, and which container a sampled pid belongs to) may go
+// unread when no target attaches or exits.
+const pidListRefresh = 30 * time.Second
+
 // collect computes the per-container figures from one snapshot of the
-// sampled state and enforces the overhead budget.
+// sampled state and enforces the overhead budget. The containers' process
+// lists are re-read only when the session's targets changed (a process
+// attached or exited) or pidListRefresh passed, not at every collection;
+// the RSS of the containers is read at scrape time (metrics.go).
 func (a *Agent) collect(ctx context.Context) {
 	if ctx.Err() != nil {
 		return
 	}
 	conts := a.profiledList()
-	pidOf := map[uint32]*container{}
-	for _, c := range conts {
-		pids, err := cgroups.Procs(c.dir, true)
-		if err != nil {
-			pids = nil
-		}
-		a.mu.Lock()
-		c.pids = pids
-		a.mu.Unlock()
-		for _, p := range pids {
-			pidOf[uint32(p)] = c
+	targets := a.s.Targets()
+	now := time.Now()
+	a.mu.Lock()
+	reread := now.Sub(a.lastPidList) > pidListRefresh || len(targets) != len(a.lastTargets)
+	for pid := range targets {
+		if !a.lastTargets[pid] {
+			reread = true
+			break
 		}
 	}
+	for _, c := range conts {
+		if !c.pidsRead {
+			reread = true
+		}
+	}
+	if reread {
+		a.lastTargets = make(map[int]bool, len(targets))
+		for pid := range targets {
+			a.lastTargets[pid] = true
+		}
+		a.lastPidList = now
+	}
+	a.mu.Unlock()
+	pidOf := map[uint32]*container{}
+	for _, c := range conts {
+		if reread {
+			pids, err := cgroups.Procs(c.dir, true)
+			if err != nil {
+				pids = nil
+			}
+			a.mu.Lock()
+			c.pids, c.pidsRead = pids, true
+			a.mu.Unlock()
+		}
+		a.mu.Lock()
+		for _, p := range c.pids {
+			pidOf[uint32(p)] = c
+		}
+		a.mu.Unlock()
+	}
 
-	now := time.Now()
 	a.budget(now, pidOf)
 
 	snap, err := a.s.Counts()
@@ -41,7 +75,6 @@ func (a *Agent) collect(ctx context.Context) {
 	}
 	live := map[*container]float64{}
 	alloc := map[*container]map[uint32]float64{}
-	targets := a.s.Targets()
 	procs := map[*container]int{}
 	for pid := range targets {
 		if c := pidOf[uint32(pid)]; c != nil {
@@ -67,7 +100,6 @@ func (a *Agent) collect(ctx context.Context) {
 	a.lastTick = now
 	a.mu.Unlock()
 	for _, c := range conts {
-		st, stErr := cgroups.ReadStats(c.dir)
 		a.mu.Lock()
 		c.live = live[c]
 		c.procs = procs[c]
@@ -90,9 +122,6 @@ func (a *Agent) collect(ctx context.Context) {
 			c.allocRate = max(total-c.allocTot, 0) / dt
 		}
 		c.allocTot = total
-		if stErr == nil {
-			c.rssAnon, c.haveRSS = float64(st.Anon), true
-		}
 		a.mu.Unlock()
 	}
 }

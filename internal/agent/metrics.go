@@ -3,6 +3,8 @@ package agent
 import (
 	"net/http"
 
+	"github.com/memprof/memprof/internal/cgroups"
+
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -119,9 +121,9 @@ func (c *agentCollector) Describe(ch chan<- *prometheus.Desc) {
 // labels, e.g. a restarted container whose predecessor is still listed,
 // are added up: Prometheus refuses two series with the same labels).
 type containerFigures struct {
-	live, allocTot, allocRate, rssAnon float64
-	haveRSS                            bool
-	procs                              int
+	live, allocTot, allocRate float64
+	procs                     int
+	dirs                      []string // memory cgroups, whose RSS is read now
 }
 
 // Collect implements prometheus.Collector.
@@ -149,10 +151,7 @@ func (c *agentCollector) Collect(ch chan<- prometheus.Metric) {
 		f.live += ct.live
 		f.allocTot += ct.allocTot
 		f.allocRate += ct.allocRate
-		if ct.haveRSS {
-			f.rssAnon += ct.rssAnon
-			f.haveRSS = true
-		}
+		f.dirs = append(f.dirs, ct.dir)
 		f.procs += ct.procs
 	}
 	oomKills := make(map[labelSet]uint64, len(a.oomKills))
@@ -173,10 +172,20 @@ func (c *agentCollector) Collect(ch chan<- prometheus.Metric) {
 		emit(d.liveHeap, prometheus.GaugeValue, f.live, cl(l)...)
 		emit(d.allocTotal, prometheus.CounterValue, f.allocTot, cl(l)...)
 		emit(d.allocRate, prometheus.GaugeValue, f.allocRate, cl(l)...)
-		if f.haveRSS {
-			emit(d.rssAnon, prometheus.GaugeValue, f.rssAnon, cl(l)...)
+		// RSS is read at scrape time, one memory.stat per container:
+		// nothing reads it between scrapes.
+		var rssAnon float64
+		haveRSS := false
+		for _, dir := range f.dirs {
+			if v, err := cgroups.AnonBytes(dir); err == nil {
+				rssAnon += float64(v)
+				haveRSS = true
+			}
+		}
+		if haveRSS {
+			emit(d.rssAnon, prometheus.GaugeValue, rssAnon, cl(l)...)
 			if f.live >= 1<<20 {
-				emit(d.fragRatio, prometheus.GaugeValue, f.rssAnon/f.live, cl(l)...)
+				emit(d.fragRatio, prometheus.GaugeValue, rssAnon/f.live, cl(l)...)
 			}
 		}
 		emit(d.processes, prometheus.GaugeValue, float64(f.procs), cl(l)...)

@@ -3,6 +3,7 @@ package agent
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -171,7 +172,10 @@ func TestMetricsCollector(t *testing.T) {
 	a := &Agent{cfg: Config{NodeName: "n1"}, profiled: map[string]*container{}, known: map[string]*container{},
 		oomKills: map[labelSet]uint64{}, oomTotal: map[bool]uint64{}, budgetHits: map[labelSet]uint64{}}
 	l := labelSet{"ns", "web", "app"}
-	a.profiled["a"] = &container{labels: l, live: 1 << 20, rssAnon: 3 << 20, haveRSS: true, procs: 1}
+	// RSS is read from the memory cgroup's memory.stat at scrape time
+	memcg := t.TempDir()
+	writeFile(t, filepath.Join(memcg, "memory.stat"), fmt.Sprintf("rss 1\ntotal_rss %d\n", 3<<20))
+	a.profiled["a"] = &container{labels: l, live: 1 << 20, dir: memcg, procs: 1}
 	a.profiled["b"] = &container{labels: l, live: 1 << 20, procs: 2} // restarted, old one still listed
 	a.profiled["c"] = &container{labels: labelSet{"ns", `q"p`, "app"}, live: 5}
 	a.oomKills[l] = 2

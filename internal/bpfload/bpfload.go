@@ -46,6 +46,11 @@ type Options struct {
 	// NoSession uses entry and return uprobes even where session uprobes
 	// exist (the path of kernels before 6.13).
 	NoSession bool
+	// EventsBytes sizes the ring buffer of OOM events and stack copies
+	// (a power of two, at least a page; 0: the object's 16 MiB). Its
+	// pages are mapped twice into memprof's address space, so its RSS
+	// counts it twice.
+	EventsBytes uint32
 }
 
 // Defaults of Options.UnwindRows (32 MiB of tables) and UnwindStacks.
@@ -163,6 +168,12 @@ func Load(opts Options) (*Objects, error) {
 	}
 	spec.Maps["uw_rows"].MaxEntries = rows
 	spec.Maps["uw_stacks"].MaxEntries = nstacks
+	if n := opts.EventsBytes; n != 0 {
+		if n < uint32(os.Getpagesize()) || n&(n-1) != 0 {
+			return nil, fmt.Errorf("events ring buffer of %d bytes: want a power of two of at least a page", n)
+		}
+		spec.Maps["events"].MaxEntries = n
+	}
 	feats := detect()
 	if opts.ClassicOOM {
 		feats.OOMTaskBTF = false

@@ -114,8 +114,9 @@ func parseProcCgroup(data []byte) (v1Memory, v2 string, err error) {
 func Procs(dir string, recursive bool) ([]int, error) {
 	seen := map[int]bool{}
 	var out []int
+	var buf []byte
 	add := func(d string) error {
-		data, err := os.ReadFile(filepath.Join(d, "cgroup.procs"))
+		data, err := readFileRaw(filepath.Join(d, "cgroup.procs"), &buf)
 		if err != nil {
 			return fmt.Errorf("list processes of cgroup %s: %w (the cgroup may have been removed)", d, err)
 		}
@@ -145,10 +146,50 @@ func Procs(dir string, recursive bool) ([]int, error) {
 	return out, nil
 }
 
-// subdirs returns dir and all directories below it, parents first.
+// readFileRaw reads a small kernel file with plain open, read and close
+// system calls into *buf (grown as needed and reused): os.ReadFile adds an
+// fstat and the runtime poller's registration attempt, which double the
+// cost of a cgroup.procs read repeated for every followed cgroup.
+func readFileRaw(path string, buf *[]byte) ([]byte, error) {
+	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, &fs.PathError{Op: "open", Path: path, Err: err}
+	}
+	defer unix.Close(fd)
+	if cap(*buf) < 4096 {
+		*buf = make([]byte, 0, 4096)
+	}
+	b := (*buf)[:0]
+	for {
+		if len(b) == cap(b) {
+			b = append(b, 0)[:len(b)]
+		}
+		n, err := unix.Read(fd, b[len(b):cap(b)])
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			return nil, &fs.PathError{Op: "read", Path: path, Err: err}
+		}
+		if n == 0 {
+			*buf = b
+			return b, nil
+		}
+		b = b[:len(b)+n]
+	}
+}
+
+// subdirs returns dir and all directories below it, parents first. A
+// cgroup directory's link count is 2 plus its number of child cgroups
+// (kernfs counts them as ext4 does), so a leaf, the usual container
+// cgroup, costs one stat instead of a directory listing.
 func subdirs(dir string) []string {
 	out := []string{dir}
 	for i := 0; i < len(out); i++ {
+		var st unix.Stat_t
+		if unix.Stat(out[i], &st) == nil && st.Nlink == 2 {
+			continue
+		}
 		ents, err := os.ReadDir(out[i])
 		if err != nil {
 			continue

@@ -146,6 +146,15 @@ func TestStatsOfKnownProcess(t *testing.T) {
 	if st.OOMKills != 0 || st.Failcnt != 0 {
 		t.Errorf("OOMKills %d Failcnt %d, want 0 and 0: 24 MiB stays far below the 64 MiB limit", st.OOMKills, st.Failcnt)
 	}
+	// AnonBytes reads the same figure from memory.stat alone (the process
+	// sleeps: it stays within a page of what ReadStats saw).
+	anon, err := AnonBytes(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d := int64(anon) - int64(st.Anon); d < -4096 || d > 4096 {
+		t.Errorf("AnonBytes = %d, ReadStats Anon = %d: want the same figure ±1 page", anon, st.Anon)
+	}
 
 	// Remove kills what is left and deletes the directory.
 	if err := Remove(dir); err != nil {
@@ -187,6 +196,78 @@ func TestNestedLimit(t *testing.T) {
 	}
 	if st.Limit != 0 || st.Ancestor != nil {
 		t.Fatalf("cgroup without limit under the root: Limit %d Ancestor %+v, want 0 and nil (the memory root has no limit)", st.Limit, st.Ancestor)
+	}
+}
+
+// TestProcsRecursive: a process in a child cgroup is listed by the
+// recursive Procs of its parent (subdirs skips listing leaves by their
+// link count) and not by the plain one.
+func TestProcsRecursive(t *testing.T) {
+	v1 := v1Root(t)
+	bin := testprog.Build(t, "oom_leak.c")
+	parent := newCgroup(t, v1, 0)
+	child := filepath.Join(parent, "a", "b")
+	for _, d := range []string{filepath.Dir(child), child} {
+		if err := Create(d, 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	t.Cleanup(func() { Remove(child); Remove(filepath.Dir(child)) })
+	g := startGated(t, bin, "idle", fmt.Sprint(mib))
+	if err := AddProcess(child, g.Pid()); err != nil {
+		t.Fatal(err)
+	}
+	if got := subdirs(parent); !slices.Equal(got, []string{parent, filepath.Dir(child), child}) {
+		t.Errorf("subdirs(%s) = %v, want the parent, a and a/b", parent, got)
+	}
+	if pids, err := Procs(parent, true); err != nil || !slices.Equal(pids, []int{g.Pid()}) {
+		t.Errorf("Procs(parent, recursive) = %v, %v; want [%d]", pids, err, g.Pid())
+	}
+	if pids, err := Procs(parent, false); err != nil || len(pids) != 0 {
+		t.Errorf("Procs(parent) = %v, %v; want none", pids, err)
+	}
+	g.Cmd.Process.Kill()
+	g.Cmd.Wait()
+}
+
+func TestReadFileRaw(t *testing.T) {
+	dir := t.TempDir()
+	var buf []byte
+	for _, n := range []int{0, 5, 4096, 4097, 100000} {
+		want := make([]byte, n)
+		for i := range want {
+			want[i] = byte('0' + i%10)
+		}
+		p := filepath.Join(dir, fmt.Sprint(n))
+		if err := os.WriteFile(p, want, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		got, err := readFileRaw(p, &buf)
+		if err != nil || string(got) != string(want) {
+			t.Errorf("readFileRaw of %d bytes: %d bytes, %v", n, len(got), err)
+		}
+	}
+	if _, err := readFileRaw(filepath.Join(dir, "nope"), &buf); !os.IsNotExist(err) {
+		t.Errorf("readFileRaw of a missing file: %v, want not-exist", err)
+	}
+}
+
+func TestStatField(t *testing.T) {
+	v1 := []byte("cache 4096\nrss 8192\nrss_huge 0\ntotal_cache 4096\ntotal_rss 12288\n")
+	v2 := []byte("anon 65536\nfile 0\nanon_thp 0\n")
+	for _, c := range []struct {
+		data []byte
+		key  string
+		want uint64
+		ok   bool
+	}{
+		{v1, "total_rss", 12288, true}, {v1, "rss", 8192, true}, {v1, "anon", 0, false},
+		{v2, "anon", 65536, true}, {v2, "anon_thp", 0, true}, {v2, "total_rss", 0, false},
+		{[]byte("anon x\n"), "anon", 0, false}, {[]byte("anon"), "anon", 0, false}, {nil, "anon", 0, false},
+	} {
+		if v, ok := statField(c.data, c.key); v != c.want || ok != c.ok {
+			t.Errorf("statField(%q, %s) = %d, %t; want %d, %t", c.data, c.key, v, ok, c.want, c.ok)
+		}
 	}
 }
 

@@ -215,17 +215,22 @@ func isRootCgroup(dir string) bool {
 }
 
 // limitedAncestor returns the stats of the nearest ancestor of dir that has a
-// memory limit, or nil.
+// memory limit, or nil. Only the limit file of each ancestor is read on the
+// way up; all the statistics are read of the limited one alone.
 func limitedAncestor(dir string, version int) *Stats {
 	for d := filepath.Dir(filepath.Clean(dir)); d != "/" && d != "."; d = filepath.Dir(d) {
 		if v, err := Version(d); err != nil || v != version {
 			return nil
 		}
-		st, err := readStats(d)
+		limited, err := hasLimit(d, version)
 		if err != nil {
-			return nil
+			return nil // the hierarchy root (no limit file) or removed
 		}
-		if st.Limit != 0 {
+		if limited {
+			st, err := readStats(d)
+			if err != nil || st.Limit == 0 {
+				return nil
+			}
 			return st
 		}
 		if isRootCgroup(d) {
@@ -233,6 +238,16 @@ func limitedAncestor(dir string, version int) *Stats {
 		}
 	}
 	return nil
+}
+
+// hasLimit reads the memory limit file of a v1 or v2 directory.
+func hasLimit(dir string, version int) (bool, error) {
+	if version == 2 {
+		v, err := readLimitV2(dir)
+		return v != 0, err
+	}
+	v, err := readUint(filepath.Join(dir, "memory.limit_in_bytes"))
+	return !unlimited(v), err
 }
 
 // readLimitV2 reads memory.max; 0 means no limit ("max").

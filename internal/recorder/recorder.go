@@ -78,6 +78,9 @@ type Options struct {
 	// Symbols is the symbol cache to use (nil: a new one). Sessions may
 	// share one: objects are cached by build ID or (device, inode).
 	Symbols *symbolize.Cache
+	// EventsBytes sizes the BPF ring buffer of OOM events and stack
+	// copies (0: 16 MiB; see bpfload.Options).
+	EventsBytes uint32
 }
 
 // Session is one recording.
@@ -136,6 +139,7 @@ type target struct {
 	via     string // cgroup directory it was found through ("" for --pid, a command)
 	sym     *symbolize.Process
 	lastMap time.Time
+	mapping mapState // when its mappings are next looked at (maps.go)
 	// allocator of the process, for the fragmentation verdict
 	allocator frag.Allocator
 	// exitMem is the memory state read in the exit stop of a command.
@@ -186,7 +190,7 @@ func Start(ctx context.Context, opts Options) (*Session, error) {
 	if !ok {
 		return nil, fmt.Errorf("unknown stack mode %q: use cfi, fp, dwarf or auto", opts.StackMode)
 	}
-	objs, err := bpfload.Load(bpfload.Options{SampleRate: opts.SampleRate, StackMode: mode, ClassicOOM: opts.ClassicOOM, NoSession: opts.NoSession})
+	objs, err := bpfload.Load(bpfload.Options{SampleRate: opts.SampleRate, StackMode: mode, ClassicOOM: opts.ClassicOOM, NoSession: opts.NoSession, EventsBytes: opts.EventsBytes})
 	if err != nil {
 		return nil, err
 	}

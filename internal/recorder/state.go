@@ -116,6 +116,7 @@ func (s *Session) samples(snap *heap.Snapshot, procs map[int]*target, only func(
 	unknown := &pprofout.Location{Lines: []pprofout.Line{{Function: "[stack unavailable]"}}}
 	truncated := &pprofout.Location{Lines: []pprofout.Line{{Function: "[truncated]"}}}
 	pending := &pprofout.Location{Lines: []pprofout.Line{{Function: "[table pending]"}}}
+	refreshed := map[*target]bool{}
 	var out []pprofout.Sample
 	for _, b := range snap.Buckets {
 		if only != nil && !only(b.Pid) {
@@ -124,6 +125,14 @@ func (s *Session) samples(snap *heap.Snapshot, procs map[int]*target, only func(
 		t := procs[int(b.Pid)]
 		var stack []*pprofout.Location
 		if addrs, ok := snap.Stacks[b.StackID]; ok && len(addrs) > 0 && t != nil && t.sym != nil {
+			if !refreshed[t] && !t.sym.Covers(addrs) {
+				// A sample in a mapping not seen yet (the mappings are
+				// looked at rarely while they do not change): read them
+				// now, once per target and profile.
+				refreshed[t] = true
+				_ = t.sym.Refresh() // its errors are named in the profile (Errors)
+				s.MappingsChanged(t.pid)
+			}
 			stack = t.sym.Locate(addrs)
 		}
 		if len(stack) == 0 {

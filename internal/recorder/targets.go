@@ -183,7 +183,8 @@ func (s *Session) attachTarget(pid int, via string) (added bool, err error) {
 		return false, err
 	}
 	s.noteObjects(objs)
-	t := &target{pid: pid, start: start, via: via, comm: procmaps.Comm(pid), cgroup: memoryCgroup(pid), lastMap: time.Now()}
+	t := &target{pid: pid, start: start, via: via, comm: procmaps.Comm(pid), cgroup: memoryCgroup(pid), lastMap: time.Now(),
+		mapping: mapState{next: time.Now().Add(mapCheckMin), gap: mapCheckMin}}
 	t.allocator, _ = frag.DetectAllocator(pid, nil)
 	if t.allocator == frag.Unknown || t.allocator == frag.Glibc {
 		if a := allocatorOf(objs); a != frag.Unknown {
@@ -331,7 +332,10 @@ func (s *Session) scanCgroup(dir string) (int, error) {
 func (s *Session) loop(ctx context.Context) {
 	tick := time.NewTicker(s.opts.Poll)
 	defer tick.Stop()
+	var gate rescanGate
+	var lastLive time.Time
 	for {
+		woken := false
 		select {
 		case <-ctx.Done():
 			return
@@ -339,10 +343,17 @@ func (s *Session) loop(ctx context.Context) {
 			return
 		case <-tick.C:
 		case <-s.wake:
+			woken = true
 		}
-		for _, cg := range s.Cgroups() {
-			if _, err := s.scanCgroup(cg); err != nil {
-				s.recordErr(err)
+		// A process event (a fork in a followed cgroup, an exec, an exit)
+		// is looked at now; without one, the cgroups are re-listed when a
+		// process was created on the host (rescanGate) and the targets
+		// looked at once per liveCheck.
+		if cgs := s.Cgroups(); len(cgs) > 0 && (woken || gate.due(time.Now())) {
+			for _, cg := range cgs {
+				if _, err := s.scanCgroup(cg); err != nil {
+					s.recordErr(err)
+				}
 			}
 		}
 		s.endScan()
@@ -350,6 +361,10 @@ func (s *Session) loop(ctx context.Context) {
 		if s.opts.DropExited && time.Since(s.lastPrune) > PruneInterval {
 			s.pruneStacks()
 		}
+		if !woken && time.Since(lastLive) < liveCheck {
+			continue
+		}
+		lastLive = time.Now()
 		live := s.liveTargets()
 		s.watchCalls(live)
 		if s.opts.FollowChildren {
@@ -357,10 +372,7 @@ func (s *Session) loop(ctx context.Context) {
 		}
 		for _, t := range live {
 			if t.cov.traced {
-				if time.Since(t.lastMap) > time.Second && t.sym != nil {
-					t.sym.Refresh()
-					t.lastMap = time.Now()
-				}
+				s.checkMappings(t, true)
 				continue // the tracer sees its exit
 			}
 			if !alive(t) {
@@ -392,9 +404,7 @@ func (s *Session) loop(ctx context.Context) {
 				s.replaceImage(t.pid, true)
 				continue
 			}
-			if time.Since(t.lastMap) > time.Second {
-				s.refreshTarget(t)
-			}
+			s.checkMappings(t, false)
 		}
 	}
 }

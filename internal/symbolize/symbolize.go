@@ -398,6 +398,20 @@ func (p *Process) Locate(addrs []uint64) []*pprofout.Location {
 	return out
 }
 
+// Covers reports whether every address of addrs lies in an executable
+// mapping the snapshot knows (false: Refresh may find the object).
+func (p *Process) Covers(addrs []uint64) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, a := range addrs {
+		j := sort.Search(len(p.maps), func(j int) bool { return p.maps[j].m.End > a })
+		if j >= len(p.maps) || a < p.maps[j].m.Start {
+			return false
+		}
+	}
+	return true
+}
+
 func (p *Process) locate(addr uint64) *pprofout.Location {
 	loc := &pprofout.Location{Addr: addr}
 	j := sort.Search(len(p.maps), func(j int) bool { return p.maps[j].m.End > addr })

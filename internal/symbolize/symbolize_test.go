@@ -764,8 +764,17 @@ func TestRefreshAfterDlopen(t *testing.T) {
 	if l := p.Locate([]uint64{la})[0]; l.Mapping != nil {
 		t.Fatalf("address in the dlopened library found a mapping before Refresh: %+v", l.Mapping)
 	}
+	if p.Covers([]uint64{pr.addr(t, "direct"), la}) {
+		t.Errorf("Covers: the dlopened library's address is covered before Refresh")
+	}
 	if err := p.Refresh(); err != nil {
 		t.Fatal(err)
+	}
+	if !p.Covers([]uint64{pr.addr(t, "direct"), la}) {
+		t.Errorf("Covers: an address of the executable or of the dlopened library is not covered after Refresh")
+	}
+	if p.Covers([]uint64{la, 8}) {
+		t.Errorf("Covers: address 8 (no mapping) covered")
 	}
 	ms := p.Mappings()
 	if len(ms) != before+1 || ms[0] != exe {
