@@ -334,7 +334,7 @@ func writeProfile(path string, p *pprofout.Profile, w io.Writer) (string, error)
 	}
 	fallback := filepath.Join(os.TempDir(), fmt.Sprintf("memprof-%d-%s", os.Getpid(), filepath.Base(path)))
 	if ferr := pprofout.WriteFile(fallback, p); ferr != nil {
-		return "", fmt.Errorf("write profile %s: %w; the fallback %s failed too: %v (the recording is lost)", path, err, fallback, ferr)
+		return "", fmt.Errorf("write profile %s: %w; the fallback %s failed too: %w (the recording is lost)", path, err, fallback, ferr)
 	}
 	fmt.Fprintf(w, "memprof: WRITING %s FAILED: %v\nmemprof: the profile was saved to %s instead\n", path, err, fallback)
 	return fallback, nil

@@ -2,6 +2,7 @@ package procwatch
 
 import (
 	"encoding/binary"
+	"errors"
 	"os"
 	"os/exec"
 	"testing"
@@ -72,7 +73,7 @@ func TestWatchChild(t *testing.T) {
 		defer close(done)
 		for !seen[Exit] {
 			evs, err := w.Read()
-			if err != nil && err != ErrOverrun {
+			if err != nil && !errors.Is(err, ErrOverrun) {
 				return
 			}
 			for _, e := range evs {

@@ -107,23 +107,27 @@ func (c *command) trace(path string, h commandHooks, started chan<- error) {
 	pid := proc.Pid
 	c.pid = pid
 	var ws syscall.WaitStatus
-	if _, err := syscall.Wait4(pid, &ws, 0, nil); err != nil || !ws.Stopped() {
-		started <- fmt.Errorf("start %s: child did not stop at exec (%v, status %v)", path, err, ws)
+	if _, err := syscall.Wait4(pid, &ws, 0, nil); err != nil {
+		started <- fmt.Errorf("start %s: child did not stop at exec: %w", path, err)
+		return
+	} else if !ws.Stopped() {
+		started <- fmt.Errorf("start %s: child did not stop at exec (status %v)", path, ws)
 		return
 	}
 	_ = syscall.PtraceSetOptions(pid, unix.PTRACE_O_TRACEEXIT|unix.PTRACE_O_TRACEEXEC|unix.PTRACE_O_EXITKILL|
 		unix.PTRACE_O_TRACEFORK|unix.PTRACE_O_TRACEVFORK|unix.PTRACE_O_TRACECLONE)
 	// The program the kernel runs: for a #! script, its interpreter.
 	exe := path
-	if real, err := os.Readlink(fmt.Sprintf("/proc/%d/exe", pid)); err == nil {
-		exe = real
+	if resolved, err := os.Readlink(fmt.Sprintf("/proc/%d/exe", pid)); err == nil {
+		exe = resolved
 	}
 	libs := []string{exe}
 	libs = append(libs, loadedLibraries(exe, c.env)...)
 	if err := h.attach(pid, libs, false); err != nil {
-		syscall.Kill(pid, syscall.SIGKILL)
-		syscall.PtraceCont(pid, 0)
-		syscall.Wait4(pid, &ws, 0, nil)
+		// Abort: errors here mean the child is gone already.
+		_ = syscall.Kill(pid, syscall.SIGKILL)
+		_ = syscall.PtraceCont(pid, 0)
+		_, _ = syscall.Wait4(pid, &ws, 0, nil)
 		started <- err
 		return
 	}
@@ -182,7 +186,7 @@ func (c *command) follow(root int, h commandHooks) {
 				if tgid[wpid] == wpid {
 					h.atExit(wpid)
 				}
-				syscall.PtraceCont(wpid, 0)
+				_ = syscall.PtraceCont(wpid, 0) // fails only if it died: the next Wait4 says so
 				continue
 			case syscall.PTRACE_EVENT_EXEC:
 				// A new program in the same process: attach to the
@@ -193,9 +197,9 @@ func (c *command) follow(root int, h commandHooks) {
 				exe, err := os.Readlink(fmt.Sprintf("/proc/%d/exe", wpid))
 				if err == nil {
 					libs := append([]string{exe}, loadedLibraries(exe, processEnv(wpid))...)
-					h.attach(wpid, libs, true)
+					_ = h.attach(wpid, libs, true) // after an exec it records its own errors
 				}
-				syscall.PtraceCont(wpid, 0)
+				_ = syscall.PtraceCont(wpid, 0) // fails only if it died: the next Wait4 says so
 				continue
 			case syscall.PTRACE_EVENT_FORK, syscall.PTRACE_EVENT_VFORK, syscall.PTRACE_EVENT_CLONE:
 				msg, err := unix.PtraceGetEventMsg(wpid)
@@ -210,12 +214,12 @@ func (c *command) follow(root int, h commandHooks) {
 					}
 					if early[child] {
 						delete(early, child)
-						syscall.PtraceCont(child, 0)
+						_ = syscall.PtraceCont(child, 0) // fails only if it died: the next Wait4 says so
 					} else {
 						fresh[child] = true
 					}
 				}
-				syscall.PtraceCont(wpid, 0)
+				_ = syscall.PtraceCont(wpid, 0) // fails only if it died: the next Wait4 says so
 				continue
 			}
 			sig = 0
@@ -223,10 +227,10 @@ func (c *command) follow(root int, h commandHooks) {
 		if sig == syscall.SIGSTOP && fresh[wpid] {
 			// The SIGSTOP every auto-attached task starts with.
 			delete(fresh, wpid)
-			syscall.PtraceCont(wpid, 0)
+			_ = syscall.PtraceCont(wpid, 0) // fails only if it died: the next Wait4 says so
 			continue
 		}
-		syscall.PtraceCont(wpid, int(sig))
+		_ = syscall.PtraceCont(wpid, int(sig)) // fails only if it died: the next Wait4 says so
 	}
 }
 

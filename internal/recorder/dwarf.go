@@ -160,7 +160,7 @@ func (d *dwarfStacks) refreshLoop() {
 		case <-d.stop:
 			return
 		case <-t.C:
-			d.store.Refresh(procmaps.Read) // errors: processes gone meanwhile
+			_, _ = d.store.Refresh(procmaps.Read) // errors: processes gone meanwhile
 		}
 	}
 }
@@ -187,7 +187,7 @@ const tableWait = 3 * time.Second
 // with removeProcess.
 func (d *dwarfStacks) prepare(pid int) {
 	if d.store != nil {
-		d.addProcess(pid, nil) // errors: reported when setupStacks adds it again
+		_ = d.addProcess(pid, nil) // errors: reported when setupStacks adds it again
 	}
 }
 
@@ -264,7 +264,7 @@ func (d *dwarfStacks) refresh(pid int) {
 			d.given[pid] = key
 			d.mu.Unlock()
 			if changed {
-				d.store.SetProcess(pid, maps)
+				_ = d.store.SetProcess(pid, maps) // a mapping it cannot read ends its walks there, counted
 			}
 		}
 	}
@@ -272,7 +272,7 @@ func (d *dwarfStacks) refresh(pid int) {
 		return
 	}
 	if maps, err := procmaps.Read(pid); err == nil {
-		p.up.Update(maps)
+		_ = p.up.Update(maps) // objects it cannot open end walks there, counted as truncated
 		p.lastRefresh = time.Now()
 	}
 }
@@ -290,7 +290,7 @@ func (d *dwarfStacks) removeProcess(pid int) {
 	delete(d.given, pid)
 	if d.cfiProcs[pid] {
 		delete(d.cfiProcs, pid)
-		d.store.RemoveProcess(pid)
+		_ = d.store.RemoveProcess(pid) // the process is gone: its entry may be too
 	}
 	for k := range d.allocs {
 		if k.Pid == uint32(pid) {
@@ -338,7 +338,7 @@ func (d *dwarfStacks) handle(raw []byte) error {
 		// (mapped since the last scan, or a table still being built):
 		// rescan now, so the next samples are walked in BPF.
 		if maps, err := procmaps.Read(tgid); err == nil {
-			d.store.SetProcess(tgid, maps)
+			_ = d.store.SetProcess(tgid, maps) // a mapping it cannot read ends its walks there, counted
 		}
 	}
 	if lazy {

@@ -341,8 +341,9 @@ func (s *Session) Close() {
 	default:
 		close(s.done)
 	}
-	s.hookMu.Lock() // let a tracer hook in progress finish; later ones see done
-	s.hookMu.Unlock()
+	// A barrier: a tracer hook in progress finishes; later ones see done.
+	s.hookMu.Lock()
+	s.hookMu.Unlock() //nolint:staticcheck // SA2001: the empty critical section is the point
 	// An exit being handled finishes before the event reader, maps and
 	// links go; later ones see the session closed.
 	s.exitMu.Lock()

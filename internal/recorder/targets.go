@@ -114,7 +114,7 @@ func (s *Session) commandExiting(pid int) {
 	t := s.procs[pid]
 	s.mu.Unlock()
 	if t != nil && t.sym != nil {
-		t.sym.Refresh()
+		_ = t.sym.Refresh() // its errors are named in the profile (Errors)
 	}
 	if t != nil {
 		// RSS is still intact in the exit stop: keep it for the
@@ -243,7 +243,7 @@ func (s *Session) dropStacks(pid int) {
 		return
 	}
 	s.dwarf.removeProcess(pid)
-	s.objs.DwarfProcs.Delete(uint32(pid))
+	_ = s.objs.DwarfProcs.Delete(uint32(pid)) // absent unless it copied stacks
 }
 
 // scanCgroup adds the processes of a cgroup not seen yet. A pid known
@@ -428,7 +428,7 @@ func (s *Session) refreshTarget(t *target) {
 		s.noteObjects(objs)
 	}
 	if t.sym != nil {
-		t.sym.Refresh()
+		_ = t.sym.Refresh() // its errors are named in the profile (Errors)
 	}
 	if t.dwarf {
 		s.dwarf.refresh(t.pid)
