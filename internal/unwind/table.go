@@ -5,6 +5,7 @@ import (
 	"os"
 
 	"github.com/memprof/memprof/internal/procmaps"
+	"github.com/memprof/memprof/internal/targetfs"
 )
 
 // Table is the parsed call-frame information of one object, for consumers
@@ -147,6 +148,21 @@ func (t *Table) Bytes() int64 { return t.t.bytes }
 // to get the ELF virtual address (from the PT_LOAD segment that maps m's
 // file offset); false when no segment does.
 func LoadBias(ef *elf.File, m *procmaps.Mapping) (uint64, bool) { return loadBias(ef, m) }
+
+// ParseObject parses f, an open file of a target (name names it in
+// errors), as ELF with the checks of targetfs.NewELF, a parser panic
+// recovered as an error, and returns it with its ObjectKey.
+func ParseObject(f *os.File, name string) (ef *elf.File, key string, err error) {
+	err = targetfs.Recover(name, func() error {
+		var err error
+		if ef, err = targetfs.NewELF(f); err != nil {
+			return err
+		}
+		key, err = objectKey(ef, f)
+		return err
+	})
+	return ef, key, err
+}
 
 // ObjectKey identifies an object across processes by its GNU build ID and
 // the SHA-256 of its contents (targetfs.Digest), so that a file claiming

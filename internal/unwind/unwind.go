@@ -17,7 +17,6 @@ import (
 	"sync/atomic"
 
 	"github.com/memprof/memprof/internal/procmaps"
-	"github.com/memprof/memprof/internal/targetfs"
 )
 
 // Regs are the user registers captured with the stack.
@@ -132,16 +131,7 @@ func (p *Process) newMapping(m *procmaps.Mapping) (*pmap, error) {
 			p.mu.Unlock()
 			return nil, fmt.Errorf("unwind: open mapping %x-%x of process %d: %w", m.Start, m.End, p.pid, err)
 		}
-		var ef *elf.File
-		var key string
-		err = targetfs.Recover(m.Path, func() error {
-			var err error
-			if ef, err = targetfs.NewELF(f); err != nil {
-				return err
-			}
-			key, err = objectKey(ef, f)
-			return err
-		})
+		ef, key, err := ParseObject(f, m.Path)
 		if err != nil {
 			f.Close()
 			p.mu.Unlock()

@@ -226,16 +226,7 @@ func (s *Store) Prepare(path string) error {
 	if err != nil {
 		return fmt.Errorf("unwindtable: %w", err)
 	}
-	var ef *elf.File
-	var key string
-	err = targetfs.Recover(path, func() error {
-		var err error
-		if ef, err = targetfs.NewELF(f); err != nil {
-			return err
-		}
-		key, err = unwind.ObjectKey(ef, f)
-		return err
-	})
+	ef, key, err := unwind.ParseObject(f, path)
 	if err != nil {
 		f.Close()
 		return fmt.Errorf("unwindtable: parse ELF %s: %w", path, err)
@@ -302,16 +293,7 @@ func (s *Store) mapping(pid int, m *procmaps.Mapping) (procMap, error) {
 	if err != nil {
 		return procMap{}, fmt.Errorf("unwindtable: open mapping %x-%x of process %d: %w", m.Start, m.End, pid, err)
 	}
-	var ef *elf.File
-	var key string
-	err = targetfs.Recover(m.Path, func() error {
-		var err error
-		if ef, err = targetfs.NewELF(f); err != nil {
-			return err
-		}
-		key, err = unwind.ObjectKey(ef, f)
-		return err
-	})
+	ef, key, err := unwind.ParseObject(f, m.Path)
 	if err != nil {
 		f.Close()
 		return procMap{}, fmt.Errorf("unwindtable: parse ELF %s of process %d: %w", m.Path, pid, err)
