@@ -118,8 +118,11 @@ func (d *dwarfStacks) shouldRefresh(p *dwarfProc, pc uint64) bool {
 	return !p.uncovered[pc>>12] && len(p.uncovered) < 4096
 }
 
-func newDwarfStacks(objs *bpfload.Objects) *dwarfStacks {
+// newDwarfStacks returns the stack state of a session; mapped (may be nil)
+// is called for a process whose mappings the unwinders re-read.
+func newDwarfStacks(objs *bpfload.Objects, mapped func(pid int)) *dwarfStacks {
 	d := &dwarfStacks{
+		mapped:    mapped,
 		cache:     unwind.NewCache(256 << 20),
 		objs:      objs,
 		procs:     map[int]*dwarfProc{},
@@ -160,7 +163,19 @@ func (d *dwarfStacks) refreshLoop() {
 		case <-d.stop:
 			return
 		case <-t.C:
-			_, _ = d.store.Refresh(procmaps.Read) // errors: processes gone meanwhile
+			// A walk met code the tables do not describe (a dlopen): the
+			// symbolizer takes the new mappings too, so the library's
+			// frames resolve even if it is unloaded before the profile.
+			var read []int
+			_, _ = d.store.Refresh(func(pid int) ([]procmaps.Mapping, error) { // errors: processes gone meanwhile
+				read = append(read, pid)
+				return procmaps.Read(pid)
+			})
+			if d.mapped != nil {
+				for _, pid := range read {
+					d.mapped(pid)
+				}
+			}
 		}
 	}
 }

@@ -140,13 +140,15 @@ func mangled(name string) bool {
 	return strings.HasPrefix(name, "_Z") || strings.HasPrefix(name, "_R")
 }
 
-// fcModes are the stack modes the field cases run in. auto (the default)
+// fcModes are the stack modes the field cases run in: cfi (the default,
+// the CFI walk in BPF) and dwarf (stack copies unwound in memprof). auto
 // takes frame pointers for these processes, whose own code has them while
 // code in the middle of their stacks (glibc, libstdc++, the Rust crate, the
-// plugin) has none.
+// plugin) has none: it is wrong for them, as documented.
 var fcModes = []struct{ mode, skip string }{
+	{StackCFI, ""},
 	{StackDwarf, ""},
-	{StackAuto, "auto mode: mid-stack frame-pointer-free code, fixed by BPF unwinding (issue 11)"},
+	{StackAuto, "auto mode takes frame pointers for these processes: wrong for mid-stack code without them (use the default, cfi)"},
 }
 
 // TestFieldCases records each field-case program at --sample-rate 1 and

@@ -39,6 +39,10 @@ type keptTarget struct {
 	notes     []string         // what memprof could not see of it (finalNotes)
 	seq       uint64           // order of the exits handled, from 1
 	at        time.Time        // when its exit was handled
+	// unloaded mappings its symbolizer held at its exit, and those it had
+	// to drop (symbolize.MaxGoneMappings)
+	goneKept    int
+	goneDropped uint64
 }
 
 // MaxKeptExited bounds the exited targets whose state a session that drops
@@ -138,6 +142,9 @@ func (s *Session) exit(pid int, why string, onReader bool, use func(*keptTarget)
 		s.countTarget(lostUnreadable)
 	} else {
 		k.samples = s.samples(snap, map[int]*target{pid: t}, nil)
+		if t.sym != nil {
+			k.goneKept, k.goneDropped = t.sym.Retained()
+		}
 		s.mu.Lock()
 		sr := s.seriesRec
 		s.mu.Unlock()

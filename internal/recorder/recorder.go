@@ -217,8 +217,7 @@ func Start(ctx context.Context, opts Options) (*Session, error) {
 	s.family = map[int]*famEntry{}
 	s.attaching = map[int]bool{}
 	if opts.StackMode != StackFP {
-		s.dwarf = newDwarfStacks(objs)
-		s.dwarf.mapped = s.refreshSymbols
+		s.dwarf = newDwarfStacks(objs, s.refreshSymbols)
 	}
 	if err := s.startOOM(); err != nil {
 		s.Close()

@@ -89,7 +89,7 @@ func TestSeriesOfACgroup(t *testing.T) {
 // stacks of that process's live blocks; a read of the process does forget
 // its blocks that are gone.
 func TestResolveKeepsProcessesNotRead(t *testing.T) {
-	d := newDwarfStacks(nil)
+	d := newDwarfStacks(nil, nil)
 	d.seqs[1] = seqInfo{id: stackFlag, pid: 10, gen: 0}
 	d.seqs[2] = seqInfo{id: stackFlag + 1, pid: 20, gen: 0}
 	d.seqs[3] = seqInfo{id: stackFlag + 1, pid: 20, gen: 0}

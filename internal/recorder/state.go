@@ -206,6 +206,11 @@ func (s *Session) newProfile() *pprofout.Profile {
 			gone, dropped = gone+g, dropped+d
 		}
 	}
+	s.mu.Lock()
+	for _, k := range s.kept { // symbolized at their exit, with these mappings
+		gone, dropped = gone+k.goneKept, dropped+k.goneDropped
+	}
+	s.mu.Unlock()
 	p.Comments = append(p.Comments, pprofout.MetaComment("unloaded_mappings_kept", strconv.Itoa(gone)))
 	if dropped > 0 {
 		// Frames in these mappings are left unsymbolized (symbolize.MaxGoneMappings).
