@@ -32,7 +32,7 @@ func runRecordRSS(c *cli.Context) error {
 	if opts.SampleRate == 0 {
 		return fmt.Errorf("--sample-rate must be at least 1 byte")
 	}
-	target := "rss"
+	target := describeTarget(recorder.Options{Pids: opts.Pids, Cgroups: opts.Cgroups, Command: opts.Command})
 	var podLabels map[string]string
 	if pod := c.String("pod"); pod != "" {
 		conts, err := podfind.Discover(c.Context, podPathsFrom(c))

@@ -46,7 +46,7 @@ func liveUndercount(c bpfload.Counters) string {
 		what string
 	}{
 		{c.LiveFull, "sampled blocks not tracked: the live-block map was full"},
-		{c.MissedReturn, "allocator calls whose return was never seen (longjmp)"},
+		{c.MissedReturn, "allocator calls abandoned by an exception or longjmp (whether they allocated is unknown)"},
 		{c.NoThreadState, "allocator calls of threads without state"},
 		{c.ReadFailed, "allocations whose result could not be read"},
 	} {
@@ -69,7 +69,7 @@ func withhold(r *FragReport, reason string) {
 		r.Withheld = reason
 	}
 	v.Alarm, v.Advice = false, nil
-	v.Summary = fmt.Sprintf("no verdict: the live size is undercounted (%s); figures only: RSS %s, live at least %s, ratio at most %.2f",
+	v.Summary = fmt.Sprintf("no verdict: the live size may be undercounted (%s); figures only: RSS %s, live (estimated) %s, ratio %.2f",
 		r.Withheld, pprofout.HumanBytes(int64(v.RSS)), pprofout.HumanBytes(int64(v.Live)), v.Ratio)
 	if v.Withheld != "" {
 		// Bounded by coverage too (frag.Bounded): both reasons hold.
