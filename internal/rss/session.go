@@ -332,6 +332,18 @@ func (s *Session) noteProc(pid int) *proc {
 	if p := s.procs[pid]; p != nil {
 		return p
 	}
+	p := s.newProc(pid)
+	if pm, err := frag.ReadProcess(pid); err == nil {
+		p.startAnon = int64(pm.RssAnon)
+	} else {
+		p.exited = !procmaps.Alive(pid)
+	}
+	s.procs[pid] = p
+	return p
+}
+
+// newProc is a process's name, memory cgroup and open view of its files.
+func (s *Session) newProc(pid int) *proc {
 	p := &proc{pid: pid, comm: procmaps.Comm(pid)}
 	if v1, v2, err := cgroups.OfProcess(pid); err == nil {
 		p.cgroup = v1
@@ -339,16 +351,25 @@ func (s *Session) noteProc(pid int) *proc {
 			p.cgroup = v2
 		}
 	}
-	if pm, err := frag.ReadProcess(pid); err == nil {
-		p.startAnon = int64(pm.RssAnon)
-	} else {
-		p.exited = !procmaps.Alive(pid)
-	}
 	if sp, err := s.sym.Snapshot(pid); err == nil {
 		p.sym = sp
 	}
-	s.procs[pid] = p
 	return p
+}
+
+// noteNew records a process whose first sampled fault arrives before a scan
+// has seen it (it started during the recording: nothing of it was resident
+// before), while it is alive: a process that faults in its memory and is
+// OOM-killed between two scans still gets its symbols.
+func (s *Session) noteNew(pid int) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.procs[pid] != nil {
+		return
+	}
+	p := s.newProc(pid)
+	p.exited = p.sym == nil && !procmaps.Alive(pid)
+	s.procs[pid] = p
 }
 
 // refreshSym re-reads p's mappings for symbolization; failing for a process
@@ -387,6 +408,9 @@ func (s *Session) readEvents() {
 		}
 		switch binary.LittleEndian.Uint32(rec.RawSample) {
 		case uint32(mbpf.RssRssEventTypeRE_STACK):
+			if len(rec.RawSample) >= 8 {
+				s.noteNew(int(binary.LittleEndian.Uint32(rec.RawSample[4:])))
+			}
 			if err := s.stacks.handleStack(rec.RawSample); err != nil {
 				s.mu.Lock()
 				s.recordErr(err)
