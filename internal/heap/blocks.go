@@ -87,22 +87,3 @@ func CopyLive(m Maps, parent, child uint32) (int, error) {
 	}
 	return copied, nil
 }
-
-// DropLive deletes the sampled live blocks of process pid (not its
-// allocation counts): at an exec every block of the old program is gone.
-// It returns how many were deleted.
-func DropLive(m Maps, pid uint32) (int, error) {
-	var keys []mbpf.MemprofLiveKey
-	err := eachLiveBatch(m, func(k mbpf.MemprofLiveKey, _ mbpf.MemprofLiveBlock) {
-		if k.Tgid == pid {
-			keys = append(keys, k)
-		}
-	})
-	n := 0
-	for _, k := range keys {
-		if m.Live.Delete(k) == nil {
-			n++
-		}
-	}
-	return n, err
-}
