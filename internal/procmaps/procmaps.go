@@ -13,6 +13,8 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"unicode"
+	"unicode/utf8"
 
 	"github.com/memprof/memprof/internal/targetfs"
 )
@@ -206,7 +208,26 @@ func Comm(pid int) string {
 	if err != nil {
 		return ""
 	}
-	return strings.TrimSpace(string(b))
+	// The name is the target's to set (prctl PR_SET_NAME): control
+	// characters are escaped so it cannot reach a terminal or a log raw.
+	return escapeControl(strings.TrimSpace(string(b)))
+}
+
+// escapeControl quotes control characters and invalid UTF-8 of s as Go
+// escapes (\n, \x1b, ...), leaving printable text as it is.
+func escapeControl(s string) string {
+	clean := true
+	for _, r := range s {
+		if r == utf8.RuneError || unicode.IsControl(r) {
+			clean = false
+			break
+		}
+	}
+	if clean {
+		return s
+	}
+	q := strconv.QuoteToGraphic(s)
+	return q[1 : len(q)-1]
 }
 
 // Alive reports whether pid exists and is not a zombie.

@@ -15,3 +15,18 @@ func TestParsePaths(t *testing.T) {
 		}
 	}
 }
+
+// A process name is the target's to choose: control characters must not
+// reach a terminal raw.
+func TestEscapeControl(t *testing.T) {
+	for in, want := range map[string]string{
+		"redis-server":            "redis-server",
+		"a\n\x1b[31mX\x1b]0;pw\a": `a\n\x1b[31mX\x1b]0;pw\a`,
+		"caf\xe9":                 `caf\xe9`,
+		"naïve":                   "naïve",
+	} {
+		if got := escapeControl(in); got != want {
+			t.Errorf("escapeControl(%q) = %q, want %q", in, got, want)
+		}
+	}
+}

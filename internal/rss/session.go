@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strconv"
 	"sync"
@@ -653,16 +654,30 @@ func (s *Session) Wait(ctx context.Context, d time.Duration) string {
 	if s.cmd != nil {
 		cmdDone = s.cmd.status
 	}
-	select {
-	case <-ctx.Done():
-		return "interrupted"
-	case <-timeout:
-		return "duration reached"
-	case st := <-cmdDone:
-		if st.signal != 0 {
-			return fmt.Sprintf("command killed by signal %d (%s)", int(st.signal), st.signal)
+	// Targets named only by pid: the recording ends when they have all
+	// exited (cgroups stay followed: new processes may join them).
+	var poll <-chan time.Time
+	if s.cmd == nil && len(s.opts.Cgroups) == 0 && len(s.opts.Pids) > 0 {
+		t := time.NewTicker(200 * time.Millisecond)
+		defer t.Stop()
+		poll = t.C
+	}
+	for {
+		select {
+		case <-ctx.Done():
+			return "interrupted"
+		case <-timeout:
+			return "duration reached"
+		case st := <-cmdDone:
+			if st.signal != 0 {
+				return fmt.Sprintf("command killed by signal %d (%s)", int(st.signal), st.signal)
+			}
+			return fmt.Sprintf("command exited with status %d", st.code)
+		case <-poll:
+			if !slices.ContainsFunc(s.opts.Pids, procmaps.Alive) {
+				return "all targets exited"
+			}
 		}
-		return fmt.Sprintf("command exited with status %d", st.code)
 	}
 }
 
