@@ -141,21 +141,7 @@ func Build(p *Profile) (*profile.Profile, error) {
 		for _, loc := range s.Stack {
 			ps.Location = append(ps.Location, b.location(loc))
 		}
-		for k, v := range s.Labels {
-			if v == "" {
-				continue
-			}
-			if ps.Label == nil {
-				ps.Label = make(map[string][]string)
-			}
-			ps.Label[k] = []string{v}
-		}
-		ps.NumLabel = make(map[string][]int64, len(s.NumLabels)+1)
-		for k, v := range s.NumLabels {
-			ps.NumLabel[k] = []int64{v}
-		}
-		ps.NumLabel["bytes"] = []int64{clampInt64(float64(s.Size))}
-		ps.NumUnit = map[string][]string{"bytes": {"bytes"}}
+		setLabels(ps, s.Labels, s.NumLabels, s.Size)
 		out.Sample = append(out.Sample, ps)
 	}
 
@@ -283,4 +269,25 @@ func (b *builder) function(ln Line) *profile.Function {
 	b.out.Function = append(b.out.Function, f)
 	b.functions[k] = f
 	return f
+}
+
+// setLabels gives ps the string labels (empty values left out), the numeric
+// labels and the numeric label "bytes" = size (unit bytes) that pprof's
+// -tagfocus and the per-size views read.
+func setLabels(ps *profile.Sample, labels map[string]string, num map[string]int64, size uint64) {
+	for k, v := range labels {
+		if v == "" {
+			continue
+		}
+		if ps.Label == nil {
+			ps.Label = make(map[string][]string)
+		}
+		ps.Label[k] = []string{v}
+	}
+	ps.NumLabel = make(map[string][]int64, len(num)+1)
+	for k, v := range num {
+		ps.NumLabel[k] = []int64{v}
+	}
+	ps.NumLabel["bytes"] = []int64{clampInt64(float64(size))}
+	ps.NumUnit = map[string][]string{"bytes": {"bytes"}}
 }

@@ -1,12 +1,9 @@
 package pprofout
 
 import (
-	"bytes"
 	"errors"
 	"fmt"
 	"math"
-	"os"
-	"path/filepath"
 
 	"github.com/google/pprof/profile"
 )
@@ -120,21 +117,7 @@ func BuildRSS(p *RSSProfile) (*profile.Profile, error) {
 		for _, loc := range s.Stack {
 			ps.Location = append(ps.Location, b.location(loc))
 		}
-		for k, v := range s.Labels {
-			if v == "" {
-				continue
-			}
-			if ps.Label == nil {
-				ps.Label = make(map[string][]string)
-			}
-			ps.Label[k] = []string{v}
-		}
-		ps.NumLabel = make(map[string][]int64, len(s.NumLabels)+1)
-		for k, v := range s.NumLabels {
-			ps.NumLabel[k] = []int64{v}
-		}
-		ps.NumLabel["bytes"] = []int64{clampInt64(float64(s.Size))}
-		ps.NumUnit = map[string][]string{"bytes": {"bytes"}}
+		setLabels(ps, s.Labels, s.NumLabels, s.Size)
 		out.Sample = append(out.Sample, ps)
 	}
 	if err := out.CheckValid(); err != nil {
@@ -152,34 +135,12 @@ func unsampleScale(size, rate uint64) float64 {
 	return 1 / (1 - math.Exp(-float64(size)/float64(rate)))
 }
 
-// WriteRSSFile builds p with BuildRSS and writes it gzipped to path.
+// WriteRSSFile builds p with BuildRSS and writes it gzipped to path,
+// atomically as WriteFile.
 func WriteRSSFile(path string, p *RSSProfile) error {
 	built, err := BuildRSS(p)
 	if err != nil {
 		return err
 	}
-	var buf bytes.Buffer
-	if err := built.Write(&buf); err != nil {
-		return fmt.Errorf("pprofout: encode RSS profile for %s: %w", path, err)
-	}
-	// Atomic as WriteFile: a temporary file in the same directory, renamed.
-	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp-*")
-	if err != nil {
-		return fmt.Errorf("pprofout: create temporary file for %s: %w", path, err)
-	}
-	_, err = tmp.Write(buf.Bytes())
-	if err == nil {
-		err = tmp.Chmod(0o644)
-	}
-	if cerr := tmp.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(tmp.Name(), path)
-	}
-	if err != nil {
-		os.Remove(tmp.Name())
-		return fmt.Errorf("pprofout: write %s: %w", path, err)
-	}
-	return nil
+	return writeAtomic(path, built)
 }

@@ -28,11 +28,18 @@ func Write(w io.Writer, p *Profile) error {
 // to a temporary file in the same directory, synced and renamed over path.
 // On any error no file is left behind and an existing file at path is
 // unchanged.
-func WriteFile(path string, p *Profile) (err error) {
+func WriteFile(path string, p *Profile) error {
 	pp, err := Build(p)
 	if err != nil {
 		return err
 	}
+	return writeAtomic(path, pp)
+}
+
+// writeAtomic encodes pp (gzipped) into a temporary file in path's
+// directory, syncs it and renames it over path. On any error no file is left
+// behind and an existing file at path is unchanged.
+func writeAtomic(path string, pp *profile.Profile) (err error) {
 	var buf bytes.Buffer
 	if err := pp.Write(&buf); err != nil {
 		return fmt.Errorf("pprofout: encode profile for %s: %w", path, err)

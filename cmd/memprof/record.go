@@ -67,38 +67,17 @@ func runRecord(c *cli.Context) error {
 
 		FollowChildren: c.Bool("follow-children"),
 	}
-	if opts.SampleRate == 0 {
-		return fmt.Errorf("--sample-rate must be at least 1 byte")
-	}
-	if opts.SampleRate > recorder.MaxSampleRate {
-		return fmt.Errorf("--sample-rate %d is above the maximum of %d bytes (1 GiB): sampling that sparse shows nothing useful (default %d)", opts.SampleRate, recorder.MaxSampleRate, recorder.DefaultSampleRate)
-	}
-	if c.IsSet("duration") && c.Duration("duration") <= 0 {
-		return fmt.Errorf("--duration must be positive, got %s (omit it to record until the targets exit or Ctrl-C)", c.Duration("duration"))
+	if err := checkRecordFlags(c); err != nil {
+		return err
 	}
 	target := describeTarget(opts)
-	var podLabels map[string]string
-	if pod := c.String("pod"); pod != "" {
-		conts, err := podfind.Discover(c.Context, podPathsFrom(c))
-		if err != nil {
-			return fmt.Errorf("find pods on this node: %w", err)
-		}
-		sel, err := podfind.Select(conts, pod, c.String("namespace"), c.String("container"))
-		if err != nil {
-			return err
-		}
-		for _, ct := range sel {
-			dir := ct.CgroupV1Memory
-			if dir == "" {
-				dir = ct.CgroupV2
-			}
-			opts.Cgroups = append(opts.Cgroups, dir)
-		}
-		podLabels = map[string]string{"namespace": sel[0].Namespace, "pod": sel[0].Pod, "node": hostname()}
-		if len(sel) == 1 {
-			podLabels["container"] = sel[0].Name
-		}
-		target = sel[0].Namespace + "-" + sel[0].Pod
+	cgs, podLabels, podTarget, err := podTargets(c)
+	if err != nil {
+		return err
+	}
+	opts.Cgroups = append(opts.Cgroups, cgs...)
+	if podTarget != "" {
+		target = podTarget
 	}
 	out := c.String("output")
 	if out == "" {
@@ -324,18 +303,72 @@ func checkOutput(path string) error {
 	return nil
 }
 
-// writeProfile writes the profile at path; if that fails (disk full, the
-// directory removed meanwhile), it saves it in $TMPDIR instead and says
-// where, so the recording is not lost. It returns the path written.
+// writeProfile writes the heap profile at path, with writeOrFallback.
 func writeProfile(path string, p *pprofout.Profile, w io.Writer) (string, error) {
-	err := pprofout.WriteFile(path, p)
+	return writeOrFallback(path, func(to string) error { return pprofout.WriteFile(to, p) }, w)
+}
+
+// writeOrFallback writes a profile at path with write; if that fails (disk
+// full, the directory removed meanwhile), it writes it in $TMPDIR instead
+// and says where on w, so the recording is not lost. It returns the path
+// written.
+func writeOrFallback(path string, write func(path string) error, w io.Writer) (string, error) {
+	err := write(path)
 	if err == nil {
 		return path, nil
 	}
 	fallback := filepath.Join(os.TempDir(), fmt.Sprintf("memprof-%d-%s", os.Getpid(), filepath.Base(path)))
-	if ferr := pprofout.WriteFile(fallback, p); ferr != nil {
+	if ferr := write(fallback); ferr != nil {
 		return "", fmt.Errorf("write profile %s: %w; the fallback %s failed too: %w (the recording is lost)", path, err, fallback, ferr)
 	}
 	fmt.Fprintf(w, "memprof: WRITING %s FAILED: %v\nmemprof: the profile was saved to %s instead\n", path, err, fallback)
 	return fallback, nil
+}
+
+// checkRecordFlags refuses, before anything is attached, a --sample-rate
+// outside [1, recorder.MaxSampleRate] bytes and a --duration that is not
+// positive.
+func checkRecordFlags(c *cli.Context) error {
+	rate := c.Uint64("sample-rate")
+	if rate == 0 {
+		return fmt.Errorf("--sample-rate must be at least 1 byte")
+	}
+	if rate > recorder.MaxSampleRate {
+		return fmt.Errorf("--sample-rate %d is above the maximum of %d bytes (1 GiB): sampling that sparse shows nothing useful (default %d)", rate, recorder.MaxSampleRate, recorder.DefaultSampleRate)
+	}
+	if c.IsSet("duration") && c.Duration("duration") <= 0 {
+		return fmt.Errorf("--duration must be positive, got %s (omit it to record until the targets exit or Ctrl-C)", c.Duration("duration"))
+	}
+	return nil
+}
+
+// podTargets resolves --pod (with --namespace, --container) into the
+// containers' cgroup directories (v1 memory controller, else v2), the
+// namespace/pod/node(/container) labels put on every sample and a name for
+// the default output file. Without --pod it returns nothing.
+func podTargets(c *cli.Context) (cgroups []string, labels map[string]string, target string, err error) {
+	pod := c.String("pod")
+	if pod == "" {
+		return nil, nil, "", nil
+	}
+	conts, err := podfind.Discover(c.Context, podPathsFrom(c))
+	if err != nil {
+		return nil, nil, "", fmt.Errorf("find pods on this node: %w", err)
+	}
+	sel, err := podfind.Select(conts, pod, c.String("namespace"), c.String("container"))
+	if err != nil {
+		return nil, nil, "", err
+	}
+	for _, ct := range sel {
+		dir := ct.CgroupV1Memory
+		if dir == "" {
+			dir = ct.CgroupV2
+		}
+		cgroups = append(cgroups, dir)
+	}
+	labels = map[string]string{"namespace": sel[0].Namespace, "pod": sel[0].Pod, "node": hostname()}
+	if len(sel) == 1 {
+		labels["container"] = sel[0].Name
+	}
+	return cgroups, labels, sel[0].Namespace + "-" + sel[0].Pod, nil
 }

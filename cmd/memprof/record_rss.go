@@ -12,7 +12,6 @@ import (
 
 	"github.com/urfave/cli/v2"
 
-	"github.com/memprof/memprof/internal/podfind"
 	"github.com/memprof/memprof/internal/recorder"
 	"github.com/memprof/memprof/internal/rss"
 	"github.com/memprof/memprof/pprofout"
@@ -29,36 +28,24 @@ func runRecordRSS(c *cli.Context) error {
 		FramePointers: c.String("stack-mode") == "fp",
 		AllOOMs:       c.Bool("all-ooms"),
 	}
-	if opts.SampleRate == 0 {
-		return fmt.Errorf("--sample-rate must be at least 1 byte")
+	if err := checkRecordFlags(c); err != nil {
+		return err
 	}
 	target := describeTarget(recorder.Options{Pids: opts.Pids, Cgroups: opts.Cgroups, Command: opts.Command})
-	var podLabels map[string]string
-	if pod := c.String("pod"); pod != "" {
-		conts, err := podfind.Discover(c.Context, podPathsFrom(c))
-		if err != nil {
-			return fmt.Errorf("find pods on this node: %w", err)
-		}
-		sel, err := podfind.Select(conts, pod, c.String("namespace"), c.String("container"))
-		if err != nil {
-			return err
-		}
-		for _, ct := range sel {
-			dir := ct.CgroupV1Memory
-			if dir == "" {
-				dir = ct.CgroupV2
-			}
-			opts.Cgroups = append(opts.Cgroups, dir)
-		}
-		podLabels = map[string]string{"namespace": sel[0].Namespace, "pod": sel[0].Pod, "node": hostname()}
-		if len(sel) == 1 {
-			podLabels["container"] = sel[0].Name
-		}
-		target = sel[0].Namespace + "-" + sel[0].Pod
+	cgs, podLabels, podTarget, err := podTargets(c)
+	if err != nil {
+		return err
+	}
+	opts.Cgroups = append(opts.Cgroups, cgs...)
+	if podTarget != "" {
+		target = podTarget
 	}
 	out := c.String("output")
 	if out == "" {
 		out = fmt.Sprintf("memprof-%s-%s.rss.pb.gz", target, time.Now().Format("20060102-150405"))
+	}
+	if err := checkOutput(out); err != nil {
+		return err
 	}
 	oomDir := c.String("oom-dir")
 	if oomDir == "" {
@@ -106,7 +93,8 @@ func writeRSSResult(s *rss.Session, out string, podLabels map[string]string, top
 			p.Samples[i].Labels[k] = v
 		}
 	}
-	if err := pprofout.WriteRSSFile(out, p); err != nil {
+	out, err = writeOrFallback(out, func(to string) error { return pprofout.WriteRSSFile(to, p) }, stderr)
+	if err != nil {
 		return err
 	}
 	cn, _ := s.Counters()

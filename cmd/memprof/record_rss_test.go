@@ -2,10 +2,15 @@ package main
 
 import (
 	"math"
+	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
+	"slices"
 	"strings"
 	"testing"
+
+	"github.com/google/pprof/profile"
 
 	"github.com/memprof/memprof/internal/testprog"
 	"github.com/memprof/memprof/pprofout"
@@ -39,18 +44,64 @@ func TestRecordRSSCommand(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	got := map[string]int64{}
-	for _, smp := range p.Sample {
-		for _, loc := range smp.Location {
-			for _, ln := range loc.Line {
-				if ln.Function != nil && (ln.Function.Name == "own_mmap" || ln.Function.Name == "unmapped") {
-					got[ln.Function.Name] += smp.Value[2]
-				}
-			}
-		}
-	}
+	got := rssOfFunctions(p, "own_mmap", "unmapped")
 	t.Logf("rss_space at exit: own_mmap %.2f MiB (truth 24), unmapped %.2f MiB (truth 0)", float64(got["own_mmap"])/(1<<20), float64(got["unmapped"])/(1<<20))
 	if math.Abs(float64(got["own_mmap"])-24<<20) > 0.03*(24<<20) || got["unmapped"] != 0 {
 		t.Errorf("rss_space own_mmap %d unmapped %d, want 24 MiB and 0", got["own_mmap"], got["unmapped"])
+	}
+}
+
+// rssOfFunctions sums rss_space (the third sample value) of the samples
+// whose stack holds each named function.
+func rssOfFunctions(p *profile.Profile, names ...string) map[string]int64 {
+	got := map[string]int64{}
+	for _, smp := range p.Sample {
+		seen := map[string]bool{}
+		for _, loc := range smp.Location {
+			for _, ln := range loc.Line {
+				if ln.Function == nil || seen[ln.Function.Name] || !slices.Contains(names, ln.Function.Name) {
+					continue
+				}
+				seen[ln.Function.Name] = true
+				got[ln.Function.Name] += smp.Value[2]
+			}
+		}
+	}
+	return got
+}
+
+// TestRecordRSSFullDiskFallback: the RSS profile's file system fills up
+// during the recording; it is saved in $TMPDIR instead, memprof says where,
+// and it holds the recording (the command's own 24 MiB mapping).
+func TestRecordRSSFullDiskFallback(t *testing.T) {
+	testprog.RequireRoot(t)
+	memprof := buildMemprof(t)
+	prog := testprog.Build(t, "rss_known.c")
+	full := mountTmpfs(t, "size=64k")
+	filler, _ := os.Create(filepath.Join(full, "filler"))
+	filler.Write(make([]byte, 1<<20))
+	filler.Close()
+	tmp := t.TempDir()
+	rec := exec.Command(memprof, "record", "--rss", "--sample-rate", "1", "-o", filepath.Join(full, "rss.pb.gz"), "--", prog)
+	rec.Env = append(os.Environ(), "TMPDIR="+tmp)
+	rec.Stdin = strings.NewReader("go\n")
+	out, err := rec.CombinedOutput()
+	if err != nil {
+		t.Fatalf("memprof record --rss: %v\n%s", err, out)
+	}
+	m := regexp.MustCompile(`the profile was saved to (\S+) instead`).FindStringSubmatch(string(out))
+	if m == nil || filepath.Dir(m[1]) != tmp {
+		t.Fatalf("output does not say the RSS profile was saved in %s:\n%s", tmp, out)
+	}
+	p, err := pprofout.ReadFile(m[1])
+	if err != nil {
+		t.Fatalf("fallback RSS profile: %v", err)
+	}
+	got := rssOfFunctions(p, "own_mmap")
+	if math.Abs(float64(got["own_mmap"])-24<<20) > 0.03*(24<<20) {
+		t.Errorf("fallback RSS profile: own_mmap rss_space %d, want 24 MiB ±3%%", got["own_mmap"])
+	}
+	if !strings.Contains(string(out), "RSS profile written to "+m[1]) {
+		t.Errorf("the summary does not point at the fallback file:\n%s", out)
 	}
 }

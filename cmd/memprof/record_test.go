@@ -45,6 +45,10 @@ func TestRecordOutputChecked(t *testing.T) {
 		{[]string{"record", "--pid", self, "--sample-rate", "2147483648"}, "above the maximum of 1073741824 bytes"},
 		{[]string{"record", "--pid", self, "--duration", "-5s"}, "--duration must be positive"},
 		{[]string{"record", "--pid", self, "--duration", "0s"}, "--duration must be positive"},
+		{[]string{"record", "--rss", "--pid", self, "-o", "/nonexistent-memprof-dir/rss.pb.gz"}, "directory /nonexistent-memprof-dir does not exist"},
+		{[]string{"record", "--rss", "--pid", self, "-o", filepath.Join(ro, "rss.pb.gz")}, "cannot write in " + ro},
+		{[]string{"record", "--rss", "--pid", self, "--sample-rate", "2147483648"}, "above the maximum of 1073741824 bytes"},
+		{[]string{"record", "--rss", "--pid", self, "--duration", "0s"}, "--duration must be positive"},
 	} {
 		start := time.Now()
 		out, err := exec.Command(memprof, tc.args...).CombinedOutput()
@@ -58,7 +62,7 @@ func TestRecordOutputChecked(t *testing.T) {
 		if strings.Contains(string(out), "recording ") {
 			t.Errorf("memprof %v started recording before refusing: %q", tc.args, out)
 		}
-		t.Logf("%v: refused in %v: %s", tc.args[3:], time.Since(start).Round(time.Millisecond), strings.TrimSpace(string(out)))
+		t.Logf("%v: refused in %v: %s", tc.args[1:], time.Since(start).Round(time.Millisecond), strings.TrimSpace(string(out)))
 	}
 }
 
