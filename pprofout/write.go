@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"unicode/utf8"
 
 	"github.com/google/pprof/profile"
 )
@@ -83,8 +84,16 @@ func writeAtomic(path string, pp *profile.Profile) (err error) {
 // are a few MiB.
 const MaxProfileBytes = 256 << 20
 
+// MaxStringBytes caps every string ReadFile keeps from a profile (function,
+// file and mapping names, build IDs, labels, comments): longer ones are cut
+// and marked, so a hostile profile's 50 MB name is not copied into every
+// row, stack and flame-graph node a report renders. Real C++ names stay
+// well under 4 KiB.
+const MaxStringBytes = 4096
+
 // ReadFile reads a pprof profile (gzipped or not) from path, of at most
-// MaxProfileBytes before and after decompression.
+// MaxProfileBytes before and after decompression, with every string cut to
+// MaxStringBytes (boundString).
 func ReadFile(path string) (*profile.Profile, error) {
 	f, err := os.Open(path)
 	if err != nil {
@@ -110,7 +119,67 @@ func ReadFile(path string) (*profile.Profile, error) {
 	if len(p.SampleType) == 0 {
 		return nil, fmt.Errorf("pprofout: %s is not a pprof profile: it has no sample types", path)
 	}
+	boundStrings(p)
 	return p, nil
+}
+
+// boundStrings cuts every string of p to MaxStringBytes.
+func boundStrings(p *profile.Profile) {
+	for _, f := range p.Function {
+		f.Name, f.SystemName, f.Filename = boundString(f.Name), boundString(f.SystemName), boundString(f.Filename)
+	}
+	for _, m := range p.Mapping {
+		m.File, m.BuildID = boundString(m.File), boundString(m.BuildID)
+	}
+	for i, c := range p.Comments {
+		p.Comments[i] = boundString(c)
+	}
+	for _, st := range append(append([]*profile.ValueType{}, p.SampleType...), p.PeriodType) {
+		if st != nil {
+			st.Type, st.Unit = boundString(st.Type), boundString(st.Unit)
+		}
+	}
+	for _, s := range p.Sample {
+		if labelsLong(s.Label) {
+			l := make(map[string][]string, len(s.Label))
+			for k, vs := range s.Label {
+				b := make([]string, len(vs))
+				for i, v := range vs {
+					b[i] = boundString(v)
+				}
+				l[boundString(k)] = b
+			}
+			s.Label = l
+		}
+	}
+}
+
+func labelsLong(l map[string][]string) bool {
+	for k, vs := range l {
+		if len(k) > MaxStringBytes {
+			return true
+		}
+		for _, v := range vs {
+			if len(v) > MaxStringBytes {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// boundString returns s, or a copy of its first MaxStringBytes bytes (cut at
+// a UTF-8 boundary) followed by "…[N bytes cut]" — a copy, so the long
+// original can be freed.
+func boundString(s string) string {
+	if len(s) <= MaxStringBytes {
+		return s
+	}
+	n := MaxStringBytes
+	for n > 0 && !utf8.RuneStart(s[n]) {
+		n--
+	}
+	return strings.Clone(s[:n]) + fmt.Sprintf("…[%d bytes cut]", len(s)-n)
 }
 
 // readCapped reads r to its end, failing once it passes MaxProfileBytes.

@@ -5,10 +5,13 @@ import (
 	"encoding/json"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/google/pprof/profile"
 
 	"github.com/memprof/memprof/internal/growth"
 	"github.com/memprof/memprof/internal/series"
@@ -235,5 +238,72 @@ func TestAnalyzeClassifiesTheLargest(t *testing.T) {
 		if st.Growth.Trend == growth.Unknown && st.Frames[0] != "f0" && st.Frames[0] != "f1" {
 			t.Errorf("%s left unclassified, not one of the two smallest", st.Frames[0])
 		}
+	}
+}
+
+// TestHostileLongNameBounded: a profile whose function name is 50 MB, on 20
+// distinct stacks, is reported (text, JSON, HTML) with the name cut to
+// pprofout.MaxStringBytes and bounded memory: before the cut every stack,
+// row and flame-graph node copied the whole name (≥ 1 GB here).
+func TestHostileLongNameBounded(t *testing.T) {
+	long := strings.Repeat("A", 50<<20)
+	p := &profile.Profile{
+		SampleType: []*profile.ValueType{{Type: "inuse_space", Unit: "bytes"}},
+		PeriodType: &profile.ValueType{Type: "space", Unit: "bytes"},
+		Period:     1,
+	}
+	fLong := &profile.Function{ID: 1, Name: long, Filename: long}
+	p.Function = append(p.Function, fLong)
+	lLong := &profile.Location{ID: 1, Line: []profile.Line{{Function: fLong}}}
+	p.Location = append(p.Location, lLong)
+	for i := 0; i < 20; i++ {
+		f := &profile.Function{ID: uint64(i + 2), Name: "caller" + strconv.Itoa(i)}
+		l := &profile.Location{ID: uint64(i + 2), Line: []profile.Line{{Function: f}}}
+		p.Function = append(p.Function, f)
+		p.Location = append(p.Location, l)
+		p.Sample = append(p.Sample, &profile.Sample{Location: []*profile.Location{lLong, l}, Value: []int64{int64(1000 * (i + 1))},
+			Label: map[string][]string{"comm": {long}}})
+	}
+	path := filepath.Join(t.TempDir(), "hostile.pb.gz")
+	f, err := os.Create(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Write(f); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	p = nil // only the file is read from here on
+
+	var before, after runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&before)
+	r, err := Load(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out bytes.Buffer
+	if err := WriteGrowth(&out, r, 20, 8); err != nil {
+		t.Fatal(err)
+	}
+	if err := WriteJSON(&out, r); err != nil {
+		t.Fatal(err)
+	}
+	if err := WriteHTML(&out, r); err != nil {
+		t.Fatal(err)
+	}
+	runtime.ReadMemStats(&after)
+	grew := int64(after.TotalAlloc - before.TotalAlloc)
+	t.Logf("50 MB name on 20 stacks: %d MiB allocated, %d KiB of output", grew>>20, out.Len()>>10)
+	// Reading costs about twice the decompressed 50 MB (the protobuf and
+	// its parse); rendering must add little.
+	if grew > 400<<20 {
+		t.Errorf("allocated %d MiB, want at most 400", grew>>20)
+	}
+	if out.Len() > 8<<20 {
+		t.Errorf("wrote %d MiB, want at most 8", out.Len()>>20)
+	}
+	if !strings.Contains(out.String(), "bytes cut]") {
+		t.Error("the long name is not marked as cut")
 	}
 }
