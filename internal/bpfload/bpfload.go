@@ -88,6 +88,19 @@ func (o *Objects) UnwindReplacements() map[string]*ebpf.Map {
 	}
 }
 
+// UnwindTables are the store and its table maps (CFI mode; nil otherwise)
+// for another tier's collection to walk with (the RSS tier): unlike
+// UnwindReplacements, its stacks and counters stay its own.
+func (o *Objects) UnwindTables() *unwindtable.Shared {
+	if o.Unwind == nil {
+		return nil
+	}
+	return &unwindtable.Shared{Store: o.Unwind, Maps: map[string]*ebpf.Map{
+		"uw_procs": o.UwProcs, "uw_objects": o.UwObjects, "uw_rows": o.UwRows, "uw_rules": o.UwRules,
+		"uw_stale": o.UwStale, "uw_scratch": o.UwScratch,
+	}}
+}
+
 // Features says which kernel paths are in use.
 type Features struct {
 	Kernel        string

@@ -20,6 +20,7 @@ import (
 	"github.com/memprof/memprof/internal/procmaps"
 	"github.com/memprof/memprof/internal/procwatch"
 	"github.com/memprof/memprof/internal/symbolize"
+	"github.com/memprof/memprof/internal/unwindtable"
 )
 
 // DefaultSampleRate is the mean number of bytes between samples.
@@ -260,6 +261,10 @@ func Start(ctx context.Context, opts Options) (*Session, error) {
 
 // StartTime is when the recording started.
 func (s *Session) StartTime() time.Time { return s.start }
+
+// UnwindTables are the heap tier's unwind tables (CFI mode; nil otherwise)
+// for the RSS tier to walk with (rss.Options.Unwind): one set per node.
+func (s *Session) UnwindTables() *unwindtable.Shared { return s.objs.UnwindTables() }
 
 // Features describes the kernel paths in use.
 func (s *Session) Features() bpfload.Features { return s.objs.Features }
