@@ -3,9 +3,11 @@ package rss
 import (
 	"context"
 	"math"
+	"os/exec"
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/google/pprof/profile"
 
@@ -100,4 +102,61 @@ func TestStacksWithoutFramePointers(t *testing.T) {
 	fp, fst := recordNoFP(t, true)
 	t.Logf("frame-pointer walk: under leaf <- mid <- main %.3f MiB; stacks %+v",
 		float64(rssWhere(fp, func(f []string) bool { return under(f, "leaf", "mid", "main") }))/mib, fst)
+}
+
+// TestStacksDlopen: a plugin without frame pointers loaded with dlopen
+// after the start (fc_dlmain.c, fc_plugin.c; 6 x 512 KiB faulted by
+// memset under plug_inner <- plug_outer <- main, then unloaded): the
+// samples whose walk met the plugin before its table was ready end in a
+// [truncated] frame and are counted; every other byte is under the whole
+// chain. Nothing is attributed to a wrong caller.
+func TestStacksDlopen(t *testing.T) {
+	testprog.RequireRoot(t)
+	dir := t.TempDir()
+	lib := dir + "/libfc_plugin.so"
+	if out, err := exec.Command("gcc", "-g", "-O2", "-fomit-frame-pointer", "-shared", "-fPIC", "-o", lib, testprog.Testdata("fc_plugin.c")).CombinedOutput(); err != nil {
+		t.Fatalf("build plugin: %v\n%s", err, out)
+	}
+	bin := testprog.Build(t, "fc_dlmain.c", "-O2", "-rdynamic", "-ldl")
+	s, err := Start(context.Background(), Options{SampleRate: 1, Command: []string{bin, lib}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if r := s.Wait(context.Background(), 30*time.Second); !strings.Contains(r, "status 0") {
+		t.Fatalf("fc_dlmain: %s", r)
+	}
+	p, _, err := s.Profile(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	built, err := pprofout.BuildRSS(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st := s.StackStats()
+	if rows, err := pprofout.Top(built, pprofout.RSSSpace, 4); err == nil {
+		var b strings.Builder
+		pprofout.FormatTop(&b, rows, pprofout.RSSSpace, 8)
+		t.Logf("top stacks:\n%s", b.String())
+	}
+	const truth = 6 * 512 << 10
+	has := func(f []string, name string) bool { return slices.Contains(f, name) }
+	inPlug := rssWhere(built, func(f []string) bool { return has(f, "plug_inner") })
+	full := rssWhere(built, func(f []string) bool { return under(f, "plug_inner", "plug_outer", "main") })
+	trunc := rssWhere(built, func(f []string) bool {
+		return has(f, "plug_inner") && !under(f, "plug_inner", "plug_outer", "main") && f[len(f)-1] == "[truncated]"
+	})
+	t.Logf("under plug_inner %.3f MiB (truth 3 + malloc headers): whole chain to main %.3f MiB, truncated %.3f MiB; sampled faults %+v",
+		float64(inPlug)/mib, float64(full)/mib, float64(trunc)/mib, st)
+	if math.Abs(float64(inPlug)-truth) > 0.03*truth {
+		t.Errorf("rss_space under plug_inner %.3f MiB, want 3 within 3%%", float64(inPlug)/mib)
+	}
+	if wrong := inPlug - full - trunc; wrong != 0 {
+		t.Errorf("%d bytes under plug_inner neither under plug_outer <- main nor marked truncated", wrong)
+	}
+	// Every truncated stack is counted: at rate 1 a sampled fault is a page.
+	if trunc > int64(st.Truncated)*pageSize {
+		t.Errorf("%d bytes on truncated stacks, but only %d sampled faults counted as truncated", trunc, st.Truncated)
+	}
 }
