@@ -49,8 +49,8 @@ type Options struct {
 	// set of tables per node); otherwise the RSS tier builds its own for
 	// its targets' objects.
 	Unwind *unwindtable.Shared
-	Poll          time.Duration // cgroup rescans and reclaim of exited processes (default 200ms)
-	Notify        func(msg string)
+	Poll   time.Duration // cgroup rescans and reclaim of exited processes (default 200ms)
+	Notify func(msg string)
 	// OOM is called for each OOM kill of a target (or of any process with
 	// AllOOMs) with the victim's RSS profile at the kill.
 	OOM        func(*OOMKill)
@@ -71,17 +71,17 @@ const (
 
 // Session is one RSS recording.
 type Session struct {
-	opts   Options
-	objs   *objects
-	rd     *ringbuf.Reader
+	opts Options
+	objs *objects
+	rd   *ringbuf.Reader
 	// targets are the RSS tier's processes in the unwind tables' store
 	// (CFI mode; nil with frame pointers).
 	targets *unwindtable.Targets
 	sym     *symbolize.Cache
-	start  time.Time
-	cmd    *command
-	done   chan struct{}
-	wg     sync.WaitGroup
+	start   time.Time
+	cmd     *command
+	done    chan struct{}
+	wg      sync.WaitGroup
 
 	mu      sync.Mutex
 	procs   map[int]*proc
