@@ -308,7 +308,15 @@ func (s *Session) AddCgroup(dir string) error {
 	s.mu.Lock()
 	s.cgDirs[filepath.Clean(dir)] = true
 	s.mu.Unlock()
-	return s.scanCgroup(filepath.Clean(dir))
+	err := s.scanCgroup(filepath.Clean(dir))
+	if s.targets != nil {
+		// The tables of the processes found now are built before the
+		// caller goes on (as for a pid), so their first faults' walks
+		// find them; processes that join later get theirs in the
+		// background (faults meanwhile: truncated, counted).
+		s.objs.store.WaitFor(tableWait)
+	}
+	return err
 }
 
 // RemoveCgroup stops recording cgroup dir (the agent, when a container goes).
