@@ -22,6 +22,7 @@ import (
 	"github.com/memprof/memprof/internal/heap"
 	"github.com/memprof/memprof/internal/procmaps"
 	"github.com/memprof/memprof/internal/symbolize"
+	"github.com/memprof/memprof/internal/targetfs"
 	"github.com/memprof/memprof/internal/unwindtable"
 	"github.com/memprof/memprof/pprofout"
 )
@@ -230,7 +231,10 @@ func (s *Session) setKinds(k uint32) {
 // AddPid makes pid a target (flags: mbpf.RssRssTargetFlag bits).
 func (s *Session) AddPid(pid int) error { return s.addPid(pid, uint8(mbpf.RssRssTargetFlagRT_TARGET)) }
 
-func (s *Session) addPid(pid int, flags uint8) error {
+func (s *Session) addPid(pid int, flags uint8) error { return s.addPidLibs(pid, flags, nil) }
+
+// addPidLibs is addPid with the host paths of objects pid will map.
+func (s *Session) addPidLibs(pid int, flags uint8, libs []string) error {
 	s.mu.Lock()
 	s.setKinds(RSSKindPids)
 	if err := s.objs.RssPids.Put(uint32(pid), flags); err != nil {
@@ -241,7 +245,7 @@ func (s *Session) addPid(pid int, flags uint8) error {
 	s.mu.Unlock()
 	// Its tables built before it runs on (a command stopped at its exec)
 	// or before the caller goes on, so its first faults' walks find them.
-	s.addUnwind(pid, tableWait)
+	s.addUnwind(pid, libs, tableWait)
 	return nil
 }
 
@@ -250,13 +254,14 @@ func (s *Session) addPid(pid int, flags uint8) error {
 // ready by then get a truncated stack, counted.
 const tableWait = 3 * time.Second
 
-// addUnwind gives pid's mappings to the unwind tables' store (CFI mode),
-// waiting up to wait for their tables.
-func (s *Session) addUnwind(pid int, wait time.Duration) {
+// addUnwind gives pid's mappings to the unwind tables' store (CFI mode)
+// and builds the tables of libs (host paths of objects it will map),
+// waiting up to wait for the tables.
+func (s *Session) addUnwind(pid int, libs []string, wait time.Duration) {
 	if s.targets == nil {
 		return
 	}
-	if err := s.targets.Add(pid, nil, wait); err != nil && procmaps.Alive(pid) {
+	if err := s.targets.Add(pid, libs, wait); err != nil && procmaps.Alive(pid) {
 		// Objects it cannot read end its walks there (counted).
 		s.mu.Lock()
 		s.recordErr(fmt.Errorf("unwind tables of pid %d: %w", pid, err))
@@ -417,7 +422,7 @@ func (s *Session) scanCgroup(dir string) error {
 	}
 	s.mu.Unlock()
 	for _, pid := range added {
-		s.addUnwind(pid, 0) // tables built in the background
+		s.addUnwind(pid, nil, 0) // tables built in the background
 	}
 	return nil
 }
@@ -643,17 +648,72 @@ func (s *Session) dropProc(pid int) {
 }
 
 // AddCommand makes pid and its future children targets: a command another
-// tier started, stopped at its exec.
-func (s *Session) AddCommand(pid int) error { return s.commandStarted(pid) }
+// tier started (with memprof's environment), stopped at its exec.
+func (s *Session) AddCommand(pid int) error {
+	var libs []string
+	if exe, err := os.Readlink(filepath.Join(procmaps.ProcRoot, strconv.Itoa(pid), "exe")); err == nil {
+		libs = append([]string{exe}, targetfs.LoadedLibraries(exe, os.Environ())...)
+	}
+	return s.commandStarted(pid, libs)
+}
 
 // Freeze reads pid's residency now and keeps it for later profiles: a
 // command another tier traces, stopped in its exit.
 func (s *Session) Freeze(pid int) { s.freeze(pid) }
 
-// commandStarted runs with the command stopped at its exec.
-func (s *Session) commandStarted(pid int) error {
-	return s.addPid(pid, uint8(mbpf.RssRssTargetFlagRT_TARGET|mbpf.RssRssTargetFlagRT_FOLLOW_FORKS))
+// commandStarted runs with the command stopped at its exec; libs are the
+// objects it will map (host paths), whose unwind tables are built before
+// it runs on.
+func (s *Session) commandStarted(pid int, libs []string) error {
+	err := s.addPidLibs(pid, uint8(mbpf.RssRssTargetFlagRT_TARGET|mbpf.RssRssTargetFlagRT_FOLLOW_FORKS), libs)
+	if err == nil && s.targets != nil && len(libs) > 1 {
+		go s.watchLoading(pid, libs)
+	}
+	return err
 }
+
+// watchLoading follows a command's start, once resumed, until ld.so has
+// mapped its libraries (at most loadWatch): each change of its executable
+// mappings is given to the store at once, so the walks of its first faults
+// find the libraries' tables (built at the exec stop) rather than waiting
+// for a walk to meet them and the rescan that follows.
+func (s *Session) watchLoading(pid int, libs []string) {
+	want := map[string]bool{}
+	for _, l := range libs {
+		want[filepath.Base(l)] = true
+	}
+	last := ""
+	for end := time.Now().Add(loadWatch); time.Now().Before(end); time.Sleep(loadPoll) {
+		select {
+		case <-s.done:
+			return
+		default:
+		}
+		maps, err := procmaps.Read(pid)
+		if err != nil {
+			return // gone
+		}
+		if key := unwindtable.ExecKey(maps); key != last {
+			last = key
+			_ = s.targets.Set(pid, maps) // objects it cannot read end walks there, counted
+		}
+		seen := map[string]bool{}
+		for i := range maps {
+			if maps[i].Exec() && maps[i].IsFile() && want[filepath.Base(maps[i].Path)] {
+				seen[filepath.Base(maps[i].Path)] = true
+			}
+		}
+		if len(seen) == len(want) {
+			return
+		}
+	}
+}
+
+// How long and how often a command's start is followed (watchLoading).
+const (
+	loadWatch = 500 * time.Millisecond
+	loadPoll  = 500 * time.Microsecond
+)
 
 // commandExiting runs with the command stopped in its exit: its memory is
 // still mapped, so its residency is read and kept.
