@@ -151,7 +151,9 @@ func runRecordBoth(ctx context.Context, c *cli.Context, ropts rss.Options, out s
 		Command:    command,
 		AllOOMs:    ropts.AllOOMs,
 		StackMode:  c.String("stack-mode"),
-		Notify:     ropts.Notify,
+		// One set of unwind tables for both tiers.
+		UnwindTables: rs.UnwindTables(),
+		Notify:       ropts.Notify,
 		AtExec: func(pid int) {
 			if err := rs.AddCommand(pid); err != nil {
 				fmt.Fprintf(stderr, "memprof: RSS of the command: %v\n", err)

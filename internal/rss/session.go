@@ -803,6 +803,19 @@ func (s *Session) newStackTable() *stackTable {
 	return newStackTable(nil, s.objs.RssStacks)
 }
 
+// UnwindTables are the tier's unwind tables (CFI mode; nil otherwise) for
+// the heap tier of the same recording to walk with (record --rss --heap).
+func (s *Session) UnwindTables() *unwindtable.Shared {
+	if s.objs.store == nil {
+		return nil
+	}
+	o := s.objs
+	return &unwindtable.Shared{Store: o.store, Maps: map[string]*ebpf.Map{
+		"uw_procs": o.UwProcs, "uw_objects": o.UwObjects, "uw_rows": o.UwRows, "uw_rules": o.UwRules,
+		"uw_stale": o.UwStale, "uw_scratch": o.UwScratch,
+	}}
+}
+
 // StackStats tells how the stacks of the last profile built were taken.
 func (s *Session) StackStats() StackStats {
 	s.mu.Lock()
