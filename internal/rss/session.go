@@ -99,6 +99,7 @@ type Session struct {
 	// staleStacks: uw_stacks/rss_stacks ids found unreferenced at the
 	// last prune (deleted if still so at the next)
 	staleStacks map[uint64]bool
+	pruned      time.Time // last pruneStacks
 }
 
 // VerifyInterval is how often every sampled folio is checked against
@@ -593,12 +594,20 @@ func (s *Session) reclaimExited() {
 	s.pruneStacks()
 }
 
+// pruneInterval is how often unreferenced stacks are looked for: each
+// look reads every sampled folio and fault count.
+var pruneInterval = 30 * time.Second
+
 // pruneStacks deletes the stacks no sampled folio and no fault count
 // refers to any more (processes dropped, folios given back), once found so
 // at two prunes in a row (a sample that reuses a stack just after it was
 // found unreferenced keeps it), so the stack map does not fill over a long
 // recording (caller holds mu).
 func (s *Session) pruneStacks() {
+	if time.Since(s.pruned) < pruneInterval {
+		return
+	}
+	s.pruned = time.Now()
 	refs := map[uint64]bool{}
 	var k mbpf.RssRssPageKey
 	var v mbpf.RssRssPage

@@ -160,3 +160,43 @@ func TestStacksDlopen(t *testing.T) {
 		t.Errorf("%d bytes on truncated stacks, but only %d sampled faults counted as truncated", trunc, st.Truncated)
 	}
 }
+
+// TestStacksPruned: the stacks of a process that exited and was dropped
+// (the agent's DropExited) leave uw_stacks, once found unreferenced at two
+// prunes in a row, so a long recording does not fill the map.
+func TestStacksPruned(t *testing.T) {
+	testprog.RequireRoot(t)
+	defer func(d time.Duration) { pruneInterval = d }(pruneInterval)
+	pruneInterval = 0
+	bin := testprog.Build(t, "rss_nofp.c", "-O2", "-fomit-frame-pointer")
+	k := startWaiting(t, bin, "4")
+	s, err := Start(context.Background(), Options{SampleRate: 1, Pids: []int{k.cmd.Process.Pid}, DropExited: true, Poll: 50 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	k.run(t)
+	count := func() int {
+		n := 0
+		var key, next uint64
+		var cur any
+		for s.objs.UwStacks.NextKey(cur, &next) == nil {
+			n++
+			key = next
+			cur = key
+		}
+		return n
+	}
+	before := count()
+	t0 := time.Now()
+	k.stdin.Close()
+	k.cmd.Wait()
+	deadline := time.Now().Add(15 * time.Second)
+	for time.Now().Before(deadline) && count() > 0 {
+		time.Sleep(100 * time.Millisecond)
+	}
+	t.Logf("uw_stacks: %d stacks while the process ran, %d %s after it exited and was dropped", before, count(), time.Since(t0).Round(time.Millisecond))
+	if before == 0 || count() != 0 {
+		t.Errorf("uw_stacks: %d stacks while running, %d after the exit; want some, then none", before, count())
+	}
+}
