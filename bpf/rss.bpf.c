@@ -29,21 +29,19 @@
 #include <bpf/bpf_core_read.h>
 
 #include "rss.h"
+#include "unwind.h"
 
 char LICENSE[] SEC("license") = "GPL";
 
-// 1: copy registers and stack of sampled faults for CFI unwinding in
-// userspace; 0: frame-pointer walk in BPF only.
-const volatile __u32 rss_copy_stacks = 1;
+// enum rss_stack_mode, set by the loader.
+const volatile __u32 rss_stack_mode = RSM_CFI;
 // Exposes enums and event layouts to the generated Go types.
 const volatile enum rss_counter rss_nr_counters = NR_RSS_COUNTERS;
 const volatile enum rss_target_flag rss_unused_flag = RT_TARGET;
 const volatile enum rss_thp_mode rss_unused_thp = THP_NEVER;
-const volatile enum rss_event_type rss_unused_event = RE_STACK;
-const struct rss_stack_event *rss_unused_stack_event __attribute__((unused));
+const volatile enum rss_event_type rss_unused_event = RE_OOM;
+const volatile enum rss_stack_mode rss_unused_stack_mode = RSM_FP;
 const struct rss_oom_event *rss_unused_oom_event __attribute__((unused));
-
-__u32 rss_stack_seq;
 
 // Bytes to the next sample, per CPU (a Poisson process over bytes stays one
 // when its stream is split among CPUs).
@@ -63,8 +61,7 @@ struct {
 	__type(value, struct rss_page);
 } rss_pages SEC(".maps");
 
-// Sampled faults per (process, stack, folio size), for stacks walked in BPF
-// (copied stacks are counted from their events in userspace).
+// Sampled faults per (process, stack, folio size).
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, RSS_MAX_FAULT_BUCKETS);
@@ -73,6 +70,7 @@ struct {
 	__type(value, __u64);
 } rss_faults SEC(".maps");
 
+// Frame-pointer stacks (RSM_FP; one entry otherwise, set by the loader).
 struct {
 	__uint(type, BPF_MAP_TYPE_STACK_TRACE);
 	__uint(max_entries, RSS_MAX_STACKS);
@@ -87,10 +85,13 @@ struct {
 	__type(value, __u64);
 } rss_counters SEC(".maps");
 
-// Stack copies and OOM kills for userspace.
+// OOM kills for userspace (stacks are walked in BPF, never copied). An
+// event takes 56 bytes with its header: 256 KiB hold ~4,600 kills not read
+// yet, where a node sees a few a second at worst and the reader takes each
+// at once; a kill that still does not fit is counted (RC_EVENTS_LOST).
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, 1 << 25); // 32 MiB: ~4000 stack copies in flight
+	__uint(max_entries, 256 << 10);
 } rss_events SEC(".maps");
 
 static __always_inline void rss_count(__u32 idx, __u64 n)
@@ -110,74 +111,60 @@ static __always_inline __u64 rss_memcg(struct task_struct *task)
 	return BPF_CORE_READ(task, cgroups, subsys[id], cgroup, kn, id);
 }
 
-// copy_stack sends the user registers and the top of the user stack to
-// userspace and returns RSS_STACK_COPIED|seq, or -1 if the ring buffer is
-// full.
-static __always_inline __s64 copy_stack(struct task_struct *task, __u32 tgid, __u64 size)
+// rss_stack returns the stack id of a sampled fault of the current task
+// (tgid): its user registers (the fault's, or those of the system call
+// whose kernel access faulted) walked with the objects' CFI tables
+// (unwind.h; frame pointers where an object has none) or by frame pointers
+// alone. A CFI walk that cannot complete (an object whose table is not
+// built yet, code mapped since userspace last listed the mappings, an
+// unreadable frame) is stored with its status: userspace ends its stack
+// with a [truncated] frame and counts it. RSS_STACK_UNKNOWN when no stack
+// could be stored (counted).
+static __always_inline __u64 rss_stack(void *ctx, struct task_struct *task, __u32 tgid)
 {
-	struct rss_stack_event *e = bpf_ringbuf_reserve(&rss_events, sizeof(*e), 0);
-	if (!e) {
-		rss_count(RC_EVENTS_LOST, 1);
-		return -1;
+	if (rss_stack_mode == RSM_CFI) {
+		struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(task);
+		struct uw_state *w = uw_walk(tgid, BPF_CORE_READ(regs, ip), BPF_CORE_READ(regs, sp),
+					     BPF_CORE_READ(regs, bp));
+		if (!w) { // no free walk state on this CPU (counted as UW_BUSY too)
+			rss_count(RC_STACK_LOST, 1);
+			return RSS_STACK_UNKNOWN;
+		}
+		__u64 id = uw_intern(w);
+		uw_release(w);
+		if (id == 0 || id == RSS_STACK_UNKNOWN) {
+			// uw_stacks full, or both slots of its hash taken by other
+			// stacks (uw_intern_stats tells which)
+			rss_count(RC_STACK_COLLISION, 1);
+			return RSS_STACK_UNKNOWN;
+		}
+		return id;
 	}
-	struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(task);
-	__u32 seq = __sync_fetch_and_add(&rss_stack_seq, 1) % (RSS_STACK_COPIED - 1);
-	e->type = RE_STACK;
-	e->tgid = tgid;
-	e->seq = seq;
-	e->size = size;
-	e->ip = BPF_CORE_READ(regs, ip);
-	e->sp = BPF_CORE_READ(regs, sp);
-	e->bp = BPF_CORE_READ(regs, bp);
-	// Copy up to RSS_STACK_COPY bytes, but not past the main thread's
-	// stack top (a read crossing the end of the mapping fails whole);
-	// shorter copies if the read still fails.
-	__u64 n = RSS_STACK_COPY;
-	__u64 top = BPF_CORE_READ(task, mm, start_stack);
-	if (top > e->sp && top - e->sp < RSS_STACK_COPY)
-		n = top - e->sp;
-	n &= RSS_STACK_COPY * 2 - 1;
-	if (n > RSS_STACK_COPY)
-		n = RSS_STACK_COPY;
-	void *sp = (void *)e->sp;
-	e->len = 0;
-	if (n > 0 && bpf_probe_read_user(e->data, n, sp) == 0)
-		e->len = n;
-	else if (bpf_probe_read_user(e->data, RSS_STACK_COPY / 4, sp) == 0)
-		e->len = RSS_STACK_COPY / 4;
-	else if (bpf_probe_read_user(e->data, RSS_STACK_COPY / 16, sp) == 0)
-		e->len = RSS_STACK_COPY / 16;
-	bpf_ringbuf_submit(e, 0);
-	rss_count(RC_STACK_COPIES, 1);
-	return RSS_STACK_COPIED | seq;
+	long sid = bpf_get_stackid(ctx, &rss_stacks, BPF_F_USER_STACK);
+	if (sid < 0) {
+		rss_count(sid == -17 /* EEXIST */ ? RC_STACK_COLLISION : RC_STACK_LOST, 1);
+		return RSS_STACK_UNKNOWN;
+	}
+	return (__u64)sid;
 }
 
 static __always_inline void record(void *ctx, struct task_struct *task, __u32 tgid, __u64 addr,
 				   __u64 size, __u64 memcg, __u64 cgroup)
 {
 	rss_count(RC_SAMPLES, 1);
-	__s64 sid = -1;
-	if (rss_copy_stacks)
-		sid = copy_stack(task, tgid, size);
-	if (sid < 0) {
-		sid = bpf_get_stackid(ctx, &rss_stacks, BPF_F_USER_STACK);
-		if (sid < 0) {
-			rss_count(sid == -17 /* EEXIST */ ? RC_STACK_COLLISION : RC_STACK_LOST, 1);
-			sid = RSS_STACK_UNKNOWN;
-		}
-		struct rss_fault_key fk = {.tgid = tgid, .stack_id = sid, .size = size};
-		__u64 *n = bpf_map_lookup_elem(&rss_faults, &fk);
-		if (n) {
-			__sync_fetch_and_add(n, 1);
-		} else {
-			__u64 one = 1;
-			if (bpf_map_update_elem(&rss_faults, &fk, &one, BPF_NOEXIST) != 0) {
-				n = bpf_map_lookup_elem(&rss_faults, &fk);
-				if (n)
-					__sync_fetch_and_add(n, 1);
-				else
-					rss_count(RC_BUCKETS_FULL, 1);
-			}
+	__u64 sid = rss_stack(ctx, task, tgid);
+	struct rss_fault_key fk = {.tgid = tgid, .stack_id = sid, .size = size};
+	__u64 *n = bpf_map_lookup_elem(&rss_faults, &fk);
+	if (n) {
+		__sync_fetch_and_add(n, 1);
+	} else {
+		__u64 one = 1;
+		if (bpf_map_update_elem(&rss_faults, &fk, &one, BPF_NOEXIST) != 0) {
+			n = bpf_map_lookup_elem(&rss_faults, &fk);
+			if (n)
+				__sync_fetch_and_add(n, 1);
+			else
+				rss_count(RC_BUCKETS_FULL, 1);
 		}
 	}
 	struct rss_page_key k = {.tgid = tgid, .addr = addr & ~(size - 1)};

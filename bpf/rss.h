@@ -11,9 +11,13 @@
 #define RSS_MAX_STACKS	      16384
 #define RSS_MAX_TARGETS	      16384 // pids, memory cgroups, v2 cgroups (each)
 #define RSS_STACK_DEPTH	      127
-#define RSS_STACK_COPY	      8192 // bytes of user stack copied for CFI unwinding
-#define RSS_STACK_UNKNOWN     0xffffffff
-#define RSS_STACK_COPIED      0x80000000 // stack_id flag: sequence number of an rss_stack_event
+#define RSS_STACK_UNKNOWN     0xffffffffffffffffULL // stack_id of a sample without a stack
+
+// How sampled faults' user stacks are taken (rss_stack_mode).
+enum rss_stack_mode {
+	RSM_FP = 0,  // frame-pointer walk (bpf_get_stackid): ids of rss_stacks
+	RSM_CFI = 1, // CFI walk of unwind.h (uw_walk): keys of uw_stacks
+};
 
 // Target flags (values of the rss_pids map).
 enum rss_target_flag {
@@ -30,9 +34,7 @@ enum rss_counter {
 	RC_BUCKETS_FULL,    // fault bucket map full: sample's fault count lost
 	RC_STACK_COLLISION, // stack map hash collision: stack lost
 	RC_STACK_LOST,	    // other stack walk failure
-	RC_EVENTS_LOST, // ring buffer full (stack copy: frame-pointer stack used instead; OOM event
-			// lost)
-	RC_STACK_COPIES, // stacks copied for userspace unwinding
+	RC_EVENTS_LOST,	    // ring buffer full: OOM event lost
 	NR_RSS_COUNTERS,
 };
 
@@ -48,31 +50,19 @@ struct rss_page {
 	__u64 memcg;	// kernfs id of the memory controller's cgroup
 	__u64 cgroup;	// cgroup v2 id
 	__u64 ts;	// ktime of the fault
-	__u32 stack_id; // stack map id, RSS_STACK_COPIED|seq, or RSS_STACK_UNKNOWN
-	__u32 _pad;
+	__u64 stack_id; // enum rss_stack_mode's id, or RSS_STACK_UNKNOWN
 };
 
 struct rss_fault_key {
 	__u32 tgid;
-	__u32 stack_id;
+	__u32 _pad;
+	__u64 stack_id; // as rss_page.stack_id
 	__u64 size;
 };
 
+// Events of the ring buffer (OOM kills only: stacks are walked in BPF).
 enum rss_event_type {
-	RE_STACK = 1,
 	RE_OOM = 2,
-};
-
-// Registers and top of the user stack of a sampled fault (the user state at
-// the fault, or at the system call whose kernel access faulted).
-struct rss_stack_event {
-	__u32 type;
-	__u32 tgid;
-	__u32 seq;
-	__u32 len;  // bytes copied from sp
-	__u64 size; // folio bytes
-	__u64 ip, sp, bp;
-	__u8 data[RSS_STACK_COPY];
 };
 
 struct rss_oom_event {

@@ -24,21 +24,20 @@ const (
 	RssRssCounterRC_STACK_COLLISION RssRssCounter = 5
 	RssRssCounterRC_STACK_LOST      RssRssCounter = 6
 	RssRssCounterRC_EVENTS_LOST     RssRssCounter = 7
-	RssRssCounterRC_STACK_COPIES    RssRssCounter = 8
-	RssRssCounterNR_RSS_COUNTERS    RssRssCounter = 9
+	RssRssCounterNR_RSS_COUNTERS    RssRssCounter = 8
 )
 
 type RssRssEventType uint32
 
 const (
-	RssRssEventTypeRE_STACK RssRssEventType = 1
-	RssRssEventTypeRE_OOM   RssRssEventType = 2
+	RssRssEventTypeRE_OOM RssRssEventType = 2
 )
 
 type RssRssFaultKey struct {
 	_       structs.HostLayout
 	Tgid    uint32
-	StackId uint32
+	Pad     uint32
+	StackId uint64
 	Size    uint64
 }
 
@@ -59,8 +58,7 @@ type RssRssPage struct {
 	Memcg   uint64
 	Cgroup  uint64
 	Ts      uint64
-	StackId uint32
-	Pad     uint32
+	StackId uint64
 }
 
 type RssRssPageKey struct {
@@ -70,18 +68,12 @@ type RssRssPageKey struct {
 	Addr uint64
 }
 
-type RssRssStackEvent struct {
-	_    structs.HostLayout
-	Type uint32
-	Tgid uint32
-	Seq  uint32
-	Len  uint32
-	Size uint64
-	Ip   uint64
-	Sp   uint64
-	Bp   uint64
-	Data [8192]uint8
-}
+type RssRssStackMode uint32
+
+const (
+	RssRssStackModeRSM_FP  RssRssStackMode = 0
+	RssRssStackModeRSM_CFI RssRssStackMode = 1
+)
 
 type RssRssTargetFlag uint32
 
@@ -108,37 +100,111 @@ type RssRssThread struct {
 	Pad    uint32
 }
 
+type RssUwObject struct {
+	_        structs.HostLayout
+	FirstRow uint32
+	Nrows    uint32
+	State    uint32
+	Pad      uint32
+}
+
+type RssUwProc struct {
+	_    structs.HostLayout
+	N    uint32
+	Pad  uint32
+	Maps [512]struct {
+		_      structs.HostLayout
+		Start  uint64
+		End    uint64
+		Bias   uint64
+		Object uint32
+		Pad    uint32
+	}
+}
+
+type RssUwRow struct {
+	_    structs.HostLayout
+	Pc   uint32
+	Rule uint32
+}
+
+type RssUwRule struct {
+	_      structs.HostLayout
+	Cfa    uint8
+	Ra     uint8
+	Bp     uint8
+	Pad    uint8
+	CfaOff int32
+	BpOff  int32
+}
+
+type RssUwStack struct {
+	_      structs.HostLayout
+	Check  uint64
+	N      uint32
+	Status uint32
+	Pcs    [127]uint64
+}
+
+type RssUwState struct {
+	_       structs.HostLayout
+	Busy    uint32
+	Pid     uint32
+	Pc      uint64
+	Sp      uint64
+	Bp      uint64
+	RaSlot  uint64
+	BpValid uint8
+	Exact   uint8
+	Pad     uint16
+	Object  uint32
+	M_start uint64
+	M_end   uint64
+	M_bias  uint64
+	Lo      uint32
+	Hi      uint32
+	Stack   RssUwStack
+}
+
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	RssMapRssCgroups          = "rss_cgroups"
-	RssMapRssCountdown        = "rss_countdown"
-	RssMapRssCounters         = "rss_counters"
-	RssMapRssEvents           = "rss_events"
-	RssMapRssFaults           = "rss_faults"
-	RssMapRssGaps             = "rss_gaps"
-	RssMapRssMemcgs           = "rss_memcgs"
-	RssMapRssPages            = "rss_pages"
-	RssMapRssPids             = "rss_pids"
-	RssMapRssStacks           = "rss_stacks"
-	RssMapRssThreads          = "rss_threads"
-	RssProgRssFaultKernel     = "rss_fault_kernel"
-	RssProgRssFaultUser       = "rss_fault_user"
-	RssProgRssFork            = "rss_fork"
-	RssProgRssOom             = "rss_oom"
-	RssProgRssStatHook        = "rss_stat_hook"
-	RssVarRssCopyStacks       = "rss_copy_stacks"
-	RssVarRssFilterKinds      = "rss_filter_kinds"
-	RssVarRssNrCounters       = "rss_nr_counters"
-	RssVarRssSampleAll        = "rss_sample_all"
-	RssVarRssStackSeq         = "rss_stack_seq"
-	RssVarRssThpMode          = "rss_thp_mode"
-	RssVarRssUnusedEvent      = "rss_unused_event"
-	RssVarRssUnusedFlag       = "rss_unused_flag"
-	RssVarRssUnusedOomEvent   = "rss_unused_oom_event"
-	RssVarRssUnusedStackEvent = "rss_unused_stack_event"
-	RssVarRssUnusedThp        = "rss_unused_thp"
+	RssMapRssCgroups         = "rss_cgroups"
+	RssMapRssCountdown       = "rss_countdown"
+	RssMapRssCounters        = "rss_counters"
+	RssMapRssEvents          = "rss_events"
+	RssMapRssFaults          = "rss_faults"
+	RssMapRssGaps            = "rss_gaps"
+	RssMapRssMemcgs          = "rss_memcgs"
+	RssMapRssPages           = "rss_pages"
+	RssMapRssPids            = "rss_pids"
+	RssMapRssStacks          = "rss_stacks"
+	RssMapRssThreads         = "rss_threads"
+	RssMapUwInternStats      = "uw_intern_stats"
+	RssMapUwObjects          = "uw_objects"
+	RssMapUwProcs            = "uw_procs"
+	RssMapUwRows             = "uw_rows"
+	RssMapUwRules            = "uw_rules"
+	RssMapUwScratch          = "uw_scratch"
+	RssMapUwStacks           = "uw_stacks"
+	RssMapUwStale            = "uw_stale"
+	RssMapUwStats            = "uw_stats"
+	RssProgRssFaultKernel    = "rss_fault_kernel"
+	RssProgRssFaultUser      = "rss_fault_user"
+	RssProgRssFork           = "rss_fork"
+	RssProgRssOom            = "rss_oom"
+	RssProgRssStatHook       = "rss_stat_hook"
+	RssVarRssFilterKinds     = "rss_filter_kinds"
+	RssVarRssNrCounters      = "rss_nr_counters"
+	RssVarRssSampleAll       = "rss_sample_all"
+	RssVarRssStackMode       = "rss_stack_mode"
+	RssVarRssThpMode         = "rss_thp_mode"
+	RssVarRssUnusedEvent     = "rss_unused_event"
+	RssVarRssUnusedFlag      = "rss_unused_flag"
+	RssVarRssUnusedOomEvent  = "rss_unused_oom_event"
+	RssVarRssUnusedStackMode = "rss_unused_stack_mode"
+	RssVarRssUnusedThp       = "rss_unused_thp"
 )
 
 // LoadRss returns the embedded CollectionSpec for Rss.
@@ -194,34 +260,42 @@ type RssProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type RssMapSpecs struct {
-	RssCgroups   *ebpf.MapSpec `ebpf:"rss_cgroups"`
-	RssCountdown *ebpf.MapSpec `ebpf:"rss_countdown"`
-	RssCounters  *ebpf.MapSpec `ebpf:"rss_counters"`
-	RssEvents    *ebpf.MapSpec `ebpf:"rss_events"`
-	RssFaults    *ebpf.MapSpec `ebpf:"rss_faults"`
-	RssGaps      *ebpf.MapSpec `ebpf:"rss_gaps"`
-	RssMemcgs    *ebpf.MapSpec `ebpf:"rss_memcgs"`
-	RssPages     *ebpf.MapSpec `ebpf:"rss_pages"`
-	RssPids      *ebpf.MapSpec `ebpf:"rss_pids"`
-	RssStacks    *ebpf.MapSpec `ebpf:"rss_stacks"`
-	RssThreads   *ebpf.MapSpec `ebpf:"rss_threads"`
+	RssCgroups    *ebpf.MapSpec `ebpf:"rss_cgroups"`
+	RssCountdown  *ebpf.MapSpec `ebpf:"rss_countdown"`
+	RssCounters   *ebpf.MapSpec `ebpf:"rss_counters"`
+	RssEvents     *ebpf.MapSpec `ebpf:"rss_events"`
+	RssFaults     *ebpf.MapSpec `ebpf:"rss_faults"`
+	RssGaps       *ebpf.MapSpec `ebpf:"rss_gaps"`
+	RssMemcgs     *ebpf.MapSpec `ebpf:"rss_memcgs"`
+	RssPages      *ebpf.MapSpec `ebpf:"rss_pages"`
+	RssPids       *ebpf.MapSpec `ebpf:"rss_pids"`
+	RssStacks     *ebpf.MapSpec `ebpf:"rss_stacks"`
+	RssThreads    *ebpf.MapSpec `ebpf:"rss_threads"`
+	UwInternStats *ebpf.MapSpec `ebpf:"uw_intern_stats"`
+	UwObjects     *ebpf.MapSpec `ebpf:"uw_objects"`
+	UwProcs       *ebpf.MapSpec `ebpf:"uw_procs"`
+	UwRows        *ebpf.MapSpec `ebpf:"uw_rows"`
+	UwRules       *ebpf.MapSpec `ebpf:"uw_rules"`
+	UwScratch     *ebpf.MapSpec `ebpf:"uw_scratch"`
+	UwStacks      *ebpf.MapSpec `ebpf:"uw_stacks"`
+	UwStale       *ebpf.MapSpec `ebpf:"uw_stale"`
+	UwStats       *ebpf.MapSpec `ebpf:"uw_stats"`
 }
 
 // RssVariableSpecs contains global variables before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type RssVariableSpecs struct {
-	RssCopyStacks       *ebpf.VariableSpec `ebpf:"rss_copy_stacks"`
-	RssFilterKinds      *ebpf.VariableSpec `ebpf:"rss_filter_kinds"`
-	RssNrCounters       *ebpf.VariableSpec `ebpf:"rss_nr_counters"`
-	RssSampleAll        *ebpf.VariableSpec `ebpf:"rss_sample_all"`
-	RssStackSeq         *ebpf.VariableSpec `ebpf:"rss_stack_seq"`
-	RssThpMode          *ebpf.VariableSpec `ebpf:"rss_thp_mode"`
-	RssUnusedEvent      *ebpf.VariableSpec `ebpf:"rss_unused_event"`
-	RssUnusedFlag       *ebpf.VariableSpec `ebpf:"rss_unused_flag"`
-	RssUnusedOomEvent   *ebpf.VariableSpec `ebpf:"rss_unused_oom_event"`
-	RssUnusedStackEvent *ebpf.VariableSpec `ebpf:"rss_unused_stack_event"`
-	RssUnusedThp        *ebpf.VariableSpec `ebpf:"rss_unused_thp"`
+	RssFilterKinds     *ebpf.VariableSpec `ebpf:"rss_filter_kinds"`
+	RssNrCounters      *ebpf.VariableSpec `ebpf:"rss_nr_counters"`
+	RssSampleAll       *ebpf.VariableSpec `ebpf:"rss_sample_all"`
+	RssStackMode       *ebpf.VariableSpec `ebpf:"rss_stack_mode"`
+	RssThpMode         *ebpf.VariableSpec `ebpf:"rss_thp_mode"`
+	RssUnusedEvent     *ebpf.VariableSpec `ebpf:"rss_unused_event"`
+	RssUnusedFlag      *ebpf.VariableSpec `ebpf:"rss_unused_flag"`
+	RssUnusedOomEvent  *ebpf.VariableSpec `ebpf:"rss_unused_oom_event"`
+	RssUnusedStackMode *ebpf.VariableSpec `ebpf:"rss_unused_stack_mode"`
+	RssUnusedThp       *ebpf.VariableSpec `ebpf:"rss_unused_thp"`
 }
 
 // RssObjects contains all objects after they have been loaded into the kernel.
@@ -244,17 +318,26 @@ func (o *RssObjects) Close() error {
 //
 // It can be passed to LoadRssObjects or ebpf.CollectionSpec.LoadAndAssign.
 type RssMaps struct {
-	RssCgroups   *ebpf.Map `ebpf:"rss_cgroups"`
-	RssCountdown *ebpf.Map `ebpf:"rss_countdown"`
-	RssCounters  *ebpf.Map `ebpf:"rss_counters"`
-	RssEvents    *ebpf.Map `ebpf:"rss_events"`
-	RssFaults    *ebpf.Map `ebpf:"rss_faults"`
-	RssGaps      *ebpf.Map `ebpf:"rss_gaps"`
-	RssMemcgs    *ebpf.Map `ebpf:"rss_memcgs"`
-	RssPages     *ebpf.Map `ebpf:"rss_pages"`
-	RssPids      *ebpf.Map `ebpf:"rss_pids"`
-	RssStacks    *ebpf.Map `ebpf:"rss_stacks"`
-	RssThreads   *ebpf.Map `ebpf:"rss_threads"`
+	RssCgroups    *ebpf.Map `ebpf:"rss_cgroups"`
+	RssCountdown  *ebpf.Map `ebpf:"rss_countdown"`
+	RssCounters   *ebpf.Map `ebpf:"rss_counters"`
+	RssEvents     *ebpf.Map `ebpf:"rss_events"`
+	RssFaults     *ebpf.Map `ebpf:"rss_faults"`
+	RssGaps       *ebpf.Map `ebpf:"rss_gaps"`
+	RssMemcgs     *ebpf.Map `ebpf:"rss_memcgs"`
+	RssPages      *ebpf.Map `ebpf:"rss_pages"`
+	RssPids       *ebpf.Map `ebpf:"rss_pids"`
+	RssStacks     *ebpf.Map `ebpf:"rss_stacks"`
+	RssThreads    *ebpf.Map `ebpf:"rss_threads"`
+	UwInternStats *ebpf.Map `ebpf:"uw_intern_stats"`
+	UwObjects     *ebpf.Map `ebpf:"uw_objects"`
+	UwProcs       *ebpf.Map `ebpf:"uw_procs"`
+	UwRows        *ebpf.Map `ebpf:"uw_rows"`
+	UwRules       *ebpf.Map `ebpf:"uw_rules"`
+	UwScratch     *ebpf.Map `ebpf:"uw_scratch"`
+	UwStacks      *ebpf.Map `ebpf:"uw_stacks"`
+	UwStale       *ebpf.Map `ebpf:"uw_stale"`
+	UwStats       *ebpf.Map `ebpf:"uw_stats"`
 }
 
 func (m *RssMaps) Close() error {
@@ -270,6 +353,15 @@ func (m *RssMaps) Close() error {
 		m.RssPids,
 		m.RssStacks,
 		m.RssThreads,
+		m.UwInternStats,
+		m.UwObjects,
+		m.UwProcs,
+		m.UwRows,
+		m.UwRules,
+		m.UwScratch,
+		m.UwStacks,
+		m.UwStale,
+		m.UwStats,
 	)
 }
 
@@ -277,17 +369,16 @@ func (m *RssMaps) Close() error {
 //
 // It can be passed to LoadRssObjects or ebpf.CollectionSpec.LoadAndAssign.
 type RssVariables struct {
-	RssCopyStacks       *ebpf.Variable `ebpf:"rss_copy_stacks"`
-	RssFilterKinds      *ebpf.Variable `ebpf:"rss_filter_kinds"`
-	RssNrCounters       *ebpf.Variable `ebpf:"rss_nr_counters"`
-	RssSampleAll        *ebpf.Variable `ebpf:"rss_sample_all"`
-	RssStackSeq         *ebpf.Variable `ebpf:"rss_stack_seq"`
-	RssThpMode          *ebpf.Variable `ebpf:"rss_thp_mode"`
-	RssUnusedEvent      *ebpf.Variable `ebpf:"rss_unused_event"`
-	RssUnusedFlag       *ebpf.Variable `ebpf:"rss_unused_flag"`
-	RssUnusedOomEvent   *ebpf.Variable `ebpf:"rss_unused_oom_event"`
-	RssUnusedStackEvent *ebpf.Variable `ebpf:"rss_unused_stack_event"`
-	RssUnusedThp        *ebpf.Variable `ebpf:"rss_unused_thp"`
+	RssFilterKinds     *ebpf.Variable `ebpf:"rss_filter_kinds"`
+	RssNrCounters      *ebpf.Variable `ebpf:"rss_nr_counters"`
+	RssSampleAll       *ebpf.Variable `ebpf:"rss_sample_all"`
+	RssStackMode       *ebpf.Variable `ebpf:"rss_stack_mode"`
+	RssThpMode         *ebpf.Variable `ebpf:"rss_thp_mode"`
+	RssUnusedEvent     *ebpf.Variable `ebpf:"rss_unused_event"`
+	RssUnusedFlag      *ebpf.Variable `ebpf:"rss_unused_flag"`
+	RssUnusedOomEvent  *ebpf.Variable `ebpf:"rss_unused_oom_event"`
+	RssUnusedStackMode *ebpf.Variable `ebpf:"rss_unused_stack_mode"`
+	RssUnusedThp       *ebpf.Variable `ebpf:"rss_unused_thp"`
 }
 
 // RssPrograms contains all programs after they have been loaded into the kernel.

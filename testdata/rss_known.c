@@ -9,10 +9,8 @@
  *     unmapped       8 MiB mmap, touched, munmap                0
  *     dontneed       8 MiB mmap, touched, MADV_DONTNEED         0
  *   print "ready" and wait for another line (or EOF), then exit.
- * Every page is touched by a loop in the function itself. Short pauses
- * let memprof drain its ring buffer at --sample-rate 1, where every fault
- * copies 8 KiB of stack (copies beyond the buffer are counted as lost and
- * fall back to frame-pointer stacks).
+ * Every page is touched by a loop in the function itself (small_mallocs
+ * pauses now and then, as a program doing other work would).
  */
 #include <stdio.h>
 #include <stdlib.h>

@@ -102,6 +102,10 @@ func writeRSSResult(s *rss.Session, out string, podLabels map[string]string, top
 	if lost := cn.Lost(); len(lost) > 0 {
 		fmt.Fprintf(stderr, "memprof: LOST (also in the profile's comments): %v\n", lost)
 	}
+	if st := s.StackStats(); st.Truncated+st.Unknown > 0 {
+		fmt.Fprintf(stderr, "memprof: %d of %d sampled faults have a truncated stack (%d: unwind table not built yet, %d: code mapped since the last scan), %d none\n",
+			st.Truncated, st.Samples, st.Pending, st.NoMapping, st.Unknown)
+	}
 	for _, sm := range sums {
 		fmt.Fprintf(stderr, "pid %d (%s): RssAnon %s, attributed to stacks %s, %s %s\n", sm.Pid, sm.Comm,
 			pprofout.HumanBytes(sm.RssAnon), pprofout.HumanBytes(sm.Attributed), rss.ResidentBefore, pprofout.HumanBytes(sm.Before))
@@ -135,7 +139,9 @@ func runRecordBoth(ctx context.Context, c *cli.Context, ropts rss.Options, out s
 		Command:    command,
 		AllOOMs:    ropts.AllOOMs,
 		StackMode:  c.String("stack-mode"),
-		Notify:     ropts.Notify,
+		// One set of unwind tables for both tiers.
+		UnwindTables: rs.UnwindTables(),
+		Notify:       ropts.Notify,
 		AtExec: func(pid int) {
 			if err := rs.AddCommand(pid); err != nil {
 				fmt.Fprintf(stderr, "memprof: RSS of the command: %v\n", err)

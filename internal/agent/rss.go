@@ -20,6 +20,7 @@ import (
 	"github.com/memprof/memprof/internal/agent/pyroscope"
 	"github.com/memprof/memprof/internal/cgroups"
 	"github.com/memprof/memprof/internal/rss"
+	"github.com/memprof/memprof/internal/unwindtable"
 	"github.com/memprof/memprof/pprofout"
 )
 
@@ -55,7 +56,15 @@ func (a *Agent) startRSS(ctx context.Context) {
 	if a.cfg.NoRSS {
 		return
 	}
+	// The heap tier's unwind tables: one set per node for both tiers.
+	var tables *unwindtable.Shared
+	a.mu.Lock()
+	if a.s != nil {
+		tables = a.s.UnwindTables()
+	}
+	a.mu.Unlock()
 	s, err := rss.Start(ctx, rss.Options{
+		Unwind:     tables,
 		SampleRate: a.cfg.SampleRate,
 		AllowEmpty: true,
 		DropExited: true,

@@ -108,6 +108,11 @@ func TestAgentRSS(t *testing.T) {
 		}
 	}
 	t.Logf("RSS profile %s: agent_leak_known %.1f MiB rss_space (truth %d MiB)", filepath.Base(newest), float64(inLeak)/(1<<20), leakTotal>>20)
+	if rows, err := pprofout.Top(p, pprofout.RSSSpace, 4); err == nil {
+		var b strings.Builder
+		pprofout.FormatTop(&b, rows, pprofout.RSSSpace, 8)
+		t.Logf("top stacks:\n%s\ncomments %q", b.String(), p.Comments)
+	}
 	// 32 MiB in 4 KiB pages at the 64 KiB rate: sd ~1.4 MiB.
 	if !within(float64(inLeak), leakTotal, 0.2) {
 		t.Errorf("agent_leak_known rss_space %d, want %d ±20%%", inLeak, leakTotal)

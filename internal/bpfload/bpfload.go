@@ -46,6 +46,10 @@ type Options struct {
 	// NoSession uses entry and return uprobes even where session uprobes
 	// exist (the path of kernels before 6.13).
 	NoSession bool
+	// Tables, in SM_CFI mode, are another tier's unwind tables to walk
+	// with (its Store and maps; nil: the heap tier's own). UnwindRows is
+	// then that tier's.
+	Tables *unwindtable.Shared
 	// EventsBytes sizes the ring buffer of OOM events and stack copies
 	// (a power of two, at least a page; 0: the object's 16 MiB). Its
 	// pages are mapped twice into memprof's address space, so its RSS
@@ -86,6 +90,19 @@ func (o *Objects) UnwindReplacements() map[string]*ebpf.Map {
 		"uw_stale": o.UwStale, "uw_stats": o.UwStats, "uw_stacks": o.UwStacks, "uw_intern_stats": o.UwInternStats,
 		"uw_scratch": o.UwScratch,
 	}
+}
+
+// UnwindTables are the store and its table maps (CFI mode; nil otherwise)
+// for another tier's collection to walk with (the RSS tier): unlike
+// UnwindReplacements, its stacks and counters stay its own.
+func (o *Objects) UnwindTables() *unwindtable.Shared {
+	if o.Unwind == nil {
+		return nil
+	}
+	return &unwindtable.Shared{Store: o.Unwind, Maps: map[string]*ebpf.Map{
+		"uw_procs": o.UwProcs, "uw_objects": o.UwObjects, "uw_rows": o.UwRows, "uw_rules": o.UwRules,
+		"uw_stale": o.UwStale, "uw_scratch": o.UwScratch,
+	}}
 }
 
 // Features says which kernel paths are in use.
@@ -168,6 +185,16 @@ func Load(opts Options) (*Objects, error) {
 	}
 	spec.Maps["uw_rows"].MaxEntries = rows
 	spec.Maps["uw_stacks"].MaxEntries = nstacks
+	var copts *ebpf.CollectionOptions
+	if opts.StackMode == mbpf.MemprofStackModeSM_CFI && opts.Tables != nil {
+		// The other tier's tables replace these maps (sizes must agree).
+		for name, m := range opts.Tables.Maps {
+			if ms := spec.Maps[name]; ms != nil {
+				ms.MaxEntries = m.MaxEntries()
+			}
+		}
+		copts = &ebpf.CollectionOptions{MapReplacements: opts.Tables.Maps}
+	}
 	if n := opts.EventsBytes; n != 0 {
 		if n < uint32(os.Getpagesize()) || n&(n-1) != 0 {
 			return nil, fmt.Errorf("events ring buffer of %d bytes: want a power of two of at least a page", n)
@@ -201,7 +228,7 @@ func Load(opts Options) (*Objects, error) {
 		spec.Programs[name] = placeholder
 	}
 	o := &Objects{Features: feats}
-	if err := spec.LoadAndAssign(&o.MemprofObjects, nil); err != nil {
+	if err := spec.LoadAndAssign(&o.MemprofObjects, copts); err != nil {
 		var ve *ebpf.VerifierError
 		if errors.As(err, &ve) {
 			// %+v of the VerifierError is the whole log, not only its end.
@@ -233,7 +260,11 @@ func Load(opts Options) (*Objects, error) {
 		return nil, err
 	}
 	if opts.StackMode == mbpf.MemprofStackModeSM_CFI {
-		o.Unwind = unwindtable.NewStore(o.UnwindMaps(), 0, 2)
+		if opts.Tables != nil {
+			o.Unwind = opts.Tables.Store
+		} else {
+			o.Unwind = unwindtable.NewStore(o.UnwindMaps(), 0, 2)
+		}
 	}
 	return o, nil
 }

@@ -1,9 +1,7 @@
 package recorder
 
 import (
-	"bufio"
 	"bytes"
-	"debug/elf"
 	"fmt"
 	"os"
 	"os/exec"
@@ -122,7 +120,7 @@ func (c *command) trace(path string, h commandHooks, started chan<- error) {
 		exe = resolved
 	}
 	libs := []string{exe}
-	libs = append(libs, loadedLibraries(exe, c.env)...)
+	libs = append(libs, targetfs.LoadedLibraries(exe, c.env)...)
 	if err := h.attach(pid, libs, false); err != nil {
 		// Abort: errors here mean the child is gone already.
 		_ = syscall.Kill(pid, syscall.SIGKILL)
@@ -196,7 +194,7 @@ func (c *command) follow(root int, h commandHooks) {
 				tgid[wpid] = wpid
 				exe, err := os.Readlink(fmt.Sprintf("/proc/%d/exe", wpid))
 				if err == nil {
-					libs := append([]string{exe}, loadedLibraries(exe, processEnv(wpid))...)
+					libs := append([]string{exe}, targetfs.LoadedLibraries(exe, processEnv(wpid))...)
 					_ = h.attach(wpid, libs, true) // after an exec it records its own errors
 				}
 				_ = syscall.PtraceCont(wpid, 0) // fails only if it died: the next Wait4 says so
@@ -263,48 +261,4 @@ func processEnv(pid int) []string {
 		}
 	}
 	return env
-}
-
-// loadedLibraries lists the shared objects the dynamic loader will map for
-// the executable under env (LD_PRELOAD and LD_LIBRARY_PATH included), by
-// asking the executable's own loader (`ld.so --list`, which loads nothing
-// and runs none of the program's code). A static executable has none.
-func loadedLibraries(exe string, env []string) []string {
-	fd, err := targetfs.Open(exe) // non-blocking, regular files only
-	if err != nil {
-		return nil
-	}
-	defer fd.Close()
-	f, err := targetfs.NewELF(fd) // PT_INTERP checked to lie inside the file
-	if err != nil {
-		return nil
-	}
-	interp := ""
-	for _, p := range f.Progs {
-		if p.Type == elf.PT_INTERP {
-			b := make([]byte, p.Filesz)
-			if _, err := p.ReadAt(b, 0); err == nil {
-				interp = string(bytes.TrimRight(b, "\x00"))
-			}
-		}
-	}
-	if interp == "" {
-		return nil
-	}
-	cmd := exec.Command(interp, "--list", exe)
-	cmd.Env = env
-	out, err := cmd.Output()
-	if err != nil {
-		return nil
-	}
-	var libs []string
-	sc := bufio.NewScanner(bytes.NewReader(out))
-	for sc.Scan() {
-		for _, field := range strings.Fields(sc.Text()) {
-			if strings.HasPrefix(field, "/") {
-				libs = append(libs, field)
-			}
-		}
-	}
-	return libs
 }

@@ -65,6 +65,9 @@ type dwarfStacks struct {
 	cache *unwind.Cache
 	objs  *bpfload.Objects
 	store *unwindtable.Store // cfi mode; nil otherwise
+	// targets are this tier's processes in store (cfi mode): the store
+	// rescans those whose walks met code mapped since (dlopen).
+	targets *unwindtable.Targets
 	// mapped, if set, is called after a walk made the unwinder re-read a
 	// process's mappings (a library mapped since, such as a dlopen): the
 	// symbolizer takes them at once too, so the library's frames still
@@ -75,7 +78,6 @@ type dwarfStacks struct {
 	procs     map[int]*dwarfProc
 	cfiProcs  map[int]bool      // cfi mode: processes given to the store
 	rescanned map[int]time.Time // cfi mode: last rescan prompted by a stack copy
-	given     map[int]string    // cfi mode: the executable mappings last given to the store (execKey)
 	byKey     map[string]uint64
 	keys      map[uint64]string // byKey reversed, for pruning
 	stacks    map[uint64][]uint64
@@ -84,7 +86,6 @@ type dwarfStacks struct {
 	allocs    map[heap.Key]uint64 // sampled allocations per (pid, canonical stack, size)
 	next      uint64
 	gen       uint64
-	stop      chan struct{}
 	// handling counts events being unwound (handle): a read waits for
 	// them, so a copy taken from the ring buffer is never missed.
 	handling atomic.Int32
@@ -128,7 +129,6 @@ func newDwarfStacks(objs *bpfload.Objects, mapped func(pid int)) *dwarfStacks {
 		procs:     map[int]*dwarfProc{},
 		cfiProcs:  map[int]bool{},
 		rescanned: map[int]time.Time{},
-		given:     map[int]string{},
 		byKey:     map[string]uint64{},
 		keys:      map[uint64]string{},
 		stacks:    map[uint64][]uint64{},
@@ -139,55 +139,24 @@ func newDwarfStacks(objs *bpfload.Objects, mapped func(pid int)) *dwarfStacks {
 	}
 	if objs != nil && objs.Unwind != nil {
 		d.store = objs.Unwind
-		d.stop = make(chan struct{})
-		go d.refreshLoop()
+		// A walk met code the tables do not describe (a dlopen): the store
+		// rescans the process (every unwindtable.StaleInterval; its samples
+		// are copied for userspace unwinding meanwhile) and the symbolizer
+		// takes the new mappings too, so the library's frames resolve even
+		// if it is unloaded before the profile.
+		d.targets = d.store.NewTargets(mapped, nil)
 	}
 	return d
 }
-
-// staleInterval is how often the processes whose BPF walks met code
-// outside their known mappings are rescanned (each at most once per
-// interval): their samples are copied for userspace unwinding meanwhile.
-const staleInterval = 5 * time.Millisecond
 
 // rescanInterval rate-limits the rescans of a process prompted by its
 // stack copies (cfi mode).
 const rescanInterval = 2 * time.Millisecond
 
-// refreshLoop rescans the store's stale processes until close.
-func (d *dwarfStacks) refreshLoop() {
-	t := time.NewTicker(staleInterval)
-	defer t.Stop()
-	for {
-		select {
-		case <-d.stop:
-			return
-		case <-t.C:
-			// A walk met code the tables do not describe (a dlopen): the
-			// symbolizer takes the new mappings too, so the library's
-			// frames resolve even if it is unloaded before the profile.
-			var read []int
-			_, _ = d.store.Refresh(func(pid int) ([]procmaps.Mapping, error) { // errors: processes gone meanwhile
-				read = append(read, pid)
-				return procmaps.Read(pid)
-			})
-			if d.mapped != nil {
-				for _, pid := range read {
-					d.mapped(pid)
-				}
-			}
-		}
-	}
-}
-
-// close stops the background refresh.
+// close forgets the tier's processes in the store (cfi mode).
 func (d *dwarfStacks) close() {
-	if d.stop != nil {
-		select {
-		case <-d.stop:
-		default:
-			close(d.stop)
-		}
+	if d.targets != nil {
+		d.targets.Close()
 	}
 }
 
@@ -212,34 +181,16 @@ func (d *dwarfStacks) prepare(pid int) {
 // the call waits up to tableWait for the tables.
 func (d *dwarfStacks) addProcess(pid int, objects []objectFile) error {
 	if d.store != nil {
-		for _, o := range objects {
-			_ = d.store.Prepare(o.path) // errors: SetProcess reports those of objects mapped
-		}
-		maps, err := procmaps.Read(pid)
-		if err != nil {
-			return err
+		paths := make([]string, len(objects))
+		for i, o := range objects {
+			paths[i] = o.path
 		}
 		d.mu.Lock()
 		d.cfiProcs[pid] = true
 		d.mu.Unlock()
-		err = d.store.SetProcess(pid, maps)
-		d.store.WaitFor(tableWait)
-		return err
+		return d.targets.Add(pid, paths, tableWait)
 	}
 	return d.addUnwinder(pid)
-}
-
-// execKey identifies a process's executable file mappings (address
-// ranges and files), to tell whether they changed.
-func execKey(maps []procmaps.Mapping) string {
-	var b strings.Builder
-	for i := range maps {
-		m := &maps[i]
-		if m.Exec() && m.IsFile() {
-			fmt.Fprintf(&b, "%x-%x:%x:%d:%d:%d;", m.Start, m.End, m.Offset, m.DevMajor, m.DevMinor, m.Inode)
-		}
-	}
-	return b.String()
 }
 
 // addUnwinder prepares userspace unwinding of stack copies for pid.
@@ -272,16 +223,7 @@ func (d *dwarfStacks) refresh(pid int) {
 		// (refreshLoop); a rescan here catches code that no sample has
 		// met yet, so its table is ready before it is needed. The store
 		// is told only when the executable mappings changed.
-		if maps, err := procmaps.Read(pid); err == nil {
-			key := execKey(maps)
-			d.mu.Lock()
-			changed := d.given[pid] != key
-			d.given[pid] = key
-			d.mu.Unlock()
-			if changed {
-				_ = d.store.SetProcess(pid, maps) // a mapping it cannot read ends its walks there, counted
-			}
-		}
+		_ = d.targets.Rescan(pid) // a mapping it cannot read ends its walks there, counted
 	}
 	if p == nil {
 		return
@@ -302,10 +244,9 @@ func (d *dwarfStacks) removeProcess(pid int) {
 		delete(d.procs, pid)
 	}
 	delete(d.rescanned, pid)
-	delete(d.given, pid)
 	if d.cfiProcs[pid] {
 		delete(d.cfiProcs, pid)
-		_ = d.store.RemoveProcess(pid) // the process is gone: its entry may be too
+		_ = d.targets.Remove(pid) // the process is gone: its entry may be too
 	}
 	for k := range d.allocs {
 		if k.Pid == uint32(pid) {
@@ -353,7 +294,7 @@ func (d *dwarfStacks) handle(raw []byte) error {
 		// (mapped since the last scan, or a table still being built):
 		// rescan now, so the next samples are walked in BPF.
 		if maps, err := procmaps.Read(tgid); err == nil {
-			_ = d.store.SetProcess(tgid, maps) // a mapping it cannot read ends its walks there, counted
+			_ = d.targets.Set(tgid, maps) // a mapping it cannot read ends its walks there, counted
 		}
 	}
 	if lazy {

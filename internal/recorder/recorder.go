@@ -20,6 +20,7 @@ import (
 	"github.com/memprof/memprof/internal/procmaps"
 	"github.com/memprof/memprof/internal/procwatch"
 	"github.com/memprof/memprof/internal/symbolize"
+	"github.com/memprof/memprof/internal/unwindtable"
 )
 
 // DefaultSampleRate is the mean number of bytes between samples.
@@ -62,6 +63,9 @@ type Options struct {
 	NoSession bool
 	// StackMode is StackCFI (default), StackFP, StackDwarf or StackAuto.
 	StackMode string
+	// UnwindTables, with StackCFI, are the RSS tier's unwind tables to
+	// walk with (record --rss --heap: one set of tables); nil: its own.
+	UnwindTables *unwindtable.Shared
 	// ClassicOOM takes OOM kills from the classic tracepoint (pid only, as
 	// before Linux 6.8) even where the victim's task is available.
 	ClassicOOM bool
@@ -190,7 +194,7 @@ func Start(ctx context.Context, opts Options) (*Session, error) {
 	if !ok {
 		return nil, fmt.Errorf("unknown stack mode %q: use cfi, fp, dwarf or auto", opts.StackMode)
 	}
-	objs, err := bpfload.Load(bpfload.Options{SampleRate: opts.SampleRate, StackMode: mode, ClassicOOM: opts.ClassicOOM, NoSession: opts.NoSession, EventsBytes: opts.EventsBytes})
+	objs, err := bpfload.Load(bpfload.Options{SampleRate: opts.SampleRate, StackMode: mode, ClassicOOM: opts.ClassicOOM, NoSession: opts.NoSession, EventsBytes: opts.EventsBytes, Tables: opts.UnwindTables})
 	if err != nil {
 		return nil, err
 	}
@@ -260,6 +264,10 @@ func Start(ctx context.Context, opts Options) (*Session, error) {
 
 // StartTime is when the recording started.
 func (s *Session) StartTime() time.Time { return s.start }
+
+// UnwindTables are the heap tier's unwind tables (CFI mode; nil otherwise)
+// for the RSS tier to walk with (rss.Options.Unwind): one set per node.
+func (s *Session) UnwindTables() *unwindtable.Shared { return s.objs.UnwindTables() }
 
 // Features describes the kernel paths in use.
 func (s *Session) Features() bpfload.Features { return s.objs.Features }

@@ -9,6 +9,8 @@ import (
 	"syscall"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/memprof/memprof/internal/targetfs"
 )
 
 // command is a program started by the RSS session: stopped at its exec
@@ -26,7 +28,7 @@ type cmdExit struct {
 	err    error
 }
 
-func startCommand(argv, env []string, started func(pid int) error, exiting func(pid int)) (*command, error) {
+func startCommand(argv, env []string, started func(pid int, libs []string) error, exiting func(pid int)) (*command, error) {
 	if len(argv) == 0 {
 		return nil, fmt.Errorf("no command given after --")
 	}
@@ -44,7 +46,7 @@ func startCommand(argv, env []string, started func(pid int) error, exiting func(
 	return c, nil
 }
 
-func (c *command) trace(path string, argv, env []string, started func(int) error, exiting func(int), ready chan<- error) {
+func (c *command) trace(path string, argv, env []string, started func(int, []string) error, exiting func(int), ready chan<- error) {
 	runtime.LockOSThread() // ptrace requests come from the tracer thread
 	defer runtime.UnlockOSThread()
 	proc, err := os.StartProcess(path, argv, &os.ProcAttr{
@@ -80,7 +82,10 @@ func (c *command) trace(path string, argv, env []string, started func(int) error
 		abort(fmt.Errorf("start %s: set ptrace options: %w", path, err))
 		return
 	}
-	if err := started(pid); err != nil {
+	// The objects ld.so will map (their unwind tables are built before the
+	// command runs).
+	libs := append([]string{path}, targetfs.LoadedLibraries(path, env)...)
+	if err := started(pid, libs); err != nil {
 		abort(err)
 		return
 	}

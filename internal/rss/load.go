@@ -23,6 +23,8 @@ import (
 	"github.com/cilium/ebpf/rlimit"
 
 	mbpf "github.com/memprof/memprof/bpf"
+	"github.com/memprof/memprof/internal/bpfload"
+	"github.com/memprof/memprof/internal/unwindtable"
 )
 
 // GapTableSize mirrors RSS_GAP_TABLE_SIZE in bpf/rss.h.
@@ -37,14 +39,26 @@ type objects struct {
 	mbpf.RssObjects
 	links []link.Link
 	oom   bool // the OOM program is attached
+	// store holds the unwind tables the CFI walks use (nil in
+	// frame-pointer mode): another tier's (loadOptions.Unwind) or the RSS
+	// tier's own, over its uw_* maps.
+	store *unwindtable.Store
 }
 
 // loadOptions are the load-time settings.
 type loadOptions struct {
-	SampleRate uint64 // mean bytes between sampled faults; 1 = every fault
-	CopyStacks bool   // copy stacks for CFI unwinding (else frame pointers in BPF)
-	NoAttach   bool   // load only (tests of the maps)
+	SampleRate    uint64 // mean bytes between sampled faults; 1 = every fault
+	FramePointers bool   // frame-pointer walks (bpf_get_stackid) rather than CFI walks (uw_walk)
+	// Unwind, in CFI mode, are another tier's unwind tables to walk with
+	// (nil: the RSS tier builds its own).
+	Unwind   *unwindtable.Shared
+	NoAttach bool // load only (tests of the maps)
 }
+
+// rssUnwindStacks is the capacity of the RSS tier's uw_stacks (distinct
+// stacks of sampled faults kept at once, ~1 KiB each, allocated as used;
+// as RSS_MAX_STACKS of the frame-pointer mode's stack map).
+const rssUnwindStacks = 16384
 
 // Supported reports whether this kernel has what the RSS tier needs, with
 // an error saying what is missing.
@@ -76,26 +90,40 @@ func load(opts loadOptions) (*objects, error) {
 			return nil, err
 		}
 	}
-	copyStacks := uint32(0)
-	if opts.CopyStacks {
-		copyStacks = 1
+	mode := mbpf.RssRssStackModeRSM_CFI
+	if opts.FramePointers {
+		mode = mbpf.RssRssStackModeRSM_FP
 	}
-	if err := spec.Variables["rss_copy_stacks"].Set(copyStacks); err != nil {
+	if err := spec.Variables["rss_stack_mode"].Set(uint32(mode)); err != nil {
 		return nil, err
 	}
-	if opts.SampleRate <= 1 {
-		// Every fault copies its stack: a burst of faults (memset of a
-		// large buffer) outruns the reader of the default 32 MiB ring;
-		// --sample-rate 1 is a diagnostic mode and gets 256 MiB. Copies
-		// that still do not fit fall back to frame-pointer stacks and
-		// are counted (rss_ringbuf_full).
-		spec.Maps["rss_events"].MaxEntries = 256 << 20
+	// Only the stack maps of the mode in use get their size (the arrays
+	// and the stack trace map are preallocated); the others one entry.
+	var copts *ebpf.CollectionOptions
+	if opts.FramePointers {
+		for _, m := range []string{"uw_objects", "uw_rules", "uw_rows", "uw_stacks"} {
+			spec.Maps[m].MaxEntries = 1
+		}
+	} else {
+		spec.Maps["rss_stacks"].MaxEntries = 1
+		spec.Maps["uw_stacks"].MaxEntries = rssUnwindStacks
+		spec.Maps["uw_rows"].MaxEntries = bpfload.DefaultUnwindRows
+		if opts.Unwind != nil {
+			// The other tier's tables: its maps replace these (their
+			// sizes must agree).
+			for name, m := range opts.Unwind.Maps {
+				if ms := spec.Maps[name]; ms != nil {
+					ms.MaxEntries = m.MaxEntries()
+				}
+			}
+			copts = &ebpf.CollectionOptions{MapReplacements: opts.Unwind.Maps}
+		}
 	}
 	if err := spec.Variables["rss_thp_mode"].Set(uint32(thpMode())); err != nil {
 		return nil, err
 	}
 	o := &objects{}
-	if err := spec.LoadAndAssign(&o.RssObjects, nil); err != nil {
+	if err := spec.LoadAndAssign(&o.RssObjects, copts); err != nil {
 		var ve *ebpf.VerifierError
 		if errors.As(err, &ve) {
 			// %+v of the VerifierError is the whole log, not only its end.
@@ -109,6 +137,13 @@ func load(opts loadOptions) (*objects, error) {
 	if err := setRate(o.RssGaps, opts.SampleRate); err != nil {
 		o.close()
 		return nil, err
+	}
+	if !opts.FramePointers {
+		if opts.Unwind != nil {
+			o.store = opts.Unwind.Store
+		} else {
+			o.store = unwindtable.NewStore(unwindtable.Maps{Procs: o.UwProcs, Objects: o.UwObjects, Rows: o.UwRows, Rules: o.UwRules, Stale: o.UwStale}, 0, 2)
+		}
 	}
 	if opts.NoAttach {
 		return o, nil
@@ -181,7 +216,7 @@ func (o *objects) close() {
 
 // Counters are the RSS programs' counts summed over CPUs.
 type Counters struct {
-	Folios, Bytes, Samples, StackCopies uint64
+	Folios, Bytes, Samples uint64
 	// Lost by cause.
 	PagesFull, BucketsFull, StackCollision, StackLost, EventsLost uint64
 }
@@ -209,7 +244,6 @@ func (o *objects) counters() (Counters, error) {
 		mbpf.RssRssCounterRC_FOLIOS:          &c.Folios,
 		mbpf.RssRssCounterRC_BYTES:           &c.Bytes,
 		mbpf.RssRssCounterRC_SAMPLES:         &c.Samples,
-		mbpf.RssRssCounterRC_STACK_COPIES:    &c.StackCopies,
 		mbpf.RssRssCounterRC_PAGES_FULL:      &c.PagesFull,
 		mbpf.RssRssCounterRC_BUCKETS_FULL:    &c.BucketsFull,
 		mbpf.RssRssCounterRC_STACK_COLLISION: &c.StackCollision,

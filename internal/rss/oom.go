@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"time"
 
+	mbpf "github.com/memprof/memprof/bpf"
 	"github.com/memprof/memprof/internal/cgroups"
 	"github.com/memprof/memprof/pprofout"
 )
@@ -26,14 +27,23 @@ type OOMKill struct {
 // handleOOM builds the victim's post-mortem at once: its memory is still
 // mapped until the kill completes (or the OOM reaper unmaps it).
 func (s *Session) handleOOM(raw []byte) {
-	if len(raw) < 48 {
+	var ev mbpf.RssRssOomEvent
+	if err := binary.Read(bytes.NewReader(raw), binary.NativeEndian, &ev); err != nil {
+		s.mu.Lock()
+		s.recordErr(fmt.Errorf("short OOM event (%d bytes): %w", len(raw), err))
+		s.mu.Unlock()
 		return
 	}
-	le := binary.LittleEndian
-	pid := int(le.Uint32(raw[4:]))
-	memcg := le.Uint64(raw[16:])
-	k := &OOMKill{Pid: pid, AnonRSS: int64(le.Uint64(raw[24:])) << 10, Time: time.Now()}
-	k.Comm = string(bytes.TrimRight(raw[32:48], "\x00"))
+	pid, memcg := int(ev.Pid), ev.Memcg
+	k := &OOMKill{Pid: pid, AnonRSS: int64(ev.AnonRss) << 10, Time: time.Now()}
+	comm := make([]byte, 0, len(ev.Comm))
+	for _, c := range ev.Comm {
+		if c == 0 {
+			break
+		}
+		comm = append(comm, byte(c))
+	}
+	k.Comm = string(comm)
 	s.mu.Lock()
 	_, known := s.procs[pid]
 	_, inCg := s.cgIDs[memcg]

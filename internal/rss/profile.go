@@ -9,6 +9,7 @@ import (
 	mbpf "github.com/memprof/memprof/bpf"
 	"github.com/memprof/memprof/internal/frag"
 	"github.com/memprof/memprof/internal/procmaps"
+	"github.com/memprof/memprof/internal/unwindtable"
 	"github.com/memprof/memprof/pprofout"
 )
 
@@ -38,7 +39,6 @@ type bucket struct {
 // Profile builds the RSS profile of every process seen (only: a filter by
 // pid, nil for all) and a summary per process.
 func (s *Session) Profile(only func(pid uint32) bool) (*pprofout.RSSProfile, []ProcSummary, error) {
-	s.drain()
 	return s.profile(only, true)
 }
 
@@ -94,20 +94,7 @@ func (s *Session) profile(only func(pid uint32) bool, verify bool) (*pprofout.RS
 			}{fk, n})
 		}
 	}
-	lookup := func(sid uint32) []uint64 {
-		var frames [127]uint64
-		if err := s.objs.RssStacks.Lookup(sid, &frames); err != nil {
-			return nil
-		}
-		var pcs []uint64
-		for _, pc := range frames {
-			if pc == 0 {
-				break
-			}
-			pcs = append(pcs, pc)
-		}
-		return pcs
-	}
+	st := s.newStackTable()
 
 	buckets := map[faultKey]*bucket{}
 	get := func(k faultKey) *bucket {
@@ -136,23 +123,29 @@ func (s *Session) profile(only func(pid uint32) bool, verify bool) (*pprofout.RS
 			r.add(regionOf(maps, e.key.Addr), int64(math.Round(res[pid][i]*float64(e.page.Size)*scaleOf(e.page.Size, s.opts.SampleRate))))
 		}
 	}
-	s.stacks.mu.Lock()
 	for pid, entries := range pages {
 		for i, e := range entries {
-			get(faultKey{pid: pid, stack: s.stacks.resolve(e.page.StackId, lookup), size: e.page.Size}).resident += res[pid][i]
+			get(faultKey{pid: pid, stack: st.resolve(e.page.StackId), size: e.page.Size}).resident += res[pid][i]
 		}
 	}
+	var ss StackStats
 	for _, f := range bpfFaults {
-		get(faultKey{pid: f.k.Tgid, stack: s.stacks.resolve(f.k.StackId, lookup), size: f.k.Size}).faulted += f.n
-	}
-	for k, n := range s.stacks.faults {
-		if only(k.pid) {
-			get(k).faulted += n
+		k := faultKey{pid: f.k.Tgid, stack: st.resolve(f.k.StackId), size: f.k.Size}
+		get(k).faulted += f.n
+		ss.Samples += f.n
+		switch {
+		case k.stack < 0:
+			ss.Unknown += f.n
+		case st.status[k.stack] != unwindtable.StatusComplete:
+			ss.Truncated += f.n
+			switch st.status[k.stack] {
+			case unwindtable.StatusPending:
+				ss.Pending += f.n
+			case statusNoMapping:
+				ss.NoMapping += f.n
+			}
 		}
 	}
-	stacks := s.stacks.stacks
-	truncated := s.stacks.truncated
-	s.stacks.mu.Unlock()
 
 	p := &pprofout.RSSProfile{SampleRate: s.opts.SampleRate}
 	p.Start = s.start
@@ -174,8 +167,8 @@ func (s *Session) profile(only func(pid uint32) bool, verify bool) (*pprofout.RS
 		}
 		var stack []*pprofout.Location
 		if k.stack >= 0 && pr.sym != nil {
-			stack = pr.sym.Locate(stacks[k.stack])
-			if len(stack) > 0 && truncated[k.stack] {
+			stack = pr.sym.Locate(st.stacks[k.stack])
+			if len(stack) > 0 && st.status[k.stack] != unwindtable.StatusComplete {
 				stack = append(stack[:len(stack):len(stack)], trunc)
 			}
 		}
@@ -225,6 +218,10 @@ func (s *Session) profile(only func(pid uint32) bool, verify bool) (*pprofout.RS
 		sums = append(sums, sum)
 	}
 	p.Comments = append(p.Comments, s.statsComments()...)
+	p.Comments = append(p.Comments, s.stackComments(ss)...)
+	if verify {
+		s.lastStacks = ss
+	}
 	for _, sum := range sums {
 		p.Comments = append(p.Comments, pprofout.MetaComment("rss_anon_pid_"+strconv.Itoa(sum.Pid), strconv.FormatInt(sum.RssAnon, 10)))
 	}

@@ -7,6 +7,7 @@ import (
 	"io"
 	"math"
 	"os/exec"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -103,6 +104,11 @@ var knownTruth = map[string]float64{
 }
 
 func recordKnown(t *testing.T, rate uint64) (*profile.Profile, []ProcSummary, frag.ProcessMem) {
+	built, sums, pm, _ := recordKnownStacks(t, rate)
+	return built, sums, pm
+}
+
+func recordKnownStacks(t *testing.T, rate uint64) (*profile.Profile, []ProcSummary, frag.ProcessMem, StackStats) {
 	testprog.RequireRoot(t)
 	bin := testprog.Build(t, "rss_known.c")
 	k := startWaiting(t, bin)
@@ -126,11 +132,22 @@ func recordKnown(t *testing.T, rate uint64) (*profile.Profile, []ProcSummary, fr
 	}
 	c, _ := s.Counters()
 	t.Logf("counters: %+v", c)
-	return built, sums, pm
+	return built, sums, pm, s.StackStats()
 }
 
 func TestKnownRate1(t *testing.T) {
-	built, sums, pm := recordKnown(t, 1)
+	built, sums, pm, st := recordKnownStacks(t, 1)
+	// Every stack walked to main, none truncated (the process's tables
+	// are built before it faults).
+	attributed := rssWhere(built, func(f []string) bool { return len(f) == 0 || f[0] != ResidentBefore })
+	toMain := rssWhere(built, func(f []string) bool { return slices.Contains(f, "main") })
+	t.Logf("stacks reaching main: %.2f%% of %.2f MiB attributed; sampled faults %+v", 100*float64(toMain)/float64(attributed), float64(attributed)/mib, st)
+	if float64(toMain) < 0.999*float64(attributed) {
+		t.Errorf("stacks reaching main hold %.2f%% of rss_space, want >= 99.9%%", 100*float64(toMain)/float64(attributed))
+	}
+	if st.Truncated != 0 || st.Unknown != 0 {
+		t.Errorf("sampled faults %+v: want no truncated or unavailable stack", st)
+	}
 	rss, faulted, total := byFunction(built, knownFuncs)
 	for f, want := range knownTruth {
 		got := float64(rss[f])

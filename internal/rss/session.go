@@ -19,8 +19,11 @@ import (
 	mbpf "github.com/memprof/memprof/bpf"
 	"github.com/memprof/memprof/internal/cgroups"
 	"github.com/memprof/memprof/internal/frag"
+	"github.com/memprof/memprof/internal/heap"
 	"github.com/memprof/memprof/internal/procmaps"
 	"github.com/memprof/memprof/internal/symbolize"
+	"github.com/memprof/memprof/internal/targetfs"
+	"github.com/memprof/memprof/internal/unwindtable"
 	"github.com/memprof/memprof/pprofout"
 )
 
@@ -39,12 +42,16 @@ type Options struct {
 	Cgroups    []string // cgroup directories (v1 memory or v2): every process in them and their descendants
 	Command    []string // a command to start (its children are followed)
 	Env        []string // its environment (nil: memprof's own)
-	// FramePointers walks stacks in BPF only; by default sampled faults
-	// copy the user stack and memprof unwinds it with the objects' CFI
-	// (frame pointers where an object has none).
+	// FramePointers walks stacks by frame pointers alone (--stack-mode
+	// fp); by default they are walked in BPF with the unwind tables built
+	// from the objects' CFI (frame pointers where an object has none).
 	FramePointers bool
-	Poll          time.Duration // cgroup rescans and reclaim of exited processes (default 200ms)
-	Notify        func(msg string)
+	// Unwind, if set, are the heap tier's unwind tables (the agent: one
+	// set of tables per node); otherwise the RSS tier builds its own for
+	// its targets' objects.
+	Unwind *unwindtable.Shared
+	Poll   time.Duration // cgroup rescans and reclaim of exited processes (default 200ms)
+	Notify func(msg string)
 	// OOM is called for each OOM kill of a target (or of any process with
 	// AllOOMs) with the victim's RSS profile at the kill.
 	OOM        func(*OOMKill)
@@ -65,15 +72,17 @@ const (
 
 // Session is one RSS recording.
 type Session struct {
-	opts   Options
-	objs   *objects
-	rd     *ringbuf.Reader
-	stacks *stackTable
-	sym    *symbolize.Cache
-	start  time.Time
-	cmd    *command
-	done   chan struct{}
-	wg     sync.WaitGroup
+	opts Options
+	objs *objects
+	rd   *ringbuf.Reader
+	// targets are the RSS tier's processes in the unwind tables' store
+	// (CFI mode; nil with frame pointers).
+	targets *unwindtable.Targets
+	sym     *symbolize.Cache
+	start   time.Time
+	cmd     *command
+	done    chan struct{}
+	wg      sync.WaitGroup
 
 	mu      sync.Mutex
 	procs   map[int]*proc
@@ -85,6 +94,12 @@ type Session struct {
 	reclaim time.Time
 	// verified: last check of every sampled folio against pagemap
 	verified time.Time
+	// lastStacks: how the stacks of the last profile were taken
+	lastStacks StackStats
+	// staleStacks: uw_stacks/rss_stacks ids found unreferenced at the
+	// last prune (deleted if still so at the next)
+	staleStacks map[uint64]bool
+	pruned      time.Time // last pruneStacks
 }
 
 // VerifyInterval is how often every sampled folio is checked against
@@ -147,7 +162,7 @@ func Start(ctx context.Context, opts Options) (*Session, error) {
 			return nil, fmt.Errorf("cgroup %s does not exist: give a directory under /sys/fs/cgroup", cg)
 		}
 	}
-	objs, err := load(loadOptions{SampleRate: opts.SampleRate, CopyStacks: !opts.FramePointers})
+	objs, err := load(loadOptions{SampleRate: opts.SampleRate, FramePointers: opts.FramePointers, Unwind: opts.Unwind})
 	if err != nil {
 		return nil, err
 	}
@@ -157,10 +172,17 @@ func Start(ctx context.Context, opts Options) (*Session, error) {
 		return nil, fmt.Errorf("open RSS ring buffer: %w", err)
 	}
 	s := &Session{
-		opts: opts, objs: objs, rd: rd, stacks: newStackTable(),
+		opts: opts, objs: objs, rd: rd,
 		sym:   symbolize.NewCache(symbolize.Options{}),
 		start: time.Now(), done: make(chan struct{}),
 		procs: map[int]*proc{}, cgDirs: map[string]bool{}, cgIDs: map[uint64]string{},
+		staleStacks: map[uint64]bool{},
+	}
+	if objs.store != nil {
+		// The store rescans a target whose walk met code mapped since
+		// (dlopen) or that no scan has listed yet (a new process of a
+		// target cgroup, a command's child).
+		s.targets = objs.store.NewTargets(s.mappedSince, s.adopt)
 	}
 	s.wg.Add(1)
 	go s.readEvents()
@@ -210,15 +232,80 @@ func (s *Session) setKinds(k uint32) {
 // AddPid makes pid a target (flags: mbpf.RssRssTargetFlag bits).
 func (s *Session) AddPid(pid int) error { return s.addPid(pid, uint8(mbpf.RssRssTargetFlagRT_TARGET)) }
 
-func (s *Session) addPid(pid int, flags uint8) error {
+func (s *Session) addPid(pid int, flags uint8) error { return s.addPidLibs(pid, flags, nil) }
+
+// addPidLibs is addPid with the host paths of objects pid will map.
+func (s *Session) addPidLibs(pid int, flags uint8, libs []string) error {
 	s.mu.Lock()
-	defer s.mu.Unlock()
 	s.setKinds(RSSKindPids)
 	if err := s.objs.RssPids.Put(uint32(pid), flags); err != nil {
+		s.mu.Unlock()
 		return fmt.Errorf("add process %d to the RSS targets: %w", pid, err)
 	}
 	s.noteProc(pid)
+	s.mu.Unlock()
+	// Its tables built before it runs on (a command stopped at its exec)
+	// or before the caller goes on, so its first faults' walks find them.
+	s.addUnwind(pid, libs, tableWait)
 	return nil
+}
+
+// tableWait bounds how long a target named by pid (or a command stopped at
+// its exec) waits for its unwind tables; faults in code whose table is not
+// ready by then get a truncated stack, counted.
+const tableWait = 3 * time.Second
+
+// addUnwind gives pid's mappings to the unwind tables' store (CFI mode)
+// and builds the tables of libs (host paths of objects it will map),
+// waiting up to wait for the tables.
+func (s *Session) addUnwind(pid int, libs []string, wait time.Duration) {
+	if s.targets == nil {
+		return
+	}
+	if err := s.targets.Add(pid, libs, wait); err != nil && procmaps.Alive(pid) {
+		// Objects it cannot read end its walks there (counted).
+		s.mu.Lock()
+		s.recordErr(fmt.Errorf("unwind tables of pid %d: %w", pid, err))
+		s.mu.Unlock()
+	}
+}
+
+// mappedSince runs after the store re-read pid's mappings for a walk that
+// met code it did not know: the symbolizer takes them too, so a library
+// unloaded later (dlclose) still resolves.
+func (s *Session) mappedSince(pid int) {
+	s.noteNew(pid)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if p := s.procs[pid]; p != nil && p.sym != nil && !p.exited && p.frozen == nil {
+		s.refreshSym(p)
+	}
+}
+
+// adopt tells whether pid, whose walk met no mappings (the store does not
+// know it), is a target: named (or a child of a command), or in a target
+// cgroup. Such a process started since the last scan; its first sampled
+// faults are truncated until its tables are built.
+func (s *Session) adopt(pid int) bool {
+	var f uint8
+	if s.objs.RssPids.Lookup(uint32(pid), &f) == nil && f&uint8(mbpf.RssRssTargetFlagRT_TARGET) != 0 {
+		return true
+	}
+	v1, v2, err := cgroups.OfProcess(pid)
+	if err != nil {
+		return false
+	}
+	r1, r2 := cgroups.Root()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, d := range []string{filepath.Join(r1, v1), filepath.Join(r2, v2)} {
+		if id, err := cgroups.ID(d); err == nil {
+			if _, ok := s.cgIDs[id]; ok {
+				return true
+			}
+		}
+	}
+	return false
 }
 
 // AddCgroup makes every process of cgroup directory dir (v1 memory or v2)
@@ -227,7 +314,15 @@ func (s *Session) AddCgroup(dir string) error {
 	s.mu.Lock()
 	s.cgDirs[filepath.Clean(dir)] = true
 	s.mu.Unlock()
-	return s.scanCgroup(filepath.Clean(dir))
+	err := s.scanCgroup(filepath.Clean(dir))
+	if s.targets != nil {
+		// The tables of the processes found now are built before the
+		// caller goes on (as for a pid), so their first faults' walks
+		// find them; processes that join later get theirs in the
+		// background (faults meanwhile: truncated, counted).
+		s.objs.store.WaitFor(tableWait)
+	}
+	return err
 }
 
 // RemoveCgroup stops recording cgroup dir (the agent, when a container goes).
@@ -318,11 +413,18 @@ func (s *Session) scanCgroup(dir string) error {
 	if err != nil {
 		return fmt.Errorf("list processes of cgroup %s: %w", dir, err)
 	}
+	var added []int
 	s.mu.Lock()
 	for _, pid := range pids {
+		if s.procs[pid] == nil {
+			added = append(added, pid)
+		}
 		s.noteProc(pid)
 	}
 	s.mu.Unlock()
+	for _, pid := range added {
+		s.addUnwind(pid, nil, 0) // tables built in the background
+	}
 	return nil
 }
 
@@ -393,7 +495,7 @@ func (s *Session) recordErr(err error) {
 	s.errs = append(s.errs, msg)
 }
 
-// readEvents consumes stack copies and OOM kills.
+// readEvents consumes OOM kills.
 func (s *Session) readEvents() {
 	defer s.wg.Done()
 	for {
@@ -407,17 +509,7 @@ func (s *Session) readEvents() {
 		if len(rec.RawSample) < 4 {
 			continue
 		}
-		switch binary.LittleEndian.Uint32(rec.RawSample) {
-		case uint32(mbpf.RssRssEventTypeRE_STACK):
-			if len(rec.RawSample) >= 8 {
-				s.noteNew(int(binary.LittleEndian.Uint32(rec.RawSample[4:])))
-			}
-			if err := s.stacks.handleStack(rec.RawSample); err != nil {
-				s.mu.Lock()
-				s.recordErr(err)
-				s.mu.Unlock()
-			}
-		case uint32(mbpf.RssRssEventTypeRE_OOM):
+		if binary.LittleEndian.Uint32(rec.RawSample) == uint32(mbpf.RssRssEventTypeRE_OOM) {
 			s.handleOOM(rec.RawSample)
 		}
 	}
@@ -492,11 +584,56 @@ func (s *Session) reclaimExited() {
 		if err := deleteKey(s.objs.RssPids, uint32(pid)); err != nil {
 			s.recordErr(fmt.Errorf("forget exited pid %d: %w", pid, err))
 		}
-		s.stacks.forget(pid)
+		if s.targets != nil {
+			_ = s.targets.Remove(pid) // gone: its entry may be too
+		}
 		if s.opts.DropExited {
 			s.dropProc(pid)
 		}
 	}
+	s.pruneStacks()
+}
+
+// pruneInterval is how often unreferenced stacks are looked for: each
+// look reads every sampled folio and fault count.
+var pruneInterval = 30 * time.Second
+
+// pruneStacks deletes the stacks no sampled folio and no fault count
+// refers to any more (processes dropped, folios given back), once found so
+// at two prunes in a row (a sample that reuses a stack just after it was
+// found unreferenced keeps it), so the stack map does not fill over a long
+// recording (caller holds mu).
+func (s *Session) pruneStacks() {
+	if time.Since(s.pruned) < pruneInterval {
+		return
+	}
+	s.pruned = time.Now()
+	refs := map[uint64]bool{}
+	var k mbpf.RssRssPageKey
+	var v mbpf.RssRssPage
+	it := s.objs.RssPages.Iterate()
+	for it.Next(&k, &v) {
+		refs[v.StackId] = true
+	}
+	var fk mbpf.RssRssFaultKey
+	var n uint64
+	fit := s.objs.RssFaults.Iterate()
+	for fit.Next(&fk, &n) {
+		refs[fk.StackId] = true
+	}
+	for _, p := range s.procs {
+		for _, f := range p.frozen {
+			refs[f.page.StackId] = true
+		}
+	}
+	if it.Err() != nil || fit.Err() != nil {
+		return // a partial view of the references: nothing is deleted
+	}
+	m := heap.Maps{Stacks: s.objs.RssStacks}
+	if s.targets != nil {
+		m.UwStacks = s.objs.UwStacks
+	}
+	heap.PruneStacks(m, refs, s.staleStacks)
 }
 
 // dropProc forgets pid's fault counts and state (caller holds mu).
@@ -517,27 +654,75 @@ func (s *Session) dropProc(pid int) {
 	if failed, err := deleteKeys(s.objs.RssFaults, del); err != nil {
 		s.recordErr(fmt.Errorf("forget %d of %d fault buckets of pid %d: %w", failed, len(del), pid, err))
 	}
-	s.stacks.mu.Lock()
-	for k := range s.stacks.faults {
-		if k.pid == uint32(pid) {
-			delete(s.stacks.faults, k)
-		}
-	}
-	s.stacks.mu.Unlock()
 }
 
 // AddCommand makes pid and its future children targets: a command another
-// tier started, stopped at its exec.
-func (s *Session) AddCommand(pid int) error { return s.commandStarted(pid) }
+// tier started (with memprof's environment), stopped at its exec.
+func (s *Session) AddCommand(pid int) error {
+	var libs []string
+	if exe, err := os.Readlink(filepath.Join(procmaps.ProcRoot, strconv.Itoa(pid), "exe")); err == nil {
+		libs = append([]string{exe}, targetfs.LoadedLibraries(exe, os.Environ())...)
+	}
+	return s.commandStarted(pid, libs)
+}
 
 // Freeze reads pid's residency now and keeps it for later profiles: a
 // command another tier traces, stopped in its exit.
 func (s *Session) Freeze(pid int) { s.freeze(pid) }
 
-// commandStarted runs with the command stopped at its exec.
-func (s *Session) commandStarted(pid int) error {
-	return s.addPid(pid, uint8(mbpf.RssRssTargetFlagRT_TARGET|mbpf.RssRssTargetFlagRT_FOLLOW_FORKS))
+// commandStarted runs with the command stopped at its exec; libs are the
+// objects it will map (host paths), whose unwind tables are built before
+// it runs on.
+func (s *Session) commandStarted(pid int, libs []string) error {
+	err := s.addPidLibs(pid, uint8(mbpf.RssRssTargetFlagRT_TARGET|mbpf.RssRssTargetFlagRT_FOLLOW_FORKS), libs)
+	if err == nil && s.targets != nil && len(libs) > 1 {
+		go s.watchLoading(pid, libs)
+	}
+	return err
 }
+
+// watchLoading follows a command's start, once resumed, until ld.so has
+// mapped its libraries (at most loadWatch): each change of its executable
+// mappings is given to the store at once, so the walks of its first faults
+// find the libraries' tables (built at the exec stop) rather than waiting
+// for a walk to meet them and the rescan that follows.
+func (s *Session) watchLoading(pid int, libs []string) {
+	want := map[string]bool{}
+	for _, l := range libs {
+		want[filepath.Base(l)] = true
+	}
+	last := ""
+	for end := time.Now().Add(loadWatch); time.Now().Before(end); time.Sleep(loadPoll) {
+		select {
+		case <-s.done:
+			return
+		default:
+		}
+		maps, err := procmaps.Read(pid)
+		if err != nil {
+			return // gone
+		}
+		if key := unwindtable.ExecKey(maps); key != last {
+			last = key
+			_ = s.targets.Set(pid, maps) // objects it cannot read end walks there, counted
+		}
+		seen := map[string]bool{}
+		for i := range maps {
+			if maps[i].Exec() && maps[i].IsFile() && want[filepath.Base(maps[i].Path)] {
+				seen[filepath.Base(maps[i].Path)] = true
+			}
+		}
+		if len(seen) == len(want) {
+			return
+		}
+	}
+}
+
+// How long and how often a command's start is followed (watchLoading).
+const (
+	loadWatch = 500 * time.Millisecond
+	loadPoll  = 500 * time.Microsecond
+)
 
 // commandExiting runs with the command stopped in its exit: its memory is
 // still mapped, so its residency is read and kept.
@@ -619,11 +804,32 @@ func (s *Session) residencyOf(pid int, pages []pageEntry) []float64 {
 	return out
 }
 
-// drain lets the event reader consume pending stack copies.
-func (s *Session) drain() {
-	for i := 0; i < 100 && s.rd.AvailableBytes() > 0; i++ {
-		time.Sleep(10 * time.Millisecond)
+// newStackTable is an empty table of the stacks of one profile.
+func (s *Session) newStackTable() *stackTable {
+	if s.targets != nil {
+		return newStackTable(s.objs.UwStacks, nil)
 	}
+	return newStackTable(nil, s.objs.RssStacks)
+}
+
+// UnwindTables are the tier's unwind tables (CFI mode; nil otherwise) for
+// the heap tier of the same recording to walk with (record --rss --heap).
+func (s *Session) UnwindTables() *unwindtable.Shared {
+	if s.objs.store == nil {
+		return nil
+	}
+	o := s.objs
+	return &unwindtable.Shared{Store: o.store, Maps: map[string]*ebpf.Map{
+		"uw_procs": o.UwProcs, "uw_objects": o.UwObjects, "uw_rows": o.UwRows, "uw_rules": o.UwRules,
+		"uw_stale": o.UwStale, "uw_scratch": o.UwScratch,
+	}}
+}
+
+// StackStats tells how the stacks of the last profile built were taken.
+func (s *Session) StackStats() StackStats {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.lastStacks
 }
 
 // Counters returns the BPF side's counters.
@@ -699,6 +905,9 @@ func (s *Session) Close() {
 	}
 	s.rd.Close()
 	s.wg.Wait()
+	if s.targets != nil {
+		s.targets.Close()
+	}
 	s.objs.close()
 	s.mu.Lock()
 	for _, p := range s.procs {
@@ -716,8 +925,7 @@ func (s *Session) statsComments() []string {
 		out = append(out,
 			pprofout.MetaComment("rss_folios", strconv.FormatUint(c.Folios, 10)),
 			pprofout.MetaComment("rss_faulted_bytes", strconv.FormatUint(c.Bytes, 10)),
-			pprofout.MetaComment("rss_samples", strconv.FormatUint(c.Samples, 10)),
-			pprofout.MetaComment("rss_stack_copies", strconv.FormatUint(c.StackCopies, 10)))
+			pprofout.MetaComment("rss_samples", strconv.FormatUint(c.Samples, 10)))
 		lost := c.Lost()
 		keys := make([]string, 0, len(lost))
 		for k := range lost {
@@ -728,17 +936,37 @@ func (s *Session) statsComments() []string {
 			out = append(out, pprofout.MetaComment("lost_"+k, strconv.FormatUint(lost[k], 10)))
 		}
 	}
-	s.stacks.mu.Lock()
-	if s.stacks.full > 0 {
-		out = append(out, pprofout.MetaComment("lost_rss_user_buckets_full", strconv.FormatUint(s.stacks.full, 10)))
-	}
-	out = append(out, pprofout.MetaComment("rss_stacks_unwound", strconv.FormatUint(s.stacks.unwound, 10)),
-		pprofout.MetaComment("rss_stacks_truncated", strconv.FormatUint(s.stacks.trunc, 10)))
-	s.stacks.mu.Unlock()
 	out = append(out, pprofout.MetaComment("sample_rate", strconv.FormatUint(s.opts.SampleRate, 10)))
 	n := s.objs.RssPages.MaxEntries()
 	out = append(out, pprofout.MetaComment("rss_page_map_capacity", strconv.FormatUint(uint64(n), 10)))
 	return out
 }
 
-var _ = ebpf.UpdateAny
+// stackComments are the profile's stack figures: its sampled faults whose
+// stack walk was truncated (by cause) or not stored, and the BPF walks'
+// outcomes and the unwind tables held (CFI mode).
+func (s *Session) stackComments(ss StackStats) []string {
+	u := func(v uint64) string { return strconv.FormatUint(v, 10) }
+	out := []string{
+		pprofout.MetaComment("rss_stack_mode", map[bool]string{true: "cfi", false: "fp"}[s.targets != nil]),
+		pprofout.MetaComment("rss_samples_stack_truncated", u(ss.Truncated)),
+		pprofout.MetaComment("rss_samples_stack_table_pending", u(ss.Pending)),
+		pprofout.MetaComment("rss_samples_stack_not_mapped_yet", u(ss.NoMapping)),
+		pprofout.MetaComment("rss_samples_stack_unavailable", u(ss.Unknown)),
+	}
+	if s.targets == nil {
+		return out
+	}
+	if w, err := unwindtable.ReadWalkStats(s.objs.UwStats); err == nil {
+		out = append(out, pprofout.MetaComment("rss_bpf_walks", u(w.Complete+w.Truncated())),
+			pprofout.MetaComment("rss_bpf_walks_truncated", u(w.Truncated())))
+	}
+	if in, err := unwindtable.ReadInternStats(s.objs.UwInternStats); err == nil {
+		out = append(out, pprofout.MetaComment("rss_stack_hash_collisions", u(in.Collisions)),
+			pprofout.MetaComment("rss_stack_map_full", u(in.Full)))
+	}
+	st := s.objs.store.Stats()
+	out = append(out, pprofout.MetaComment("unwind_tables", strconv.Itoa(st.Objects)),
+		pprofout.MetaComment("unwind_table_bytes", strconv.FormatInt(st.Bytes+st.ProcBytes, 10)))
+	return out
+}

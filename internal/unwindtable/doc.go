@@ -31,13 +31,16 @@
 // bpf_task_pt_regs(bpf_get_current_task_btf()).
 //
 // Go: one Store for all tiers, over the uw_* maps of the first collection
-// loaded; later collections that include unwind.h reuse them through
-// ebpf.CollectionOptions.MapReplacements (uw_procs, uw_objects, uw_rows,
-// uw_rules, uw_stale, uw_stats, uw_stacks, uw_intern_stats). Size uw_rows (8 bytes a row: the memory
-// bound of all tables) with MapSpec.MaxEntries before loading. Call
-// SetProcess when a target is added, RemoveProcess when it exits, Refresh
-// periodically (processes whose walks met code mapped later, such as by
-// dlopen), and report Stats, Tables, ReadWalkStats and ReadInternStats.
+// loaded; later collections that include unwind.h reuse its tables through
+// ebpf.CollectionOptions.MapReplacements with the maps of a Shared
+// (uw_procs, uw_objects, uw_rows, uw_rules, uw_stale, uw_scratch; each tier
+// keeps its own uw_stacks, which it prunes, and counters). Size uw_rows (8
+// bytes a row: the memory bound of all tables) with MapSpec.MaxEntries
+// before loading. Each tier gives its processes to the Store through its
+// own Targets (Add when a target is added, Remove when it exits): the Store
+// rescans the processes whose walks met code mapped later (dlopen) for the
+// tiers holding them, and offers unknown ones to the tiers (adopt). Report
+// Stats, Tables, ReadWalkStats and ReadInternStats.
 // Prepare builds the table of a file before any process maps it (a command
 // stopped at its exec: the libraries ld.so will map) and WaitFor bounds the
 // wait for the builds. The heap tier (internal/recorder, --stack-mode cfi)

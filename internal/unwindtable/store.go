@@ -109,6 +109,11 @@ type Store struct {
 	procs   map[uint32][]procMap
 	clock   uint64
 	st      Stats
+	// Tiers' process sets (targets.go): users counts the Targets holding
+	// each process; the stale rescan loop runs while any is open.
+	targets            map[*Targets]bool
+	users              map[uint32]int
+	loopStop, loopDone chan struct{}
 }
 
 type span struct{ start, n uint32 }

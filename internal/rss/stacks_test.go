@@ -1,0 +1,202 @@
+package rss
+
+import (
+	"context"
+	"math"
+	"os/exec"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/google/pprof/profile"
+
+	"github.com/memprof/memprof/internal/testprog"
+	"github.com/memprof/memprof/pprofout"
+)
+
+// frames lists a sample's function names, leaf first (inlined ones
+// included, innermost first).
+func frames(s *profile.Sample) []string {
+	var out []string
+	for _, loc := range s.Location {
+		for _, ln := range loc.Line {
+			if ln.Function != nil {
+				out = append(out, ln.Function.Name)
+			}
+		}
+	}
+	return out
+}
+
+// rssWhere sums rss_space of the samples whose frames satisfy keep.
+func rssWhere(p *profile.Profile, keep func([]string) bool) int64 {
+	var n int64
+	for _, s := range p.Sample {
+		if keep(frames(s)) {
+			n += s.Value[2]
+		}
+	}
+	return n
+}
+
+// under reports whether names holds chain (leaf first) as consecutive
+// frames.
+func under(names []string, chain ...string) bool {
+	for i := 0; i+len(chain) <= len(names); i++ {
+		if slices.Equal(names[i:i+len(chain)], chain) {
+			return true
+		}
+	}
+	return false
+}
+
+// recordNoFP records rss_nofp (32 MiB faulted in leaf <- mid <- main, all
+// without frame pointers) at rate 1.
+func recordNoFP(t *testing.T, framePointers bool) (*profile.Profile, StackStats) {
+	t.Helper()
+	testprog.RequireRoot(t)
+	bin := testprog.Build(t, "rss_nofp.c", "-O2", "-fomit-frame-pointer")
+	k := startWaiting(t, bin, "32")
+	s, err := Start(context.Background(), Options{SampleRate: 1, Pids: []int{k.cmd.Process.Pid}, FramePointers: framePointers})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	k.run(t)
+	p, _, err := s.Profile(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	built, err := pprofout.BuildRSS(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rows, err := pprofout.Top(built, pprofout.RSSSpace, 3); err == nil {
+		var b strings.Builder
+		pprofout.FormatTop(&b, rows, pprofout.RSSSpace, 8)
+		t.Logf("frame pointers %v: top stacks:\n%s", framePointers, b.String())
+	}
+	return built, s.StackStats()
+}
+
+// TestStacksWithoutFramePointers: code built without frame pointers
+// (-O2 -fomit-frame-pointer, rbp used as a general register in the leaf):
+// the default (CFI) walk puts every faulted byte under leaf <- mid <- main,
+// with no truncated stack. Truth: 32 MiB, 8192 pages, at rate 1.
+func TestStacksWithoutFramePointers(t *testing.T) {
+	const want = 32 * mib
+	built, st := recordNoFP(t, false)
+	got := rssWhere(built, func(f []string) bool { return under(f, "leaf", "mid", "main") })
+	inLeaf := rssWhere(built, func(f []string) bool { return len(f) > 0 && f[0] == "leaf" })
+	t.Logf("CFI walk: rss_space under leaf <- mid <- main %.3f MiB (truth 32), with leaf at the top %.3f MiB; stacks: %+v",
+		float64(got)/mib, float64(inLeaf)/mib, st)
+	if math.Abs(float64(got)-want) > 0.005*want {
+		t.Errorf("rss_space under leaf <- mid <- main %.3f MiB, want 32 within 0.5%%", float64(got)/mib)
+	}
+	if st.Truncated != 0 || st.Unknown != 0 {
+		t.Errorf("stacks %+v: want none truncated or unavailable (the tables are built before the faults)", st)
+	}
+	// The frame-pointer walk cannot see mid and main (shown for contrast:
+	// the reason CFI is the default).
+	fp, fst := recordNoFP(t, true)
+	t.Logf("frame-pointer walk: under leaf <- mid <- main %.3f MiB; stacks %+v",
+		float64(rssWhere(fp, func(f []string) bool { return under(f, "leaf", "mid", "main") }))/mib, fst)
+}
+
+// TestStacksDlopen: a plugin without frame pointers loaded with dlopen
+// after the start (fc_dlmain.c, fc_plugin.c; 6 x 512 KiB faulted by
+// memset under plug_inner <- plug_outer <- main, then unloaded): the
+// samples whose walk met the plugin before its table was ready end in a
+// [truncated] frame and are counted; every other byte is under the whole
+// chain. Nothing is attributed to a wrong caller.
+func TestStacksDlopen(t *testing.T) {
+	testprog.RequireRoot(t)
+	dir := t.TempDir()
+	lib := dir + "/libfc_plugin.so"
+	if out, err := exec.Command("gcc", "-g", "-O2", "-fomit-frame-pointer", "-shared", "-fPIC", "-o", lib, testprog.Testdata("fc_plugin.c")).CombinedOutput(); err != nil {
+		t.Fatalf("build plugin: %v\n%s", err, out)
+	}
+	bin := testprog.Build(t, "fc_dlmain.c", "-O2", "-rdynamic", "-ldl")
+	s, err := Start(context.Background(), Options{SampleRate: 1, Command: []string{bin, lib}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if r := s.Wait(context.Background(), 30*time.Second); !strings.Contains(r, "status 0") {
+		t.Fatalf("fc_dlmain: %s", r)
+	}
+	p, _, err := s.Profile(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	built, err := pprofout.BuildRSS(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st := s.StackStats()
+	if rows, err := pprofout.Top(built, pprofout.RSSSpace, 4); err == nil {
+		var b strings.Builder
+		pprofout.FormatTop(&b, rows, pprofout.RSSSpace, 8)
+		t.Logf("top stacks:\n%s", b.String())
+	}
+	const truth = 6 * 512 << 10
+	has := func(f []string, name string) bool { return slices.Contains(f, name) }
+	inPlug := rssWhere(built, func(f []string) bool { return has(f, "plug_inner") })
+	full := rssWhere(built, func(f []string) bool { return under(f, "plug_inner", "plug_outer", "main") })
+	trunc := rssWhere(built, func(f []string) bool {
+		return has(f, "plug_inner") && !under(f, "plug_inner", "plug_outer", "main") && f[len(f)-1] == "[truncated]"
+	})
+	t.Logf("under plug_inner %.3f MiB (truth 3 + malloc headers): whole chain to main %.3f MiB, truncated %.3f MiB; sampled faults %+v",
+		float64(inPlug)/mib, float64(full)/mib, float64(trunc)/mib, st)
+	if math.Abs(float64(inPlug)-truth) > 0.03*truth {
+		t.Errorf("rss_space under plug_inner %.3f MiB, want 3 within 3%%", float64(inPlug)/mib)
+	}
+	if wrong := inPlug - full - trunc; wrong != 0 {
+		t.Errorf("%d bytes under plug_inner neither under plug_outer <- main nor marked truncated", wrong)
+	}
+	// Every truncated stack is counted: at rate 1 a sampled fault is a page.
+	if trunc > int64(st.Truncated)*pageSize {
+		t.Errorf("%d bytes on truncated stacks, but only %d sampled faults counted as truncated", trunc, st.Truncated)
+	}
+}
+
+// TestStacksPruned: the stacks of a process that exited and was dropped
+// (the agent's DropExited) leave uw_stacks, once found unreferenced at two
+// prunes in a row, so a long recording does not fill the map.
+func TestStacksPruned(t *testing.T) {
+	testprog.RequireRoot(t)
+	defer func(d time.Duration) { pruneInterval = d }(pruneInterval)
+	pruneInterval = 0
+	bin := testprog.Build(t, "rss_nofp.c", "-O2", "-fomit-frame-pointer")
+	k := startWaiting(t, bin, "4")
+	s, err := Start(context.Background(), Options{SampleRate: 1, Pids: []int{k.cmd.Process.Pid}, DropExited: true, Poll: 50 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	k.run(t)
+	count := func() int {
+		n := 0
+		var key, next uint64
+		var cur any
+		for s.objs.UwStacks.NextKey(cur, &next) == nil {
+			n++
+			key = next
+			cur = key
+		}
+		return n
+	}
+	before := count()
+	t0 := time.Now()
+	k.stdin.Close()
+	k.cmd.Wait()
+	deadline := time.Now().Add(15 * time.Second)
+	for time.Now().Before(deadline) && count() > 0 {
+		time.Sleep(100 * time.Millisecond)
+	}
+	t.Logf("uw_stacks: %d stacks while the process ran, %d %s after it exited and was dropped", before, count(), time.Since(t0).Round(time.Millisecond))
+	if before == 0 || count() != 0 {
+		t.Errorf("uw_stacks: %d stacks while running, %d after the exit; want some, then none", before, count())
+	}
+}

@@ -1,0 +1,287 @@
+package unwindtable
+
+import (
+	"errors"
+	"fmt"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/cilium/ebpf"
+
+	"github.com/memprof/memprof/internal/procmaps"
+)
+
+// StaleInterval is how often the processes whose BPF walks met code
+// outside their known mappings (uw_stale: a library mapped since, dlopen;
+// a process a tier has not listed yet) are rescanned, each at most once per
+// interval. Their walks end truncated meanwhile (counted).
+const StaleInterval = 5 * time.Millisecond
+
+// Targets is one tier's set of processes in a Store. Tiers sharing a Store
+// (the heap and RSS tiers of the agent) each hold their own Targets: a
+// process both follow stays in uw_procs until both have removed it. The
+// Store rescans the processes marked in uw_stale for all of them (one
+// background loop while any Targets is open) and tells each Targets that
+// holds the process (mapped), or offers an unknown process to each
+// (adopt), so that a tier whose targets are whole cgroups gets the tables
+// of a process that started since its last scan at its first walk.
+type Targets struct {
+	store  *Store
+	mapped func(pid int)      // after a rescan prompted by a walk (may be nil)
+	adopt  func(pid int) bool // a marked process the Store does not know: this tier's? (may be nil)
+
+	mu     sync.Mutex
+	given  map[int]string // pid -> ExecKey of the mappings last given
+	closed bool
+}
+
+// NewTargets opens a tier's set of processes on s. mapped, if set, is
+// called after the Store re-read the mappings of one of its processes
+// because a walk met code it did not know (the tier's symbolizer takes them
+// too, so a library unloaded later still resolves); adopt, if set, is asked
+// whether an unknown process marked by a walk is one of the tier's targets,
+// which is then added (without waiting for its tables).
+func (s *Store) NewTargets(mapped func(pid int), adopt func(pid int) bool) *Targets {
+	t := &Targets{store: s, mapped: mapped, adopt: adopt, given: map[int]string{}}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.targets == nil {
+		s.targets = map[*Targets]bool{}
+		s.users = map[uint32]int{}
+	}
+	s.targets[t] = true
+	if s.loopStop == nil && s.m.Stale != nil {
+		s.loopStop = make(chan struct{})
+		s.loopDone = make(chan struct{})
+		go s.staleLoop(s.loopStop, s.loopDone)
+	}
+	return t
+}
+
+// ExecKey identifies a process's executable file mappings (address ranges,
+// offsets and files), to tell whether they changed.
+func ExecKey(maps []procmaps.Mapping) string {
+	var b strings.Builder
+	for i := range maps {
+		m := &maps[i]
+		if m.Exec() && m.IsFile() {
+			fmt.Fprintf(&b, "%x-%x:%x:%d:%d:%d;", m.Start, m.End, m.Offset, m.DevMajor, m.DevMinor, m.Inode)
+		}
+	}
+	return b.String()
+}
+
+// Add gives pid's mappings (read now) to the Store. prepare are host paths
+// of objects it is about to map (a command stopped at its exec: the
+// libraries ld.so will map), whose tables are built now too. wait > 0
+// bounds how long Add waits for the tables to be built, so the process's
+// first walks find them. Adding a process again rescans it. Errors: its
+// mappings cannot be read (gone), or some of its objects cannot be opened
+// or parsed (walks end there, counted).
+func (t *Targets) Add(pid int, prepare []string, wait time.Duration) error {
+	for _, p := range prepare {
+		_ = t.store.Prepare(p) // errors: SetProcess reports those of objects mapped
+	}
+	maps, err := procmaps.Read(pid)
+	if err != nil {
+		return err
+	}
+	err = t.Set(pid, maps)
+	if wait > 0 {
+		t.store.WaitFor(wait)
+	}
+	return err
+}
+
+// Set gives pid's mappings maps to the Store (adding pid if needed).
+func (t *Targets) Set(pid int, maps []procmaps.Mapping) error {
+	t.mu.Lock()
+	if t.closed {
+		t.mu.Unlock()
+		return errors.New("unwindtable: targets closed")
+	}
+	_, known := t.given[pid]
+	t.given[pid] = ExecKey(maps)
+	t.mu.Unlock()
+	if !known {
+		t.store.mu.Lock()
+		t.store.users[uint32(pid)]++
+		t.store.mu.Unlock()
+	}
+	return t.store.SetProcess(pid, maps)
+}
+
+// Rescan re-reads pid's mappings and gives them to the Store if its
+// executable mappings changed since last given (a library mapped or
+// unmapped), so a table is built before a walk needs it. A process not
+// added is ignored.
+func (t *Targets) Rescan(pid int) error {
+	t.mu.Lock()
+	old, known := t.given[pid]
+	t.mu.Unlock()
+	if !known {
+		return nil
+	}
+	maps, err := procmaps.Read(pid)
+	if err != nil {
+		return err
+	}
+	if ExecKey(maps) == old {
+		return nil
+	}
+	return t.Set(pid, maps)
+}
+
+// Has reports whether pid was added (and not removed).
+func (t *Targets) Has(pid int) bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	_, ok := t.given[pid]
+	return ok
+}
+
+// Remove forgets pid for this tier; the Store forgets it once no tier
+// holds it. Errors: its uw_procs entry could not be deleted.
+func (t *Targets) Remove(pid int) error {
+	t.mu.Lock()
+	_, known := t.given[pid]
+	delete(t.given, pid)
+	t.mu.Unlock()
+	if !known {
+		return nil
+	}
+	return t.store.unuse(pid)
+}
+
+// Close removes every process of the tier and stops the Store's rescans
+// when no Targets is left open.
+func (t *Targets) Close() {
+	t.mu.Lock()
+	if t.closed {
+		t.mu.Unlock()
+		return
+	}
+	t.closed = true
+	pids := make([]int, 0, len(t.given))
+	for pid := range t.given {
+		pids = append(pids, pid)
+	}
+	t.given = map[int]string{}
+	t.mu.Unlock()
+	for _, pid := range pids {
+		_ = t.store.unuse(pid) // the process may be gone with its entry
+	}
+	s := t.store
+	s.mu.Lock()
+	delete(s.targets, t)
+	var stop, done chan struct{}
+	if len(s.targets) == 0 && s.loopStop != nil {
+		stop, done = s.loopStop, s.loopDone
+		s.loopStop, s.loopDone = nil, nil
+	}
+	s.mu.Unlock()
+	if stop != nil {
+		close(stop)
+		<-done
+	}
+}
+
+// unuse drops one tier's hold on pid; the last one removes it.
+func (s *Store) unuse(pid int) error {
+	s.mu.Lock()
+	n := s.users[uint32(pid)] - 1
+	if n > 0 {
+		s.users[uint32(pid)] = n
+		s.mu.Unlock()
+		return nil
+	}
+	delete(s.users, uint32(pid))
+	s.mu.Unlock()
+	return s.RemoveProcess(pid)
+}
+
+// staleLoop rescans the processes marked in uw_stale every StaleInterval
+// until stop is closed.
+func (s *Store) staleLoop(stop, done chan struct{}) {
+	defer close(done)
+	tick := time.NewTicker(StaleInterval)
+	defer tick.Stop()
+	for {
+		select {
+		case <-stop:
+			return
+		case <-tick.C:
+			s.rescanStale()
+		}
+	}
+}
+
+// rescanStale rescans the marked processes: a known one gets its current
+// mappings and the Targets holding it are told (mapped); an unknown one is
+// offered to each Targets (adopt).
+func (s *Store) rescanStale() {
+	var pids []uint32
+	var pid uint32
+	var v uint8
+	it := s.m.Stale.Iterate()
+	for it.Next(&pid, &v) {
+		pids = append(pids, pid)
+	}
+	for _, pid := range pids {
+		// Before the rescan: a later miss marks it again.
+		if err := s.m.Stale.Delete(pid); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			continue
+		}
+		s.mu.Lock()
+		_, known := s.procs[pid]
+		var holders, others []*Targets
+		for t := range s.targets {
+			if t.Has(int(pid)) {
+				holders = append(holders, t)
+			} else {
+				others = append(others, t)
+			}
+		}
+		s.mu.Unlock()
+		if known {
+			maps, err := procmaps.Read(int(pid))
+			if err != nil {
+				continue // gone meanwhile
+			}
+			_ = s.SetProcess(int(pid), maps) // a mapping it cannot read ends its walks there, counted
+			key := ExecKey(maps)
+			for _, t := range holders {
+				t.mu.Lock()
+				if _, ok := t.given[int(pid)]; ok {
+					t.given[int(pid)] = key
+				}
+				t.mu.Unlock()
+				if t.mapped != nil {
+					t.mapped(int(pid))
+				}
+			}
+			continue
+		}
+		for _, t := range others {
+			if t.adopt != nil && t.adopt(int(pid)) {
+				_ = t.Add(int(pid), nil, 0) // gone meanwhile: nothing to walk
+				if t.mapped != nil {
+					t.mapped(int(pid))
+				}
+			}
+		}
+	}
+}
+
+// Shared is a Store with the maps that hold its tables (uw_procs,
+// uw_objects, uw_rows, uw_rules, uw_stale, uw_scratch of the collection
+// that made them), for another collection including unwind.h to load with
+// as ebpf.CollectionOptions.MapReplacements (the map sizes must agree):
+// its walks then use the same tables. Each tier keeps its own uw_stacks
+// (a tier prunes the stacks its samples no longer refer to), uw_stats and
+// uw_intern_stats.
+type Shared struct {
+	Store *Store
+	Maps  map[string]*ebpf.Map
+}
