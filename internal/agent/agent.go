@@ -103,7 +103,7 @@ func (c *Config) defaults() {
 // Agent is a running agent.
 type Agent struct {
 	cfg   Config
-	s     *recorder.Session
+	s     heapSession // nil until Run has loaded the programs
 	token *tokenFile
 	ln    net.Listener
 	srv   *http.Server
@@ -429,7 +429,7 @@ func (c *container) name() string {
 }
 
 // targetPids are the session's targets in the container's cgroup now.
-func (c *container) targetPids(s *recorder.Session) []int {
+func (c *container) targetPids(s heapSession) []int {
 	pids, _ := cgroups.Procs(c.dir, true)
 	return append(pids, c.c.Pids...)
 }

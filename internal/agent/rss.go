@@ -38,7 +38,7 @@ const (
 )
 
 type rssTier struct {
-	s       *rss.Session
+	s       rssSession
 	mu      sync.Mutex
 	dirs    map[string]labelSet   // cgroup directories followed
 	figures map[labelSet][3]int64 // profiled, before, faulted (last profile)
