@@ -202,3 +202,8 @@ func (f *fakeRSS) Close() {
 	defer f.mu.Unlock()
 	f.closed = true
 }
+
+var (
+	_ heapSession = (*fakeHeap)(nil)
+	_ rssSession  = (*fakeRSS)(nil)
+)

@@ -2,14 +2,18 @@ package agent
 
 import (
 	"bufio"
+	"bytes"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"os"
 	"path/filepath"
 	"runtime"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -52,30 +56,76 @@ func TestParseWindow(t *testing.T) {
 	}
 }
 
-func TestEscapeLog(t *testing.T) {
-	for in, want := range map[string]string{
-		"plain pod/ns-1 (x)":                    "plain pod/ns-1 (x)",
-		"evil\nmemprof agent: forged":           `evil\nmemprof agent: forged`,
-		"cr\r tab\t esc\x1b[2J del\x7f nul\x00": `cr\r tab\t esc\x1b[2J del\x7f nul\x00`,
-		"bad utf8 \xff\xfe ok":                  `bad utf8 \xff\xfe ok`,
-		"line sep \u2028 é 日本":                  `line sep \u2028 é 日本`,
-		`quote " and \ stay`:                    `quote " and \ stay`,
-	} {
-		got := escapeLog(in)
-		if got != want {
-			t.Errorf("escapeLog(%q) = %q, want %q", in, got, want)
+// TestLogEscapes: what a target controls (comm, names, paths) cannot forge
+// a log record nor reach a terminal raw, in either log format or through
+// Logf, and the value logged reads back exactly.
+func TestLogEscapes(t *testing.T) {
+	const evil = "a\n\x1b[31mX level=ERROR msg=forged\r\u2028\xff"
+	log := func(lg *slog.Logger) {
+		lg.Warn("OOM kill of "+evil, "pid", 7, "comm", evil, "namespace", "ns", "pod", "p\tq", "container", "c")
+		lg.Info("attached", "pid", 8, "comm", "plain")
+	}
+	checkLines := func(what, out string) []string {
+		t.Helper()
+		lines := strings.Split(strings.TrimSuffix(out, "\n"), "\n")
+		if len(lines) != 2 {
+			t.Errorf("%s: 2 records written as %d lines: %q", what, len(lines), out)
 		}
-		for i := 0; i < len(got); i++ {
-			if got[i] < 0x20 || got[i] == 0x7f {
-				t.Errorf("escapeLog(%q) = %q keeps byte %#x", in, got, got[i])
+		for _, l := range lines {
+			for i := 0; i < len(l); i++ {
+				if l[i] < 0x20 || l[i] == 0x7f {
+					t.Errorf("%s: line %q keeps byte %#x", what, l, l[i])
+				}
 			}
 		}
+		return lines
 	}
-	var lines []string
-	logf := escapingLogf(func(format string, args ...any) { lines = append(lines, fmt.Sprintf(format, args...)) })
-	logf("attached to process %d (%s) in %s", 7, "a\nb", "/sys/fs/cgroup/x\ty")
-	if want := `attached to process 7 (a\nb) in /sys/fs/cgroup/x\ty`; len(lines) != 1 || lines[0] != want {
-		t.Errorf("escapingLogf logged %q, want %q", lines, want)
+
+	var text bytes.Buffer
+	lg, err := NewLogger(&text, LogText)
+	if err != nil {
+		t.Fatal(err)
+	}
+	log(lg)
+	lines := checkLines("text", text.String())
+	// the quoted value of comm= reads back as the comm
+	if i := strings.Index(lines[0], " comm="); i < 0 {
+		t.Errorf("text: no comm= in %q", lines[0])
+	} else if v, err := strconv.QuotedPrefix(lines[0][i+len(" comm="):]); err != nil {
+		t.Errorf("text: comm= not quoted in %q: %v", lines[0], err)
+	} else if got, _ := strconv.Unquote(v); got != strings.ToValidUTF8(evil, "\ufffd") && got != evil {
+		t.Errorf("text: comm reads back %q, want %q", got, evil)
+	}
+	if !strings.Contains(lines[0], ` level=WARN msg="OOM kill of a\n\x1b[31mX level=ERROR msg=forged\r\u2028\xff" pid=7 `) || !strings.Contains(lines[1], ` level=INFO msg=attached pid=8 comm=plain`) {
+		t.Errorf("text: records %q", lines)
+	}
+
+	var js bytes.Buffer
+	if lg, err = NewLogger(&js, LogJSON); err != nil {
+		t.Fatal(err)
+	}
+	log(lg)
+	lines = checkLines("json", js.String())
+	var rec map[string]any
+	if err := json.Unmarshal([]byte(lines[0]), &rec); err != nil {
+		t.Fatalf("json: %q: %v", lines[0], err)
+	}
+	want := strings.ToValidUTF8(evil, "\ufffd") // JSON has no invalid UTF-8
+	if rec["comm"] != want || rec["msg"] != "OOM kill of "+want || rec["level"] != "WARN" || rec["pid"] != 7.0 {
+		t.Errorf("json: record %v, want comm %q, level WARN, pid 7", rec, want)
+	}
+
+	// Logf (tests, callers of the printf style): one call per record
+	var got []string
+	lg = logfLogger(func(format string, args ...any) { got = append(got, fmt.Sprintf(format, args...)) })
+	log(lg)
+	checkLines("logf", strings.Join(got, "\n"))
+	if len(got) == 2 && (strings.Contains(got[0], "time=") || !strings.HasPrefix(got[0], "level=WARN msg=")) {
+		t.Errorf("logf: line %q, want level=WARN msg=... without time", got[0])
+	}
+
+	if _, err := NewLogger(&text, "xml"); err == nil || !strings.Contains(err.Error(), `"json"`) {
+		t.Errorf("NewLogger with format xml: %v, want an error naming the formats", err)
 	}
 }
 
@@ -283,7 +333,9 @@ func TestAgentHTTPLimitsRoot(t *testing.T) {
 		mu.Lock()
 		defer mu.Unlock()
 		for _, l := range lines {
-			if strings.Contains(l, "attached to process") && strings.Contains(l, `(ev\nil)`) {
+			// comm escaped by the recorder (ev\nil), the message quoted
+			// by the log's text handler: (ev\\nil)
+			if strings.Contains(l, "attached to process") && strings.Contains(l, `(ev\\nil)`) {
 				return true
 			}
 		}
