@@ -125,6 +125,7 @@ func (f *fakeHeap) ProfileOfCgroups(dirs ...string) (*pprofout.Profile, uint64, 
 	out := &pprofout.Profile{SampleRate: 1}
 	var mark uint64
 	for _, d := range dirs {
+		mark = max(mark, f.marks[d])
 		p := f.profiles[d]
 		if p == nil {
 			continue
@@ -138,7 +139,6 @@ func (f *fakeHeap) ProfileOfCgroups(dirs ...string) (*pprofout.Profile, uint64, 
 			s.Labels = l
 			out.Samples = append(out.Samples, s)
 		}
-		mark = max(mark, f.marks[d])
 	}
 	return out, mark, nil
 }
