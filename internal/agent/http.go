@@ -91,7 +91,7 @@ func (a *Agent) newServer(ln net.Listener) (*http.Server, net.Listener) {
 		IdleTimeout:       l.IdleTimeout,
 		MaxHeaderBytes:    16 << 10, // GETs with a query string and a token
 		// net/http's own messages (bad TLS hellos, accept errors) carry
-		// client-sent bytes: they go through the escaping log too.
+		// client-sent bytes: the log's handler quotes them.
 		ErrorLog: slog.NewLogLogger(a.cfg.Log.With("component", "http").Handler(), slog.LevelWarn),
 	}
 	return srv, netutil.LimitListener(ln, l.MaxConns)
