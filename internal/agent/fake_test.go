@@ -150,7 +150,8 @@ func (f *fakeHeap) ReleaseExited(dir string, mark uint64) {
 }
 
 // fakeRSS stands for the RSS session: it follows cgroup directories and
-// answers Profile with the samples of the test.
+// answers Profile with the samples and summaries of the test whose pid the
+// filter accepts.
 type fakeRSS struct {
 	mu       sync.Mutex
 	followed map[string]bool
@@ -180,7 +181,13 @@ func (f *fakeRSS) RemoveCgroup(dir string) {
 func (f *fakeRSS) Profile(only func(pid uint32) bool) (*pprofout.RSSProfile, []rss.ProcSummary, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	p := &pprofout.RSSProfile{}
+	p := &pprofout.RSSProfile{SampleRate: 1}
+	var sums []rss.ProcSummary
+	for _, s := range f.sums {
+		if only(uint32(s.Pid)) {
+			sums = append(sums, s)
+		}
+	}
 	for _, s := range f.samples {
 		pid := s.Labels["pid"]
 		var n uint32
@@ -194,7 +201,7 @@ func (f *fakeRSS) Profile(only func(pid uint32) bool) (*pprofout.RSSProfile, []r
 			p.Samples = append(p.Samples, s)
 		}
 	}
-	return p, f.sums, nil
+	return p, sums, nil
 }
 
 func (f *fakeRSS) Close() {

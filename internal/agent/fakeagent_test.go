@@ -18,6 +18,7 @@ import (
 	"github.com/memprof/memprof/internal/heap"
 	"github.com/memprof/memprof/internal/oom"
 	"github.com/memprof/memprof/internal/recorder"
+	"github.com/memprof/memprof/internal/rss"
 	"github.com/memprof/memprof/pprofout"
 )
 
@@ -450,5 +451,83 @@ func TestSaveProfilesRetention(t *testing.T) {
 	}
 	if got := strings.Join(sorted([]string{filepath.Base(files[0]), filepath.Base(files[1])}), " "); files[0] == files[1] {
 		t.Errorf("two saves wrote one file: %s", got)
+	}
+}
+
+// TestSaveRSSProfiles: the RSS tier keeps one RSS profile per container
+// (profiles/<ns>_<pod>_<container>/<UTC time>.rss.pb.gz) holding only the
+// container's processes, labelled, with the session's values, and exports
+// the container's figures (profiled, before, faulted, by region).
+func TestSaveRSSProfiles(t *testing.T) {
+	node := newNodeFixture(t)
+	node.add("shop", "web", "app", ghostPid1)
+	node.add("other", "db", "pg", ghostPid2)
+	a, _, r, _ := newFakeAgent(t, Config{Paths: node.paths}, true)
+	a.discover(context.Background())
+	loc := &pprofout.Location{Addr: 0x1000, Lines: []pprofout.Line{{Function: "fault_fn"}}}
+	stack := []*pprofout.Location{loc}
+	r.mu.Lock()
+	r.samples = []pprofout.RSSSample{
+		{Stack: stack, Size: 4096, Faulted: 10, Resident: 6, Labels: map[string]string{"pid": "5000001"}},
+		{Stack: stack, Size: 2 << 20, Faulted: 1, Resident: 1, Labels: map[string]string{"pid": "5000002"}},
+		{Stack: stack, Size: 4096, Faulted: 99, Resident: 99, Labels: map[string]string{"pid": "77"}}, // in no container
+	}
+	r.sums = []rss.ProcSummary{
+		{Pid: ghostPid1, Attributed: 6 * 4096, Before: 1000, Faulted: 10 * 4096, Regions: rss.Regions{Brk: 8192, Anon: 16384}},
+		{Pid: ghostPid2, Attributed: 2 << 20, Faulted: 2 << 20, Regions: rss.Regions{Anon: 2 << 20}},
+		{Pid: 77, Attributed: 1 << 30},
+	}
+	r.mu.Unlock()
+	a.saveRSSProfiles(context.Background())
+
+	profiles := filepath.Join(a.cfg.DataDir, "profiles")
+	for dir, want := range map[string]map[string]int64{
+		"shop_web_app": {"faulted_objects": 10, "faulted_space": 40960, "rss_space": 24576},
+		"other_db_pg":  {"faulted_objects": 1, "faulted_space": 2 << 20, "rss_space": 2 << 20},
+	} {
+		files, _ := filepath.Glob(filepath.Join(profiles, dir, "*"))
+		if len(files) != 1 || !regexp.MustCompile(`^\d{8}T\d{6}Z\.rss\.pb\.gz$`).MatchString(filepath.Base(files[0])) {
+			t.Errorf("profiles/%s holds %v, want one <UTC time>.rss.pb.gz", dir, files)
+			continue
+		}
+		fh, err := os.Open(files[0])
+		if err != nil {
+			t.Fatal(err)
+		}
+		p, err := profile.Parse(fh)
+		fh.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+		vals := map[string]int64{}
+		for i, st := range p.SampleType {
+			for _, s := range p.Sample {
+				vals[st.Type] += s.Value[i]
+			}
+		}
+		if !reflect.DeepEqual(vals, want) {
+			t.Errorf("%s: values %v, want %v", dir, vals, want)
+		}
+		parts := strings.Split(dir, "_")
+		for k, v := range map[string]string{"namespace": parts[0], "pod": parts[1], "container": parts[2], "node": "n1"} {
+			if got := p.Sample[0].Label[k]; len(got) != 1 || got[0] != v {
+				t.Errorf("%s: label %s = %v, want %q", dir, k, got, v)
+			}
+		}
+	}
+	text := scrape(t, a)
+	web := map[string]string{"namespace": "shop", "pod": "web", "container": "app", "node": "n1"}
+	for name, want := range map[string]float64{MetricRSSSampled: 24576, MetricRSSBefore: 1000, MetricRSSFaulted: 40960} {
+		if v, ok := metric(text, name, web); !ok || v != want {
+			t.Errorf("%s{pod=web} = %v (%t), want %v", name, v, ok, want)
+		}
+	}
+	for region, want := range map[string]float64{"brk": 8192, "anon": 16384, "stack": 0} {
+		if v, ok := metric(text, MetricRSSRegion, map[string]string{"pod": "web", "region": region}); !ok || v != want {
+			t.Errorf("%s{pod=web,region=%s} = %v (%t), want %v", MetricRSSRegion, region, v, ok, want)
+		}
+	}
+	if v, ok := metric(text, MetricRSSSampled, map[string]string{"pod": "db"}); !ok || v != 2<<20 {
+		t.Errorf("%s{pod=db} = %v (%t), want 2 MiB", MetricRSSSampled, v, ok)
 	}
 }

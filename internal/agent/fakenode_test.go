@@ -19,7 +19,6 @@ import (
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 
 	"github.com/memprof/memprof/internal/podfind"
-	"github.com/memprof/memprof/internal/rss"
 	"github.com/memprof/memprof/internal/testprog/kube"
 )
 
@@ -227,7 +226,7 @@ func newFakeAgent(t *testing.T, cfg Config, withRSS bool) (*Agent, *fakeHeap, *f
 	var r *fakeRSS
 	if withRSS {
 		r = newFakeRSS()
-		a.rss = &rssTier{s: r, dirs: map[string]labelSet{}, figures: map[labelSet][3]int64{}, regions: map[labelSet]rss.Regions{}, oomPending: map[int]rssOOMRef{}}
+		a.setRSS(r)
 	}
 	return a, h, r, logs
 }

@@ -67,12 +67,17 @@ func (a *Agent) startRSS(ctx context.Context) {
 		a.cfg.Log.Warn("RSS profiles disabled", "err", err)
 		return
 	}
+	a.setRSS(s)
+	a.cfg.Log.Info("RSS profiles of every container (page-fault tracepoints)", "oom_post_mortems", s.OOMSupported())
+}
+
+// setRSS makes s the agent's RSS tier and exports its metrics.
+func (a *Agent) setRSS(s rssSession) {
 	t := &rssTier{s: s, dirs: map[string]labelSet{}, figures: map[labelSet][3]int64{}, regions: map[labelSet]rss.Regions{}, oomPending: map[int]rssOOMRef{}}
 	a.mu.Lock()
 	a.rss = t
 	a.mu.Unlock()
 	a.reg.MustRegister(&rssCollector{a: a})
-	a.cfg.Log.Info("RSS profiles of every container (page-fault tracepoints)", "oom_post_mortems", s.OOMSupported())
 }
 
 func (a *Agent) stopRSS() {
