@@ -15,6 +15,7 @@ import (
 
 	"github.com/google/pprof/profile"
 
+	"github.com/memprof/memprof/internal/cgroups"
 	"github.com/memprof/memprof/internal/heap"
 	"github.com/memprof/memprof/internal/oom"
 	"github.com/memprof/memprof/internal/recorder"
@@ -529,5 +530,31 @@ func TestSaveRSSProfiles(t *testing.T) {
 	}
 	if v, ok := metric(text, MetricRSSSampled, map[string]string{"pod": "db"}); !ok || v != 2<<20 {
 		t.Errorf("%s{pod=db} = %v (%t), want 2 MiB", MetricRSSSampled, v, ok)
+	}
+}
+
+// TestOnOOMNewContainer: the victim of a kill is in a container that
+// started after the last discovery: the agent discovers it at the kill,
+// while its cgroup exists, labels the entry with it and keeps its kill
+// counter an hour as for containers gone.
+func TestOnOOMNewContainer(t *testing.T) {
+	node := newNodeFixture(t)
+	a, _, _, _ := newFakeAgent(t, Config{Paths: node.paths, Namespaces: []string{"shop"}}, false)
+	a.discover(context.Background())
+	late := node.add("shop", "late", "app", ghostPid2)
+	memcg, err := cgroups.ID(late.dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a.onOOM(oomKill(time.Date(2026, 11, 30, 6, 0, 0, 0, time.UTC), ghostPid2, "late", memcg, false, 0, 0))
+	es := a.OOMs()
+	if len(es) != 1 || es[0].Namespace != "shop" || es[0].Pod != "late" || es[0].Container != "app" || es[0].Profiled {
+		t.Fatalf("entries %+v, want one of shop/late/app, not profiled", es)
+	}
+	a.mu.Lock()
+	kills, gone := a.oomKills[late.labels()], !a.gone[late.labels()].IsZero()
+	a.mu.Unlock()
+	if kills != 1 || !gone {
+		t.Errorf("kill counter of shop/late/app %d (kept for an hour: %t), want 1 (true)", kills, gone)
 	}
 }
