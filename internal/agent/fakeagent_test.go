@@ -33,7 +33,7 @@ const (
 	ghostPid2 = 5000002
 )
 
-func sorted(s []string) []string {
+func sortedStrings(s []string) []string {
 	out := append([]string(nil), s...)
 	sort.Strings(out)
 	return out
@@ -81,13 +81,13 @@ func TestDiscoverySelection(t *testing.T) {
 	ctx := context.Background()
 	a.discover(ctx)
 
-	if got, want := sorted(h.added), sorted([]string{app.dir, side.dir, api.dir}); !reflect.DeepEqual(got, want) {
+	if got, want := sortedStrings(h.added), sortedStrings([]string{app.dir, side.dir, api.dir}); !reflect.DeepEqual(got, want) {
 		t.Errorf("heap tier attached to %v, want %v (app, sidecar, annotated api)", got, want)
 	}
 	if got, want := profiledNames(a), []string{"other/api/srv", "shop/web/app", "shop/web/sidecar"}; !reflect.DeepEqual(got, want) {
 		t.Errorf("profiled %v, want %v", got, want)
 	}
-	if got, want := followedDirs(r), sorted([]string{app.dir, side.dir, pg.dir, dns.dir, api.dir, job.dir}); !reflect.DeepEqual(got, want) {
+	if got, want := followedDirs(r), sortedStrings([]string{app.dir, side.dir, pg.dir, dns.dir, api.dir, job.dir}); !reflect.DeepEqual(got, want) {
 		t.Errorf("RSS tier follows %v, want every container %v", got, want)
 	}
 	for _, c := range a.Containers() {
@@ -115,7 +115,7 @@ func TestDiscoverySelection(t *testing.T) {
 	node.annotate("shop", "web", "false")
 	node.annotate("shop", "batch", "true")
 	a.discover(ctx)
-	if got, want := sorted(h.removed), sorted([]string{app.dir, side.dir}); !reflect.DeepEqual(got, want) {
+	if got, want := sortedStrings(h.removed), sortedStrings([]string{app.dir, side.dir}); !reflect.DeepEqual(got, want) {
 		t.Errorf("heap tier detached from %v, want %v", got, want)
 	}
 	if len(h.added) != 4 || h.added[3] != job.dir {
@@ -124,7 +124,7 @@ func TestDiscoverySelection(t *testing.T) {
 	if got, want := profiledNames(a), []string{"other/api/srv", "shop/batch/job"}; !reflect.DeepEqual(got, want) {
 		t.Errorf("profiled %v, want %v", got, want)
 	}
-	if got, want := followedDirs(r), sorted([]string{app.dir, pg.dir, dns.dir, api.dir, job.dir}); !reflect.DeepEqual(got, want) {
+	if got, want := followedDirs(r), sortedStrings([]string{app.dir, pg.dir, dns.dir, api.dir, job.dir}); !reflect.DeepEqual(got, want) {
 		t.Errorf("RSS tier follows %v, want %v (sidecar gone)", got, want)
 	}
 	a.mu.Lock()
@@ -149,7 +149,7 @@ func TestDiscoverySelection(t *testing.T) {
 	if len(h.removed) != 2 || len(profiledNames(a)) != 2 {
 		t.Errorf("after a failed discovery: detached %v, profiled %v; want no change", h.removed, profiledNames(a))
 	}
-	if v, ok := metric(scrape(t, a), MetricDiscoveryErrs, nil); !ok || v != 2 {
+	if v, ok := metric(scrapeText(t, a), MetricDiscoveryErrs, nil); !ok || v != 2 {
 		t.Errorf("%s = %v (%t), want 2", MetricDiscoveryErrs, v, ok)
 	}
 	if got := logs.with(`level=ERROR msg="pod discovery failed"`); len(got) != 1 {
@@ -209,7 +209,7 @@ func TestCollectBudget(t *testing.T) {
 	if cs := a.Containers(); len(cs) != 1 || !reflect.DeepEqual(cs[0].Detached, []int{me}) {
 		t.Errorf("containers %+v, want app listing %d as detached by the budget", cs, me)
 	}
-	text := scrape(t, a)
+	text := scrapeText(t, a)
 	l := map[string]string{"namespace": "shop", "pod": "web", "container": "app", "node": "n1"}
 	for name, want := range map[string]float64{MetricBudgetCont: 1, MetricLiveHeap: live, MetricAllocTotal: alloc, MetricProcesses: 2} {
 		if v, ok := metric(text, name, l); !ok || v != want {
@@ -233,7 +233,7 @@ func TestCollectBudget(t *testing.T) {
 	h.calls = map[uint32]uint64{uint32(me): 7000, ghostPid1: 4600}
 	h.mu.Unlock()
 	collectAfter(2 * time.Second)
-	if v, _ := metric(scrape(t, a), MetricBudgetTotal, nil); v != 1 || len(h.excluded) != 1 {
+	if v, _ := metric(scrapeText(t, a), MetricBudgetTotal, nil); v != 1 || len(h.excluded) != 1 {
 		t.Errorf("after a third collection: %s = %v, detached %v; want 1", MetricBudgetTotal, v, h.excluded)
 	}
 }
@@ -329,7 +329,7 @@ func TestOnOOM(t *testing.T) {
 	if len(es) != 2 || es[1].Namespace != "" || es[1].Profiled || es[1].Profile != "" || es[1].Report != filepath.Join(oomDir, "oom-20261130T060100-other-5000002.json") {
 		t.Errorf("entry of the kill outside: %+v", es[len(es)-1])
 	}
-	text := scrape(t, a)
+	text := scrapeText(t, a)
 	if v, ok := metric(text, MetricOOMKills, map[string]string{"pod": "web"}); !ok || v != 1 {
 		t.Errorf("%s{pod=web} = %v (%t), want 1", MetricOOMKills, v, ok)
 	}
@@ -447,10 +447,10 @@ func TestSaveProfilesRetention(t *testing.T) {
 	if want := map[string]uint64{app.dir: 42, idle.dir: 9}; !reflect.DeepEqual(released, want) {
 		t.Errorf("exited processes released %v, want %v", released, want)
 	}
-	if v, ok := metric(scrape(t, a), MetricSaved, nil); !ok || v != 2 {
+	if v, ok := metric(scrapeText(t, a), MetricSaved, nil); !ok || v != 2 {
 		t.Errorf("%s = %v (%t), want 2", MetricSaved, v, ok)
 	}
-	if got := strings.Join(sorted([]string{filepath.Base(files[0]), filepath.Base(files[1])}), " "); files[0] == files[1] {
+	if got := strings.Join(sortedStrings([]string{filepath.Base(files[0]), filepath.Base(files[1])}), " "); files[0] == files[1] {
 		t.Errorf("two saves wrote one file: %s", got)
 	}
 }
@@ -516,7 +516,7 @@ func TestSaveRSSProfiles(t *testing.T) {
 			}
 		}
 	}
-	text := scrape(t, a)
+	text := scrapeText(t, a)
 	web := map[string]string{"namespace": "shop", "pod": "web", "container": "app", "node": "n1"}
 	for name, want := range map[string]float64{MetricRSSSampled: 24576, MetricRSSBefore: 1000, MetricRSSFaulted: 40960} {
 		if v, ok := metric(text, name, web); !ok || v != want {

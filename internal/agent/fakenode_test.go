@@ -231,8 +231,8 @@ func newFakeAgent(t *testing.T, cfg Config, withRSS bool) (*Agent, *fakeHeap, *f
 	return a, h, r, logs
 }
 
-// scrape returns the agent's /metrics exposition text.
-func scrape(t *testing.T, a *Agent) string {
+// scrapeText returns the agent's /metrics exposition text.
+func scrapeText(t *testing.T, a *Agent) string {
 	t.Helper()
 	srv := httptest.NewServer(a.metricsHandler())
 	defer srv.Close()
