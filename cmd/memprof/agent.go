@@ -2,7 +2,6 @@ package main
 
 import (
 	"fmt"
-	"log"
 	"os"
 	"os/signal"
 	"syscall"
@@ -38,6 +37,7 @@ func agentCommand() *cli.Command {
 			&cli.DurationFlag{Name: "rediscover-interval", Value: agentDefault.DiscoverInterval, Usage: "how often the node's pods are listed again"},
 			&cli.BoolFlag{Name: "no-rss", Usage: "no RSS profiles (by default every container on the node gets them, and every OOM kill an RSS post-mortem)"},
 			&cli.DurationFlag{Name: "collect-interval", Value: agentDefault.CollectInterval, Usage: "how often metrics are computed and the budget checked"},
+			&cli.StringFlag{Name: "log-format", Value: agent.LogText, Usage: "log records on stderr as \"text\" (key=value) or \"json\" (one object a line)"},
 		}, podPathFlags()...),
 		Action: runAgent,
 	}
@@ -48,6 +48,10 @@ var agentDefault = agent.Config{ProfileInterval: 60e9, Retention: 24 * 3600e9, D
 func runAgent(c *cli.Context) error {
 	if c.Uint64("sample-rate") == 0 {
 		return fmt.Errorf("--sample-rate must be at least 1 byte")
+	}
+	lg, err := agent.NewLogger(os.Stderr, c.String("log-format"))
+	if err != nil {
+		return err
 	}
 	cfg := agent.Config{
 		Listen:            c.String("listen"),
@@ -64,7 +68,7 @@ func runAgent(c *cli.Context) error {
 		SampleRate:        c.Uint64("sample-rate"),
 		DiscoverInterval:  c.Duration("rediscover-interval"),
 		CollectInterval:   c.Duration("collect-interval"),
-		Logf:              log.New(os.Stderr, "", log.LstdFlags).Printf,
+		Log:               lg,
 		NoRSS:             c.Bool("no-rss"),
 	}
 	a, err := agent.New(cfg)

@@ -11,7 +11,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"log"
+	"log/slog"
 	"net"
 	"net/http"
 	"os"
@@ -60,8 +60,11 @@ type Config struct {
 
 	HTTP ServerLimits // timeouts and connection cap of the port (defaults: DefaultServerLimits)
 
-	// Logf receives the agent's log lines (default log.Printf), control
-	// characters escaped (see escapingLogf).
+	// Log receives the agent's structured records (default: slog's text
+	// handler on stderr; see log.go for the attributes and the escaping of
+	// what targets control). Without Log, a Logf given receives each
+	// record as one line of text (key=value, no time), as tests want.
+	Log  *slog.Logger
 	Logf func(format string, args ...any)
 
 	// NoRSS turns off the RSS profiles every container gets by default
@@ -88,10 +91,19 @@ func (c *Config) defaults() {
 	if c.MaxOOMEntries <= 0 {
 		c.MaxOOMEntries = 200
 	}
-	if c.Logf == nil {
-		c.Logf = log.Printf
+	if c.Log == nil {
+		if c.Logf != nil {
+			c.Log = logfLogger(c.Logf)
+		} else {
+			c.Log = slog.New(slog.NewTextHandler(os.Stderr, nil))
+		}
 	}
-	c.Logf = escapingLogf(c.Logf)
+	// Logf, still there for callers of the printf style, logs to Log too
+	// (the line as the record's message, quoted by the handler).
+	lg := c.Log
+	c.Logf = func(format string, args ...any) {
+		lg.Info(strings.TrimPrefix(fmt.Sprintf(format, args...), "memprof agent: "))
+	}
 	if c.NodeName == "" {
 		c.NodeName, _ = os.Hostname()
 	}
@@ -103,7 +115,7 @@ func (c *Config) defaults() {
 // Agent is a running agent.
 type Agent struct {
 	cfg   Config
-	s     *recorder.Session
+	s     heapSession // nil until Run has loaded the programs
 	token *tokenFile
 	ln    net.Listener
 	srv   *http.Server
@@ -215,7 +227,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		AllowEmpty:  true,
 		DropExited:  true,
 		AllOOMs:     true,
-		Notify:      func(msg string) { a.cfg.Logf("memprof agent: %s", msg) },
+		Notify:      func(msg string) { a.cfg.Log.Info(msg) },
 		OOM:         a.onOOM,
 	})
 	if err != nil {
@@ -226,7 +238,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	a.s = s
 	a.lastTick = time.Now()
 	a.mu.Unlock()
-	a.cfg.Logf("memprof agent: listening on %s, node %s, sample rate %d bytes; %s", a.Addr(), a.cfg.NodeName, a.cfg.SampleRate, s.Features())
+	a.cfg.Log.Info("agent started", "listen", a.Addr(), "node", a.cfg.NodeName, "sample_rate", a.cfg.SampleRate, "features", s.Features().String())
 	a.startRSS(ctx)
 
 	srvErr := make(chan error, 1)
@@ -277,7 +289,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 	shutCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	if err := a.srv.Shutdown(shutCtx); err != nil {
-		a.cfg.Logf("http: shutdown: %v (connections closed)", err)
+		a.cfg.Log.Warn("http shutdown: connections closed", "err", err)
 	}
 	cancel()
 	wg.Wait()
@@ -290,7 +302,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	a.mu.Unlock()
 	a.stopRSS()
 	s.Close()
-	a.cfg.Logf("memprof agent: stopped; detached from %d containers", n)
+	a.cfg.Log.Info("agent stopped", "detached_containers", n)
 	return runErr
 }
 
@@ -332,7 +344,7 @@ func (a *Agent) discover(ctx context.Context) {
 		a.lastDisc = err
 		a.mu.Unlock()
 		if first {
-			a.cfg.Logf("memprof agent: pod discovery failed: %v", err)
+			a.cfg.Log.Error("pod discovery failed", "err", err)
 		}
 		return
 	}
@@ -342,7 +354,7 @@ func (a *Agent) discover(ctx context.Context) {
 		a.lastDisc = err
 		a.mu.Unlock()
 		if first {
-			a.cfg.Logf("memprof agent: %v", err)
+			a.cfg.Log.Warn("pod discovery incomplete", "err", err)
 		}
 	}
 	now := time.Now()
@@ -413,13 +425,13 @@ func (a *Agent) discover(ctx context.Context) {
 
 	for _, c := range toAdd {
 		if err := a.s.AddCgroup(c.dir); err != nil {
-			a.cfg.Logf("memprof agent: attach to %s: %v", c.name(), err)
+			a.cfg.Log.Warn("attach to container", c.labels.logAttrs("cgroup", c.dir, "err", err)...)
 			// still followed: the recorder retries new processes each poll
 		}
 		a.mu.Lock()
 		a.profiled[c.c.ID] = c
 		a.mu.Unlock()
-		a.cfg.Logf("memprof agent: profiling %s (cgroup %s)", c.name(), c.dir)
+		a.cfg.Log.Info("profiling container", c.labels.logAttrs("cgroup", c.dir)...)
 	}
 	a.rssSync()
 }
@@ -429,7 +441,7 @@ func (c *container) name() string {
 }
 
 // targetPids are the session's targets in the container's cgroup now.
-func (c *container) targetPids(s *recorder.Session) []int {
+func (c *container) targetPids(s heapSession) []int {
 	pids, _ := cgroups.Procs(c.dir, true)
 	return append(pids, c.c.Pids...)
 }
@@ -437,7 +449,7 @@ func (c *container) targetPids(s *recorder.Session) []int {
 func (a *Agent) detachLocked(c *container, why string) {
 	a.s.RemoveCgroup(c.dir, c.targetPids(a.s))
 	delete(a.profiled, c.c.ID)
-	a.cfg.Logf("memprof agent: stopped profiling %s: %s", c.name(), why)
+	a.cfg.Log.Info("stopped profiling container", c.labels.logAttrs("cgroup", c.dir, "why", why)...)
 }
 
 // profiledSnapshot copies the profiled containers.

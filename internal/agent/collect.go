@@ -70,7 +70,7 @@ func (a *Agent) collect(ctx context.Context) {
 
 	snap, err := a.s.Counts()
 	if err != nil {
-		a.cfg.Logf("memprof agent: read sampled state: %v", err)
+		a.cfg.Log.Error("read sampled state", "err", err)
 		return
 	}
 	live := map[*container]float64{}
@@ -149,7 +149,7 @@ func (a *Agent) budget(now time.Time, pidOf map[uint32]*container) {
 		if ok && dt > 0 && n >= prev && a.cfg.MaxCallsPerSecond > 0 {
 			if rate := float64(n-prev) / dt; rate > a.cfg.MaxCallsPerSecond {
 				over = append(over, pid)
-				a.cfg.Logf("memprof agent: BUDGET: process %d makes %.0f allocator calls/s (budget %.0f): detaching it, it is no longer profiled", pid, rate, a.cfg.MaxCallsPerSecond)
+				a.cfg.Log.Warn("process above the overhead budget: detached, no longer profiled", "pid", pid, "calls_per_second", int64(rate), "budget", a.cfg.MaxCallsPerSecond)
 			}
 		}
 	}

@@ -7,7 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"log"
+	"log/slog"
 	"net"
 	"net/http"
 	"os"
@@ -16,8 +16,6 @@ import (
 	"sync"
 	"syscall"
 	"time"
-	"unicode"
-	"unicode/utf8"
 
 	"github.com/google/pprof/profile"
 	"golang.org/x/net/netutil"
@@ -93,61 +91,10 @@ func (a *Agent) newServer(ln net.Listener) (*http.Server, net.Listener) {
 		IdleTimeout:       l.IdleTimeout,
 		MaxHeaderBytes:    16 << 10, // GETs with a query string and a token
 		// net/http's own messages (bad TLS hellos, accept errors) carry
-		// client-sent bytes: they go through the escaping log too.
-		ErrorLog: log.New(logWriter(a.cfg.Logf), "memprof agent: http: ", 0),
+		// client-sent bytes: the log's handler quotes them.
+		ErrorLog: slog.NewLogLogger(a.cfg.Log.With("component", "http").Handler(), slog.LevelWarn),
 	}
 	return srv, netutil.LimitListener(ln, l.MaxConns)
-}
-
-// logWriter adapts a Logf to an io.Writer for log.Logger.
-type logWriter func(format string, args ...any)
-
-func (w logWriter) Write(b []byte) (int, error) {
-	w("%s", strings.TrimSuffix(string(b), "\n"))
-	return len(b), nil
-}
-
-// escapingLogf wraps logf so that no logged line carries a control
-// character or invalid UTF-8. Log lines carry what targets control (comm,
-// pod and container names from files, paths, ELF names): a comm of
-// "x\nmemprof agent: ..." must not forge a line, nor an ESC sequence
-// rewrite a terminal. Each such character is written as Go escapes it in a
-// quoted string (\n, \t, \x1b, \u2028); printable text is unchanged.
-func escapingLogf(logf func(format string, args ...any)) func(format string, args ...any) {
-	return func(format string, args ...any) {
-		logf("%s", escapeLog(fmt.Sprintf(format, args...)))
-	}
-}
-
-// escapeLog escapes the control, non-printable and invalid bytes of s as
-// strconv.Quote does, leaving the rest (quotes and backslashes included)
-// as it is. Its output has no byte below 0x20 and no 0x7f.
-func escapeLog(s string) string {
-	clean := true
-	for _, r := range s {
-		if r == utf8.RuneError || !unicode.IsPrint(r) && r != ' ' {
-			clean = false
-			break
-		}
-	}
-	if clean {
-		return s
-	}
-	var b strings.Builder
-	for len(s) > 0 {
-		r, n := utf8.DecodeRuneInString(s)
-		switch {
-		case r == utf8.RuneError && n <= 1:
-			fmt.Fprintf(&b, `\x%02x`, s[0])
-		case r == ' ' || unicode.IsPrint(r):
-			b.WriteString(s[:n])
-		default:
-			q := strconv.QuoteRune(r) // '\n', '\x1b', '\u2028'
-			b.WriteString(q[1 : len(q)-1])
-		}
-		s = s[n:]
-	}
-	return b.String()
 }
 
 // tokenFile holds the bearer token, re-read when the file changes

@@ -40,11 +40,47 @@ type OOMEntry struct {
 	Error      string      `json:"error,omitempty"`
 }
 
-// onOOM runs for every OOM kill on the node (the recorder reports all).
+// onOOM runs for every OOM kill on the node (the recorder reports all): it
+// names the victim's container, writes the post-mortem (heap profile of a
+// profiled victim, report), lists the kill in /oom and keeps the newest
+// MaxOOMEntries on disk.
 func (a *Agent) onOOM(k *recorder.OOMKill) {
 	e := OOMEntry{Time: k.Victim.Time, Node: a.cfg.NodeName, Pid: k.Victim.Pid, Comm: k.Victim.Comm, Profiled: k.Target}
-	var c *container
+	c := a.victimContainer(k)
+	if c != nil {
+		e.Namespace, e.Pod, e.Container = c.labels.Namespace, c.labels.Pod, c.labels.Container
+		if k.Profile != nil {
+			for i := range k.Profile.Samples {
+				l := k.Profile.Samples[i].Labels
+				l["namespace"], l["pod"], l["container"] = e.Namespace, e.Pod, e.Container
+				l["node"] = a.cfg.NodeName
+			}
+		}
+	}
+	paths, err := recorder.WriteOOM(k, a.oomDir())
+	if err != nil {
+		e.Error = err.Error()
+	}
+	e.setPaths(paths)
+	attrs := []any{"pid", e.Pid, "comm", e.Comm, "namespace", e.Namespace, "pod", e.Pod, "container", e.Container, "profiled", k.Target, "files", paths}
+	if err != nil {
+		attrs = append(attrs, "err", err)
+	}
+	if k.Target {
+		a.cfg.Log.Warn("OOM kill of a profiled process: post-mortem written", attrs...)
+	} else {
+		a.cfg.Log.Warn("OOM kill: report written", attrs...)
+	}
+	a.removeOOMFiles(a.addOOM(e, c))
+}
+
+// victimContainer is the container of an OOM kill's victim: a known one by
+// its memory cgroup (v1 id, or v2 id) or else by pid; or, for a container
+// started (and killed) since the last discovery, one found by discovering
+// now, while its cgroup still exists. nil if none.
+func (a *Agent) victimContainer(k *recorder.OOMKill) *container {
 	a.mu.Lock()
+	var c *container
 	for _, kc := range a.known {
 		if (k.Victim.MemcgID != 0 && kc.memcg == k.Victim.MemcgID) || (k.Victim.CgroupID > 1 && kc.cgv2 == k.Victim.CgroupID) {
 			c = kc
@@ -62,24 +98,14 @@ func (a *Agent) onOOM(k *recorder.OOMKill) {
 	}
 	a.mu.Unlock()
 	if c == nil {
-		// A container that started (and died) since the last discovery:
-		// look now, while its cgroup still exists.
 		c = a.lookupNow(k)
 	}
-	if c != nil {
-		e.Namespace, e.Pod, e.Container = c.labels.Namespace, c.labels.Pod, c.labels.Container
-		if k.Profile != nil {
-			for i := range k.Profile.Samples {
-				l := k.Profile.Samples[i].Labels
-				l["namespace"], l["pod"], l["container"] = e.Namespace, e.Pod, e.Container
-				l["node"] = a.cfg.NodeName
-			}
-		}
-	}
-	paths, err := recorder.WriteOOM(k, a.oomDir())
-	if err != nil {
-		e.Error = err.Error()
-	}
+	return c
+}
+
+// setPaths files the post-mortem's paths (as recorder.WriteOOM returns
+// them) in the entry, with the report's kind.
+func (e *OOMEntry) setPaths(paths []string) {
 	for _, p := range paths {
 		switch {
 		case strings.HasSuffix(p, ".pb.gz"):
@@ -94,23 +120,21 @@ func (a *Agent) onOOM(k *recorder.OOMKill) {
 			e.Text = p
 		}
 	}
-	who := "a process outside the profiled containers"
-	if c != nil {
-		who = "container " + c.name()
-	}
-	if k.Target {
-		a.cfg.Logf("memprof agent: OOM KILL of pid %d (%s) in %s: post-mortem %s", e.Pid, e.Comm, who, strings.Join(paths, ", "))
-	} else {
-		a.cfg.Logf("memprof agent: OOM kill of pid %d (%s) in %s (not profiled): report %s", e.Pid, e.Comm, who, strings.Join(paths, ", "))
-	}
+}
 
+// addOOM lists the kill e of a victim in container c (nil: none): its RSS
+// post-mortem linked if it came first, its entry written, the counters
+// counted. It returns the oldest entries beyond MaxOOMEntries, no longer
+// listed.
+func (a *Agent) addOOM(e OOMEntry, c *container) (dropped []OOMEntry) {
 	a.mu.Lock()
+	defer a.mu.Unlock()
 	// the RSS session's post-mortem of the same kill, if it came first
 	e.RSSProfile = a.takeRSSOOM(e.Pid, e.Time)
 	// The entry itself, so /oom lists it with its labels after a restart
 	// (written under a.mu: linkRSSOOM rewrites it once it is listed).
 	a.writeEntry(&e)
-	a.oomTotal[k.Target]++
+	a.oomTotal[e.Profiled]++
 	if c != nil {
 		a.oomKills[c.labels]++
 		if _, known := a.known[c.c.ID]; !known {
@@ -118,14 +142,17 @@ func (a *Agent) onOOM(k *recorder.OOMKill) {
 		}
 	}
 	a.ooms = append(a.ooms, e)
-	var drop []OOMEntry
 	if n := len(a.ooms) - a.cfg.MaxOOMEntries; n > 0 {
-		drop = append(drop, a.ooms[:n]...)
+		dropped = append(dropped, a.ooms[:n]...)
 		a.ooms = append([]OOMEntry(nil), a.ooms[n:]...)
 	}
-	a.mu.Unlock()
-	// Bounded disk too: the oldest post-mortems go with their entries.
-	for _, d := range drop {
+	return dropped
+}
+
+// removeOOMFiles deletes the files of OOM entries no longer listed, so the
+// disk is bounded too.
+func (a *Agent) removeOOMFiles(dropped []OOMEntry) {
+	for _, d := range dropped {
 		for _, p := range []string{d.Profile, d.RSSProfile, d.Report, d.Text} {
 			if p != "" {
 				os.Remove(p)
@@ -151,7 +178,7 @@ func (a *Agent) writeEntry(e *OOMEntry) {
 		err = writeAtomic(path, b)
 	}
 	if err != nil {
-		a.cfg.Logf("memprof agent: keep OOM entry %s (not listed after a restart): %v", path, err)
+		a.cfg.Log.Error("keep OOM entry (not listed after a restart)", "path", path, "err", err)
 	}
 }
 

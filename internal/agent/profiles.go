@@ -123,7 +123,7 @@ func (a *Agent) saveProfiles(ctx context.Context) {
 		marks := map[*container]uint64{}
 		p, err := a.heapProfile([]*container{c}, marks)
 		if err != nil {
-			a.cfg.Logf("memprof agent: profile of %s: %v", c.name(), err)
+			a.cfg.Log.Error("heap profile", c.labels.logAttrs("err", err)...)
 			continue
 		}
 		if len(p.Sample) == 0 {
@@ -150,7 +150,7 @@ func (a *Agent) saveProfiles(ctx context.Context) {
 				path = filepath.Join(dir, name.Format("20060102T150405Z")+".pb.gz")
 			}
 			if err := writeAtomic(path, buf.Bytes()); err != nil {
-				a.cfg.Logf("memprof agent: keep profile of %s: %v", c.name(), err)
+				a.cfg.Log.Error("keep heap profile", c.labels.logAttrs("path", path, "err", err)...)
 			} else {
 				// The processes that exited are in this profile: the
 				// next one holds only the ones that exit after.
@@ -190,7 +190,7 @@ func (a *Agent) push(ctx context.Context, l labelSet, from, until time.Time, dat
 	}
 	a.mu.Unlock()
 	if err != nil {
-		a.cfg.Logf("memprof agent: push profile of %s/%s/%s to Pyroscope: %v", l.Namespace, l.Pod, l.Container, err)
+		a.cfg.Log.Warn("push profile to Pyroscope", l.logAttrs("err", err)...)
 	}
 }
 

@@ -39,7 +39,7 @@ const (
 )
 
 type rssTier struct {
-	s       *rss.Session
+	s       rssSession
 	mu      sync.Mutex
 	dirs    map[string]labelSet   // cgroup directories followed
 	figures map[labelSet][3]int64 // profiled, before, faulted (last profile)
@@ -73,15 +73,20 @@ func (a *Agent) startRSS(ctx context.Context) {
 		OOM:        a.onRSSOOM,
 	})
 	if err != nil {
-		a.cfg.Logf("memprof agent: RSS profiles disabled: %v", err)
+		a.cfg.Log.Warn("RSS profiles disabled", "err", err)
 		return
 	}
+	a.setRSS(s)
+	a.cfg.Log.Info("RSS profiles of every container (page-fault tracepoints)", "oom_post_mortems", s.OOMSupported())
+}
+
+// setRSS makes s the agent's RSS tier and exports its metrics.
+func (a *Agent) setRSS(s rssSession) {
 	t := &rssTier{s: s, dirs: map[string]labelSet{}, figures: map[labelSet][3]int64{}, regions: map[labelSet]rss.Regions{}, oomPending: map[int]rssOOMRef{}}
 	a.mu.Lock()
 	a.rss = t
 	a.mu.Unlock()
 	a.reg.MustRegister(&rssCollector{a: a})
-	a.cfg.Logf("memprof agent: RSS profiles of every container (page-fault tracepoints; OOM post-mortems: %v)", s.OOMSupported())
 }
 
 func (a *Agent) stopRSS() {
@@ -119,7 +124,7 @@ func (a *Agent) rssSync() {
 			continue
 		}
 		if err := t.s.AddCgroup(dir); err != nil {
-			a.cfg.Logf("memprof agent: RSS profiles of %s/%s/%s: %v", l.Namespace, l.Pod, l.Container, err)
+			a.cfg.Log.Warn("RSS profiles of container", l.logAttrs("cgroup", dir, "err", err)...)
 			continue
 		}
 		t.dirs[dir] = l
@@ -213,7 +218,7 @@ func (a *Agent) saveRSSProfiles(ctx context.Context) {
 		}
 		p, sums, err := a.rssProfileOf(t, map[string]labelSet{dir: l})
 		if err != nil {
-			a.cfg.Logf("memprof agent: RSS profile of %s/%s/%s: %v", l.Namespace, l.Pod, l.Container, err)
+			a.cfg.Log.Error("RSS profile", l.logAttrs("cgroup", dir, "err", err)...)
 			continue
 		}
 		if p == nil {
@@ -239,7 +244,7 @@ func (a *Agent) saveRSSProfiles(ctx context.Context) {
 		}
 		built, err := pprofout.BuildRSS(p)
 		if err != nil {
-			a.cfg.Logf("memprof agent: RSS profile of %s/%s/%s: %v", l.Namespace, l.Pod, l.Container, err)
+			a.cfg.Log.Error("build RSS profile", l.logAttrs("cgroup", dir, "err", err)...)
 			continue
 		}
 		var buf bytes.Buffer
@@ -250,7 +255,7 @@ func (a *Agent) saveRSSProfiles(ctx context.Context) {
 		if err := os.MkdirAll(cdir, 0o755); err == nil {
 			path := filepath.Join(cdir, now.UTC().Format("20060102T150405Z")+".rss.pb.gz")
 			if err := writeAtomic(path, buf.Bytes()); err != nil {
-				a.cfg.Logf("memprof agent: keep RSS profile of %s/%s/%s: %v", l.Namespace, l.Pod, l.Container, err)
+				a.cfg.Log.Error("keep RSS profile", l.logAttrs("path", path, "err", err)...)
 			}
 		}
 		if a.cfg.PyroscopeURL != "" {
@@ -349,11 +354,11 @@ func (a *Agent) onRSSOOM(k *rss.OOMKill) {
 	}
 	path, err := rss.WriteOOM(k, a.oomDir())
 	if err != nil {
-		a.cfg.Logf("memprof agent: RSS post-mortem of pid %d (%s): %v", k.Pid, k.Comm, err)
+		a.cfg.Log.Error("RSS post-mortem", l.logAttrs("pid", k.Pid, "comm", k.Comm, "cgroup", k.Memcg, "err", err)...)
 		return
 	}
 	a.linkRSSOOM(k.Pid, k.Time, path)
-	a.cfg.Logf("memprof agent: OOM kill of pid %d (%s) in %s/%s/%s: RSS post-mortem %s", k.Pid, k.Comm, l.Namespace, l.Pod, l.Container, path)
+	a.cfg.Log.Warn("OOM kill: RSS post-mortem written", l.logAttrs("pid", k.Pid, "comm", k.Comm, "cgroup", k.Memcg, "post_mortem", path)...)
 }
 
 // rssOOMRef is an RSS post-mortem whose /oom entry has not been made yet.

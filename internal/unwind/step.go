@@ -76,46 +76,18 @@ func (tab *table) stepCFI(rw *row, f frame, st *stackReader) (frame, stepResult)
 	if cfa <= sp {
 		return f, stepStop // the stack must grow towards the caller
 	}
-	var ra uint64
-	switch rw.raKind {
-	case ruleUndefined:
+	if rw.raKind == ruleUndefined {
 		return f, stepEnd // outermost frame (_start, thread start)
-	case ruleOffset:
-		v, ok := st.read(cfa + uint64(int64(rw.raOff)))
-		if !ok {
-			return f, stepStop
-		}
-		ra = v
-	case ruleValOffset:
-		ra = cfa + uint64(int64(rw.raOff))
-	case ruleExpr, ruleValExpr:
-		v, ok := eval(tab.exprs[rw.raOff], &x, cfa, true)
-		if ok && rw.raKind == ruleExpr {
-			v, ok = st.read(v)
-		}
-		if !ok {
-			return f, stepStop
-		}
-		ra = v
-	default:
+	}
+	ra, ok := tab.ruleValue(rw.raKind, int64(rw.raOff), cfa, &x, st)
+	if !ok {
 		return f, stepStop
 	}
 	nsp := cfa
 	if rw.flags&flagSP != 0 {
 		// Signal frames restore rsp from the saved context, not the CFA.
 		r := tab.sp[rw.pc]
-		var ok bool
-		switch r.kind {
-		case ruleOffset:
-			nsp, ok = st.read(cfa + uint64(r.off))
-		case ruleValOffset:
-			nsp, ok = cfa+uint64(r.off), true
-		case ruleExpr, ruleValExpr:
-			nsp, ok = eval(tab.exprs[r.off], &x, cfa, true)
-			if ok && r.kind == ruleExpr {
-				nsp, ok = st.read(nsp)
-			}
-		}
+		nsp, ok = tab.ruleValue(r.kind, r.off, cfa, &x, st)
 		if !ok || nsp <= sp {
 			return f, stepStop
 		}
@@ -124,16 +96,10 @@ func (tab *table) stepCFI(rw *row, f frame, st *stackReader) (frame, stepResult)
 	case ruleSame:
 	case ruleUndefined:
 		bpValid = false
-	case ruleOffset:
-		bp, bpValid = st.read(cfa + uint64(int64(rw.bpOff)))
 	case ruleValOffset:
-		bp = cfa + uint64(int64(rw.bpOff))
-	case ruleExpr, ruleValExpr:
-		v, ok := eval(tab.exprs[rw.bpOff], &x, cfa, true)
-		if ok && rw.bpKind == ruleExpr {
-			v, ok = st.read(v)
-		}
-		bp, bpValid = v, ok
+		bp, _ = tab.ruleValue(rw.bpKind, int64(rw.bpOff), cfa, &x, st) // validity as before
+	case ruleOffset, ruleExpr, ruleValExpr:
+		bp, bpValid = tab.ruleValue(rw.bpKind, int64(rw.bpOff), cfa, &x, st)
 	case ruleRegister:
 		switch rw.bpOff {
 		case regRSP:
@@ -147,4 +113,27 @@ func (tab *table) stepCFI(rw *row, f frame, st *stackReader) (frame, stepResult)
 	}
 	// A signal frame returns to the interrupted pc itself.
 	return frame{pc: ra, sp: nsp, bp: bp, bpValid: bpValid, exact: rw.flags&flagSignal != 0}, stepNext
+}
+
+// ruleValue is a register's value in the caller's frame under a rule that
+// computes it from the CFA (DWARF 5 section 6.4.1): ruleOffset, saved at
+// CFA+off; ruleValOffset, CFA+off itself; ruleExpr, saved at the address
+// expression off (an index into tab.exprs) computes with the CFA pushed;
+// ruleValExpr, that expression's value. ok is false when the stack copy
+// lacks the saved value, the expression fails, or the rule is of another
+// kind (same value, undefined, register: the caller's to handle).
+func (tab *table) ruleValue(kind uint8, off int64, cfa uint64, x *exprCtx, st *stackReader) (v uint64, ok bool) {
+	switch kind {
+	case ruleOffset:
+		return st.read(cfa + uint64(off))
+	case ruleValOffset:
+		return cfa + uint64(off), true
+	case ruleExpr, ruleValExpr:
+		v, ok = eval(tab.exprs[off], x, cfa, true)
+		if ok && kind == ruleExpr {
+			v, ok = st.read(v)
+		}
+		return v, ok
+	}
+	return 0, false
 }

@@ -42,12 +42,7 @@ func StepRule(r Rule, s unwind.FrameState, read func(uint64) (uint64, bool)) (un
 			return s, unwind.StepStop
 		}
 		n := unwind.FrameState{Regs: unwind.Regs{IP: ra, SP: cfa, BP: s.BP}, BPValid: s.BPValid, Exact: true}
-		switch r.BP {
-		case BPSaved:
-			n.BP, n.BPValid = read(s.SP + uint64(int64(r.BPOff)))
-		case BPUndef:
-			n.BPValid = false
-		}
+		restoreBP(r, &n, s.SP, read)
 		return n, unwind.StepNext
 	case CFAPLT:
 		cfa = s.SP + 8
@@ -68,11 +63,18 @@ func StepRule(r Rule, s unwind.FrameState, read func(uint64) (uint64, bool)) (un
 		return s, unwind.StepStop
 	}
 	n := unwind.FrameState{Regs: unwind.Regs{IP: ra, SP: cfa, BP: s.BP}, BPValid: s.BPValid}
+	restoreBP(r, &n, cfa, read)
+	return n, unwind.StepNext
+}
+
+// restoreBP applies the rule's rbp to the caller's state n: saved at
+// base+BPOff (base is the CFA, or rsp for a signal frame, whose saved
+// context is relative to it), undefined, or unchanged.
+func restoreBP(r Rule, n *unwind.FrameState, base uint64, read func(uint64) (uint64, bool)) {
 	switch r.BP {
 	case BPSaved:
-		n.BP, n.BPValid = read(cfa + uint64(int64(r.BPOff)))
+		n.BP, n.BPValid = read(base + uint64(int64(r.BPOff)))
 	case BPUndef:
 		n.BPValid = false
 	}
-	return n, unwind.StepNext
 }

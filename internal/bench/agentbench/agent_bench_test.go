@@ -91,7 +91,7 @@ func BenchmarkAgent(b *testing.B) {
 
 var (
 	attachRe = regexp.MustCompile(`attached to process (\d+) `)
-	listenRe = regexp.MustCompile(`listening on (\S+),`)
+	listenRe = regexp.MustCompile(` listen=(\S+) `) // the agent's start record (text log format)
 )
 
 // runOnce starts the agent, then n pods while it runs, waits until it has
