@@ -8,6 +8,7 @@ import (
 	"github.com/memprof/memprof/internal/bpfload"
 	"github.com/memprof/memprof/internal/heap"
 	"github.com/memprof/memprof/internal/rss"
+	"github.com/memprof/memprof/internal/unwindtable"
 	"github.com/memprof/memprof/pprofout"
 )
 
@@ -142,6 +143,9 @@ func (f *fakeHeap) ProfileOfCgroups(dirs ...string) (*pprofout.Profile, uint64, 
 	}
 	return out, mark, nil
 }
+
+// UnwindTables: the fake has no BPF tables.
+func (f *fakeHeap) UnwindTables() *unwindtable.Shared { return nil }
 
 func (f *fakeHeap) ReleaseExited(dir string, mark uint64) {
 	f.mu.Lock()

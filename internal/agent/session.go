@@ -5,6 +5,7 @@ import (
 	"github.com/memprof/memprof/internal/heap"
 	"github.com/memprof/memprof/internal/recorder"
 	"github.com/memprof/memprof/internal/rss"
+	"github.com/memprof/memprof/internal/unwindtable"
 	"github.com/memprof/memprof/pprofout"
 )
 
@@ -36,6 +37,9 @@ type heapSession interface {
 	// ReleaseExited(dir, mark) of each.
 	ProfileOfCgroups(dirs ...string) (p *pprofout.Profile, mark uint64, err error)
 	ReleaseExited(dir string, mark uint64)
+	// UnwindTables are the CFI tables the RSS tier walks with too (nil
+	// without CFI stacks: the RSS tier then builds its own).
+	UnwindTables() *unwindtable.Shared
 }
 
 // rssSession is what the agent uses of the RSS tier's session:
