@@ -36,6 +36,14 @@ enum rss_counter {
 	NR_RSS_COUNTERS,
 };
 
+// Per-CPU state of the fault path, one map lookup per fault: the sampling
+// countdown (bytes to the next sample; a Poisson process over bytes stays
+// one when its stream is split among CPUs) and the counters.
+struct rss_cpu {
+	__s64 countdown;
+	__u64 counters[NR_RSS_COUNTERS];
+};
+
 struct rss_page_key {
 	__u32 tgid;
 	__u32 _pad;

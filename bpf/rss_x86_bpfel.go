@@ -28,6 +28,12 @@ const (
 	RssRssCounterNR_RSS_COUNTERS    RssRssCounter = 9
 )
 
+type RssRssCpu struct {
+	_         structs.HostLayout
+	Countdown int64
+	Counters  [9]uint64
+}
+
 type RssRssEventType uint32
 
 const (
@@ -113,13 +119,12 @@ type RssRssThread struct {
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	RssMapRssCgroups          = "rss_cgroups"
-	RssMapRssCountdown        = "rss_countdown"
-	RssMapRssCounters         = "rss_counters"
 	RssMapRssEvents           = "rss_events"
 	RssMapRssFaults           = "rss_faults"
 	RssMapRssGaps             = "rss_gaps"
 	RssMapRssMemcgs           = "rss_memcgs"
 	RssMapRssPages            = "rss_pages"
+	RssMapRssPercpu           = "rss_percpu"
 	RssMapRssPids             = "rss_pids"
 	RssMapRssStacks           = "rss_stacks"
 	RssMapRssThreads          = "rss_threads"
@@ -194,17 +199,16 @@ type RssProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type RssMapSpecs struct {
-	RssCgroups   *ebpf.MapSpec `ebpf:"rss_cgroups"`
-	RssCountdown *ebpf.MapSpec `ebpf:"rss_countdown"`
-	RssCounters  *ebpf.MapSpec `ebpf:"rss_counters"`
-	RssEvents    *ebpf.MapSpec `ebpf:"rss_events"`
-	RssFaults    *ebpf.MapSpec `ebpf:"rss_faults"`
-	RssGaps      *ebpf.MapSpec `ebpf:"rss_gaps"`
-	RssMemcgs    *ebpf.MapSpec `ebpf:"rss_memcgs"`
-	RssPages     *ebpf.MapSpec `ebpf:"rss_pages"`
-	RssPids      *ebpf.MapSpec `ebpf:"rss_pids"`
-	RssStacks    *ebpf.MapSpec `ebpf:"rss_stacks"`
-	RssThreads   *ebpf.MapSpec `ebpf:"rss_threads"`
+	RssCgroups *ebpf.MapSpec `ebpf:"rss_cgroups"`
+	RssEvents  *ebpf.MapSpec `ebpf:"rss_events"`
+	RssFaults  *ebpf.MapSpec `ebpf:"rss_faults"`
+	RssGaps    *ebpf.MapSpec `ebpf:"rss_gaps"`
+	RssMemcgs  *ebpf.MapSpec `ebpf:"rss_memcgs"`
+	RssPages   *ebpf.MapSpec `ebpf:"rss_pages"`
+	RssPercpu  *ebpf.MapSpec `ebpf:"rss_percpu"`
+	RssPids    *ebpf.MapSpec `ebpf:"rss_pids"`
+	RssStacks  *ebpf.MapSpec `ebpf:"rss_stacks"`
+	RssThreads *ebpf.MapSpec `ebpf:"rss_threads"`
 }
 
 // RssVariableSpecs contains global variables before they are loaded into the kernel.
@@ -244,29 +248,27 @@ func (o *RssObjects) Close() error {
 //
 // It can be passed to LoadRssObjects or ebpf.CollectionSpec.LoadAndAssign.
 type RssMaps struct {
-	RssCgroups   *ebpf.Map `ebpf:"rss_cgroups"`
-	RssCountdown *ebpf.Map `ebpf:"rss_countdown"`
-	RssCounters  *ebpf.Map `ebpf:"rss_counters"`
-	RssEvents    *ebpf.Map `ebpf:"rss_events"`
-	RssFaults    *ebpf.Map `ebpf:"rss_faults"`
-	RssGaps      *ebpf.Map `ebpf:"rss_gaps"`
-	RssMemcgs    *ebpf.Map `ebpf:"rss_memcgs"`
-	RssPages     *ebpf.Map `ebpf:"rss_pages"`
-	RssPids      *ebpf.Map `ebpf:"rss_pids"`
-	RssStacks    *ebpf.Map `ebpf:"rss_stacks"`
-	RssThreads   *ebpf.Map `ebpf:"rss_threads"`
+	RssCgroups *ebpf.Map `ebpf:"rss_cgroups"`
+	RssEvents  *ebpf.Map `ebpf:"rss_events"`
+	RssFaults  *ebpf.Map `ebpf:"rss_faults"`
+	RssGaps    *ebpf.Map `ebpf:"rss_gaps"`
+	RssMemcgs  *ebpf.Map `ebpf:"rss_memcgs"`
+	RssPages   *ebpf.Map `ebpf:"rss_pages"`
+	RssPercpu  *ebpf.Map `ebpf:"rss_percpu"`
+	RssPids    *ebpf.Map `ebpf:"rss_pids"`
+	RssStacks  *ebpf.Map `ebpf:"rss_stacks"`
+	RssThreads *ebpf.Map `ebpf:"rss_threads"`
 }
 
 func (m *RssMaps) Close() error {
 	return _RssClose(
 		m.RssCgroups,
-		m.RssCountdown,
-		m.RssCounters,
 		m.RssEvents,
 		m.RssFaults,
 		m.RssGaps,
 		m.RssMemcgs,
 		m.RssPages,
+		m.RssPercpu,
 		m.RssPids,
 		m.RssStacks,
 		m.RssThreads,

@@ -25,7 +25,7 @@ func BenchmarkRSSFault(b *testing.B) {
 	bin := testprog.Build(b, "bench_faults.c", "-O2")
 	names := []string{"none", "loaded-not-target", "target"}
 	best := map[string]float64{}
-	for run := 0; run < 5; run++ {
+	for run := 0; run < benchRuns(); run++ {
 		for _, name := range names {
 			ns := runFaults(b, bin, name)
 			if best[name] == 0 || ns < best[name] {
@@ -34,7 +34,7 @@ func BenchmarkRSSFault(b *testing.B) {
 		}
 	}
 	none := best["none"]
-	fmt.Printf("\nRSS tier, CPU ns per page fault (mmap + touch 64 pages + munmap; thread CPU time; fastest of 5 alternating runs of 10 rounds):\n")
+	fmt.Printf("\nRSS tier, CPU ns per page fault (mmap + touch 64 pages + munmap; thread CPU time; fastest of %d alternating runs of 10 rounds):\n", benchRuns())
 	for _, name := range names {
 		fmt.Printf("  %-18s %7.1f ns  %.3fx none\n", name, best[name], best[name]/none)
 		b.ReportMetric(best[name], name+"-ns/fault")
@@ -185,4 +185,13 @@ func ints(v []float64) []int {
 		out[i] = int(x)
 	}
 	return out
+}
+
+// benchRuns is the number of alternating runs of BenchmarkRSSFault: 5, or
+// $MEMPROF_RSS_BENCH_RUNS (more runs find the floor on a busy machine).
+func benchRuns() int {
+	if n, err := strconv.Atoi(os.Getenv("MEMPROF_RSS_BENCH_RUNS")); err == nil && n > 0 {
+		return n
+	}
+	return 5
 }
