@@ -207,6 +207,7 @@ struct rss_thread {
 	__s64 count0; // global part of the mm's anonymous-page counter at the fault
 	__u32 active;
 	__u32 _pad;
+	struct rss_verdict v; // is the thread a target (every faulting thread)
 };
 
 struct vma_ctx {
@@ -232,22 +233,35 @@ struct {
 
 // on_fault notes a page fault of a target thread on a user address (in user
 // mode, or in the kernel on the process's behalf: read(2) into a fresh
-// buffer); regs are the user registers. Non-targets pay the filter only.
-// Every read is a plain load through a trusted BTF pointer (the current
-// task, the tracepoint's arguments): no helper call but the map lookups.
+// buffer); regs are the user registers. Non-targets pay the filter only:
+// the task-storage lookup and the thread's cached verdict, the target maps
+// only when the verdict is stale. Every read is a plain load through a
+// trusted BTF pointer (the current task, the tracepoint's arguments). Every
+// thread that faults while a target kind is in use gets task storage
+// (struct rss_thread, ~64 bytes plus the kernel's ~100-byte element
+// header), freed with the thread or when memprof exits.
 static __always_inline void on_fault(__u64 address, struct pt_regs *regs)
 {
 	__u32 kinds = rss_filter_kinds;
 	if (!kinds)
 		return;
 	struct task_struct *task = bpf_get_current_task_btf();
-	__u64 memcg = (kinds & RSS_KIND_MEMCGS) ? rss_memcg(task) : 0;
-	__u64 cgroup = (kinds & RSS_KIND_CGROUPS) ? task->cgroups->dfl_cgrp->kn->id : 0;
-	if (!rss_is_target(task->tgid, memcg, cgroup))
-		return;
 	struct rss_thread *t =
 	    bpf_task_storage_get(&rss_threads, task, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
 	if (!t)
+		return;
+	// The generation is read before the maps and the cgroups: a change
+	// after this read leaves a verdict the next fault recomputes.
+	__u64 gen = rss_target_gen + rss_cgroup_gen;
+	__u64 css = (__u64)task->cgroups;
+	if (!rss_verdict_fresh(&t->v, gen, css)) {
+		__u64 memcg = (kinds & RSS_KIND_MEMCGS) ? rss_memcg(task) : 0;
+		__u64 cgroup = (kinds & RSS_KIND_CGROUPS) ? task->cgroups->dfl_cgrp->kn->id : 0;
+		t->v.target = rss_is_target(task->tgid, memcg, cgroup);
+		t->v.gen = gen;
+		t->v.css = css;
+	}
+	if (!t->v.target)
 		return;
 	t->addr = address;
 	t->ip = regs->ip;
@@ -286,8 +300,9 @@ int BPF_PROG(rss_stat_hook, struct mm_struct *mm, int member)
 	if (member != MM_ANONPAGES)
 		return 0;
 	struct task_struct *task = bpf_get_current_task_btf();
-	// A thread with no task storage at all (of any BPF program) has no
-	// fault noted: skip the helper call.
+	// A thread with no task storage at all (of any BPF program: it has not
+	// faulted since memprof started) has no fault noted: skip the helper
+	// call.
 	if (task->mm != mm || !task->bpf_storage)
 		return 0;
 	struct rss_thread *t = bpf_task_storage_get(&rss_threads, task, 0, 0);
@@ -322,6 +337,24 @@ int BPF_PROG(rss_stat_hook, struct mm_struct *mm, int member)
 	if (!rss_sampled(&pc->countdown, size, gap))
 		return 0;
 	record(ctx, task, tgid, t->addr, size, 0, bpf_get_current_cgroup_id());
+	return 0;
+}
+
+// Cgroup migrations (cgroup.procs / tasks writes, v1 transfers): every
+// cached target verdict is taken again at the thread's next fault.
+SEC("tp_btf/cgroup_attach_task")
+int BPF_PROG(rss_cgroup_attach, struct cgroup *dst, const char *path, struct task_struct *task,
+	     bool threadgroup)
+{
+	__sync_fetch_and_add(&rss_cgroup_gen, 1);
+	return 0;
+}
+
+SEC("tp_btf/cgroup_transfer_tasks")
+int BPF_PROG(rss_cgroup_transfer, struct cgroup *dst, const char *path, struct task_struct *task,
+	     bool threadgroup)
+{
+	__sync_fetch_and_add(&rss_cgroup_gen, 1);
 	return 0;
 }
 

@@ -186,6 +186,32 @@ static __always_inline int rss_is_target(__u32 tgid, __u64 memcg, __u64 cgroup)
 	return 0;
 }
 
+// A thread's cached target verdict (kept in its task storage, for every
+// thread that faults while some target kind is in use): the filter's
+// answer, valid while the target generation and the thread's css_set are
+// those it was taken with. Any change of the thread's cgroups (in any
+// hierarchy) gives it another css_set; userspace bumps rss_target_gen
+// after every change of the target maps or kinds, and rss.bpf.c bumps
+// rss_cgroup_gen at every cgroup migration (which also covers a css_set
+// freed and its address reused).
+struct rss_verdict {
+	__u64 gen; // rss_target_gen + rss_cgroup_gen when taken (0: none yet)
+	__u64 css; // address of the thread's css_set (task->cgroups) when taken
+	__u32 target;
+	__u32 _pad;
+};
+
+volatile __u64 rss_target_gen = 1; // never 0: a fresh (zeroed) verdict is stale
+volatile __u64 rss_cgroup_gen;
+
+// rss_verdict_fresh reports whether verdict v holds for a thread now in
+// css_set css at generation gen (rss_target_gen + rss_cgroup_gen, read
+// before the inputs of a new verdict are).
+static __always_inline int rss_verdict_fresh(const struct rss_verdict *v, __u64 gen, __u64 css)
+{
+	return v->gen == gen && v->css == css;
+}
+
 // rss_sampled decides, Poisson over bytes, whether a new folio of size bytes
 // is sampled. *countdown is the bytes left to the next sample (0: not
 // started yet, take a gap first); gap is a fresh draw from Exp(rate), used
@@ -230,6 +256,13 @@ struct rss_test_ctx {
 	__u32 thp_mode;
 	__u32 _pad;
 	__u64 vm_flags, vm_start, vm_end, addr;
+	// Cached verdict: v is the thread's (in and out), gen and css now;
+	// verdict_hit (out) is 1 when v was used, 0 when is_target was
+	// computed from the maps and stored in v.
+	struct rss_verdict v;
+	__u64 gen, css;
+	__u32 verdict_hit;
+	__u32 _pad2;
 };
 
 #endif

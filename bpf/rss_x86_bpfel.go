@@ -112,6 +112,13 @@ type RssRssThread struct {
 	Count0 int64
 	Active uint32
 	Pad    uint32
+	V      struct {
+		_      structs.HostLayout
+		Gen    uint64
+		Css    uint64
+		Target uint32
+		Pad    uint32
+	}
 }
 
 // Names of all BPF objects in the ELF.
@@ -128,16 +135,20 @@ const (
 	RssMapRssPids             = "rss_pids"
 	RssMapRssStacks           = "rss_stacks"
 	RssMapRssThreads          = "rss_threads"
+	RssProgRssCgroupAttach    = "rss_cgroup_attach"
+	RssProgRssCgroupTransfer  = "rss_cgroup_transfer"
 	RssProgRssFaultKernel     = "rss_fault_kernel"
 	RssProgRssFaultUser       = "rss_fault_user"
 	RssProgRssFork            = "rss_fork"
 	RssProgRssOom             = "rss_oom"
 	RssProgRssStatHook        = "rss_stat_hook"
+	RssVarRssCgroupGen        = "rss_cgroup_gen"
 	RssVarRssCopyStacks       = "rss_copy_stacks"
 	RssVarRssFilterKinds      = "rss_filter_kinds"
 	RssVarRssNrCounters       = "rss_nr_counters"
 	RssVarRssSampleAll        = "rss_sample_all"
 	RssVarRssStackSeq         = "rss_stack_seq"
+	RssVarRssTargetGen        = "rss_target_gen"
 	RssVarRssThpMode          = "rss_thp_mode"
 	RssVarRssUnusedEvent      = "rss_unused_event"
 	RssVarRssUnusedFlag       = "rss_unused_flag"
@@ -188,11 +199,13 @@ type RssSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type RssProgramSpecs struct {
-	RssFaultKernel *ebpf.ProgramSpec `ebpf:"rss_fault_kernel"`
-	RssFaultUser   *ebpf.ProgramSpec `ebpf:"rss_fault_user"`
-	RssFork        *ebpf.ProgramSpec `ebpf:"rss_fork"`
-	RssOom         *ebpf.ProgramSpec `ebpf:"rss_oom"`
-	RssStatHook    *ebpf.ProgramSpec `ebpf:"rss_stat_hook"`
+	RssCgroupAttach   *ebpf.ProgramSpec `ebpf:"rss_cgroup_attach"`
+	RssCgroupTransfer *ebpf.ProgramSpec `ebpf:"rss_cgroup_transfer"`
+	RssFaultKernel    *ebpf.ProgramSpec `ebpf:"rss_fault_kernel"`
+	RssFaultUser      *ebpf.ProgramSpec `ebpf:"rss_fault_user"`
+	RssFork           *ebpf.ProgramSpec `ebpf:"rss_fork"`
+	RssOom            *ebpf.ProgramSpec `ebpf:"rss_oom"`
+	RssStatHook       *ebpf.ProgramSpec `ebpf:"rss_stat_hook"`
 }
 
 // RssMapSpecs contains maps before they are loaded into the kernel.
@@ -215,11 +228,13 @@ type RssMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type RssVariableSpecs struct {
+	RssCgroupGen        *ebpf.VariableSpec `ebpf:"rss_cgroup_gen"`
 	RssCopyStacks       *ebpf.VariableSpec `ebpf:"rss_copy_stacks"`
 	RssFilterKinds      *ebpf.VariableSpec `ebpf:"rss_filter_kinds"`
 	RssNrCounters       *ebpf.VariableSpec `ebpf:"rss_nr_counters"`
 	RssSampleAll        *ebpf.VariableSpec `ebpf:"rss_sample_all"`
 	RssStackSeq         *ebpf.VariableSpec `ebpf:"rss_stack_seq"`
+	RssTargetGen        *ebpf.VariableSpec `ebpf:"rss_target_gen"`
 	RssThpMode          *ebpf.VariableSpec `ebpf:"rss_thp_mode"`
 	RssUnusedEvent      *ebpf.VariableSpec `ebpf:"rss_unused_event"`
 	RssUnusedFlag       *ebpf.VariableSpec `ebpf:"rss_unused_flag"`
@@ -279,11 +294,13 @@ func (m *RssMaps) Close() error {
 //
 // It can be passed to LoadRssObjects or ebpf.CollectionSpec.LoadAndAssign.
 type RssVariables struct {
+	RssCgroupGen        *ebpf.Variable `ebpf:"rss_cgroup_gen"`
 	RssCopyStacks       *ebpf.Variable `ebpf:"rss_copy_stacks"`
 	RssFilterKinds      *ebpf.Variable `ebpf:"rss_filter_kinds"`
 	RssNrCounters       *ebpf.Variable `ebpf:"rss_nr_counters"`
 	RssSampleAll        *ebpf.Variable `ebpf:"rss_sample_all"`
 	RssStackSeq         *ebpf.Variable `ebpf:"rss_stack_seq"`
+	RssTargetGen        *ebpf.Variable `ebpf:"rss_target_gen"`
 	RssThpMode          *ebpf.Variable `ebpf:"rss_thp_mode"`
 	RssUnusedEvent      *ebpf.Variable `ebpf:"rss_unused_event"`
 	RssUnusedFlag       *ebpf.Variable `ebpf:"rss_unused_flag"`
@@ -296,15 +313,19 @@ type RssVariables struct {
 //
 // It can be passed to LoadRssObjects or ebpf.CollectionSpec.LoadAndAssign.
 type RssPrograms struct {
-	RssFaultKernel *ebpf.Program `ebpf:"rss_fault_kernel"`
-	RssFaultUser   *ebpf.Program `ebpf:"rss_fault_user"`
-	RssFork        *ebpf.Program `ebpf:"rss_fork"`
-	RssOom         *ebpf.Program `ebpf:"rss_oom"`
-	RssStatHook    *ebpf.Program `ebpf:"rss_stat_hook"`
+	RssCgroupAttach   *ebpf.Program `ebpf:"rss_cgroup_attach"`
+	RssCgroupTransfer *ebpf.Program `ebpf:"rss_cgroup_transfer"`
+	RssFaultKernel    *ebpf.Program `ebpf:"rss_fault_kernel"`
+	RssFaultUser      *ebpf.Program `ebpf:"rss_fault_user"`
+	RssFork           *ebpf.Program `ebpf:"rss_fork"`
+	RssOom            *ebpf.Program `ebpf:"rss_oom"`
+	RssStatHook       *ebpf.Program `ebpf:"rss_stat_hook"`
 }
 
 func (p *RssPrograms) Close() error {
 	return _RssClose(
+		p.RssCgroupAttach,
+		p.RssCgroupTransfer,
 		p.RssFaultKernel,
 		p.RssFaultUser,
 		p.RssFork,

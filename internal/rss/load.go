@@ -117,7 +117,8 @@ func load(opts loadOptions) (*objects, error) {
 		prog *ebpf.Program
 		name string
 	}{{o.RssFaultUser, "tp_btf/page_fault_user"}, {o.RssFaultKernel, "tp_btf/page_fault_kernel"},
-		{o.RssStatHook, "tp_btf/rss_stat"}, {o.RssFork, "tp_btf/sched_process_fork"}} {
+		{o.RssStatHook, "tp_btf/rss_stat"}, {o.RssFork, "tp_btf/sched_process_fork"},
+		{o.RssCgroupAttach, "tp_btf/cgroup_attach_task"}, {o.RssCgroupTransfer, "tp_btf/cgroup_transfer_tasks"}} {
 		l, err := link.AttachTracing(link.TracingOptions{Program: p.prog})
 		if err != nil {
 			o.close()
@@ -168,6 +169,21 @@ func setRate(m *ebpf.Map, rate uint64) error {
 		if err := m.Update(keys[i], vals[i], ebpf.UpdateAny); err != nil {
 			return fmt.Errorf("fill RSS sampling gap table: %w", err)
 		}
+	}
+	return nil
+}
+
+// targetsChanged bumps the target generation after a change of the target
+// maps or kinds: every thread's cached verdict (bpf/rss.h, struct
+// rss_verdict) is taken again at its next fault. Userspace is the only
+// writer (callers hold the session's lock).
+func (o *objects) targetsChanged() error {
+	var gen uint64
+	if err := o.RssTargetGen.Get(&gen); err != nil {
+		return fmt.Errorf("read RSS target generation: %w", err)
+	}
+	if err := o.RssTargetGen.Set(gen + 1); err != nil {
+		return fmt.Errorf("bump RSS target generation: %w", err)
 	}
 	return nil
 }

@@ -207,6 +207,14 @@ func (s *Session) setKinds(k uint32) {
 	}
 }
 
+// targetsChanged invalidates the threads' cached target verdicts after a
+// change of the target maps (caller holds mu).
+func (s *Session) targetsChanged() {
+	if err := s.objs.targetsChanged(); err != nil {
+		s.recordErr(err)
+	}
+}
+
 // AddPid makes pid a target (flags: mbpf.RssRssTargetFlag bits).
 func (s *Session) AddPid(pid int) error { return s.addPid(pid, uint8(mbpf.RssRssTargetFlagRT_TARGET)) }
 
@@ -217,6 +225,7 @@ func (s *Session) addPid(pid int, flags uint8) error {
 	if err := s.objs.RssPids.Put(uint32(pid), flags); err != nil {
 		return fmt.Errorf("add process %d to the RSS targets: %w", pid, err)
 	}
+	s.targetsChanged()
 	s.noteProc(pid)
 	return nil
 }
@@ -244,6 +253,7 @@ func (s *Session) RemoveCgroup(dir string) {
 			delete(s.cgIDs, id)
 		}
 	}
+	s.targetsChanged()
 }
 
 // deleteKey deletes key from m on a cleanup path: a key already gone is
@@ -312,6 +322,7 @@ func (s *Session) scanCgroup(dir string) error {
 		}
 		s.setKinds(kind)
 		s.cgIDs[id] = dir
+		s.targetsChanged()
 	}
 	s.mu.Unlock()
 	pids, err := cgroups.Procs(dir, true)
