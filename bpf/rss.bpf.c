@@ -252,7 +252,7 @@ static __always_inline void on_fault(__u64 address, struct pt_regs *regs)
 		return;
 	// The generation is read before the maps and the cgroups: a change
 	// after this read leaves a verdict the next fault recomputes.
-	__u64 gen = rss_target_gen + rss_cgroup_gen;
+	__u64 gen = rss_target_gen;
 	__u64 css = (__u64)task->cgroups;
 	if (!rss_verdict_fresh(&t->v, gen, css)) {
 		__u64 memcg = (kinds & RSS_KIND_MEMCGS) ? rss_memcg(task) : 0;
@@ -337,24 +337,6 @@ int BPF_PROG(rss_stat_hook, struct mm_struct *mm, int member)
 	if (!rss_sampled(&pc->countdown, size, gap))
 		return 0;
 	record(ctx, task, tgid, t->addr, size, 0, bpf_get_current_cgroup_id());
-	return 0;
-}
-
-// Cgroup migrations (cgroup.procs / tasks writes, v1 transfers): every
-// cached target verdict is taken again at the thread's next fault.
-SEC("tp_btf/cgroup_attach_task")
-int BPF_PROG(rss_cgroup_attach, struct cgroup *dst, const char *path, struct task_struct *task,
-	     bool threadgroup)
-{
-	__sync_fetch_and_add(&rss_cgroup_gen, 1);
-	return 0;
-}
-
-SEC("tp_btf/cgroup_transfer_tasks")
-int BPF_PROG(rss_cgroup_transfer, struct cgroup *dst, const char *path, struct task_struct *task,
-	     bool threadgroup)
-{
-	__sync_fetch_and_add(&rss_cgroup_gen, 1);
 	return 0;
 }
 

@@ -135,14 +135,11 @@ const (
 	RssMapRssPids             = "rss_pids"
 	RssMapRssStacks           = "rss_stacks"
 	RssMapRssThreads          = "rss_threads"
-	RssProgRssCgroupAttach    = "rss_cgroup_attach"
-	RssProgRssCgroupTransfer  = "rss_cgroup_transfer"
 	RssProgRssFaultKernel     = "rss_fault_kernel"
 	RssProgRssFaultUser       = "rss_fault_user"
 	RssProgRssFork            = "rss_fork"
 	RssProgRssOom             = "rss_oom"
 	RssProgRssStatHook        = "rss_stat_hook"
-	RssVarRssCgroupGen        = "rss_cgroup_gen"
 	RssVarRssCopyStacks       = "rss_copy_stacks"
 	RssVarRssFilterKinds      = "rss_filter_kinds"
 	RssVarRssNrCounters       = "rss_nr_counters"
@@ -199,13 +196,11 @@ type RssSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type RssProgramSpecs struct {
-	RssCgroupAttach   *ebpf.ProgramSpec `ebpf:"rss_cgroup_attach"`
-	RssCgroupTransfer *ebpf.ProgramSpec `ebpf:"rss_cgroup_transfer"`
-	RssFaultKernel    *ebpf.ProgramSpec `ebpf:"rss_fault_kernel"`
-	RssFaultUser      *ebpf.ProgramSpec `ebpf:"rss_fault_user"`
-	RssFork           *ebpf.ProgramSpec `ebpf:"rss_fork"`
-	RssOom            *ebpf.ProgramSpec `ebpf:"rss_oom"`
-	RssStatHook       *ebpf.ProgramSpec `ebpf:"rss_stat_hook"`
+	RssFaultKernel *ebpf.ProgramSpec `ebpf:"rss_fault_kernel"`
+	RssFaultUser   *ebpf.ProgramSpec `ebpf:"rss_fault_user"`
+	RssFork        *ebpf.ProgramSpec `ebpf:"rss_fork"`
+	RssOom         *ebpf.ProgramSpec `ebpf:"rss_oom"`
+	RssStatHook    *ebpf.ProgramSpec `ebpf:"rss_stat_hook"`
 }
 
 // RssMapSpecs contains maps before they are loaded into the kernel.
@@ -228,7 +223,6 @@ type RssMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type RssVariableSpecs struct {
-	RssCgroupGen        *ebpf.VariableSpec `ebpf:"rss_cgroup_gen"`
 	RssCopyStacks       *ebpf.VariableSpec `ebpf:"rss_copy_stacks"`
 	RssFilterKinds      *ebpf.VariableSpec `ebpf:"rss_filter_kinds"`
 	RssNrCounters       *ebpf.VariableSpec `ebpf:"rss_nr_counters"`
@@ -294,7 +288,6 @@ func (m *RssMaps) Close() error {
 //
 // It can be passed to LoadRssObjects or ebpf.CollectionSpec.LoadAndAssign.
 type RssVariables struct {
-	RssCgroupGen        *ebpf.Variable `ebpf:"rss_cgroup_gen"`
 	RssCopyStacks       *ebpf.Variable `ebpf:"rss_copy_stacks"`
 	RssFilterKinds      *ebpf.Variable `ebpf:"rss_filter_kinds"`
 	RssNrCounters       *ebpf.Variable `ebpf:"rss_nr_counters"`
@@ -313,19 +306,15 @@ type RssVariables struct {
 //
 // It can be passed to LoadRssObjects or ebpf.CollectionSpec.LoadAndAssign.
 type RssPrograms struct {
-	RssCgroupAttach   *ebpf.Program `ebpf:"rss_cgroup_attach"`
-	RssCgroupTransfer *ebpf.Program `ebpf:"rss_cgroup_transfer"`
-	RssFaultKernel    *ebpf.Program `ebpf:"rss_fault_kernel"`
-	RssFaultUser      *ebpf.Program `ebpf:"rss_fault_user"`
-	RssFork           *ebpf.Program `ebpf:"rss_fork"`
-	RssOom            *ebpf.Program `ebpf:"rss_oom"`
-	RssStatHook       *ebpf.Program `ebpf:"rss_stat_hook"`
+	RssFaultKernel *ebpf.Program `ebpf:"rss_fault_kernel"`
+	RssFaultUser   *ebpf.Program `ebpf:"rss_fault_user"`
+	RssFork        *ebpf.Program `ebpf:"rss_fork"`
+	RssOom         *ebpf.Program `ebpf:"rss_oom"`
+	RssStatHook    *ebpf.Program `ebpf:"rss_stat_hook"`
 }
 
 func (p *RssPrograms) Close() error {
 	return _RssClose(
-		p.RssCgroupAttach,
-		p.RssCgroupTransfer,
 		p.RssFaultKernel,
 		p.RssFaultUser,
 		p.RssFork,

@@ -54,7 +54,6 @@ const (
 	RssTestMapRssMemcgs      = "rss_memcgs"
 	RssTestMapRssPids        = "rss_pids"
 	RssTestProgRssTestDecide = "rss_test_decide"
-	RssTestVarRssCgroupGen   = "rss_cgroup_gen"
 	RssTestVarRssFilterKinds = "rss_filter_kinds"
 	RssTestVarRssSampleAll   = "rss_sample_all"
 	RssTestVarRssTargetGen   = "rss_target_gen"
@@ -120,7 +119,6 @@ type RssTestMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type RssTestVariableSpecs struct {
-	RssCgroupGen   *ebpf.VariableSpec `ebpf:"rss_cgroup_gen"`
 	RssFilterKinds *ebpf.VariableSpec `ebpf:"rss_filter_kinds"`
 	RssSampleAll   *ebpf.VariableSpec `ebpf:"rss_sample_all"`
 	RssTargetGen   *ebpf.VariableSpec `ebpf:"rss_target_gen"`
@@ -166,7 +164,6 @@ func (m *RssTestMaps) Close() error {
 //
 // It can be passed to LoadRssTestObjects or ebpf.CollectionSpec.LoadAndAssign.
 type RssTestVariables struct {
-	RssCgroupGen   *ebpf.Variable `ebpf:"rss_cgroup_gen"`
 	RssFilterKinds *ebpf.Variable `ebpf:"rss_filter_kinds"`
 	RssSampleAll   *ebpf.Variable `ebpf:"rss_sample_all"`
 	RssTargetGen   *ebpf.Variable `ebpf:"rss_target_gen"`

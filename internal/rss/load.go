@@ -117,8 +117,7 @@ func load(opts loadOptions) (*objects, error) {
 		prog *ebpf.Program
 		name string
 	}{{o.RssFaultUser, "tp_btf/page_fault_user"}, {o.RssFaultKernel, "tp_btf/page_fault_kernel"},
-		{o.RssStatHook, "tp_btf/rss_stat"}, {o.RssFork, "tp_btf/sched_process_fork"},
-		{o.RssCgroupAttach, "tp_btf/cgroup_attach_task"}, {o.RssCgroupTransfer, "tp_btf/cgroup_transfer_tasks"}} {
+		{o.RssStatHook, "tp_btf/rss_stat"}, {o.RssFork, "tp_btf/sched_process_fork"}} {
 		l, err := link.AttachTracing(link.TracingOptions{Program: p.prog})
 		if err != nil {
 			o.close()

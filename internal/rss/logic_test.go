@@ -113,7 +113,7 @@ func TestCachedVerdict(t *testing.T) {
 		{"targets changed: generation bumped", v{Gen: 1, Css: cssA}, 2, cssA, 100, 0, 1, 0, v{Gen: 2, Css: cssA, Target: 1}},
 		{"moved into a target memcg: other css_set", v{Gen: 1, Css: cssA}, 1, cssB, 102, 5000, 1, 0, v{Gen: 1, Css: cssB, Target: 1}},
 		{"moved out of the target memcg: other css_set", v{Gen: 1, Css: cssA, Target: 1}, 1, cssB, 102, 6000, 0, 0, v{Gen: 1, Css: cssB}},
-		{"a migration somewhere: generation bumped, same css_set", v{Gen: 3, Css: cssA, Target: 1}, 4, cssA, 102, 6000, 0, 0, v{Gen: 4, Css: cssA}},
+		{"a poll: generation bumped, same css_set", v{Gen: 3, Css: cssA, Target: 1}, 4, cssA, 102, 6000, 0, 0, v{Gen: 4, Css: cssA}},
 	}
 	for _, c := range cases {
 		got := runLogic(t, o, mbpf.RssTestRssTestCtx{Tgid: c.tgid, Memcg: c.memcg, Countdown: 1 << 40, Size: 4096, Gap: 1,

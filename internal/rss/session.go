@@ -448,6 +448,7 @@ func (s *Session) loop(ctx context.Context) {
 		case <-tick.C:
 		}
 		s.mu.Lock()
+		s.targetsChanged() // a verdict on a reused css_set address lives one poll at most
 		dirs := make([]string, 0, len(s.cgDirs))
 		for d := range s.cgDirs {
 			dirs = append(dirs, d)
