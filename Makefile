@@ -94,6 +94,7 @@ bench:
 	$(GO) test -count=1 -run '^$$' -bench . -benchtime=1x -timeout 30m ./internal/bench/
 	$(GO) test -count=1 -run '^$$' -bench BPFWalk -benchtime=1000x ./internal/unwindtable/
 	$(GO) test -count=1 -run '^$$' -bench 'TableBuild|LiveProbe' -benchtime=1x ./internal/unwindtable/
+	$(GO) test -count=1 -run '^$$' -bench RSSProgramCost -benchtime=1x ./internal/rss/
 
 # The node agent's own CPU (% of a core), RSS and time to profile a new
 # container, with 25, 100 and 200 kubelet-style pods (internal/bench/agentbench).

@@ -43,14 +43,14 @@ const volatile enum rss_event_type rss_unused_event = RE_OOM;
 const volatile enum rss_stack_mode rss_unused_stack_mode = RSM_FP;
 const struct rss_oom_event *rss_unused_oom_event __attribute__((unused));
 
-// Bytes to the next sample, per CPU (a Poisson process over bytes stays one
-// when its stream is split among CPUs).
+// Per CPU: bytes to the next sample (a Poisson process over bytes stays one
+// when its stream is split among CPUs) and the counters.
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, 1);
 	__type(key, __u32);
-	__type(value, __s64);
-} rss_countdown SEC(".maps");
+	__type(value, struct rss_cpu);
+} rss_percpu SEC(".maps");
 
 // Sampled folios that were resident when faulted in, by (process, address).
 struct {
@@ -78,13 +78,6 @@ struct {
 	__uint(value_size, RSS_STACK_DEPTH * sizeof(__u64));
 } rss_stacks SEC(".maps");
 
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, NR_RSS_COUNTERS);
-	__type(key, __u32);
-	__type(value, __u64);
-} rss_counters SEC(".maps");
-
 // OOM kills for userspace (stacks are walked in BPF, never copied). An
 // event takes 56 bytes with its header: 256 KiB hold ~4,600 kills not read
 // yet, where a node sees a few a second at worst and the reader takes each
@@ -94,21 +87,34 @@ struct {
 	__uint(max_entries, 256 << 10);
 } rss_events SEC(".maps");
 
-static __always_inline void rss_count(__u32 idx, __u64 n)
+static __always_inline struct rss_cpu *rss_this_cpu(void)
 {
-	__u64 *c = bpf_map_lookup_elem(&rss_counters, &idx);
-	if (c)
-		*c += n;
+	__u32 zero = 0;
+	return bpf_map_lookup_elem(&rss_percpu, &zero);
+}
+
+static __always_inline void rss_count(enum rss_counter idx, __u64 n)
+{
+	struct rss_cpu *c = rss_this_cpu();
+	if (c && idx < NR_RSS_COUNTERS)
+		c->counters[idx] += n;
 }
 
 // rss_memcg is the kernfs id of the task's memory controller cgroup: the v1
 // memory hierarchy on hybrid hosts, the unified one on cgroup v2 hosts.
+// task must be a trusted BTF pointer (bpf_get_current_task_btf, a tp_btf
+// argument): the chain is then plain loads the verifier guards against
+// faults (no bpf_probe_read_kernel call per link), under the RCU read lock
+// every tracing program holds.
 static __always_inline __u64 rss_memcg(struct task_struct *task)
 {
 	int id = bpf_core_enum_value(enum cgroup_subsys_id, memory_cgrp_id);
 	if (id < 0 || id >= CGROUP_SUBSYS_COUNT)
 		return 0;
-	return BPF_CORE_READ(task, cgroups, subsys[id], cgroup, kn, id);
+	struct cgroup_subsys_state *css = task->cgroups->subsys[id];
+	if (!css)
+		return 0;
+	return css->cgroup->kn->id;
 }
 
 // rss_stack returns the stack id of a sampled fault of the current task
@@ -190,6 +196,7 @@ struct rss_thread {
 	__s64 count0; // global part of the mm's anonymous-page counter at the fault
 	__u32 active;
 	__u32 _pad;
+	struct rss_verdict v; // is the thread a target (every faulting thread)
 };
 
 struct vma_ctx {
@@ -215,34 +222,47 @@ struct {
 
 // on_fault notes a page fault of a target thread on a user address (in user
 // mode, or in the kernel on the process's behalf: read(2) into a fresh
-// buffer). Non-targets pay the filter only.
-static __always_inline void on_fault(__u64 address)
+// buffer); regs are the user registers. Non-targets pay the filter only:
+// the task-storage lookup and the thread's cached verdict, the target maps
+// only when the verdict is stale. Every read is a plain load through a
+// trusted BTF pointer (the current task, the tracepoint's arguments). Every
+// thread that faults while a target kind is in use gets task storage
+// (struct rss_thread, ~64 bytes plus the kernel's ~100-byte element
+// header), freed with the thread or when memprof exits.
+static __always_inline void on_fault(__u64 address, struct pt_regs *regs)
 {
-	struct task_struct *task = bpf_get_current_task_btf();
-	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
 	__u32 kinds = rss_filter_kinds;
 	if (!kinds)
 		return;
-	__u64 memcg = (kinds & RSS_KIND_MEMCGS) ? rss_memcg(task) : 0;
-	__u64 cgroup = (kinds & RSS_KIND_CGROUPS) ? bpf_get_current_cgroup_id() : 0;
-	if (!rss_is_target(tgid, memcg, cgroup))
-		return;
+	struct task_struct *task = bpf_get_current_task_btf();
 	struct rss_thread *t =
 	    bpf_task_storage_get(&rss_threads, task, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
 	if (!t)
 		return;
-	struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(task);
+	// The generation is read before the maps and the cgroups: a change
+	// after this read leaves a verdict the next fault recomputes.
+	__u64 gen = rss_target_gen;
+	__u64 css = (__u64)task->cgroups;
+	if (!rss_verdict_fresh(&t->v, gen, css)) {
+		__u64 memcg = (kinds & RSS_KIND_MEMCGS) ? rss_memcg(task) : 0;
+		__u64 cgroup = (kinds & RSS_KIND_CGROUPS) ? task->cgroups->dfl_cgrp->kn->id : 0;
+		t->v.target = rss_is_target(task->tgid, memcg, cgroup);
+		t->v.gen = gen;
+		t->v.css = css;
+	}
+	if (!t->v.target)
+		return;
 	t->addr = address;
-	t->ip = BPF_CORE_READ(regs, ip);
-	t->sp = BPF_CORE_READ(regs, sp);
-	t->count0 = BPF_CORE_READ(task, mm, rss_stat[MM_ANONPAGES].count);
+	t->ip = regs->ip;
+	t->sp = regs->sp;
+	t->count0 = task->mm->rss_stat[MM_ANONPAGES].count;
 	t->active = 1;
 }
 
 SEC("tp_btf/page_fault_user")
 int BPF_PROG(rss_fault_user, unsigned long address, struct pt_regs *regs, unsigned long error_code)
 {
-	on_fault(address);
+	on_fault(address, regs); // regs: the user registers at the fault
 	return 0;
 }
 
@@ -251,34 +271,39 @@ int BPF_PROG(rss_fault_kernel, unsigned long address, struct pt_regs *regs,
 	     unsigned long error_code)
 {
 	if (address < 0x800000000000ULL) // user half of the x86-64 address space
-		on_fault(address);
+		on_fault(address, (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf()));
 	return 0;
 }
 
-// Every change of an mm's RSS counters. The increment of the anonymous-page
-// counter of the current process, during the fault noted above (same user
-// registers), is that fault's new anonymous page: a fault that failed, a
-// copy-on-write of an anonymous page shared after fork (no counter change)
-// or a fault on file pages never gets here.
+// Every change of an mm's RSS counters, of every process. The increment of
+// the anonymous-page counter of the current process, during the fault noted
+// above (same user registers), is that fault's new anonymous page: a fault
+// that failed, a copy-on-write of an anonymous page shared after fork (no
+// counter change) or a fault on file pages never gets here. The cheapest
+// tests come first: most calls (other counters, other processes' mms, threads
+// with no fault noted) end before any helper call but the task-storage
+// lookup.
 SEC("tp_btf/rss_stat")
 int BPF_PROG(rss_stat_hook, struct mm_struct *mm, int member)
 {
 	if (member != MM_ANONPAGES)
 		return 0;
 	struct task_struct *task = bpf_get_current_task_btf();
-	if (BPF_CORE_READ(task, mm) != mm)
+	// A thread with no task storage at all (of any BPF program: it has not
+	// faulted since memprof started) has no fault noted: skip the helper
+	// call.
+	if (task->mm != mm || !task->bpf_storage)
 		return 0;
 	struct rss_thread *t = bpf_task_storage_get(&rss_threads, task, 0, 0);
 	if (!t || !t->active)
 		return 0;
 	struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(task);
-	if (BPF_CORE_READ(regs, ip) != t->ip || BPF_CORE_READ(regs, sp) != t->sp)
+	if (regs->ip != t->ip || regs->sp != t->sp)
 		return 0;
 	t->active = 0;
-	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
-	__u32 zero = 0;
-	__s64 *cd = bpf_map_lookup_elem(&rss_countdown, &zero);
-	if (!cd)
+	__u32 tgid = task->tgid;
+	struct rss_cpu *pc = rss_this_cpu();
+	if (!pc)
 		return 0;
 	// The counter's delta is not passed. A 2 MiB huge page adds 512
 	// pages, more than the per-CPU batch (max(32, 2 x CPUs)), so this
@@ -288,18 +313,17 @@ int BPF_PROG(rss_stat_hook, struct mm_struct *mm, int member)
 	// THP applies to it. memprof checks the guess against
 	// /proc/kpageflags at snapshot time.
 	__u64 size = 4096;
-	if (rss_thp_mode != THP_NEVER &&
-	    BPF_CORE_READ(mm, rss_stat[MM_ANONPAGES].count) - t->count0 >= 256) {
+	if (rss_thp_mode != THP_NEVER && mm->rss_stat[MM_ANONPAGES].count - t->count0 >= 256) {
 		struct vma_ctx c = {.addr = t->addr};
 		// Fails (no huge page expected) if the mmap lock is contended.
 		bpf_find_vma(task, t->addr, vma_check, &c, 0);
 		if (c.thp)
 			size = RSS_THP_SIZE;
 	}
-	rss_count(RC_FOLIOS, 1);
-	rss_count(RC_BYTES, size);
-	__s64 gap = (!rss_sample_all && *cd <= (__s64)size) ? rss_draw_gap() : 1;
-	if (!rss_sampled(cd, size, gap))
+	pc->counters[RC_FOLIOS]++;
+	pc->counters[RC_BYTES] += size;
+	__s64 gap = (!rss_sample_all && pc->countdown <= (__s64)size) ? rss_draw_gap() : 1;
+	if (!rss_sampled(&pc->countdown, size, gap))
 		return 0;
 	record(ctx, task, tgid, t->addr, size, 0, bpf_get_current_cgroup_id());
 	return 0;

@@ -38,6 +38,14 @@ enum rss_counter {
 	NR_RSS_COUNTERS,
 };
 
+// Per-CPU state of the fault path, one map lookup per fault: the sampling
+// countdown (bytes to the next sample; a Poisson process over bytes stays
+// one when its stream is split among CPUs) and the counters.
+struct rss_cpu {
+	__s64 countdown;
+	__u64 counters[NR_RSS_COUNTERS];
+};
+
 struct rss_page_key {
 	__u32 tgid;
 	__u32 _pad;
@@ -168,6 +176,34 @@ static __always_inline int rss_is_target(__u32 tgid, __u64 memcg, __u64 cgroup)
 	return 0;
 }
 
+// A thread's cached target verdict (kept in its task storage, for every
+// thread that faults while some target kind is in use): the filter's
+// answer, valid while the target generation and the thread's css_set are
+// those it was taken with. Any change of the thread's cgroups (in any
+// hierarchy, by any path) gives it another css_set; userspace bumps
+// rss_target_gen after every change of the target maps or kinds, and at
+// every poll, which bounds to one poll the life of a verdict whose css_set
+// was freed and its address reused for the thread's new one. (A bump by a
+// tp_btf/cgroup_attach_task program instead made internal/agent's
+// TestAgentRSS fail about one run in three, its OOM post-mortem
+// unsymbolized, for a reason not found.)
+struct rss_verdict {
+	__u64 gen; // rss_target_gen when taken (0: none yet)
+	__u64 css; // address of the thread's css_set (task->cgroups) when taken
+	__u32 target;
+	__u32 _pad;
+};
+
+volatile __u64 rss_target_gen = 1; // never 0: a fresh (zeroed) verdict is stale
+
+// rss_verdict_fresh reports whether verdict v holds for a thread now in
+// css_set css at generation gen (rss_target_gen, read before the inputs of
+// a new verdict are).
+static __always_inline int rss_verdict_fresh(const struct rss_verdict *v, __u64 gen, __u64 css)
+{
+	return v->gen == gen && v->css == css;
+}
+
 // rss_sampled decides, Poisson over bytes, whether a new folio of size bytes
 // is sampled. *countdown is the bytes left to the next sample (0: not
 // started yet, take a gap first); gap is a fresh draw from Exp(rate), used
@@ -212,6 +248,13 @@ struct rss_test_ctx {
 	__u32 thp_mode;
 	__u32 _pad;
 	__u64 vm_flags, vm_start, vm_end, addr;
+	// Cached verdict: v is the thread's (in and out), gen and css now;
+	// verdict_hit (out) is 1 when v was used, 0 when is_target was
+	// computed from the maps and stored in v.
+	struct rss_verdict v;
+	__u64 gen, css;
+	__u32 verdict_hit;
+	__u32 _pad2;
 };
 
 #endif

@@ -16,7 +16,17 @@ char LICENSE[] SEC("license") = "GPL";
 SEC("syscall")
 int rss_test_decide(struct rss_test_ctx *ctx)
 {
-	ctx->is_target = rss_is_target(ctx->tgid, ctx->memcg, ctx->cgroup);
+	// As on_fault in rss.bpf.c: the cached verdict, else the maps.
+	if (rss_verdict_fresh(&ctx->v, ctx->gen, ctx->css)) {
+		ctx->is_target = ctx->v.target;
+		ctx->verdict_hit = 1;
+	} else {
+		ctx->is_target = rss_is_target(ctx->tgid, ctx->memcg, ctx->cgroup);
+		ctx->verdict_hit = 0;
+		ctx->v.gen = ctx->gen;
+		ctx->v.css = ctx->css;
+		ctx->v.target = ctx->is_target;
+	}
 	__s64 cd = ctx->countdown;
 	ctx->sampled = rss_sampled(&cd, ctx->size, ctx->gap);
 	ctx->countdown = cd;

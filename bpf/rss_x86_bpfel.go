@@ -27,6 +27,12 @@ const (
 	RssRssCounterNR_RSS_COUNTERS    RssRssCounter = 8
 )
 
+type RssRssCpu struct {
+	_         structs.HostLayout
+	Countdown int64
+	Counters  [8]uint64
+}
+
 type RssRssEventType uint32
 
 const (
@@ -98,6 +104,13 @@ type RssRssThread struct {
 	Count0 int64
 	Active uint32
 	Pad    uint32
+	V      struct {
+		_      structs.HostLayout
+		Gen    uint64
+		Css    uint64
+		Target uint32
+		Pad    uint32
+	}
 }
 
 type RssUwObject struct {
@@ -171,13 +184,12 @@ type RssUwState struct {
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	RssMapRssCgroups         = "rss_cgroups"
-	RssMapRssCountdown       = "rss_countdown"
-	RssMapRssCounters        = "rss_counters"
 	RssMapRssEvents          = "rss_events"
 	RssMapRssFaults          = "rss_faults"
 	RssMapRssGaps            = "rss_gaps"
 	RssMapRssMemcgs          = "rss_memcgs"
 	RssMapRssPages           = "rss_pages"
+	RssMapRssPercpu          = "rss_percpu"
 	RssMapRssPids            = "rss_pids"
 	RssMapRssStacks          = "rss_stacks"
 	RssMapRssThreads         = "rss_threads"
@@ -199,6 +211,7 @@ const (
 	RssVarRssNrCounters      = "rss_nr_counters"
 	RssVarRssSampleAll       = "rss_sample_all"
 	RssVarRssStackMode       = "rss_stack_mode"
+	RssVarRssTargetGen       = "rss_target_gen"
 	RssVarRssThpMode         = "rss_thp_mode"
 	RssVarRssUnusedEvent     = "rss_unused_event"
 	RssVarRssUnusedFlag      = "rss_unused_flag"
@@ -261,13 +274,12 @@ type RssProgramSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type RssMapSpecs struct {
 	RssCgroups    *ebpf.MapSpec `ebpf:"rss_cgroups"`
-	RssCountdown  *ebpf.MapSpec `ebpf:"rss_countdown"`
-	RssCounters   *ebpf.MapSpec `ebpf:"rss_counters"`
 	RssEvents     *ebpf.MapSpec `ebpf:"rss_events"`
 	RssFaults     *ebpf.MapSpec `ebpf:"rss_faults"`
 	RssGaps       *ebpf.MapSpec `ebpf:"rss_gaps"`
 	RssMemcgs     *ebpf.MapSpec `ebpf:"rss_memcgs"`
 	RssPages      *ebpf.MapSpec `ebpf:"rss_pages"`
+	RssPercpu     *ebpf.MapSpec `ebpf:"rss_percpu"`
 	RssPids       *ebpf.MapSpec `ebpf:"rss_pids"`
 	RssStacks     *ebpf.MapSpec `ebpf:"rss_stacks"`
 	RssThreads    *ebpf.MapSpec `ebpf:"rss_threads"`
@@ -290,6 +302,7 @@ type RssVariableSpecs struct {
 	RssNrCounters      *ebpf.VariableSpec `ebpf:"rss_nr_counters"`
 	RssSampleAll       *ebpf.VariableSpec `ebpf:"rss_sample_all"`
 	RssStackMode       *ebpf.VariableSpec `ebpf:"rss_stack_mode"`
+	RssTargetGen       *ebpf.VariableSpec `ebpf:"rss_target_gen"`
 	RssThpMode         *ebpf.VariableSpec `ebpf:"rss_thp_mode"`
 	RssUnusedEvent     *ebpf.VariableSpec `ebpf:"rss_unused_event"`
 	RssUnusedFlag      *ebpf.VariableSpec `ebpf:"rss_unused_flag"`
@@ -319,13 +332,12 @@ func (o *RssObjects) Close() error {
 // It can be passed to LoadRssObjects or ebpf.CollectionSpec.LoadAndAssign.
 type RssMaps struct {
 	RssCgroups    *ebpf.Map `ebpf:"rss_cgroups"`
-	RssCountdown  *ebpf.Map `ebpf:"rss_countdown"`
-	RssCounters   *ebpf.Map `ebpf:"rss_counters"`
 	RssEvents     *ebpf.Map `ebpf:"rss_events"`
 	RssFaults     *ebpf.Map `ebpf:"rss_faults"`
 	RssGaps       *ebpf.Map `ebpf:"rss_gaps"`
 	RssMemcgs     *ebpf.Map `ebpf:"rss_memcgs"`
 	RssPages      *ebpf.Map `ebpf:"rss_pages"`
+	RssPercpu     *ebpf.Map `ebpf:"rss_percpu"`
 	RssPids       *ebpf.Map `ebpf:"rss_pids"`
 	RssStacks     *ebpf.Map `ebpf:"rss_stacks"`
 	RssThreads    *ebpf.Map `ebpf:"rss_threads"`
@@ -343,13 +355,12 @@ type RssMaps struct {
 func (m *RssMaps) Close() error {
 	return _RssClose(
 		m.RssCgroups,
-		m.RssCountdown,
-		m.RssCounters,
 		m.RssEvents,
 		m.RssFaults,
 		m.RssGaps,
 		m.RssMemcgs,
 		m.RssPages,
+		m.RssPercpu,
 		m.RssPids,
 		m.RssStacks,
 		m.RssThreads,
@@ -373,6 +384,7 @@ type RssVariables struct {
 	RssNrCounters      *ebpf.Variable `ebpf:"rss_nr_counters"`
 	RssSampleAll       *ebpf.Variable `ebpf:"rss_sample_all"`
 	RssStackMode       *ebpf.Variable `ebpf:"rss_stack_mode"`
+	RssTargetGen       *ebpf.Variable `ebpf:"rss_target_gen"`
 	RssThpMode         *ebpf.Variable `ebpf:"rss_thp_mode"`
 	RssUnusedEvent     *ebpf.Variable `ebpf:"rss_unused_event"`
 	RssUnusedFlag      *ebpf.Variable `ebpf:"rss_unused_flag"`

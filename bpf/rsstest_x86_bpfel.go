@@ -14,22 +14,35 @@ import (
 )
 
 type RssTestRssTestCtx struct {
-	_         structs.HostLayout
-	Tgid      uint32
-	IsTarget  uint32
-	Memcg     uint64
-	Cgroup    uint64
-	Countdown int64
-	Size      uint64
-	Gap       int64
-	Sampled   uint32
-	Thp       uint32
-	ThpMode   uint32
-	Pad       uint32
-	VmFlags   uint64
-	VmStart   uint64
-	VmEnd     uint64
-	Addr      uint64
+	_          structs.HostLayout
+	Tgid       uint32
+	IsTarget   uint32
+	Memcg      uint64
+	Cgroup     uint64
+	Countdown  int64
+	Size       uint64
+	Gap        int64
+	Sampled    uint32
+	Thp        uint32
+	ThpMode    uint32
+	Pad        uint32
+	VmFlags    uint64
+	VmStart    uint64
+	VmEnd      uint64
+	Addr       uint64
+	V          RssTestRssVerdict
+	Gen        uint64
+	Css        uint64
+	VerdictHit uint32
+	Pad2       uint32
+}
+
+type RssTestRssVerdict struct {
+	_      structs.HostLayout
+	Gen    uint64
+	Css    uint64
+	Target uint32
+	Pad    uint32
 }
 
 // Names of all BPF objects in the ELF.
@@ -43,6 +56,7 @@ const (
 	RssTestProgRssTestDecide = "rss_test_decide"
 	RssTestVarRssFilterKinds = "rss_filter_kinds"
 	RssTestVarRssSampleAll   = "rss_sample_all"
+	RssTestVarRssTargetGen   = "rss_target_gen"
 	RssTestVarRssThpMode     = "rss_thp_mode"
 )
 
@@ -107,6 +121,7 @@ type RssTestMapSpecs struct {
 type RssTestVariableSpecs struct {
 	RssFilterKinds *ebpf.VariableSpec `ebpf:"rss_filter_kinds"`
 	RssSampleAll   *ebpf.VariableSpec `ebpf:"rss_sample_all"`
+	RssTargetGen   *ebpf.VariableSpec `ebpf:"rss_target_gen"`
 	RssThpMode     *ebpf.VariableSpec `ebpf:"rss_thp_mode"`
 }
 
@@ -151,6 +166,7 @@ func (m *RssTestMaps) Close() error {
 type RssTestVariables struct {
 	RssFilterKinds *ebpf.Variable `ebpf:"rss_filter_kinds"`
 	RssSampleAll   *ebpf.Variable `ebpf:"rss_sample_all"`
+	RssTargetGen   *ebpf.Variable `ebpf:"rss_target_gen"`
 	RssThpMode     *ebpf.Variable `ebpf:"rss_thp_mode"`
 }
 

@@ -207,6 +207,21 @@ func setRate(m *ebpf.Map, rate uint64) error {
 	return nil
 }
 
+// targetsChanged bumps the target generation after a change of the target
+// maps or kinds: every thread's cached verdict (bpf/rss.h, struct
+// rss_verdict) is taken again at its next fault. Userspace is the only
+// writer (callers hold the session's lock).
+func (o *objects) targetsChanged() error {
+	var gen uint64
+	if err := o.RssTargetGen.Get(&gen); err != nil {
+		return fmt.Errorf("read RSS target generation: %w", err)
+	}
+	if err := o.RssTargetGen.Set(gen + 1); err != nil {
+		return fmt.Errorf("bump RSS target generation: %w", err)
+	}
+	return nil
+}
+
 func (o *objects) close() {
 	for _, l := range o.links {
 		l.Close()
@@ -240,22 +255,22 @@ func (c Counters) Lost() map[string]uint64 {
 
 func (o *objects) counters() (Counters, error) {
 	var c Counters
-	for idx, dst := range map[mbpf.RssRssCounter]*uint64{
-		mbpf.RssRssCounterRC_FOLIOS:          &c.Folios,
-		mbpf.RssRssCounterRC_BYTES:           &c.Bytes,
-		mbpf.RssRssCounterRC_SAMPLES:         &c.Samples,
-		mbpf.RssRssCounterRC_PAGES_FULL:      &c.PagesFull,
-		mbpf.RssRssCounterRC_BUCKETS_FULL:    &c.BucketsFull,
-		mbpf.RssRssCounterRC_STACK_COLLISION: &c.StackCollision,
-		mbpf.RssRssCounterRC_STACK_LOST:      &c.StackLost,
-		mbpf.RssRssCounterRC_EVENTS_LOST:     &c.EventsLost,
-	} {
-		var per []uint64
-		if err := o.RssCounters.Lookup(uint32(idx), &per); err != nil {
-			return c, fmt.Errorf("read RSS counter %d: %w", idx, err)
-		}
-		for _, v := range per {
-			*dst += v
+	var per []mbpf.RssRssCpu
+	if err := o.RssPercpu.Lookup(uint32(0), &per); err != nil {
+		return c, fmt.Errorf("read RSS counters: %w", err)
+	}
+	for _, p := range per {
+		for idx, dst := range map[mbpf.RssRssCounter]*uint64{
+			mbpf.RssRssCounterRC_FOLIOS:          &c.Folios,
+			mbpf.RssRssCounterRC_BYTES:           &c.Bytes,
+			mbpf.RssRssCounterRC_SAMPLES:         &c.Samples,
+			mbpf.RssRssCounterRC_PAGES_FULL:      &c.PagesFull,
+			mbpf.RssRssCounterRC_BUCKETS_FULL:    &c.BucketsFull,
+			mbpf.RssRssCounterRC_STACK_COLLISION: &c.StackCollision,
+			mbpf.RssRssCounterRC_STACK_LOST:      &c.StackLost,
+			mbpf.RssRssCounterRC_EVENTS_LOST:     &c.EventsLost,
+		} {
+			*dst += p.Counters[idx]
 		}
 	}
 	return c, nil

@@ -73,9 +73,54 @@ func TestTargetFilter(t *testing.T) {
 	}
 	for _, c := range cases {
 		must(o.RssFilterKinds.Set(c.kinds))
-		got := runLogic(t, o, mbpf.RssTestRssTestCtx{Tgid: c.tgid, Memcg: c.memcg, Cgroup: c.cgroup, Countdown: 1 << 40, Size: 4096, Gap: 1})
+		// Generation 1 against a zero (absent) cached verdict: the maps decide.
+		got := runLogic(t, o, mbpf.RssTestRssTestCtx{Tgid: c.tgid, Memcg: c.memcg, Cgroup: c.cgroup, Countdown: 1 << 40, Size: 4096, Gap: 1, Gen: 1})
 		if got.IsTarget != c.want {
 			t.Errorf("%s: is_target = %d, want %d", c.name, got.IsTarget, c.want)
+		}
+	}
+}
+
+// A thread's cached target verdict is used while the target generation
+// and its css_set are unchanged, and taken again from the maps otherwise
+// (targets changed, the thread moved to other cgroups).
+func TestCachedVerdict(t *testing.T) {
+	o := loadLogic(t, false)
+	if err := o.RssPids.Put(uint32(100), uint8(mbpf.RssRssTargetFlagRT_TARGET)); err != nil {
+		t.Fatal(err)
+	}
+	if err := o.RssMemcgs.Put(uint64(5000), uint8(1)); err != nil {
+		t.Fatal(err)
+	}
+	if err := o.RssFilterKinds.Set(uint32(RSSKindPids | RSSKindMemcgs)); err != nil {
+		t.Fatal(err)
+	}
+	const cssA, cssB = 0xffff888000100000, 0xffff888000200000
+	type v = mbpf.RssTestRssVerdict
+	cases := []struct {
+		name     string
+		cached   v
+		gen, css uint64
+		tgid     uint32
+		memcg    uint64
+		want     uint32 // is_target
+		wantHit  uint32
+		wantV    v
+	}{
+		{"no verdict yet: the maps decide, verdict stored", v{}, 1, cssA, 100, 0, 1, 0, v{Gen: 1, Css: cssA, Target: 1}},
+		{"fresh target verdict: the maps are not read", v{Gen: 1, Css: cssA, Target: 1}, 1, cssA, 102, 0, 1, 1, v{Gen: 1, Css: cssA, Target: 1}},
+		{"fresh non-target verdict", v{Gen: 1, Css: cssA}, 1, cssA, 100, 0, 0, 1, v{Gen: 1, Css: cssA}},
+		{"targets changed: generation bumped", v{Gen: 1, Css: cssA}, 2, cssA, 100, 0, 1, 0, v{Gen: 2, Css: cssA, Target: 1}},
+		{"moved into a target memcg: other css_set", v{Gen: 1, Css: cssA}, 1, cssB, 102, 5000, 1, 0, v{Gen: 1, Css: cssB, Target: 1}},
+		{"moved out of the target memcg: other css_set", v{Gen: 1, Css: cssA, Target: 1}, 1, cssB, 102, 6000, 0, 0, v{Gen: 1, Css: cssB}},
+		{"a poll: generation bumped, same css_set", v{Gen: 3, Css: cssA, Target: 1}, 4, cssA, 102, 6000, 0, 0, v{Gen: 4, Css: cssA}},
+	}
+	for _, c := range cases {
+		got := runLogic(t, o, mbpf.RssTestRssTestCtx{Tgid: c.tgid, Memcg: c.memcg, Countdown: 1 << 40, Size: 4096, Gap: 1,
+			V: c.cached, Gen: c.gen, Css: c.css})
+		if got.IsTarget != c.want || got.VerdictHit != c.wantHit || got.V != c.wantV {
+			t.Errorf("%s: is_target %d, cached verdict used %d, verdict now %+v; want %d, %d, %+v",
+				c.name, got.IsTarget, got.VerdictHit, got.V, c.want, c.wantHit, c.wantV)
 		}
 	}
 }

@@ -229,6 +229,14 @@ func (s *Session) setKinds(k uint32) {
 	}
 }
 
+// targetsChanged invalidates the threads' cached target verdicts after a
+// change of the target maps (caller holds mu).
+func (s *Session) targetsChanged() {
+	if err := s.objs.targetsChanged(); err != nil {
+		s.recordErr(err)
+	}
+}
+
 // AddPid makes pid a target (flags: mbpf.RssRssTargetFlag bits).
 func (s *Session) AddPid(pid int) error { return s.addPid(pid, uint8(mbpf.RssRssTargetFlagRT_TARGET)) }
 
@@ -242,6 +250,7 @@ func (s *Session) addPidLibs(pid int, flags uint8, libs []string) error {
 		s.mu.Unlock()
 		return fmt.Errorf("add process %d to the RSS targets: %w", pid, err)
 	}
+	s.targetsChanged()
 	s.noteProc(pid)
 	s.mu.Unlock()
 	// Its tables built before it runs on (a command stopped at its exec)
@@ -339,6 +348,7 @@ func (s *Session) RemoveCgroup(dir string) {
 			delete(s.cgIDs, id)
 		}
 	}
+	s.targetsChanged()
 }
 
 // deleteKey deletes key from m on a cleanup path: a key already gone is
@@ -407,6 +417,7 @@ func (s *Session) scanCgroup(dir string) error {
 		}
 		s.setKinds(kind)
 		s.cgIDs[id] = dir
+		s.targetsChanged()
 	}
 	s.mu.Unlock()
 	pids, err := cgroups.Procs(dir, true)
@@ -529,6 +540,7 @@ func (s *Session) loop(ctx context.Context) {
 		case <-tick.C:
 		}
 		s.mu.Lock()
+		s.targetsChanged() // a verdict on a reused css_set address lives one poll at most
 		dirs := make([]string, 0, len(s.cgDirs))
 		for d := range s.cgDirs {
 			dirs = append(dirs, d)

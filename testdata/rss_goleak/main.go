@@ -4,8 +4,9 @@
 //	rss_goleak MIB      wait for a line on stdin, leak MIB MiB in 64 KiB
 //	                    slices from main.leakSlices (touching every page),
 //	                    print "ready"; then for each line "more N" leak N
-//	                    MiB more from main.leakMore and print "ready"; exit
-//	                    at any other line or EOF
+//	                    MiB more from main.leakMore and print "ready" (for
+//	                    "again N": from main.leakAgain); exit at any other
+//	                    line or EOF
 //	rss_goleak -oom     leak 1 MiB slices from main.leakSlices forever
 //	                    (until the kernel kills the process)
 package main
@@ -47,13 +48,19 @@ func main() {
 	for {
 		l, _ := in.ReadString('\n')
 		var n int
-		if _, err := fmt.Sscanf(l, "more %d", &n); err != nil {
+		if _, err := fmt.Sscanf(l, "more %d", &n); err == nil {
+			leakMore(n)
+		} else if _, err := fmt.Sscanf(l, "again %d", &n); err == nil {
+			leakAgain(n)
+		} else {
 			return
 		}
-		leakMore(n)
 		fmt.Println("ready")
 	}
 }
 
 //go:noinline
 func leakMore(mib int) { leakSlices(mib) }
+
+//go:noinline
+func leakAgain(mib int) { leakSlices(mib) }
