@@ -581,6 +581,7 @@ func (s *Session) AddCgroup(dir string) error {
 	}
 	s.opts.Cgroups = append(s.opts.Cgroups, dir)
 	s.mu.Unlock()
+	s.followID(dir)
 	_, err := s.scanCgroup(dir)
 	return err
 }
@@ -596,6 +597,11 @@ func (s *Session) RemoveCgroup(dir string, pids []int) {
 		}
 	}
 	s.opts.Cgroups = kept
+	for id, d := range s.cgIDs {
+		if d == dir {
+			delete(s.cgIDs, id)
+		}
+	}
 	s.mu.Unlock()
 	for _, pid := range pids {
 		s.Forget(pid)
