@@ -21,6 +21,7 @@ char LICENSE[] SEC("license") = "GPL";
 
 // The types Go decodes (bpf2go -type), kept in the object's BTF.
 const struct pw_event *unused_pw_event __attribute__((unused));
+const struct pw_cgroup_event *unused_pw_cgroup_event __attribute__((unused));
 const volatile enum pw_event_kind unused_pw_kind = PE_FORK;
 
 struct {
@@ -41,9 +42,12 @@ static __always_inline int memory_subsys(void)
 	return bpf_core_enum_value(enum cgroup_subsys_id, memory_cgrp_id);
 }
 
-static __always_inline struct pw_event *reserve(__u32 kind)
+// reserve_n reserves a record of size bytes (a constant: a pw_event or a
+// pw_cgroup_event) that starts with a pw_event of kind, zeroed; NULL (and
+// a drop counted) when the ring is full.
+static __always_inline struct pw_event *reserve_n(__u32 kind, __u64 size)
 {
-	struct pw_event *e = bpf_ringbuf_reserve(&proc_events, sizeof(*e), 0);
+	struct pw_event *e = bpf_ringbuf_reserve(&proc_events, size, 0);
 	if (!e) {
 		__u32 k = 0;
 		__u64 *n = bpf_map_lookup_elem(&proc_drops, &k);
@@ -55,6 +59,11 @@ static __always_inline struct pw_event *reserve(__u32 kind)
 	e->kind = kind;
 	e->ts = bpf_ktime_get_boot_ns();
 	return e;
+}
+
+static __always_inline struct pw_event *reserve(__u32 kind)
+{
+	return reserve_n(kind, sizeof(struct pw_event));
 }
 
 // task_event fills the process fields of e from task.
@@ -111,45 +120,58 @@ int BPF_PROG(pe_exit, struct task_struct *p, bool group_dead)
 	return 0;
 }
 
-// cgroup_event reserves an event for cgrp when it is in the memory v1
-// hierarchy or the v2 one (hierarchy 0), with its id in the matching field;
-// NULL for other hierarchies.
-static __always_inline struct pw_event *cgroup_event(__u32 kind, struct cgroup *cgrp)
+// cgroup_kind tells whether cgrp is in the memory v1 hierarchy (1), the v2
+// one (hierarchy 0: 2) or another v1 hierarchy (0, not reported).
+static __always_inline int cgroup_kind(struct cgroup *cgrp)
 {
 	int mem = memory_subsys();
 	struct cgroup_root *root = BPF_CORE_READ(cgrp, root);
 	int hier = BPF_CORE_READ(root, hierarchy_id);
 	unsigned int mask = BPF_CORE_READ(root, subsys_mask);
-	int v1mem = hier != 0 && mem >= 0 && mem < 32 && (mask & (1u << mem));
-	if (hier != 0 && !v1mem)
-		return 0;
-	struct pw_event *e = reserve(kind);
-	if (!e)
-		return 0;
+	if (hier == 0)
+		return 2;
+	return mem >= 0 && mem < 32 && (mask & (1u << mem)) ? 1 : 0;
+}
+
+// cgroup_fill puts cgrp's id in the field of its hierarchy, and its depth.
+static __always_inline void cgroup_fill(struct pw_event *e, struct cgroup *cgrp, int kind)
+{
 	__u64 id = BPF_CORE_READ(cgrp, kn, id);
-	if (v1mem)
+	if (kind == 1)
 		e->memcg = id;
 	else
 		e->cgroup = id;
 	e->level = BPF_CORE_READ(cgrp, level);
-	return e;
+}
+
+// cgroup_dir_event sends a mkdir or rmdir of cgrp with its path.
+static __always_inline void cgroup_dir_event(__u32 kind, struct cgroup *cgrp, const char *path)
+{
+	int k = cgroup_kind(cgrp);
+	if (!k)
+		return;
+	struct pw_event *e = reserve_n(kind, sizeof(struct pw_cgroup_event));
+	if (!e)
+		return;
+	struct pw_cgroup_event *ce = (struct pw_cgroup_event *)e;
+	cgroup_fill(e, cgrp, k);
+	long n = bpf_probe_read_kernel_str(ce->path, sizeof(ce->path), path);
+	if (n < 0)
+		ce->path[0] = 0;
+	bpf_ringbuf_submit(e, 0);
 }
 
 SEC("tp_btf/cgroup_mkdir")
 int BPF_PROG(pe_cgroup_mkdir, struct cgroup *cgrp, const char *path)
 {
-	struct pw_event *e = cgroup_event(PE_CGROUP_MKDIR, cgrp);
-	if (e)
-		bpf_ringbuf_submit(e, 0);
+	cgroup_dir_event(PE_CGROUP_MKDIR, cgrp, path);
 	return 0;
 }
 
 SEC("tp_btf/cgroup_rmdir")
 int BPF_PROG(pe_cgroup_rmdir, struct cgroup *cgrp, const char *path)
 {
-	struct pw_event *e = cgroup_event(PE_CGROUP_RMDIR, cgrp);
-	if (e)
-		bpf_ringbuf_submit(e, 0);
+	cgroup_dir_event(PE_CGROUP_RMDIR, cgrp, path);
 	return 0;
 }
 
@@ -159,9 +181,13 @@ int BPF_PROG(pe_cgroup_attach, struct cgroup *dst, const char *path, struct task
 {
 	if (BPF_CORE_READ(task, pid) != BPF_CORE_READ(task, tgid))
 		return 0; // a thread (its leader's move is reported)
-	struct pw_event *e = cgroup_event(PE_CGROUP_ATTACH, dst);
+	int k = cgroup_kind(dst);
+	if (!k)
+		return 0;
+	struct pw_event *e = reserve(PE_CGROUP_ATTACH);
 	if (!e)
 		return 0;
+	cgroup_fill(e, dst, k);
 	e->pid = BPF_CORE_READ(task, pid);
 	e->tgid = BPF_CORE_READ(task, tgid);
 	e->start = BPF_CORE_READ(task, start_boottime);

@@ -32,4 +32,14 @@ struct pw_event {
 	__u32 level; // cgroup events: the cgroup's depth (root 0)
 };
 
+#define PW_PATH_LEN 256
+
+// pw_cgroup_event is a cgroup mkdir or rmdir: the event and the cgroup's
+// path in its hierarchy, as the tracepoint gives it ("/kubepods/..."),
+// NUL-terminated, cut to PW_PATH_LEN - 1 bytes.
+struct pw_cgroup_event {
+	struct pw_event e;
+	char path[PW_PATH_LEN];
+};
+
 #endif

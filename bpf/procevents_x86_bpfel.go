@@ -13,6 +13,12 @@ import (
 	"github.com/cilium/ebpf"
 )
 
+type ProceventsPwCgroupEvent struct {
+	_    structs.HostLayout
+	E    ProceventsPwEvent
+	Path [256]int8
+}
+
 type ProceventsPwEvent struct {
 	_      structs.HostLayout
 	Memcg  uint64
@@ -42,16 +48,17 @@ const (
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	ProceventsMapProcDrops       = "proc_drops"
-	ProceventsMapProcEvents      = "proc_events"
-	ProceventsProgPeCgroupAttach = "pe_cgroup_attach"
-	ProceventsProgPeCgroupMkdir  = "pe_cgroup_mkdir"
-	ProceventsProgPeCgroupRmdir  = "pe_cgroup_rmdir"
-	ProceventsProgPeExec         = "pe_exec"
-	ProceventsProgPeExit         = "pe_exit"
-	ProceventsProgPeFork         = "pe_fork"
-	ProceventsVarUnusedPwEvent   = "unused_pw_event"
-	ProceventsVarUnusedPwKind    = "unused_pw_kind"
+	ProceventsMapProcDrops           = "proc_drops"
+	ProceventsMapProcEvents          = "proc_events"
+	ProceventsProgPeCgroupAttach     = "pe_cgroup_attach"
+	ProceventsProgPeCgroupMkdir      = "pe_cgroup_mkdir"
+	ProceventsProgPeCgroupRmdir      = "pe_cgroup_rmdir"
+	ProceventsProgPeExec             = "pe_exec"
+	ProceventsProgPeExit             = "pe_exit"
+	ProceventsProgPeFork             = "pe_fork"
+	ProceventsVarUnusedPwCgroupEvent = "unused_pw_cgroup_event"
+	ProceventsVarUnusedPwEvent       = "unused_pw_event"
+	ProceventsVarUnusedPwKind        = "unused_pw_kind"
 )
 
 // LoadProcevents returns the embedded CollectionSpec for Procevents.
@@ -116,8 +123,9 @@ type ProceventsMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type ProceventsVariableSpecs struct {
-	UnusedPwEvent *ebpf.VariableSpec `ebpf:"unused_pw_event"`
-	UnusedPwKind  *ebpf.VariableSpec `ebpf:"unused_pw_kind"`
+	UnusedPwCgroupEvent *ebpf.VariableSpec `ebpf:"unused_pw_cgroup_event"`
+	UnusedPwEvent       *ebpf.VariableSpec `ebpf:"unused_pw_event"`
+	UnusedPwKind        *ebpf.VariableSpec `ebpf:"unused_pw_kind"`
 }
 
 // ProceventsObjects contains all objects after they have been loaded into the kernel.
@@ -155,8 +163,9 @@ func (m *ProceventsMaps) Close() error {
 //
 // It can be passed to LoadProceventsObjects or ebpf.CollectionSpec.LoadAndAssign.
 type ProceventsVariables struct {
-	UnusedPwEvent *ebpf.Variable `ebpf:"unused_pw_event"`
-	UnusedPwKind  *ebpf.Variable `ebpf:"unused_pw_kind"`
+	UnusedPwCgroupEvent *ebpf.Variable `ebpf:"unused_pw_cgroup_event"`
+	UnusedPwEvent       *ebpf.Variable `ebpf:"unused_pw_event"`
+	UnusedPwKind        *ebpf.Variable `ebpf:"unused_pw_kind"`
 }
 
 // ProceventsPrograms contains all programs after they have been loaded into the kernel.

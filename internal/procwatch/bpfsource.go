@@ -120,7 +120,8 @@ func decode(b []byte) (Event, bool) {
 		return Event{}, false
 	}
 	e := Event{
-		Pid: int(r.Pid), Tgid: int(r.Tgid), Memcg: r.Memcg, Cgroup: r.Cgroup,
+		Path: cgroupPath(b[binary.Size(r):]),
+		Pid:  int(r.Pid), Tgid: int(r.Tgid), Memcg: r.Memcg, Cgroup: r.Cgroup,
 		Start: r.Start, Time: r.Ts, Level: int(r.Level),
 	}
 	switch mbpf.ProceventsPwEventKind(r.Kind) {
@@ -140,6 +141,17 @@ func decode(b []byte) (Event, bool) {
 		return Event{}, false
 	}
 	return e, true
+}
+
+// cgroupPath is the path of a pw_cgroup_event after its pw_event (b is
+// what follows it in the record: empty for process events).
+func cgroupPath(b []byte) string {
+	var ce mbpf.ProceventsPwCgroupEvent
+	b = b[:min(len(b), len(ce.Path))]
+	if i := bytes.IndexByte(b, 0); i >= 0 {
+		return string(b[:i])
+	}
+	return string(b)
 }
 
 // lost sums the per-CPU drop counters.

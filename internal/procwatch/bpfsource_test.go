@@ -137,11 +137,11 @@ func TestBPFProcessAndCgroupEvents(t *testing.T) {
 	v1dir := func(e Event) bool { return e.Memcg == id1 && e.Cgroup == 0 }
 	v2dir := func(e Event) bool { return e.Cgroup == id2 && e.Memcg == 0 }
 	for _, k := range []Kind{CgroupMkdir, CgroupRmdir} {
-		if e := one(k, v1dir, "the v1 memory cgroup"); e != nil && e.Level != 1 {
-			t.Errorf("v1 %s: level %d, want 1", k, e.Level)
+		if e := one(k, v1dir, "the v1 memory cgroup"); e != nil && (e.Level != 1 || e.Path != "/"+name) {
+			t.Errorf("v1 %s: level %d, path %q; want 1, %q", k, e.Level, e.Path, "/"+name)
 		}
-		if e := one(k, v2dir, "the v2 cgroup"); e != nil && e.Level != 1 {
-			t.Errorf("v2 %s: level %d, want 1", k, e.Level)
+		if e := one(k, v2dir, "the v2 cgroup"); e != nil && (e.Level != 1 || e.Path != "/"+name) {
+			t.Errorf("v2 %s: level %d, path %q; want 1, %q", k, e.Level, e.Path, "/"+name)
 		}
 	}
 	isChild := func(e Event) bool { return e.Pid == pid && e.Tgid == pid }

@@ -27,12 +27,12 @@ type Kind int
 // Event kinds: those of the process connector (PROC_EVENT_FORK, _EXEC,
 // _EXIT of linux/cn_proc.h), and the cgroup ones only the BPF source has.
 const (
-	Fork        Kind = iota + 1 // Pid/Tgid: the child; Parent*: the forking task
-	Exec                        // Pid/Tgid: the task that execed
-	Exit                        // Pid/Tgid: the task that exited (a process when Pid == Tgid)
-	CgroupMkdir                 // Memcg or Cgroup: the new cgroup's id; Level its depth
-	CgroupRmdir                 // Memcg or Cgroup: the removed cgroup's id
-	CgroupAttach                // Pid/Tgid: a process moved into the cgroup Memcg or Cgroup
+	Fork         Kind = iota + 1 // Pid/Tgid: the child; Parent*: the forking task
+	Exec                         // Pid/Tgid: the task that execed
+	Exit                         // Pid/Tgid: the task that exited (a process when Pid == Tgid)
+	CgroupMkdir                  // Memcg or Cgroup: the new cgroup's id; Level its depth
+	CgroupRmdir                  // Memcg or Cgroup: the removed cgroup's id
+	CgroupAttach                 // Pid/Tgid: a process moved into the cgroup Memcg or Cgroup
 )
 
 func (k Kind) String() string {
@@ -71,7 +71,13 @@ type Event struct {
 	Start                 uint64 // the task's start, ns since boot (CLOCK_BOOTTIME)
 	Time                  uint64 // when it happened, ns of CLOCK_BOOTTIME
 	Level                 int    // cgroup kinds: the cgroup's depth (a hierarchy's root is 0)
+	// Path: CgroupMkdir and CgroupRmdir, the cgroup's path in its
+	// hierarchy ("/kubepods/..."), at most PathMax bytes (longer ones cut).
+	Path string
 }
+
+// PathMax is the longest Event.Path (PW_PATH_LEN - 1 of procevents.h).
+const PathMax = 255
 
 // ErrOverrun is returned by Read when events were lost (the ring buffer
 // or the socket's buffer was full); the events around it are returned by
