@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -255,5 +256,44 @@ func TestBPFDropsCounted(t *testing.T) {
 	}
 	if uint64(seen)+w.Lost() < 3*n {
 		t.Errorf("%d delivered + %d counted as dropped < the %d events of the children: drops went uncounted", seen, w.Lost(), 3*n)
+	}
+}
+
+// TestBPFLongCgroupPath: a cgroup path longer than PathMax arrives cut to
+// its first PathMax bytes (the agent then cannot tell what it is and looks).
+func TestBPFLongCgroupPath(t *testing.T) {
+	testprog.RequireRoot(t)
+	w, err := Open()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if w.Source() != SourceBPF {
+		t.Fatalf("Open used %s (BPF: %v), want the BPF source", w.Source(), w.BPFError())
+	}
+	get, stop := collect(t, w)
+	defer stop()
+	rel := fmt.Sprintf("memprof-procwatch-long-%d", os.Getpid())
+	for len(rel) <= PathMax+50 {
+		rel += "/" + strings.Repeat("d", 60)
+	}
+	dir := kube.MkCgroup(t, v2Root, rel)
+	id, err := cgroups.ID(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var e *Event
+	waitEvents(get, func(evs []Event) bool {
+		for i := range evs {
+			if evs[i].Kind == CgroupMkdir && evs[i].Cgroup == id {
+				e = &evs[i]
+			}
+		}
+		return e != nil
+	})
+	if e == nil {
+		t.Fatalf("no mkdir event for cgroup %d", id)
+	}
+	if want := ("/" + rel)[:PathMax]; e.Path != want {
+		t.Errorf("path %q (%d bytes), want the first %d bytes of the path: %q", e.Path, len(e.Path), PathMax, want)
 	}
 }
