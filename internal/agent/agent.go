@@ -219,12 +219,14 @@ func (a *Agent) Run(ctx context.Context) error {
 		// 4 MiB of stack copies in flight (~500 at 8 KiB) rather than 16:
 		// the ring is mapped twice, 32 MiB of the agent's RSS otherwise;
 		// copies a full ring drops are counted (lost events).
-		EventsBytes:  4 << 20,
-		AllowEmpty:   true,
-		DropExited:   true,
-		AllOOMs:      true,
-		Notify:       func(msg string) { a.cfg.Logf("memprof agent: %s", msg) },
-		OOM:          a.onOOM,
+		EventsBytes: 4 << 20,
+		AllowEmpty:  true,
+		DropExited:  true,
+		AllOOMs:     true,
+		Notify:      func(msg string) { a.cfg.Logf("memprof agent: %s", msg) },
+		OOM:         a.onOOM,
+
+		// Cgroup events wake discovery (discover.go).
 		CgroupEvents: a.onCgroupEvent,
 	})
 	if err != nil {
