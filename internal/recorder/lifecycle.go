@@ -337,7 +337,7 @@ type famEntry struct {
 const (
 	famForked  = iota // announced by a fork event, not seen by a scan yet
 	famSeen           // seen by a scan (attached, skipped or counted there)
-	famCounted        // exit event before any scan saw it: counted
+	famCounted        // counted as exited before attach (exit event before any scan saw it, or a scan found it gone)
 )
 
 // errExecedDuringAttach: the process execed while memprof attached to it.
@@ -472,6 +472,21 @@ func (s *Session) seen(pid int) (counted bool) {
 		f.state, f.at = famSeen, time.Now()
 	}
 	return false
+}
+
+// countGone counts pid as exited before attach, found so by a scan, once:
+// later scans that still list it (an exiting process stays in cgroup.procs
+// until the end of its exit, and the BPF exit event makes the loop look
+// early) skip it (seen reports it counted).
+func (s *Session) countGone(pid int) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.targetCounts[skipGoneAtAttach]++
+	if f := s.family[pid]; f != nil {
+		f.state, f.at = famCounted, time.Now()
+	} else if len(s.family) < maxFamily {
+		s.family[pid] = &famEntry{at: time.Now(), state: famCounted}
+	}
 }
 
 // endScan forgets the processes seen or counted more than two seconds ago
