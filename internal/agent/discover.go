@@ -82,7 +82,10 @@ func (a *Agent) onCgroupEvent(e procwatch.Event) {
 		}
 	case procwatch.Exec, procwatch.CgroupAttach:
 		u := a.unnamed.Load()
-		if u == nil || !((e.Memcg != 0 && (*u)[e.Memcg]) || (e.Cgroup != 0 && (*u)[e.Cgroup])) {
+		if u == nil {
+			return
+		}
+		if in := (e.Memcg != 0 && (*u)[e.Memcg]) || (e.Cgroup != 0 && (*u)[e.Cgroup]); !in {
 			return
 		}
 	default:

@@ -50,7 +50,8 @@ func openBPF(ringBytes uint32) (_ *bpfSource, err error) {
 	if err := spec.LoadAndAssign(&s.objs, nil); err != nil {
 		var ve *ebpf.VerifierError
 		if errors.As(err, &ve) {
-			return nil, fmt.Errorf("the kernel's verifier rejected the process event programs: %w\n%+v", err, ve)
+			// %+v of the VerifierError is the whole log, not only its end.
+			return nil, fmt.Errorf("the kernel's verifier rejected the process event programs: %w\n%s", err, fmt.Sprintf("%+v", ve))
 		}
 		if errors.Is(err, os.ErrPermission) {
 			return nil, fmt.Errorf("load the process event programs: %w: run as root or grant CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN", err)

@@ -174,7 +174,7 @@ func TestBPFProcessAndCgroupEvents(t *testing.T) {
 	if fork.Start == 0 || fork.Start != ex.Start || fork.Start != exit.Start || fork.Start < t0 || fork.Start > fork.Time {
 		t.Errorf("start times: fork %d, exec %d, exit %d; want one, after %d and before the fork event (%d)", fork.Start, ex.Start, exit.Start, t0, fork.Time)
 	}
-	if !(fork.Time <= ex.Time && ex.Time <= exit.Time) {
+	if fork.Time > ex.Time || ex.Time > exit.Time {
 		t.Errorf("event times out of order: fork %d, exec %d, exit %d", fork.Time, ex.Time, exit.Time)
 	}
 
@@ -236,10 +236,7 @@ func TestBPFDropsCounted(t *testing.T) {
 		t.Fatalf("first Read after drops: %v, want ErrOverrun", err)
 	}
 	seen := 0
-	for {
-		if src.rd.AvailableBytes() == 0 {
-			break
-		}
+	for src.rd.AvailableBytes() > 0 {
 		evs, err := w.Read()
 		if err != nil {
 			t.Fatal(err)
