@@ -6,7 +6,9 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -22,11 +24,15 @@ const (
 	v2Root   = "/sys/fs/cgroup/unified"
 )
 
-// collect reads events from w in the background until stop is closed.
-func collect(t *testing.T, w *Watcher) (get func() []Event, stop func()) {
+// collect reads events from w in the background until stop is closed;
+// lat returns the delay from each event (Event.Time) to its Read, for the
+// BPF source.
+func collect(t *testing.T, w *Watcher) (get func() []Event, stop func(), lat func() []time.Duration) {
 	t.Helper()
 	ch := make(chan []Event, 1024)
 	done := make(chan struct{})
+	var mu sync.Mutex
+	var lats []time.Duration
 	go func() {
 		defer close(done)
 		for {
@@ -37,6 +43,12 @@ func collect(t *testing.T, w *Watcher) (get func() []Event, stop func()) {
 			if err != nil {
 				return
 			}
+			now := bootNs()
+			mu.Lock()
+			for _, e := range evs {
+				lats = append(lats, time.Duration(now-e.Time))
+			}
+			mu.Unlock()
 			ch <- evs
 		}
 	}()
@@ -51,7 +63,14 @@ func collect(t *testing.T, w *Watcher) (get func() []Event, stop func()) {
 			}
 		}
 	}
-	return get, func() { w.Close(); <-done }
+	lat = func() []time.Duration {
+		mu.Lock()
+		defer mu.Unlock()
+		out := append([]time.Duration(nil), lats...)
+		slices.Sort(out)
+		return out
+	}
+	return get, func() { w.Close(); <-done }, lat
 }
 
 // waitEvents polls get until ok holds for the events (or 10 s pass).
@@ -86,7 +105,7 @@ func TestBPFProcessAndCgroupEvents(t *testing.T) {
 	if w.Source() != SourceBPF {
 		t.Fatalf("Open used %s (BPF: %v), want the BPF source", w.Source(), w.BPFError())
 	}
-	get, stop := collect(t, w)
+	get, stop, lat := collect(t, w)
 	defer stop()
 
 	name := fmt.Sprintf("memprof-procwatch-%d", os.Getpid())
@@ -205,6 +224,10 @@ func TestBPFProcessAndCgroupEvents(t *testing.T) {
 	if forks != 1 || exits != 1 || threads != 0 {
 		t.Errorf("a process of 9 threads: %d forks, %d exits, %d thread events; want 1, 1, 0", forks, exits, threads)
 	}
+	if l := lat(); len(l) > 0 {
+		t.Logf("from event to Read, %d events (all of the host's): median %v, 99th percentile %v, max %v; %d lost",
+			len(l), l[len(l)/2], l[len(l)*99/100], l[len(l)-1], w.Lost())
+	}
 }
 
 // TestBPFDropsCounted: with a ring of one page (~64 events) not read while
@@ -267,7 +290,7 @@ func TestBPFLongCgroupPath(t *testing.T) {
 	if w.Source() != SourceBPF {
 		t.Fatalf("Open used %s (BPF: %v), want the BPF source", w.Source(), w.BPFError())
 	}
-	get, stop := collect(t, w)
+	get, stop, _ := collect(t, w)
 	defer stop()
 	rel := fmt.Sprintf("memprof-procwatch-long-%d", os.Getpid())
 	for len(rel) <= PathMax+50 {
