@@ -22,10 +22,10 @@
  *                                     50 ms, keeping the last 256 live, forever
  *   agent_workload first PROCS        join the cgroup of PROCS as trickle does,
  *                                     then allocate block i
- *                                     (i = 0..9) of 4096 << i bytes from
+ *                                     (i = 0..11) of 4096 << i bytes from
  *                                     agent_first_alloc() FIRST_MS[i] ms after
  *                                     the join (0, 2, 5, 10, 20, 50, 100, 200,
- *                                     500, 1000), all kept live: the bytes of
+ *                                     500, 1000, 2000, 4000), all kept live: the bytes of
  *                                     agent_first_alloc a profile holds tell
  *                                     which blocks were seen; then print
  *                                     "joined NS" (the join, CLOCK_REALTIME) and
@@ -106,7 +106,7 @@ __attribute__((noinline)) void *agent_first_alloc(size_t size)
 	return p;
 }
 
-static const long first_ms[10] = {0, 2, 5, 10, 20, 50, 100, 200, 500, 1000};
+static const long first_ms[12] = {0, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 4000};
 
 static long long now_ns(clockid_t clk)
 {
@@ -208,7 +208,7 @@ int main(int argc, char **argv)
 			return 3;
 		}
 		long long t0 = now_ns(CLOCK_MONOTONIC), wall = now_ns(CLOCK_REALTIME);
-		for (int i = 0; i < 10; i++) {
+		for (int i = 0; i < 12; i++) {
 			long long at = t0 + first_ms[i] * 1000000LL, now = now_ns(CLOCK_MONOTONIC);
 			if (at > now) {
 				struct timespec ts = {(at - now) / 1000000000LL, (at - now) % 1000000000LL};
