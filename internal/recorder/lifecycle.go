@@ -77,8 +77,9 @@ func (s *Session) countTarget(cause string) {
 // TargetCounts returns the targets skipped, lost or replaced, by cause
 // (skipped_no_allocator, skipped_exited_before_attach,
 // skipped_attach_failed, skipped_excluded, lost_state_unreadable,
-// lost_kept_state_bound, exec_replaced_image); causes with no count are
-// absent.
+// lost_kept_state_bound, exec_replaced_image, and the process events
+// lost: lost_process_event_overruns, lost_process_events with the BPF
+// source); causes with no count are absent.
 func (s *Session) TargetCounts() map[string]uint64 {
 	s.mu.Lock()
 	defer s.mu.Unlock()
