@@ -414,6 +414,11 @@ func TestImageLeastPrivilege(t *testing.T) {
 	t1 := time.Now()
 	waitUntil(60*time.Second, "the agent's /healthz", func() bool { code, _ := fetch("/healthz", false); return code == 200 })
 	t.Logf("agent ready %s after its container started", time.Since(t1).Round(time.Millisecond))
+	// The DaemonSet's capabilities (BPF, PERFMON; no NET_ADMIN) load the
+	// process and cgroup event programs: discovery follows events.
+	waitUntil(10*time.Second, "the agent to take process events from BPF (its log)", func() bool {
+		return strings.Contains(agentLog(), "process events from bpf")
+	})
 
 	sel := map[string]string{"namespace": ns, "pod": "cart", "container": "app", "node": nodeName}
 	var metrics string

@@ -20,6 +20,16 @@
  *                                     (64..2048 bytes) per second from
  *                                     agent_trickle_alloc(), in batches every
  *                                     50 ms, keeping the last 256 live, forever
+ *   agent_workload first PROCS        join the cgroup of PROCS as trickle does,
+ *                                     then allocate block i
+ *                                     (i = 0..11) of 4096 << i bytes from
+ *                                     agent_first_alloc() FIRST_MS[i] ms after
+ *                                     the join (0, 2, 5, 10, 20, 50, 100, 200,
+ *                                     500, 1000, 2000, 4000), all kept live: the bytes of
+ *                                     agent_first_alloc a profile holds tell
+ *                                     which blocks were seen; then print
+ *                                     "joined NS" (the join, CLOCK_REALTIME) and
+ *                                     "done", and sleep until killed
  */
 #include <signal.h>
 #include <stdio.h>
@@ -86,6 +96,23 @@ __attribute__((noinline)) void *agent_trickle_alloc(size_t size)
 	if (p)
 		((volatile char *)p)[0] = 1;
 	return p;
+}
+
+__attribute__((noinline)) void *agent_first_alloc(size_t size)
+{
+	void *p = malloc(size);
+	if (p)
+		((volatile char *)p)[0] = 1;
+	return p;
+}
+
+static const long first_ms[12] = {0, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 4000};
+
+static long long now_ns(clockid_t clk)
+{
+	struct timespec ts;
+	clock_gettime(clk, &ts);
+	return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
 static void sleep_ms(long ms)
@@ -174,6 +201,25 @@ int main(int argc, char **argv)
 			free(p);
 		}
 	}
+	if (argc >= 3 && strcmp(argv[1], "first") == 0) {
+		FILE *f = fopen(argv[2], "w");
+		if (!f || fprintf(f, "%d\n", (int)getpid()) < 0 || fclose(f) != 0) {
+			perror(argv[2]);
+			return 3;
+		}
+		long long t0 = now_ns(CLOCK_MONOTONIC), wall = now_ns(CLOCK_REALTIME);
+		for (int i = 0; i < 12; i++) {
+			long long at = t0 + first_ms[i] * 1000000LL, now = now_ns(CLOCK_MONOTONIC);
+			if (at > now) {
+				struct timespec ts = {(at - now) / 1000000000LL, (at - now) % 1000000000LL};
+				nanosleep(&ts, NULL);
+			}
+			hold(agent_first_alloc((size_t)4096 << i));
+		}
+		printf("joined %lld\ndone\n", wall);
+		for (;;)
+			pause();
+	}
 	if (argc >= 4 && strcmp(argv[1], "trickle") == 0) {
 		FILE *f = fopen(argv[2], "w");
 		if (!f || fprintf(f, "%d\n", (int)getpid()) < 0 || fclose(f) != 0) {
@@ -194,6 +240,6 @@ int main(int argc, char **argv)
 			sleep_ms(50);
 		}
 	}
-	fprintf(stderr, "usage: %s leak TOTAL BLOCK | oom BLOCK | brief MS BYTES | spawn N MS BYTES | hot | trickle PROCS RATE\n", argv[0]);
+	fprintf(stderr, "usage: %s leak TOTAL BLOCK | oom BLOCK | brief MS BYTES | spawn N MS BYTES | hot | trickle PROCS RATE | first PROCS\n", argv[0]);
 	return 2;
 }

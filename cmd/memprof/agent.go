@@ -34,7 +34,7 @@ func agentCommand() *cli.Command {
 			&cli.StringFlag{Name: "pyroscope-url", Usage: "push the periodic profiles to this Pyroscope server (POST /ingest, format pprof)"},
 			&cli.Float64Flag{Name: "max-calls-per-second", Value: 200000, Usage: "overhead budget: a target process making more allocator calls per second is detached (0: no budget)"},
 			&cli.Uint64Flag{Name: "sample-rate", Value: recorder.DefaultSampleRate, Usage: "mean bytes between samples (Poisson)"},
-			&cli.DurationFlag{Name: "rediscover-interval", Value: agentDefault.DiscoverInterval, Usage: "how often the node's pods are listed again"},
+			&cli.DurationFlag{Name: "rediscover-interval", Usage: "how often the node's pods are listed again (default: 30s where cgroup events from BPF wake discovery at once, 5s without them)"},
 			&cli.BoolFlag{Name: "no-rss", Usage: "no RSS profiles (by default every container on the node gets them, and every OOM kill an RSS post-mortem)"},
 			&cli.DurationFlag{Name: "collect-interval", Value: agentDefault.CollectInterval, Usage: "how often metrics are computed and the budget checked"},
 			&cli.StringFlag{Name: "log-format", Value: agent.LogText, Usage: "log records on stderr as \"text\" (key=value) or \"json\" (one object a line)"},
@@ -43,7 +43,7 @@ func agentCommand() *cli.Command {
 	}
 }
 
-var agentDefault = agent.Config{ProfileInterval: 60e9, Retention: 24 * 3600e9, DiscoverInterval: 5e9, CollectInterval: 2e9}
+var agentDefault = agent.Config{ProfileInterval: 60e9, Retention: 24 * 3600e9, CollectInterval: 2e9}
 
 func runAgent(c *cli.Context) error {
 	if c.Uint64("sample-rate") == 0 {

@@ -19,6 +19,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/memprof/memprof/internal/cgroups"
@@ -54,7 +55,10 @@ type Config struct {
 	MaxCallsPerSecond float64
 	SampleRate        uint64 // mean bytes between samples (default recorder.DefaultSampleRate)
 
-	DiscoverInterval time.Duration // pod rediscovery (default 5s)
+	// DiscoverInterval: pod rediscovery (default: 30 s where the kernel's
+	// cgroup events wake discovery at once, a safety net; 5 s where they
+	// are not available, the process connector fallback).
+	DiscoverInterval time.Duration
 	CollectInterval  time.Duration // metrics and budget (default 2s)
 	MaxOOMEntries    int           // OOM post-mortems listed in /oom and kept on disk (default 200)
 
@@ -81,9 +85,6 @@ func (c *Config) defaults() {
 	}
 	if c.SampleRate == 0 {
 		c.SampleRate = recorder.DefaultSampleRate
-	}
-	if c.DiscoverInterval <= 0 {
-		c.DiscoverInterval = 5 * time.Second
 	}
 	if c.CollectInterval <= 0 {
 		c.CollectInterval = 2 * time.Second
@@ -144,6 +145,12 @@ type Agent struct {
 	pushes      uint64
 	saved       uint64
 	rss         *rssTier // nil: RSS profiles off
+
+	// wake: a cgroup event asks discovery to run now (discover.go's
+	// onCgroupEvent); unnamed: the cgroup ids of containers found without
+	// names yet, whose execs wake it too.
+	wake    chan struct{}
+	unnamed atomic.Pointer[map[uint64]bool]
 }
 
 // labelSet identifies a container in metrics.
@@ -205,6 +212,7 @@ func New(cfg Config) (*Agent, error) {
 		oomTotal:   map[bool]uint64{},
 		budgetHits: map[labelSet]uint64{},
 		lastCalls:  map[uint32]uint64{},
+		wake:       make(chan struct{}, 1),
 	}
 	a.reg = newRegistry(a)
 	a.loadOOMs()
@@ -229,6 +237,9 @@ func (a *Agent) Run(ctx context.Context) error {
 		AllOOMs:     true,
 		Notify:      func(msg string) { a.cfg.Log.Info(msg) },
 		OOM:         a.onOOM,
+
+		// Cgroup events wake discovery (discover.go).
+		CgroupEvents: a.onCgroupEvent,
 	})
 	if err != nil {
 		a.ln.Close()
@@ -261,7 +272,8 @@ func (a *Agent) Run(ctx context.Context) error {
 			}
 		}()
 	}
-	loop(a.cfg.DiscoverInterval, a.discover)
+	wg.Add(1)
+	go func() { defer wg.Done(); a.discoverLoop(ctx, s.ProcEvents()) }()
 	loop(a.cfg.CollectInterval, a.collect)
 	wg.Add(1)
 	go func() {
@@ -412,6 +424,7 @@ func (a *Agent) discover(ctx context.Context) {
 		delete(a.known, id)
 		a.gone[c.labels] = now
 	}
+	a.noteUnnamedLocked()
 	// Forget per-container counters an hour after the container went, so
 	// churn cannot grow them without bound.
 	for l, t := range a.gone {

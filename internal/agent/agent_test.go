@@ -337,10 +337,13 @@ func TestAgentPods(t *testing.T) {
 
 	// Pyroscope push
 	var up ingest
-	waitFor(t, 10*time.Second, "a Pyroscope upload of the leaky pod", func() bool {
+	// (The heap upload: the RSS profile of the same container, uploaded
+	// in the same tick, can come first, when the heap profile of a tick
+	// had no sample yet.)
+	waitFor(t, 10*time.Second, "a Pyroscope heap upload of the leaky pod", func() bool {
 		got, _ := pyro.uploads()
 		for _, g := range got {
-			if g.labels["pod"] == "leaky" {
+			if g.labels["pod"] == "leaky" && slices.Contains(g.profileTypes(), "memory:inuse_space:bytes:space:bytes") {
 				up = g
 				return true
 			}

@@ -1,150 +1,151 @@
-// Package procwatch reports process forks, execs and exits as the kernel
-// announces them on its process events connector (cn_proc, netlink
-// NETLINK_CONNECTOR): what polling /proc or cgroup.procs misses — a
-// process that lives less than a polling interval, an exec — is seen.
+// Package procwatch reports process forks, execs and exits, and the
+// creation, removal and joining of cgroups, as the kernel announces them:
+// what polling /proc or cgroup.procs misses — a process that lives less
+// than a polling interval, an exec, a container's cgroup made between two
+// listings — is seen within milliseconds.
 //
-// The connector needs CAP_NET_ADMIN and memprof in the initial network
-// namespace; Open fails otherwise and the caller goes on polling. The
-// socket's buffer can overflow under a burst of events: Read then returns
-// ErrOverrun and the events in between are lost (the caller counts it).
+// Two sources, one API. The default is a set of BPF programs on BTF
+// tracepoints (bpf/procevents.bpf.c: sched_process_fork/exec/exit,
+// cgroup_mkdir/rmdir/attach_task) that needs CAP_BPF and CAP_PERFMON (what
+// the allocation probes need already), reports processes rather than
+// threads, and gives each event its v1 memory cgroup and v2 cgroup ids.
+// Where the programs cannot be loaded, Open falls back to the netlink
+// process events connector (cn_proc, connector.go), which needs
+// CAP_NET_ADMIN in the host's network namespace and reports no cgroup
+// events. Either can lose events under a burst: Read then returns
+// ErrOverrun once and Lost counts them (the caller counts it too).
 package procwatch
 
 import (
-	"encoding/binary"
 	"errors"
 	"fmt"
-	"os"
-
-	"golang.org/x/sys/unix"
 )
 
-// Kind is the kind of a process event.
+// Kind is the kind of an event.
 type Kind int
 
-// Event kinds (PROC_EVENT_FORK, _EXEC, _EXIT of linux/cn_proc.h).
+// Event kinds: those of the process connector (PROC_EVENT_FORK, _EXEC,
+// _EXIT of linux/cn_proc.h), and the cgroup ones only the BPF source has.
 const (
-	Fork Kind = iota + 1 // Pid/Tgid: the child; Parent*: the forking task
-	Exec                 // Pid/Tgid: the task that execed
-	Exit                 // Pid/Tgid: the task that exited (a process when Pid == Tgid)
+	Fork         Kind = iota + 1 // Pid/Tgid: the child; Parent*: the forking task
+	Exec                         // Pid/Tgid: the task that execed
+	Exit                         // Pid/Tgid: the task that exited (a process when Pid == Tgid)
+	CgroupMkdir                  // Memcg or Cgroup: the new cgroup's id; Level its depth
+	CgroupRmdir                  // Memcg or Cgroup: the removed cgroup's id
+	CgroupAttach                 // Pid/Tgid: a process moved into the cgroup Memcg or Cgroup
 )
 
-// Event is one process event. For Fork, a new process (not a thread) has
-// Pid == Tgid.
+func (k Kind) String() string {
+	switch k {
+	case Fork:
+		return "fork"
+	case Exec:
+		return "exec"
+	case Exit:
+		return "exit"
+	case CgroupMkdir:
+		return "cgroup_mkdir"
+	case CgroupRmdir:
+		return "cgroup_rmdir"
+	case CgroupAttach:
+		return "cgroup_attach"
+	}
+	return fmt.Sprintf("kind(%d)", int(k))
+}
+
+// Event is one event. For Fork, a new process (not a thread) has
+// Pid == Tgid; the BPF source reports only those, and an Exit only when
+// the process's last thread exits (with Pid = Tgid).
+//
+// Memcg is the kernfs id (the directory's inode number, as
+// cgroups.ID returns) of the v1 memory controller's cgroup, Cgroup the
+// cgroup v2 id: of the task for Fork, Exec and Exit, of the cgroup for the
+// cgroup kinds (the id of the hierarchy the cgroup is in; the other is 0).
+// On a pure v2 host both name the same cgroup. Only the BPF source fills
+// them, Start, Time and Level (0 from the connector).
 type Event struct {
 	Kind                  Kind
 	Pid, Tgid             int
 	ParentPid, ParentTgid int
+	Memcg, Cgroup         uint64
+	Start                 uint64 // the task's start, ns since boot (CLOCK_BOOTTIME)
+	Time                  uint64 // when it happened, ns of CLOCK_BOOTTIME
+	Level                 int    // cgroup kinds: the cgroup's depth (a hierarchy's root is 0)
+	// Path: CgroupMkdir and CgroupRmdir, the cgroup's path in its
+	// hierarchy ("/kubepods/..."), at most PathMax bytes (longer ones cut).
+	Path string
 }
 
-// ErrOverrun is returned by Read when the kernel dropped events because the
-// socket's buffer was full.
-var ErrOverrun = errors.New("process events lost: the netlink socket's buffer overflowed")
+// PathMax is the longest Event.Path (PW_PATH_LEN - 1 of procevents.h).
+const PathMax = 255
 
-// Constants of linux/connector.h and linux/cn_proc.h.
+// ErrOverrun is returned by Read when events were lost (the ring buffer
+// or the socket's buffer was full); the events around it are returned by
+// the next Read.
+var ErrOverrun = errors.New("process events lost: the event buffer overflowed")
+
+// Source names where the events come from.
+type Source string
+
+// Sources.
 const (
-	cnIdxProc         = 1
-	cnValProc         = 1
-	procCnMcastListen = 1
-	evFork            = 0x00000001
-	evExec            = 0x00000002
-	evExit            = 0x80000000
-	nlHdrLen          = 16
-	cnMsgLen          = 20 // struct cn_msg: id (8), seq, ack, len (2), flags (2)
+	SourceBPF       Source = "bpf"     // BTF tracepoints (procevents.bpf.c)
+	SourceConnector Source = "cn_proc" // netlink process events connector
 )
 
-// Watcher reads process events.
+// source is one way of reading events.
+type source interface {
+	read() ([]Event, error)
+	close() error
+	lost() uint64
+}
+
+// Watcher reads events.
 type Watcher struct {
-	f   *os.File // the netlink socket, non-blocking, in Go's poller
-	buf []byte
+	src  source
+	kind Source
+	// Why the BPF source is not used (nil when it is).
+	bpfErr error
 }
 
-// Open subscribes to the kernel's process events.
+// Open starts the events from the BPF source, or from the process
+// connector if the BPF programs cannot be loaded (BPFError says why). It
+// fails when neither can be had.
 func Open() (*Watcher, error) {
-	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, unix.NETLINK_CONNECTOR)
-	if err != nil {
-		return nil, fmt.Errorf("process events: netlink connector socket: %w", err)
+	b, berr := openBPF(0)
+	if berr == nil {
+		return &Watcher{src: b, kind: SourceBPF}, nil
 	}
-	if err := unix.Bind(fd, &unix.SockaddrNetlink{Family: unix.AF_NETLINK, Groups: cnIdxProc}); err != nil {
-		unix.Close(fd)
-		return nil, fmt.Errorf("process events: bind to the cn_proc group (needs CAP_NET_ADMIN and the host's network namespace): %w", err)
+	c, cerr := openConnector()
+	if cerr != nil {
+		return nil, fmt.Errorf("process events: %w; and the fallback: %w", berr, cerr)
 	}
-	// A larger buffer rides out bursts of forks (2 MiB: ~25,000 events).
-	_ = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, 2<<20)
-	msg := make([]byte, nlHdrLen+cnMsgLen+4)
-	le := binary.LittleEndian
-	le.PutUint32(msg[0:], uint32(len(msg)))
-	le.PutUint16(msg[4:], unix.NLMSG_DONE)
-	le.PutUint32(msg[8:], 0) // seq
-	le.PutUint32(msg[12:], uint32(os.Getpid()))
-	le.PutUint32(msg[nlHdrLen:], cnIdxProc)
-	le.PutUint32(msg[nlHdrLen+4:], cnValProc)
-	le.PutUint16(msg[nlHdrLen+16:], 4)
-	le.PutUint32(msg[nlHdrLen+cnMsgLen:], procCnMcastListen)
-	if err := unix.Sendto(fd, msg, 0, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
-		unix.Close(fd)
-		return nil, fmt.Errorf("process events: subscribe: %w", err)
-	}
-	return &Watcher{f: os.NewFile(uintptr(fd), "cn_proc"), buf: make([]byte, 64<<10)}, nil
+	return &Watcher{src: c, kind: SourceConnector, bpfErr: berr}, nil
 }
 
-// Read blocks until events arrive (or Close) and returns them; only fork,
-// exec and exit events are returned. After Close it returns os.ErrClosed.
-func (w *Watcher) Read() ([]Event, error) {
-	rc, err := w.f.SyscallConn()
+// OpenConnector starts the events from the process connector only.
+func OpenConnector() (*Watcher, error) {
+	c, err := openConnector()
 	if err != nil {
 		return nil, err
 	}
-	var n int
-	var rerr error
-	err = rc.Read(func(fd uintptr) bool {
-		n, _, rerr = unix.Recvfrom(int(fd), w.buf, 0)
-		return rerr != unix.EAGAIN
-	})
-	if err != nil {
-		return nil, err
-	}
-	if rerr == unix.ENOBUFS {
-		return nil, ErrOverrun
-	}
-	if rerr != nil {
-		return nil, fmt.Errorf("process events: %w", rerr)
-	}
-	return parse(w.buf[:n]), nil
+	return &Watcher{src: c, kind: SourceConnector}, nil
 }
 
-// parse decodes the netlink messages in b (each one cn_msg with one
-// proc_event); malformed ones are skipped.
-func parse(b []byte) []Event {
-	le := binary.LittleEndian
-	var out []Event
-	for len(b) >= nlHdrLen {
-		l := int(le.Uint32(b))
-		if l < nlHdrLen || l > len(b) {
-			break
-		}
-		m := b[nlHdrLen:l]
-		b = b[(l+3)&^3:]
-		if len(m) < cnMsgLen || le.Uint32(m) != cnIdxProc || le.Uint32(m[4:]) != cnValProc {
-			continue
-		}
-		ev := m[cnMsgLen:]
-		// struct proc_event: what (4), cpu (4), timestamp_ns (8), data.
-		if len(ev) < 16+16 {
-			continue
-		}
-		d := ev[16:]
-		u := func(i int) int { return int(le.Uint32(d[4*i:])) }
-		switch le.Uint32(ev) {
-		case evFork:
-			out = append(out, Event{Kind: Fork, ParentPid: u(0), ParentTgid: u(1), Pid: u(2), Tgid: u(3)})
-		case evExec:
-			out = append(out, Event{Kind: Exec, Pid: u(0), Tgid: u(1)})
-		case evExit:
-			out = append(out, Event{Kind: Exit, Pid: u(0), Tgid: u(1)})
-		}
-	}
-	return out
-}
+// Source tells where the events come from; only SourceBPF has the cgroup
+// kinds.
+func (w *Watcher) Source() Source { return w.kind }
+
+// BPFError is why the BPF source was not used (nil when it is).
+func (w *Watcher) BPFError() error { return w.bpfErr }
+
+// Read blocks until events arrive (or Close) and returns them. After Close
+// it returns an error that is not ErrOverrun.
+func (w *Watcher) Read() ([]Event, error) { return w.src.read() }
+
+// Lost is the number of events lost so far: exact for the BPF source (the
+// ring buffer's drops), the number of overruns for the connector.
+func (w *Watcher) Lost() uint64 { return w.src.lost() }
 
 // Close stops the events; a blocked Read returns.
-func (w *Watcher) Close() error { return w.f.Close() }
+func (w *Watcher) Close() error { return w.src.close() }

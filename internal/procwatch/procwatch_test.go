@@ -51,12 +51,13 @@ func TestParse(t *testing.T) {
 	}
 }
 
-// TestWatchChild: the fork, exec and exit of a child are reported.
+// TestWatchChild: the fork, exec and exit of a child are reported by the
+// connector (the fallback source).
 func TestWatchChild(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Fatalf("this test needs root (the process events connector); run the suite as root")
 	}
-	w, err := Open()
+	w, err := OpenConnector()
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/memprof/memprof/internal/attach"
+	"github.com/memprof/memprof/internal/cgroups"
 	"github.com/memprof/memprof/internal/frag"
 	"github.com/memprof/memprof/internal/heap"
 	"github.com/memprof/memprof/internal/procmaps"
@@ -62,7 +63,8 @@ const (
 	lostUnreadable   = "lost_state_unreadable"       // the state of a target that went could not be read
 	lostKeptBound    = "lost_kept_state_bound"       // MaxKeptExited reached
 	execReplaced     = "exec_replaced_image"         // images replaced by exec (their blocks are no longer live)
-	lostProcEvents   = "lost_process_event_overruns" // process events dropped by the kernel (socket full)
+	lostProcEvents   = "lost_process_event_overruns" // process events dropped by the kernel (socket or ring full)
+	lostProcEventsN  = "lost_process_events"         // process events dropped (BPF source: exact)
 )
 
 // countTarget adds one to a target count (the caller holds no lock).
@@ -75,8 +77,9 @@ func (s *Session) countTarget(cause string) {
 // TargetCounts returns the targets skipped, lost or replaced, by cause
 // (skipped_no_allocator, skipped_exited_before_attach,
 // skipped_attach_failed, skipped_excluded, lost_state_unreadable,
-// lost_kept_state_bound, exec_replaced_image); causes with no count are
-// absent.
+// lost_kept_state_bound, exec_replaced_image, and the process events
+// lost: lost_process_event_overruns, lost_process_events with the BPF
+// source); causes with no count are absent.
 func (s *Session) TargetCounts() map[string]uint64 {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -335,7 +338,7 @@ type famEntry struct {
 const (
 	famForked  = iota // announced by a fork event, not seen by a scan yet
 	famSeen           // seen by a scan (attached, skipped or counted there)
-	famCounted        // exit event before any scan saw it: counted
+	famCounted        // counted as exited before attach (exit event before any scan saw it, or a scan found it gone)
 )
 
 // errExecedDuringAttach: the process execed while memprof attached to it.
@@ -346,14 +349,24 @@ const maxFamily = 1 << 16
 
 // watchProcs follows the kernel's process events: a fork by a process of
 // a followed cgroup wakes the scan at once (and is remembered, so its
-// child's exit before any scan saw it is counted, not missed silently), an
-// exec or exit of a target wakes the loop to handle it. The work is left
-// to the loop so the socket is always read quickly.
+// child's exit before any scan saw it is counted, not missed silently), as
+// does a process moved into a followed cgroup (BPF source); an exec or exit
+// of a target wakes the loop to handle it. The work is left to the loop so
+// the events are always read quickly. Cgroup events and execs go to
+// Options.CgroupEvents too.
 func (s *Session) watchProcs() {
+	var lost uint64
 	for {
 		evs, err := s.watch.Read()
 		if errors.Is(err, procwatch.ErrOverrun) {
 			s.countTarget(lostProcEvents)
+			if s.watch.Source() == procwatch.SourceBPF {
+				n := s.watch.Lost()
+				s.mu.Lock()
+				s.targetCounts[lostProcEventsN] += n - lost
+				s.mu.Unlock()
+				lost = n
+			}
 			s.poke()
 			continue
 		}
@@ -373,6 +386,12 @@ func (s *Session) watchProcs() {
 				if (p != nil && (p.via != "" || p.skipped) || pf != nil && pf.state != famCounted) &&
 					s.family[e.Tgid] == nil && s.procs[e.Tgid] == nil && len(s.family) < maxFamily {
 					s.family[e.Tgid] = &famEntry{at: time.Now(), state: famForked}
+					poke = true
+				}
+			case procwatch.CgroupAttach:
+				_, in1 := s.cgIDs[e.Memcg]
+				_, in2 := s.cgIDs[e.Cgroup]
+				if (e.Memcg != 0 && in1 || e.Cgroup != 0 && in2) && s.procs[e.Tgid] == nil {
 					poke = true
 				}
 			case procwatch.Exec:
@@ -406,7 +425,27 @@ func (s *Session) watchProcs() {
 		if poke {
 			s.poke()
 		}
+		if f := s.opts.CgroupEvents; f != nil {
+			for _, e := range evs {
+				switch e.Kind {
+				case procwatch.CgroupMkdir, procwatch.CgroupRmdir, procwatch.CgroupAttach, procwatch.Exec:
+					f(e)
+				}
+			}
+		}
 	}
+}
+
+// followID notes the id of a followed cgroup directory (the events name
+// cgroups by id); a directory that cannot be read is left to the scans.
+func (s *Session) followID(dir string) {
+	id, err := cgroups.ID(dir)
+	if err != nil {
+		return
+	}
+	s.mu.Lock()
+	s.cgIDs[id] = dir
+	s.mu.Unlock()
 }
 
 // poke wakes the polling loop.
@@ -434,6 +473,21 @@ func (s *Session) seen(pid int) (counted bool) {
 		f.state, f.at = famSeen, time.Now()
 	}
 	return false
+}
+
+// countGone counts pid as exited before attach, found so by a scan, once:
+// later scans that still list it (an exiting process stays in cgroup.procs
+// until the end of its exit, and the BPF exit event makes the loop look
+// early) skip it (seen reports it counted).
+func (s *Session) countGone(pid int) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.targetCounts[skipGoneAtAttach]++
+	if f := s.family[pid]; f != nil {
+		f.state, f.at = famCounted, time.Now()
+	} else if len(s.family) < maxFamily {
+		s.family[pid] = &famEntry{at: time.Now(), state: famCounted}
+	}
 }
 
 // endScan forgets the processes seen or counted more than two seconds ago

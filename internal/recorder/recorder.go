@@ -85,6 +85,11 @@ type Options struct {
 	// EventsBytes sizes the BPF ring buffer of OOM events and stack
 	// copies (0: 16 MiB; see bpfload.Options).
 	EventsBytes uint32
+	// CgroupEvents, if set, is called with every cgroup event (mkdir,
+	// rmdir, a process moved in) and every exec the process events bring
+	// (the agent discovers containers from them). It runs on the reader
+	// of the events: it must return quickly and not call into the session.
+	CgroupEvents func(procwatch.Event)
 }
 
 // Session is one recording.
@@ -119,6 +124,9 @@ type Session struct {
 	exits  chan struct{} // signalled after each exit handled
 	wake   chan struct{} // wakes the polling loop (process events)
 	watch  *procwatch.Watcher
+	// cgIDs: the ids (cgroups.ID) of the followed cgroups, so that a
+	// process moved into one wakes the scan.
+	cgIDs map[uint64]string
 	// family: processes forked in followed cgroups or seen by scans lately
 	// (see famEntry).
 	family map[int]*famEntry
@@ -219,6 +227,7 @@ func Start(ctx context.Context, opts Options) (*Session, error) {
 	s.exits = make(chan struct{}, 1)
 	s.wake = make(chan struct{}, 1)
 	s.family = map[int]*famEntry{}
+	s.cgIDs = map[uint64]string{}
 	s.attaching = map[int]bool{}
 	if opts.StackMode != StackFP {
 		s.dwarf = newDwarfStacks(objs, s.refreshSymbols)
@@ -234,6 +243,7 @@ func Start(ctx context.Context, opts Options) (*Session, error) {
 		}
 	}
 	for _, cg := range opts.Cgroups {
+		s.followID(cg)
 		if _, err := s.scanCgroup(cg); err != nil {
 			// A process that cannot be attached is skipped and counted;
 			// the others are recorded.
@@ -254,12 +264,24 @@ func Start(ctx context.Context, opts Options) (*Session, error) {
 	}
 	if w, err := procwatch.Open(); err == nil {
 		s.watch = w
+		if berr := w.BPFError(); berr != nil {
+			s.recordErr(fmt.Errorf("process events come from the netlink connector (%w): no cgroup events, threads reported too", berr))
+		}
 		go s.watchProcs()
 	} else {
 		s.recordErr(fmt.Errorf("%w: processes that live less than a polling interval (%v) are not seen, and an exec is noticed late", err, opts.Poll))
 	}
 	go s.loop(ctx)
 	return s, nil
+}
+
+// ProcEvents tells where process events come from (procwatch.SourceBPF or
+// SourceConnector), "" when there are none (the session polls).
+func (s *Session) ProcEvents() procwatch.Source {
+	if s.watch == nil {
+		return ""
+	}
+	return s.watch.Source()
 }
 
 // StartTime is when the recording started.

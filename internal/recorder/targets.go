@@ -283,11 +283,19 @@ func (s *Session) scanCgroup(dir string) (int, error) {
 			}
 		}
 		counted := s.seen(pid)
+		if counted {
+			// Counted already as exited before attach: by its exit event
+			// before any scan saw it, or by an earlier scan that found it
+			// gone. It can still be listed, and even have its memory: the
+			// BPF exit event comes early in the exit (recent kernels trace
+			// sched_process_exit before exit_mm) and wakes the loop, and
+			// a process leaves cgroup.procs only at the end of its exit.
+			// Attaching what is left of it would count it twice.
+			continue
+		}
 		start, running := procmaps.StartTime(pid)
 		if !running {
-			if !counted {
-				s.countTarget(skipGoneAtAttach)
-			}
+			s.countGone(pid)
 			continue
 		}
 		added, err := s.attachTarget(pid, dir)
@@ -303,9 +311,7 @@ func (s *Session) scanCgroup(dir string) (int, error) {
 				cause = skipNoAllocator
 			}
 			if cause == skipGoneAtAttach {
-				if !counted {
-					s.countTarget(cause)
-				}
+				s.countGone(pid)
 				continue
 			}
 			s.countTarget(cause)
@@ -581,6 +587,7 @@ func (s *Session) AddCgroup(dir string) error {
 	}
 	s.opts.Cgroups = append(s.opts.Cgroups, dir)
 	s.mu.Unlock()
+	s.followID(dir)
 	_, err := s.scanCgroup(dir)
 	return err
 }
@@ -596,6 +603,11 @@ func (s *Session) RemoveCgroup(dir string, pids []int) {
 		}
 	}
 	s.opts.Cgroups = kept
+	for id, d := range s.cgIDs {
+		if d == dir {
+			delete(s.cgIDs, id)
+		}
+	}
 	s.mu.Unlock()
 	for _, pid := range pids {
 		s.Forget(pid)
