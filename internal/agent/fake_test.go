@@ -7,6 +7,7 @@ import (
 
 	"github.com/memprof/memprof/internal/bpfload"
 	"github.com/memprof/memprof/internal/heap"
+	"github.com/memprof/memprof/internal/procwatch"
 	"github.com/memprof/memprof/internal/rss"
 	"github.com/memprof/memprof/internal/unwindtable"
 	"github.com/memprof/memprof/pprofout"
@@ -143,6 +144,9 @@ func (f *fakeHeap) ProfileOfCgroups(dirs ...string) (*pprofout.Profile, uint64, 
 	}
 	return out, mark, nil
 }
+
+// ProcEvents: the fake's events come from the test.
+func (f *fakeHeap) ProcEvents() procwatch.Source { return procwatch.SourceBPF }
 
 // UnwindTables: the fake has no BPF tables.
 func (f *fakeHeap) UnwindTables() *unwindtable.Shared { return nil }

@@ -3,6 +3,7 @@ package agent
 import (
 	"github.com/memprof/memprof/internal/bpfload"
 	"github.com/memprof/memprof/internal/heap"
+	"github.com/memprof/memprof/internal/procwatch"
 	"github.com/memprof/memprof/internal/recorder"
 	"github.com/memprof/memprof/internal/rss"
 	"github.com/memprof/memprof/internal/unwindtable"
@@ -40,6 +41,9 @@ type heapSession interface {
 	// UnwindTables are the CFI tables the RSS tier walks with too (nil
 	// without CFI stacks: the RSS tier then builds its own).
 	UnwindTables() *unwindtable.Shared
+	// ProcEvents tells where process and cgroup events come from
+	// (procwatch.SourceBPF, or the cn_proc fallback).
+	ProcEvents() procwatch.Source
 }
 
 // rssSession is what the agent uses of the RSS tier's session:
