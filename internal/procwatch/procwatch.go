@@ -56,7 +56,13 @@ const (
 type Watcher struct {
 	f   *os.File // the netlink socket, non-blocking, in Go's poller
 	buf []byte
+	// overrun: the buffer overflowed after the events Read returned last
+	// (ErrOverrun at the next Read)
+	overrun bool
 }
+
+// maxBatch bounds the events one Read returns.
+const maxBatch = 4096
 
 // Open subscribes to the kernel's process events.
 func Open() (*Watcher, error) {
@@ -87,29 +93,51 @@ func Open() (*Watcher, error) {
 	return &Watcher{f: os.NewFile(uintptr(fd), "cn_proc"), buf: make([]byte, 64<<10)}, nil
 }
 
-// Read blocks until events arrive (or Close) and returns them; only fork,
-// exec and exit events are returned. After Close it returns os.ErrClosed.
+// Read blocks until events arrive (or Close) and returns them, every one
+// queued by then (up to maxBatch: one wake-up for a burst, not one per
+// event); only fork, exec and exit events are returned. After Close it
+// returns os.ErrClosed.
 func (w *Watcher) Read() ([]Event, error) {
+	if w.overrun {
+		w.overrun = false
+		return nil, ErrOverrun
+	}
 	rc, err := w.f.SyscallConn()
 	if err != nil {
 		return nil, err
 	}
-	var n int
+	var out []Event
 	var rerr error
 	err = rc.Read(func(fd uintptr) bool {
-		n, _, rerr = unix.Recvfrom(int(fd), w.buf, 0)
-		return rerr != unix.EAGAIN
+		for len(out) < maxBatch {
+			n, _, e := unix.Recvfrom(int(fd), w.buf, 0)
+			switch {
+			case e == unix.EINTR:
+				continue
+			case e == unix.EAGAIN:
+				return len(out) > 0 // nothing queued: wait (or return what came)
+			case e != nil:
+				rerr = e
+				return true
+			}
+			out = append(out, parse(w.buf[:n])...)
+		}
+		return true
 	})
 	if err != nil {
 		return nil, err
 	}
 	if rerr == unix.ENOBUFS {
+		if len(out) > 0 {
+			w.overrun = true
+			return out, nil
+		}
 		return nil, ErrOverrun
 	}
-	if rerr != nil {
+	if rerr != nil && len(out) == 0 {
 		return nil, fmt.Errorf("process events: %w", rerr)
 	}
-	return parse(w.buf[:n]), nil
+	return out, nil
 }
 
 // parse decodes the netlink messages in b (each one cn_msg with one

@@ -147,8 +147,14 @@ func newDwarfStacks(objs *bpfload.Objects, mapped func(pid int)) *dwarfStacks {
 
 // staleInterval is how often the processes whose BPF walks met code
 // outside their known mappings are rescanned (each at most once per
-// interval): their samples are copied for userspace unwinding meanwhile.
-const staleInterval = 5 * time.Millisecond
+// interval) while some are found: their samples are copied for userspace
+// unwinding meanwhile. While none are, the wait doubles up to
+// staleIntervalMax, so an idle session does not wake 200 times a second
+// (one map lookup each) for nothing.
+const (
+	staleInterval    = 5 * time.Millisecond
+	staleIntervalMax = 500 * time.Millisecond
+)
 
 // rescanInterval rate-limits the rescans of a process prompted by its
 // stack copies (cfi mode).
@@ -156,7 +162,8 @@ const rescanInterval = 2 * time.Millisecond
 
 // refreshLoop rescans the store's stale processes until close.
 func (d *dwarfStacks) refreshLoop() {
-	t := time.NewTicker(staleInterval)
+	wait := staleInterval
+	t := time.NewTimer(wait)
 	defer t.Stop()
 	for {
 		select {
@@ -176,6 +183,12 @@ func (d *dwarfStacks) refreshLoop() {
 					d.mapped(pid)
 				}
 			}
+			if len(read) > 0 {
+				wait = staleInterval
+			} else {
+				wait = min(2*wait, staleIntervalMax)
+			}
+			t.Reset(wait)
 		}
 	}
 }

@@ -329,7 +329,8 @@ func targetComments(counts map[string]uint64, exited int) []string {
 // scan and the process events sees it first.
 type famEntry struct {
 	at    time.Time
-	state int // famForked, famSeen or famCounted
+	state int    // famForked, famSeen or famCounted
+	via   string // the followed cgroup its parent was found through ("": unknown)
 }
 
 const (
@@ -345,15 +346,19 @@ var errExecedDuringAttach = errors.New("process execed during the attach")
 const maxFamily = 1 << 16
 
 // watchProcs follows the kernel's process events: a fork by a process of
-// a followed cgroup wakes the scan at once (and is remembered, so its
-// child's exit before any scan saw it is counted, not missed silently), an
-// exec or exit of a target wakes the loop to handle it. The work is left
-// to the loop so the socket is always read quickly.
+// a followed cgroup wakes a scan of that cgroup at once (and is
+// remembered, so its child's exit before any scan saw it is counted, not
+// missed silently), an exec or exit of a target wakes the loop to look at
+// that target. The work is left to the loop so the socket is always read
+// quickly; what the loop does is O(events), not O(targets).
 func (s *Session) watchProcs() {
 	for {
 		evs, err := s.watch.Read()
 		if errors.Is(err, procwatch.ErrOverrun) {
 			s.countTarget(lostProcEvents)
+			s.mu.Lock()
+			s.fullCheck = true // events lost: look at everything
+			s.mu.Unlock()
 			s.poke()
 			continue
 		}
@@ -372,7 +377,14 @@ func (s *Session) watchProcs() {
 				pf := s.family[e.ParentTgid]
 				if (p != nil && (p.via != "" || p.skipped) || pf != nil && pf.state != famCounted) &&
 					s.family[e.Tgid] == nil && s.procs[e.Tgid] == nil && len(s.family) < maxFamily {
-					s.family[e.Tgid] = &famEntry{at: time.Now(), state: famForked}
+					via := ""
+					if p != nil {
+						via = p.via
+					} else {
+						via = pf.via
+					}
+					s.family[e.Tgid] = &famEntry{at: time.Now(), state: famForked, via: via}
+					s.scanDirs[via] = true
 					poke = true
 				}
 			case procwatch.Exec:
@@ -382,10 +394,13 @@ func (s *Session) watchProcs() {
 				// The command's tree: the tracer sees its execs.
 				if t := s.procs[e.Tgid]; t != nil && !t.cov.traced {
 					if t.skipped {
-						// A new program: it may have an allocator now.
+						// A new program: it may have an allocator now
+						// (the next scan of its cgroup attaches it).
 						delete(s.procs, e.Tgid)
+						s.scanDirs[t.via] = true
 					} else {
 						t.execed = true
+						s.pendingPids[e.Tgid] = time.Now()
 					}
 					poke = true
 				}
@@ -393,8 +408,10 @@ func (s *Session) watchProcs() {
 				if s.procs[e.Tgid] != nil {
 					// The event comes before the process is a zombie (what
 					// alive checks): look again shortly after.
+					s.pendingPids[e.Tgid] = time.Now()
 					poke = true
 					time.AfterFunc(20*time.Millisecond, s.poke)
+					time.AfterFunc(200*time.Millisecond, s.poke)
 				}
 				if f := s.family[e.Tgid]; f != nil && f.state == famForked {
 					f.state, f.at = famCounted, time.Now()
@@ -406,8 +423,21 @@ func (s *Session) watchProcs() {
 		if poke {
 			s.poke()
 		}
+		if s.opts.ProcessExited != nil {
+			for _, e := range evs {
+				if e.Kind == procwatch.Exit && e.Pid == e.Tgid {
+					s.opts.ProcessExited(e.Tgid)
+				}
+			}
+		}
+		// Let events gather: on a busy host the next Read then takes many
+		// at one wake-up (the socket's buffer holds ~25,000).
+		time.Sleep(eventsCoalesce)
 	}
 }
+
+// eventsCoalesce is the pause between two reads of process events.
+const eventsCoalesce = 50 * time.Millisecond
 
 // poke wakes the polling loop.
 func (s *Session) poke() {
@@ -417,16 +447,27 @@ func (s *Session) poke() {
 	}
 }
 
-// seen records that a scan saw pid in a followed cgroup; it reports
+// CgroupChanged tells the session that processes may have joined the
+// followed cgroup directory dir: it is rescanned at the polling loop's
+// next turn instead of at the next periodic rescan (a source of cgroup or
+// process events calls it).
+func (s *Session) CgroupChanged(dir string) {
+	s.mu.Lock()
+	s.scanDirs[dir] = true
+	s.mu.Unlock()
+	s.poke()
+}
+
+// seen records that a scan of the followed cgroup via saw pid; it reports
 // whether pid's exit before attach was counted already.
-func (s *Session) seen(pid int) (counted bool) {
+func (s *Session) seen(pid int, via string) (counted bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	f := s.family[pid]
 	switch {
 	case f == nil:
 		if len(s.family) < maxFamily {
-			s.family[pid] = &famEntry{at: time.Now(), state: famSeen}
+			s.family[pid] = &famEntry{at: time.Now(), state: famSeen, via: via}
 		}
 	case f.state == famCounted:
 		return true
