@@ -100,6 +100,10 @@ func (c *Config) defaults() {
 	}
 }
 
+// agentRescan is how often the recorder re-lists every followed cgroup
+// regardless of events (recorder.Options.Rescan).
+const agentRescan = 30 * time.Second
+
 // Agent is a running agent.
 type Agent struct {
 	cfg   Config
@@ -215,8 +219,19 @@ func (a *Agent) Run(ctx context.Context) error {
 		AllowEmpty:  true,
 		DropExited:  true,
 		AllOOMs:     true,
-		Notify:      func(msg string) { a.cfg.Logf("memprof agent: %s", msg) },
-		OOM:         a.onOOM,
+		// New processes come from process events (forks in a followed
+		// cgroup) and from discovery (discover tells which cgroups have
+		// new ones); the full re-listing of every followed cgroup is a
+		// safety net, not a poll.
+		Rescan: agentRescan,
+		// The RSS tier reclaims exited processes from the same events.
+		ProcessExited: func(pid int) {
+			if t := a.rssTier(); t != nil {
+				t.s.ProcessExited(pid)
+			}
+		},
+		Notify: func(msg string) { a.cfg.Logf("memprof agent: %s", msg) },
+		OOM:    a.onOOM,
 	})
 	if err != nil {
 		a.ln.Close()
@@ -348,6 +363,7 @@ func (a *Agent) discover(ctx context.Context) {
 	now := time.Now()
 	seen := map[string]bool{}
 	var toAdd []*container
+	var changed []string // cgroups of known containers with new processes
 	a.mu.Lock()
 	for i := range all {
 		pc := all[i]
@@ -367,6 +383,9 @@ func (a *Agent) discover(ctx context.Context) {
 				c.cgv2, _ = cgroups.ID(pc.CgroupV2)
 			}
 			a.known[pc.ID] = c
+		}
+		if newPids(c.c.Pids, pc.Pids) && c.dir != "" {
+			changed = append(changed, c.dir)
 		}
 		c.c.Pids = pc.Pids
 		if l := (labelSet{pc.Namespace, pc.Pod, pc.Name}); l != c.labels {
@@ -422,6 +441,31 @@ func (a *Agent) discover(ctx context.Context) {
 		a.cfg.Logf("memprof agent: profiling %s (cgroup %s)", c.name(), c.dir)
 	}
 	a.rssSync()
+	// Discovery read every container's processes: the sessions rescan
+	// only the cgroups where new ones appeared (their own full rescans
+	// are a slow safety net, agentRescan).
+	t := a.rssTier()
+	for _, dir := range changed {
+		a.s.CgroupChanged(dir)
+		if t != nil {
+			t.s.CgroupChanged(dir)
+		}
+	}
+}
+
+// newPids reports whether now lists a process that was not in before
+// (both sorted, as podfind returns them).
+func newPids(before, now []int) bool {
+	i := 0
+	for _, p := range now {
+		for i < len(before) && before[i] < p {
+			i++
+		}
+		if i == len(before) || before[i] != p {
+			return true
+		}
+	}
+	return false
 }
 
 func (c *container) name() string {
