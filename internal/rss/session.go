@@ -94,12 +94,14 @@ type Session struct {
 	cgVersion map[string]int    // cgroup version of each target directory
 	cgIDs     map[uint64]string // registered cgroup ids (descendants included) -> dir
 	pending   map[string]bool   // cgroups to rescan at the loop's next turn (CgroupChanged)
-	exited    map[int]time.Time // processes told exited (ProcessExited), not reclaimed yet
-	wake      chan struct{}
-	kinds     uint32
-	errs      []string
-	ooms      int
-	reclaim   time.Time
+	exited    map[int]time.Time // processes told exited lately (ProcessExited)
+	// exitedFull: more exits told than exited holds: reclaim every process
+	exitedFull bool
+	wake       chan struct{}
+	kinds      uint32
+	errs       []string
+	ooms       int
+	reclaim    time.Time
 	// verified: last check of every sampled folio against pagemap
 	verified time.Time
 }
@@ -272,22 +274,26 @@ func (s *Session) CgroupChanged(dir string) {
 }
 
 // ProcessExited tells the session that process pid exited (a process
-// event): if it is one the session knows, its state is reclaimed within
-// reclaimEvery rather than at the next poll. Cheap for any other pid.
+// event, for any process of the host): if the session knows it, or notes
+// it within exitedKeep (its last sampled faults are read after its exit),
+// its state is reclaimed within reclaimEvery rather than at the next poll.
 func (s *Session) ProcessExited(pid int) {
 	s.mu.Lock()
-	if s.procs[pid] != nil && len(s.exited) < maxExitedPending {
+	if len(s.exited) < maxExitedPending {
 		s.exited[pid] = time.Now()
+	} else {
+		s.exitedFull = true // the next tick reclaims every process
 	}
 	s.mu.Unlock()
 }
 
 // reclaimEvery is how often the processes told exited are reclaimed (in
-// one pass over the folio map for all of them); maxExitedPending bounds
-// them (the others wait for the poll's full reclaim).
+// one pass over the folio map for all of them); exits told are kept
+// exitedKeep, at most maxExitedPending of them (beyond: a full reclaim).
 const (
 	reclaimEvery     = 2 * time.Second
-	maxExitedPending = 1 << 16
+	exitedKeep       = 10 * time.Second
+	maxExitedPending = 1 << 15
 )
 
 // bootTicks is the time now in clock ticks after boot (USER_HZ, the unit
@@ -588,12 +594,21 @@ func (s *Session) loop(ctx context.Context) {
 			s.reclaimExited(nil)
 		case ticked:
 			s.mu.Lock()
-			told := make(map[uint32]bool, len(s.exited))
-			for pid := range s.exited {
-				told[uint32(pid)] = true
+			full := s.exitedFull
+			s.exitedFull = false
+			told := map[uint32]bool{}
+			for pid, at := range s.exited {
+				switch {
+				case s.procs[pid] != nil && !s.procs[pid].exited:
+					told[uint32(pid)] = true
+				case time.Since(at) > exitedKeep:
+					delete(s.exited, pid)
+				}
 			}
 			s.mu.Unlock()
-			if len(told) > 0 {
+			if full {
+				s.reclaimExited(nil)
+			} else if len(told) > 0 {
 				s.reclaimExited(told)
 			}
 		}
@@ -633,7 +648,7 @@ func (s *Session) reclaimExited(only map[uint32]bool) {
 		}
 		s.mu.Lock()
 		for pid := range only {
-			if gone[pid] || time.Since(s.exited[int(pid)]) > 10*time.Second {
+			if gone[pid] || time.Since(s.exited[int(pid)]) > exitedKeep {
 				delete(s.exited, int(pid)) // reclaimed now, or left to the poll
 			}
 		}
