@@ -127,7 +127,12 @@ type Agent struct {
 	lastTargets map[int]bool
 	lastPidList time.Time
 	lastTotal   uint64
-	lastTick    time.Time
+	lastTick    time.Time // last per-container figures (allocation rates)
+	lastBudget  time.Time // last budget check (call rates)
+	// figMu serializes collections (periodic, and a scrape's freshFigures);
+	// lastFigures is the last computation of the figures
+	figMu       sync.Mutex
+	lastFigures time.Time
 	probeRate   float64
 	probeTotal  uint64
 	discErrs    uint64
@@ -240,6 +245,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	a.mu.Lock()
 	a.s = s
 	a.lastTick = time.Now()
+	a.lastBudget = a.lastTick
 	a.mu.Unlock()
 	a.cfg.Logf("memprof agent: listening on %s, node %s, sample rate %d bytes; %s", a.Addr(), a.cfg.NodeName, a.cfg.SampleRate, s.Features())
 	a.startRSS(ctx)
