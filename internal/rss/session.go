@@ -92,7 +92,7 @@ type Session struct {
 	// followed (clock ticks after boot, as a process's start time)
 	cgDirs    map[string]uint64
 	cgVersion map[string]int    // cgroup version of each target directory
-	cgIDs     map[uint64]string // registered cgroup ids (descendants included) -> dir
+	cgIDs     map[uint64]string // registered cgroup ids (descendants included) -> their directory
 	pending   map[string]bool   // cgroups to rescan at the loop's next turn (CgroupChanged)
 	exited    map[int]time.Time // processes told exited lately (ProcessExited)
 	// exitedFull: more exits told than exited holds: reclaim every process
@@ -401,7 +401,7 @@ func (s *Session) scanCgroup(dir string) error {
 			return fmt.Errorf("add cgroup %s to the RSS targets: %w", d, err)
 		}
 		s.setKinds(kind)
-		s.cgIDs[id] = dir
+		s.cgIDs[id] = d
 	}
 	s.mu.Unlock()
 	pids, err := cgroups.Procs(dir, true)
