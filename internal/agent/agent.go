@@ -229,10 +229,16 @@ func (a *Agent) Run(ctx context.Context) error {
 		// new ones); the full re-listing of every followed cgroup is a
 		// safety net, not a poll.
 		Rescan: agentRescan,
-		// The RSS tier reclaims exited processes from the same events.
+		// The RSS tier reclaims exited processes and re-reads the
+		// mappings of exec'd ones from the same events.
 		ProcessExited: func(pid int) {
 			if t := a.rssTier(); t != nil {
 				t.s.ProcessExited(pid)
+			}
+		},
+		ProcessExeced: func(pid int) {
+			if t := a.rssTier(); t != nil {
+				t.s.ProcessExeced(pid)
 			}
 		},
 		Notify: func(msg string) { a.cfg.Logf("memprof agent: %s", msg) },

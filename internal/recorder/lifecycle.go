@@ -423,11 +423,12 @@ func (s *Session) watchProcs() {
 		if poke {
 			s.poke()
 		}
-		if s.opts.ProcessExited != nil {
-			for _, e := range evs {
-				if e.Kind == procwatch.Exit && e.Pid == e.Tgid {
-					s.opts.ProcessExited(e.Tgid)
-				}
+		for _, e := range evs {
+			switch {
+			case e.Kind == procwatch.Exit && e.Pid == e.Tgid && s.opts.ProcessExited != nil:
+				s.opts.ProcessExited(e.Tgid)
+			case e.Kind == procwatch.Exec && s.opts.ProcessExeced != nil:
+				s.opts.ProcessExeced(e.Tgid)
 			}
 		}
 		// Let events gather: on a busy host the next Read then takes many

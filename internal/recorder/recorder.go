@@ -49,6 +49,8 @@ type Options struct {
 	// only targets; from the event reader: it must be quick): another
 	// tier following the same processes reclaims its state from it.
 	ProcessExited func(pid int)
+	// ProcessExeced, likewise, with the pid of every process that exec'd.
+	ProcessExeced func(pid int)
 	// Notify receives messages for the user (target exits, new targets, OOM kills).
 	Notify func(msg string)
 	// OOM, if set, is called for each OOM kill of a target with the

@@ -287,6 +287,34 @@ func (s *Session) ProcessExited(pid int) {
 	s.mu.Unlock()
 }
 
+// ProcessExeced tells the session that process pid exec'd a new program
+// (a process event): if the session knows it, its view of the process's
+// mappings is re-read execRefreshAfter later (once the dynamic loader has
+// mapped the libraries), so its faults, and an OOM post-mortem read after
+// it died, are symbolized against the new program.
+func (s *Session) ProcessExeced(pid int) {
+	s.mu.Lock()
+	known := s.procs[pid] != nil
+	s.mu.Unlock()
+	if !known {
+		return
+	}
+	time.AfterFunc(execRefreshAfter, func() {
+		select {
+		case <-s.done:
+			return
+		default:
+		}
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		if p := s.procs[pid]; p != nil && p.sym != nil && !p.exited && p.frozen == nil {
+			s.refreshSym(p)
+		}
+	})
+}
+
+const execRefreshAfter = 100 * time.Millisecond
+
 // reclaimEvery is how often the processes told exited are reclaimed (in
 // one pass over the folio map for all of them); exits told are kept
 // exitedKeep, at most maxExitedPending of them (beyond: a full reclaim).
