@@ -391,6 +391,12 @@ func (s *Session) watchProcs() {
 				if _, ok := s.attaching[e.Tgid]; ok {
 					s.attaching[e.Tgid] = true
 				}
+				if s.procs[e.Tgid] == nil && len(s.opts.Cgroups) > 0 && len(s.execed) < maxFamily {
+					// Moved into a followed cgroup from outside, then
+					// exec'd (runc): the loop looks at its cgroup.
+					s.execed[e.Tgid] = true
+					poke = true
+				}
 				// The command's tree: the tracer sees its execs.
 				if t := s.procs[e.Tgid]; t != nil && !t.cov.traced {
 					if t.skipped {

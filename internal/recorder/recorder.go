@@ -138,7 +138,11 @@ type Session struct {
 	// target and cgroup after events were lost.
 	scanDirs    map[string]bool
 	pendingPids map[int]time.Time
-	fullCheck   bool
+	// execed: processes not known that exec'd (a container's runc init
+	// joins its cgroup, then execs): the loop checks whether they are in
+	// a followed cgroup (one /proc/PID/cgroup read each)
+	execed    map[int]bool
+	fullCheck bool
 
 	mu           sync.Mutex
 	procs        map[int]*target // targets running, and skipped processes remembered
@@ -240,6 +244,7 @@ func Start(ctx context.Context, opts Options) (*Session, error) {
 	s.attaching = map[int]bool{}
 	s.scanDirs = map[string]bool{}
 	s.pendingPids = map[int]time.Time{}
+	s.execed = map[int]bool{}
 	if opts.StackMode != StackFP {
 		s.dwarf = newDwarfStacks(objs, s.refreshSymbols)
 	}

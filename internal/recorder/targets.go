@@ -362,11 +362,13 @@ func (s *Session) loop(ctx context.Context) {
 		now := time.Now()
 		s.mu.Lock()
 		dirs := s.scanDirs
-		if len(dirs) > 0 {
-			s.scanDirs = map[string]bool{}
-		}
+		s.scanDirs = map[string]bool{}
 		full := s.fullCheck
 		s.fullCheck = false
+		execed := s.execed
+		if len(execed) > 0 {
+			s.execed = map[int]bool{}
+		}
 		s.mu.Unlock()
 		// Without process events, the cgroups are re-listed when a
 		// process was created on the host (rescanGate).
@@ -380,7 +382,15 @@ func (s *Session) loop(ctx context.Context) {
 			case full || dirs[""] || now.Sub(lastRescan) >= s.opts.Rescan:
 				scan = cgs
 				lastRescan = now
+			case len(execed) > len(cgs):
+				scan = cgs // more cgroup reads than a rescan
+				lastRescan = now
 			default:
+				for pid := range execed {
+					if cg := followedCgroupOf(pid, cgs); cg != "" {
+						dirs[cg] = true
+					}
+				}
 				for _, cg := range cgs {
 					if dirs[cg] {
 						scan = append(scan, cg)
@@ -445,6 +455,22 @@ func (s *Session) loop(ctx context.Context) {
 			s.checkMappings(t, false)
 		}
 	}
+}
+
+// followedCgroupOf returns the followed cgroup directory (of cgs) that
+// process pid's memory cgroup is, or is under; "" if none (or pid is gone).
+func followedCgroupOf(pid int, cgs []string) string {
+	rel := memoryCgroup(pid)
+	if rel == "" {
+		return ""
+	}
+	dir := cgroupDir(rel)
+	for _, cg := range cgs {
+		if r, err := filepath.Rel(cg, dir); err == nil && (r == "." || r != ".." && !strings.HasPrefix(r, "../")) {
+			return cg
+		}
+	}
+	return ""
 }
 
 // liveCheckEvents is how often, with process events, the loop looks at
