@@ -347,7 +347,7 @@ func (s *Session) loop(ctx context.Context) {
 	tick := time.NewTicker(period)
 	defer tick.Stop()
 	var gate rescanGate
-	var lastLive, lastFull, lastRescan time.Time
+	var lastLive, lastFull, lastRescan, lastExecCheck time.Time
 	for {
 		woken := false
 		select {
@@ -365,9 +365,17 @@ func (s *Session) loop(ctx context.Context) {
 		s.scanDirs = map[string]bool{}
 		full := s.fullCheck
 		s.fullCheck = false
-		execed := s.execed
-		if len(execed) > 0 {
-			s.execed = map[int]bool{}
+		// Execs of unknown processes are looked at when told (one
+		// /proc/PID/cgroup read each), or, when more of them are waiting
+		// than cgroups are followed, by one rescan of every cgroup at most
+		// once per execCheckEvery.
+		var execed map[int]bool
+		cgs := s.opts.Cgroups
+		if n := len(s.execed); n > 0 && (n <= len(cgs) || now.Sub(lastExecCheck) >= execCheckEvery) {
+			execed, s.execed = s.execed, map[int]bool{}
+			if n > len(cgs) {
+				lastExecCheck = now
+			}
 		}
 		s.mu.Unlock()
 		// Without process events, the cgroups are re-listed when a
@@ -472,6 +480,10 @@ func followedCgroupOf(pid int, cgs []string) string {
 	}
 	return ""
 }
+
+// execCheckEvery spaces the rescans for bursts of execs of processes not
+// known.
+const execCheckEvery = time.Second
 
 // liveCheckEvents is how often, with process events, the loop looks at
 // every target's liveness and program anyway (events are never lost
