@@ -113,6 +113,10 @@ func (c *Config) defaults() {
 	}
 }
 
+// agentRescan is how often the recorder re-lists every followed cgroup
+// regardless of events (recorder.Options.Rescan).
+const agentRescan = 30 * time.Second
+
 // Agent is a running agent.
 type Agent struct {
 	cfg   Config
@@ -136,7 +140,12 @@ type Agent struct {
 	lastTargets map[int]bool
 	lastPidList time.Time
 	lastTotal   uint64
-	lastTick    time.Time
+	lastTick    time.Time // last per-container figures (allocation rates)
+	lastBudget  time.Time // last budget check (call rates)
+	// figMu serializes collections (periodic, and a scrape's freshFigures);
+	// lastFigures is the last computation of the figures
+	figMu       sync.Mutex
+	lastFigures time.Time
 	probeRate   float64
 	probeTotal  uint64
 	discErrs    uint64
@@ -235,8 +244,25 @@ func (a *Agent) Run(ctx context.Context) error {
 		AllowEmpty:  true,
 		DropExited:  true,
 		AllOOMs:     true,
-		Notify:      func(msg string) { a.cfg.Log.Info(msg) },
-		OOM:         a.onOOM,
+		// New processes come from process events (forks in a followed
+		// cgroup) and from discovery (discover tells which cgroups have
+		// new ones); the full re-listing of every followed cgroup is a
+		// safety net, not a poll.
+		Rescan: agentRescan,
+		// The RSS tier reclaims exited processes and re-reads the
+		// mappings of exec'd ones from the same events.
+		ProcessExited: func(pid int) {
+			if t := a.rssTier(); t != nil {
+				t.s.ProcessExited(pid)
+			}
+		},
+		ProcessExeced: func(pid int) {
+			if t := a.rssTier(); t != nil {
+				t.s.ProcessExeced(pid)
+			}
+		},
+		Notify: func(msg string) { a.cfg.Log.Info(msg) },
+		OOM:    a.onOOM,
 
 		// Cgroup events wake discovery (discover.go).
 		CgroupEvents: a.onCgroupEvent,
@@ -248,6 +274,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	a.mu.Lock()
 	a.s = s
 	a.lastTick = time.Now()
+	a.lastBudget = a.lastTick
 	a.mu.Unlock()
 	a.cfg.Log.Info("agent started", "listen", a.Addr(), "node", a.cfg.NodeName, "sample_rate", a.cfg.SampleRate, "features", s.Features().String())
 	a.startRSS(ctx)
@@ -372,6 +399,7 @@ func (a *Agent) discover(ctx context.Context) {
 	now := time.Now()
 	seen := map[string]bool{}
 	var toAdd []*container
+	var changed []string // cgroups of known containers with new processes
 	a.mu.Lock()
 	for i := range all {
 		pc := all[i]
@@ -391,6 +419,9 @@ func (a *Agent) discover(ctx context.Context) {
 				c.cgv2, _ = cgroups.ID(pc.CgroupV2)
 			}
 			a.known[pc.ID] = c
+		}
+		if newPids(c.c.Pids, pc.Pids) && c.dir != "" {
+			changed = append(changed, c.dir)
 		}
 		c.c.Pids = pc.Pids
 		if l := (labelSet{pc.Namespace, pc.Pod, pc.Name}); l != c.labels {
@@ -447,6 +478,31 @@ func (a *Agent) discover(ctx context.Context) {
 		a.cfg.Log.Info("profiling container", c.labels.logAttrs("cgroup", c.dir)...)
 	}
 	a.rssSync()
+	// Discovery read every container's processes: the sessions rescan
+	// only the cgroups where new ones appeared (their own full rescans
+	// are a slow safety net, agentRescan).
+	t := a.rssTier()
+	for _, dir := range changed {
+		a.s.CgroupChanged(dir)
+		if t != nil {
+			t.s.CgroupChanged(dir)
+		}
+	}
+}
+
+// newPids reports whether now lists a process that was not in before
+// (both sorted, as podfind returns them).
+func newPids(before, now []int) bool {
+	i := 0
+	for _, p := range now {
+		for i < len(before) && before[i] < p {
+			i++
+		}
+		if i == len(before) || before[i] != p {
+			return true
+		}
+	}
+	return false
 }
 
 func (c *container) name() string {

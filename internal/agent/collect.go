@@ -15,12 +15,44 @@ import (
 // unread when no target attaches or exits.
 const pidListRefresh = 30 * time.Second
 
-// collect computes the per-container figures from one snapshot of the
-// sampled state and enforces the overhead budget. The containers' process
-// lists are re-read only when the session's targets changed (a process
-// attached or exited) or pidListRefresh passed, not at every collection;
-// the RSS of the containers is read at scrape time (metrics.go).
+// figuresEvery is how often collect computes the per-container figures
+// (live heap, allocations) when nothing reads them: a scrape or a
+// /containers request computes them when they are older than the
+// collection interval (freshFigures). Each computation reads every sampled
+// block and bucket of the BPF maps, whose cost grows with their capacity.
+const figuresEvery = 15 * time.Second
+
+// collect enforces the overhead budget and, every figuresEvery, computes
+// the per-container figures from one snapshot of the sampled state. The
+// containers' process lists are re-read only when the session's targets
+// changed (a process attached or exited) or pidListRefresh passed, not at
+// every collection; the RSS of the containers is read at scrape time
+// (metrics.go).
 func (a *Agent) collect(ctx context.Context) {
+	a.figMu.Lock()
+	defer a.figMu.Unlock()
+	a.collectLocked(ctx, false)
+}
+
+// freshFigures computes the per-container figures now if they are older
+// than the collection interval (a scrape, /containers).
+func (a *Agent) freshFigures() {
+	a.mu.Lock()
+	ready := a.s != nil
+	a.mu.Unlock()
+	if !ready {
+		return
+	}
+	a.figMu.Lock()
+	defer a.figMu.Unlock()
+	if time.Since(a.lastFigures) > a.cfg.CollectInterval {
+		a.collectLocked(context.Background(), true)
+	}
+}
+
+// collectLocked is collect with figMu held; figures: compute them whatever
+// their age.
+func (a *Agent) collectLocked(ctx context.Context, figures bool) {
 	if ctx.Err() != nil {
 		return
 	}
@@ -67,6 +99,10 @@ func (a *Agent) collect(ctx context.Context) {
 	}
 
 	a.budget(now, pidOf)
+	if !figures && now.Sub(a.lastFigures) < figuresEvery {
+		return
+	}
+	a.lastFigures = now
 
 	snap, err := a.s.Counts()
 	if err != nil {
@@ -135,7 +171,8 @@ func (a *Agent) budget(now time.Time, pidOf map[uint32]*container) {
 	}
 	ctr, cerr := a.s.Counters()
 	a.mu.Lock()
-	dt := now.Sub(a.lastTick).Seconds()
+	dt := now.Sub(a.lastBudget).Seconds()
+	a.lastBudget = now
 	if cerr == nil {
 		if dt > 0 && ctr.Calls >= a.lastTotal && a.lastTotal > 0 {
 			a.probeRate = float64(ctr.Calls-a.lastTotal) / dt

@@ -34,6 +34,7 @@ type fakeHeap struct {
 	removed  []string          // RemoveCgroup calls, in order
 	excluded map[int]string    // pid -> why
 	released map[string]uint64 // dir -> last mark released
+	changed  []string          // CgroupChanged calls, in order
 }
 
 func newFakeHeap() *fakeHeap {
@@ -166,6 +167,9 @@ type fakeRSS struct {
 	samples  []pprofout.RSSSample
 	sums     []rss.ProcSummary
 	closed   bool
+	changed  []string // CgroupChanged calls, in order
+	exited   []int    // ProcessExited calls
+	execed   []int    // ProcessExeced calls
 }
 
 func newFakeRSS() *fakeRSS { return &fakeRSS{followed: map[string]bool{}} }
@@ -216,6 +220,31 @@ func (f *fakeRSS) Close() {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.closed = true
+}
+
+func (f *fakeRSS) CgroupChanged(dir string) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.changed = append(f.changed, dir)
+}
+
+func (f *fakeRSS) ProcessExited(pid int) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.exited = append(f.exited, pid)
+}
+
+func (f *fakeRSS) ProcessExeced(pid int) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.execed = append(f.execed, pid)
+}
+
+// CgroupChanged: the agent says dir has new processes.
+func (f *fakeHeap) CgroupChanged(dir string) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.changed = append(f.changed, dir)
 }
 
 var (

@@ -302,6 +302,7 @@ type ContainerInfo struct {
 
 // Containers lists the profiled containers.
 func (a *Agent) Containers() []ContainerInfo {
+	a.freshFigures()
 	out := []ContainerInfo{}
 	for _, c := range a.profiledList() {
 		a.mu.Lock()

@@ -129,6 +129,7 @@ type containerFigures struct {
 // Collect implements prometheus.Collector.
 func (c *agentCollector) Collect(ch chan<- prometheus.Metric) {
 	a, d := c.a, c.d
+	a.freshFigures()
 	node := a.cfg.NodeName
 	emit := func(desc *prometheus.Desc, typ prometheus.ValueType, v float64, labels ...string) {
 		// NewConstMetric fails only on label values that are not UTF-8:

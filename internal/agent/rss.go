@@ -38,6 +38,17 @@ const (
 	MetricRSSRegion  = "memprof_container_rss_region_bytes"
 )
 
+// The RSS session's rescans of every container cgroup (new processes
+// noted, exited ones reclaimed) and its pagemap check of every sampled
+// folio (what an OOM post-mortem's residency is as of; periodic and HTTP
+// profiles check theirs when built): tens of seconds apart, so their cost
+// does not grow with the containers at the rate of a poll. Discovery tells
+// the session which cgroups have new processes (discover).
+const (
+	rssPoll   = 30 * time.Second
+	rssVerify = 30 * time.Second
+)
+
 type rssTier struct {
 	s       rssSession
 	mu      sync.Mutex
@@ -66,6 +77,12 @@ func (a *Agent) startRSS(ctx context.Context) {
 	s, err := rss.Start(ctx, rss.Options{
 		Unwind:     tables,
 		SampleRate: a.cfg.SampleRate,
+		// Every container of the node: BPF filters the faults by cgroup,
+		// so the polls only note processes for the profiles' summaries
+		// and reclaim exited ones (rssPoll); a profile checks the folios
+		// it reports against pagemap when it is built.
+		Poll:       rssPoll,
+		Verify:     rssVerify,
 		AllowEmpty: true,
 		DropExited: true,
 		AllOOMs:    true,
@@ -87,6 +104,13 @@ func (a *Agent) setRSS(s rssSession) {
 	a.rss = t
 	a.mu.Unlock()
 	a.reg.MustRegister(&rssCollector{a: a})
+}
+
+// rssTier is the RSS tier (nil: off, or not started yet).
+func (a *Agent) rssTier() *rssTier {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.rss
 }
 
 func (a *Agent) stopRSS() {

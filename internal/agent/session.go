@@ -41,6 +41,9 @@ type heapSession interface {
 	// UnwindTables are the CFI tables the RSS tier walks with too (nil
 	// without CFI stacks: the RSS tier then builds its own).
 	UnwindTables() *unwindtable.Shared
+	// CgroupChanged rescans cgroup dir (discovery found new processes in
+	// it) at the session loop's next turn.
+	CgroupChanged(dir string)
 	// ProcEvents tells where process and cgroup events come from
 	// (procwatch.SourceBPF, or the cn_proc fallback).
 	ProcEvents() procwatch.Source
@@ -54,6 +57,12 @@ type rssSession interface {
 	// Profile is the RSS profile of the processes only accepts.
 	Profile(only func(pid uint32) bool) (*pprofout.RSSProfile, []rss.ProcSummary, error)
 	Close()
+	// CgroupChanged rescans cgroup dir at the next turn; ProcessExited
+	// and ProcessExeced pass on process events (reclaim an exited
+	// process's state, re-read an exec'd one's mappings).
+	CgroupChanged(dir string)
+	ProcessExited(pid int)
+	ProcessExeced(pid int)
 }
 
 var (

@@ -246,3 +246,24 @@ func TestRetention(t *testing.T) {
 		t.Errorf("empty container directory kept")
 	}
 }
+
+// TestNewPids: discovery tells the sessions about a container only when
+// its process list gained a pid (lists sorted, as podfind returns them).
+func TestNewPids(t *testing.T) {
+	for _, c := range []struct {
+		before, now []int
+		want        bool
+	}{
+		{nil, nil, false},
+		{[]int{1, 5}, []int{1, 5}, false},
+		{[]int{1, 5, 9}, []int{5}, false}, // only exits
+		{nil, []int{3}, true},
+		{[]int{1, 5}, []int{1, 3, 5}, true},
+		{[]int{1, 5}, []int{1, 5, 7}, true},
+		{[]int{4}, []int{2}, true}, // one went, another came
+	} {
+		if got := newPids(c.before, c.now); got != c.want {
+			t.Errorf("newPids(%v, %v) = %t, want %t", c.before, c.now, got, c.want)
+		}
+	}
+}

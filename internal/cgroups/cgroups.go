@@ -179,6 +179,10 @@ func readFileRaw(path string, buf *[]byte) ([]byte, error) {
 	}
 }
 
+// Subdirs returns dir and all directories below it, parents first (a
+// leaf cgroup costs one stat; see subdirs).
+func Subdirs(dir string) []string { return subdirs(dir) }
+
 // subdirs returns dir and all directories below it, parents first. A
 // cgroup directory's link count is 2 plus its number of child cgroups
 // (kernfs counts them as ext4 does), so a leaf, the usual container

@@ -116,7 +116,7 @@ func read(m Maps, keep func(pid uint32) bool, withStacks bool) (*Snapshot, error
 	if err != nil {
 		return nil, err
 	}
-	err = eachLive(m, func(k mbpf.MemprofLiveKey, lb mbpf.MemprofLiveBlock) {
+	err = eachLiveBatch(m, func(k mbpf.MemprofLiveKey, lb mbpf.MemprofLiveBlock) {
 		if !keep(k.Tgid) {
 			return
 		}
@@ -254,6 +254,30 @@ func Forget(m Maps, pid uint32) (int, error) {
 
 // eachAlloc calls fn for every allocation bucket in the map.
 func eachAlloc(m Maps, fn func(mbpf.MemprofAllocKey, uint64)) error {
+	// Batched where the kernel can (one system call per batch entries
+	// instead of two per bucket: the agent reads them every collection).
+	keys := make([]mbpf.MemprofAllocKey, batch)
+	vals := make([]uint64, batch)
+	var cur ebpf.MapBatchCursor
+	for first := true; ; first = false {
+		n, err := m.Allocs.BatchLookup(&cur, keys, vals, nil)
+		for i := 0; i < n; i++ {
+			fn(keys[i], vals[i])
+		}
+		switch {
+		case errors.Is(err, ebpf.ErrKeyNotExist):
+			return nil
+		case err != nil && first && n == 0 && errors.Is(err, ebpf.ErrNotSupported):
+			return eachAllocIter(m, fn)
+		case err != nil:
+			return fmt.Errorf("read allocation buckets: %w", err)
+		}
+	}
+}
+
+// eachAllocIter is eachAlloc one bucket at a time (kernels without batch
+// operations).
+func eachAllocIter(m Maps, fn func(mbpf.MemprofAllocKey, uint64)) error {
 	var k mbpf.MemprofAllocKey
 	var n uint64
 	it := m.Allocs.Iterate()

@@ -31,6 +31,8 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"sync"
+	"time"
 
 	"github.com/memprof/memprof/internal/cgroups"
 )
@@ -149,7 +151,7 @@ func Discover(ctx context.Context, p Paths) ([]Container, error) {
 			out = append(out, c)
 			continue
 		}
-		if len(invs) == 0 && isPause(p.ProcRoot, c.Pids) {
+		if len(invs) == 0 && seen.pause(p.ProcRoot+"\x00"+id, c.Pids, func() bool { return isPause(p.ProcRoot, c.Pids) }) {
 			continue
 		}
 		out = append(out, c)
@@ -175,12 +177,14 @@ func Discover(ctx context.Context, p Paths) ([]Container, error) {
 			}
 		}
 		if c.Name == "" {
-			c.Name = nameFromMountinfo(p.ProcRoot, c.PodUID, c.Pids)
+			c.Name = seen.name(p.ProcRoot+"\x00"+c.ID, c.Pids, func() string { return nameFromMountinfo(p.ProcRoot, c.PodUID, c.Pids) })
 		}
 		if c.Name == "" && haveLogs && len(pl.containers) == 1 && perPod[c.PodUID] == 1 {
 			c.Name = pl.containers[0]
 		}
 	}
+
+	seen.keep(p.ProcRoot, byID)
 
 	sort.Slice(out, func(i, j int) bool {
 		a, b := out[i], out[j]
@@ -408,4 +412,96 @@ func unescapeMountinfo(s string) string {
 		b.WriteByte(s[i])
 	}
 	return b.String()
+}
+
+// seen caches what Discover learns of a container from its processes'
+// files (the name from mountinfo, whether it is the pause sandbox), so a
+// discovery every few seconds reads them once per container, not every
+// time: a container's mounts and program do not change while the same
+// processes run. An answer is read again when the container's first
+// process changes (a restart); a name not found is looked for again after
+// retryUnnamed (read while runc's init was still setting up the mounts?).
+// Containers gone from a discovery are forgotten.
+var seen = &procCache{m: map[string]procFacts{}}
+
+const retryUnnamed = time.Minute
+
+type procCache struct {
+	mu sync.Mutex
+	m  map[string]procFacts // by proc root + "\x00" + container id
+}
+
+type procFacts struct {
+	first     int // the first pid when read (0: none)
+	name      string
+	nameAt    time.Time // when name was read (zero: not read)
+	isPause   bool
+	pauseRead bool
+}
+
+func firstPid(pids []int) int {
+	if len(pids) == 0 {
+		return 0
+	}
+	return pids[0]
+}
+
+// name returns the container's name from read, cached while its first
+// process stays the same (nothing is cached for a container with none).
+func (c *procCache) name(key string, pids []int, read func() string) string {
+	first := firstPid(pids)
+	c.mu.Lock()
+	f, ok := c.m[key]
+	c.mu.Unlock()
+	if ok && !f.nameAt.IsZero() && f.first == first && first != 0 &&
+		(f.name != "" || time.Since(f.nameAt) < retryUnnamed) {
+		return f.name
+	}
+	n := read()
+	if first != 0 {
+		c.mu.Lock()
+		f = c.m[key]
+		if f.first != first {
+			f = procFacts{first: first}
+		}
+		f.name, f.nameAt = n, time.Now()
+		c.m[key] = f
+		c.mu.Unlock()
+	}
+	return n
+}
+
+// pause returns whether the container is the pause sandbox, cached as name.
+func (c *procCache) pause(key string, pids []int, read func() bool) bool {
+	first := firstPid(pids)
+	c.mu.Lock()
+	f, ok := c.m[key]
+	c.mu.Unlock()
+	if ok && f.pauseRead && f.first == first && first != 0 {
+		return f.isPause
+	}
+	v := read()
+	if first != 0 {
+		c.mu.Lock()
+		f = c.m[key]
+		if f.first != first {
+			f = procFacts{first: first}
+		}
+		f.isPause, f.pauseRead = v, true
+		c.m[key] = f
+		c.mu.Unlock()
+	}
+	return v
+}
+
+// keep forgets the containers under procRoot that are not in ids.
+func (c *procCache) keep(procRoot string, ids map[string]*Container) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for key := range c.m {
+		root, id, _ := strings.Cut(key, "\x00")
+		if _, ok := ids[id]; !ok && root == procRoot {
+			delete(c.m, key)
+		}
+	}
 }

@@ -31,6 +31,9 @@ type connector struct {
 	f       *os.File // the netlink socket, non-blocking, in Go's poller
 	buf     []byte
 	overrun uint64 // ENOBUFS seen
+	// pendingOverrun: the buffer overflowed after the events read returned
+	// last (ErrOverrun at the next read)
+	pendingOverrun bool
 }
 
 // openConnector subscribes to the kernel's process events connector.
@@ -65,27 +68,49 @@ func openConnector() (*connector, error) {
 // read blocks until events arrive (or close) and returns them; only fork,
 // exec and exit events are returned. After close it returns os.ErrClosed.
 func (w *connector) read() ([]Event, error) {
+	if w.pendingOverrun {
+		w.pendingOverrun = false
+		return nil, ErrOverrun
+	}
 	rc, err := w.f.SyscallConn()
 	if err != nil {
 		return nil, err
 	}
-	var n int
+	// Every message queued by now, up to maxBatch events: one wake-up for
+	// a burst, not one per event.
+	var out []Event
 	var rerr error
 	err = rc.Read(func(fd uintptr) bool {
-		n, _, rerr = unix.Recvfrom(int(fd), w.buf, 0)
-		return rerr != unix.EAGAIN
+		for len(out) < maxBatch {
+			n, _, e := unix.Recvfrom(int(fd), w.buf, 0)
+			switch {
+			case e == unix.EINTR:
+				continue
+			case e == unix.EAGAIN:
+				return len(out) > 0 // nothing queued: wait (or return what came)
+			case e != nil:
+				rerr = e
+				return true
+			}
+			out = append(out, parse(w.buf[:n])...)
+		}
+		return true
 	})
 	if err != nil {
 		return nil, err
 	}
 	if rerr == unix.ENOBUFS {
 		w.overrun++
+		if len(out) > 0 {
+			w.pendingOverrun = true // said at the next read
+			return out, nil
+		}
 		return nil, ErrOverrun
 	}
-	if rerr != nil {
+	if rerr != nil && len(out) == 0 {
 		return nil, fmt.Errorf("process events: %w", rerr)
 	}
-	return parse(w.buf[:n]), nil
+	return out, nil
 }
 
 // parse decodes the netlink messages in b (each one cn_msg with one

@@ -332,7 +332,8 @@ func targetComments(counts map[string]uint64, exited int) []string {
 // scan and the process events sees it first.
 type famEntry struct {
 	at    time.Time
-	state int // famForked, famSeen or famCounted
+	state int    // famForked, famSeen or famCounted
+	via   string // the followed cgroup its parent was found through ("": unknown)
 }
 
 const (
@@ -348,12 +349,13 @@ var errExecedDuringAttach = errors.New("process execed during the attach")
 const maxFamily = 1 << 16
 
 // watchProcs follows the kernel's process events: a fork by a process of
-// a followed cgroup wakes the scan at once (and is remembered, so its
-// child's exit before any scan saw it is counted, not missed silently), as
-// does a process moved into a followed cgroup (BPF source); an exec or exit
-// of a target wakes the loop to handle it. The work is left to the loop so
-// the events are always read quickly. Cgroup events and execs go to
-// Options.CgroupEvents too.
+// a followed cgroup wakes a scan of that cgroup at once (and is
+// remembered, so its child's exit before any scan saw it is counted, not
+// missed silently), as does a process moved into a followed cgroup (BPF
+// source); an exec or exit of a target wakes the loop to look at that
+// target. The work is left to the loop so the events are always read
+// quickly; what the loop does is O(events), not O(targets). Cgroup events
+// and execs go to Options.CgroupEvents too.
 func (s *Session) watchProcs() {
 	var lost uint64
 	for {
@@ -367,6 +369,9 @@ func (s *Session) watchProcs() {
 				s.mu.Unlock()
 				lost = n
 			}
+			s.mu.Lock()
+			s.fullCheck = true // events lost: look at everything
+			s.mu.Unlock()
 			s.poke()
 			continue
 		}
@@ -385,26 +390,47 @@ func (s *Session) watchProcs() {
 				pf := s.family[e.ParentTgid]
 				if (p != nil && (p.via != "" || p.skipped) || pf != nil && pf.state != famCounted) &&
 					s.family[e.Tgid] == nil && s.procs[e.Tgid] == nil && len(s.family) < maxFamily {
-					s.family[e.Tgid] = &famEntry{at: time.Now(), state: famForked}
+					via := ""
+					if p != nil {
+						via = p.via
+					} else {
+						via = pf.via
+					}
+					s.family[e.Tgid] = &famEntry{at: time.Now(), state: famForked, via: via}
+					s.scanDirs[via] = true
 					poke = true
 				}
 			case procwatch.CgroupAttach:
 				_, in1 := s.cgIDs[e.Memcg]
 				_, in2 := s.cgIDs[e.Cgroup]
 				if (e.Memcg != 0 && in1 || e.Cgroup != 0 && in2) && s.procs[e.Tgid] == nil {
+					if in1 {
+						s.scanDirs[s.cgIDs[e.Memcg]] = true
+					} else {
+						s.scanDirs[s.cgIDs[e.Cgroup]] = true
+					}
 					poke = true
 				}
 			case procwatch.Exec:
 				if _, ok := s.attaching[e.Tgid]; ok {
 					s.attaching[e.Tgid] = true
 				}
+				if s.procs[e.Tgid] == nil && len(s.opts.Cgroups) > 0 && len(s.execed) < maxFamily {
+					// Moved into a followed cgroup from outside, then
+					// exec'd (runc): the loop looks at its cgroup.
+					s.execed[e.Tgid] = true
+					poke = true
+				}
 				// The command's tree: the tracer sees its execs.
 				if t := s.procs[e.Tgid]; t != nil && !t.cov.traced {
 					if t.skipped {
-						// A new program: it may have an allocator now.
+						// A new program: it may have an allocator now
+						// (the next scan of its cgroup attaches it).
 						delete(s.procs, e.Tgid)
+						s.scanDirs[t.via] = true
 					} else {
 						t.execed = true
+						s.pendingPids[e.Tgid] = time.Now()
 					}
 					poke = true
 				}
@@ -412,8 +438,10 @@ func (s *Session) watchProcs() {
 				if s.procs[e.Tgid] != nil {
 					// The event comes before the process is a zombie (what
 					// alive checks): look again shortly after.
+					s.pendingPids[e.Tgid] = time.Now()
 					poke = true
 					time.AfterFunc(20*time.Millisecond, s.poke)
+					time.AfterFunc(200*time.Millisecond, s.poke)
 				}
 				if f := s.family[e.Tgid]; f != nil && f.state == famForked {
 					f.state, f.at = famCounted, time.Now()
@@ -433,8 +461,22 @@ func (s *Session) watchProcs() {
 				}
 			}
 		}
+		for _, e := range evs {
+			switch {
+			case e.Kind == procwatch.Exit && e.Pid == e.Tgid && s.opts.ProcessExited != nil:
+				s.opts.ProcessExited(e.Tgid)
+			case e.Kind == procwatch.Exec && s.opts.ProcessExeced != nil:
+				s.opts.ProcessExeced(e.Tgid)
+			}
+		}
+		// Let events gather: on a busy host the next Read then takes many
+		// at one wake-up (the BPF ring holds ~4,600, the cn_proc socket ~25,000).
+		time.Sleep(eventsCoalesce)
 	}
 }
+
+// eventsCoalesce is the pause between two reads of process events.
+const eventsCoalesce = 50 * time.Millisecond
 
 // followID notes the id of a followed cgroup directory (the events name
 // cgroups by id); a directory that cannot be read is left to the scans.
@@ -456,16 +498,27 @@ func (s *Session) poke() {
 	}
 }
 
-// seen records that a scan saw pid in a followed cgroup; it reports
+// CgroupChanged tells the session that processes may have joined the
+// followed cgroup directory dir: it is rescanned at the polling loop's
+// next turn instead of at the next periodic rescan (a source of cgroup or
+// process events calls it).
+func (s *Session) CgroupChanged(dir string) {
+	s.mu.Lock()
+	s.scanDirs[dir] = true
+	s.mu.Unlock()
+	s.poke()
+}
+
+// seen records that a scan of the followed cgroup via saw pid; it reports
 // whether pid's exit before attach was counted already.
-func (s *Session) seen(pid int) (counted bool) {
+func (s *Session) seen(pid int, via string) (counted bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	f := s.family[pid]
 	switch {
 	case f == nil:
 		if len(s.family) < maxFamily {
-			s.family[pid] = &famEntry{at: time.Now(), state: famSeen}
+			s.family[pid] = &famEntry{at: time.Now(), state: famSeen, via: via}
 		}
 	case f.state == famCounted:
 		return true

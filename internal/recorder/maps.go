@@ -5,7 +5,11 @@
 package recorder
 
 import (
+	"bytes"
 	"hash/fnv"
+	"os"
+	"path/filepath"
+	"strconv"
 	"time"
 
 	"github.com/memprof/memprof/internal/procmaps"
@@ -57,12 +61,14 @@ func (s *Session) checkMappings(t *target, symOnly bool) {
 	if !due {
 		return
 	}
-	ms, err := procmaps.Read(t.pid)
+	// The look hashes the text of the lines of executable file mappings
+	// as it reads them: no mapping is parsed or kept unless they changed.
+	data, err := os.ReadFile(filepath.Join(procmaps.ProcRoot, strconv.Itoa(t.pid), "maps"))
 	if err != nil {
 		t.mapping.next = now.Add(mapCheckMin) // exiting: the liveness check follows
 		return
 	}
-	fp := execFingerprint(ms)
+	fp := execFingerprint(data)
 	if fp == t.mapping.fp {
 		t.mapping.gap = min(2*t.mapping.gap, mapCheckMax)
 		t.mapping.next = now.Add(t.mapping.gap)
@@ -80,28 +86,51 @@ func (s *Session) checkMappings(t *target, symOnly bool) {
 	s.refreshTarget(t)
 }
 
-// execFingerprint is a hash of the executable file mappings (range,
-// offset, device and inode of each): it changes with a dlopen, dlclose or
-// exec, not with heap growth or anonymous mappings.
-func execFingerprint(ms []procmaps.Mapping) uint64 {
+// execFingerprint is a hash of the executable file mappings of the text of
+// a maps file (range, offset, device and inode of each): it changes with a
+// dlopen, dlclose or exec, not with heap growth or anonymous mappings.
+// Lines it cannot split are hashed whole (a change is then seen as one).
+func execFingerprint(maps []byte) uint64 {
 	h := fnv.New64a()
-	var b [8]byte
-	put := func(v uint64) {
-		for i := range b {
-			b[i] = byte(v >> (8 * i))
+	for len(maps) > 0 {
+		line := maps
+		if i := bytes.IndexByte(maps, '\n'); i >= 0 {
+			line, maps = maps[:i], maps[i+1:]
+		} else {
+			maps = nil
 		}
-		h.Write(b[:])
-	}
-	for i := range ms {
-		m := &ms[i]
-		if !m.Exec() || !m.IsFile() {
+		// start-end perms offset dev inode [path]
+		var f [6][]byte
+		rest := line
+		n := 0
+		for ; n < 5; n++ {
+			rest = bytes.TrimLeft(rest, " ")
+			i := bytes.IndexByte(rest, ' ')
+			if i < 0 {
+				f[n], rest = rest, nil
+				n++
+				break
+			}
+			f[n], rest = rest[:i], rest[i:]
+		}
+		f[5] = bytes.TrimLeft(rest, " ")
+		if n < 5 {
+			if len(line) > 0 {
+				h.Write(line)
+				h.Write([]byte{'\n'})
+			}
 			continue
 		}
-		put(m.Start)
-		put(m.End)
-		put(m.Offset)
-		put(m.ID().Dev)
-		put(m.Inode)
+		exec := len(f[1]) > 2 && f[1][2] == 'x'
+		file := !bytes.Equal(f[4], []byte("0")) && len(f[5]) > 0 && f[5][0] == '/'
+		if !exec || !file {
+			continue
+		}
+		for _, x := range [][]byte{f[0], f[2], f[3], f[4]} {
+			h.Write(x)
+			h.Write([]byte{' '})
+		}
+		h.Write([]byte{'\n'})
 	}
 	return h.Sum64()
 }

@@ -40,6 +40,18 @@ type Options struct {
 	Command    []string      // a command to start with the probes in place
 	Env        []string      // its environment (nil: memprof's own)
 	Poll       time.Duration // how often targets are rescanned (default 200ms)
+	// Rescan is, with the kernel's process events, how often every
+	// followed cgroup is re-listed anyway (a process moved in from
+	// outside makes no event); default rescanMax. CgroupChanged rescans
+	// one cgroup at once.
+	Rescan time.Duration
+	// ProcessExited, if set, is called with the pid of every process the
+	// kernel's process events say exited (any process of the host, not
+	// only targets; from the event reader: it must be quick): another
+	// tier following the same processes reclaims its state from it.
+	ProcessExited func(pid int)
+	// ProcessExeced, likewise, with the pid of every process that exec'd.
+	ProcessExeced func(pid int)
 	// Notify receives messages for the user (target exits, new targets, OOM kills).
 	Notify func(msg string)
 	// OOM, if set, is called for each OOM kill of a target with the
@@ -132,6 +144,17 @@ type Session struct {
 	family map[int]*famEntry
 	// attaching: pids being attached by addTarget, true once they exec.
 	attaching map[int]bool
+	// What process events (or CgroupChanged) left for the polling loop:
+	// followed cgroups to rescan ("": all of them), targets to look at
+	// (an exec or exit announced, since when), and a full look at every
+	// target and cgroup after events were lost.
+	scanDirs    map[string]bool
+	pendingPids map[int]time.Time
+	// execed: processes not known that exec'd (a container's runc init
+	// joins its cgroup, then execs): the loop checks whether they are in
+	// a followed cgroup (one /proc/PID/cgroup read each)
+	execed    map[int]bool
+	fullCheck bool
 
 	mu           sync.Mutex
 	procs        map[int]*target // targets running, and skipped processes remembered
@@ -182,6 +205,9 @@ func Start(ctx context.Context, opts Options) (*Session, error) {
 	if opts.Poll == 0 {
 		opts.Poll = 200 * time.Millisecond
 	}
+	if opts.Rescan == 0 {
+		opts.Rescan = rescanMax
+	}
 	if opts.Notify == nil {
 		opts.Notify = func(string) {}
 	}
@@ -229,6 +255,9 @@ func Start(ctx context.Context, opts Options) (*Session, error) {
 	s.family = map[int]*famEntry{}
 	s.cgIDs = map[uint64]string{}
 	s.attaching = map[int]bool{}
+	s.scanDirs = map[string]bool{}
+	s.pendingPids = map[int]time.Time{}
+	s.execed = map[int]bool{}
 	if opts.StackMode != StackFP {
 		s.dwarf = newDwarfStacks(objs, s.refreshSymbols)
 	}

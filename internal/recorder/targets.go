@@ -263,7 +263,9 @@ func (s *Session) scanCgroup(dir string) (int, error) {
 		t := s.procs[pid]
 		s.mu.Unlock()
 		if t != nil {
-			if alive(t) {
+			// With process events, a target's exit (and so a reused pid)
+			// is told: no liveness read per known process per scan.
+			if s.watch != nil || alive(t) {
 				continue
 			}
 			// Gone, and the pid perhaps reused already.
@@ -282,7 +284,7 @@ func (s *Session) scanCgroup(dir string) (int, error) {
 				continue
 			}
 		}
-		counted := s.seen(pid)
+		counted := s.seen(pid, dir)
 		if counted {
 			// Counted already as exited before attach: by its exit event
 			// before any scan saw it, or by an earlier scan that found it
@@ -318,7 +320,7 @@ func (s *Session) scanCgroup(dir string) (int, error) {
 			// Not profilable (e.g. a Go program) or failing: remember it so
 			// it is not retried while it runs, and say so once.
 			s.mu.Lock()
-			s.procs[pid] = &target{pid: pid, start: start, comm: procmaps.Comm(pid), skipped: true}
+			s.procs[pid] = &target{pid: pid, start: start, via: dir, comm: procmaps.Comm(pid), skipped: true}
 			s.mu.Unlock()
 			s.opts.Notify(fmt.Sprintf("skipping process %d: %v", pid, err))
 			if cause == skipAttachFailed && firstErr == nil {
@@ -336,10 +338,22 @@ func (s *Session) scanCgroup(dir string) (int, error) {
 }
 
 func (s *Session) loop(ctx context.Context) {
-	tick := time.NewTicker(s.opts.Poll)
+	// With the kernel's process events, forks, execs and exits are told
+	// (watchProcs): the loop looks at the cgroups and targets they name
+	// when woken, and at everything only every Options.Rescan (cgroups: a
+	// process moved in from outside makes no event) and liveCheckEvents
+	// (targets: a safety net), so its cost follows the events, not the
+	// number of targets; its ticks then only time the mapping checks, once
+	// per liveCheck.
+	events := s.watch != nil
+	period := s.opts.Poll
+	if events {
+		period = max(period, liveCheck)
+	}
+	tick := time.NewTicker(period)
 	defer tick.Stop()
 	var gate rescanGate
-	var lastLive time.Time
+	var lastLive, lastFull, lastRescan, lastExecCheck time.Time
 	for {
 		woken := false
 		select {
@@ -351,26 +365,86 @@ func (s *Session) loop(ctx context.Context) {
 		case <-s.wake:
 			woken = true
 		}
-		// A process event (a fork in a followed cgroup, an exec, an exit)
-		// is looked at now; without one, the cgroups are re-listed when a
-		// process was created on the host (rescanGate) and the targets
-		// looked at once per liveCheck.
-		if cgs := s.Cgroups(); len(cgs) > 0 && (woken || gate.due(time.Now())) {
-			for _, cg := range cgs {
+		now := time.Now()
+		s.mu.Lock()
+		dirs := s.scanDirs
+		s.scanDirs = map[string]bool{}
+		full := s.fullCheck
+		s.fullCheck = false
+		// Execs of unknown processes are looked at when told (one
+		// /proc/PID/cgroup read each), or, when more of them are waiting
+		// than cgroups are followed, by one rescan of every cgroup at most
+		// once per execCheckEvery.
+		var execed map[int]bool
+		cgs := s.opts.Cgroups
+		if n := len(s.execed); n > 0 && (n <= len(cgs) || now.Sub(lastExecCheck) >= execCheckEvery) {
+			execed, s.execed = s.execed, map[int]bool{}
+			if n > len(cgs) {
+				lastExecCheck = now
+			}
+		}
+		s.mu.Unlock()
+		// Without process events, the cgroups are re-listed when a
+		// process was created on the host (rescanGate).
+		if cgs := s.Cgroups(); len(cgs) > 0 {
+			var scan []string
+			switch {
+			case !events:
+				if woken || gate.due(now) {
+					scan = cgs
+				}
+			case full || dirs[""] || now.Sub(lastRescan) >= s.opts.Rescan:
+				scan = cgs
+				lastRescan = now
+			case len(execed) > len(cgs):
+				scan = cgs // more cgroup reads than a rescan
+				lastRescan = now
+			default:
+				for pid := range execed {
+					if cg := followedCgroupOf(pid, cgs); cg != "" {
+						dirs[cg] = true
+					}
+				}
+				for _, cg := range cgs {
+					if dirs[cg] {
+						scan = append(scan, cg)
+					}
+				}
+			}
+			for _, cg := range scan {
 				if _, err := s.scanCgroup(cg); err != nil {
 					s.recordErr(err)
 				}
 			}
 		}
 		s.endScan()
-		s.forgetSkipped()
 		if s.opts.DropExited && time.Since(s.lastPrune) > PruneInterval {
 			s.pruneStacks()
 		}
-		if !woken && time.Since(lastLive) < liveCheck {
+		if !woken && !full && time.Since(lastLive) < liveCheck {
 			continue
 		}
-		lastLive = time.Now()
+		lastLive = now
+		// every: look at every target's liveness and program (without
+		// events, or as the safety net); otherwise only at those an event
+		// named, until they are seen gone or the event is old.
+		every := !events || full || now.Sub(lastFull) >= liveCheckEvents
+		if every {
+			lastFull = now
+			s.forgetSkipped(nil)
+		}
+		s.mu.Lock()
+		named := make(map[int]bool, len(s.pendingPids))
+		for pid, at := range s.pendingPids {
+			named[pid] = true
+			if now.Sub(at) > 2*time.Second {
+				delete(s.pendingPids, pid) // alive still (a leader thread's exit): the safety net follows it
+			}
+		}
+		s.mu.Unlock()
+		if !every && len(named) > 0 {
+			s.forgetSkipped(named)
+		}
 		live := s.liveTargets()
 		s.watchCalls(live)
 		if s.opts.FollowChildren {
@@ -381,38 +455,82 @@ func (s *Session) loop(ctx context.Context) {
 				s.checkMappings(t, true)
 				continue // the tracer sees its exit
 			}
-			if !alive(t) {
-				s.exit(t.pid, "exited", false, nil)
-				continue
-			}
-			s.mu.Lock()
-			execed, sig0 := t.execed, t.cov.execSig
-			s.mu.Unlock()
-			if sig0 != "" {
-				// The program's signature confirms an exec event (one for
-				// an exec before the attach may arrive after it) and, with
-				// no process events (or some lost), finds an exec itself.
-				// An exiting process has no exe link and no code left
-				// (startcode 0): that is no exec.
-				sig := execSignature(t.pid)
-				exe, code, _ := strings.Cut(sig, "@")
-				switch {
-				case sig == sig0 && execed:
-					s.mu.Lock()
-					t.execed = false
-					s.mu.Unlock()
-					execed = false
-				case !execed:
-					execed = exe != "" && code != "" && code != "0" && sig != sig0 && !exiting(t.pid) && alive(t)
+			if every || named[t.pid] {
+				if !alive(t) {
+					s.exit(t.pid, "exited", false, nil)
+					s.donePending(t.pid)
+					continue
 				}
-			}
-			if execed {
-				s.replaceImage(t.pid, true)
-				continue
+				if s.checkExec(t) {
+					s.donePending(t.pid)
+					continue
+				}
 			}
 			s.checkMappings(t, false)
 		}
 	}
+}
+
+// followedCgroupOf returns the followed cgroup directory (of cgs) that
+// process pid's memory cgroup is, or is under; "" if none (or pid is gone).
+func followedCgroupOf(pid int, cgs []string) string {
+	rel := memoryCgroup(pid)
+	if rel == "" {
+		return ""
+	}
+	dir := cgroupDir(rel)
+	for _, cg := range cgs {
+		if r, err := filepath.Rel(cg, dir); err == nil && (r == "." || r != ".." && !strings.HasPrefix(r, "../")) {
+			return cg
+		}
+	}
+	return ""
+}
+
+// execCheckEvery spaces the rescans for bursts of execs of processes not
+// known.
+const execCheckEvery = time.Second
+
+// liveCheckEvents is how often, with process events, the loop looks at
+// every target's liveness and program anyway (events are never lost
+// silently, but a thread group leader may exit before its threads).
+var liveCheckEvents = 10 * time.Second
+
+// donePending forgets the event pending for pid (handled).
+func (s *Session) donePending(pid int) {
+	s.mu.Lock()
+	delete(s.pendingPids, pid)
+	s.mu.Unlock()
+}
+
+// checkExec handles an exec of target t, told by a process event or found
+// by its program's signature; it reports whether t's image was replaced.
+func (s *Session) checkExec(t *target) bool {
+	s.mu.Lock()
+	execed, sig0 := t.execed, t.cov.execSig
+	s.mu.Unlock()
+	if sig0 != "" {
+		// The program's signature confirms an exec event (one for
+		// an exec before the attach may arrive after it) and, with
+		// no process events (or some lost), finds an exec itself.
+		// An exiting process has no exe link and no code left
+		// (startcode 0): that is no exec.
+		sig := execSignature(t.pid)
+		exe, code, _ := strings.Cut(sig, "@")
+		switch {
+		case sig == sig0 && execed:
+			s.mu.Lock()
+			t.execed = false
+			s.mu.Unlock()
+			execed = false
+		case !execed:
+			execed = exe != "" && code != "" && code != "0" && sig != sig0 && !exiting(t.pid) && alive(t)
+		}
+	}
+	if execed {
+		s.replaceImage(t.pid, true)
+	}
+	return execed
 }
 
 // refreshSymbols makes pid's symbolizer take the mappings the process has
@@ -503,12 +621,13 @@ func (s *Session) Exclude(pid int, why string) {
 }
 
 // forgetSkipped drops the processes remembered only so they are not
-// retried (no allocator, excluded) once they are gone.
-func (s *Session) forgetSkipped() {
+// retried (no allocator, excluded) once they are gone; only: the pids to
+// look at (nil: every skipped process).
+func (s *Session) forgetSkipped(only map[int]bool) {
 	s.mu.Lock()
 	var skipped []int
 	for pid, t := range s.procs {
-		if t.skipped {
+		if t.skipped && (only == nil || only[pid]) {
 			skipped = append(skipped, pid)
 		}
 	}
@@ -522,6 +641,7 @@ func (s *Session) forgetSkipped() {
 			if s.procs[pid] == t {
 				delete(s.procs, pid)
 			}
+			delete(s.pendingPids, pid)
 			s.mu.Unlock()
 		}
 	}

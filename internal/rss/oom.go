@@ -46,10 +46,13 @@ func (s *Session) handleOOM(raw []byte) {
 	k.Comm = string(comm)
 	s.mu.Lock()
 	_, known := s.procs[pid]
-	_, inCg := s.cgIDs[memcg]
+	dir, inCg := s.cgIDs[memcg]
 	s.ooms++
 	s.mu.Unlock()
-	if v1, _ := cgroups.Root(); v1 != "" && memcg != 0 {
+	v1, v2 := cgroups.Root()
+	if inCg && (v1 != "" && isUnder(dir, v1) || v1 == "" && v2 != "") {
+		k.Memcg = dir // a followed memory cgroup: no walk of the hierarchy for its path
+	} else if v1 != "" && memcg != 0 {
 		if p, err := cgroups.PathByID(v1, memcg); err == nil {
 			k.Memcg = p
 		}

@@ -1,6 +1,7 @@
 package rss
 
 import (
+	"fmt"
 	"math"
 	"sort"
 	"strconv"
@@ -83,16 +84,15 @@ func (s *Session) profile(only func(pid uint32) bool, verify bool) (*pprofout.RS
 		k mbpf.RssRssFaultKey
 		n uint64
 	}
-	var fk mbpf.RssRssFaultKey
-	var n uint64
-	it := s.objs.RssFaults.Iterate()
-	for it.Next(&fk, &n) {
+	if err := eachEntry(s.objs.RssFaults, func(fk mbpf.RssRssFaultKey, n uint64) {
 		if only(fk.Tgid) {
 			bpfFaults = append(bpfFaults, struct {
 				k mbpf.RssRssFaultKey
 				n uint64
 			}{fk, n})
 		}
+	}); err != nil {
+		return nil, nil, fmt.Errorf("read fault counts: %w", err)
 	}
 	st := s.newStackTable()
 

@@ -15,6 +15,7 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/ringbuf"
+	"golang.org/x/sys/unix"
 
 	mbpf "github.com/memprof/memprof/bpf"
 	"github.com/memprof/memprof/internal/cgroups"
@@ -50,7 +51,17 @@ type Options struct {
 	// set of tables per node); otherwise the RSS tier builds its own for
 	// its targets' objects.
 	Unwind *unwindtable.Shared
-	Poll   time.Duration // cgroup rescans and reclaim of exited processes (default 200ms)
+	// Poll is how often every followed cgroup is re-listed (new processes
+	// noted, new child cgroups registered) and exited processes reclaimed
+	// (at most every 2 s); default 200ms. CgroupChanged rescans one cgroup
+	// between polls. The agent, which follows every container of the node,
+	// polls every few seconds: a process the poll has not noted yet is
+	// still profiled (BPF filters by cgroup), only noted later.
+	Poll time.Duration
+	// Verify is how often every sampled folio is checked against pagemap
+	// (default VerifyInterval); a profile checks the folios it reports
+	// when it is built.
+	Verify time.Duration
 	Notify func(msg string)
 	// OOM is called for each OOM kill of a target (or of any process with
 	// AllOOMs) with the victim's RSS profile at the kill.
@@ -84,14 +95,22 @@ type Session struct {
 	done    chan struct{}
 	wg      sync.WaitGroup
 
-	mu      sync.Mutex
-	procs   map[int]*proc
-	cgDirs  map[string]bool   // target cgroup directories
-	cgIDs   map[uint64]string // registered cgroup ids (descendants included) -> dir
-	kinds   uint32
-	errs    []string
-	ooms    int
-	reclaim time.Time
+	mu    sync.Mutex
+	procs map[int]*proc
+	// cgDirs: target cgroup directories, each with the time it was first
+	// followed (clock ticks after boot, as a process's start time)
+	cgDirs    map[string]uint64
+	cgVersion map[string]int    // cgroup version of each target directory
+	cgIDs     map[uint64]string // registered cgroup ids (descendants included) -> their directory
+	pending   map[string]bool   // cgroups to rescan at the loop's next turn (CgroupChanged)
+	exited    map[int]time.Time // processes told exited lately (ProcessExited)
+	// exitedFull: more exits told than exited holds: reclaim every process
+	exitedFull bool
+	wake       chan struct{}
+	kinds      uint32
+	errs       []string
+	ooms       int
+	reclaim    time.Time
 	// verified: last check of every sampled folio against pagemap
 	verified time.Time
 	// lastStacks: how the stacks of the last profile were taken
@@ -102,10 +121,10 @@ type Session struct {
 	pruned      time.Time // last pruneStacks
 }
 
-// VerifyInterval is how often every sampled folio is checked against
-// /proc/PID/pagemap and the ones given back are forgotten: it bounds the
-// map for processes that churn through address space, and it is what an
-// OOM post-mortem's residency is as of.
+// VerifyInterval is how often, by default (Options.Verify), every sampled
+// folio is checked against /proc/PID/pagemap and the ones given back are
+// forgotten: it bounds the map for processes that churn through address
+// space, and it is what an OOM post-mortem's residency is as of.
 var VerifyInterval = 5 * time.Second
 
 // verifyAll checks every sampled folio of live processes and forgets the
@@ -149,6 +168,9 @@ func Start(ctx context.Context, opts Options) (*Session, error) {
 	if opts.Poll == 0 {
 		opts.Poll = 200 * time.Millisecond
 	}
+	if opts.Verify == 0 {
+		opts.Verify = VerifyInterval
+	}
 	if opts.Notify == nil {
 		opts.Notify = func(string) {}
 	}
@@ -175,8 +197,9 @@ func Start(ctx context.Context, opts Options) (*Session, error) {
 		opts: opts, objs: objs, rd: rd,
 		sym:   symbolize.NewCache(symbolize.Options{}),
 		start: time.Now(), done: make(chan struct{}),
-		procs: map[int]*proc{}, cgDirs: map[string]bool{}, cgIDs: map[uint64]string{},
-		staleStacks: map[uint64]bool{},
+		procs: map[int]*proc{}, cgDirs: map[string]uint64{}, cgVersion: map[string]int{},
+		cgIDs: map[uint64]string{}, pending: map[string]bool{}, exited: map[int]time.Time{},
+		wake: make(chan struct{}, 1), staleStacks: map[uint64]bool{},
 	}
 	if objs.store != nil {
 		// The store rescans a target whose walk met code mapped since
@@ -320,10 +343,13 @@ func (s *Session) adopt(pid int) bool {
 // AddCgroup makes every process of cgroup directory dir (v1 memory or v2)
 // and of its descendants a target, including later ones.
 func (s *Session) AddCgroup(dir string) error {
+	dir = filepath.Clean(dir)
 	s.mu.Lock()
-	s.cgDirs[filepath.Clean(dir)] = true
+	if _, ok := s.cgDirs[dir]; !ok {
+		s.cgDirs[dir] = bootTicks()
+	}
 	s.mu.Unlock()
-	err := s.scanCgroup(filepath.Clean(dir))
+	err := s.scanCgroup(dir)
 	if s.targets != nil {
 		// The tables of the processes found now are built before the
 		// caller goes on (as for a pid), so their first faults' walks
@@ -334,12 +360,95 @@ func (s *Session) AddCgroup(dir string) error {
 	return err
 }
 
+// CgroupChanged tells the session that processes joined or left cgroup
+// directory dir (a target), or that a child cgroup was made under it: it
+// is rescanned at the loop's next turn rather than at the next poll.
+func (s *Session) CgroupChanged(dir string) {
+	dir = filepath.Clean(dir)
+	s.mu.Lock()
+	if _, ok := s.cgDirs[dir]; ok {
+		s.pending[dir] = true
+	}
+	s.mu.Unlock()
+	select {
+	case s.wake <- struct{}{}:
+	default:
+	}
+}
+
+// ProcessExited tells the session that process pid exited (a process
+// event, for any process of the host): if the session knows it, or notes
+// it within exitedKeep (its last sampled faults are read after its exit),
+// its state is reclaimed within reclaimEvery rather than at the next poll.
+func (s *Session) ProcessExited(pid int) {
+	s.mu.Lock()
+	if len(s.exited) < maxExitedPending {
+		s.exited[pid] = time.Now()
+	} else {
+		s.exitedFull = true // the next tick reclaims every process
+	}
+	s.mu.Unlock()
+}
+
+// ProcessExeced tells the session that process pid exec'd a new program
+// (a process event): if the session knows it, its view of the process's
+// mappings is re-read execRefreshAfter later (once the dynamic loader has
+// mapped the libraries), so its faults, and an OOM post-mortem read after
+// it died, are symbolized against the new program.
+func (s *Session) ProcessExeced(pid int) {
+	s.mu.Lock()
+	known := s.procs[pid] != nil
+	s.mu.Unlock()
+	if !known {
+		return
+	}
+	time.AfterFunc(execRefreshAfter, func() {
+		select {
+		case <-s.done:
+			return
+		default:
+		}
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		if p := s.procs[pid]; p != nil && p.sym != nil && !p.exited && p.frozen == nil {
+			s.refreshSym(p)
+		}
+	})
+}
+
+const execRefreshAfter = 100 * time.Millisecond
+
+// reclaimEvery is how often the processes told exited are reclaimed (in
+// one pass over the folio map for all of them); exits told are kept
+// exitedKeep, at most maxExitedPending of them (beyond: a full reclaim).
+const (
+	reclaimEvery     = 2 * time.Second
+	exitedKeep       = 10 * time.Second
+	maxExitedPending = 1 << 15
+)
+
+// bootTicks is the time now in clock ticks after boot (USER_HZ, the unit
+// of a process's start time in /proc/PID/stat, which counts boot time).
+func bootTicks() uint64 {
+	var ts unix.Timespec
+	if unix.ClockGettime(unix.CLOCK_BOOTTIME, &ts) != nil {
+		return 0
+	}
+	return uint64(ts.Nano()) / (1e9 / userHZ)
+}
+
+// userHZ is the unit of /proc/PID/stat's times (100 on every Linux
+// architecture's user ABI).
+const userHZ = 100
+
 // RemoveCgroup stops recording cgroup dir (the agent, when a container goes).
 func (s *Session) RemoveCgroup(dir string) {
 	dir = filepath.Clean(dir)
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	delete(s.cgDirs, dir)
+	delete(s.cgVersion, dir)
+	delete(s.pending, dir)
 	for id, d := range s.cgIDs {
 		if d == dir || isUnder(d, dir) {
 			if err := errors.Join(deleteKey(s.objs.RssMemcgs, id), deleteKey(s.objs.RssCgroups, id)); err != nil {
@@ -380,25 +489,33 @@ func isUnder(p, dir string) bool {
 }
 
 // scanCgroup registers dir and its descendants' ids with BPF and notes
-// their processes.
+// their processes. A leaf cgroup (the usual container) costs two stats and
+// one read of cgroup.procs: its version is cached, and its descendants are
+// listed only when its link count says it has some.
 func (s *Session) scanCgroup(dir string) error {
-	v, err := cgroups.Version(dir)
-	if err != nil {
-		return fmt.Errorf("cgroup %s: %w", dir, err)
-	}
-	var dirs []string
-	// The callback skips what cannot be read and never fails, nor does
-	// WalkDir then.
-	_ = filepath.WalkDir(dir, func(p string, d os.DirEntry, err error) error {
-		if err == nil && d.IsDir() {
-			dirs = append(dirs, p)
-		}
-		return nil
-	})
 	s.mu.Lock()
-	for _, d := range dirs {
-		id, err := cgroups.ID(d)
-		if err != nil {
+	v, since := s.cgVersion[dir], s.cgDirs[dir]
+	s.mu.Unlock()
+	if v == 0 {
+		var err error
+		if v, err = cgroups.Version(dir); err != nil {
+			return fmt.Errorf("cgroup %s: %w", dir, err)
+		}
+		s.mu.Lock()
+		if _, ok := s.cgDirs[dir]; ok {
+			s.cgVersion[dir] = v
+		}
+		s.mu.Unlock()
+	}
+	dirs := cgroups.Subdirs(dir)
+	ids := make([]uint64, len(dirs))
+	for i, d := range dirs {
+		ids[i], _ = cgroups.ID(d)
+	}
+	s.mu.Lock()
+	for i, d := range dirs {
+		id := ids[i]
+		if id == 0 {
 			continue
 		}
 		if _, ok := s.cgIDs[id]; ok {
@@ -416,7 +533,7 @@ func (s *Session) scanCgroup(dir string) error {
 			return fmt.Errorf("add cgroup %s to the RSS targets: %w", d, err)
 		}
 		s.setKinds(kind)
-		s.cgIDs[id] = dir
+		s.cgIDs[id] = d
 		s.targetsChanged()
 	}
 	s.mu.Unlock()
@@ -424,19 +541,46 @@ func (s *Session) scanCgroup(dir string) error {
 	if err != nil {
 		return fmt.Errorf("list processes of cgroup %s: %w", dir, err)
 	}
-	var added []int
 	s.mu.Lock()
+	var fresh []int
 	for _, pid := range pids {
 		if s.procs[pid] == nil {
-			added = append(added, pid)
+			fresh = append(fresh, pid)
 		}
-		s.noteProc(pid)
 	}
 	s.mu.Unlock()
-	for _, pid := range added {
+	for _, pid := range fresh {
+		// Read outside the lock; the fault reader may note it meanwhile
+		// (noteNew): the first note is kept.
+		p := s.scannedProc(pid, since)
+		s.mu.Lock()
+		if s.procs[pid] == nil {
+			s.procs[pid] = p
+		} else if p.sym != nil {
+			p.sym.Close()
+		}
+		s.mu.Unlock()
 		s.addUnwind(pid, nil, 0) // tables built in the background
 	}
 	return nil
+}
+
+// scannedProc is a process a cgroup scan found: since is when its cgroup
+// was first followed (boot ticks). One that started after that had nothing
+// resident before the recording (as a process first seen by its sampled
+// fault, noteNew), however late the scan saw it; the others count their
+// RssAnon now as resident before.
+func (s *Session) scannedProc(pid int, since uint64) *proc {
+	p := s.newProc(pid)
+	if start, running := procmaps.StartTime(pid); running && since > 0 && start > since {
+		return p
+	}
+	if pm, err := frag.ReadProcess(pid); err == nil {
+		p.startAnon = int64(pm.RssAnon)
+	} else {
+		p.exited = !procmaps.Alive(pid)
+	}
+	return p
 }
 
 // noteProc records a process the first time it is seen: its name, cgroup,
@@ -526,25 +670,44 @@ func (s *Session) readEvents() {
 	}
 }
 
-// loop rescans cgroups and reclaims the state of exited processes.
+// loop rescans cgroups (all at each poll, the changed ones when told) and
+// reclaims the state of exited processes: all of them at a poll, the ones
+// told exited every reclaimEvery.
 func (s *Session) loop(ctx context.Context) {
 	defer s.wg.Done()
-	tick := time.NewTicker(s.opts.Poll)
+	tick := time.NewTicker(min(s.opts.Poll, reclaimEvery))
 	defer tick.Stop()
+	lastPoll := time.Now()
 	for {
+		all, ticked := false, false
 		select {
 		case <-ctx.Done():
 			return
 		case <-s.done:
 			return
 		case <-tick.C:
+			ticked = true
+			if time.Since(lastPoll) >= s.opts.Poll-s.opts.Poll/10 {
+				all, lastPoll = true, time.Now()
+			}
+		case <-s.wake:
 		}
 		s.mu.Lock()
-		s.targetsChanged() // a verdict on a reused css_set address lives one poll at most
-		dirs := make([]string, 0, len(s.cgDirs))
-		for d := range s.cgDirs {
-			dirs = append(dirs, d)
+		if ticked {
+			s.targetsChanged() // a verdict on a reused css_set address lives one tick at most
 		}
+		var dirs []string
+		if all {
+			dirs = make([]string, 0, len(s.cgDirs))
+			for d := range s.cgDirs {
+				dirs = append(dirs, d)
+			}
+		} else {
+			for d := range s.pending {
+				dirs = append(dirs, d)
+			}
+		}
+		clear(s.pending)
 		s.mu.Unlock()
 		for _, d := range dirs {
 			if err := s.scanCgroup(d); err != nil && !os.IsNotExist(errors.Unwrap(err)) {
@@ -553,10 +716,30 @@ func (s *Session) loop(ctx context.Context) {
 				s.mu.Unlock()
 			}
 		}
-		if time.Since(s.reclaim) > 2*time.Second {
-			s.reclaimExited()
+		switch {
+		case all && time.Since(s.reclaim) > reclaimEvery:
+			s.reclaimExited(nil)
+		case ticked:
+			s.mu.Lock()
+			full := s.exitedFull
+			s.exitedFull = false
+			told := map[uint32]bool{}
+			for pid, at := range s.exited {
+				switch {
+				case s.procs[pid] != nil && !s.procs[pid].exited:
+					told[uint32(pid)] = true
+				case time.Since(at) > exitedKeep:
+					delete(s.exited, pid)
+				}
+			}
+			s.mu.Unlock()
+			if full {
+				s.reclaimExited(nil)
+			} else if len(told) > 0 {
+				s.reclaimExited(told)
+			}
 		}
-		if time.Since(s.verified) > VerifyInterval {
+		if all && time.Since(s.verified) > s.opts.Verify {
 			s.verifyAll()
 		}
 	}
@@ -564,34 +747,63 @@ func (s *Session) loop(ctx context.Context) {
 
 // reclaimExited removes the sampled folios of processes that have exited
 // (their memory is gone) from the BPF map, and forgets them entirely with
-// DropExited.
-func (s *Session) reclaimExited() {
-	s.reclaim = time.Now()
+// DropExited. One pass over each map, one liveness check per process;
+// only: the processes to look at (told exited; nil: every one).
+func (s *Session) reclaimExited(only map[uint32]bool) {
+	if only == nil {
+		s.reclaim = time.Now()
+	}
 	var dead []mbpf.RssRssPageKey
-	var k mbpf.RssRssPageKey
-	var v mbpf.RssRssPage
 	gone := map[uint32]bool{}
-	it := s.objs.RssPages.Iterate()
-	for it.Next(&k, &v) {
-		g, ok := gone[k.Tgid]
-		if !ok {
-			g = !procmaps.Alive(int(k.Tgid))
-			gone[k.Tgid] = g
+	isGone := func(tgid uint32) bool {
+		if only != nil && !only[tgid] {
+			return false
 		}
-		if g {
-			dead = append(dead, k)
+		g, ok := gone[tgid]
+		if !ok {
+			g = !procmaps.Alive(int(tgid))
+			gone[tgid] = g
+		}
+		return g
+	}
+	if only != nil {
+		// Told exited: read the folio map only if one of them is gone
+		// (an exit event comes just before the process is a zombie).
+		any := false
+		for pid := range only {
+			any = isGone(pid) || any
+		}
+		s.mu.Lock()
+		for pid := range only {
+			if gone[pid] || time.Since(s.exited[int(pid)]) > exitedKeep {
+				delete(s.exited, int(pid)) // reclaimed now, or left to the poll
+			}
+		}
+		s.mu.Unlock()
+		if !any {
+			return
 		}
 	}
-	failed, err := deleteKeys(s.objs.RssPages, dead)
+	err := eachEntry(s.objs.RssPages, func(k mbpf.RssRssPageKey, _ mbpf.RssRssPage) {
+		if isGone(k.Tgid) {
+			dead = append(dead, k)
+		}
+	})
+	failed, derr := deleteKeys(s.objs.RssPages, dead)
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if err != nil {
-		s.recordErr(fmt.Errorf("forget %d of %d folios of exited processes: %w", failed, len(dead), err))
+		s.recordErr(fmt.Errorf("list sampled folios: %w", err))
 	}
+	if derr != nil {
+		s.recordErr(fmt.Errorf("forget %d of %d folios of exited processes: %w", failed, len(dead), derr))
+	}
+	drop := map[uint32]bool{}
 	for pid, p := range s.procs {
-		if p.exited || procmaps.Alive(pid) {
+		if p.exited || !isGone(uint32(pid)) {
 			continue
 		}
+		delete(s.exited, pid)
 		p.exited = true
 		if err := deleteKey(s.objs.RssPids, uint32(pid)); err != nil {
 			s.recordErr(fmt.Errorf("forget exited pid %d: %w", pid, err))
@@ -600,9 +812,10 @@ func (s *Session) reclaimExited() {
 			_ = s.targets.Remove(pid) // gone: its entry may be too
 		}
 		if s.opts.DropExited {
-			s.dropProc(pid)
+			drop[uint32(pid)] = true
 		}
 	}
+	s.dropProcs(drop)
 	s.pruneStacks()
 }
 
@@ -648,23 +861,61 @@ func (s *Session) pruneStacks() {
 	heap.PruneStacks(m, refs, s.staleStacks)
 }
 
-// dropProc forgets pid's fault counts and state (caller holds mu).
-func (s *Session) dropProc(pid int) {
-	if p := s.procs[pid]; p != nil && p.sym != nil {
-		p.sym.Close()
+// dropProcs forgets the fault counts and state of the processes in pids
+// (caller holds mu): one pass over the fault map for all of them.
+func (s *Session) dropProcs(pids map[uint32]bool) {
+	if len(pids) == 0 {
+		return
 	}
-	delete(s.procs, pid)
-	var fk mbpf.RssRssFaultKey
-	var n uint64
+	for pid := range pids {
+		if p := s.procs[int(pid)]; p != nil && p.sym != nil {
+			p.sym.Close()
+		}
+		delete(s.procs, int(pid))
+	}
 	var del []mbpf.RssRssFaultKey
-	it := s.objs.RssFaults.Iterate()
-	for it.Next(&fk, &n) {
-		if fk.Tgid == uint32(pid) {
+	if err := eachEntry(s.objs.RssFaults, func(fk mbpf.RssRssFaultKey, _ uint64) {
+		if pids[fk.Tgid] {
 			del = append(del, fk)
 		}
+	}); err != nil {
+		s.recordErr(fmt.Errorf("list fault buckets: %w", err))
 	}
 	if failed, err := deleteKeys(s.objs.RssFaults, del); err != nil {
-		s.recordErr(fmt.Errorf("forget %d of %d fault buckets of pid %d: %w", failed, len(del), pid, err))
+		s.recordErr(fmt.Errorf("forget %d of %d fault buckets of %d exited processes: %w", failed, len(del), len(pids), err))
+	}
+}
+
+// mapBatch is how many entries one batched map lookup moves.
+const mapBatch = 1024
+
+// eachEntry calls fn for every entry of hash map m, read with batched
+// lookups (one system call per mapBatch entries instead of two per entry;
+// Linux 5.6+), falling back to iterating where the kernel has no batch
+// operations. Entries added or removed meanwhile may be seen or not.
+func eachEntry[K, V any](m *ebpf.Map, fn func(K, V)) error {
+	keys := make([]K, mapBatch)
+	vals := make([]V, mapBatch)
+	var cur ebpf.MapBatchCursor
+	for first := true; ; first = false {
+		n, err := m.BatchLookup(&cur, keys, vals, nil)
+		for i := 0; i < n; i++ {
+			fn(keys[i], vals[i])
+		}
+		switch {
+		case errors.Is(err, ebpf.ErrKeyNotExist):
+			return nil
+		case err != nil && first && n == 0 && errors.Is(err, ebpf.ErrNotSupported):
+			var k K
+			var v V
+			it := m.Iterate()
+			for it.Next(&k, &v) {
+				fn(k, v)
+			}
+			return it.Err()
+		case err != nil:
+			return err
+		}
 	}
 }
 
@@ -777,13 +1028,14 @@ type pageEntry struct {
 // pagesOf reads the sampled folios of the processes keep selects.
 func (s *Session) pagesOf(keep func(uint32) bool) map[uint32][]pageEntry {
 	out := map[uint32][]pageEntry{}
-	var k mbpf.RssRssPageKey
-	var v mbpf.RssRssPage
-	it := s.objs.RssPages.Iterate()
-	for it.Next(&k, &v) {
+	if err := eachEntry(s.objs.RssPages, func(k mbpf.RssRssPageKey, v mbpf.RssRssPage) {
 		if keep(k.Tgid) {
 			out[k.Tgid] = append(out[k.Tgid], pageEntry{k, v})
 		}
+	}); err != nil {
+		s.mu.Lock()
+		s.recordErr(fmt.Errorf("list sampled folios: %w", err))
+		s.mu.Unlock()
 	}
 	return out
 }

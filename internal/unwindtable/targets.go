@@ -15,8 +15,13 @@ import (
 // StaleInterval is how often the processes whose BPF walks met code
 // outside their known mappings (uw_stale: a library mapped since, dlopen;
 // a process a tier has not listed yet) are rescanned, each at most once per
-// interval. Their walks end truncated meanwhile (counted).
-const StaleInterval = 5 * time.Millisecond
+// interval. Their walks end truncated meanwhile (counted). While none are
+// found the wait doubles up to StaleIntervalMax, so an idle node does not
+// wake 200 times a second (one map walk each) for nothing.
+const (
+	StaleInterval    = 5 * time.Millisecond
+	StaleIntervalMax = 500 * time.Millisecond
+)
 
 // Targets is one tier's set of processes in a Store. Tiers sharing a Store
 // (the heap and RSS tiers of the agent) each hold their own Targets: a
@@ -201,26 +206,33 @@ func (s *Store) unuse(pid int) error {
 	return s.RemoveProcess(pid)
 }
 
-// staleLoop rescans the processes marked in uw_stale every StaleInterval
-// until stop is closed.
+// staleLoop rescans the processes marked in uw_stale until stop is
+// closed: every StaleInterval while some are found, backing off to
+// StaleIntervalMax while none are.
 func (s *Store) staleLoop(stop, done chan struct{}) {
 	defer close(done)
-	tick := time.NewTicker(StaleInterval)
-	defer tick.Stop()
+	wait := StaleInterval
+	t := time.NewTimer(wait)
+	defer t.Stop()
 	for {
 		select {
 		case <-stop:
 			return
-		case <-tick.C:
-			s.rescanStale()
+		case <-t.C:
+			if s.rescanStale() > 0 {
+				wait = StaleInterval
+			} else {
+				wait = min(2*wait, StaleIntervalMax)
+			}
+			t.Reset(wait)
 		}
 	}
 }
 
 // rescanStale rescans the marked processes: a known one gets its current
 // mappings and the Targets holding it are told (mapped); an unknown one is
-// offered to each Targets (adopt).
-func (s *Store) rescanStale() {
+// offered to each Targets (adopt). It returns how many were marked.
+func (s *Store) rescanStale() int {
 	var pids []uint32
 	var pid uint32
 	var v uint8
@@ -272,6 +284,7 @@ func (s *Store) rescanStale() {
 			}
 		}
 	}
+	return len(pids)
 }
 
 // Shared is a Store with the maps that hold its tables (uw_procs,

@@ -27,6 +27,7 @@ var (
 	podsFlag   = flag.String("pods", "25,100,200", "pod counts to run, comma-separated")
 	windowFlag = flag.Duration("window", 30*time.Second, "CPU measurement window once every pod is attached")
 	perfFlag   = flag.String("perf", "", "directory to record a perf CPU profile of the agent over each window into")
+	binFlag    = flag.String("memprof", "", "run this memprof binary instead of building ./cmd/memprof (two builds compared back to back)")
 )
 
 const (
@@ -60,11 +61,14 @@ func BenchmarkAgent(b *testing.B) {
 		}
 		counts = append(counts, n)
 	}
-	memprof := filepath.Join(b.TempDir(), "memprof")
-	build := exec.Command("go", "build", "-o", memprof, "./cmd/memprof")
-	build.Dir = testprog.Root()
-	if out, err := build.CombinedOutput(); err != nil {
-		b.Fatalf("go build ./cmd/memprof: %v\n%s", err, out)
+	memprof := *binFlag
+	if memprof == "" {
+		memprof = filepath.Join(b.TempDir(), "memprof")
+		build := exec.Command("go", "build", "-o", memprof, "./cmd/memprof")
+		build.Dir = testprog.Root()
+		if out, err := build.CombinedOutput(); err != nil {
+			b.Fatalf("go build ./cmd/memprof: %v\n%s", err, out)
+		}
 	}
 	wl := testprog.Build(b, "agent_workload.c")
 	var rows []result

@@ -29,5 +29,6 @@
 //
 // Flags after -args: -pods (default 25,100,200), -window (default 30s),
 // -perf DIR (record a perf CPU profile of the agent over each window into
-// DIR/agent-N.data, for `perf report`).
+// DIR/agent-N.data, for `perf report`), -memprof BIN (run that binary
+// instead of building ./cmd/memprof: two versions back to back).
 package agentbench
