@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -90,10 +91,21 @@ func TestDiscoverySelection(t *testing.T) {
 	if got, want := followedDirs(r), sortedStrings([]string{app.dir, side.dir, pg.dir, dns.dir, api.dir, job.dir}); !reflect.DeepEqual(got, want) {
 		t.Errorf("RSS tier follows %v, want every container %v", got, want)
 	}
+	// The attach listed the new containers' processes; a process that
+	// joins a known container later is told to both tiers at the next
+	// discovery (a rescan of that cgroup, not of every one).
+	if len(r.changed)+len(h.changed) != 0 {
+		t.Errorf("rescans asked at the first discovery: RSS %v, heap %v; want none", r.changed, h.changed)
+	}
+	writeFile(t, filepath.Join(app.dir, "cgroup.procs"), fmt.Sprintf("%d\n%d\n", ghostPid1, ghostPid2+100))
+	a.discover(ctx)
+	if want := []string{app.dir}; !reflect.DeepEqual(r.changed, want) || !reflect.DeepEqual(h.changed, want) {
+		t.Errorf("a new process in app: rescans asked RSS %v, heap %v; want %v for both", r.changed, h.changed, want)
+	}
 	for _, c := range a.Containers() {
 		if c.Namespace == "shop" && c.Container == "app" {
-			if c.Cgroup != app.dir || c.ID != app.id || !reflect.DeepEqual(c.Pids, []int(nil)) {
-				t.Errorf("app: cgroup %s id %s pids %v, want %s %s and no pids before the first collection", c.Cgroup, c.ID, c.Pids, app.dir, app.id)
+			if c.Cgroup != app.dir || c.ID != app.id {
+				t.Errorf("app: cgroup %s id %s, want %s %s", c.Cgroup, c.ID, app.dir, app.id)
 			}
 		}
 	}
@@ -183,6 +195,7 @@ func TestCollectBudget(t *testing.T) {
 	collectAfter := func(d time.Duration) {
 		a.mu.Lock()
 		a.lastTick = time.Now().Add(-d)
+		a.lastBudget = a.lastTick
 		a.mu.Unlock()
 		a.collect(ctx)
 	}
