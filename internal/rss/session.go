@@ -769,9 +769,9 @@ func (s *Session) reclaimExited(only map[uint32]bool) {
 	if only != nil {
 		// Told exited: read the folio map only if one of them is gone
 		// (an exit event comes just before the process is a zombie).
-		any := false
+		anyGone := false
 		for pid := range only {
-			any = isGone(pid) || any
+			anyGone = isGone(pid) || anyGone
 		}
 		s.mu.Lock()
 		for pid := range only {
@@ -780,7 +780,7 @@ func (s *Session) reclaimExited(only map[uint32]bool) {
 			}
 		}
 		s.mu.Unlock()
-		if !any {
+		if !anyGone {
 			return
 		}
 	}

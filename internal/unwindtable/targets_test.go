@@ -59,7 +59,7 @@ func TestTargetsShared(t *testing.T) {
 		}
 	}
 	deadline := time.Now().Add(5 * time.Second)
-	for time.Now().Before(deadline) && !(b.Has(t2.pid) && inProcs(t2.pid)) {
+	for time.Now().Before(deadline) && (!b.Has(t2.pid) || !inProcs(t2.pid)) {
 		time.Sleep(5 * time.Millisecond)
 	}
 	mu.Lock()
