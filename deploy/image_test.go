@@ -472,7 +472,7 @@ func TestImageLeastPrivilege(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if cs.Status.ExitCode != 0 || !strings.Contains(agentLog(), "stopped; detached from 1 containers") {
+	if cs.Status.ExitCode != 0 || !strings.Contains(agentLog(), `msg="agent stopped" detached_containers=1`) {
 		t.Errorf("agent stopped with exit code %d (%s); want 0 and a clean detach", cs.Status.ExitCode, cs.Status.Reason)
 	}
 }
