@@ -160,6 +160,9 @@ type Agent struct {
 	// names yet, whose execs wake it too.
 	wake    chan struct{}
 	unnamed atomic.Pointer[map[uint64]bool]
+	// v1Wait: containers found with a v2 directory but not yet their v1
+	// memory one, by id, with when first found (a.mu held; v1Grace).
+	v1Wait map[string]time.Time
 }
 
 // labelSet identifies a container in metrics.
@@ -222,6 +225,7 @@ func New(cfg Config) (*Agent, error) {
 		budgetHits: map[labelSet]uint64{},
 		lastCalls:  map[uint32]uint64{},
 		wake:       make(chan struct{}, 1),
+		v1Wait:     map[string]time.Time{},
 	}
 	a.reg = newRegistry(a)
 	a.loadOOMs()
@@ -372,6 +376,11 @@ func (a *Agent) selected(c *podfind.Container) bool {
 	return false
 }
 
+// v1Grace is how long a container found without its v1 memory cgroup
+// directory (on a host that has that hierarchy) waits for it before it is
+// followed in its v2 directory alone.
+const v1Grace = 2 * time.Second
+
 // discover lists the node's containers, attaches to the selected ones that
 // appeared and detaches from the ones that went.
 func (a *Agent) discover(ctx context.Context) {
@@ -405,6 +414,27 @@ func (a *Agent) discover(ctx context.Context) {
 		pc := all[i]
 		seen[pc.ID] = true
 		c := a.known[pc.ID]
+		if c == nil && pc.NoV1Memory && pc.CgroupV2 != "" {
+			// Found between the runtime's v2 and v1 mkdirs: wait (the v1
+			// mkdir's event, or the wake below, runs discovery again) so
+			// the container is followed in its memory cgroup, whose
+			// statistics and OOM kills are the ones that matter.
+			first, ok := a.v1Wait[pc.ID]
+			if !ok {
+				first = now
+				a.v1Wait[pc.ID] = now
+				time.AfterFunc(v1Grace, func() {
+					select {
+					case a.wake <- struct{}{}:
+					default:
+					}
+				})
+			}
+			if now.Sub(first) < v1Grace {
+				continue
+			}
+		}
+		delete(a.v1Wait, pc.ID)
 		if c == nil {
 			c = &container{c: pc, labels: labelSet{pc.Namespace, pc.Pod, pc.Name}, since: now,
 				excluded: map[int]bool{}, allocCum: map[uint32]float64{}}
@@ -454,6 +484,11 @@ func (a *Agent) discover(ctx context.Context) {
 		}
 		delete(a.known, id)
 		a.gone[c.labels] = now
+	}
+	for id := range a.v1Wait {
+		if !seen[id] {
+			delete(a.v1Wait, id)
+		}
 	}
 	a.noteUnnamedLocked()
 	// Forget per-container counters an hour after the container went, so

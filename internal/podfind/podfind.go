@@ -64,6 +64,11 @@ func DefaultPaths() Paths {
 type Container struct {
 	Namespace, Pod, PodUID, Name, ID, Runtime, QoS string
 	CgroupV1Memory                                 string // absolute directory in the v1 memory hierarchy, or ""
+	// NoV1Memory: the host has a v1 memory hierarchy but the container
+	// has no directory in it (yet: a runtime makes one hierarchy's
+	// directory after the other, and event-driven discovery can run in
+	// between).
+	NoV1Memory bool
 	CgroupV2                                       string // absolute directory in the v2 tree, or ""
 	Pids                                           []int  // sorted
 	Annotations                                    map[string]string
@@ -116,6 +121,11 @@ func Discover(ctx context.Context, p Paths) ([]Container, error) {
 	}
 	if err := add(v2, true); err != nil {
 		return nil, err
+	}
+	if v1 != "" {
+		for _, c := range byID {
+			c.NoV1Memory = c.CgroupV1Memory == ""
+		}
 	}
 
 	var partial error

@@ -392,9 +392,10 @@ func (s *Session) ProcessExited(pid int) {
 
 // ProcessExeced tells the session that process pid exec'd a new program
 // (a process event): if the session knows it, its view of the process's
-// mappings is re-read execRefreshAfter later (once the dynamic loader has
-// mapped the libraries), so its faults, and an OOM post-mortem read after
-// it died, are symbolized against the new program.
+// mappings (symbols and unwind tables) is re-read execRefreshAfter later
+// (once the dynamic loader has mapped the libraries), so its faults are
+// walked, and an OOM post-mortem read after it died is symbolized, against
+// the new program.
 func (s *Session) ProcessExeced(pid int) {
 	s.mu.Lock()
 	known := s.procs[pid] != nil
@@ -407,6 +408,12 @@ func (s *Session) ProcessExeced(pid int) {
 		case <-s.done:
 			return
 		default:
+		}
+		// The new program's unwind tables too, before its sampled
+		// faults meet its mappings (else they end [truncated] until the
+		// store's stale rescan adopts them).
+		if s.targets != nil {
+			_ = s.targets.Rescan(pid) // gone meanwhile: nothing to walk
 		}
 		s.mu.Lock()
 		defer s.mu.Unlock()
@@ -1233,4 +1240,13 @@ func (s *Session) stackComments(ss StackStats) []string {
 	out = append(out, pprofout.MetaComment("unwind_tables", strconv.Itoa(st.Objects)),
 		pprofout.MetaComment("unwind_table_bytes", strconv.FormatInt(st.Bytes+st.ProcBytes, 10)))
 	return out
+}
+
+// ProcessCount is the number of processes whose state (symbols, fault
+// counts, resident-before figures) the session holds: targets, and exited
+// ones until they are reclaimed (with Options.DropExited) or forever.
+func (s *Session) ProcessCount() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.procs)
 }
