@@ -68,11 +68,11 @@ type Container struct {
 	// has no directory in it (yet: a runtime makes one hierarchy's
 	// directory after the other, and event-driven discovery can run in
 	// between).
-	NoV1Memory bool
-	CgroupV2                                       string // absolute directory in the v2 tree, or ""
-	Pids                                           []int  // sorted
-	Annotations                                    map[string]string
-	Source                                         string // where Namespace/Pod/Name came from: "cri", "pod-logs" or "cgroup"
+	NoV1Memory  bool
+	CgroupV2    string // absolute directory in the v2 tree, or ""
+	Pids        []int  // sorted
+	Annotations map[string]string
+	Source      string // where Namespace/Pod/Name came from: "cri", "pod-logs" or "cgroup"
 }
 
 // Sources of a Container's metadata.
