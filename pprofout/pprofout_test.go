@@ -3,6 +3,7 @@ package pprofout
 import (
 	"bytes"
 	"context"
+	"io"
 	"math"
 	"math/rand/v2"
 	"os"
@@ -648,5 +649,39 @@ func TestFramesMatchTopRows(t *testing.T) {
 	}
 	if sf := StackFrames(built.Sample[0].Location); strings.Join(sf, "|") != strings.Join(want, "|") {
 		t.Fatalf("StackFrames %q", sf)
+	}
+}
+
+// TestPrintable: names a target chose (its symbols, comm) cannot drive the
+// terminal a summary or report is printed on: escape sequences, BEL, CR,
+// NUL, C1 controls and bytes that are not UTF-8 are printed escaped, in
+// FormatTop's frames and through PrintableWriter (which keeps newlines and
+// tabs); plain names, UTF-8 included, are unchanged.
+func TestPrintable(t *testing.T) {
+	hostile := "\x1b]0;pwned\x07\x1b[2J\rA\x00B\u009b\xff\n\tz"
+	want := `\x1b]0;pwned\x07\x1b[2J\x0dA\x00B\u009b\xff\x0a\x09z`
+	if got := Printable(hostile); got != want {
+		t.Errorf("Printable(%q) = %q, want %q", hostile, got, want)
+	}
+	for _, plain := range []string{"main", "std::vector<int>::push_back", "ünïcode 名前", ""} {
+		if got := Printable(plain); got != plain {
+			t.Errorf("Printable(%q) = %q, want it unchanged", plain, got)
+		}
+	}
+	var sb strings.Builder
+	if err := FormatTop(&sb, []StackRow{{Frames: []string{hostile, "main"}, Value: 1 << 20, Percent: 100, Objects: 1}}, "inuse_space", 8); err != nil {
+		t.Fatal(err)
+	}
+	out := sb.String()
+	if strings.ContainsAny(out, "\x1b\x07\r\x00") || !strings.Contains(out, want) {
+		t.Errorf("FormatTop printed a frame unescaped:\n%q", out)
+	}
+	sb.Reset()
+	w := PrintableWriter(&sb)
+	if n, err := io.WriteString(w, "notes:\n\t"+hostile+"\n"); err != nil || n != len("notes:\n\t"+hostile+"\n") {
+		t.Fatalf("PrintableWriter wrote %d, %v", n, err)
+	}
+	if got, want := sb.String(), "notes:\n\t"+`\x1b]0;pwned\x07\x1b[2J\x0dA\x00B\u009b\xff`+"\n\tz\n"; got != want {
+		t.Errorf("PrintableWriter wrote %q, want %q", got, want)
 	}
 }

@@ -130,7 +130,8 @@ func stackFrames(locs []*profile.Location) []string {
 
 // FormatTop writes rows as a table: rank, value (KiB/MiB/... for byte sample
 // types), percent and objects, each followed by up to maxFrames frames of the
-// stack, leaf first, indented (all frames if maxFrames <= 0).
+// stack, leaf first, indented (all frames if maxFrames <= 0), with the
+// characters a terminal would act on escaped (Printable).
 func FormatTop(w io.Writer, rows []StackRow, sampleType string, maxFrames int) error {
 	isBytes := strings.HasSuffix(sampleType, "_space") || strings.HasSuffix(sampleType, "bytes")
 	var sb strings.Builder
@@ -149,7 +150,7 @@ func FormatTop(w io.Writer, rows []StackRow, sampleType string, maxFrames int) e
 			frames = frames[:maxFrames]
 		}
 		for _, f := range frames {
-			fmt.Fprintf(&sb, "        %s\n", f)
+			fmt.Fprintf(&sb, "        %s\n", Printable(f))
 		}
 		switch {
 		case more == 1:

@@ -3,6 +3,7 @@ package pprofout
 import (
 	"bytes"
 	"compress/gzip"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -92,8 +93,9 @@ const MaxProfileBytes = 256 << 20
 const MaxStringBytes = 4096
 
 // ReadFile reads a pprof profile (gzipped or not) from path, of at most
-// MaxProfileBytes before and after decompression, with every string cut to
-// MaxStringBytes (boundString).
+// MaxProfileBytes before and after decompression and at most
+// MaxProfileMessages and MaxProfileValues records (checkRecords), with
+// every string cut to MaxStringBytes (boundString).
 func ReadFile(path string) (*profile.Profile, error) {
 	f, err := os.Open(path)
 	if err != nil {
@@ -111,6 +113,11 @@ func ReadFile(path string) (*profile.Profile, error) {
 		if data, err = gunzipCapped(data, path); err != nil {
 			return nil, err
 		}
+	}
+	if err := checkRecords(data); errors.Is(err, errTooManyRecords) {
+		return nil, fmt.Errorf("pprofout: %s is %w", path, err)
+	} else if err != nil {
+		return nil, fmt.Errorf("pprofout: %s is not a pprof profile: %w", path, err)
 	}
 	p, err := profile.ParseUncompressed(data)
 	if err != nil {

@@ -103,8 +103,7 @@ func writeRSSResult(s *rss.Session, out string, podLabels map[string]string, top
 		fmt.Fprintf(stderr, "memprof: LOST (also in the profile's comments): %v\n", lost)
 	}
 	if st := s.StackStats(); st.Truncated+st.Unknown > 0 {
-		fmt.Fprintf(stderr, "memprof: %d of %d sampled faults have a truncated stack (%d: unwind table not built yet, %d: code mapped since the last scan), %d none\n",
-			st.Truncated, st.Samples, st.Pending, st.NoMapping, st.Unknown)
+		fmt.Fprintln(stderr, truncatedLine(st))
 	}
 	for _, sm := range sums {
 		fmt.Fprintf(stderr, "pid %d (%s): RssAnon %s, attributed to stacks %s, %s %s\n", sm.Pid, sm.Comm,
@@ -194,4 +193,13 @@ func runRecordBoth(ctx context.Context, c *cli.Context, ropts rss.Options, out s
 			pprofout.HumanBytes(b.Allocator), pprofout.HumanBytes(b.Other))
 	}
 	return nil
+}
+
+// truncatedLine is the summary's line on the sampled faults whose stacks
+// are truncated, by cause (the causes add up to the total), and on those
+// with no stack at all.
+func truncatedLine(st rss.StackStats) string {
+	other := st.Truncated - min(st.Truncated, st.Pending+st.NoMapping)
+	return fmt.Sprintf("memprof: %d of %d sampled faults have a truncated stack (%d: unwind table not built yet, %d: a return address in no mapping listed: code mapped since the last scan, or a corrupt stack, %d: frame limit or unreadable frame), %d no stack at all ([stack unavailable])",
+		st.Truncated, st.Samples, st.Pending, st.NoMapping, other, st.Unknown)
 }

@@ -12,6 +12,7 @@ import (
 
 	"github.com/google/pprof/profile"
 
+	"github.com/memprof/memprof/internal/rss"
 	"github.com/memprof/memprof/internal/testprog"
 	"github.com/memprof/memprof/pprofout"
 )
@@ -103,5 +104,17 @@ func TestRecordRSSFullDiskFallback(t *testing.T) {
 	}
 	if !strings.Contains(string(out), "RSS profile written to "+m[1]) {
 		t.Errorf("the summary does not point at the fallback file:\n%s", out)
+	}
+}
+
+// TestTruncatedLine: the summary's causes of truncated stacks add up to
+// their total (a walk cut by the frame limit or an unreadable frame was
+// left out: 22 truncated read as 0 + 7). No root needed.
+func TestTruncatedLine(t *testing.T) {
+	got := truncatedLine(rss.StackStats{Samples: 22650, Truncated: 22, Pending: 0, NoMapping: 7, Unknown: 3})
+	for _, want := range []string{"22 of 22650 sampled faults", "0: unwind table not built yet", "7: a return address in no mapping", "15: frame limit or unreadable frame", "3 no stack at all"} {
+		if !strings.Contains(got, want) {
+			t.Errorf("%q lacks %q", got, want)
+		}
 	}
 }

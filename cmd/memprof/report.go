@@ -48,7 +48,7 @@ func reportCommand() *cli.Command {
 			if err != nil {
 				return err
 			}
-			w := os.Stdout
+			w := pprofout.PrintableWriter(os.Stdout) // names in a profile are the target's
 			fmt.Fprintf(w, "profile %s: %d samples, sample rate %d bytes, duration %s\n",
 				c.Args().First(), len(p.Sample), p.Period, fmtDuration(p.DurationNanos))
 			var frag, lost, other []string

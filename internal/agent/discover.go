@@ -8,6 +8,7 @@ package agent
 
 import (
 	"context"
+	"strings"
 	"time"
 
 	"github.com/memprof/memprof/internal/podfind"
@@ -69,7 +70,8 @@ func orNone(s procwatch.Source) string {
 
 // onCgroupEvent is the session's Options.CgroupEvents: a container's
 // cgroup made or removed (its path as the kubelet lays it out, see
-// podfind.ParseCgroupPath; a path too long to tell counts), or an exec or a
+// podfind.ParseCgroupPath, and not one of its sub-cgroups; a path too long
+// to tell counts: containerDirEvent), or an exec or a
 // process moved into the cgroup of a container known without names yet
 // (CRI or the pod logs name it once it starts), wakes discovery. The rest
 // of the node's cgroup churn (systemd units, other tests) does not. It
@@ -77,7 +79,7 @@ func orNone(s procwatch.Source) string {
 func (a *Agent) onCgroupEvent(e procwatch.Event) {
 	switch e.Kind {
 	case procwatch.CgroupMkdir, procwatch.CgroupRmdir:
-		if _, _, _, _, ok := podfind.ParseCgroupPath(e.Path); !ok && len(e.Path) < procwatch.PathMax {
+		if !containerDirEvent(e.Path) {
 			return
 		}
 	case procwatch.Exec, procwatch.CgroupAttach:
@@ -95,6 +97,25 @@ func (a *Agent) onCgroupEvent(e procwatch.Event) {
 	case a.wake <- struct{}{}:
 	default:
 	}
+}
+
+// containerDirEvent tells whether the mkdir or rmdir of cgroup path p can
+// change the node's containers: p is a container's own cgroup, or p was cut
+// (procwatch.PathMax) before it could be told. A sub-cgroup below a
+// container (systemd or a runtime inside it, or a tenant with a delegated
+// cgroup making and removing them in a loop) cannot: discovery counts it as
+// its container's (podfind.ParseCgroupPath), so it must not wake discovery
+// (each listing walks the node's whole cgroup tree). Its parent, the last
+// component dropped (which may be the cut one), is then at or below a
+// container already.
+func containerDirEvent(p string) bool {
+	if i := strings.LastIndexByte(p, '/'); i > 0 {
+		if _, _, _, _, nested := podfind.ParseCgroupPath(p[:i]); nested {
+			return false
+		}
+	}
+	_, _, _, _, ok := podfind.ParseCgroupPath(p)
+	return ok || len(p) >= procwatch.PathMax
 }
 
 // noteUnnamedLocked records the cgroup ids of the known containers that

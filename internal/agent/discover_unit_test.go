@@ -24,6 +24,15 @@ func TestOnCgroupEventWakes(t *testing.T) {
 		{procwatch.Event{Kind: procwatch.CgroupMkdir, Path: "/kubepods/besteffort/pod0bade678-9231-4d03-a33e-a129bf63aaaa"}, false}, // a pod, no container yet
 		{procwatch.Event{Kind: procwatch.CgroupMkdir, Path: "/system.slice/ssh.service"}, false},
 		{procwatch.Event{Kind: procwatch.CgroupMkdir, Path: strings.Repeat("x", procwatch.PathMax)}, true}, // cut: cannot tell
+		// A container's own sub-cgroups (systemd or a runtime inside it, or a
+		// tenant churning them) do not change the node's containers: no wake.
+		{procwatch.Event{Kind: procwatch.CgroupMkdir, Path: ctr + "/sub"}, false},
+		{procwatch.Event{Kind: procwatch.CgroupRmdir, Path: ctr + "/sub/deeper"}, false},
+		{procwatch.Event{Kind: procwatch.CgroupMkdir, Path: "/prefix" + sysd + "/init.scope"}, false},
+		// ... nor when the path is cut below the container.
+		{procwatch.Event{Kind: procwatch.CgroupMkdir, Path: (ctr + "/" + strings.Repeat("y", procwatch.PathMax))[:procwatch.PathMax]}, false},
+		// A path cut inside the container's own name still cannot be told.
+		{procwatch.Event{Kind: procwatch.CgroupMkdir, Path: (strings.Repeat("/p", 100) + ctr)[:procwatch.PathMax]}, true},
 		{procwatch.Event{Kind: procwatch.Exec, Memcg: 7}, true},
 		{procwatch.Event{Kind: procwatch.CgroupAttach, Cgroup: 7}, true},
 		{procwatch.Event{Kind: procwatch.Exec, Memcg: 8, Cgroup: 9}, false},

@@ -166,6 +166,14 @@ func read(m Maps, keep func(pid uint32) bool, withStacks bool) (*Snapshot, error
 				return nil, err
 			}
 			s.Stacks[b.StackID] = st
+			if len(st) >= int(mbpf.MemprofBoundsMAX_STACK_DEPTH) {
+				// A frame-pointer walk that filled every frame was cut
+				// at the depth limit: it cannot be known complete.
+				if s.Truncated == nil {
+					s.Truncated = map[uint64]bool{}
+				}
+				s.Truncated[b.StackID] = true
+			}
 		}
 	}
 	sort.Slice(s.Buckets, func(i, j int) bool {

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -217,6 +218,46 @@ func TestStacksReclaimed(t *testing.T) {
 					t.Fatalf("after the targets exited: %d stacks left in %s, %d interned CFI stacks, want 0 and 0 within 10s", stacks(), mapName, s.dwarf.size())
 				}
 				time.Sleep(50 * time.Millisecond)
+			}
+		})
+	}
+}
+
+// TestStackDepthLimit: a block allocated 301 calls deep (rec_recurse.c)
+// is on a stack cut at the walk's 127 frames; in every BPF stack mode
+// (frame pointers, CFI) its 1 MiB is in the profile (rate 1) on a stack
+// that ends in [truncated], not one passed off as complete.
+func TestStackDepthLimit(t *testing.T) {
+	bin := testprog.Build(t, "rec_recurse.c")
+	for _, mode := range []string{StackFP, StackCFI} {
+		t.Run(mode, func(t *testing.T) {
+			p := record(t, Options{SampleRate: 1, Command: []string{bin}, StackMode: mode}, func(s *Session) {
+				if r := s.Wait(context.Background(), 30*time.Second); r != "command exited with status 0" {
+					t.Fatalf("session ended with %q", r)
+				}
+			})
+			inuse := len(p.SampleType) - 1
+			for i, st := range p.SampleType {
+				if st.Type == "inuse_space" {
+					inuse = i
+				}
+			}
+			var deep, cut int64
+			for _, smp := range p.Sample {
+				f := frames(smp)
+				if len(f) == 0 || f[0] == "[stack unavailable]" || !slices.Contains(f, "recurse") {
+					continue
+				}
+				deep += smp.Value[inuse]
+				if f[len(f)-1] == "[truncated]" {
+					cut += smp.Value[inuse]
+				} else {
+					t.Errorf("%d B on a stack of %d frames not marked [truncated]: %s ...", smp.Value[inuse], len(f), strings.Join(f[:min(4, len(f))], " <- "))
+				}
+			}
+			t.Logf("%s: %d B live under recurse, %d B of it on [truncated] stacks (truth 1048576, all)", mode, deep, cut)
+			if deep != 1<<20 {
+				t.Errorf("%d B live under recurse, want 1048576", deep)
 			}
 		})
 	}

@@ -81,7 +81,14 @@ func (t *stackTable) resolve(sid uint64) int {
 				pcs = append(pcs, pc)
 			}
 			if len(pcs) > 0 {
-				i = t.intern(pcs, unwindtable.StatusComplete)
+				// A walk that filled every frame was cut at the depth
+				// limit (or went round a loop of frames, as a corrupt
+				// stack's can): it cannot be known complete.
+				status := uint32(unwindtable.StatusComplete)
+				if len(pcs) == maxFrames {
+					status = statusMaxFrames
+				}
+				i = t.intern(pcs, status)
 			}
 		} else {
 			t.missing++
@@ -103,5 +110,9 @@ type StackStats struct {
 	Unknown                       uint64 // no stack stored ([stack unavailable])
 }
 
-// UW_TRUNC_NO_MAPPING of enum uw_status (bpf/unwind.h).
-const statusNoMapping = 2
+// UW_TRUNC_MAX_FRAMES and UW_TRUNC_NO_MAPPING of enum uw_status
+// (bpf/unwind.h).
+const (
+	statusMaxFrames = 1
+	statusNoMapping = 2
+)

@@ -200,3 +200,74 @@ func TestStacksPruned(t *testing.T) {
 		t.Errorf("uw_stacks: %d stacks while running, %d after the exit; want some, then none", before, count())
 	}
 }
+
+// TestStacksCorruptStack: rss_corrupt faults 4,000 pages with rsp and rbp
+// pointing into a heap buffer of hostile words (random, pointers into
+// itself, a frame-pointer chain looping through it with code addresses,
+// self-referencing frames). In both stack modes the walks end (the
+// recording ends with the program), the program is unaffected (it checks
+// its pages and exits 0), every page is in the profile (rate 1: 4,000 x
+// 4096 B under hostile_fault, or [stack unavailable] when the
+// frame-pointer stack map's hash slot was taken), and a stack that cannot
+// be known complete ends in [truncated] and is counted: every CFI walk from
+// hostile_fault (its callers are garbage), and every frame-pointer walk cut
+// at the frame limit (a frame-pointer walk that stops at an unreadable
+// frame cannot be told from a complete one: the reason CFI is the default).
+func TestStacksCorruptStack(t *testing.T) {
+	testprog.RequireRoot(t)
+	bin := testprog.Build(t, "rss_corrupt.c")
+	const pages = 4000
+	for _, fp := range []bool{false, true} {
+		mode := map[bool]string{false: "cfi", true: "fp"}[fp]
+		t.Run(mode, func(t *testing.T) {
+			s, err := Start(context.Background(), Options{SampleRate: 1, Command: []string{bin, "4000"}, FramePointers: fp})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer s.Close()
+			if r := s.Wait(context.Background(), 60*time.Second); !strings.Contains(r, "status 0") {
+				t.Fatalf("rss_corrupt: %s (want status 0: the walks must not change what it does)", r)
+			}
+			p, _, err := s.Profile(nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			built, err := pprofout.BuildRSS(p)
+			if err != nil {
+				t.Fatal(err)
+			}
+			st := s.StackStats()
+			var hostile, unavailable, unmarked, cut int64
+			for _, smp := range built.Sample {
+				f := frames(smp)
+				switch {
+				case len(f) > 0 && f[0] == "[stack unavailable]":
+					unavailable += smp.Value[1]
+				case len(f) > 0 && f[0] == "hostile_fault":
+					hostile += smp.Value[1]
+					truncated := f[len(f)-1] == "[truncated]"
+					if truncated {
+						cut += smp.Value[1]
+					}
+					if !truncated && (!fp || len(smp.Location) >= maxFrames) {
+						unmarked += smp.Value[1]
+						if unmarked == smp.Value[1] {
+							t.Logf("unmarked: %d frames: %s", len(smp.Location), strings.Join(f[:min(len(f), 6)], " <- "))
+						}
+					}
+				}
+			}
+			t.Logf("%s: faulted under hostile_fault %d pages, [stack unavailable] %d, ending in [truncated] %d; stacks %+v",
+				mode, hostile/4096, unavailable/4096, cut/4096, st)
+			if got := (hostile + unavailable) / 4096; got < pages || got > pages+16 {
+				t.Errorf("%d pages under hostile_fault or [stack unavailable], want %d (+ a few of the C runtime's)", got, pages)
+			}
+			if unmarked != 0 {
+				t.Errorf("%d pages under hostile_fault on stacks not marked [truncated] that cannot be complete", unmarked/4096)
+			}
+			if cut == 0 || st.Truncated < uint64(cut/4096) {
+				t.Errorf("stacks %+v, %d pages on [truncated] stacks: want them counted", st, cut/4096)
+			}
+		})
+	}
+}

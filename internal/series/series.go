@@ -221,12 +221,24 @@ func ReadFile(path string) (*Series, error) {
 	if err != nil {
 		return nil, fmt.Errorf("series: %s is not gzip: %w", path, err)
 	}
+	// The shape first, streaming (decoding a run of numbers allocates 4 to
+	// 16 times its text: 8-byte values, slices doubling as they grow), then
+	// the file again to decode it.
 	lr := &io.LimitedReader{R: zr, N: MaxFileBytes + 1}
-	var s Series
-	if err := json.NewDecoder(lr).Decode(&s); err != nil {
+	if err := checkShape(lr); err != nil {
 		if lr.N <= 0 {
 			return nil, fmt.Errorf("series: %s is larger than %d bytes decompressed", path, MaxFileBytes)
 		}
+		return nil, fmt.Errorf("series: %s: %w", path, err)
+	}
+	if _, err := f.Seek(0, io.SeekStart); err != nil {
+		return nil, fmt.Errorf("series: %w", err)
+	}
+	if err := zr.Reset(f); err != nil {
+		return nil, fmt.Errorf("series: %s is not gzip: %w", path, err)
+	}
+	var s Series
+	if err := json.NewDecoder(io.LimitReader(zr, MaxFileBytes+1)).Decode(&s); err != nil {
 		return nil, fmt.Errorf("series: decode %s: %w", path, err)
 	}
 	if s.Version != Version {
@@ -236,6 +248,104 @@ func ReadFile(path string) (*Series, error) {
 		return nil, fmt.Errorf("%s: %w", path, err)
 	}
 	return &s, nil
+}
+
+// Bounds of a series file's shape (checkShape), beyond which it cannot
+// have been written by WriteFile.
+const (
+	maxDepth      = 8       // nesting of objects and arrays (a series has 4)
+	maxFrames     = 1024    // frames of a stack (127 addresses, with inlined functions)
+	maxElements   = 1 << 24 // elements of all arrays together
+	maxArrayOther = MaxStacks
+)
+
+// arrayLimit is the most elements the array under key may have.
+func arrayLimit(key string) int {
+	switch key {
+	case "times_ms", "inuse_bytes", "rss_bytes", "rss_anon_bytes", "usage_bytes", "other_inuse":
+		return MaxPoints
+	case "frames":
+		return maxFrames
+	}
+	return maxArrayOther // stacks, processes, cgroups, pids
+}
+
+// checkShape walks the JSON text of a series file token by token and
+// refuses it, before anything is decoded, when an array is longer than a
+// series can have (arrayLimit: MaxPoints points, MaxStacks stacks), the
+// arrays hold more than maxElements elements together, or nesting is deeper
+// than maxDepth. Errors name the array. It reads r to its end (or to the
+// error); its memory use is constant.
+func checkShape(r io.Reader) error {
+	type level struct {
+		array   bool
+		key     string // the object key this container is the value of
+		n       int    // elements so far (arrays)
+		wantKey bool   // objects: the next token is a key
+	}
+	dec := json.NewDecoder(r)
+	dec.UseNumber()
+	var stack []level
+	key, total := "", 0
+	element := func() error { // a value at the current level
+		if len(stack) == 0 {
+			return nil
+		}
+		top := &stack[len(stack)-1]
+		if !top.array {
+			top.wantKey = true
+			return nil
+		}
+		top.n++
+		total++
+		if lim := arrayLimit(top.key); top.n > lim {
+			return fmt.Errorf("array %q has more than %d elements", top.key, lim)
+		}
+		if total > maxElements {
+			return fmt.Errorf("more than %d array elements", maxElements)
+		}
+		return nil
+	}
+	for {
+		tok, err := dec.Token()
+		if err == io.EOF {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		if len(stack) > 0 {
+			if top := &stack[len(stack)-1]; !top.array && top.wantKey {
+				if k, ok := tok.(string); ok {
+					key, top.wantKey = k, false
+					continue
+				}
+			}
+		}
+		d, isDelim := tok.(json.Delim)
+		switch {
+		case isDelim && (d == '[' || d == '{'):
+			if err := element(); err != nil {
+				return err
+			}
+			if len(stack) >= maxDepth {
+				return fmt.Errorf("nested more than %d deep", maxDepth)
+			}
+			k := ""
+			if len(stack) > 0 && !stack[len(stack)-1].array {
+				k = key
+			}
+			stack = append(stack, level{array: d == '[', key: k, wantKey: d == '{'})
+		case isDelim: // ']' or '}'
+			if len(stack) > 0 {
+				stack = stack[:len(stack)-1]
+			}
+		default:
+			if err := element(); err != nil {
+				return err
+			}
+		}
+	}
 }
 
 // Key identifies a series while recording: one stack of one process, as the
