@@ -264,6 +264,15 @@ func (s *Store) rescanStale() int {
 				continue // gone meanwhile
 			}
 			_ = s.SetProcess(int(pid), maps) // a mapping it cannot read ends its walks there, counted
+			// Removed by every tier meanwhile (its unuse ran between the
+			// look above and SetProcess): the entry just written must go.
+			s.mu.Lock()
+			used := s.users[pid] > 0
+			s.mu.Unlock()
+			if !used {
+				_ = s.RemoveProcess(int(pid))
+				continue
+			}
 			key := ExecKey(maps)
 			for _, t := range holders {
 				t.mu.Lock()

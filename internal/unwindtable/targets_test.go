@@ -59,7 +59,8 @@ func TestTargetsShared(t *testing.T) {
 		}
 	}
 	deadline := time.Now().Add(5 * time.Second)
-	for time.Now().Before(deadline) && (!b.Has(t2.pid) || !inProcs(t2.pid)) {
+	rescanned := func() bool { mu.Lock(); defer mu.Unlock(); return mappedB[t1.pid] > 0 }
+	for time.Now().Before(deadline) && (!b.Has(t2.pid) || !inProcs(t2.pid) || !rescanned()) {
 		time.Sleep(5 * time.Millisecond)
 	}
 	mu.Lock()
