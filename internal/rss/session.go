@@ -807,17 +807,21 @@ func (s *Session) reclaimExited(only map[uint32]bool) {
 	}
 	drop := map[uint32]bool{}
 	for pid, p := range s.procs {
-		if p.exited || !isGone(uint32(pid)) {
-			continue
+		if !p.exited {
+			if !isGone(uint32(pid)) {
+				continue
+			}
+			delete(s.exited, pid)
+			p.exited = true
+			if err := deleteKey(s.objs.RssPids, uint32(pid)); err != nil {
+				s.recordErr(fmt.Errorf("forget exited pid %d: %w", pid, err))
+			}
+			if s.targets != nil {
+				_ = s.targets.Remove(pid) // gone: its entry may be too
+			}
 		}
-		delete(s.exited, pid)
-		p.exited = true
-		if err := deleteKey(s.objs.RssPids, uint32(pid)); err != nil {
-			s.recordErr(fmt.Errorf("forget exited pid %d: %w", pid, err))
-		}
-		if s.targets != nil {
-			_ = s.targets.Remove(pid) // gone: its entry may be too
-		}
+		// Also one found exited when it was noted (gone between a
+		// cgroup's listing and the read of its /proc files).
 		if s.opts.DropExited {
 			drop[uint32(pid)] = true
 		}
