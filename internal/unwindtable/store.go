@@ -114,6 +114,10 @@ type Store struct {
 	targets            map[*Targets]bool
 	users              map[uint32]int
 	loopStop, loopDone chan struct{}
+	// staleKick brings the stale loop back to StaleInterval: a process
+	// was set (a new target, an exec), whose libraries may be mapped
+	// (ld.so) in the next milliseconds.
+	staleKick chan struct{}
 }
 
 type span struct{ start, n uint32 }
@@ -145,7 +149,7 @@ func NewStore(m Maps, maxTableRows, builders int) *Store {
 	builders = max(builders, 1)
 	s := &Store{
 		m: m, capRows: m.Rows.MaxEntries(), maxObjects: m.Objects.MaxEntries(), maxRules: m.Rules.MaxEntries(),
-		maxTableRows: maxTableRows, sem: make(chan struct{}, builders),
+		maxTableRows: maxTableRows, sem: make(chan struct{}, builders), staleKick: make(chan struct{}, 1),
 		objs: map[string]*object{}, byID: map[uint32]*object{}, rules: map[Rule]uint32{}, procs: map[uint32][]procMap{},
 	}
 	s.free = []span{{0, s.capRows}}

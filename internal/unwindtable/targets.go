@@ -116,7 +116,12 @@ func (t *Targets) Set(pid int, maps []procmaps.Mapping) error {
 		t.store.users[uint32(pid)]++
 		t.store.mu.Unlock()
 	}
-	return t.store.SetProcess(pid, maps)
+	err := t.store.SetProcess(pid, maps)
+	select {
+	case t.store.staleKick <- struct{}{}:
+	default:
+	}
+	return err
 }
 
 // Rescan re-reads pid's mappings and gives them to the Store if its
@@ -210,7 +215,8 @@ func (s *Store) unuse(pid int) error {
 
 // staleLoop rescans the processes marked in uw_stale until stop is
 // closed: every StaleInterval while some are found, backing off to
-// StaleIntervalMax while none are.
+// StaleIntervalMax while none are, back to StaleInterval when a process is
+// set (staleKick).
 func (s *Store) staleLoop(stop, done chan struct{}) {
 	defer close(done)
 	wait := StaleInterval
@@ -220,6 +226,15 @@ func (s *Store) staleLoop(stop, done chan struct{}) {
 		select {
 		case <-stop:
 			return
+		case <-s.staleKick:
+			wait = StaleInterval
+			if !t.Stop() {
+				select {
+				case <-t.C:
+				default:
+				}
+			}
+			t.Reset(wait)
 		case <-t.C:
 			if s.rescanStale() > 0 {
 				wait = StaleInterval
