@@ -54,6 +54,9 @@ func TestReadFileGzipBomb(t *testing.T) {
 // GiB, then failed), and one sample of 20 million packed location ids
 // (20 MB) 320 MB.
 func TestReadFileElementBomb(t *testing.T) {
+	if testing.Short() {
+		t.Skip("a resource-bomb test (hundreds of MiB parsed): in the root tier, not in the -short -race unit tier, where the race detector makes it 10-15x slower")
+	}
 	for _, c := range []struct {
 		name string
 		data []byte

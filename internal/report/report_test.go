@@ -246,6 +246,9 @@ func TestAnalyzeClassifiesTheLargest(t *testing.T) {
 // pprofout.MaxStringBytes and bounded memory: before the cut every stack,
 // row and flame-graph node copied the whole name (≥ 1 GB here).
 func TestHostileLongNameBounded(t *testing.T) {
+	if testing.Short() {
+		t.Skip("a resource-bomb test (hundreds of MiB parsed): in the root tier, not in the -short -race unit tier, where the race detector makes it 10-15x slower")
+	}
 	long := strings.Repeat("A", 50<<20)
 	p := &profile.Profile{
 		SampleType: []*profile.ValueType{{Type: "inuse_space", Unit: "bytes"}},

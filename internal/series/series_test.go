@@ -128,6 +128,9 @@ func TestSidecarRoundTripAndBadFiles(t *testing.T) {
 // few times the file's decompressed size, not the 16x of decoding 20
 // million numbers. So are too many stacks, and nesting too deep.
 func TestReadFileBounded(t *testing.T) {
+	if testing.Short() {
+		t.Skip("a resource-bomb test (hundreds of MiB parsed): in the root tier, not in the -short -race unit tier, where the race detector makes it 10-15x slower")
+	}
 	dir := t.TempDir()
 	write := func(name string, parts ...[]byte) string {
 		p := filepath.Join(dir, name)
