@@ -7,6 +7,7 @@ import (
 	"github.com/cilium/ebpf"
 
 	mbpf "github.com/memprof/memprof/bpf"
+	"github.com/memprof/memprof/internal/bpfload"
 )
 
 // batch is how many live blocks one batched map operation moves.
@@ -16,23 +17,10 @@ const batch = 4096
 // 4096 blocks instead of two per block), falling back to eachLive where
 // the kernel has no batch operations.
 func eachLiveBatch(m Maps, fn func(mbpf.MemprofLiveKey, mbpf.MemprofLiveBlock)) error {
-	keys := make([]mbpf.MemprofLiveKey, batch)
-	vals := make([]mbpf.MemprofLiveBlock, batch)
-	var cur ebpf.MapBatchCursor
-	for first := true; ; first = false {
-		n, err := m.Live.BatchLookup(&cur, keys, vals, nil)
-		for i := 0; i < n; i++ {
-			fn(keys[i], vals[i])
-		}
-		switch {
-		case errors.Is(err, ebpf.ErrKeyNotExist):
-			return nil
-		case err != nil && first && n == 0 && errors.Is(err, ebpf.ErrNotSupported):
-			return eachLive(m, fn)
-		case err != nil:
-			return fmt.Errorf("read live blocks: %w", err)
-		}
+	if err := bpfload.EachEntry(m.Live, fn); err != nil {
+		return fmt.Errorf("read live blocks: %w", err)
 	}
+	return nil
 }
 
 // Block is one sampled live block of a process.

@@ -12,6 +12,7 @@ import (
 	"github.com/cilium/ebpf"
 
 	mbpf "github.com/memprof/memprof/bpf"
+	"github.com/memprof/memprof/internal/bpfload"
 	"github.com/memprof/memprof/internal/unwindtable"
 )
 
@@ -260,39 +261,10 @@ func Forget(m Maps, pid uint32) (int, error) {
 	return removed, err
 }
 
-// eachAlloc calls fn for every allocation bucket in the map.
+// eachAlloc calls fn for every allocation bucket in the map, batched where
+// the kernel can (bpfload.EachEntry: the agent reads them every collection).
 func eachAlloc(m Maps, fn func(mbpf.MemprofAllocKey, uint64)) error {
-	// Batched where the kernel can (one system call per batch entries
-	// instead of two per bucket: the agent reads them every collection).
-	keys := make([]mbpf.MemprofAllocKey, batch)
-	vals := make([]uint64, batch)
-	var cur ebpf.MapBatchCursor
-	for first := true; ; first = false {
-		n, err := m.Allocs.BatchLookup(&cur, keys, vals, nil)
-		for i := 0; i < n; i++ {
-			fn(keys[i], vals[i])
-		}
-		switch {
-		case errors.Is(err, ebpf.ErrKeyNotExist):
-			return nil
-		case err != nil && first && n == 0 && errors.Is(err, ebpf.ErrNotSupported):
-			return eachAllocIter(m, fn)
-		case err != nil:
-			return fmt.Errorf("read allocation buckets: %w", err)
-		}
-	}
-}
-
-// eachAllocIter is eachAlloc one bucket at a time (kernels without batch
-// operations).
-func eachAllocIter(m Maps, fn func(mbpf.MemprofAllocKey, uint64)) error {
-	var k mbpf.MemprofAllocKey
-	var n uint64
-	it := m.Allocs.Iterate()
-	for it.Next(&k, &n) {
-		fn(k, n)
-	}
-	if err := it.Err(); err != nil {
+	if err := bpfload.EachEntry(m.Allocs, fn); err != nil {
 		return fmt.Errorf("read allocation buckets: %w", err)
 	}
 	return nil

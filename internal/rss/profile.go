@@ -8,6 +8,7 @@ import (
 	"time"
 
 	mbpf "github.com/memprof/memprof/bpf"
+	"github.com/memprof/memprof/internal/bpfload"
 	"github.com/memprof/memprof/internal/frag"
 	"github.com/memprof/memprof/internal/procmaps"
 	"github.com/memprof/memprof/internal/unwindtable"
@@ -84,7 +85,7 @@ func (s *Session) profile(only func(pid uint32) bool, verify bool) (*pprofout.RS
 		k mbpf.RssRssFaultKey
 		n uint64
 	}
-	if err := eachEntry(s.objs.RssFaults, func(fk mbpf.RssRssFaultKey, n uint64) {
+	if err := bpfload.EachEntry(s.objs.RssFaults, func(fk mbpf.RssRssFaultKey, n uint64) {
 		if only(fk.Tgid) {
 			bpfFaults = append(bpfFaults, struct {
 				k mbpf.RssRssFaultKey

@@ -18,6 +18,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	mbpf "github.com/memprof/memprof/bpf"
+	"github.com/memprof/memprof/internal/bpfload"
 	"github.com/memprof/memprof/internal/cgroups"
 	"github.com/memprof/memprof/internal/frag"
 	"github.com/memprof/memprof/internal/heap"
@@ -791,7 +792,7 @@ func (s *Session) reclaimExited(only map[uint32]bool) {
 			return
 		}
 	}
-	err := eachEntry(s.objs.RssPages, func(k mbpf.RssRssPageKey, _ mbpf.RssRssPage) {
+	err := bpfload.EachEntry(s.objs.RssPages, func(k mbpf.RssRssPageKey, _ mbpf.RssRssPage) {
 		if isGone(k.Tgid) {
 			dead = append(dead, k)
 		}
@@ -885,7 +886,7 @@ func (s *Session) dropProcs(pids map[uint32]bool) {
 		delete(s.procs, int(pid))
 	}
 	var del []mbpf.RssRssFaultKey
-	if err := eachEntry(s.objs.RssFaults, func(fk mbpf.RssRssFaultKey, _ uint64) {
+	if err := bpfload.EachEntry(s.objs.RssFaults, func(fk mbpf.RssRssFaultKey, _ uint64) {
 		if pids[fk.Tgid] {
 			del = append(del, fk)
 		}
@@ -894,39 +895,6 @@ func (s *Session) dropProcs(pids map[uint32]bool) {
 	}
 	if failed, err := deleteKeys(s.objs.RssFaults, del); err != nil {
 		s.recordErr(fmt.Errorf("forget %d of %d fault buckets of %d exited processes: %w", failed, len(del), len(pids), err))
-	}
-}
-
-// mapBatch is how many entries one batched map lookup moves.
-const mapBatch = 1024
-
-// eachEntry calls fn for every entry of hash map m, read with batched
-// lookups (one system call per mapBatch entries instead of two per entry;
-// Linux 5.6+), falling back to iterating where the kernel has no batch
-// operations. Entries added or removed meanwhile may be seen or not.
-func eachEntry[K, V any](m *ebpf.Map, fn func(K, V)) error {
-	keys := make([]K, mapBatch)
-	vals := make([]V, mapBatch)
-	var cur ebpf.MapBatchCursor
-	for first := true; ; first = false {
-		n, err := m.BatchLookup(&cur, keys, vals, nil)
-		for i := 0; i < n; i++ {
-			fn(keys[i], vals[i])
-		}
-		switch {
-		case errors.Is(err, ebpf.ErrKeyNotExist):
-			return nil
-		case err != nil && first && n == 0 && errors.Is(err, ebpf.ErrNotSupported):
-			var k K
-			var v V
-			it := m.Iterate()
-			for it.Next(&k, &v) {
-				fn(k, v)
-			}
-			return it.Err()
-		case err != nil:
-			return err
-		}
 	}
 }
 
@@ -1039,7 +1007,7 @@ type pageEntry struct {
 // pagesOf reads the sampled folios of the processes keep selects.
 func (s *Session) pagesOf(keep func(uint32) bool) map[uint32][]pageEntry {
 	out := map[uint32][]pageEntry{}
-	if err := eachEntry(s.objs.RssPages, func(k mbpf.RssRssPageKey, v mbpf.RssRssPage) {
+	if err := bpfload.EachEntry(s.objs.RssPages, func(k mbpf.RssRssPageKey, v mbpf.RssRssPage) {
 		if keep(k.Tgid) {
 			out[k.Tgid] = append(out[k.Tgid], pageEntry{k, v})
 		}
