@@ -66,6 +66,19 @@ func TestFindSitesHostile(t *testing.T) {
 			t.Error("no error for a compressed .text")
 		}
 	})
+	// Another code section of the same page compressed (found by
+	// FuzzFindSites): reading malloc's page for its returns must skip it.
+	for _, sect := range []string{".init", ".fini", ".plt"} {
+		t.Run("compressed"+sect, func(t *testing.T) {
+			p := testprog.NewELFPatch(t, lib)
+			p.SetSection(sect, testprog.ShFlags, p.SectionFlags(sect)|uint64(elf.SHF_COMPRESSED))
+			p.SetSection(sect, testprog.ShSize, 0x40) // room for the compression header
+			sites, err := findSites(t, p.Data)
+			if err != nil || len(sites) != 2 {
+				t.Errorf("sites %+v, err %v; want malloc and free", sites, err)
+			}
+		})
+	}
 	for _, c := range []struct {
 		name          string
 		sym, sectSize uint64

@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"io"
+	"math"
 	"strings"
 
 	"golang.org/x/arch/x86/x86asm"
@@ -134,6 +135,15 @@ func (r *textReader) at(vaddr uint64) []byte {
 	return b
 }
 
+// readableCode reports whether s is a code section whose bytes can be read
+// in place. debug/elf gives a compressed section (SHF_COMPRESSED) no
+// ReaderAt; code is never compressed in a loadable object, so such a section
+// in a target's file is hostile or corrupt and is treated as no code.
+func readableCode(s *elf.Section) bool {
+	return s.Type == elf.SHT_PROGBITS && s.Flags&elf.SHF_EXECINSTR != 0 &&
+		s.Flags&elf.SHF_COMPRESSED == 0 && s.ReaderAt != nil
+}
+
 // readPage reads the code bytes of [page, page+4096) from the executable
 // sections in it; bytes outside them are zero (never decoded: addresses come
 // from symbols and branches into code).
@@ -141,8 +151,8 @@ func (r *textReader) readPage(page uint64) []byte {
 	buf := make([]byte, 4096)
 	end := uint64(0)
 	for _, s := range r.f.Sections {
-		if s.Type != elf.SHT_PROGBITS || s.Flags&elf.SHF_EXECINSTR == 0 {
-			continue
+		if !readableCode(s) || s.Size > math.MaxUint64-s.Addr || page > math.MaxUint64-4096 {
+			continue // a section or page wrapping the address space: hostile
 		}
 		if page+4096 <= s.Addr || page >= s.Addr+s.Size {
 			continue
@@ -162,7 +172,7 @@ func (r *textReader) inPLT(vaddr uint64) bool { return inPLT(r.f, vaddr) }
 // inText reports whether vaddr is in an executable section.
 func (r *textReader) inText(vaddr uint64) bool {
 	for _, s := range r.f.Sections {
-		if s.Type == elf.SHT_PROGBITS && s.Flags&elf.SHF_EXECINSTR != 0 && vaddr >= s.Addr && vaddr < s.Addr+s.Size {
+		if readableCode(s) && vaddr >= s.Addr && vaddr-s.Addr < s.Size {
 			return true
 		}
 	}

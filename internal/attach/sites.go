@@ -185,6 +185,7 @@ func fileOffset(f *elf.File, vaddr uint64) (uint64, error) {
 }
 
 func functionBytes(f *elf.File, vaddr, size uint64) ([]byte, error) {
+	compressed := ""
 	for _, s := range f.Sections {
 		if s.Type != elf.SHT_PROGBITS || s.Flags&elf.SHF_EXECINSTR == 0 {
 			continue
@@ -192,10 +193,9 @@ func functionBytes(f *elf.File, vaddr, size uint64) ([]byte, error) {
 		if vaddr < s.Addr || vaddr-s.Addr >= s.Size {
 			continue
 		}
-		if s.Flags&elf.SHF_COMPRESSED != 0 || s.ReaderAt == nil {
-			// debug/elf gives a compressed section no ReaderAt: code is
-			// never compressed in a loadable object.
-			return nil, fmt.Errorf("code section %s is compressed", s.Name)
+		if !readableCode(s) {
+			compressed = s.Name // see readableCode; another section may hold vaddr
+			continue
 		}
 		// Read at most maxFunctionBytes: a symbol's size is the target's
 		// word (2^50 in a hostile file) and only the prefix matters.
@@ -208,6 +208,9 @@ func functionBytes(f *elf.File, vaddr, size uint64) ([]byte, error) {
 			return nil, err
 		}
 		return buf, nil
+	}
+	if compressed != "" {
+		return nil, fmt.Errorf("code section %s is compressed", compressed)
 	}
 	return nil, fmt.Errorf("address %#x is in no code section", vaddr)
 }
