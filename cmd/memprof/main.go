@@ -1,5 +1,6 @@
-// Command memprof profiles the native heap of processes, cgroups and
-// Kubernetes pods with eBPF, without touching the application.
+// Command memprof profiles the memory of processes, cgroups and Kubernetes
+// pods with eBPF, without touching the application: the heap tier (uprobes on
+// the allocator) and the RSS tier (page-fault tracepoints).
 package main
 
 import (
@@ -7,15 +8,23 @@ import (
 	"os"
 
 	"github.com/urfave/cli/v2"
+
+	"github.com/memprof/memprof/pprofout"
 )
 
 func main() {
 	app := &cli.App{
 		Name:  "memprof",
-		Usage: "eBPF heap profiler for native processes and containers",
-		Description: "memprof attaches uprobes to glibc's and jemalloc's allocator in the processes you name,\n" +
-			"samples allocations by bytes, and writes pprof heap profiles (live and allocated bytes by\n" +
-			"call stack), fragmentation verdicts and OOM-kill post-mortems.",
+		Usage: "eBPF memory profiler for processes and containers: heap (allocator uprobes) and RSS (page faults)",
+		Description: "Heap tier (record, the agent's opted-in pods): uprobes on the allocator (glibc, jemalloc,\n" +
+			"also statically linked under a prefix, tcmalloc, mimalloc, musl) in the processes you name;\n" +
+			"allocations sampled by bytes (Poisson) into pprof heap profiles (inuse_space, alloc_space by\n" +
+			"call stack), with fragmentation verdicts (RSS against live allocations). Exact, one trap per\n" +
+			"allocator call.\n\n" +
+			"RSS tier (record --rss, the agent's default for every container): page-fault tracepoints\n" +
+			"attribute resident anonymous memory to the stacks that faulted it in (rss_space,\n" +
+			"faulted_space), for every language (C/C++, Go, Python, the JVM), at near-zero cost.\n\n" +
+			"Both give OOM-kill post-mortems: what held the memory when the kernel killed a process.",
 		Commands: []*cli.Command{
 			recordCommand(),
 			reportCommand(),
@@ -23,7 +32,7 @@ func main() {
 		},
 	}
 	if err := app.Run(os.Args); err != nil {
-		fmt.Fprintln(os.Stderr, "memprof:", err)
+		fmt.Fprintln(pprofout.PrintableWriter(os.Stderr), "memprof:", err) // errors may quote names a target chose
 		os.Exit(1)
 	}
 }

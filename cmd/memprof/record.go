@@ -23,7 +23,7 @@ import (
 func recordCommand() *cli.Command {
 	return &cli.Command{
 		Name:      "record",
-		Usage:     "record a heap profile of processes, a cgroup, a pod, or a command",
+		Usage:     "record a heap profile (or an RSS profile with --rss) of processes, a cgroup, a pod, or a command",
 		ArgsUsage: "[-- command [args...]]",
 		Description: "Examples:\n" +
 			"  memprof record --pid 1234 --duration 30s -o heap.pb.gz\n" +
@@ -90,11 +90,13 @@ func runRecord(c *cli.Context) error {
 	if oomDir == "" {
 		oomDir = filepath.Dir(out)
 	}
-	stderr := os.Stderr
-	tty := term.IsTerminal(int(stderr.Fd()))
+	// Messages and the summary carry names the targets chose (comms, paths,
+	// function names): escaped. The status line's own controls are not.
+	stderr := pprofout.PrintableWriter(os.Stderr)
+	tty := term.IsTerminal(int(os.Stderr.Fd()))
 	clearLine := func() {
 		if tty {
-			fmt.Fprint(stderr, "\r\033[K")
+			fmt.Fprint(os.Stderr, "\r\033[K")
 		}
 	}
 	opts.Notify = func(msg string) {
@@ -105,10 +107,10 @@ func runRecord(c *cli.Context) error {
 		paths, err := recorder.WriteOOM(k, oomDir)
 		clearLine()
 		if err != nil {
-			fmt.Fprintf(stderr, "memprof: OOM kill of pid %d (%s): writing the post-mortem failed: %v\n", k.Victim.Pid, k.Victim.Comm, err)
+			fmt.Fprintf(stderr, "memprof: OOM kill of pid %d (%s): writing the post-mortem failed: %v\n", k.Victim.Pid, pprofout.Printable(k.Victim.Comm), err)
 			return
 		}
-		fmt.Fprintf(stderr, "memprof: OOM KILL of pid %d (%s): post-mortem written: %s\n", k.Victim.Pid, k.Victim.Comm, strings.Join(paths, ", "))
+		fmt.Fprintf(stderr, "memprof: OOM KILL of pid %d (%s): post-mortem written: %s\n", k.Victim.Pid, pprofout.Printable(k.Victim.Comm), strings.Join(paths, ", "))
 	}
 
 	gate, err := parseGrowthLimit(c.String("fail-on-growth"))
@@ -131,7 +133,7 @@ func runRecord(c *cli.Context) error {
 
 	progressDone := make(chan struct{})
 	if tty {
-		go progress(s, stderr, progressDone)
+		go progress(s, os.Stderr, progressDone)
 	}
 	reason := s.Wait(ctx, c.Duration("duration"))
 	close(progressDone)

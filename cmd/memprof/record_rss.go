@@ -51,19 +51,19 @@ func runRecordRSS(c *cli.Context) error {
 	if oomDir == "" {
 		oomDir = filepath.Dir(out)
 	}
-	stderr := os.Stderr
+	stderr := pprofout.PrintableWriter(os.Stderr) // names the targets chose: escaped
 	opts.Notify = func(msg string) { fmt.Fprintln(stderr, "memprof:", msg) }
 	opts.OOM = func(k *rss.OOMKill) {
 		if k.Profile == nil {
-			fmt.Fprintf(stderr, "memprof: OOM kill of pid %d (%s), not a target\n", k.Pid, k.Comm)
+			fmt.Fprintf(stderr, "memprof: OOM kill of pid %d (%s), not a target\n", k.Pid, pprofout.Printable(k.Comm))
 			return
 		}
 		path, err := rss.WriteOOM(k, oomDir)
 		if err != nil {
-			fmt.Fprintf(stderr, "memprof: OOM kill of pid %d (%s): writing the RSS post-mortem failed: %v\n", k.Pid, k.Comm, err)
+			fmt.Fprintf(stderr, "memprof: OOM kill of pid %d (%s): writing the RSS post-mortem failed: %v\n", k.Pid, pprofout.Printable(k.Comm), err)
 			return
 		}
-		fmt.Fprintf(stderr, "memprof: OOM KILL of pid %d (%s): RSS post-mortem written: %s\n", k.Pid, k.Comm, path)
+		fmt.Fprintf(stderr, "memprof: OOM KILL of pid %d (%s): RSS post-mortem written: %s\n", k.Pid, pprofout.Printable(k.Comm), path)
 	}
 	ctx, stop := signal.NotifyContext(c.Context, os.Interrupt, syscall.SIGTERM)
 	defer stop()
@@ -83,7 +83,7 @@ func runRecordRSS(c *cli.Context) error {
 
 // writeRSSResult writes the RSS profile and prints its summary.
 func writeRSSResult(s *rss.Session, out string, podLabels map[string]string, top int) error {
-	stderr := os.Stderr
+	stderr := pprofout.PrintableWriter(os.Stderr) // names the targets chose: escaped
 	p, sums, err := s.Profile(nil)
 	if err != nil {
 		return err
@@ -106,7 +106,7 @@ func writeRSSResult(s *rss.Session, out string, podLabels map[string]string, top
 		fmt.Fprintln(stderr, truncatedLine(st))
 	}
 	for _, sm := range sums {
-		fmt.Fprintf(stderr, "pid %d (%s): RssAnon %s, attributed to stacks %s, %s %s\n", sm.Pid, sm.Comm,
+		fmt.Fprintf(stderr, "pid %d (%s): RssAnon %s, attributed to stacks %s, %s %s\n", sm.Pid, pprofout.Printable(sm.Comm),
 			pprofout.HumanBytes(sm.RssAnon), pprofout.HumanBytes(sm.Attributed), rss.ResidentBefore, pprofout.HumanBytes(sm.Before))
 	}
 	if built, err := pprofout.BuildRSS(p); err == nil {
@@ -123,7 +123,7 @@ func writeRSSResult(s *rss.Session, out string, podLabels map[string]string, top
 // the same targets in one recording: two profiles, and a summary comparing
 // them per process.
 func runRecordBoth(ctx context.Context, c *cli.Context, ropts rss.Options, out string, podLabels map[string]string) error {
-	stderr := os.Stderr
+	stderr := pprofout.PrintableWriter(os.Stderr) // names the targets chose: escaped
 	command := ropts.Command
 	ropts.Command, ropts.AllowEmpty = nil, true
 	rs, err := rss.Start(ctx, ropts)
@@ -186,7 +186,7 @@ func runRecordBoth(ctx context.Context, c *cli.Context, ropts rss.Options, out s
 			b = &rss.Breakdown{}
 		}
 		r := sm.Regions
-		fmt.Fprintf(stderr, "  pid %d (%s): RssAnon %s; live heap (allocator probes) %s\n", sm.Pid, sm.Comm, pprofout.HumanBytes(sm.RssAnon), pprofout.HumanBytes(live[sm.Pid]))
+		fmt.Fprintf(stderr, "  pid %d (%s): RssAnon %s; live heap (allocator probes) %s\n", sm.Pid, pprofout.Printable(sm.Comm), pprofout.HumanBytes(sm.RssAnon), pprofout.HumanBytes(live[sm.Pid]))
 		fmt.Fprintf(stderr, "    by mapping: brk heap %s, anonymous mappings (allocator mmaps, own mmaps, thread stacks) %s, main stack %s, written file data %s, resident before recording %s\n",
 			pprofout.HumanBytes(r.Brk), pprofout.HumanBytes(r.Anon), pprofout.HumanBytes(r.Stack), pprofout.HumanBytes(r.Data), pprofout.HumanBytes(sm.Before))
 		fmt.Fprintf(stderr, "    by faulting stack: inside allocator functions %s, elsewhere (the program touching its blocks or own mappings) %s\n",

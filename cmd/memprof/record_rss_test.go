@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"math"
 	"os"
 	"os/exec"
@@ -115,6 +116,38 @@ func TestTruncatedLine(t *testing.T) {
 	for _, want := range []string{"22 of 22650 sampled faults", "0: unwind table not built yet", "7: a return address in no mapping", "15: frame limit or unreadable frame", "3 no stack at all"} {
 		if !strings.Contains(got, want) {
 			t.Errorf("%q lacks %q", got, want)
+		}
+	}
+}
+
+// TestRecordEscapesTargetNames: a target whose file name, comm and function
+// name hold terminal controls and a newline cannot clear the terminal or
+// forge a line in `record --rss --heap`'s messages and summaries.
+func TestRecordEscapesTargetNames(t *testing.T) {
+	testprog.RequireRoot(t)
+	memprof := buildMemprof(t)
+	data, err := os.ReadFile(testprog.Build(t, "hostile_comm.c"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	data = bytes.ReplaceAll(data, []byte("XX2JX"), []byte("\x1b[2J\n"))
+	prog := filepath.Join(t.TempDir(), "\x1b[2J\nmemprof:F")
+	if err := os.WriteFile(prog, data, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	out := filepath.Join(t.TempDir(), "h.pb.gz")
+	b, err := exec.Command(memprof, "record", "--rss", "--heap", "--sample-rate", "1", "-o", out, "--", prog).CombinedOutput()
+	if err != nil {
+		t.Fatalf("memprof record: %v\n%s", err, b)
+	}
+	s := string(b)
+	t.Logf("%s", s)
+	if strings.ContainsRune(s, 0x1b) || regexp.MustCompile(`(?m)^\s*memprof(:F| )`).MatchString(s) {
+		t.Errorf("a raw control sequence or a forged line reached the output")
+	}
+	for _, want := range []string{`memprof:F)`, `hostile\x1b[2J\x0amemprof`} {
+		if !strings.Contains(s, want) {
+			t.Errorf("the escaped name %q is not in the summary", want)
 		}
 	}
 }

@@ -81,6 +81,8 @@ func Load(path string) (*Report, error) {
 	if s, err = series.ReadFile(sp); err != nil {
 		s = nil
 		switch {
+		case errors.Is(err, series.ErrNoSeries) && isRSSProfile(p):
+			why = "an RSS profile has no series (memory resident at the end of the window, by the stack that faulted it in): no time axis, trends unknown"
 		case errors.Is(err, series.ErrNoSeries):
 			why = "no series file " + sp + " (recorded by an older memprof, an OOM post-mortem, or the file was not copied with the profile): no time axis, trends unknown"
 		default:
@@ -109,6 +111,17 @@ func Load(path string) (*Report, error) {
 		}
 	}
 	return r, nil
+}
+
+// isRSSProfile reports whether p is an RSS-tier profile (its sample types
+// include rss_space): record --rss writes no series sidecar.
+func isRSSProfile(p *profile.Profile) bool {
+	for _, st := range p.SampleType {
+		if st.Type == pprofout.RSSSpace {
+			return true
+		}
+	}
+	return false
 }
 
 func readBounded(path string, limit int64) ([]byte, error) {

@@ -310,3 +310,32 @@ func TestHostileLongNameBounded(t *testing.T) {
 		t.Error("the long name is not marked as cut")
 	}
 }
+
+// TestLoadRSSProfile: record --rss writes no series; the report says why
+// without blaming an older memprof.
+func TestLoadRSSProfile(t *testing.T) {
+	fn := &profile.Function{ID: 1, Name: "leak"}
+	loc := &profile.Location{ID: 1, Line: []profile.Line{{Function: fn}}}
+	p := &profile.Profile{
+		SampleType: []*profile.ValueType{{Type: pprofout.RSSSpace, Unit: "bytes"}},
+		Sample:     []*profile.Sample{{Location: []*profile.Location{loc}, Value: []int64{4 << 20}}},
+		Location:   []*profile.Location{loc},
+		Function:   []*profile.Function{fn},
+	}
+	path := filepath.Join(t.TempDir(), "rss.pb.gz")
+	f, err := os.Create(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Write(f); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	r, err := Load(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(r.SeriesMissing, "an RSS profile has no series") || strings.Contains(r.SeriesMissing, "older memprof") {
+		t.Fatalf("SeriesMissing %q", r.SeriesMissing)
+	}
+}
