@@ -20,7 +20,7 @@ import (
 
 // demo writes a profile and its series with a leak, a cache, churn and a
 // stack whose name is hostile markup, at rate 1, 40 points 250 ms apart.
-func demo(t *testing.T, dir string) string {
+func demo(t testing.TB, dir string) string {
 	t.Helper()
 	loc := func(fn string) *pprofout.Location {
 		return &pprofout.Location{Lines: []pprofout.Line{{Function: fn, File: "x.c", Line: 7}}}
