@@ -82,7 +82,7 @@ FUZZ_TARGETS := internal/symbolize:FuzzLoadObject internal/symbolize:FuzzDWARFLi
                 internal/symbolize:FuzzLineHeader internal/symbolize:FuzzNotes \
                 internal/unwind:FuzzCFI internal/unwind:FuzzEval internal/unwind:FuzzNoteBuildID \
                 internal/unwind:FuzzParseTable internal/attach:FuzzFindSites \
-                internal/report:FuzzSeriesReport
+                internal/report:FuzzSeriesReport internal/report:FuzzProfileReport
 # A target that fails without writing a failing input is run once more: Go's
 # fuzzing coordinator can report "context deadline exceeded" when a worker is
 # mid-call at the -fuzztime deadline on a loaded machine (no finding).

@@ -56,3 +56,34 @@ func FuzzSeriesReport(f *testing.F) {
 		WriteHTML(io.Discard, r)
 	})
 }
+
+// FuzzProfileReport: `memprof report` reads profiles a user was handed;
+// whatever a profile's protobuf holds, pprofout.ReadFile refuses it or the
+// analysis and every output must neither panic nor hang. The seed is the
+// uncompressed protobuf of demo()'s profile.
+func FuzzProfileReport(f *testing.F) {
+	path := demo(f, f.TempDir())
+	p, err := pprofout.ReadFile(path)
+	if err != nil {
+		f.Fatal(err)
+	}
+	var seed bytes.Buffer
+	if err := p.WriteUncompressed(&seed); err != nil {
+		f.Fatal(err)
+	}
+	f.Add(seed.Bytes())
+	f.Fuzz(func(t *testing.T, data []byte) {
+		pp := filepath.Join(t.TempDir(), "p.pb")
+		if err := os.WriteFile(pp, data, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		r, err := Load(pp)
+		if err != nil {
+			return
+		}
+		r.Leaks(0)
+		WriteGrowth(io.Discard, r, 10, 8)
+		WriteJSON(io.Discard, r)
+		WriteHTML(io.Discard, r)
+	})
+}
