@@ -64,14 +64,20 @@ struct call_in {
 	__u64 ip;	  // the probed instruction's address
 	__u64 sp;	  // stack pointer at the probe (at a return probe: the one at entry)
 	__u64 a1, a2, a3; // argument registers at entry; a1 is rax at a return
+	__u64 bp;	  // rbp at the probe
 	__u64 tramp; // the process's uretprobe trampoline address; 0: read it from the current task
 	__u32 tgid;
 };
 
-// What a return asks the caller to record: the block and its size.
+// What a return asks the caller to record: the block and its size, and
+// for an allocation forwarded by a P_FORWARD function the registers its
+// stack is taken from (those of the forwarding function's return).
 struct call_out {
 	__u64 ptr;
 	__u64 size;
+	__u64 ip, sp, bp; // valid when fwd is set
+	__u32 fwd;
+	__u32 _pad;
 };
 
 // mul_overflows computes a*b in 32-bit halves (BPF has no 128-bit multiply).
@@ -156,6 +162,10 @@ static __always_inline void abandon(struct thread_state *ts)
 {
 	ts->active = 0;
 	count(C_MISSED_RETURN);
+	// A forwarding call whose allocation was never seen: the function did
+	// not call a probed allocator (or threw before it did).
+	if (ts->pending.fwd == FWD_OUTER)
+		count(C_FORWARD_UNSEEN);
 }
 
 // uretprobe_trampoline returns the address of the current process's
@@ -258,10 +268,48 @@ static __always_inline void untrack(__u32 tgid, __u64 ptr)
 		bpf_map_delete_elem(&live, &k);
 }
 
+// forward hands a P_FORWARD call (libstdc++'s operator new) over to the
+// allocating call nested in it that it forwards to (malloc, aligned_alloc,
+// or an operator new of another library that is not itself P_FORWARD):
+// that call becomes the pending one, with the forwarding call's size,
+// sampling decision and entry registers, and its return records the block
+// with the stack the forwarding function's return would have had. The
+// forwarding function itself then needs no return probe and no probes on
+// its ret instructions (each a single-stepped trap on every call). An
+// unsampled call ends here unless the callee must stay pending (it is a
+// wrapper or returns at its ret instructions). It returns whether the
+// nested call's return must be seen. A failed allocation hands the call
+// back (see call_return): operator new's new_handler loop calls malloc
+// again.
+static __always_inline int forward(struct thread_state *ts, const struct call_in *in, __u8 kind,
+				   __u64 ptr)
+{
+	struct pending *p = &ts->pending;
+	if (p->fwd != FWD_OUTER && p->fwd != FWD_FAILED)
+		return 0;
+	if ((in->cookie & P_FORWARD) || (kind != K_PTR && kind != K_MEMPTR))
+		return 0; // operator new (nothrow) -> operator new: still the outer's
+	__u64 ret = 0;
+	if (read_user_u64(in->sp, &ret) != 0)
+		ret = 0;
+	p->sp = in->sp;
+	p->ret = ret;
+	p->kind = kind;
+	p->ptr = ptr;
+	p->tail = 0;
+	p->fwd = FWD_INNER;
+	if (!p->sampled && !(in->cookie & (P_WRAPPER | P_RETSITES))) {
+		ts->active = 0;
+		return 0;
+	}
+	return 1;
+}
+
 // begin records an allocating call. Calls nested inside another allocator
 // call of the same thread (reallocarray -> realloc, operator new -> malloc)
 // are left to the outermost call, so nothing is counted twice and the outer
-// call's pending state is never overwritten.
+// call's pending state is never overwritten (a P_FORWARD outer call hands
+// itself over to the allocation it forwards to: see forward).
 //
 // It returns whether the call's return must be seen: the call is sampled, or
 // it resizes a tracked block, or always is set (a wrapper that calls other
@@ -274,7 +322,7 @@ static __always_inline int begin(struct thread_state *ts, const struct call_in *
 {
 	if (nested(ts, in)) {
 		count(C_NESTED);
-		return 0;
+		return forward(ts, in, kind, ptr);
 	}
 	int smp = kind == K_XALLOCX ? 0 : sampled(ts, size);
 	if (!smp && !always) {
@@ -295,6 +343,13 @@ static __always_inline int begin(struct thread_state *ts, const struct call_in *
 	p->sampled = smp;
 	p->tail = 0;
 	p->nfns = 0;
+	p->fwd = FWD_NONE;
+	if (in->cookie & P_FORWARD) {
+		p->fwd = FWD_OUTER;
+		p->osp = in->sp;
+		p->oret = ret;
+		p->obp = in->bp;
+	}
 	add_fn(p, fn_of(in));
 	ts->active = 1;
 	return 1;
@@ -307,7 +362,7 @@ static __always_inline int enter_kind(struct thread_state *ts, const struct call
 {
 	__u64 a1 = in->a1, a2 = in->a2, a3 = in->a3;
 	__u64 total;
-	int always = (in->cookie & (P_WRAPPER | P_RETSITES)) != 0;
+	int always = (in->cookie & (P_WRAPPER | P_RETSITES | P_FORWARD)) != 0;
 
 	count(kind == P_FREE ? C_FREES : C_CALLS);
 	count_call(ts, in->tgid);
@@ -346,10 +401,11 @@ static __always_inline int enter_kind(struct thread_state *ts, const struct call
 
 // call_enter handles the entry of an allocator function and returns whether
 // a return probe must see its return: never for a P_RETSITES function,
-// whose ret instructions are probed instead.
+// whose ret instructions are probed instead, nor for a P_FORWARD one, whose
+// block the call it forwards to records.
 static __always_inline int call_enter(struct thread_state *ts, const struct call_in *in, __u64 kind)
 {
-	return enter_kind(ts, in, kind) && !(in->cookie & P_RETSITES);
+	return enter_kind(ts, in, kind) && !(in->cookie & (P_RETSITES | P_FORWARD));
 }
 
 // call_tail handles a jmp from a probed function to another allocator
@@ -380,10 +436,22 @@ static __always_inline int call_return(struct thread_state *ts, const struct cal
 		abandon(ts); // its frame is gone
 		return 0;
 	}
-	ts->active = 0;
-
 	__u64 ret = in->a1;
 	__u64 ptr = ret;
+	if (p->fwd == FWD_INNER &&
+	    ((p->kind == K_PTR && ret == 0) || (p->kind == K_MEMPTR && (int)ret != 0))) {
+		// The forwarded allocation failed: the forwarding function
+		// (still running) may call its new_handler and try again, or
+		// throw. The call is its own again.
+		p->sp = p->osp;
+		p->ret = p->oret;
+		p->kind = K_PTR;
+		p->ptr = 0;
+		p->fwd = FWD_FAILED;
+		return 0;
+	}
+	ts->active = 0;
+
 	switch (p->kind) {
 	case K_MEMPTR:
 		// posix_memalign returns 0 and stores the block through memptr.
@@ -421,6 +489,12 @@ static __always_inline int call_return(struct thread_state *ts, const struct cal
 	flush_calls(ts, in->tgid);
 	out->ptr = ptr;
 	out->size = p->size;
+	if (p->fwd == FWD_INNER) {
+		out->fwd = 1;
+		out->ip = p->oret;
+		out->sp = p->osp + 8;
+		out->bp = p->obp;
+	}
 	return 1;
 }
 

@@ -160,11 +160,17 @@ static __always_inline int wants_copy(__u32 tgid)
 
 // ret_stack_id turns the frame-pointer stack taken at a ret instruction
 // into a ret_stacks key whose stack has the caller in place of the
-// allocator's frame; sid itself when that fails (counted).
-static __always_inline __s64 ret_stack_id(struct pt_regs *ctx, __s64 sid)
+// allocator's frame; sid itself when that fails (counted). For a forwarded
+// allocation (o->fwd) the stack was taken inside the forwarding function,
+// whose caller's frame the walk misses in the same way (the forwarding
+// function keeps rbp: internal/attach checks it), and the caller is the
+// forwarding function's return address.
+static __always_inline __s64 ret_stack_id(struct pt_regs *ctx, __s64 sid, const struct call_out *o)
 {
 	struct ret_stack rs = {.stack_id = sid};
-	if (read_user_u64(PT_REGS_SP(ctx), &rs.caller) != 0) {
+	if (o->fwd) {
+		rs.caller = o->ip;
+	} else if (read_user_u64(PT_REGS_SP(ctx), &rs.caller) != 0) {
 		count(C_READ_FAILED);
 		return sid;
 	}
@@ -190,10 +196,17 @@ static __always_inline __s64 ret_stack_id(struct pt_regs *ctx, __s64 sid)
 // happens after the mappings are refreshed; if the ring buffer is full the
 // truncated walk is stored, marked. Other truncated walks are stored with
 // their status: userspace marks them.
-static __always_inline __u64 cfi_stack_id(struct pt_regs *ctx, __u32 tgid, __u64 size, int at_ret)
+static __always_inline __u64 cfi_stack_id(struct pt_regs *ctx, __u32 tgid, __u64 size, int at_ret,
+					  const struct call_out *o)
 {
 	__u64 ip = PT_REGS_IP(ctx), sp = PT_REGS_SP(ctx), bp = PT_REGS_FP(ctx), ret;
-	if (at_ret && read_user_u64(sp, &ret) == 0) {
+	if (o->fwd) {
+		// The forwarding function's return, as a return probe on it
+		// would see it.
+		ip = o->ip;
+		sp = o->sp;
+		bp = o->bp;
+	} else if (at_ret && read_user_u64(sp, &ret) == 0) {
 		// The registers as they are once ret has run, as a return probe
 		// sees them: the caller's pc (exact) and sp above the return
 		// address (rbp is restored before ret). If [sp] cannot be read the
@@ -229,19 +242,25 @@ static __always_inline __u64 cfi_stack_id(struct pt_regs *ctx, __u32 tgid, __u64
 
 // fp_stack_id takes the stack of the SM_FP, SM_DWARF and SM_AUTO modes:
 // a copy for userspace unwinding (STACK_DWARF | seq) or the frame-pointer
-// walk's id (STACK_RET | hash at a ret instruction).
-static __always_inline __u64 fp_stack_id(struct pt_regs *ctx, __u32 tgid, __u64 size, int at_ret)
+// walk's id (STACK_RET | hash at a ret instruction or inside a forwarding
+// function).
+static __always_inline __u64 fp_stack_id(struct pt_regs *ctx, __u32 tgid, __u64 size, int at_ret,
+					 const struct call_out *o)
 {
 	__s64 sid = -1;
 	if (wants_copy(tgid)) {
-		__u64 ip = PT_REGS_IP(ctx), sp = PT_REGS_SP(ctx);
-		if (at_ret) {
+		__u64 ip = PT_REGS_IP(ctx), sp = PT_REGS_SP(ctx), bp = PT_REGS_FP(ctx);
+		if (o->fwd) {
+			ip = o->ip;
+			sp = o->sp;
+			bp = o->bp;
+		} else if (at_ret) {
 			// Registers as they are once ret has run.
 			if (read_user_u64(sp, &ip) != 0)
 				ip = 0;
 			sp += 8;
 		}
-		sid = copy_stack(ip, sp, PT_REGS_FP(ctx), tgid, size);
+		sid = copy_stack(ip, sp, bp, tgid, size);
 	}
 	if (sid < 0) {
 		sid = bpf_get_stackid(ctx, &stacks, BPF_F_USER_STACK);
@@ -249,24 +268,26 @@ static __always_inline __u64 fp_stack_id(struct pt_regs *ctx, __u32 tgid, __u64 
 			count(sid == -EEXIST ? C_STACK_COLLISION : C_STACK_LOST);
 			return STACK_UNKNOWN;
 		}
-		if (at_ret)
-			sid = ret_stack_id(ctx, sid);
+		if (at_ret || o->fwd)
+			sid = ret_stack_id(ctx, sid, o);
 	}
 	return (__u64)sid;
 }
 
 // track records a sampled block. at_ret: the probe is on the allocator's
 // ret instruction ([sp] holds the return address), else just after the
-// return (a return probe).
-static __always_inline void track(struct pt_regs *ctx, __u32 tgid, __u64 ptr, __u64 size,
+// return (a return probe); o->fwd: the stack is that of the forwarding
+// function's return (o->ip, o->sp, o->bp), whatever the probe.
+static __always_inline void track(struct pt_regs *ctx, __u32 tgid, const struct call_out *o,
 				  int at_ret)
 {
+	__u64 ptr = o->ptr, size = o->size;
 	count(C_SAMPLES);
 	__u64 sid;
 	if (stack_mode == SM_CFI)
-		sid = cfi_stack_id(ctx, tgid, size, at_ret);
+		sid = cfi_stack_id(ctx, tgid, size, at_ret, o);
 	else
-		sid = fp_stack_id(ctx, tgid, size, at_ret);
+		sid = fp_stack_id(ctx, tgid, size, at_ret, o);
 	// Copied stacks are counted from their events in userspace.
 	if (sid != STACK_UNKNOWN && sid < (1ULL << 32) && (sid & STACK_DWARF))
 		goto live;
@@ -309,6 +330,7 @@ static __always_inline struct call_in call_in(struct pt_regs *ctx, __u64 cookie,
 	    .a1 = PT_REGS_PARM1(ctx),
 	    .a2 = PT_REGS_PARM2(ctx),
 	    .a3 = PT_REGS_PARM3(ctx),
+	    .bp = PT_REGS_FP(ctx),
 	    .tgid = bpf_get_current_pid_tgid() >> 32,
 	};
 	return in;
@@ -339,7 +361,7 @@ static __always_inline int on_return(struct pt_regs *ctx, __u64 sp, int at_ret)
 	in.a1 = PT_REGS_RC(ctx);
 	struct call_out out = {};
 	if (call_return(ts, &in, &out))
-		track(ctx, in.tgid, out.ptr, out.size, at_ret);
+		track(ctx, in.tgid, &out, at_ret);
 	return 0;
 }
 

@@ -49,12 +49,24 @@ enum probe_cookie {
 	P_KIND_MASK = 0xff,
 	P_WRAPPER = 0x100,  // the function calls other allocator entry points: always pending
 	P_RETSITES = 0x200, // its return is taken at its ret instructions (no return probe)
+	// It forwards the allocation to another allocator entry point it calls
+	// (libstdc++'s operator new -> malloc), whose return records the block
+	// for it: only its entry is probed (see begin in calls.h).
+	P_FORWARD = 0x400,
 	SITE_MASK = 0x3000,
 	SITE_ENTRY = 0x0000, // the function's entry
 	SITE_RET = 0x1000,   // a ret instruction of a P_RETSITES function (or of code it jumps to)
 	SITE_TAIL = 0x2000,  // a jmp from a probed function to another allocator function
 	COOKIE_OFF_SHIFT = 16,	// bits 16..31: probe offset from the function start
 	COOKIE_SIZE_SHIFT = 32, // bits 32..63: function size in bytes
+};
+
+// A pending call's forwarding state (pending.fwd).
+enum fwd_state {
+	FWD_NONE = 0,
+	FWD_OUTER = 1,	// a P_FORWARD call waiting for the allocation it forwards to
+	FWD_INNER = 2,	// that allocation is the pending call: its return records the block
+	FWD_FAILED = 3, // FWD_OUTER after a forwarded allocation failed (new_handler retry)
 };
 
 // Pending call kinds.
@@ -82,8 +94,9 @@ enum counter {
 		       // site)
 	C_EVENTS_LOST, // ring buffer full (OOM event, or a stack copy: then the frame-pointer stack
 		       // is used, in SM_CFI mode the truncated CFI walk)
-	C_STACK_COPIES, // stacks copied for userspace unwinding
-	C_TAIL_CALLS,	// tail jumps from an allocator function to another
+	C_STACK_COPIES,	  // stacks copied for userspace unwinding
+	C_TAIL_CALLS,	  // tail jumps from an allocator function to another
+	C_FORWARD_UNSEEN, // P_FORWARD calls abandoned before the allocation they forward to began
 	NR_COUNTERS,
 };
 
@@ -101,7 +114,11 @@ struct pending {
 	__u8 kind;
 	__u8 sampled;
 	__u8 tail; // the outer function tail-jumped: an entry at sp continues the call
-	__u8 _pad[4];
+	__u8 fwd;  // enum fwd_state
+	__u8 _pad[3];
+	// A P_FORWARD call's entry registers: its block's stack is taken as if
+	// at its return (pc osp's return address oret, sp osp+8, rbp obp).
+	__u64 osp, oret, obp;
 };
 
 #define CALLS_FLUSH 4096 // per-thread calls counted before they are added to the process's count

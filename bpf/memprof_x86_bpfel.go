@@ -60,7 +60,8 @@ const (
 	MemprofCounterC_EVENTS_LOST     MemprofCounter = 11
 	MemprofCounterC_STACK_COPIES    MemprofCounter = 12
 	MemprofCounterC_TAIL_CALLS      MemprofCounter = 13
-	MemprofCounterNR_COUNTERS       MemprofCounter = 14
+	MemprofCounterC_FORWARD_UNSEEN  MemprofCounter = 14
+	MemprofCounterNR_COUNTERS       MemprofCounter = 15
 )
 
 type MemprofEventType uint32
@@ -111,6 +112,7 @@ const (
 	MemprofProbeCookieP_KIND_MASK       MemprofProbeCookie = 255
 	MemprofProbeCookieP_WRAPPER         MemprofProbeCookie = 256
 	MemprofProbeCookieP_RETSITES        MemprofProbeCookie = 512
+	MemprofProbeCookieP_FORWARD         MemprofProbeCookie = 1024
 	MemprofProbeCookieSITE_MASK         MemprofProbeCookie = 12288
 	MemprofProbeCookieSITE_ENTRY        MemprofProbeCookie = 0
 	MemprofProbeCookieSITE_RET          MemprofProbeCookie = 4096
@@ -189,7 +191,11 @@ type MemprofThreadState struct {
 		Kind    uint8
 		Sampled uint8
 		Tail    uint8
-		Pad     [4]uint8
+		Fwd     uint8
+		Pad     [3]uint8
+		Osp     uint64
+		Oret    uint64
+		Obp     uint64
 	}
 }
 

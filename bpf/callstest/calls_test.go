@@ -14,6 +14,7 @@ import (
 const (
 	wrapper  = uint64(CallsProbeCookieP_WRAPPER)
 	retSites = uint64(CallsProbeCookieP_RETSITES)
+	forward  = uint64(CallsProbeCookieP_FORWARD)
 	offShift = uint64(CallsProbeCookieCOOKIE_OFF_SHIFT)
 	sizShift = uint64(CallsProbeCookieCOOKIE_SIZE_SHIFT)
 )
@@ -38,7 +39,22 @@ var (
 	calloc       = fn{0x10a00, 0x100, CallsProbeKindP_CALLOC, 0}
 	newNothrow   = fn{0x20000, 0x40, CallsProbeKindP_MALLOC, retSites}
 	newThrowing  = fn{0x20100, 0x40, CallsProbeKindP_MALLOC, retSites}
+	// libstdc++'s operator new and its nothrow variant: entry only, the
+	// block recorded at the return of the malloc they call.
+	newFwd        = fn{0x20200, 0x40, CallsProbeKindP_MALLOC, forward | wrapper}
+	newFwdNothrow = fn{0x20300, 0x40, CallsProbeKindP_MALLOC, forward | wrapper}
+	alignedAlloc  = fn{0x10b00, 0x100, CallsProbeKindP_MEMALIGN, 0}
 )
+
+// enum fwd_state of bpf/memprof.h.
+const (
+	fwdOuter  = 1
+	fwdInner  = 2
+	fwdFailed = 3
+)
+
+// userBP is the rbp the fake user code has at its calls.
+const userBP = 0x7ffc1000
 
 // harness runs the test program on one thread state, with a fake user
 // stack in this process's memory (the program reads it with
@@ -99,6 +115,7 @@ func (h *harness) run(op CallsTestOpKind, f fn, sp uint64, a1, a2, a3 uint64) Ca
 	o.In.Sp = sp
 	o.In.A1, o.In.A2, o.In.A3 = a1, a2, a3
 	o.In.Tgid = tgid
+	o.In.Bp = userBP
 	o.In.Tramp = h.tramp
 	if err := h.objs.TestOps.Put(uint32(0), o); err != nil {
 		h.t.Fatal(err)
@@ -384,6 +401,154 @@ func TestCallLogic(t *testing.T) {
 			}
 			if n := h.counter(CallsCounterC_MISSED_RETURN); n != 1 {
 				t.Errorf("abandoned %d, want 1", n)
+			}
+		}},
+		{"operator new forwards to malloc: its return records new's block with new's registers", true, func(t *testing.T, h *harness) {
+			s := h.sp(100, userCode)
+			if h.enter(newFwd, s, 1000, 0, 0) {
+				t.Error("a forwarding operator new asked for a return probe")
+			}
+			if st := h.state(); st.Active == 0 || st.Pending.Fwd != fwdOuter || st.Pending.Osp != s || st.Pending.Oret != userCode || st.Pending.Obp != userBP {
+				t.Fatalf("after new's entry: %+v, want pending, forwarding, its entry registers kept", st)
+			}
+			ms := h.sp(96, newFwd.start+0x18)
+			if !h.enter(malloc, ms, 1000, 0, 0) {
+				t.Fatal("the sampled malloc inside new did not ask for its return")
+			}
+			if st := h.state(); st.Pending.Fwd != fwdInner || st.Pending.Sp != ms {
+				t.Fatalf("after malloc's entry: %+v, want malloc's call pending for new", st.Pending)
+			}
+			r := h.ret(ms, 0xb000)
+			if r.Ret == 0 || h.live(0xb000) != 1000 {
+				t.Fatalf("malloc's return recorded %v, live %d; want new's 1000 bytes", r.Ret != 0, h.live(0xb000))
+			}
+			if r.Out.Fwd == 0 || r.Out.Ip != userCode || r.Out.Sp != s+8 || r.Out.Bp != userBP {
+				t.Errorf("stack registers %+v, want those of new's return: ip %#x sp %#x bp %#x", r.Out, userCode, s+8, userBP)
+			}
+			if st := h.state(); st.Active != 0 {
+				t.Error("the call stayed pending after its block was recorded")
+			}
+			// The next new at the same depth is a call of its own, nothing abandoned.
+			h.enter(newFwd, s, 64, 0, 0)
+			h.enter(malloc, ms, 64, 0, 0)
+			h.ret(ms, 0xb100)
+			if h.live(0xb100) != 64 {
+				t.Error("the second new was not recorded")
+			}
+			if n := h.counter(CallsCounterC_NESTED); n != 2 {
+				t.Errorf("nested %d, want 2", n)
+			}
+			if n := h.counter(CallsCounterC_MISSED_RETURN) + h.counter(CallsCounterC_FORWARD_UNSEEN); n != 0 {
+				t.Errorf("abandoned or unseen %d, want 0", n)
+			}
+		}},
+		{"unsampled forwarded new ends at malloc's entry", false, func(t *testing.T, h *harness) {
+			s := h.sp(100, userCode)
+			h.enter(newFwd, s, 100, 0, 0)
+			if h.enter(malloc, h.sp(96, newFwd.start+0x18), 100, 0, 0) {
+				t.Error("an unsampled forwarded malloc asked for its return")
+			}
+			if st := h.state(); st.Active != 0 {
+				t.Errorf("the unsampled call stayed pending: %+v", st.Pending)
+			}
+			for i := 0; i < 3; i++ { // more calls of the user code: nothing abandoned
+				h.enter(newFwd, s, 100, 0, 0)
+				h.enter(malloc, h.sp(96, newFwd.start+0x18), 100, 0, 0)
+			}
+			h.enter(malloc, s, 100, 0, 0)
+			if n := h.counter(CallsCounterC_MISSED_RETURN); n != 0 {
+				t.Errorf("abandoned %d, want 0", n)
+			}
+			if n := h.counter(CallsCounterC_CALLS); n != 9 {
+				t.Errorf("calls %d, want 9", n)
+			}
+		}},
+		{"forwarded malloc fails: new_handler retry recorded, a throw abandons", true, func(t *testing.T, h *harness) {
+			s := h.sp(100, userCode)
+			ms := h.sp(96, newFwd.start+0x18)
+			h.enter(newFwd, s, 5000, 0, 0)
+			h.enter(malloc, ms, 5000, 0, 0)
+			if r := h.ret(ms, 0); r.Ret != 0 {
+				t.Fatal("a failed malloc recorded a block")
+			}
+			if st := h.state(); st.Active == 0 || st.Pending.Fwd != fwdFailed || st.Pending.Sp != s {
+				t.Fatalf("after the failure: %+v, want new's call pending again", st.Pending)
+			}
+			// The new_handler freed memory: new calls malloc again.
+			if !h.enter(malloc, ms, 5000, 0, 0) {
+				t.Fatal("the retried malloc did not ask for its return")
+			}
+			if r := h.ret(ms, 0xc000); r.Ret == 0 || h.live(0xc000) != 5000 || r.Out.Ip != userCode {
+				t.Errorf("retry: recorded %v, live %d, caller %#x; want 5000 bytes under the caller", r.Ret != 0, h.live(0xc000), r.Out.Ip)
+			}
+			// Then a new that throws: its exception is allocated by
+			// __cxa_allocate_exception's malloc, outside new's code.
+			h.enter(newFwd, s, 1<<60, 0, 0)
+			h.enter(malloc, ms, 1<<60, 0, 0)
+			h.ret(ms, 0)
+			exc := h.sp(80, 0x30000)
+			if !h.enter(malloc, exc, 144, 0, 0) {
+				t.Fatal("the exception's malloc was taken as nested in new")
+			}
+			h.ret(exc, 0xd000)
+			if h.live(0xd000) != 144 {
+				t.Error("the exception's malloc was not recorded as a call of its own")
+			}
+			if n := h.counter(CallsCounterC_MISSED_RETURN); n != 1 {
+				t.Errorf("abandoned %d, want 1 (the throwing new)", n)
+			}
+			if n := h.counter(CallsCounterC_FORWARD_UNSEEN); n != 0 {
+				t.Errorf("forward_unseen %d, want 0: the failed malloc was seen", n)
+			}
+		}},
+		{"a forwarding new whose allocation is never seen is counted", true, func(t *testing.T, h *harness) {
+			s := h.sp(100, userCode)
+			h.enter(newFwd, s, 100, 0, 0)
+			// malloc is not probed; new returns; the user code calls malloc.
+			h.stack[100] = userCode + 0x40
+			h.enter(malloc, s, 100, 0, 0)
+			if n := h.counter(CallsCounterC_FORWARD_UNSEEN); n != 1 {
+				t.Errorf("forward_unseen %d, want 1", n)
+			}
+			if n := h.counter(CallsCounterC_MISSED_RETURN); n != 1 {
+				t.Errorf("abandoned %d, want 1", n)
+			}
+		}},
+		{"nothrow new -> new -> malloc: one block, at malloc's return, under the outer caller", true, func(t *testing.T, h *harness) {
+			s := h.sp(100, userCode)
+			h.enter(newFwdNothrow, s, 3000, 0, 0)
+			if h.enter(newFwd, h.sp(98, newFwdNothrow.start+0x10), 3000, 0, 0) {
+				t.Error("the nested forwarding new asked for a return")
+			}
+			ms := h.sp(94, newFwd.start+0x18)
+			h.enter(malloc, ms, 3000, 0, 0)
+			if r := h.ret(ms, 0xe000); r.Ret == 0 || h.live(0xe000) != 3000 || r.Out.Ip != userCode || r.Out.Sp != s+8 {
+				t.Errorf("recorded %v, live %d, registers %+v; want 3000 bytes with the nothrow new's return", r.Ret != 0, h.live(0xe000), r.Out)
+			}
+			if n := h.counter(CallsCounterC_NESTED); n != 2 {
+				t.Errorf("nested %d, want 2", n)
+			}
+		}},
+		{"forwarding new -> another library's operator new (ret sites) or aligned_alloc", true, func(t *testing.T, h *harness) {
+			s := h.sp(100, userCode)
+			h.enter(newFwdNothrow, s, 700, 0, 0)
+			ns := h.sp(98, newFwdNothrow.start+0x10)
+			h.enter(newThrowing, ns, 700, 0, 0)
+			h.enter(malloc, h.sp(94, newThrowing.start+0x18), 700, 0, 0)
+			h.ret(h.sp(94, 0), 0xf000) // nested in the other new: left to it
+			if h.live(0xf000) != 0 {
+				t.Fatal("recorded by the malloc nested in the other library's new")
+			}
+			if r := h.ret(ns, 0xf000); r.Ret == 0 || h.live(0xf000) != 700 || r.Out.Fwd == 0 || r.Out.Ip != userCode {
+				t.Errorf("the other new's ret: recorded %v, live %d, registers %+v; want 700 bytes under the nothrow new's caller", r.Ret != 0, h.live(0xf000), r.Out)
+			}
+			h.enter(newFwd, s, 4096, 0, 0)
+			as := h.sp(90, newFwd.start+0x18)
+			if !h.enter(alignedAlloc, as, 64, 4096, 0) {
+				t.Fatal("aligned_alloc in new did not ask for its return")
+			}
+			if r := h.ret(as, 0x10000); r.Ret == 0 || h.live(0x10000) != 4096 {
+				t.Errorf("aligned_alloc's return: live %d, want new's 4096", h.live(0x10000))
 			}
 		}},
 		{"exception out of new: the next call abandons it", true, func(t *testing.T, h *harness) {

@@ -30,7 +30,8 @@ const (
 	CallsCounterC_EVENTS_LOST     CallsCounter = 11
 	CallsCounterC_STACK_COPIES    CallsCounter = 12
 	CallsCounterC_TAIL_CALLS      CallsCounter = 13
-	CallsCounterNR_COUNTERS       CallsCounter = 14
+	CallsCounterC_FORWARD_UNSEEN  CallsCounter = 14
+	CallsCounterNR_COUNTERS       CallsCounter = 15
 )
 
 type CallsLiveBlock struct {
@@ -55,6 +56,7 @@ const (
 	CallsProbeCookieP_KIND_MASK       CallsProbeCookie = 255
 	CallsProbeCookieP_WRAPPER         CallsProbeCookie = 256
 	CallsProbeCookieP_RETSITES        CallsProbeCookie = 512
+	CallsProbeCookieP_FORWARD         CallsProbeCookie = 1024
 	CallsProbeCookieSITE_MASK         CallsProbeCookie = 12288
 	CallsProbeCookieSITE_ENTRY        CallsProbeCookie = 0
 	CallsProbeCookieSITE_RET          CallsProbeCookie = 4096
@@ -86,6 +88,7 @@ type CallsTestOp struct {
 		A1     uint64
 		A2     uint64
 		A3     uint64
+		Bp     uint64
 		Tramp  uint64
 		Tgid   uint32
 		_      [4]byte
@@ -109,6 +112,11 @@ type CallsTestResult struct {
 		_    structs.HostLayout
 		Ptr  uint64
 		Size uint64
+		Ip   uint64
+		Sp   uint64
+		Bp   uint64
+		Fwd  uint32
+		Pad  uint32
 	}
 }
 
@@ -132,7 +140,11 @@ type CallsThreadState struct {
 		Kind    uint8
 		Sampled uint8
 		Tail    uint8
-		Pad     [4]uint8
+		Fwd     uint8
+		Pad     [3]uint8
+		Osp     uint64
+		Oret    uint64
+		Obp     uint64
 	}
 }
 

@@ -127,8 +127,7 @@ func runRecord(c *cli.Context) error {
 	seriesRec := s.RecordSeries()
 	fmt.Fprintf(stderr, "memprof: recording %s (sample rate %d bytes); %s\n", target, opts.SampleRate, s.Features())
 	for _, o := range s.Objects() {
-		n, emu := o.Probed()
-		fmt.Fprintf(stderr, "memprof: probing %s (%s): %d functions, %d at emulated instructions\n", o.Path, o.Allocator, n, emu)
+		fmt.Fprintf(stderr, "memprof: probing %s (%s): %s\n", o.Path, o.Allocator, o.Plan())
 	}
 
 	progressDone := make(chan struct{})

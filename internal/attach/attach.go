@@ -47,6 +47,54 @@ type Object struct {
 	Allocator string
 }
 
+// Forwarding reports whether the object's Forwards sites are probed at
+// their entry only, the block recorded at the return of the allocation
+// they forward to: libstdc++, whose operator new variants call malloc (or
+// aligned_alloc, or another operator new) through the PLT — the process's
+// malloc, defined by an object memprof probes (every object exporting
+// malloc and free is one; calls whose allocation is never seen are counted,
+// forward_unseen). An allocator's own operator new (jemalloc, tcmalloc,
+// mimalloc) allocates inline and keeps its ret probes.
+func (o *Object) Forwarding() bool { return o.Allocator == "libstdc++" }
+
+// Plan counts how an object's functions are probed.
+type Plan struct {
+	Functions int // functions probed (thunks excluded)
+	Emulated  int // of which at an instruction the kernel emulates (one trap per call)
+	Forwarded int // of which probed at their entry only, their block recorded at the callee's return
+	RetSites  int // of which results are taken at ret instructions
+	Rets      int // those ret instructions (each single-stepped on every call)
+}
+
+// Plan counts how the object's functions are probed.
+func (o *Object) Plan() Plan {
+	var p Plan
+	p.Functions, p.Emulated = o.Probed()
+	for _, s := range o.Sites {
+		switch {
+		case s.Thunk || !s.Kind.Returns():
+		case s.Forwards && o.Forwarding():
+			p.Forwarded++
+		case s.RetSites:
+			p.RetSites++
+			p.Rets += len(s.Rets)
+		}
+	}
+	return p
+}
+
+// String is the plan for the record summary.
+func (p Plan) String() string {
+	s := fmt.Sprintf("%d functions, %d at emulated instructions", p.Functions, p.Emulated)
+	if p.Forwarded > 0 {
+		s += fmt.Sprintf(", %d entry-only (forward to malloc)", p.Forwarded)
+	}
+	if p.RetSites > 0 {
+		s += fmt.Sprintf(", %d with results at %d ret instructions (single-stepped)", p.RetSites, p.Rets)
+	}
+	return s
+}
+
 // Probed counts the sites that get probes (thunks excluded).
 func (o *Object) Probed() (entries, emulated int) {
 	for _, s := range o.Sites {
@@ -333,6 +381,7 @@ type probe struct {
 const (
 	cookieWrapper  = uint64(mbpf.MemprofProbeCookieP_WRAPPER)
 	cookieRetSites = uint64(mbpf.MemprofProbeCookieP_RETSITES)
+	cookieForward  = uint64(mbpf.MemprofProbeCookieP_FORWARD)
 	cookieSiteRet  = uint64(mbpf.MemprofProbeCookieSITE_RET)
 	cookieSiteTail = uint64(mbpf.MemprofProbeCookieSITE_TAIL)
 	cookieOffShift = uint64(mbpf.MemprofProbeCookieCOOKIE_OFF_SHIFT)
@@ -361,6 +410,12 @@ func (a *Attacher) probes(obj *Object) (entries, plain, returns []probe) {
 			c |= cookieWrapper
 		}
 		seen[off] = true
+		if s.Forwards && obj.Forwarding() {
+			// Entry only, in the link without return handler: the
+			// function may throw.
+			plain = append(plain, probe{off: off, cookie: c | cookieForward, site: s})
+			continue
+		}
 		if a.retSites(s) {
 			plain = append(plain, probe{off: off, cookie: c | cookieRetSites, site: s})
 			continue
@@ -371,7 +426,7 @@ func (a *Attacher) probes(obj *Object) (entries, plain, returns []probe) {
 		}
 	}
 	for _, s := range obj.Sites {
-		if s.Thunk || !a.retSites(s) {
+		if s.Thunk || !a.retSites(s) || s.Forwards && obj.Forwarding() {
 			continue
 		}
 		for _, r := range s.Rets {

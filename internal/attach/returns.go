@@ -193,6 +193,12 @@ func (r *textReader) inText(vaddr uint64) bool {
 // would wander into unrelated code, whose ret instructions would never match
 // a pending call but would trap on every call of that code.
 func returns(r *textReader, start uint64, tail func(vaddr uint64) bool) (rets, tails []uint64, complete bool) {
+	return walk(r, start, tail, nil)
+}
+
+// walk is returns, calling visit (when not nil) with each instruction on
+// the paths followed.
+func walk(r *textReader, start uint64, tail func(vaddr uint64) bool, visit func(pc uint64, inst x86asm.Inst)) (rets, tails []uint64, complete bool) {
 	complete = true
 	seen := map[uint64]bool{}
 	work := []uint64{start}
@@ -222,6 +228,9 @@ func returns(r *textReader, start uint64, tail func(vaddr uint64) bool) (rets, t
 				break
 			}
 			next := pc + uint64(inst.Len)
+			if visit != nil {
+				visit(pc, inst)
+			}
 			switch inst.Op {
 			case x86asm.CALL:
 				if rel, ok := inst.Args[0].(x86asm.Rel); ok {
@@ -276,6 +285,63 @@ func isCondJump(op x86asm.Op) bool {
 		x86asm.JP, x86asm.JNP, x86asm.JS, x86asm.JNS,
 		x86asm.JCXZ, x86asm.JECXZ, x86asm.JRCXZ, x86asm.LOOP, x86asm.LOOPE, x86asm.LOOPNE:
 		return true
+	}
+	return false
+}
+
+// forwards reports whether the function at start forwards its allocation
+// to another allocator entry point it calls through the PLT (libstdc++'s
+// operator new: malloc, or aligned_alloc, in a new_handler loop; its
+// nothrow variants: operator new), on the paths that lead to its ret
+// instructions, which must all be found, and never writes rbp: the block's
+// stack is taken at the callee's return, from inside the function, where a
+// frame-pointer walk must still find its caller's frame through rbp. The
+// BPF side then records the block at the callee's return (P_FORWARD).
+func forwards(r *textReader, start uint64, tail func(vaddr uint64) bool) bool {
+	calls, keepsBP := false, true
+	rets, tails, complete := walk(r, start, tail, func(pc uint64, inst x86asm.Inst) {
+		if writesRBP(inst) {
+			keepsBP = false
+		}
+		if inst.Op != x86asm.CALL {
+			return
+		}
+		rel, ok := inst.Args[0].(x86asm.Rel)
+		if !ok {
+			return
+		}
+		target := uint64(int64(pc) + int64(inst.Len) + int64(rel))
+		if !r.inPLT(target) {
+			return
+		}
+		if k, ok := KindOf(r.pltName(target)); ok && k != Free {
+			calls = true
+		}
+	})
+	return complete && calls && keepsBP && len(rets) > 0 && len(tails) == 0
+}
+
+// writesRBP reports whether an instruction may change rbp (calls preserve
+// it: it is callee-saved).
+func writesRBP(inst x86asm.Inst) bool {
+	switch inst.Op {
+	case x86asm.PUSH, x86asm.CMP, x86asm.TEST, x86asm.CALL, x86asm.JMP, x86asm.RET, x86asm.NOP:
+		return false
+	case x86asm.LEAVE, x86asm.ENTER:
+		return true
+	}
+	for i, a := range inst.Args {
+		if a == nil {
+			break
+		}
+		reg, ok := a.(x86asm.Reg)
+		if !ok || fullReg(reg) != "RBP" {
+			continue
+		}
+		// The first operand is the destination; xchg and xadd write both.
+		if i == 0 || inst.Op == x86asm.XCHG || inst.Op == x86asm.XADD || inst.Op == x86asm.CMPXCHG {
+			return true
+		}
 	}
 	return false
 }

@@ -149,3 +149,63 @@ func TestNoReturnCalls(t *testing.T) {
 		t.Error("no PLT stub resolved to std::__throw_bad_alloc")
 	}
 }
+
+// TestForwardsOperatorNew: libstdc++'s operator new and its nothrow
+// variants forward to malloc (or operator new) through the PLT and keep rbp:
+// they are probed at their entry only, no ret instruction; its aligned
+// operator new, which keeps the size in rbp around aligned_alloc, and
+// jemalloc's operator new, which allocates inline, keep their ret probes.
+func TestForwardsOperatorNew(t *testing.T) {
+	lib := "/usr/lib/x86_64-linux-gnu/libstdc++.so.6"
+	sites := sitesBySymbol(t, openLib(t, lib))
+	want := map[string]bool{
+		"_Znwm": true, "_ZnwmRKSt9nothrow_t": true, "_ZnamRKSt9nothrow_t": true,
+		"_ZnwmSt11align_val_t":               false, // writes rbp
+		"_ZnwmSt11align_val_tRKSt9nothrow_t": true,  // calls the aligned one through the PLT
+		"_ZnamSt11align_val_tRKSt9nothrow_t": true,
+	}
+	for name, fwd := range want {
+		if s := sites[name]; s.Forwards != fwd {
+			t.Errorf("libstdc++ %s: forwards %v, want %v", name, s.Forwards, fwd)
+		}
+	}
+	obj := &Object{Sites: make([]Site, 0, len(sites)), Allocator: allocatorName(lib, nil)}
+	for _, s := range sites {
+		obj.Sites = append(obj.Sites, s)
+	}
+	obj.Allocator = allocatorName(lib, obj.Sites)
+	if !obj.Forwarding() {
+		t.Fatalf("libstdc++ classified %q: its forwarders are not used", obj.Allocator)
+	}
+	a := New(Programs{})
+	entries, plain, returns := a.probes(obj)
+	if len(returns) != 0 {
+		t.Errorf("libstdc++: %d return probes, want none (every operator new may throw)", len(returns))
+	}
+	for _, p := range entries {
+		if p.site.Kind != Free {
+			t.Errorf("libstdc++ %s in a link with a return handler", p.site.Symbol)
+		}
+	}
+	rets, fwd := 0, 0
+	for _, p := range plain {
+		switch {
+		case p.cookie&cookieSiteRet != 0:
+			rets++
+			if p.site.Forwards {
+				t.Errorf("ret instruction of forwarding %s probed", p.site.Symbol)
+			}
+		case p.cookie&cookieForward != 0:
+			fwd++
+		}
+	}
+	if p := obj.Plan(); fwd != 5 || p.Forwarded != 5 || p.RetSites != 1 || p.Rets != rets || rets == 0 {
+		t.Errorf("libstdc++ plan %+v, %d forward entries, %d ret probes: want 5 forwarders, the aligned new's rets only", p, fwd, rets)
+	}
+	je := sitesBySymbol(t, openLib(t, "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"))
+	for _, name := range []string{"_Znwm", "_ZnwmRKSt9nothrow_t", "_ZnwmSt11align_val_t"} {
+		if je[name].Forwards {
+			t.Errorf("jemalloc %s taken for a forwarder: it allocates inline", name)
+		}
+	}
+}

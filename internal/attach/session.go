@@ -30,7 +30,8 @@ type linkCreateUprobeMulti struct {
 // points, so that its calls stay pending to their return and the calls
 // nested in them are recognised: glibc's reallocarray calls its realloc.
 // (libstdc++'s operator new calls malloc too: like every function that may
-// throw it stays pending anyway, its result taken at its ret instructions.)
+// throw it stays pending anyway, until the malloc it forwards to takes the
+// call over — P_FORWARD — or its result is taken at its ret instructions.)
 func wrapper(obj *Object, s Site) bool {
 	return obj.Allocator == "libstdc++" || s.Symbol == "reallocarray"
 }

@@ -42,6 +42,12 @@ type Site struct {
 	// followed (an indirect jump): calls leaving by it are counted as
 	// abandoned.
 	RetsIncomplete bool
+	// Forwards: a RetSites function that forwards its allocation to an
+	// allocator entry point it calls through the PLT and keeps rbp (see
+	// forwards). In an object whose operator new is known to do only that
+	// (libstdc++: see Object.Forwarding) it is probed at its entry only and
+	// the callee's return records the block; Rets are not probed.
+	Forwards bool
 }
 
 // FindSites lists the allocator functions an ELF object defines, one per
@@ -120,6 +126,9 @@ func FindSites(f *elf.File) ([]Site, error) {
 					}
 				}
 				site.RetsIncomplete = !complete
+			}
+			if site.RetSites && !site.RetsIncomplete {
+				site.Forwards = forwards(text, vaddr, allocFn)
 			}
 		}
 		out = append(out, *site)

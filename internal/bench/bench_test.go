@@ -427,9 +427,9 @@ func formatSites(objs []*attach.Object) string {
 			case s.Thunk:
 				parts = append(parts, s.Symbol+" (thunk, not probed)")
 			case s.Emulated:
-				parts = append(parts, fmt.Sprintf("%s+%#x (%s, emulated%s)", s.Symbol, s.Offset, s.Insn, retNote(s)))
+				parts = append(parts, fmt.Sprintf("%s+%#x (%s, emulated%s)", s.Symbol, s.Offset, s.Insn, retNote(o, s)))
 			default:
-				parts = append(parts, fmt.Sprintf("%s+%#x (%s, SINGLE-STEPPED%s)", s.Symbol, s.Offset, s.Insn, retNote(s)))
+				parts = append(parts, fmt.Sprintf("%s+%#x (%s, SINGLE-STEPPED%s)", s.Symbol, s.Offset, s.Insn, retNote(o, s)))
 			}
 		}
 		for i := 0; i < len(parts); i += 3 {
@@ -441,7 +441,10 @@ func formatSites(objs []*attach.Object) string {
 
 // retNote says where a function's result is taken when not by a return
 // probe.
-func retNote(s attach.Site) string {
+func retNote(o *attach.Object, s attach.Site) string {
+	if s.Forwards && o.Forwarding() {
+		return "; entry only, block recorded at the return of the malloc it calls"
+	}
 	if !s.RetSites {
 		return ""
 	}

@@ -23,6 +23,11 @@ type Counters struct {
 	// lost probe), recognised at the thread's next allocator call.
 	MissedReturn, NoThreadState, LiveFull, AllocsFull,
 	StackCollision, StackLost, ReadFailed, EventsLost uint64
+	// ForwardUnseen counts, among the MissedReturn calls, the calls of an
+	// operator new probed at its entry only (it forwards to malloc, whose
+	// return records the block) in which no allocator call was seen: malloc
+	// resolved to an object memprof does not probe, or new threw first.
+	ForwardUnseen uint64
 }
 
 // Loss is one cause of lost events and its count.
@@ -43,6 +48,7 @@ func (c Counters) Losses() []Loss {
 		{"stack_walk_failed", c.StackLost},
 		{"user_read_failed", c.ReadFailed},
 		{"ringbuf_full", c.EventsLost},
+		{"forward_unseen", c.ForwardUnseen},
 	}
 }
 
@@ -90,6 +96,7 @@ func (o *Objects) ReadCounters() (Counters, error) {
 		{mbpf.MemprofCounterC_EVENTS_LOST, &c.EventsLost},
 		{mbpf.MemprofCounterC_STACK_COPIES, &c.StackCopies},
 		{mbpf.MemprofCounterC_TAIL_CALLS, &c.TailCalls},
+		{mbpf.MemprofCounterC_FORWARD_UNSEEN, &c.ForwardUnseen},
 	}
 	for _, f := range fields {
 		v, err := get(f.idx)
