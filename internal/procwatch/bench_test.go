@@ -1,0 +1,254 @@
+package procwatch
+
+import (
+	"bufio"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/memprof/memprof/internal/cgroups"
+	"github.com/memprof/memprof/internal/testprog"
+	"github.com/memprof/memprof/internal/testprog/kube"
+)
+
+// floodResult is what one run of testdata/fork_flood showed.
+type floodResult struct {
+	forks          int           // the children forked (the program's count: the truth)
+	wall           time.Duration // how long it forked
+	forkEv, exitEv int           // their fork and exit events delivered
+	lost           uint64        // drops counted during the run
+	cpu            time.Duration // this process's CPU (user + system) from the start of the flood until its events were read
+	reads          int           // Reads that returned events (each at most one wakeup)
+}
+
+// cpuRate is the reader's CPU as a fraction of one core over the flood.
+func (r floodResult) cpuRate() float64 { return r.cpu.Seconds() / r.wall.Seconds() }
+
+func (r floodResult) String() string {
+	return fmt.Sprintf("%d forks in %v (%.0f/s): %d fork + %d exit events of %d delivered, %d dropped (counted); reader CPU %v = %.1f%% of a core, %.2f µs per event; %d reads with events (%.0f/s)",
+		r.forks, r.wall.Round(time.Millisecond), float64(r.forks)/r.wall.Seconds(), r.forkEv, r.exitEv, 2*r.forks, r.lost,
+		r.cpu.Round(time.Millisecond), 100*r.cpuRate(), float64(r.cpu.Microseconds())/float64(max(1, r.forkEv+r.exitEv)),
+		r.reads, float64(r.reads)/r.wall.Seconds())
+}
+
+func cpuTime() time.Duration {
+	var ru unix.Rusage
+	unix.Getrusage(unix.RUSAGE_SELF, &ru)
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+// runFlood reads w while bin (testdata/fork_flood) forks for ms
+// milliseconds at rate forks/s (0: as fast as it can) in a v2 cgroup of its
+// own, and counts the fork and exit events of its children (forks by its
+// pid; exits in its cgroup but not its own). It waits up to 2 s after the
+// flood for the events still in flight.
+func runFlood(tb testing.TB, w *Watcher, bin string, ms, rate int) floodResult {
+	tb.Helper()
+	defer w.Close()
+	cg := kube.MkCgroup(tb, v2Root, fmt.Sprintf("memprof-pwflood-%d", os.Getpid()))
+	defer kube.RmCgroup(tb, cg)
+	cgID, err := cgroups.ID(cg)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	cmd := exec.Command(bin, strconv.Itoa(ms), strconv.Itoa(rate), filepath.Join(cg, "cgroup.procs"))
+	cmd.Stderr = os.Stderr
+	stdin, _ := cmd.StdinPipe()
+	stdout, _ := cmd.StdoutPipe()
+	if err := cmd.Start(); err != nil {
+		tb.Fatal(err)
+	}
+	defer cmd.Wait()
+	defer cmd.Process.Kill()
+	pid := cmd.Process.Pid
+	out := bufio.NewReader(stdout)
+	if l, _ := out.ReadString('\n'); l != "READY\n" {
+		tb.Fatalf("fork_flood: %q", l)
+	}
+
+	var forkEv, exitEv, reads atomic.Int64
+	done := make(chan struct{})
+	stop := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			evs, err := w.Read()
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			if err != nil {
+				if err == ErrOverrun {
+					continue
+				}
+				return
+			}
+			reads.Add(1)
+			for _, e := range evs {
+				switch {
+				case e.Kind == Fork && e.ParentTgid == pid:
+					forkEv.Add(1)
+				case e.Kind == Exit && e.Cgroup == cgID && e.Tgid != pid:
+					exitEv.Add(1)
+				}
+			}
+		}
+	}()
+	lost0 := w.Lost()
+	time.Sleep(50 * time.Millisecond) // the reader settles (blocked in Read)
+	reads.Store(0)
+	c0 := cpuTime()
+	fmt.Fprintln(stdin, "go")
+	l, _ := out.ReadString('\n')
+	m := regexp.MustCompile(`^DONE forks=([0-9]+) ms=([0-9]+)`).FindStringSubmatch(l)
+	if m == nil {
+		tb.Fatalf("fork_flood: %q", l)
+	}
+	forks, _ := strconv.Atoi(m[1])
+	wallMs, _ := strconv.Atoi(m[2])
+	lostNow := func() int64 { return int64(w.Lost() - lost0) }
+	deadline := time.Now().Add(2 * time.Second)
+	for forkEv.Load()+exitEv.Load()+lostNow() < int64(2*forks) && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond)
+	}
+	r := floodResult{
+		forks: forks, wall: time.Duration(wallMs) * time.Millisecond,
+		forkEv: int(forkEv.Load()), exitEv: int(exitEv.Load()), lost: uint64(lostNow()),
+		cpu: cpuTime() - c0, reads: int(reads.Load()),
+	}
+	close(stop)
+	w.Close()
+	<-done
+	io.Copy(io.Discard, out)
+	return r
+}
+
+// latencies is the delay from each event to its Read (Event.Time to the
+// Read's return, CLOCK_BOOTTIME), sorted.
+type latencies []time.Duration
+
+func (l latencies) String() string {
+	if len(l) == 0 {
+		return "none"
+	}
+	return fmt.Sprintf("%d events: median %v, p99 %v, max %v", len(l), l[len(l)/2], l[len(l)*99/100], l[len(l)-1])
+}
+
+// idleLatency reads w while this process runs n children that exec
+// /bin/true and makes n v2 cgroups, one every gap, and returns the delay of
+// the children's exec events and of the cgroups' mkdir events.
+func idleLatency(tb testing.TB, w *Watcher, n int, gap time.Duration) (execLat, mkdirLat latencies) {
+	tb.Helper()
+	defer w.Close()
+	type seen struct {
+		e   Event
+		lat time.Duration
+	}
+	var mu sync.Mutex
+	var all []seen
+	done := make(chan struct{})
+	stop := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			evs, err := w.Read()
+			now := bootNs()
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			if err == ErrOverrun {
+				continue
+			}
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			for _, e := range evs {
+				if e.Kind == Exec || e.Kind == CgroupMkdir {
+					all = append(all, seen{e, time.Duration(now - e.Time)})
+				}
+			}
+			mu.Unlock()
+		}
+	}()
+	defer func() { close(stop); w.Close(); <-done }()
+	pids := map[int]bool{}
+	paths := map[string]bool{}
+	base := fmt.Sprintf("memprof-pwlat-%d", os.Getpid())
+	root := kube.MkCgroup(tb, v2Root, base)
+	defer kube.RmCgroup(tb, root)
+	for i := 0; i < n; i++ {
+		cmd := exec.Command("/bin/true")
+		if err := cmd.Run(); err != nil {
+			tb.Fatal(err)
+		}
+		pids[cmd.Process.Pid] = true
+		time.Sleep(gap / 2)
+		name := fmt.Sprintf("c%d", i)
+		if err := os.Mkdir(filepath.Join(root, name), 0o755); err != nil {
+			tb.Fatal(err)
+		}
+		defer os.Remove(filepath.Join(root, name))
+		paths["/"+base+"/"+name] = true
+		time.Sleep(gap / 2)
+	}
+	deadline := time.Now().Add(2 * time.Second)
+	for time.Now().Before(deadline) {
+		mu.Lock()
+		execLat, mkdirLat = nil, nil
+		for _, s := range all {
+			switch {
+			case s.e.Kind == Exec && pids[s.e.Tgid]:
+				execLat = append(execLat, s.lat)
+			case s.e.Kind == CgroupMkdir && paths[s.e.Path]:
+				mkdirLat = append(mkdirLat, s.lat)
+			}
+		}
+		mu.Unlock()
+		if len(execLat) >= n && len(mkdirLat) >= n {
+			break
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	slices.Sort(execLat)
+	slices.Sort(mkdirLat)
+	return execLat, mkdirLat
+}
+
+// BenchmarkForkFlood: the reader's CPU while a tenant forks children that
+// exit at once (testdata/fork_flood, 3 s as fast as it can, then 3 s at
+// 5000 forks/s), its events delivered and dropped, and the delay of exec
+// and cgroup mkdir events at idle (100 of each, 20 ms apart).
+func BenchmarkForkFlood(b *testing.B) {
+	testprog.RequireRoot(b)
+	bin := testprog.Build(b, "fork_flood.c", "-O2")
+	open := func() *Watcher {
+		src, err := openBPF(0)
+		if err != nil {
+			b.Fatal(err)
+		}
+		return &Watcher{src: src, kind: SourceBPF}
+	}
+	for _, rate := range []int{0, 1000} {
+		r := runFlood(b, open(), bin, 3000, rate)
+		fmt.Printf("flood (rate %d/s): %v\n", rate, r)
+		b.ReportMetric(100*r.cpuRate(), fmt.Sprintf("%%core@%d/s", rate))
+	}
+	ex, mk := idleLatency(b, open(), 100, 20*time.Millisecond)
+	fmt.Printf("idle: exec %v; cgroup mkdir %v\n", ex, mk)
+	b.ReportMetric(0, "ns/op")
+}
