@@ -2,6 +2,7 @@ package procwatch
 
 import (
 	"bufio"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -30,16 +31,19 @@ type floodResult struct {
 	lost           uint64        // drops counted during the run
 	cpu            time.Duration // this process's CPU (user + system) from the start of the flood until its events were read
 	reads          int           // Reads that returned events (each at most one wakeup)
+	// tail: from the flood's end (its DONE line read) to the Read that
+	// returned the last of its events (0 if that came before).
+	tail time.Duration
 }
 
 // cpuRate is the reader's CPU as a fraction of one core over the flood.
 func (r floodResult) cpuRate() float64 { return r.cpu.Seconds() / r.wall.Seconds() }
 
 func (r floodResult) String() string {
-	return fmt.Sprintf("%d forks in %v (%.0f/s): %d fork + %d exit events of %d delivered, %d dropped (counted); reader CPU %v = %.1f%% of a core, %.2f µs per event; %d reads with events (%.0f/s)",
+	return fmt.Sprintf("%d forks in %v (%.0f/s): %d fork + %d exit events of %d delivered, %d dropped (counted); reader CPU %v = %.1f%% of a core, %.2f µs per event; %d reads with events (%.0f/s); last event read %v after the flood's end",
 		r.forks, r.wall.Round(time.Millisecond), float64(r.forks)/r.wall.Seconds(), r.forkEv, r.exitEv, 2*r.forks, r.lost,
 		r.cpu.Round(time.Millisecond), 100*r.cpuRate(), float64(r.cpu.Microseconds())/float64(max(1, r.forkEv+r.exitEv)),
-		r.reads, float64(r.reads)/r.wall.Seconds())
+		r.reads, float64(r.reads)/r.wall.Seconds(), r.tail.Round(time.Microsecond))
 }
 
 func cpuTime() time.Duration {
@@ -77,7 +81,7 @@ func runFlood(tb testing.TB, w *Watcher, bin string, ms, rate int) floodResult {
 		tb.Fatalf("fork_flood: %q", l)
 	}
 
-	var forkEv, exitEv, reads atomic.Int64
+	var forkEv, exitEv, reads, lastAt atomic.Int64
 	done := make(chan struct{})
 	stop := make(chan struct{})
 	go func() {
@@ -90,7 +94,7 @@ func runFlood(tb testing.TB, w *Watcher, bin string, ms, rate int) floodResult {
 			default:
 			}
 			if err != nil {
-				if err == ErrOverrun {
+				if errors.Is(err, ErrOverrun) {
 					continue
 				}
 				return
@@ -100,8 +104,10 @@ func runFlood(tb testing.TB, w *Watcher, bin string, ms, rate int) floodResult {
 				switch {
 				case e.Kind == Fork && e.ParentTgid == pid:
 					forkEv.Add(1)
+					lastAt.Store(time.Now().UnixNano())
 				case e.Kind == Exit && e.Cgroup == cgID && e.Tgid != pid:
 					exitEv.Add(1)
+					lastAt.Store(time.Now().UnixNano())
 				}
 			}
 		}
@@ -112,6 +118,7 @@ func runFlood(tb testing.TB, w *Watcher, bin string, ms, rate int) floodResult {
 	c0 := cpuTime()
 	fmt.Fprintln(stdin, "go")
 	l, _ := out.ReadString('\n')
+	doneAt := time.Now()
 	m := regexp.MustCompile(`^DONE forks=([0-9]+) ms=([0-9]+)`).FindStringSubmatch(l)
 	if m == nil {
 		tb.Fatalf("fork_flood: %q", l)
@@ -127,6 +134,7 @@ func runFlood(tb testing.TB, w *Watcher, bin string, ms, rate int) floodResult {
 		forks: forks, wall: time.Duration(wallMs) * time.Millisecond,
 		forkEv: int(forkEv.Load()), exitEv: int(exitEv.Load()), lost: uint64(lostNow()),
 		cpu: cpuTime() - c0, reads: int(reads.Load()),
+		tail: max(0, time.Unix(0, lastAt.Load()).Sub(doneAt)),
 	}
 	close(stop)
 	w.Close()
@@ -170,7 +178,7 @@ func idleLatency(tb testing.TB, w *Watcher, n int, gap time.Duration) (execLat, 
 				return
 			default:
 			}
-			if err == ErrOverrun {
+			if errors.Is(err, ErrOverrun) {
 				continue
 			}
 			if err != nil {
@@ -236,19 +244,25 @@ func idleLatency(tb testing.TB, w *Watcher, n int, gap time.Duration) (execLat, 
 func BenchmarkForkFlood(b *testing.B) {
 	testprog.RequireRoot(b)
 	bin := testprog.Build(b, "fork_flood.c", "-O2")
-	open := func() *Watcher {
-		src, err := openBPF(0)
-		if err != nil {
-			b.Fatal(err)
+	for _, m := range []struct {
+		name string
+		wake wakePolicy
+	}{{"eager", eagerWake}, {"batched", defaultWake}} {
+		open := func() *Watcher {
+			src, err := openBPF(0, m.wake)
+			if err != nil {
+				b.Fatal(err)
+			}
+			return &Watcher{src: src, kind: SourceBPF}
 		}
-		return &Watcher{src: src, kind: SourceBPF}
+		for _, rate := range []int{0, 1000} {
+			r := runFlood(b, open(), bin, 3000, rate)
+			fmt.Printf("%-7s flood (rate %d/s): %v\n", m.name, rate, r)
+			b.ReportMetric(100*r.cpuRate(), fmt.Sprintf("%s-%%core@%d/s", m.name, rate))
+			b.ReportMetric(float64(r.cpu.Nanoseconds())/1e3/float64(max(1, r.forkEv+r.exitEv)), fmt.Sprintf("%s-µs/event@%d/s", m.name, rate))
+		}
+		ex, mk := idleLatency(b, open(), 100, 20*time.Millisecond)
+		fmt.Printf("%-7s idle: exec %v; cgroup mkdir %v\n", m.name, ex, mk)
 	}
-	for _, rate := range []int{0, 1000} {
-		r := runFlood(b, open(), bin, 3000, rate)
-		fmt.Printf("flood (rate %d/s): %v\n", rate, r)
-		b.ReportMetric(100*r.cpuRate(), fmt.Sprintf("%%core@%d/s", rate))
-	}
-	ex, mk := idleLatency(b, open(), 100, 20*time.Millisecond)
-	fmt.Printf("idle: exec %v; cgroup mkdir %v\n", ex, mk)
 	b.ReportMetric(0, "ns/op")
 }
