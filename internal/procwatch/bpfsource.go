@@ -66,6 +66,18 @@ type bpfSource struct {
 
 	mu       sync.Mutex
 	reported uint64 // drops already returned as ErrOverrun
+	closed   bool   // close began: rd's ring is gone or going
+}
+
+// available is the unread bytes of the ring; false once close began (the
+// ring reader's AvailableBytes dereferences the ring its Close releases).
+func (s *bpfSource) available() (int, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return 0, false
+	}
+	return s.rd.AvailableBytes(), true
 }
 
 // openBPF loads and attaches the programs; ringBytes sizes the ring buffer
@@ -136,8 +148,14 @@ func (s *bpfSource) read() ([]Event, error) {
 	var out []Event
 	got := false // records read (out has the ones decoded)
 	for len(out) < maxBatch {
+		avail, open := s.available()
 		switch {
-		case s.rd.AvailableBytes() > 0:
+		case !open:
+			if got {
+				return s.batchRead(out), nil
+			}
+			return nil, fmt.Errorf("process events ring buffer: %w", os.ErrClosed)
+		case avail > 0:
 			// Records sent without a wakeup may be there: read them
 			// without waiting for one.
 			s.rd.SetDeadline(pastDeadline)
@@ -255,6 +273,9 @@ func (s *bpfSource) lost() uint64 {
 func (s *bpfSource) close() error {
 	var err error
 	if s.rd != nil {
+		s.mu.Lock()
+		s.closed = true
+		s.mu.Unlock()
 		err = s.rd.Close()
 	}
 	for _, l := range s.links {

@@ -366,3 +366,45 @@ func TestBPFBatchedWakeups(t *testing.T) {
 		t.Errorf("exec events read after a median %v, want under 4 ms", ex[len(ex)/2])
 	}
 }
+
+// TestBPFCloseWhileReading: Close while a Read is draining the ring (a
+// flood of fork_flood's events) ends the Read with an error, not a panic,
+// 10 times over.
+func TestBPFCloseWhileReading(t *testing.T) {
+	testprog.RequireRoot(t)
+	bin := testprog.Build(t, "fork_flood.c", "-O2")
+	flood := exec.Command(bin, "3000", "0")
+	stdin, _ := flood.StdinPipe()
+	if err := flood.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer flood.Wait()
+	defer flood.Process.Kill()
+	fmt.Fprintln(stdin, "go")
+	for i := 0; i < 10; i++ {
+		src, err := openBPF(0, defaultWake)
+		if err != nil {
+			t.Fatal(err)
+		}
+		w := &Watcher{src: src, kind: SourceBPF}
+		done := make(chan error, 1)
+		go func() {
+			for {
+				if _, err := w.Read(); err != nil && !errors.Is(err, ErrOverrun) {
+					done <- err
+					return
+				}
+			}
+		}()
+		time.Sleep(time.Duration(5+3*i) * time.Millisecond)
+		w.Close()
+		select {
+		case err := <-done:
+			if !errors.Is(err, os.ErrClosed) {
+				t.Errorf("Read after Close: %v, want os.ErrClosed", err)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatal("Read still blocked 5 s after Close")
+		}
+	}
+}
