@@ -41,18 +41,18 @@ struct {
 // epoll round trip and a switch to its thread), so a tenant that forks and
 // exits thousands of processes a second must not wake it per event. Bulk
 // events (fork, exit) wake it only when wake_batch_ns have passed since the
-// last wakeup of any event; the events discovery waits for (exec, cgroup
-// mkdir, rmdir and attach) when wake_prompt_ns have passed since the last
-// wakeup of one of them; any event when the ring holds wake_bytes or more
-// unread. An event sent without a wakeup is read at the next wakeup or by
-// the reader's timer: internal/procwatch reads the ring again
+// last wakeup of any event; the events discovery and the recorder's attach
+// wait for (exec, cgroup mkdir, rmdir and attach) when wake_prompt_ns have
+// passed since the last wakeup of one of them (0, the default: each one);
+// any event when the ring holds wake_bytes or more unread. An event sent without a wakeup is read
+// at the next wakeup or by the reader's timer: internal/procwatch reads the ring again
 // wake_batch_ns after each read that returned records, so none stays
 // unread much longer than wake_batch_ns (wake_prompt_ns <= wake_batch_ns).
 // wake_batch_ns = 0: every event is submitted with the kernel's default
 // (adaptive) wakeup, as before batching (for comparisons). Set by the
 // loader.
 const volatile __u64 wake_batch_ns = 10000000;
-const volatile __u64 wake_prompt_ns = 1000000;
+const volatile __u64 wake_prompt_ns = 0;
 const volatile __u64 wake_bytes = 1 << 16;
 
 // When (CLOCK_BOOTTIME ns) an event last forced a wakeup, and a prompt

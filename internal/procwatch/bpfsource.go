@@ -25,27 +25,30 @@ import (
 const maxBatch = 1024
 
 // wakePolicy is when the BPF programs wake the reader (the wake_* constants
-// of procevents.bpf.c): bulk events (fork, exit) at most once per batch,
-// the events discovery waits for (exec, cgroup mkdir, rmdir, attach) at
-// most once per prompt, and any event once the ring holds ringFraction of
-// its size unread. Events sent without a wakeup are read by the reader's
-// timer, batch after each read that returned records. batch 0: every event
-// wakes the reader as the kernel decides by default (when the reader has
-// read all before it), and there is no timer: the behaviour before
-// batching, kept for the benchmark's comparison.
+// of procevents.bpf.c): bulk events (fork, exit) at most once per batch;
+// the events discovery and the recorder's attach wait for (exec, cgroup
+// mkdir, rmdir, attach) at most once per prompt (0: each one); any event
+// once the ring holds 1/ringFraction of its size unread. Events sent
+// without a wakeup are read by the reader's timer, batch after each read
+// that returned records. batch 0: every event wakes the reader as the
+// kernel decides by default (when the reader has read all before it), and
+// there is no timer: the behaviour before batching, kept for the
+// benchmark's comparison.
 type wakePolicy struct {
 	batch, prompt time.Duration
 	ringFraction  uint32 // the ring's size / this: the unread bytes that force a wakeup
 }
 
-// defaultWake: each wakeup costs the reader about 11 µs of CPU (measured
-// by BenchmarkForkFlood with eagerWake), so a fork+exit flood is read at
-// most about 100 + 1000 times a second however fast it runs, while an exec
-// or a new cgroup is read within about a millisecond on a quiet host and
-// within batch under a flood (discovery attaches 40-50 ms after a container
-// appears). A quarter of the ring (256 KiB: ~1000 events) is read long
-// before it can fill.
-var defaultWake = wakePolicy{batch: 10 * time.Millisecond, prompt: time.Millisecond, ringFraction: 4}
+// defaultWake: each wakeup costs the reader about 11 µs of CPU
+// (BenchmarkForkFlood, eager), so a fork+exit flood wakes it about 100
+// times a second however fast it runs (its events read within about 10 ms:
+// a forked child's attach waits that much more), while each exec or cgroup
+// event still wakes it at once (discovery and the attach of a container's
+// first process follow them within milliseconds; rate-limiting them too,
+// prompt > 0, bounds an exec flood as well but delays an exec that follows
+// another within prompt by up to batch). A quarter of the ring (256 KiB:
+// ~1000 events) is read long before it can fill.
+var defaultWake = wakePolicy{batch: 10 * time.Millisecond, ringFraction: 4}
 
 // eagerWake is the wakeup of every event (for comparisons).
 var eagerWake = wakePolicy{}
