@@ -61,6 +61,12 @@ const volatile __u64 wake_bytes = 1 << 16;
 __u64 last_wake;
 __u64 last_prompt_wake;
 
+// reader_due: the reader reads the ring by then (CLOCK_BOOTTIME ns) with
+// or without a wakeup: internal/procwatch sets it to its timer after each
+// read that returned records, so a flood's bulk events wake it only when
+// its timer has stopped (a read found the ring empty), not on top of it.
+__u64 reader_due;
+
 // submit sends e (whose ts is set) and wakes the reader when it is time
 // (see wake_batch_ns); prompt: an event discovery waits for.
 static __always_inline void submit(struct pw_event *e, int prompt)
@@ -70,7 +76,7 @@ static __always_inline void submit(struct pw_event *e, int prompt)
 		return;
 	}
 	// A ts before the last wakeup (another CPU's later event) wakes.
-	if (e->ts - last_wake >= wake_batch_ns ||
+	if ((e->ts - last_wake >= wake_batch_ns && e->ts >= reader_due) ||
 	    (prompt && e->ts - last_prompt_wake >= wake_prompt_ns) ||
 	    bpf_ringbuf_query(&proc_events, BPF_RB_AVAIL_DATA) >= wake_bytes) {
 		// Stored before the wakeup they stand for.

@@ -58,6 +58,7 @@ const (
 	ProceventsProgPeFork             = "pe_fork"
 	ProceventsVarLastPromptWake      = "last_prompt_wake"
 	ProceventsVarLastWake            = "last_wake"
+	ProceventsVarReaderDue           = "reader_due"
 	ProceventsVarUnusedPwCgroupEvent = "unused_pw_cgroup_event"
 	ProceventsVarUnusedPwEvent       = "unused_pw_event"
 	ProceventsVarUnusedPwKind        = "unused_pw_kind"
@@ -130,6 +131,7 @@ type ProceventsMapSpecs struct {
 type ProceventsVariableSpecs struct {
 	LastPromptWake      *ebpf.VariableSpec `ebpf:"last_prompt_wake"`
 	LastWake            *ebpf.VariableSpec `ebpf:"last_wake"`
+	ReaderDue           *ebpf.VariableSpec `ebpf:"reader_due"`
 	UnusedPwCgroupEvent *ebpf.VariableSpec `ebpf:"unused_pw_cgroup_event"`
 	UnusedPwEvent       *ebpf.VariableSpec `ebpf:"unused_pw_event"`
 	UnusedPwKind        *ebpf.VariableSpec `ebpf:"unused_pw_kind"`
@@ -175,6 +177,7 @@ func (m *ProceventsMaps) Close() error {
 type ProceventsVariables struct {
 	LastPromptWake      *ebpf.Variable `ebpf:"last_prompt_wake"`
 	LastWake            *ebpf.Variable `ebpf:"last_wake"`
+	ReaderDue           *ebpf.Variable `ebpf:"reader_due"`
 	UnusedPwCgroupEvent *ebpf.Variable `ebpf:"unused_pw_cgroup_event"`
 	UnusedPwEvent       *ebpf.Variable `ebpf:"unused_pw_event"`
 	UnusedPwKind        *ebpf.Variable `ebpf:"unused_pw_kind"`

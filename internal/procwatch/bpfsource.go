@@ -17,6 +17,7 @@ import (
 	"github.com/cilium/ebpf/link"
 	"github.com/cilium/ebpf/ringbuf"
 	"github.com/cilium/ebpf/rlimit"
+	"golang.org/x/sys/unix"
 
 	mbpf "github.com/memprof/memprof/bpf"
 )
@@ -205,11 +206,28 @@ func (s *bpfSource) read() ([]Event, error) {
 
 // batchRead notes that records were read (out, the events decoded): the ring is read again
 // wake.batch from now, wakeup or not.
+//
+// The programs are told (reader_due, CLOCK_BOOTTIME ns, taken before the
+// tick's time so the tick is never earlier): bulk events until then need
+// not wake the reader.
 func (s *bpfSource) batchRead(out []Event) []Event {
 	if s.wake.batch > 0 {
+		due := bootNanos() + uint64(s.wake.batch.Nanoseconds())
 		s.tick = time.Now().Add(s.wake.batch)
+		// Should the write fail, bulk events wake the reader as
+		// without it (every batch).
+		_ = s.objs.ReaderDue.Set(due)
 	}
 	return out
+}
+
+// bootNanos is CLOCK_BOOTTIME in ns (the programs' bpf_ktime_get_boot_ns).
+func bootNanos() uint64 {
+	var ts unix.Timespec
+	if err := unix.ClockGettime(unix.CLOCK_BOOTTIME, &ts); err != nil {
+		return 0
+	}
+	return uint64(ts.Nano())
 }
 
 func (s *bpfSource) reportedDrops() uint64 {
