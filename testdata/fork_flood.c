@@ -3,7 +3,9 @@
  * files it is given, prints "READY" and waits for a line on stdin, then forks
  * children that _exit(0) at once (each reaped before the next fork) for MS
  * milliseconds, at most RATE forks per second (0: as fast as it can), and
- * prints the truth the tests check: "DONE forks=N ms=T".
+ * prints the truth the tests check: "DONE forks=N ms=T". With
+ * FORK_FLOOD_EXEC=PATH in its environment each child execs PATH (no
+ * arguments) instead: a shell loop's fork+exec+exit.
  *
  * Usage: fork_flood MS RATE [CGROUP_PROCS...] */
 #include <stdio.h>
@@ -26,6 +28,7 @@ int main(int argc, char **argv)
 		return 2;
 	}
 	long long ms = atoll(argv[1]), rate = atoll(argv[2]);
+	const char *ex = getenv("FORK_FLOOD_EXEC");
 	for (int i = 3; i < argc; i++) {
 		FILE *f = fopen(argv[i], "w");
 		if (!f || fprintf(f, "%d\n", (int)getpid()) < 0 || fclose(f) != 0) {
@@ -52,8 +55,11 @@ int main(int argc, char **argv)
 			perror("fork");
 			return 1;
 		}
-		if (pid == 0)
+		if (pid == 0) {
+			if (ex)
+				execl(ex, ex, (char *)NULL);
 			_exit(0);
+		}
 		if (waitpid(pid, NULL, 0) != pid) {
 			perror("waitpid");
 			return 1;

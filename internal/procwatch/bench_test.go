@@ -28,6 +28,7 @@ type floodResult struct {
 	forks          int           // the children forked (the program's count: the truth)
 	wall           time.Duration // how long it forked
 	forkEv, exitEv int           // their fork and exit events delivered
+	execEv         int           // their exec events delivered (with exe)
 	lost           uint64        // drops counted during the run
 	cpu            time.Duration // this process's CPU (user + system) from the start of the flood until its events were read
 	reads          int           // Reads that returned events (each at most one wakeup)
@@ -40,8 +41,12 @@ type floodResult struct {
 func (r floodResult) cpuRate() float64 { return r.cpu.Seconds() / r.wall.Seconds() }
 
 func (r floodResult) String() string {
-	return fmt.Sprintf("%d forks in %v (%.0f/s): %d fork + %d exit events of %d delivered, %d dropped (counted); reader CPU %v = %.1f%% of a core, %.2f µs per event; %d reads with events (%.0f/s); last event read %v after the flood's end",
-		r.forks, r.wall.Round(time.Millisecond), float64(r.forks)/r.wall.Seconds(), r.forkEv, r.exitEv, 2*r.forks, r.lost,
+	ex := ""
+	if r.execEv > 0 {
+		ex = fmt.Sprintf(" (and %d exec events)", r.execEv)
+	}
+	return fmt.Sprintf("%d forks in %v (%.0f/s): %d fork + %d exit events of %d delivered%s, %d dropped (counted); reader CPU %v = %.1f%% of a core, %.2f µs per event; %d reads with events (%.0f/s); last event read %v after the flood's end",
+		r.forks, r.wall.Round(time.Millisecond), float64(r.forks)/r.wall.Seconds(), r.forkEv, r.exitEv, 2*r.forks, ex, r.lost,
 		r.cpu.Round(time.Millisecond), 100*r.cpuRate(), float64(r.cpu.Microseconds())/float64(max(1, r.forkEv+r.exitEv)),
 		r.reads, float64(r.reads)/r.wall.Seconds(), r.tail.Round(time.Microsecond))
 }
@@ -55,9 +60,10 @@ func cpuTime() time.Duration {
 // runFlood reads w while bin (testdata/fork_flood) forks for ms
 // milliseconds at rate forks/s (0: as fast as it can) in a v2 cgroup of its
 // own, and counts the fork and exit events of its children (forks by its
-// pid; exits in its cgroup but not its own). It waits up to 2 s after the
-// flood for the events still in flight.
-func runFlood(tb testing.TB, w *Watcher, bin string, ms, rate int) floodResult {
+// pid; exits in its cgroup but not its own), and their execs of exe (""
+// none: the children exit at once). It waits up to 2 s after the flood for
+// the events still in flight.
+func runFlood(tb testing.TB, w *Watcher, bin string, ms, rate int, exe string) floodResult {
 	tb.Helper()
 	defer w.Close()
 	cg := kube.MkCgroup(tb, v2Root, fmt.Sprintf("memprof-pwflood-%d", os.Getpid()))
@@ -68,6 +74,9 @@ func runFlood(tb testing.TB, w *Watcher, bin string, ms, rate int) floodResult {
 	}
 	cmd := exec.Command(bin, strconv.Itoa(ms), strconv.Itoa(rate), filepath.Join(cg, "cgroup.procs"))
 	cmd.Stderr = os.Stderr
+	if exe != "" {
+		cmd.Env = append(os.Environ(), "FORK_FLOOD_EXEC="+exe)
+	}
 	stdin, _ := cmd.StdinPipe()
 	stdout, _ := cmd.StdoutPipe()
 	if err := cmd.Start(); err != nil {
@@ -81,7 +90,7 @@ func runFlood(tb testing.TB, w *Watcher, bin string, ms, rate int) floodResult {
 		tb.Fatalf("fork_flood: %q", l)
 	}
 
-	var forkEv, exitEv, reads, lastAt atomic.Int64
+	var forkEv, exitEv, execEv, reads, lastAt atomic.Int64
 	done := make(chan struct{})
 	stop := make(chan struct{})
 	go func() {
@@ -108,6 +117,8 @@ func runFlood(tb testing.TB, w *Watcher, bin string, ms, rate int) floodResult {
 				case e.Kind == Exit && e.Cgroup == cgID && e.Tgid != pid:
 					exitEv.Add(1)
 					lastAt.Store(time.Now().UnixNano())
+				case e.Kind == Exec && e.Cgroup == cgID && e.Tgid != pid:
+					execEv.Add(1)
 				}
 			}
 		}
@@ -132,7 +143,7 @@ func runFlood(tb testing.TB, w *Watcher, bin string, ms, rate int) floodResult {
 	}
 	r := floodResult{
 		forks: forks, wall: time.Duration(wallMs) * time.Millisecond,
-		forkEv: int(forkEv.Load()), exitEv: int(exitEv.Load()), lost: uint64(lostNow()),
+		forkEv: int(forkEv.Load()), exitEv: int(exitEv.Load()), execEv: int(execEv.Load()), lost: uint64(lostNow()),
 		cpu: cpuTime() - c0, reads: int(reads.Load()),
 		tail: max(0, time.Unix(0, lastAt.Load()).Sub(doneAt)),
 	}
@@ -239,7 +250,8 @@ func idleLatency(tb testing.TB, w *Watcher, n int, gap time.Duration) (execLat, 
 
 // BenchmarkForkFlood: the reader's CPU while a tenant forks children that
 // exit at once (testdata/fork_flood, 3 s as fast as it can, then 3 s at
-// 1000 forks/s, less the reader's CPU in 3 s at 1 fork/s: the host's other
+// 1000 forks/s, then 3 s of children that exec /bin/true as fast as it
+// can, less the reader's CPU in 3 s at 1 fork/s: the host's other
 // events), its events delivered and dropped, and the delay of exec and
 // cgroup mkdir events at idle (100 of each, 20 ms apart), with every event
 // waking the reader (eager: as before batching) and with batched wakeups
@@ -260,16 +272,27 @@ func BenchmarkForkFlood(b *testing.B) {
 		}
 		// The host's own events (other processes, other tests) are read
 		// too: a run at 1 fork/s measures them, and is taken off.
-		base := runFlood(b, open(), bin, 3000, 1)
+		base := runFlood(b, open(), bin, 3000, 1, "")
 		fmt.Printf("%-7s baseline (rate 1/s): %v\n", m.name, base)
-		for _, rate := range []int{0, 1000} {
-			r := runFlood(b, open(), bin, 3000, rate)
-			fmt.Printf("%-7s flood (rate %d/s): %v\n", m.name, rate, r)
+		for _, f := range []struct {
+			rate int
+			exe  string
+		}{{0, ""}, {1000, ""}, {0, "/bin/true"}} {
+			r := runFlood(b, open(), bin, 3000, f.rate, f.exe)
+			what := "fork+exit"
+			if f.exe != "" {
+				what = "fork+exec+exit"
+			}
+			fmt.Printf("%-7s %s flood (rate %d/s): %v\n", m.name, what, f.rate, r)
 			extra := r.cpuRate() - base.cpuRate()
-			perEv := extra * r.wall.Seconds() * 1e6 / float64(max(1, r.forkEv+r.exitEv))
+			perEv := extra * r.wall.Seconds() * 1e6 / float64(max(1, r.forkEv+r.exitEv+r.execEv))
 			fmt.Printf("%-7s   the flood's cost: %.2f%% of a core, %.2f µs per event of the flood\n", m.name, 100*extra, perEv)
-			b.ReportMetric(100*extra, fmt.Sprintf("%s-%%core@%d/s", m.name, rate))
-			b.ReportMetric(perEv, fmt.Sprintf("%s-µs/event@%d/s", m.name, rate))
+			if f.exe == "" {
+				b.ReportMetric(100*extra, fmt.Sprintf("%s-%%core@%d/s", m.name, f.rate))
+				b.ReportMetric(perEv, fmt.Sprintf("%s-µs/event@%d/s", m.name, f.rate))
+			} else {
+				b.ReportMetric(100*extra, fmt.Sprintf("%s-exec-%%core@%d/s", m.name, f.rate))
+			}
 		}
 		ex, mk := idleLatency(b, open(), 100, 20*time.Millisecond)
 		fmt.Printf("%-7s idle: exec %v; cgroup mkdir %v\n", m.name, ex, mk)

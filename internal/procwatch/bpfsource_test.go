@@ -338,7 +338,7 @@ func TestBPFBatchedWakeups(t *testing.T) {
 		}
 		return &Watcher{src: src, kind: SourceBPF}
 	}
-	r := runFlood(t, open(), bin, 300, 0)
+	r := runFlood(t, open(), bin, 300, 0, "")
 	t.Logf("%v", r)
 	if r.forks < 20 {
 		t.Fatalf("fork_flood forked %d children in 300 ms, want at least 20", r.forks)
