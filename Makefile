@@ -104,6 +104,7 @@ bench:
 	$(GO) test -count=1 -run '^$$' -bench BPFWalk -benchtime=1000x ./internal/unwindtable/
 	$(GO) test -count=1 -run '^$$' -bench 'TableBuild|LiveProbe' -benchtime=1x ./internal/unwindtable/
 	$(GO) test -count=1 -run '^$$' -bench RSSProgramCost -benchtime=1x ./internal/rss/
+	$(GO) test -count=1 -run '^$$' -bench ForkFlood -benchtime=1x ./internal/procwatch/
 
 # The node agent's own CPU (% of a core), RSS and time to profile a new
 # container, with 25, 100 and 200 kubelet-style pods (internal/bench/agentbench).

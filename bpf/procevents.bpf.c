@@ -8,8 +8,8 @@
 // the memory v1 hierarchy and the v2 hierarchy (cgroup_mkdir, cgroup_rmdir,
 // cgroup_attach_task; other v1 hierarchies are left out). Each event is a
 // small record in a ring buffer; one the ring has no room for is counted in
-// drops. BTF tracepoints need CAP_BPF and CAP_PERFMON, not CAP_NET_ADMIN as
-// the netlink process connector does.
+// drops. Wakeups of the reader are batched (submit, below). BTF tracepoints need CAP_BPF and
+// CAP_PERFMON, not CAP_NET_ADMIN as the netlink process connector does.
 
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -36,6 +36,58 @@ struct {
 	__type(key, __u32);
 	__type(value, __u64);
 } proc_drops SEC(".maps");
+
+// Wakeups. Waking the reader costs it about 11 us of CPU per wakeup (an
+// epoll round trip and a switch to its thread), so a tenant that forks and
+// exits thousands of processes a second must not wake it per event. Bulk
+// events (fork, exit) wake it only when wake_batch_ns have passed since the
+// last wakeup of any event; the events discovery and the recorder's attach
+// wait for (exec, cgroup mkdir, rmdir and attach) when wake_prompt_ns have
+// passed since the last wakeup of one of them (0, the default: each one);
+// any event when the ring holds wake_bytes or more unread. An event sent without a wakeup is read
+// at the next wakeup or by the reader's timer: internal/procwatch reads the ring again
+// wake_batch_ns after each read that returned records, so none stays
+// unread much longer than wake_batch_ns (wake_prompt_ns <= wake_batch_ns).
+// wake_batch_ns = 0: every event is submitted with the kernel's default
+// (adaptive) wakeup, as before batching (for comparisons). Set by the
+// loader.
+const volatile __u64 wake_batch_ns = 10000000;
+const volatile __u64 wake_prompt_ns = 0;
+const volatile __u64 wake_bytes = 1 << 16;
+
+// When (CLOCK_BOOTTIME ns) an event last forced a wakeup, and a prompt
+// one. CPUs race on them; every outcome of a race wakes the reader more,
+// not less.
+__u64 last_wake;
+__u64 last_prompt_wake;
+
+// reader_due: the reader reads the ring by then (CLOCK_BOOTTIME ns) with
+// or without a wakeup: internal/procwatch sets it to its timer after each
+// read that returned records, so a flood's bulk events wake it only when
+// its timer has stopped (a read found the ring empty), not on top of it.
+__u64 reader_due;
+
+// submit sends e (whose ts is set) and wakes the reader when it is time
+// (see wake_batch_ns); prompt: an event discovery waits for.
+static __always_inline void submit(struct pw_event *e, int prompt)
+{
+	if (!wake_batch_ns) {
+		bpf_ringbuf_submit(e, 0);
+		return;
+	}
+	// A ts before the last wakeup (another CPU's later event) wakes.
+	if ((e->ts - last_wake >= wake_batch_ns && e->ts >= reader_due) ||
+	    (prompt && e->ts - last_prompt_wake >= wake_prompt_ns) ||
+	    bpf_ringbuf_query(&proc_events, BPF_RB_AVAIL_DATA) >= wake_bytes) {
+		// Stored before the wakeup they stand for.
+		last_wake = e->ts;
+		if (prompt)
+			last_prompt_wake = e->ts;
+		bpf_ringbuf_submit(e, BPF_RB_FORCE_WAKEUP);
+		return;
+	}
+	bpf_ringbuf_submit(e, BPF_RB_NO_WAKEUP);
+}
 
 static __always_inline int memory_subsys(void)
 {
@@ -91,7 +143,7 @@ int BPF_PROG(pe_fork, struct task_struct *parent, struct task_struct *child)
 	task_event(e, child);
 	e->ppid = BPF_CORE_READ(parent, tgid);
 	e->ptid = BPF_CORE_READ(parent, pid);
-	bpf_ringbuf_submit(e, 0);
+	submit(e, 0);
 	return 0;
 }
 
@@ -102,7 +154,7 @@ int BPF_PROG(pe_exec, struct task_struct *p, pid_t old_pid, struct linux_binprm 
 	if (!e)
 		return 0;
 	task_event(e, p);
-	bpf_ringbuf_submit(e, 0);
+	submit(e, 1);
 	return 0;
 }
 
@@ -116,7 +168,7 @@ int BPF_PROG(pe_exit, struct task_struct *p, bool group_dead)
 		return 0;
 	task_event(e, p);
 	e->pid = e->tgid; // the process ended (p may be a thread other than its leader)
-	bpf_ringbuf_submit(e, 0);
+	submit(e, 0);
 	return 0;
 }
 
@@ -158,7 +210,7 @@ static __always_inline void cgroup_dir_event(__u32 kind, struct cgroup *cgrp, co
 	long n = bpf_probe_read_kernel_str(ce->path, sizeof(ce->path), path);
 	if (n < 0)
 		ce->path[0] = 0;
-	bpf_ringbuf_submit(e, 0);
+	submit(e, 1);
 }
 
 SEC("tp_btf/cgroup_mkdir")
@@ -191,6 +243,6 @@ int BPF_PROG(pe_cgroup_attach, struct cgroup *dst, const char *path, struct task
 	e->pid = BPF_CORE_READ(task, pid);
 	e->tgid = BPF_CORE_READ(task, tgid);
 	e->start = BPF_CORE_READ(task, start_boottime);
-	bpf_ringbuf_submit(e, 0);
+	submit(e, 1);
 	return 0;
 }

@@ -56,9 +56,15 @@ const (
 	ProceventsProgPeExec             = "pe_exec"
 	ProceventsProgPeExit             = "pe_exit"
 	ProceventsProgPeFork             = "pe_fork"
+	ProceventsVarLastPromptWake      = "last_prompt_wake"
+	ProceventsVarLastWake            = "last_wake"
+	ProceventsVarReaderDue           = "reader_due"
 	ProceventsVarUnusedPwCgroupEvent = "unused_pw_cgroup_event"
 	ProceventsVarUnusedPwEvent       = "unused_pw_event"
 	ProceventsVarUnusedPwKind        = "unused_pw_kind"
+	ProceventsVarWakeBatchNs         = "wake_batch_ns"
+	ProceventsVarWakeBytes           = "wake_bytes"
+	ProceventsVarWakePromptNs        = "wake_prompt_ns"
 )
 
 // LoadProcevents returns the embedded CollectionSpec for Procevents.
@@ -123,9 +129,15 @@ type ProceventsMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type ProceventsVariableSpecs struct {
+	LastPromptWake      *ebpf.VariableSpec `ebpf:"last_prompt_wake"`
+	LastWake            *ebpf.VariableSpec `ebpf:"last_wake"`
+	ReaderDue           *ebpf.VariableSpec `ebpf:"reader_due"`
 	UnusedPwCgroupEvent *ebpf.VariableSpec `ebpf:"unused_pw_cgroup_event"`
 	UnusedPwEvent       *ebpf.VariableSpec `ebpf:"unused_pw_event"`
 	UnusedPwKind        *ebpf.VariableSpec `ebpf:"unused_pw_kind"`
+	WakeBatchNs         *ebpf.VariableSpec `ebpf:"wake_batch_ns"`
+	WakeBytes           *ebpf.VariableSpec `ebpf:"wake_bytes"`
+	WakePromptNs        *ebpf.VariableSpec `ebpf:"wake_prompt_ns"`
 }
 
 // ProceventsObjects contains all objects after they have been loaded into the kernel.
@@ -163,9 +175,15 @@ func (m *ProceventsMaps) Close() error {
 //
 // It can be passed to LoadProceventsObjects or ebpf.CollectionSpec.LoadAndAssign.
 type ProceventsVariables struct {
+	LastPromptWake      *ebpf.Variable `ebpf:"last_prompt_wake"`
+	LastWake            *ebpf.Variable `ebpf:"last_wake"`
+	ReaderDue           *ebpf.Variable `ebpf:"reader_due"`
 	UnusedPwCgroupEvent *ebpf.Variable `ebpf:"unused_pw_cgroup_event"`
 	UnusedPwEvent       *ebpf.Variable `ebpf:"unused_pw_event"`
 	UnusedPwKind        *ebpf.Variable `ebpf:"unused_pw_kind"`
+	WakeBatchNs         *ebpf.Variable `ebpf:"wake_batch_ns"`
+	WakeBytes           *ebpf.Variable `ebpf:"wake_bytes"`
+	WakePromptNs        *ebpf.Variable `ebpf:"wake_prompt_ns"`
 }
 
 // ProceventsPrograms contains all programs after they have been loaded into the kernel.

@@ -236,7 +236,7 @@ func TestBPFProcessAndCgroupEvents(t *testing.T) {
 // children's events delivered plus the drops cover all 120.
 func TestBPFDropsCounted(t *testing.T) {
 	testprog.RequireRoot(t)
-	src, err := openBPF(uint32(os.Getpagesize()))
+	src, err := openBPF(uint32(os.Getpagesize()), defaultWake)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -315,5 +315,96 @@ func TestBPFLongCgroupPath(t *testing.T) {
 	}
 	if want := ("/" + rel)[:PathMax]; e.Path != want {
 		t.Errorf("path %q (%d bytes), want the first %d bytes of the path: %q", e.Path, len(e.Path), PathMax, want)
+	}
+}
+
+// TestBPFBatchedWakeups: a tenant forks children that exit at once
+// (testdata/fork_flood, 300 ms as fast as it can, in a v2 cgroup of its
+// own). Their fork and exit events, sent mostly without a wakeup, are all
+// delivered — exactly as many as the children it counted, none dropped —
+// in far fewer Reads than events (when the flood is fast), and the last within the reader's timer
+// period (defaultWake.batch) of the flood's end, plus 250 ms for the
+// scheduling delays of a loaded 2-core host (on a quiet host the tail is
+// the timer period). Then execs, 20 ms apart, each read within a few
+// milliseconds (median under 4 ms: an exec left to the timer would wait
+// about half its 10 ms period or more).
+func TestBPFBatchedWakeups(t *testing.T) {
+	testprog.RequireRoot(t)
+	bin := testprog.Build(t, "fork_flood.c", "-O2")
+	open := func() *Watcher {
+		src, err := openBPF(0, defaultWake)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return &Watcher{src: src, kind: SourceBPF}
+	}
+	r := runFlood(t, open(), bin, 300, 0, "")
+	t.Logf("%v", r)
+	if r.forks < 20 {
+		t.Fatalf("fork_flood forked %d children in 300 ms, want at least 20", r.forks)
+	}
+	if r.forkEv != r.forks || r.exitEv != r.forks || r.lost != 0 {
+		t.Errorf("%d children: %d fork and %d exit events delivered, %d dropped; want %d, %d, 0", r.forks, r.forkEv, r.exitEv, r.lost, r.forks, r.forks)
+	}
+	// Batching shows when the flood outruns the timer: at 1000 forks in
+	// 300 ms, 2000 events in about 30 timer periods. (A loaded host can
+	// slow the flood to less; the Reads count the host's other events.)
+	if ev := r.forkEv + r.exitEv; r.forks < 1000 {
+		t.Logf("batching not judged: %d forks, too few to outrun the timer", r.forks)
+	} else if r.reads*4 > ev {
+		t.Errorf("%d events read in %d Reads: not batched (want at most a quarter as many Reads)", ev, r.reads)
+	}
+	if limit := defaultWake.batch + 250*time.Millisecond; r.tail > limit {
+		t.Errorf("the flood's last event read %v after its end, want within %v: events sent without a wakeup waited", r.tail, limit)
+	}
+	ex, _ := idleLatency(t, open(), 30, 20*time.Millisecond)
+	t.Logf("exec events at idle: %v", ex)
+	if len(ex) != 30 {
+		t.Fatalf("%d exec events of 30 children read", len(ex))
+	}
+	if ex[len(ex)/2] > 4*time.Millisecond {
+		t.Errorf("exec events read after a median %v, want under 4 ms", ex[len(ex)/2])
+	}
+}
+
+// TestBPFCloseWhileReading: Close while a Read is draining the ring (a
+// flood of fork_flood's events) ends the Read with an error, not a panic,
+// 10 times over.
+func TestBPFCloseWhileReading(t *testing.T) {
+	testprog.RequireRoot(t)
+	bin := testprog.Build(t, "fork_flood.c", "-O2")
+	flood := exec.Command(bin, "3000", "0")
+	stdin, _ := flood.StdinPipe()
+	if err := flood.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer flood.Wait()
+	defer flood.Process.Kill()
+	fmt.Fprintln(stdin, "go")
+	for i := 0; i < 10; i++ {
+		src, err := openBPF(0, defaultWake)
+		if err != nil {
+			t.Fatal(err)
+		}
+		w := &Watcher{src: src, kind: SourceBPF}
+		done := make(chan error, 1)
+		go func() {
+			for {
+				if _, err := w.Read(); err != nil && !errors.Is(err, ErrOverrun) {
+					done <- err
+					return
+				}
+			}
+		}()
+		time.Sleep(time.Duration(5+3*i) * time.Millisecond)
+		w.Close()
+		select {
+		case err := <-done:
+			if !errors.Is(err, os.ErrClosed) {
+				t.Errorf("Read after Close: %v, want os.ErrClosed", err)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatal("Read still blocked 5 s after Close")
+		}
 	}
 }

@@ -112,7 +112,7 @@ type Watcher struct {
 // connector if the BPF programs cannot be loaded (BPFError says why). It
 // fails when neither can be had.
 func Open() (*Watcher, error) {
-	b, berr := openBPF(0)
+	b, berr := openBPF(0, defaultWake)
 	if berr == nil {
 		return &Watcher{src: b, kind: SourceBPF}, nil
 	}
