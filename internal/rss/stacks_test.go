@@ -331,8 +331,9 @@ func TestStacksCorruptStackRescans(t *testing.T) {
 	t.Logf("started in %v; %v: %d walks met no known mapping; %d rescans asked for: %d rescans (%d found nothing new), %d deferred; bound %d (without the backoff ~%d); under plug_inner %.3f MiB (truth 3)",
 		started.Round(time.Millisecond), elapsed.Round(time.Millisecond), w.NoMapping, st.RescanPrompts, st.Rescans, st.RescansUnchanged, st.RescansDeferred, bound,
 		int(elapsed/unwindtable.StaleInterval), float64(inPlug)/mib)
-	if st.RescanPrompts < 2*bound {
-		t.Errorf("%d walks met no mapping, %d rescans asked for: the corrupt stack did not exercise the backoff (want over %d)", w.NoMapping, st.RescanPrompts, 2*bound)
+	// Without the backoff every prompt is a rescan: more than the bound.
+	if st.RescanPrompts <= bound {
+		t.Errorf("%d walks met no mapping, %d rescans asked for: the corrupt stack did not exercise the backoff (want over %d)", w.NoMapping, st.RescanPrompts, bound)
 	}
 	if st.Rescans > bound {
 		t.Errorf("%d rescans in %v, want at most %d", st.Rescans, elapsed, bound)

@@ -151,9 +151,11 @@ func TestRescanBackoffSchedule(t *testing.T) {
 // addresses) is rescanned at most 9 + 2 + 1 times (the backoff schedule's
 // 9 in its first 1.275 s, one a second after, one for rounding) instead of
 // every StaleInterval (~400), its tier is not told (nothing new), and the
-// figures add up (prompts = rescans + deferred). Then its mappings change
-// (the Store is set with one fewer, as before a dlopen): the backoff ends
-// and its next mark is rescanned at once (mapped is called).
+// figures add up (prompts = rescans + deferred). A change of its mappings
+// while backed off is found at the next due rescan (within
+// RescanBackoffMax). A change a tier sets (the Store given one mapping
+// fewer) ends the backoff: the next mark is rescanned at once (mapped is
+// called).
 func TestRescanBackoff(t *testing.T) {
 	testprog.RequireRoot(t)
 	p := buildPair(t, "omit-fp", omitFP, omitFP)
@@ -193,7 +195,34 @@ func TestRescanBackoff(t *testing.T) {
 	}
 	mu.Unlock()
 
-	// A change: the next mark is rescanned at once, and the tier told.
+	// A library mapped while backed off (the key the Store holds no longer
+	// that of the process's mappings, as after a dlopen no tier saw): found
+	// at the next due rescan, within RescanBackoffMax of the marks.
+	st.mu.Lock()
+	k := st.keys[uint32(tg.pid)]
+	k.key += "dlopen;"
+	st.keys[uint32(tg.pid)] = k
+	st.mu.Unlock()
+	told := func() bool { mu.Lock(); defer mu.Unlock(); return mapped > 0 }
+	marked := time.Now()
+	for time.Since(marked) < 5*time.Second && !told() {
+		if err := o.UwStale.Put(uint32(tg.pid), one); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(time.Millisecond)
+	}
+	t.Logf("a change while backed off: found %v after the marks began (cap %v)", time.Since(marked).Round(time.Millisecond), RescanBackoffMax)
+	if !told() {
+		t.Fatal("a change of mappings while backed off was not found within 5 s of marks")
+	}
+	time.Sleep(20 * time.Millisecond)
+	s = st.Stats()
+	mu.Lock()
+	mapped = 0
+	mu.Unlock()
+
+	// A change a tier sets (an exec, its own mapping check): the backoff
+	// ends, the next mark is rescanned at once, and the tier told.
 	maps, err := procmaps.Read(tg.pid)
 	if err != nil {
 		t.Fatal(err)
@@ -207,11 +236,10 @@ func TestRescanBackoff(t *testing.T) {
 	if err := a.Set(tg.pid, maps); err != nil {
 		t.Fatal(err)
 	}
-	marked := time.Now()
+	marked = time.Now()
 	if err := o.UwStale.Put(uint32(tg.pid), one); err != nil {
 		t.Fatal(err)
 	}
-	told := func() bool { mu.Lock(); defer mu.Unlock(); return mapped > 0 }
 	for time.Since(marked) < 5*time.Second && !told() {
 		time.Sleep(time.Millisecond)
 	}
