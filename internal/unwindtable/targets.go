@@ -227,6 +227,12 @@ func (s *Store) unuse(pid int) error {
 // end the backoff: its next mark is rescanned at the loop's next turn.
 const RescanBackoffMax = time.Second
 
+// rescanDuty bounds the time a process's rescans that find nothing new
+// take: the next waits at least rescanDuty times as long as the last took
+// (at most 2% of a core per process: a listing of tens of thousands of
+// mappings takes tens of milliseconds to read and compare).
+const rescanDuty = 50
+
 // backoff is a process's rescan backoff: marks before next are deferred;
 // wait is the last wait (doubled by the next rescan that finds nothing).
 type backoff struct {
@@ -241,15 +247,15 @@ func (s *Store) deferred(pid uint32, now time.Time) bool {
 	return ok && now.Before(b.next)
 }
 
-// backOff records a rescan of pid that found nothing new (caller holds
-// s.mu).
-func (s *Store) backOff(pid uint32, now time.Time) {
+// backOff records a rescan of pid at now that found nothing new and took
+// cost (caller holds s.mu).
+func (s *Store) backOff(pid uint32, now time.Time, cost time.Duration) {
 	if s.backoffs == nil {
 		s.backoffs = map[uint32]backoff{}
 	}
 	b := s.backoffs[pid]
 	b.wait = min(max(2*b.wait, StaleInterval), RescanBackoffMax)
-	b.next = now.Add(b.wait)
+	b.next = now.Add(max(b.wait, rescanDuty*cost))
 	s.backoffs[pid] = b
 	// Processes never added (unknown pids offered to the tiers) leave no
 	// RemoveProcess: drop the entries whose wait is long over.
@@ -357,7 +363,7 @@ func (s *Store) rescanStale() int {
 		}
 		if !adopted {
 			s.mu.Lock()
-			s.backOff(pid, now) // no tier's: asked again only when due
+			s.backOff(pid, now, time.Since(now)) // no tier's: asked again only when due
 			s.mu.Unlock()
 		}
 	}
@@ -370,7 +376,7 @@ func (s *Store) rescanStale() int {
 func (s *Store) rescan(pid uint32, now time.Time) {
 	maps, err := procmaps.Read(int(pid))
 	if err != nil {
-		return // gone meanwhile
+		return // gone meanwhile (or its listing over procmaps.MapsMaxBytes: its walks end there, counted)
 	}
 	key := ExecKey(maps)
 	s.mu.Lock()
@@ -379,7 +385,7 @@ func (s *Store) rescan(pid uint32, now time.Time) {
 	retry := prev.partial
 	if same {
 		s.st.RescansUnchanged++
-		s.backOff(pid, now)
+		s.backOff(pid, now, time.Since(now))
 		for _, pm := range s.procs[pid] {
 			retry = retry || pm.obj.retry
 		}

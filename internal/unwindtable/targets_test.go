@@ -109,8 +109,10 @@ func TestTargetsShared(t *testing.T) {
 // TestRescanBackoffSchedule: the rescans of a process whose walks mark it
 // every 5 ms and whose rescans find nothing new follow the schedule of
 // RescanBackoffMax: at 0, 5, 15, 35, 75, 155, 315, 635 and 1275 ms, then
-// once a second, 17 in 10 s (against 2,000 without the backoff). Entries
-// of processes never added are dropped once long over.
+// once a second, 17 in 10 s (against 2,000 without the backoff); a rescan
+// of 100 µs keeps to the schedule, one of 100 ms pushes the next 5 s away
+// (rescanDuty). Entries of processes never added are dropped once long
+// over.
 func TestRescanBackoffSchedule(t *testing.T) {
 	s := &Store{procs: map[uint32][]procMap{}, backoffs: map[uint32]backoff{}}
 	t0 := time.Unix(1e9, 0)
@@ -121,7 +123,7 @@ func TestRescanBackoffSchedule(t *testing.T) {
 			continue
 		}
 		at = append(at, d)
-		s.backOff(7, now)
+		s.backOff(7, now, 100*time.Microsecond)
 	}
 	want := []time.Duration{0, 5, 15, 35, 75, 155, 315, 635, 1275, 2275, 3275, 4275, 5275, 6275, 7275, 8275, 9275}
 	for i := range want {
@@ -132,17 +134,23 @@ func TestRescanBackoffSchedule(t *testing.T) {
 	}
 	// Unknown pids flagged once each: pruned when over 1024 + 2 x processes.
 	for pid := uint32(100); pid < 1100; pid++ {
-		s.backOff(pid, t0)
+		s.backOff(pid, t0, 0)
 	}
 	later := t0.Add(2*RescanBackoffMax + time.Second)
 	for pid := uint32(2000); pid < 2100; pid++ {
-		s.backOff(pid, later)
+		s.backOff(pid, later, 0)
 	}
 	if n := len(s.backoffs); n > 1024 || n < 100 {
 		t.Errorf("%d backoff entries after 1,100 pids flagged long ago and 100 now: want the old ones dropped, the recent kept", n)
 	}
 	if !s.deferred(2099, later) {
 		t.Error("a process backed off just now is not deferred")
+	}
+	// A costly rescan (a huge listing): the next waits rescanDuty times
+	// its cost, past the schedule's cap.
+	s.backOff(9, t0, 100*time.Millisecond)
+	if !s.deferred(9, t0.Add(rescanDuty*100*time.Millisecond-time.Millisecond)) || s.deferred(9, t0.Add(rescanDuty*100*time.Millisecond)) {
+		t.Errorf("after a rescan of 100 ms: want the next deferred for %v", rescanDuty*100*time.Millisecond)
 	}
 }
 
