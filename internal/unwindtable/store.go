@@ -90,7 +90,7 @@ type Stats struct {
 	RescanPrompts    uint64
 	Rescans          uint64 // processes looked at again (maps read, or offered to the tiers)
 	RescansUnchanged uint64 // rescans that found nothing new to build
-	RescansDeferred  uint64 // prompts not acted on: the process was backed off
+	RescansDeferred  uint64 // prompts not acted on: the process was backed off, or over its allowance of rescans that find a change
 }
 
 // Store keeps the compact unwind tables of the objects mapped by the
@@ -121,6 +121,7 @@ type Store struct {
 	// backoffs are the processes whose rescans found nothing new
 	// (targets.go).
 	backoffs map[uint32]backoff
+	churn    map[uint32]bucket // rescans that found a change, per process
 	clock    uint64
 	st       Stats
 	// Tiers' process sets (targets.go): users counts the Targets holding
@@ -173,7 +174,7 @@ func NewStore(m Maps, maxTableRows, builders int) *Store {
 		m: m, capRows: m.Rows.MaxEntries(), maxObjects: m.Objects.MaxEntries(), maxRules: m.Rules.MaxEntries(),
 		maxTableRows: maxTableRows, sem: make(chan struct{}, builders), staleKick: make(chan struct{}, 1),
 		objs: map[string]*object{}, byID: map[uint32]*object{}, rules: map[Rule]uint32{}, procs: map[uint32][]procMap{},
-		keys: map[uint32]procKey{}, backoffs: map[uint32]backoff{},
+		keys: map[uint32]procKey{}, backoffs: map[uint32]backoff{}, churn: map[uint32]bucket{},
 	}
 	s.free = []span{{0, s.capRows}}
 	s.st.RowCapacity = uint64(s.capRows)
@@ -235,6 +236,7 @@ func (s *Store) RemoveProcess(pid int) error {
 	delete(s.procs, uint32(pid))
 	delete(s.keys, uint32(pid))
 	delete(s.backoffs, uint32(pid))
+	delete(s.churn, uint32(pid))
 	if err := s.m.Procs.Delete(uint32(pid)); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 		return fmt.Errorf("unwindtable: delete mappings of process %d: %w", pid, err)
 	}

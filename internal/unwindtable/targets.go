@@ -233,6 +233,46 @@ const RescanBackoffMax = time.Second
 // mappings takes tens of milliseconds to read and compare).
 const rescanDuty = 50
 
+// Rescans that find a change (a dlopen) are not backed off, but a process
+// that changes its mappings without end (dlopen and dlclose in a loop) gets
+// a burst of rescanBurst of them, then rescanRate a second (a token
+// bucket): each costs an open and parse of every executable mapping and
+// the tiers' symbol refresh. A program loading its plugins at start stays
+// within the burst.
+const (
+	rescanBurst = 20
+	rescanRate  = 10 // a second
+)
+
+// bucket is a process's allowance of rescans that find a change: tokens
+// at last.
+type bucket struct {
+	tokens float64
+	last   time.Time
+}
+
+// allowance is pid's bucket refilled to now (caller holds s.mu).
+func (s *Store) allowance(pid uint32, now time.Time) bucket {
+	b, ok := s.churn[pid]
+	if !ok {
+		return bucket{tokens: rescanBurst, last: now}
+	}
+	b.tokens = min(rescanBurst, b.tokens+now.Sub(b.last).Seconds()*rescanRate)
+	b.last = now
+	return b
+}
+
+// changed spends one of pid's rescans that find a change (caller holds
+// s.mu).
+func (s *Store) changed(pid uint32, now time.Time) {
+	if s.churn == nil {
+		s.churn = map[uint32]bucket{}
+	}
+	b := s.allowance(pid, now)
+	b.tokens--
+	s.churn[pid] = b
+}
+
 // backoff is a process's rescan backoff: marks before next are deferred;
 // wait is the last wait (doubled by the next rescan that finds nothing).
 type backoff struct {
@@ -243,8 +283,11 @@ type backoff struct {
 // deferred reports whether pid's rescan is backed off at now (caller holds
 // s.mu).
 func (s *Store) deferred(pid uint32, now time.Time) bool {
-	b, ok := s.backoffs[pid]
-	return ok && now.Before(b.next)
+	if b, ok := s.backoffs[pid]; ok && now.Before(b.next) {
+		return true
+	}
+	_, churned := s.churn[pid]
+	return churned && s.allowance(pid, now).tokens < 1
 }
 
 // backOff records a rescan of pid at now that found nothing new and took
@@ -263,6 +306,13 @@ func (s *Store) backOff(pid uint32, now time.Time, cost time.Duration) {
 		for p, b := range s.backoffs {
 			if now.Sub(b.next) > RescanBackoffMax {
 				delete(s.backoffs, p)
+			}
+		}
+	}
+	if len(s.churn) > 2*len(s.procs)+1024 {
+		for p := range s.churn {
+			if s.allowance(p, now).tokens >= rescanBurst {
+				delete(s.churn, p)
 			}
 		}
 	}
@@ -400,6 +450,9 @@ func (s *Store) rescan(pid uint32, now time.Time) {
 		return
 	}
 	_ = s.SetProcess(int(pid), maps) // a mapping it cannot read ends its walks there, counted
+	s.mu.Lock()
+	s.changed(pid, now)
+	s.mu.Unlock()
 	// Removed by every tier meanwhile (its unuse ran before SetProcess):
 	// the entry just written must go.
 	s.mu.Lock()

@@ -259,3 +259,29 @@ func TestRescanBackoff(t *testing.T) {
 		t.Errorf("after the change: %d rescans (%d unchanged), want %d (%d)", s2.Rescans, s2.RescansUnchanged, s.Rescans+1, s.RescansUnchanged)
 	}
 }
+
+// TestRescanChurnBounded: a process whose every rescan finds a change (a
+// dlopen and dlclose loop), prompted every 5 ms for 4 s, gets its burst of
+// 20 rescans and then 10 a second: 20 + 40 (-2..+1 for rounding) instead of
+// 800; after a second without one, a burst is available again.
+func TestRescanChurnBounded(t *testing.T) {
+	s := &Store{procs: map[uint32][]procMap{}, backoffs: map[uint32]backoff{}, churn: map[uint32]bucket{}}
+	t0 := time.Unix(1e9, 0)
+	n := 0
+	var d time.Duration
+	for ; d < 4*time.Second; d += StaleInterval {
+		now := t0.Add(d)
+		if s.deferred(7, now) {
+			continue
+		}
+		n++
+		s.changed(7, now)
+	}
+	if want := rescanBurst + 4*rescanRate; n < want-2 || n > want+1 {
+		t.Errorf("%d rescans that found a change in 4 s, want %d..%d", n, want-2, want+1)
+	}
+	later := t0.Add(d + 2*time.Second)
+	if s.deferred(7, later) || s.allowance(7, later).tokens != rescanBurst {
+		t.Errorf("2 s after the last: deferred %v, %v tokens; want a full burst", s.deferred(7, later), s.allowance(7, later).tokens)
+	}
+}
