@@ -483,13 +483,25 @@ func (s *Store) rescan(pid uint32, now time.Time) {
 // Prompted asks for a rescan of pid as a walk's mark in uw_stale does (a
 // tier saw a walk meet unknown code another way: the heap tier's stack
 // copies): at once unless the process is backed off, and the Store is told
-// only when its executable mappings changed. A process not added is
-// ignored.
+// only when its executable mappings changed. A process not added, or one
+// of whose tables is being built, is ignored.
 func (t *Targets) Prompted(pid int) {
 	if !t.Has(pid) {
 		return
 	}
 	s := t.store
+	s.mu.Lock()
+	building := false
+	for _, pm := range s.procs[uint32(pid)] {
+		building = building || (pm.obj.state == objPending && !pm.obj.failed && !pm.obj.retry)
+	}
+	s.mu.Unlock()
+	if building {
+		// A table of the process is being built: that explains the walk
+		// (a pc in no mapping marks uw_stale too); a rescan would find
+		// nothing and back the process off.
+		return
+	}
 	now := time.Now()
 	if s.prompt(uint32(pid), now) {
 		return

@@ -202,6 +202,17 @@ func TestRescanBackoff(t *testing.T) {
 		t.Errorf("mapped called %d times for rescans that found nothing new, want 0", mapped)
 	}
 	mu.Unlock()
+	// A tier's own prompt (the heap tier's stack copies) goes through the
+	// same backoff.
+	st.mu.Lock()
+	backedOff := st.deferred(uint32(tg.pid), time.Now())
+	st.mu.Unlock()
+	a.Prompted(tg.pid)
+	time.Sleep(20 * time.Millisecond)
+	if s2 := st.Stats(); backedOff && (s2.RescansDeferred != s.RescansDeferred+1 || s2.Rescans != s.Rescans) ||
+		!backedOff && (s2.Rescans != s.Rescans+1 || s2.RescansUnchanged != s.RescansUnchanged+1) {
+		t.Errorf("Prompted (backed off %v): %+v after %+v", backedOff, s2, s)
+	}
 
 	// A library mapped while backed off (the key the Store holds no longer
 	// that of the process's mappings, as after a dlopen no tier saw): found
