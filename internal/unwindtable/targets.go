@@ -16,10 +16,11 @@ import (
 // outside their known mappings (uw_stale: a library mapped since, dlopen;
 // a process a tier has not listed yet) are rescanned, each at most once per
 // interval. Their walks end truncated meanwhile (counted). While none are
-// found the wait doubles up to StaleIntervalMax: an idle node wakes 20
-// times a second instead of 200, and a new process of a target cgroup
-// (adopted from its first walk) still gets its tables within ~50 ms plus
-// their build.
+// rescanned (none marked, or only processes backed off: RescanBackoffMax)
+// the wait doubles up to StaleIntervalMax: an idle node wakes 20 times a
+// second instead of 200, and a new process of a target cgroup (adopted
+// from its first walk) still gets its tables within ~50 ms plus their
+// build.
 const (
 	StaleInterval    = 5 * time.Millisecond
 	StaleIntervalMax = 50 * time.Millisecond
@@ -333,7 +334,7 @@ func (s *Store) prompt(pid uint32, now time.Time) bool {
 }
 
 // staleLoop rescans the processes marked in uw_stale until stop is
-// closed: every StaleInterval while some are found, backing off to
+// closed: every StaleInterval while some are rescanned, backing off to
 // StaleIntervalMax while none are, back to StaleInterval when a process is
 // set (staleKick). Each process's own rescans back off while they find
 // nothing new (RescanBackoffMax).
@@ -369,8 +370,9 @@ func (s *Store) staleLoop(stop, done chan struct{}) {
 // rescanStale rescans the marked processes that are not backed off: a
 // known one gets its current mappings if they changed, and the Targets
 // holding it are told (mapped); an unknown one is offered to each Targets
-// (adopt). It returns how many were marked (backed-off ones included: the
-// loop keeps its pace for the others' first marks).
+// (adopt). It returns how many were rescanned: marks of backed-off
+// processes only (a corrupt stack's flood) let the loop slow down as when
+// idle, so they cost it no more than 20 wakeups a second.
 func (s *Store) rescanStale() int {
 	var pids []uint32
 	var pid uint32
@@ -380,6 +382,7 @@ func (s *Store) rescanStale() int {
 		pids = append(pids, pid)
 	}
 	now := time.Now()
+	n := 0
 	for _, pid := range pids {
 		// Before the rescan: a later miss marks it again.
 		if err := s.m.Stale.Delete(pid); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
@@ -388,6 +391,7 @@ func (s *Store) rescanStale() int {
 		if s.prompt(pid, now) {
 			continue
 		}
+		n++
 		s.mu.Lock()
 		_, known := s.procs[pid]
 		var others []*Targets
@@ -417,7 +421,7 @@ func (s *Store) rescanStale() int {
 			s.mu.Unlock()
 		}
 	}
-	return len(pids)
+	return n
 }
 
 // rescan re-reads the mappings of pid (known to the store, not backed
