@@ -381,13 +381,13 @@ func (s *Store) rescanStale() int {
 	for it.Next(&pid, &v) {
 		pids = append(pids, pid)
 	}
-	now := time.Now()
 	n := 0
 	for _, pid := range pids {
 		// Before the rescan: a later miss marks it again.
 		if err := s.m.Stale.Delete(pid); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 			continue
 		}
+		now := time.Now() // each rescan's cost its own (rescanDuty)
 		if s.prompt(pid, now) {
 			continue
 		}
@@ -445,21 +445,19 @@ func (s *Store) rescan(pid uint32, now time.Time) {
 		}
 	}
 	s.mu.Unlock()
-	if same {
-		if retry {
-			// Mappings left out last time (their files may open now), or
-			// tables refused for lack of room (built again when mapped).
-			_ = s.SetProcess(int(pid), maps)
-		}
+	if same && !retry {
 		return
 	}
+	// Changed, or unchanged with mappings left out last time (their files
+	// may open now) or tables refused for lack of room (built again when
+	// mapped).
 	_ = s.SetProcess(int(pid), maps) // a mapping it cannot read ends its walks there, counted
-	s.mu.Lock()
-	s.changed(pid, now)
-	s.mu.Unlock()
 	// Removed by every tier meanwhile (its unuse ran before SetProcess):
 	// the entry just written must go.
 	s.mu.Lock()
+	if !same {
+		s.changed(pid, now)
+	}
 	used := s.users[pid] > 0
 	var holders []*Targets
 	for t := range s.targets {
@@ -471,6 +469,9 @@ func (s *Store) rescan(pid uint32, now time.Time) {
 	if !used {
 		_ = s.RemoveProcess(int(pid))
 		return
+	}
+	if same {
+		return // nothing new for the tiers
 	}
 	for _, t := range holders {
 		t.mu.Lock()
