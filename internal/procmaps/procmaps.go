@@ -8,6 +8,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -55,16 +56,33 @@ func (m *Mapping) ID() FileID {
 	return FileID{Dev: uint64(m.DevMajor)<<20 | uint64(m.DevMinor), Inode: m.Inode}
 }
 
-// Read parses /proc/PID/maps.
+// MapsMaxBytes bounds how much of /proc/PID/maps Read reads. The kernel
+// bounds the mappings of a process (vm.max_map_count, 65,530 by default),
+// not their paths: a process mapping that many files under 4 KiB paths
+// lists about 270 MB. 64 MiB is ten times the listing of 65,530 mappings
+// of typical 100-byte lines.
+var MapsMaxBytes int64 = 64 << 20
+
+// Read parses /proc/PID/maps. Errors: the process is gone, or its listing
+// is over MapsMaxBytes.
 func Read(pid int) ([]Mapping, error) {
-	data, err := os.ReadFile(filepath.Join(ProcRoot, strconv.Itoa(pid), "maps"))
-	if err != nil {
-		if errors.Is(err, fs.ErrNotExist) {
-			return nil, fmt.Errorf("process %d not found (no %s/%d/maps): %w", pid, ProcRoot, pid, err)
+	path := filepath.Join(ProcRoot, strconv.Itoa(pid), "maps")
+	f, err := os.Open(path)
+	if err == nil {
+		var data []byte
+		data, err = io.ReadAll(io.LimitReader(f, MapsMaxBytes+1))
+		f.Close()
+		if err == nil && int64(len(data)) > MapsMaxBytes {
+			return nil, fmt.Errorf("maps of process %d: over %d bytes (a hostile number of mappings or path lengths): not read", pid, MapsMaxBytes)
 		}
-		return nil, fmt.Errorf("read maps of process %d: %w", pid, err)
+		if err == nil {
+			return Parse(data)
+		}
 	}
-	return Parse(data)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, fmt.Errorf("process %d not found (no %s/%d/maps): %w", pid, ProcRoot, pid, err)
+	}
+	return nil, fmt.Errorf("read maps of process %d: %w", pid, err)
 }
 
 // Parse parses the contents of a maps file.

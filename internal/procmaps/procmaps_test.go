@@ -1,6 +1,11 @@
 package procmaps
 
-import "testing"
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
 
 func TestParsePaths(t *testing.T) {
 	maps, err := Parse([]byte("55665b980000-55665c9df000 rw-p 00000000 00:00 0                          [heap]\n" +
@@ -28,5 +33,26 @@ func TestEscapeControl(t *testing.T) {
 		if got := escapeControl(in); got != want {
 			t.Errorf("escapeControl(%q) = %q, want %q", in, got, want)
 		}
+	}
+}
+
+// TestReadBounded: a maps listing over MapsMaxBytes (a process mapping a
+// hostile number of files under long paths) is an error naming the bound,
+// not read whole; one at the bound is parsed.
+func TestReadBounded(t *testing.T) {
+	procRoot, _ := fakeProc(t)
+	line := "7f0000000000-7f0000001000 r-xp 00000000 08:01 1234 /" + strings.Repeat("x", 200) + "\n"
+	data := []byte(strings.Repeat(line, 100))
+	if err := os.WriteFile(filepath.Join(procRoot, "4242", "maps"), data, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	defer func(n int64) { MapsMaxBytes = n }(MapsMaxBytes)
+	MapsMaxBytes = int64(len(data))
+	if maps, err := Read(4242); err != nil || len(maps) != 100 {
+		t.Fatalf("Read at the bound: %d mappings, %v; want 100", len(maps), err)
+	}
+	MapsMaxBytes = int64(len(data)) - 1
+	if maps, err := Read(4242); err == nil || !strings.Contains(err.Error(), "over") {
+		t.Fatalf("Read over the bound: %d mappings, %v; want an error naming the bound", len(maps), err)
 	}
 }

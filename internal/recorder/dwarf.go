@@ -292,10 +292,10 @@ func (d *dwarfStacks) handle(raw []byte) error {
 	if rescan {
 		// cfi mode: a copy means the BPF walk met code not described yet
 		// (mapped since the last scan, or a table still being built):
-		// rescan now, so the next samples are walked in BPF.
-		if maps, err := procmaps.Read(tgid); err == nil {
-			_ = d.targets.Set(tgid, maps) // a mapping it cannot read ends its walks there, counted
-		}
+		// rescan now, so the next samples are walked in BPF. A process
+		// whose rescans keep finding nothing new (a corrupt stack) is
+		// backed off by the store.
+		d.targets.Prompted(tgid)
 	}
 	if lazy {
 		// cfi mode: the first copy of this process (its walk met code not
@@ -516,11 +516,11 @@ func (d *dwarfStacks) comments() []string {
 		return []string{"memprof error: " + err.Error()}
 	}
 	st := d.store.Stats()
-	var walks uint64
+	var walks, noMapping uint64
 	if w, err := unwindtable.ReadWalkStats(d.objs.UwStats); err == nil {
-		walks = w.Complete + w.Truncated()
+		walks, noMapping = w.Complete+w.Truncated(), w.NoMapping
 	}
-	return []string{
+	return append([]string{
 		pprofout.MetaComment("bpf_walks", strconv.FormatUint(walks, 10)),
 		pprofout.MetaComment("bpf_walks_truncated", strconv.FormatUint(tr, 10)),
 		pprofout.MetaComment("bpf_walks_table_pending", strconv.FormatUint(pend, 10)),
@@ -529,6 +529,20 @@ func (d *dwarfStacks) comments() []string {
 		pprofout.MetaComment("unwind_table_row_capacity", strconv.FormatUint(st.RowCapacity, 10)),
 		pprofout.MetaComment("unwind_tables_evicted", strconv.FormatUint(st.Evicted, 10)),
 		pprofout.MetaComment("unwind_tables_no_room", strconv.FormatUint(st.NoRoom+st.TooLarge, 10)),
+		pprofout.MetaComment("bpf_walks_no_mapping", strconv.FormatUint(noMapping, 10)),
+	}, rescanComments(st)...)
+}
+
+// rescanComments are the profile's figures of the rescans asked for by
+// walks that met a pc in no known mapping (unwindtable.Stats): prompts =
+// rescans + deferred (backed-off processes).
+func rescanComments(st unwindtable.Stats) []string {
+	u := func(v uint64) string { return strconv.FormatUint(v, 10) }
+	return []string{
+		pprofout.MetaComment("unwind_rescan_prompts", u(st.RescanPrompts)),
+		pprofout.MetaComment("unwind_rescans", u(st.Rescans)),
+		pprofout.MetaComment("unwind_rescans_unchanged", u(st.RescansUnchanged)),
+		pprofout.MetaComment("unwind_rescans_deferred", u(st.RescansDeferred)),
 	}
 }
 

@@ -1202,7 +1202,8 @@ func (s *Session) stackComments(ss StackStats) []string {
 	}
 	if w, err := unwindtable.ReadWalkStats(s.objs.UwStats); err == nil {
 		out = append(out, pprofout.MetaComment("rss_bpf_walks", u(w.Complete+w.Truncated())),
-			pprofout.MetaComment("rss_bpf_walks_truncated", u(w.Truncated())))
+			pprofout.MetaComment("rss_bpf_walks_truncated", u(w.Truncated())),
+			pprofout.MetaComment("rss_bpf_walks_no_mapping", u(w.NoMapping)))
 	}
 	if in, err := unwindtable.ReadInternStats(s.objs.UwInternStats); err == nil {
 		out = append(out, pprofout.MetaComment("rss_stack_hash_collisions", u(in.Collisions)),
@@ -1210,7 +1211,14 @@ func (s *Session) stackComments(ss StackStats) []string {
 	}
 	st := s.objs.store.Stats()
 	out = append(out, pprofout.MetaComment("unwind_tables", strconv.Itoa(st.Objects)),
-		pprofout.MetaComment("unwind_table_bytes", strconv.FormatInt(st.Bytes+st.ProcBytes, 10)))
+		pprofout.MetaComment("unwind_table_bytes", strconv.FormatInt(st.Bytes+st.ProcBytes, 10)),
+		// Rescans asked for by walks that met a pc in no known mapping:
+		// prompts = rescans + deferred (processes backed off because
+		// their rescans found nothing new: a corrupt stack).
+		pprofout.MetaComment("unwind_rescan_prompts", u(st.RescanPrompts)),
+		pprofout.MetaComment("unwind_rescans", u(st.Rescans)),
+		pprofout.MetaComment("unwind_rescans_unchanged", u(st.RescansUnchanged)),
+		pprofout.MetaComment("unwind_rescans_deferred", u(st.RescansDeferred)))
 	return out
 }
 

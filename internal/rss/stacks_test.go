@@ -12,6 +12,7 @@ import (
 	"github.com/google/pprof/profile"
 
 	"github.com/memprof/memprof/internal/testprog"
+	"github.com/memprof/memprof/internal/unwindtable"
 	"github.com/memprof/memprof/pprofout"
 )
 
@@ -269,5 +270,79 @@ func TestStacksCorruptStack(t *testing.T) {
 				t.Errorf("stacks %+v, %d pages on [truncated] stacks: want them counted", st, cut/4096)
 			}
 		})
+	}
+}
+
+// TestStacksCorruptStackRescans: rss_corrupt faults 1,500 pages a second
+// for about 4 s from a hostile stack whose garbage return addresses mark
+// the process for a rescan at nearly every walk, while fc_dlmain (started
+// by the session) loads a plugin with dlopen. The corrupt process's
+// rescans find its mappings unchanged and back off (unwindtable.
+// RescanBackoffMax): the store's rescans stay within the schedule's bound
+// for the recording's length (9 in the first 1.275 s, one a second after,
+// one for rounding) plus 12 for fc_dlmain (its libraries mapped in its
+// first milliseconds, its plugin: each new mapping a rescan that finds a
+// change, any other backed off like the corrupt one's) — against one every
+// 5 ms without the backoff — while the plugin is still found in time: 3 MiB
+// under plug_inner within 3%, as in TestStacksDlopen.
+func TestStacksCorruptStackRescans(t *testing.T) {
+	testprog.RequireRoot(t)
+	dir := t.TempDir()
+	lib := dir + "/libfc_plugin.so"
+	if out, err := exec.Command("gcc", "-g", "-O2", "-fomit-frame-pointer", "-shared", "-fPIC", "-o", lib, testprog.Testdata("fc_plugin.c")).CombinedOutput(); err != nil {
+		t.Fatalf("build plugin: %v\n%s", err, out)
+	}
+	dlmain := testprog.Build(t, "fc_dlmain.c", "-O2", "-rdynamic", "-ldl")
+	corrupt := exec.Command(testprog.Build(t, "rss_corrupt.c"), "6000", "hostile", "1500")
+	if err := corrupt.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { corrupt.Process.Kill(); corrupt.Wait() })
+	start := time.Now()
+	s, err := Start(context.Background(), Options{SampleRate: 1, Pids: []int{corrupt.Process.Pid}, Command: []string{dlmain, lib}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	started := time.Since(start)
+	if r := s.Wait(context.Background(), 30*time.Second); !strings.Contains(r, "status 0") {
+		t.Fatalf("fc_dlmain: %s", r)
+	}
+	if err := corrupt.Wait(); err != nil {
+		t.Fatalf("rss_corrupt: %v (want status 0: the walks must not change what it does)", err)
+	}
+	elapsed := time.Since(start)
+	p, _, err := s.Profile(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	built, err := pprofout.BuildRSS(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st := s.objs.store.Stats()
+	w, err := unwindtable.ReadWalkStats(s.objs.UwStats)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const truth = 6 * 512 << 10
+	inPlug := rssWhere(built, func(f []string) bool { return slices.Contains(f, "plug_inner") })
+	bound := uint64(9+int(elapsed/unwindtable.RescanBackoffMax)+1) + 12
+	t.Logf("started in %v; %v: %d walks met no known mapping; %d rescans asked for: %d rescans (%d found nothing new), %d deferred; bound %d (without the backoff ~%d); under plug_inner %.3f MiB (truth 3)",
+		started.Round(time.Millisecond), elapsed.Round(time.Millisecond), w.NoMapping, st.RescanPrompts, st.Rescans, st.RescansUnchanged, st.RescansDeferred, bound,
+		int(elapsed/unwindtable.StaleInterval), float64(inPlug)/mib)
+	// Each of those walks marks its process: without the backoff a rescan
+	// at every turn of the loop (every 5 ms while marks come).
+	if w.NoMapping <= 10*bound || st.RescansDeferred == 0 {
+		t.Errorf("%d walks met no mapping, %d rescans deferred: the corrupt stack did not exercise the backoff (want over %d walks, some deferred)", w.NoMapping, st.RescansDeferred, 10*bound)
+	}
+	if st.Rescans > bound {
+		t.Errorf("%d rescans in %v, want at most %d", st.Rescans, elapsed, bound)
+	}
+	if st.RescanPrompts != st.Rescans+st.RescansDeferred {
+		t.Errorf("rescan figures %+v: want prompts = rescans + deferred", st)
+	}
+	if math.Abs(float64(inPlug)-truth) > 0.03*truth {
+		t.Errorf("rss_space under plug_inner %.3f MiB, want 3 within 3%%", float64(inPlug)/mib)
 	}
 }

@@ -39,8 +39,10 @@
 // before loading. Each tier gives its processes to the Store through its
 // own Targets (Add when a target is added, Remove when it exits): the Store
 // rescans the processes whose walks met code mapped later (dlopen) for the
-// tiers holding them, and offers unknown ones to the tiers (adopt). Report
-// Stats, Tables, ReadWalkStats and ReadInternStats.
+// tiers holding them, backing off a process whose rescans find nothing new
+// (a corrupt stack; RescanBackoffMax), and offers unknown ones to the tiers
+// (adopt). Report Stats (the rescan counts among them), Tables,
+// ReadWalkStats and ReadInternStats.
 // Prepare builds the table of a file before any process maps it (a command
 // stopped at its exec: the libraries ld.so will map) and WaitFor bounds the
 // wait for the builds. The heap tier (internal/recorder, --stack-mode cfi)

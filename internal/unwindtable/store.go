@@ -81,6 +81,16 @@ type Stats struct {
 	BuildErrors     uint64 // objects whose ELF or CFI could not be read
 	MappingsDropped uint64 // executable mappings beyond MaxMappings in a process
 	EvictFailed     uint64 // evictions refused: the table's pending mark could not be written
+	// Rescans asked for by walks that met a pc in no known mapping (marks in
+	// uw_stale, the heap tier's stack copies): RescanPrompts = Rescans +
+	// RescansDeferred. A rescan that finds the executable file mappings
+	// unchanged (RescansUnchanged: the pc was garbage, or anonymous code)
+	// backs the process off (RescanBackoffMax); prompts meanwhile are
+	// deferred.
+	RescanPrompts    uint64
+	Rescans          uint64 // processes looked at again (maps read, or offered to the tiers)
+	RescansUnchanged uint64 // rescans that found nothing new to build
+	RescansDeferred  uint64 // prompts not acted on: the process was backed off, or over its allowance of rescans that find a change
 }
 
 // Store keeps the compact unwind tables of the objects mapped by the
@@ -107,8 +117,13 @@ type Store struct {
 	rules   map[Rule]uint32
 	free    []span // free row ranges, sorted by start, coalesced
 	procs   map[uint32][]procMap
-	clock   uint64
-	st      Stats
+	keys    map[uint32]procKey // pid -> the mappings last set
+	// backoffs are the processes whose rescans found nothing new
+	// (targets.go).
+	backoffs map[uint32]backoff
+	churn    map[uint32]bucket // rescans that found a change, per process
+	clock    uint64
+	st       Stats
 	// Tiers' process sets (targets.go): users counts the Targets holding
 	// each process; the stale rescan loop runs while any is open.
 	targets            map[*Targets]bool
@@ -121,6 +136,14 @@ type Store struct {
 }
 
 type span struct{ start, n uint32 }
+
+// procKey is the ExecKey of the mappings last set for a process, and
+// whether some of them were left out (a file that could not be opened or
+// parsed: tried again at its rescans).
+type procKey struct {
+	key     string
+	partial bool
+}
 
 type object struct {
 	key         string
@@ -151,6 +174,7 @@ func NewStore(m Maps, maxTableRows, builders int) *Store {
 		m: m, capRows: m.Rows.MaxEntries(), maxObjects: m.Objects.MaxEntries(), maxRules: m.Rules.MaxEntries(),
 		maxTableRows: maxTableRows, sem: make(chan struct{}, builders), staleKick: make(chan struct{}, 1),
 		objs: map[string]*object{}, byID: map[uint32]*object{}, rules: map[Rule]uint32{}, procs: map[uint32][]procMap{},
+		keys: map[uint32]procKey{}, backoffs: map[uint32]backoff{}, churn: map[uint32]bucket{},
 	}
 	s.free = []span{{0, s.capRows}}
 	s.st.RowCapacity = uint64(s.capRows)
@@ -190,9 +214,16 @@ func (s *Store) SetProcess(pid int, maps []procmaps.Mapping) error {
 	}
 	s.release(s.procs[uint32(pid)])
 	s.procs[uint32(pid)] = list
+	key := ExecKey(maps)
+	if s.keys[uint32(pid)].key != key {
+		// New mappings (an exec, a dlopen a tier saw): its next mark is
+		// rescanned at once.
+		delete(s.backoffs, uint32(pid))
+	}
 	if err := s.writeProc(uint32(pid)); err != nil {
 		errs = append(errs, err)
 	}
+	s.keys[uint32(pid)] = procKey{key: key, partial: len(errs) > 0}
 	return errors.Join(errs...)
 }
 
@@ -203,6 +234,9 @@ func (s *Store) RemoveProcess(pid int) error {
 	defer s.mu.Unlock()
 	s.release(s.procs[uint32(pid)])
 	delete(s.procs, uint32(pid))
+	delete(s.keys, uint32(pid))
+	delete(s.backoffs, uint32(pid))
+	delete(s.churn, uint32(pid))
 	if err := s.m.Procs.Delete(uint32(pid)); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 		return fmt.Errorf("unwindtable: delete mappings of process %d: %w", pid, err)
 	}

@@ -16,10 +16,11 @@ import (
 // outside their known mappings (uw_stale: a library mapped since, dlopen;
 // a process a tier has not listed yet) are rescanned, each at most once per
 // interval. Their walks end truncated meanwhile (counted). While none are
-// found the wait doubles up to StaleIntervalMax: an idle node wakes 20
-// times a second instead of 200, and a new process of a target cgroup
-// (adopted from its first walk) still gets its tables within ~50 ms plus
-// their build.
+// rescanned (none marked, or only processes backed off: RescanBackoffMax)
+// the wait doubles up to StaleIntervalMax: an idle node wakes 20 times a
+// second instead of 200, and a new process of a target cgroup (adopted
+// from its first walk) still gets its tables within ~50 ms plus their
+// build.
 const (
 	StaleInterval    = 5 * time.Millisecond
 	StaleIntervalMax = 50 * time.Millisecond
@@ -213,10 +214,130 @@ func (s *Store) unuse(pid int) error {
 	return s.RemoveProcess(pid)
 }
 
+// RescanBackoffMax caps how long a process whose rescans keep finding
+// nothing new waits between rescans. A walk that meets a pc in no known
+// mapping marks its process for a rescan; when the rescan finds the same
+// executable file mappings (ExecKey) the pc was garbage (a corrupt stack)
+// or code memprof does not unwind (anonymous JIT code), and the process's
+// next rescan waits StaleInterval, then twice as long after each further
+// rescan that finds nothing, up to RescanBackoffMax: a target whose walks
+// keep meeting unknown code costs at most about 9 rescans in its first
+// 1.3 s (5+10+...+640 ms) and one a second after that, instead of one every
+// StaleInterval. A rescan that finds new mappings (a dlopen), and a
+// process set again for any reason (an exec, a tier's own mapping check),
+// end the backoff: its next mark is rescanned at the loop's next turn.
+const RescanBackoffMax = time.Second
+
+// rescanDuty bounds the time a process's rescans that find nothing new
+// take: the next waits at least rescanDuty times as long as the last took
+// (at most 2% of a core per process: a listing of tens of thousands of
+// mappings takes tens of milliseconds to read and compare).
+const rescanDuty = 50
+
+// Rescans that find a change (a dlopen) are not backed off, but a process
+// that changes its mappings without end (dlopen and dlclose in a loop) gets
+// a burst of rescanBurst of them, then rescanRate a second (a token
+// bucket): each costs an open and parse of every executable mapping and
+// the tiers' symbol refresh. A program loading its plugins at start stays
+// within the burst.
+const (
+	rescanBurst = 20
+	rescanRate  = 10 // a second
+)
+
+// bucket is a process's allowance of rescans that find a change: tokens
+// at last.
+type bucket struct {
+	tokens float64
+	last   time.Time
+}
+
+// allowance is pid's bucket refilled to now (caller holds s.mu).
+func (s *Store) allowance(pid uint32, now time.Time) bucket {
+	b, ok := s.churn[pid]
+	if !ok {
+		return bucket{tokens: rescanBurst, last: now}
+	}
+	b.tokens = min(rescanBurst, b.tokens+now.Sub(b.last).Seconds()*rescanRate)
+	b.last = now
+	return b
+}
+
+// changed spends one of pid's rescans that find a change (caller holds
+// s.mu).
+func (s *Store) changed(pid uint32, now time.Time) {
+	if s.churn == nil {
+		s.churn = map[uint32]bucket{}
+	}
+	b := s.allowance(pid, now)
+	b.tokens--
+	s.churn[pid] = b
+}
+
+// backoff is a process's rescan backoff: marks before next are deferred;
+// wait is the last wait (doubled by the next rescan that finds nothing).
+type backoff struct {
+	next time.Time
+	wait time.Duration
+}
+
+// deferred reports whether pid's rescan is backed off at now (caller holds
+// s.mu).
+func (s *Store) deferred(pid uint32, now time.Time) bool {
+	if b, ok := s.backoffs[pid]; ok && now.Before(b.next) {
+		return true
+	}
+	_, churned := s.churn[pid]
+	return churned && s.allowance(pid, now).tokens < 1
+}
+
+// backOff records a rescan of pid at now that found nothing new and took
+// cost (caller holds s.mu).
+func (s *Store) backOff(pid uint32, now time.Time, cost time.Duration) {
+	if s.backoffs == nil {
+		s.backoffs = map[uint32]backoff{}
+	}
+	b := s.backoffs[pid]
+	b.wait = min(max(2*b.wait, StaleInterval), RescanBackoffMax)
+	b.next = now.Add(max(b.wait, rescanDuty*cost))
+	s.backoffs[pid] = b
+	// Processes never added (unknown pids offered to the tiers) leave no
+	// RemoveProcess: drop the entries whose wait is long over.
+	if len(s.backoffs) > 2*len(s.procs)+1024 {
+		for p, b := range s.backoffs {
+			if now.Sub(b.next) > RescanBackoffMax {
+				delete(s.backoffs, p)
+			}
+		}
+	}
+	if len(s.churn) > 2*len(s.procs)+1024 {
+		for p := range s.churn {
+			if s.allowance(p, now).tokens >= rescanBurst {
+				delete(s.churn, p)
+			}
+		}
+	}
+}
+
+// prompt counts a request to rescan pid (a mark, a stack copy) and
+// reports whether it is deferred (the process is backed off).
+func (s *Store) prompt(pid uint32, now time.Time) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.st.RescanPrompts++
+	if s.deferred(pid, now) {
+		s.st.RescansDeferred++
+		return true
+	}
+	s.st.Rescans++
+	return false
+}
+
 // staleLoop rescans the processes marked in uw_stale until stop is
-// closed: every StaleInterval while some are found, backing off to
+// closed: every StaleInterval while some are rescanned, backing off to
 // StaleIntervalMax while none are, back to StaleInterval when a process is
-// set (staleKick).
+// set (staleKick). Each process's own rescans back off while they find
+// nothing new (RescanBackoffMax).
 func (s *Store) staleLoop(stop, done chan struct{}) {
 	defer close(done)
 	wait := StaleInterval
@@ -246,9 +367,12 @@ func (s *Store) staleLoop(stop, done chan struct{}) {
 	}
 }
 
-// rescanStale rescans the marked processes: a known one gets its current
-// mappings and the Targets holding it are told (mapped); an unknown one is
-// offered to each Targets (adopt). It returns how many were marked.
+// rescanStale rescans the marked processes that are not backed off: a
+// known one gets its current mappings if they changed, and the Targets
+// holding it are told (mapped); an unknown one is offered to each Targets
+// (adopt). It returns how many were rescanned: marks of backed-off
+// processes only (a corrupt stack's flood) let the loop slow down as when
+// idle, so they cost it no more than 20 wakeups a second.
 func (s *Store) rescanStale() int {
 	var pids []uint32
 	var pid uint32
@@ -257,60 +381,137 @@ func (s *Store) rescanStale() int {
 	for it.Next(&pid, &v) {
 		pids = append(pids, pid)
 	}
+	n := 0
 	for _, pid := range pids {
 		// Before the rescan: a later miss marks it again.
 		if err := s.m.Stale.Delete(pid); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 			continue
 		}
+		now := time.Now() // each rescan's cost its own (rescanDuty)
+		if s.prompt(pid, now) {
+			continue
+		}
+		n++
 		s.mu.Lock()
 		_, known := s.procs[pid]
-		var holders, others []*Targets
+		var others []*Targets
 		for t := range s.targets {
-			if t.Has(int(pid)) {
-				holders = append(holders, t)
-			} else {
+			if !t.Has(int(pid)) {
 				others = append(others, t)
 			}
 		}
 		s.mu.Unlock()
 		if known {
-			maps, err := procmaps.Read(int(pid))
-			if err != nil {
-				continue // gone meanwhile
-			}
-			_ = s.SetProcess(int(pid), maps) // a mapping it cannot read ends its walks there, counted
-			// Removed by every tier meanwhile (its unuse ran between the
-			// look above and SetProcess): the entry just written must go.
-			s.mu.Lock()
-			used := s.users[pid] > 0
-			s.mu.Unlock()
-			if !used {
-				_ = s.RemoveProcess(int(pid))
-				continue
-			}
-			key := ExecKey(maps)
-			for _, t := range holders {
-				t.mu.Lock()
-				if _, ok := t.given[int(pid)]; ok {
-					t.given[int(pid)] = key
-				}
-				t.mu.Unlock()
-				if t.mapped != nil {
-					t.mapped(int(pid))
-				}
-			}
+			s.rescan(pid, now)
 			continue
 		}
+		adopted := false
 		for _, t := range others {
 			if t.adopt != nil && t.adopt(int(pid)) {
+				adopted = true
 				_ = t.Add(int(pid), nil, 0) // gone meanwhile: nothing to walk
 				if t.mapped != nil {
 					t.mapped(int(pid))
 				}
 			}
 		}
+		if !adopted {
+			s.mu.Lock()
+			s.backOff(pid, now, time.Since(now)) // no tier's: asked again only when due
+			s.mu.Unlock()
+		}
 	}
-	return len(pids)
+	return n
+}
+
+// rescan re-reads the mappings of pid (known to the store, not backed
+// off): unchanged executable file mappings back the process off; changed
+// ones are set and the Targets holding it told (mapped).
+func (s *Store) rescan(pid uint32, now time.Time) {
+	maps, err := procmaps.Read(int(pid))
+	if err != nil {
+		return // gone meanwhile (or its listing over procmaps.MapsMaxBytes: its walks end there, counted)
+	}
+	key := ExecKey(maps)
+	s.mu.Lock()
+	prev, known := s.keys[pid]
+	same := known && prev.key == key
+	retry := prev.partial
+	if same {
+		s.st.RescansUnchanged++
+		s.backOff(pid, now, time.Since(now))
+		for _, pm := range s.procs[pid] {
+			retry = retry || pm.obj.retry
+		}
+	}
+	s.mu.Unlock()
+	if same && !retry {
+		return
+	}
+	// Changed, or unchanged with mappings left out last time (their files
+	// may open now) or tables refused for lack of room (built again when
+	// mapped).
+	_ = s.SetProcess(int(pid), maps) // a mapping it cannot read ends its walks there, counted
+	// Removed by every tier meanwhile (its unuse ran before SetProcess):
+	// the entry just written must go.
+	s.mu.Lock()
+	if !same {
+		s.changed(pid, now)
+	}
+	used := s.users[pid] > 0
+	var holders []*Targets
+	for t := range s.targets {
+		if t.Has(int(pid)) {
+			holders = append(holders, t)
+		}
+	}
+	s.mu.Unlock()
+	if !used {
+		_ = s.RemoveProcess(int(pid))
+		return
+	}
+	if same {
+		return // nothing new for the tiers
+	}
+	for _, t := range holders {
+		t.mu.Lock()
+		if _, ok := t.given[int(pid)]; ok {
+			t.given[int(pid)] = key
+		}
+		t.mu.Unlock()
+		if t.mapped != nil {
+			t.mapped(int(pid))
+		}
+	}
+}
+
+// Prompted asks for a rescan of pid as a walk's mark in uw_stale does (a
+// tier saw a walk meet unknown code another way: the heap tier's stack
+// copies): at once unless the process is backed off, and the Store is told
+// only when its executable mappings changed. A process not added, or one
+// of whose tables is being built, is ignored.
+func (t *Targets) Prompted(pid int) {
+	if !t.Has(pid) {
+		return
+	}
+	s := t.store
+	s.mu.Lock()
+	building := false
+	for _, pm := range s.procs[uint32(pid)] {
+		building = building || (pm.obj.state == objPending && !pm.obj.failed && !pm.obj.retry)
+	}
+	s.mu.Unlock()
+	if building {
+		// A table of the process is being built: that explains the walk
+		// (a pc in no mapping marks uw_stale too); a rescan would find
+		// nothing and back the process off.
+		return
+	}
+	now := time.Now()
+	if s.prompt(uint32(pid), now) {
+		return
+	}
+	s.rescan(uint32(pid), now)
 }
 
 // Shared is a Store with the maps that hold its tables (uw_procs,
