@@ -280,9 +280,12 @@ static __always_inline void untrack(__u32 tgid, __u64 ptr)
 // wrapper or returns at its ret instructions). It returns whether the
 // nested call's return must be seen. A failed allocation hands the call
 // back (see call_return): operator new's new_handler loop calls malloc
-// again.
+// again. The block is recorded with the size the nested call asks for: an
+// operator new of a target's own libstdc++ may ask malloc for a size of its
+// own (a header, new(0) -> malloc(1)) or call it for something else first;
+// when the size differs the sampling decision is drawn again for it.
 static __always_inline int forward(struct thread_state *ts, const struct call_in *in, __u8 kind,
-				   __u64 ptr)
+				   __u64 size, __u64 ptr)
 {
 	struct pending *p = &ts->pending;
 	if (p->fwd != FWD_OUTER && p->fwd != FWD_FAILED)
@@ -298,6 +301,10 @@ static __always_inline int forward(struct thread_state *ts, const struct call_in
 	p->ptr = ptr;
 	p->tail = 0;
 	p->fwd = FWD_INNER;
+	if (size != p->size) {
+		p->size = size;
+		p->sampled = sampled(ts, size);
+	}
 	if (!p->sampled && !(in->cookie & (P_WRAPPER | P_RETSITES))) {
 		ts->active = 0;
 		return 0;
@@ -322,7 +329,7 @@ static __always_inline int begin(struct thread_state *ts, const struct call_in *
 {
 	if (nested(ts, in)) {
 		count(C_NESTED);
-		return forward(ts, in, kind, ptr);
+		return forward(ts, in, kind, size, ptr);
 	}
 	int smp = kind == K_XALLOCX ? 0 : sampled(ts, size);
 	if (!smp && !always) {
