@@ -63,9 +63,23 @@ func (m *Mapping) ID() FileID {
 // of typical 100-byte lines.
 var MapsMaxBytes int64 = 64 << 20
 
+// ErrMapsTooLarge is the error (wrapped) of a maps listing over MapsMaxBytes.
+var ErrMapsTooLarge = errors.New("a hostile number of mappings or path lengths: not read")
+
 // Read parses /proc/PID/maps. Errors: the process is gone, or its listing
-// is over MapsMaxBytes.
+// is over MapsMaxBytes (ErrMapsTooLarge).
 func Read(pid int) ([]Mapping, error) {
+	data, err := ReadRaw(pid)
+	if err != nil {
+		return nil, err
+	}
+	return Parse(data)
+}
+
+// ReadRaw returns the text of /proc/PID/maps, at most MapsMaxBytes of it.
+// Errors: the process is gone, or its listing is over MapsMaxBytes
+// (ErrMapsTooLarge, nothing returned).
+func ReadRaw(pid int) ([]byte, error) {
 	path := filepath.Join(ProcRoot, strconv.Itoa(pid), "maps")
 	f, err := os.Open(path)
 	if err == nil {
@@ -73,10 +87,10 @@ func Read(pid int) ([]Mapping, error) {
 		data, err = io.ReadAll(io.LimitReader(f, MapsMaxBytes+1))
 		f.Close()
 		if err == nil && int64(len(data)) > MapsMaxBytes {
-			return nil, fmt.Errorf("maps of process %d: over %d bytes (a hostile number of mappings or path lengths): not read", pid, MapsMaxBytes)
+			return nil, fmt.Errorf("maps of process %d: over %d bytes: %w", pid, MapsMaxBytes, ErrMapsTooLarge)
 		}
 		if err == nil {
-			return Parse(data)
+			return data, nil
 		}
 	}
 	if errors.Is(err, fs.ErrNotExist) {
