@@ -161,6 +161,12 @@ static __always_inline int in_fns(struct pending *p, __u64 addr)
 static __always_inline void abandon(struct thread_state *ts)
 {
 	ts->active = 0;
+	// A forwarding call whose forwarded allocation was seen failing
+	// allocated nothing memprof could miss: it is left by the bad_alloc
+	// operator new throws (__cxa_allocate_exception's malloc), or by its
+	// new_handler's own calls (new's retry then is a call of its own).
+	if (ts->pending.fwd == FWD_FAILED)
+		return;
 	count(C_MISSED_RETURN);
 	// A forwarding call whose allocation was never seen: the function did
 	// not call a probed allocator (or threw before it did).
