@@ -161,6 +161,12 @@ static __always_inline int in_fns(struct pending *p, __u64 addr)
 static __always_inline void abandon(struct thread_state *ts)
 {
 	ts->active = 0;
+	// A forwarding call whose forwarded allocation was seen failing
+	// allocated nothing memprof could miss: it is left by the bad_alloc
+	// operator new throws (__cxa_allocate_exception's malloc), or by its
+	// new_handler's own calls (new's retry then is a call of its own).
+	if (ts->pending.fwd == FWD_FAILED)
+		return;
 	count(C_MISSED_RETURN);
 	// A forwarding call whose allocation was never seen: the function did
 	// not call a probed allocator (or threw before it did).
@@ -280,9 +286,12 @@ static __always_inline void untrack(__u32 tgid, __u64 ptr)
 // wrapper or returns at its ret instructions). It returns whether the
 // nested call's return must be seen. A failed allocation hands the call
 // back (see call_return): operator new's new_handler loop calls malloc
-// again.
+// again. The block is recorded with the size the nested call asks for: an
+// operator new of a target's own libstdc++ may ask malloc for a size of its
+// own (a header, new(0) -> malloc(1)) or call it for something else first;
+// when the size differs the sampling decision is drawn again for it.
 static __always_inline int forward(struct thread_state *ts, const struct call_in *in, __u8 kind,
-				   __u64 ptr)
+				   __u64 size, __u64 ptr)
 {
 	struct pending *p = &ts->pending;
 	if (p->fwd != FWD_OUTER && p->fwd != FWD_FAILED)
@@ -298,6 +307,10 @@ static __always_inline int forward(struct thread_state *ts, const struct call_in
 	p->ptr = ptr;
 	p->tail = 0;
 	p->fwd = FWD_INNER;
+	if (size != p->size) {
+		p->size = size;
+		p->sampled = sampled(ts, size);
+	}
 	if (!p->sampled && !(in->cookie & (P_WRAPPER | P_RETSITES))) {
 		ts->active = 0;
 		return 0;
@@ -322,7 +335,7 @@ static __always_inline int begin(struct thread_state *ts, const struct call_in *
 {
 	if (nested(ts, in)) {
 		count(C_NESTED);
-		return forward(ts, in, kind, ptr);
+		return forward(ts, in, kind, size, ptr);
 	}
 	int smp = kind == K_XALLOCX ? 0 : sampled(ts, size);
 	if (!smp && !always) {

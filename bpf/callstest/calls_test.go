@@ -494,8 +494,8 @@ func TestCallLogic(t *testing.T) {
 			if h.live(0xd000) != 144 {
 				t.Error("the exception's malloc was not recorded as a call of its own")
 			}
-			if n := h.counter(CallsCounterC_MISSED_RETURN); n != 1 {
-				t.Errorf("abandoned %d, want 1 (the throwing new)", n)
+			if n := h.counter(CallsCounterC_MISSED_RETURN); n != 0 {
+				t.Errorf("abandoned %d, want 0 (the throwing new's malloc was seen failing: nothing lost)", n)
 			}
 			if n := h.counter(CallsCounterC_FORWARD_UNSEEN); n != 0 {
 				t.Errorf("forward_unseen %d, want 0: the failed malloc was seen", n)
@@ -512,6 +512,33 @@ func TestCallLogic(t *testing.T) {
 			}
 			if n := h.counter(CallsCounterC_MISSED_RETURN); n != 1 {
 				t.Errorf("abandoned %d, want 1", n)
+			}
+		}},
+		{"a forwarding new that mallocs a header, then its block: each recorded at its own size", true, func(t *testing.T, h *harness) {
+			// A target's own libstdc++ whose operator new(100000) calls
+			// malloc(64) for a header it keeps, then malloc(100000).
+			s := h.sp(100, userCode)
+			h.enter(newFwd, s, 100000, 0, 0)
+			ms := h.sp(96, newFwd.start+0x18)
+			h.enter(malloc, ms, 64, 0, 0)
+			h.ret(ms, 0xf000)
+			h.stack[96] = newFwd.start + 0x28
+			h.enter(malloc, ms, 100000, 0, 0)
+			h.ret(ms, 0xf100)
+			if a, b := h.live(0xf000), h.live(0xf100); a != 64 || b != 100000 {
+				t.Errorf("header %d bytes, block %d; want 64 and 100000 (the sizes malloc was asked for)", a, b)
+			}
+			if n := h.counter(CallsCounterC_MISSED_RETURN); n != 0 {
+				t.Errorf("abandoned %d, want 0", n)
+			}
+		}},
+		{"forwarded new(0) -> malloc(1): the block is malloc's 1 byte", true, func(t *testing.T, h *harness) {
+			s := h.sp(100, userCode)
+			h.enter(newFwd, s, 0, 0, 0)
+			ms := h.sp(96, newFwd.start+0x18)
+			h.enter(malloc, ms, 1, 0, 0)
+			if r := h.ret(ms, 0xf200); r.Ret == 0 || h.live(0xf200) != 1 {
+				t.Errorf("recorded %v, live %d; want 1 byte", r.Ret != 0, h.live(0xf200))
 			}
 		}},
 		{"nothrow new -> new -> malloc: one block, at malloc's return, under the outer caller", true, func(t *testing.T, h *harness) {

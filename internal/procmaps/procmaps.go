@@ -14,6 +14,8 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
+	"time"
 	"unicode"
 	"unicode/utf8"
 
@@ -63,9 +65,90 @@ func (m *Mapping) ID() FileID {
 // of typical 100-byte lines.
 var MapsMaxBytes int64 = 64 << 20
 
+// ErrMapsTooLarge is the error (wrapped) of a maps listing over MapsMaxBytes.
+var ErrMapsTooLarge = errors.New("a hostile number of mappings or path lengths: not read")
+
 // Read parses /proc/PID/maps. Errors: the process is gone, or its listing
-// is over MapsMaxBytes.
+// is over MapsMaxBytes (ErrMapsTooLarge).
 func Read(pid int) ([]Mapping, error) {
+	data, err := ReadRaw(pid)
+	if err != nil {
+		return nil, err
+	}
+	return Parse(data)
+}
+
+// MapsTooLargeRetry is how long a process whose listing was over
+// MapsMaxBytes is refused at once, without reading: each such read makes
+// the kernel print MapsMaxBytes of paths (about 0.5 s of CPU for 64 MiB of
+// 3,800-byte paths) while holding the process's mmap lock, and memprof's
+// readers (stale-table rescans, stack copies, mapping looks, symbols) would
+// otherwise repeat it at their own rates.
+const MapsTooLargeRetry = 30 * time.Second
+
+type tooLargeKey struct {
+	root string
+	pid  int
+}
+
+type tooLargeEntry struct {
+	start uint64    // the process's start time (StartTime): a reused pid is read
+	bound int64     // MapsMaxBytes then: a larger bound reads again
+	until time.Time // refused at once until then
+}
+
+var tooLarge struct {
+	sync.Mutex
+	m map[tooLargeKey]tooLargeEntry
+}
+
+// refused reports whether pid's listing was found over MapsMaxBytes less
+// than MapsTooLargeRetry ago (same process, same bound).
+func refused(pid int, now time.Time) bool {
+	k := tooLargeKey{ProcRoot, pid}
+	tooLarge.Lock()
+	e, ok := tooLarge.m[k]
+	tooLarge.Unlock()
+	if !ok || now.After(e.until) || MapsMaxBytes > e.bound {
+		return false
+	}
+	if start, _ := StartTime(pid); start != e.start {
+		return false
+	}
+	return true
+}
+
+// remember notes that pid's listing is over MapsMaxBytes (at most 4,096
+// processes are remembered; expired entries go first).
+func remember(pid int, now time.Time) {
+	start, _ := StartTime(pid)
+	tooLarge.Lock()
+	defer tooLarge.Unlock()
+	if tooLarge.m == nil {
+		tooLarge.m = map[tooLargeKey]tooLargeEntry{}
+	}
+	if len(tooLarge.m) >= 4096 {
+		for k, e := range tooLarge.m {
+			if now.After(e.until) {
+				delete(tooLarge.m, k)
+			}
+		}
+		if len(tooLarge.m) >= 4096 {
+			return
+		}
+	}
+	tooLarge.m[tooLargeKey{ProcRoot, pid}] = tooLargeEntry{start: start, bound: MapsMaxBytes, until: now.Add(MapsTooLargeRetry)}
+}
+
+// ReadRaw returns the text of /proc/PID/maps, at most MapsMaxBytes of it.
+// Errors: the process is gone, or its listing is over MapsMaxBytes
+// (ErrMapsTooLarge, nothing returned; for MapsTooLargeRetry after that,
+// the same process is refused at once, without reading).
+func ReadRaw(pid int) ([]byte, error) {
+	now := time.Now()
+	if refused(pid, now) {
+		return nil, fmt.Errorf("maps of process %d: over %d bytes less than %v ago: %w", pid, MapsMaxBytes, MapsTooLargeRetry, ErrMapsTooLarge)
+	}
 	path := filepath.Join(ProcRoot, strconv.Itoa(pid), "maps")
 	f, err := os.Open(path)
 	if err == nil {
@@ -73,10 +156,11 @@ func Read(pid int) ([]Mapping, error) {
 		data, err = io.ReadAll(io.LimitReader(f, MapsMaxBytes+1))
 		f.Close()
 		if err == nil && int64(len(data)) > MapsMaxBytes {
-			return nil, fmt.Errorf("maps of process %d: over %d bytes (a hostile number of mappings or path lengths): not read", pid, MapsMaxBytes)
+			remember(pid, now)
+			return nil, fmt.Errorf("maps of process %d: over %d bytes: %w", pid, MapsMaxBytes, ErrMapsTooLarge)
 		}
 		if err == nil {
-			return Parse(data)
+			return data, nil
 		}
 	}
 	if errors.Is(err, fs.ErrNotExist) {

@@ -6,6 +6,7 @@ package recorder
 
 import (
 	"debug/elf"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -13,6 +14,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/memprof/memprof/internal/attach"
 	"github.com/memprof/memprof/internal/frag"
 	"github.com/memprof/memprof/internal/heap"
 	"github.com/memprof/memprof/internal/procmaps"
@@ -283,7 +285,28 @@ func (s *Session) followChildren(targets []*target) {
 			}
 			added, err := s.attachTarget(kid, "")
 			if err != nil {
-				start, _ := procmaps.StartTime(kid)
+				if errors.Is(err, errExecedDuringAttach) {
+					continue // attached again at the next poll
+				}
+				// Counted by cause as a cgroup's processes are: a child
+				// gone (or a zombie) once, silently; one that cannot be
+				// profiled once, remembered while it runs.
+				start, running := procmaps.StartTime(kid)
+				if !running || exiting(kid) {
+					s.mu.Lock()
+					f := s.family[kid]
+					counted := f != nil && f.state == famCounted
+					s.mu.Unlock()
+					if !counted {
+						s.countGone(kid)
+					}
+					continue
+				}
+				cause := skipAttachFailed
+				if errors.Is(err, attach.ErrNoAllocator) {
+					cause = skipNoAllocator
+				}
+				s.countTarget(cause)
 				s.mu.Lock()
 				s.procs[kid] = &target{pid: kid, start: start, comm: procmaps.Comm(kid), skipped: true}
 				s.mu.Unlock()

@@ -403,3 +403,52 @@ func TestCgroupUnprofiledSaid(t *testing.T) {
 		}
 	})
 }
+
+// TestPidChildrenSkippedCounted: with FollowChildren, the children that
+// cannot be followed are counted by cause, once each, as a cgroup's
+// processes are (before, they were only named on the terminal, one line
+// each, and a zombie child was "no allocator found"): a zombie child is
+// skipped_exited_before_attach, a stripped static child skipped_no_allocator.
+func TestPidChildrenSkippedCounted(t *testing.T) {
+	testprog.RequireRoot(t)
+	parent := testprog.Build(t, "kids_unreaped.c")
+	static := testprog.Build(t, "kids_unreaped.c", "-static", "-s")
+	prog := testprog.Start(t, parent, nil, static)
+	prog.Expect(t, "started")
+	var counts map[string]uint64
+	var msgs []string
+	var mu sync.Mutex
+	notify := func(m string) {
+		mu.Lock()
+		msgs = append(msgs, m)
+		mu.Unlock()
+	}
+	record(t, Options{SampleRate: 1, Pids: []int{prog.Pid()}, FollowChildren: true, Notify: notify}, func(s *Session) {
+		deadline := time.Now().Add(10 * time.Second)
+		for time.Now().Before(deadline) {
+			counts = s.TargetCounts()
+			if counts[skipNoAllocator] > 0 && counts[skipGoneAtAttach] > 0 {
+				break
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+		time.Sleep(time.Second) // more polls: nothing counted twice
+		counts = s.TargetCounts()
+		prog.Send(t, "go")
+		prog.Expect(t, "done")
+	})
+	if counts[skipNoAllocator] != 1 || counts[skipGoneAtAttach] != 1 {
+		t.Errorf("counts %v, want %s=1 (the static child) and %s=1 (the zombie)", counts, skipNoAllocator, skipGoneAtAttach)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	skips := 0
+	for _, m := range msgs {
+		if strings.Contains(m, "skipping process") {
+			skips++
+		}
+	}
+	if skips != 1 {
+		t.Errorf("%d children named as skipped, want 1 (the static one; the zombie is counted only): %q", skips, msgs)
+	}
+}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -145,5 +146,55 @@ func TestCxxForwardedNew(t *testing.T) {
 				t.Logf("inuse by first frame: %v", leaf)
 			}
 		})
+	}
+}
+
+// TestCxxForwardedNewOwnSizes: a C++ runtime that memprof takes for a
+// libstdc++ (testdata/fwd_header_new.cc, built as libstdc++-fwdheader.so)
+// and whose operator new is found forwarding, but which calls malloc twice
+// (a 64-byte header it keeps, then the block), has each malloc recorded at
+// the size it asked for: at --sample-rate 1 the bytes under each caller of
+// new are exact (before, the header was recorded with new's size: 2,000,000
+// bytes under f_big for 1,000,640).
+func TestCxxForwardedNewOwnSizes(t *testing.T) {
+	testprog.RequireRoot(t)
+	dir := t.TempDir()
+	lib := filepath.Join(dir, "libstdc++-fwdheader.so")
+	if b, err := exec.Command("g++", "-g", "-O2", "-fomit-frame-pointer", "-shared", "-fPIC", "-o", lib,
+		testprog.Testdata("fwd_header_new.cc")).CombinedOutput(); err != nil {
+		t.Fatalf("build library: %v\n%s", err, b)
+	}
+	bin := testprog.Build(t, "fwd_header_main.cc", "-Wl,--no-as-needed", "-L"+dir, "-l:libstdc++-fwdheader.so", "-Wl,-rpath,"+dir)
+	var reason string
+	p := record(t, Options{SampleRate: 1, Command: []string{bin}}, func(s *Session) {
+		reason = s.Wait(context.Background(), 60*time.Second)
+	})
+	if reason != "command exited with status 0" {
+		t.Fatalf("session ended with %q, want the command's clean exit", reason)
+	}
+	idx := -1
+	for i, st := range p.SampleType {
+		if st.Type == "inuse_space" {
+			idx = i
+		}
+	}
+	inuse := map[string]int64{}
+	for _, s := range p.Sample {
+		for _, loc := range s.Location {
+			for _, ln := range loc.Line {
+				if ln.Function != nil && (ln.Function.Name == "f_big()" || ln.Function.Name == "f_big" ||
+					ln.Function.Name == "f_obj()" || ln.Function.Name == "f_obj") {
+					inuse[strings.TrimSuffix(ln.Function.Name, "()")] += s.Value[idx]
+				}
+			}
+		}
+	}
+	for fn, want := range map[string]int64{"f_big": 1_000_640, "f_obj": 50_640} {
+		if inuse[fn] != want {
+			t.Errorf("%s: inuse_space %d, want exactly %d (the header's 64 bytes and the block, per new)", fn, inuse[fn], want)
+		}
+	}
+	if t.Failed() {
+		t.Logf("inuse by caller: %v", inuse)
 	}
 }

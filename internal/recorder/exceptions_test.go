@@ -82,10 +82,13 @@ func TestExceptionsThroughOperatorNew(t *testing.T) {
 				// whose exception (caught inside them) is allocated by
 				// malloc from __cxa_allocate_exception, outside the
 				// pending call's functions (jemalloc's nothrow new throws
-				// nothing). No other call of the program may count.
+				// nothing) — except libstdc++'s forwarding variants
+				// (all but the aligned ones), whose malloc memprof saw
+				// fail: they lose nothing and are not counted. No other
+				// call of the program may count.
 				v, _ := pprofoutComment(p, "lost_abandoned_call")
-				if n, _ := strconv.Atoi(v); n < 6 || n > 12 {
-					t.Errorf("abandoned calls %q, want 6 to 12 (the failed operator new calls)", v)
+				if n, _ := strconv.Atoi(v); n < 6 || n > 12 || (al.env == nil && n != 6) {
+					t.Errorf("abandoned calls %q, want 6 to 12 (the failed operator new calls; with libstdc++'s, only its 6 aligned ones)", v)
 				}
 			})
 		}
@@ -110,10 +113,13 @@ func TestExceptionsThroughOperatorNew(t *testing.T) {
 				// whose exception (caught inside them) is allocated by
 				// malloc from __cxa_allocate_exception, outside the
 				// pending call's functions (jemalloc's nothrow new throws
-				// nothing). No other call of the program may count.
+				// nothing) — except libstdc++'s forwarding variants
+				// (all but the aligned ones), whose malloc memprof saw
+				// fail: they lose nothing and are not counted. No other
+				// call of the program may count.
 				v, _ := pprofoutComment(p, "lost_abandoned_call")
-				if n, _ := strconv.Atoi(v); n < 6 || n > 12 {
-					t.Errorf("abandoned calls %q, want 6 to 12 (the failed operator new calls)", v)
+				if n, _ := strconv.Atoi(v); n < 6 || n > 12 || (al.env == nil && n != 6) {
+					t.Errorf("abandoned calls %q, want 6 to 12 (the failed operator new calls; with libstdc++'s, only its 6 aligned ones)", v)
 				}
 			})
 		}

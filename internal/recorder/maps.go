@@ -6,10 +6,8 @@ package recorder
 
 import (
 	"bytes"
+	"errors"
 	"hash/fnv"
-	"os"
-	"path/filepath"
-	"strconv"
 	"time"
 
 	"github.com/memprof/memprof/internal/procmaps"
@@ -35,6 +33,9 @@ type mapState struct {
 	gap   time.Duration
 	fp    uint64
 	remap bool
+	// tooLarge: the last look found the listing over
+	// procmaps.MapsMaxBytes; remap does not bring the next look forward.
+	tooLarge bool
 }
 
 // MappingsChanged tells the session that process pid may have new
@@ -55,7 +56,7 @@ func (s *Session) MappingsChanged(pid int) {
 func (s *Session) checkMappings(t *target, symOnly bool) {
 	now := time.Now()
 	s.mu.Lock()
-	due := t.mapping.remap || !now.Before(t.mapping.next)
+	due := (t.mapping.remap && !t.mapping.tooLarge) || !now.Before(t.mapping.next)
 	t.mapping.remap = false
 	s.mu.Unlock()
 	if !due {
@@ -63,11 +64,22 @@ func (s *Session) checkMappings(t *target, symOnly bool) {
 	}
 	// The look hashes the text of the lines of executable file mappings
 	// as it reads them: no mapping is parsed or kept unless they changed.
-	data, err := os.ReadFile(filepath.Join(procmaps.ProcRoot, strconv.Itoa(t.pid), "maps"))
+	data, err := procmaps.ReadRaw(t.pid)
+	if errors.Is(err, procmaps.ErrMapsTooLarge) {
+		// A listing over the bound (a hostile number of mappings or
+		// path lengths): looked at again only every mapCheckMax, even
+		// when its mappings are said to have changed, so it costs at
+		// most one bounded read per mapCheckMax.
+		t.mapping.tooLarge = true
+		t.mapping.gap = mapCheckMax
+		t.mapping.next = now.Add(mapCheckMax)
+		return
+	}
 	if err != nil {
 		t.mapping.next = now.Add(mapCheckMin) // exiting: the liveness check follows
 		return
 	}
+	t.mapping.tooLarge = false
 	fp := execFingerprint(data)
 	if fp == t.mapping.fp {
 		t.mapping.gap = min(2*t.mapping.gap, mapCheckMax)
