@@ -186,7 +186,20 @@ func TestRescanBackoff(t *testing.T) {
 		time.Sleep(time.Millisecond)
 	}
 	elapsed := time.Since(start)
-	time.Sleep(20 * time.Millisecond) // the last mark taken
+	// The last mark taken: the loop slows down to StaleIntervalMax while
+	// only backed-off processes are marked, so a fixed wait races it.
+	markTaken := func() {
+		t.Helper()
+		var v uint8
+		for deadline := time.Now().Add(2 * time.Second); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
+			if err := o.UwStale.Lookup(uint32(tg.pid), &v); errors.Is(err, ebpf.ErrKeyNotExist) {
+				time.Sleep(50 * time.Millisecond) // its rescan or deferral done
+				return
+			}
+		}
+		t.Fatal("the last mark was not taken within 2 s")
+	}
+	markTaken()
 	s := st.Stats()
 	bound := uint64(9 + int(elapsed/RescanBackoffMax) + 1)
 	t.Logf("%v of marks every ms: %d prompts, %d rescans (%d unchanged), %d deferred; bound %d", elapsed.Round(time.Millisecond),
@@ -234,7 +247,7 @@ func TestRescanBackoff(t *testing.T) {
 	if !told() {
 		t.Fatal("a change of mappings while backed off was not found within 5 s of marks")
 	}
-	time.Sleep(20 * time.Millisecond)
+	markTaken()
 	s = st.Stats()
 	mu.Lock()
 	mapped = 0
