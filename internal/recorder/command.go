@@ -3,6 +3,7 @@ package recorder
 import (
 	"bytes"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -248,11 +249,26 @@ func threadOf(tid int) int {
 	return 0
 }
 
-// processEnv reads a process's environment (NUL-separated).
+// maxEnvBytes bounds the environment processEnv reads: execve bounds it
+// by a quarter of the stack rlimit, which a process under an unlimited
+// rlimit can make hundreds of MiB (what the loader needs of it, LD_PRELOAD
+// and LD_LIBRARY_PATH, is far smaller).
+const maxEnvBytes = 8 << 20
+
+// processEnv reads a process's environment (NUL-separated), at most
+// maxEnvBytes of it (a cut last variable is dropped).
 func processEnv(pid int) []string {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/environ", pid))
+	f, err := os.Open(fmt.Sprintf("/proc/%d/environ", pid))
 	if err != nil {
 		return nil
+	}
+	b, err := io.ReadAll(io.LimitReader(f, maxEnvBytes+1))
+	f.Close()
+	if err != nil {
+		return nil
+	}
+	if len(b) > maxEnvBytes {
+		b = b[:bytes.LastIndexByte(b[:maxEnvBytes], 0)+1]
 	}
 	var env []string
 	for _, kv := range bytes.Split(b, []byte{0}) {
