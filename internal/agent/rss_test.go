@@ -204,6 +204,12 @@ func TestAgentRSS(t *testing.T) {
 		}
 		return false
 	})
+	// Followed means the container's processes are targets; their unwind
+	// tables are built after that, asynchronously. A container that
+	// OOMs within milliseconds of being followed gets [truncated] stacks
+	// (seen once in six CI runs with the whole suite in parallel): give the
+	// tables time to be built, as a container that runs before it grows has.
+	time.Sleep(500 * time.Millisecond)
 	if err := syscall.Kill(oc.Pid, syscall.SIGUSR1); err != nil {
 		t.Fatal(err)
 	}
